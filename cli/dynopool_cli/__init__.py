@@ -1,0 +1,1 @@
+"""The ``dynopool`` command line (Typer front end over ``dynopool_convert``)."""

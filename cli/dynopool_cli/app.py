@@ -1,0 +1,34 @@
+"""Typer application: parses, calls the library, renders. Commands live in their own modules."""
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="dynopool",
+    help="Rewrite a vision model so that it learns the size and shape of its feature maps (DynOPool).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def demo(
+    size: int = typer.Option(56, min=1, help="Spatial size of the random input."),
+    stride: float = typer.Option(2.0, min=0.5, max=16.0, help="Continuous stride s of the layer."),
+) -> None:
+    """Run one DynOPool layer on a random input and print the shapes (a quick sanity check)."""
+    import torch
+
+    from dynopool_convert import DynOPool
+
+    pool = DynOPool(stride)
+    x = torch.randn(2, 8, size, size)
+    y = pool(x)
+    y.sum().backward()
+    typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

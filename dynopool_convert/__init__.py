@@ -1,0 +1,28 @@
+"""dynopool_convert: make any vision model learn the size and shape of its feature maps.
+
+The library behind the ``dynopool`` command line (no Typer import here).
+"""
+from .dynopool import (
+    R_MAX,
+    R_MIN,
+    DynOPool,
+    clamp_strides_,
+    dynopool2d,
+    dynopool_modules,
+    dynopool_output_size,
+    scale_parameters,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynOPool",
+    "dynopool2d",
+    "dynopool_output_size",
+    "dynopool_modules",
+    "scale_parameters",
+    "clamp_strides_",
+    "R_MIN",
+    "R_MAX",
+    "__version__",
+]

@@ -1,0 +1,226 @@
+"""The DynOPool operator: learnable resizing with a continuous stride (DESIGN.md §1).
+
+``dynopool2d`` is the math, ``DynOPool`` the module that owns (or shares) the learnable
+stride ``s = (s_h, s_w)``; the paper's scale factor is ``r = 1 / s``.
+
+Forward: ``H' = round(H / s_h)`` (half to even, at least 1); every output cell of ``c_h x c_w``
+input pixels (``c = H / H'``) is read at the centres of its four quarters by border-clamped
+bilinear interpolation and the four values are aggregated by ``max`` or ``mean``. Backward:
+the straight-through estimator ``H'_ste = H/s + stopgrad(round(H/s) - H/s)`` lets the gradient
+reach ``s``; the query positions are linear in ``c``, hence in ``s``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._helpers import pair_of_floats
+
+__all__ = [
+    "DynOPool",
+    "dynopool2d",
+    "dynopool_output_size",
+    "resample_pool_reference",
+    "R_MIN",
+    "R_MAX",
+    "Aggregate",
+]
+
+Aggregate = Literal["max", "mean"]
+
+#: Default bounds on the scale factor r = 1/s: a site may shrink its input up to 16x and
+#: enlarge it up to 2x. Strides are kept in [1/R_MAX, 1/R_MIN] = [0.5, 16].
+R_MIN: float = 1.0 / 16.0
+R_MAX: float = 2.0
+
+
+def dynopool_output_size(size: int, stride: float) -> int:
+    """Output length for an input of ``size`` pixels at continuous ``stride``.
+
+    ``round(size / stride)`` with round-half-to-even (as ``torch.round``), at least 1.
+
+    >>> dynopool_output_size(56, 2.0), dynopool_output_size(7, 2.0), dynopool_output_size(1, 4.0)
+    (28, 4, 1)
+    """
+    return max(1, int(round(size / float(stride))))
+
+
+def _axis_queries(n_out: int, cell: Tensor, size: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices and weights of the 2*n_out query positions along one axis.
+
+    Query ``k`` sits at ``(k + 1/2) * cell / 2 - 1/2``, clamped to ``[0, size - 1]``.
+    Returns ``(i0, i1, w1)``: the two neighbouring pixels and the weight of the second.
+    """
+    k = torch.arange(2 * n_out, dtype=dtype, device=device)
+    q = ((k + 0.5) * (cell.to(dtype) * 0.5) - 0.5).clamp(0.0, float(size - 1))
+    i0 = q.detach().floor().long().clamp_(max=size - 1)
+    i1 = (i0 + 1).clamp_(max=size - 1)
+    return i0, i1, q - i0.to(dtype)
+
+
+def _lerp_axis(x: Tensor, dim: int, i0: Tensor, i1: Tensor, w1: Tensor) -> Tensor:
+    shape = [1, 1, 1, 1]
+    shape[dim] = -1
+    a = x.index_select(dim, i0)
+    b = x.index_select(dim, i1)
+    return a + (b - a) * w1.view(shape)
+
+
+def resample_pool_reference(
+    x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int, aggregate: Aggregate
+) -> Tensor:
+    """Pure-PyTorch reference: bilinear reads at the four quarter centres, then max/mean.
+
+    Differentiable in ``x``, ``cell_h`` and ``cell_w`` by autograd; runs on any device and
+    dtype. Every fast path is tested against it.
+    """
+    _, _, h, w = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(dtype)
+    rows = _axis_queries(out_h, cell_h, h, dtype, x.device)
+    cols = _axis_queries(out_w, cell_w, w, dtype, x.device)
+    dense = _lerp_axis(_lerp_axis(xc, 2, *rows), 3, *cols)
+    pooled = F.max_pool2d(dense, 2) if aggregate == "max" else F.avg_pool2d(dense, 2)
+    return pooled.to(x.dtype)
+
+
+def _fast_backend_applies(x: Tensor, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    from . import _fast_cpu
+
+    return _fast_cpu.applies(x, required=(backend == "fast"))
+
+
+def dynopool2d(
+    x: Tensor,
+    stride: Tensor,
+    aggregate: Aggregate = "max",
+    r_bounds: tuple[float, float] = (R_MIN, R_MAX),
+    backend: Literal["auto", "reference", "fast"] = "auto",
+) -> Tensor:
+    """Resize ``x`` (N x C x H x W) with the learnable continuous ``stride`` (a 2-element tensor).
+
+    ``r_bounds`` bounds the scale factor ``r = 1/stride`` (the stride is clamped to
+    ``[1/r_max, 1/r_min]``). ``backend``: ``auto`` takes the fused CPU kernel when it applies
+    (float32/float64 on CPU with numba installed) and the PyTorch reference otherwise.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"DynOPool expects an N x C x H x W tensor, got shape {tuple(x.shape)}")
+    if aggregate not in ("max", "mean"):
+        raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
+    r_min, r_max = r_bounds
+    s = stride.clamp(1.0 / r_max, 1.0 / r_min)
+    _, _, h, w = x.shape
+    s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
+    out_h, out_w = dynopool_output_size(h, s_h), dynopool_output_size(w, s_w)
+    # straight-through estimator: integer sizes forward, continuous H/s backward
+    cont_h, cont_w = h / s[0], w / s[1]
+    cell_h = h / (cont_h + (out_h - cont_h).detach())
+    cell_w = w / (cont_w + (out_w - cont_w).detach())
+    if _fast_backend_applies(x, backend):
+        from ._fast_cpu import resample_pool_fast
+
+        return resample_pool_fast(x, cell_h, cell_w, out_h, out_w, aggregate)
+    return resample_pool_reference(x, cell_h, cell_w, out_h, out_w, aggregate)
+
+
+class DynOPool(nn.Module):
+    """Learnable resizing layer (DynOPool) with a continuous per-axis stride.
+
+    Args:
+        stride: initial stride ``s`` (a float or an ``(s_h, s_w)`` pair), or an existing
+            ``nn.Parameter`` of two elements to share with other sites (tied groups).
+        aggregate: ``"max"`` (the paper's choice) or ``"mean"``.
+        r_bounds: ``(r_min, r_max)`` bounds on the scale factor ``r = 1/s``; default
+            ``(1/16, 2)``.
+        group: id of the tied group this site belongs to (plain data, for reports).
+
+    >>> pool = DynOPool(2.0)
+    >>> pool(torch.randn(1, 3, 8, 8)).shape
+    torch.Size([1, 3, 4, 4])
+    """
+
+    def __init__(
+        self,
+        stride: float | tuple[float, float] | nn.Parameter = 2.0,
+        aggregate: Aggregate = "max",
+        r_bounds: tuple[float, float] = (R_MIN, R_MAX),
+        group: int | None = None,
+        backend: Literal["auto", "reference", "fast"] = "auto",
+    ) -> None:
+        super().__init__()
+        if aggregate not in ("max", "mean"):
+            raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
+        r_min, r_max = float(r_bounds[0]), float(r_bounds[1])
+        if not 0.0 < r_min <= r_max:
+            raise ValueError(f"r_bounds must satisfy 0 < r_min <= r_max, got {r_bounds}")
+        if isinstance(stride, nn.Parameter):
+            if stride.numel() != 2:
+                raise ValueError("a shared stride parameter must have two elements (s_h, s_w)")
+            self.stride = stride
+        else:
+            s = pair_of_floats(stride)
+            if min(s) <= 0:
+                raise ValueError(f"stride must be positive, got {stride}")
+            self.stride = nn.Parameter(torch.tensor(s, dtype=torch.float32))
+        self.aggregate: Aggregate = aggregate
+        self.r_bounds = (r_min, r_max)
+        self.group = group
+        self.backend = backend
+
+    @property
+    def r(self) -> tuple[float, float]:
+        """Current scale factor ``(r_h, r_w) = 1 / s`` (within the bounds)."""
+        s_h, s_w = self.stride_value
+        return 1.0 / s_h, 1.0 / s_w
+
+    @property
+    def stride_value(self) -> tuple[float, float]:
+        """Current stride ``(s_h, s_w)`` as floats, clamped to the bounds."""
+        lo, hi = 1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0]
+        s_h, s_w = self.stride.detach().cpu().tolist()
+        return min(max(s_h, lo), hi), min(max(s_w, lo), hi)
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Output ``(H', W')`` for an input of spatial size ``(H, W)``."""
+        s_h, s_w = self.stride_value
+        return dynopool_output_size(size[0], s_h), dynopool_output_size(size[1], s_w)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project the stride parameter back inside the bounds (call after optimiser steps)."""
+        self.stride.clamp_(1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend)
+
+    def extra_repr(self) -> str:
+        s_h, s_w = self.stride_value
+        group = "" if self.group is None else f", group={self.group}"
+        return f"stride=({s_h:.4g}, {s_w:.4g}), aggregate={self.aggregate!r}{group}"
+
+
+def dynopool_modules(model: nn.Module) -> list[tuple[str, DynOPool]]:
+    """All DynOPool modules of ``model`` with their qualified names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DynOPool)]
+
+
+def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The distinct stride parameters of ``model`` (one per tied group), in module order."""
+    seen: dict[int, nn.Parameter] = {}
+    for _, m in dynopool_modules(model):
+        seen.setdefault(id(m.stride), m.stride)
+    return list(seen.values())
+
+
+def clamp_strides_(model: nn.Module) -> None:
+    """Project every DynOPool stride of ``model`` back inside its bounds."""
+    for _, m in dynopool_modules(model):
+        m.clamp_()
+
+
+__all__ += ["dynopool_modules", "scale_parameters", "clamp_strides_"]
