@@ -1,7 +1,15 @@
-"""Typer application: parses, calls the library, renders. Commands live in their own modules."""
+"""Typer application: parses, calls the library, renders. Commands live in their own modules.
+
+Errors: the library raises ``UserInputError`` for anything the user can fix; ``main`` prints
+its one-line message to stderr and exits with code 2, without a traceback.
+"""
 from __future__ import annotations
 
+import sys
+
 import typer
+
+from dynopool_convert.errors import UserInputError
 
 app = typer.Typer(
     name="dynopool",
@@ -29,6 +37,16 @@ def demo(
     typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def fail(message: str) -> None:
+    """Print a one-line error to stderr and exit with code 2."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app, turning ``UserInputError`` into exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserInputError as err:
+        typer.echo(f"Error: {' '.join(str(err).split())}", err=True)
+        sys.exit(2)
