@@ -9,6 +9,11 @@ import sys
 
 import typer
 
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import Abort, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import Abort, NoArgsIsHelpError, UsageError
+
 from dynopool_convert.errors import UserInputError
 
 app = typer.Typer(
@@ -18,6 +23,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """dynopool: convert, fine-tune and report on models with learnable resizing (DynOPool)."""
 
 
 @app.command()
@@ -43,10 +53,29 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: runs the app, turning ``UserInputError`` into exit code 2."""
+    """Console-script entry point.
+
+    Usage errors (unknown options, bad values) and ``UserInputError`` from the library print
+    one line to stderr and exit with code 2, without a traceback.
+    """
     try:
-        app(args=argv, standalone_mode=True)
-    except UserInputError as err:
-        typer.echo(f"Error: {' '.join(str(err).split())}", err=True)
+        code = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError:
+        app(args=["--help"], standalone_mode=False)
+        sys.exit(0)
+    except UsageError as err:
+        hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        typer.echo(f"Error: {_one_line(err.format_message())}{hint}", err=True)
         sys.exit(2)
+    except UserInputError as err:
+        typer.echo(f"Error: {_one_line(str(err))}", err=True)
+        sys.exit(2)
+    except Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
