@@ -9,10 +9,10 @@ import sys
 
 import typer
 
-try:  # typer >= 0.20 vendors click
-    from typer._click.exceptions import Abort, NoArgsIsHelpError, UsageError
+try:  # recent typer vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer on click
-    from click.exceptions import Abort, NoArgsIsHelpError, UsageError
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from dynopool_convert.errors import UserInputError
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserInputError as err:
         typer.echo(f"Error: {_one_line(str(err))}", err=True)
         sys.exit(2)
-    except Abort:
+    except typer.Abort:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
