@@ -100,3 +100,21 @@ class SharedPool(nn.Module):
 
     def forward(self, x):
         return self.pool(self.c2(self.pool(self.c1(x))))
+
+
+class OneBranchHardCoded(nn.Module):
+    """Two pooled branches: one adapts (adaptive pool), the other flattens a fixed 4x4 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.free = nn.MaxPool2d(2)
+        self.fixed = nn.AvgPool2d(4)
+        self.fc_free = nn.Linear(4, 3)
+        self.fc_fixed = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        a = self.fc_free(torch.flatten(F.adaptive_avg_pool2d(self.free(x), 1), 1))
+        b = self.fc_fixed(self.fixed(x).reshape(x.shape[0], 64))
+        return a + b

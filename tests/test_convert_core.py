@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from _convert_models import HardCodedFlatten, PoolOnly, SharedPool, TinyNet, Untraceable
+from _convert_models import HardCodedFlatten, OneBranchHardCoded, PoolOnly, SharedPool, TinyNet, Untraceable
 from dynopool_convert import (
     DynOPool,
     Plan,
@@ -149,6 +149,15 @@ def test_hard_coded_shape_is_reverted_with_reason():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(r.model.eval()(x), model(x))
+
+
+def test_only_the_breaking_group_is_reverted():
+    r = convert(OneBranchHardCoded(), input_size=(3, 16, 16))
+    assert r.plan.site("free").status == "converted"
+    fixed = r.plan.site("fixed")
+    assert fixed.status == "reverted" and "breaks the forward" in fixed.reason and "64" in fixed.reason
+    assert r.plan.groups[fixed.group].status == "reverted"
+    assert [type(m).__name__ for m in (r.model.get_submodule("free"), r.model.get_submodule("fixed"))] == ["DynOPool", "AvgPool2d"]
 
 
 def test_shared_pool_module_gives_two_independent_sites():
