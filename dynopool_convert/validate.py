@@ -9,6 +9,8 @@ reverts it and validates again.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from .dynopool import DynOPool, dynopool_output_size
 
-__all__ = ["OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate"]
+__all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate"]
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,16 @@ def _groups(gm: nn.Module) -> dict[int, tuple[nn.Parameter, list[tuple[str, DynO
     return found
 
 
+def quiet():
+    """Silence fx's GraphModule, which prints the generated code's traceback to stderr before
+    re-raising: a failing forward is an expected finding here, reported in the plan."""
+    return contextlib.redirect_stderr(io.StringIO())
+
+
 def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
     """Empty string when a forward succeeds with a compatible, finite output, else the reason."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet():
             out = gm(x)
     except Exception as err:  # any forward failure is a validation finding, reported verbatim
         return _one_line(err)
@@ -129,7 +137,7 @@ def _moved_run(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict, m
             if label in moves[gid]:
                 param = groups[gid][0]
                 saved[gid] = param.detach().clone()
-                param.copy_(torch.tensor(moves[gid][label]))
+                param.copy_(torch.tensor(moves[gid][label], device=param.device))
     if not saved:
         return ""
     try:
@@ -199,9 +207,10 @@ def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Para
     for p in params.values():
         p.grad = None
     try:
-        outs = [t for t in _tensors(gm(example)) if t.is_floating_point()]
+        with quiet():
+            outs = [t for t in _tensors(gm(example)) if t.is_floating_point()]
         gen = torch.Generator().manual_seed(0)
-        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outs)
+        loss = sum((t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum() for t in outs)
         loss.backward()
     except Exception as err:  # the backward itself failing is a finding for every group
         return [GroupFailure(g, f"backward fails: {_one_line(err)}") for g in params]
