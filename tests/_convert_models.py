@@ -118,3 +118,23 @@ class OneBranchHardCoded(nn.Module):
         a = self.fc_free(torch.flatten(F.adaptive_avg_pool2d(self.free(x), 1), 1))
         b = self.fc_fixed(self.fixed(x).reshape(x.shape[0], 64))
         return a + b
+
+
+class TimmLayersNet(nn.Module):
+    """timm's pooling layers and a functional scale-factor interpolation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import BlurPool2d, create_conv2d, create_pool2d
+
+        self.conv = create_conv2d(3, 8, 3, stride=2, padding="same")  # a Conv2dSame
+        self.pool = create_pool2d("max", 3, stride=2, padding="same")  # MaxPool2dSame
+        self.blur = BlurPool2d(8, filt_size=3, stride=2)
+        self.avg = create_pool2d("avg", 2, stride=2, padding="same")  # AvgPool2dSame
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.blur(self.pool(torch.relu(self.conv(x))))
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = self.avg(x)
+        return self.fc(x.mean((2, 3)))

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from _convert_models import HardCodedFlatten, OneBranchHardCoded, PoolOnly, SharedPool, TinyNet, Untraceable
+from _convert_models import HardCodedFlatten, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, Untraceable
 from dynopool_convert import (
     DynOPool,
     Plan,
@@ -125,6 +125,21 @@ def test_custom_model_functional_pools_se_and_interpolation():
     assert plan.site("adaptive_avg_pool2d").status == "skipped"
     assert all(s.status == "converted" for s in plan.sites if s.kind != "pool" or "adaptive" not in s.op)
     _backprop_reaches_every_group(r.model, torch.randn(2, 3, 32, 32))
+
+
+def test_timm_pool_layers_and_functional_interpolate():
+    r = convert(TimmLayersNet(), input_size=(3, 64, 64))
+    ops = {s.name: (s.op.split("(")[0], s.status, s.aggregate, s.stride_init) for s in r.plan.sites}
+    assert ops == {
+        "conv": ("Conv2dSame", "converted", "max", [2.0, 2.0]),
+        "pool": ("MaxPool2dSame", "converted", "max", [2.0, 2.0]),
+        "blur": ("BlurPool2d", "converted", "mean", [2.0, 2.0]),
+        "interpolate": ("F.interpolate", "converted", "mean", [0.5, 0.5]),
+        "avg": ("AvgPool2dSame", "converted", "mean", [2.0, 2.0]),
+    }
+    assert [r.plan.site(n).converted_size for n in ("conv", "pool", "blur", "interpolate", "avg")] == [
+        [32, 32], [16, 16], [8, 8], [16, 16], [8, 8]]
+    _backprop_reaches_every_group(r.model, torch.randn(2, 3, 64, 64))
 
 
 def test_exact_where_the_conversion_is_exact():
