@@ -48,3 +48,13 @@ def test_bad_input_exits_2_with_one_line(argv, words, capsys):
     code, _, err = _run(argv, capsys)
     assert code == 2
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_custom_model_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "convert_custom_model.py"
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "learned groups: 2" in out and "reloaded model gives the same output: True" in out
