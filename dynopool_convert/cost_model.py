@@ -75,6 +75,12 @@ def trace_for_cost(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
+_SHAPE_PRESERVING = (
+    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity,
+)
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph once and records every node's value summary (shapes, plain values)."""
 
@@ -96,6 +102,8 @@ class _Recorder(fx.Interpreter):
             s_h, s_w = self.strides[target]
             h, w = dynopool_output_size(int(x.shape[-2]), s_h), dynopool_output_size(int(x.shape[-1]), s_w)
             return x.new_empty((*x.shape[:-2], h, w))
+        if isinstance(m, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
+            return args[0]  # same shape; skips fake batch norm, which is slow
         return super().call_module(target, args, kwargs)
 
 
@@ -351,6 +359,8 @@ class CostModel:
                 for p, v in zip(self.parameters, saved):
                     p.copy_(v)
         ref_strides = self._current_strides()
+        #: the strides the model had at build time, and fvcore's count there
+        self.reference_strides = ref_strides
         node_flops, self.reference_flops = _node_flops(gm, ref, self.input_size)
         self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
 
@@ -621,8 +631,12 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
             for n in nodes:
                 out[n] = _isolated_flops(gm, n, ref)
     remainder = total - inside
-    if remainder > 0:  # ops at the top level of the graph (functional calls)
-        for n in gm.graph.nodes:
+    if remainder > 0:  # ops at the top level of the graph (functional calls), heads last
+        for n in reversed(gm.graph.nodes):
+            if n.op == "call_function" and n.target in _NO_FLOPS_FUNCTIONS:
+                continue
+            if n.op == "call_method" and n.target in _NO_FLOPS_METHODS:
+                continue
             if n.op in ("call_function", "call_method") and isinstance(ref.get(n), _TensorInfo):
                 f = _isolated_flops(gm, n, ref)
                 if f:
@@ -631,6 +645,19 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
                     if remainder <= 0:
                         break
     return out, total
+
+
+# top-level calls fvcore never counts (elementwise, activations, shape ops): skipped when
+# looking for the functional ops that carry FLOPs, only to save time
+_NO_FLOPS_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.getitem, operator.iadd,
+    getattr, torch.cat, torch.stack, torch.flatten, torch.add, torch.mul, torch.relu, torch.sigmoid,
+    torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.dropout, F.pad,
+}
+_NO_FLOPS_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "size", "chunk", "split",
+    "unsqueeze", "squeeze", "add", "mul", "sigmoid", "relu", "relu_", "add_", "mul_", "expand",
+}
 
 
 class _OneCall(nn.Module):
