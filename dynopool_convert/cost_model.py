@@ -696,9 +696,7 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
     module = _OneCall(fn, args, kwargs, [])
     if isinstance(fn, nn.Module):
         module.inner = fn  # register so fvcore scopes it
-    from fvcore.nn import FlopCountAnalysis
-
-    from .flops import DYNOPOOL_OP, _dynopool_as_one_op, _dynopool_handle
+    from .flops import DYNOPOOL_OP, FlopCountAnalysis, _dynopool_as_one_op, _dynopool_handle
 
     with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm):
         fa = FlopCountAnalysis(module, tuple(tensors))

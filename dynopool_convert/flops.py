@@ -27,9 +27,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import Tensor, nn
+
+with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: deprecated jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from .dynopool import DynOPool, dynopool2d, dynopool_modules
 from .errors import UserInputError
