@@ -12,6 +12,11 @@ from .dynopool import (
     dynopool_output_size,
     scale_parameters,
 )
+from .errors import UserInputError
+from .plan import Plan
+from .convert import ConversionResult, apply_plan, convert
+from .models import build_model, resolve_source
+from .checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -25,4 +30,16 @@ __all__ = [
     "R_MIN",
     "R_MAX",
     "__version__",
+    "UserInputError",
+    "convert",
+    "apply_plan",
+    "ConversionResult",
+    "Plan",
+    "build_model",
+    "resolve_source",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load",
+    "save",
+    "Checkpoint",
 ]

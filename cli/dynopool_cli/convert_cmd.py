@@ -1,0 +1,87 @@
+"""``dynopool convert``: parse, call the library, render the site table."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+class Placement(str, Enum):
+    before = "before"
+    after = "after"
+
+
+class Aggregate(str, Enum):
+    max = "max"
+    mean = "mean"
+
+
+_STATUS_STYLE = {"converted": "green", "reverted": "yellow", "skipped": "dim"}
+
+
+def _size(value: list[int] | None) -> str:
+    return "?" if not value else "x".join(str(v) for v in value)
+
+
+def site_table(plan) -> Table:
+    """A Rich table of the plan's sites (name, op, group, input -> output, status)."""
+    table = Table(title=f"DynOPool sites at input {_size(plan.input_size[1:])}", show_lines=False)
+    table.add_column("site", overflow="fold")
+    table.add_column("op", overflow="fold")
+    table.add_column("group", justify="right")
+    table.add_column("size in -> out", no_wrap=True)
+    table.add_column("status", overflow="fold")
+    for s in plan.sites:
+        out = s.converted_size if s.status == "converted" else s.output_size
+        status = s.status if not s.reason else f"{s.status}: {s.reason}"
+        table.add_row(
+            s.name, s.op, "" if s.group is None else str(s.group),
+            f"{_size(s.input_size)} -> {_size(out)}", f"[{_STATUS_STYLE.get(s.status, '')}]{status}[/]",
+        )
+    return table
+
+
+def convert(
+    model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N or HxW (default: the model's own).")] = None,
+    placement: Annotated[Placement, typer.Option(help="DynOPool before or after each strided conv (made stride 1).")] = Placement.before,
+    aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path (default: <model>-dynopool.pt in the current folder).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
+) -> None:
+    """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
+    from dynopool_convert import build_model, convert as convert_model, resolve_source, save_checkpoint
+    from dynopool_convert.models import default_input_size, model_label, parse_input_size
+
+    console = Console()
+    source = resolve_source(model)
+    with console.status(f"building {source}"):
+        net = build_model(source)
+    size = parse_input_size(input_size) if input_size else default_input_size(source, net)
+    with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
+        result = convert_model(
+            net, size, placement=placement.value, aggregate=aggregate.value if aggregate else None,
+            include=include, exclude=exclude,
+        )
+    # (a --budget option fits here: fit the converted model to the budget before saving)
+    plan = result.plan
+    console.print(site_table(plan))
+    counts = plan.summary()
+    console.print(
+        f"{counts['converted']} sites converted in {counts['groups']} learned groups, "
+        f"{counts['reverted']} reverted, {counts['skipped']} left alone."
+    )
+    for note in plan.notes:
+        console.print(f"[dim]note: {note}[/]")
+    if dry_run:
+        console.print("dry run: no checkpoint written")
+        return
+    path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
+    saved = save_checkpoint(path, result.model, plan, source, input_size=size)
+    console.print(f"checkpoint: {saved}")

@@ -1,0 +1,245 @@
+"""The conversion pass: trace -> sites -> groups -> rewrite -> validate (DESIGN.md §2).
+
+>>> import timm
+>>> result = convert(timm.create_model("resnet18"), input_size=(3, 64, 64))   # doctest: +SKIP
+>>> result.plan.summary()                                                      # doctest: +SKIP
+{'converted': 6, 'reverted': 0, 'skipped': 1, 'groups': 5}
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .dynopool import dynopool_output_size
+from .errors import UserInputError
+from .grouping import TieGraph
+from .plan import Group, Plan, Site
+from .rewrite import rewrite, site_module_paths
+from .sites import Candidate, find_candidates
+from .tracing import trace_model
+from .validate import OutputSpec, ValidationReport, output_spec, validate as validate_graph
+
+__all__ = ["convert", "apply_plan", "ConversionResult", "Analysis", "analyse", "check_input_size"]
+
+PLACEMENTS = ("before", "after")
+AGGREGATES = ("max", "mean")
+
+
+@dataclass
+class Analysis:
+    """A traced model annotated with shapes at the reference input, and its candidate sites."""
+
+    traced: fx.GraphModule
+    candidates: list[Candidate]
+    example: Tensor
+    spec: OutputSpec
+
+
+@dataclass
+class ConversionResult:
+    """The converted model (an fx GraphModule with DynOPool submodules), its plan and tie graph."""
+
+    model: fx.GraphModule
+    plan: Plan
+    ties: TieGraph
+
+    def site_modules(self) -> dict[str, str]:
+        """Site name -> path of its DynOPool module in ``model``."""
+        return site_module_paths(self.model)
+
+
+def check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
+    """``(C, H, W)`` as ints, or UserInputError."""
+    try:
+        size = tuple(int(v) for v in input_size)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise UserInputError(f"input size must be (channels, height, width) with positive integers, got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
+    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites."""
+    size = check_input_size(input_size)
+    t = trace_model(model)
+    traced = t.graph_module
+    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    was_training = traced.training
+    traced.eval()
+    try:
+        with torch.no_grad():
+            out = ShapeProp(traced).propagate(example)
+    except Exception as err:  # the user's model failing at this size is a user-fixable problem
+        msg = " ".join(str(err).split())[:200]
+        raise UserInputError(
+            f"the model fails on an input of size {list(size)} (before conversion): {type(err).__name__}: {msg}; try another --input-size"
+        ) from err
+    finally:
+        traced.train(was_training)
+    return Analysis(traced, find_candidates(traced, t.node_names), example, output_spec(out))
+
+
+def _matches(cand: Candidate, patterns: Iterable[str]) -> bool:
+    for pat in patterns:
+        if pat.startswith("kind:"):
+            if fnmatch.fnmatchcase(cand.kind, pat[5:]):
+                return True
+        elif fnmatch.fnmatchcase(cand.name, pat):
+            return True
+    return False
+
+
+def _select(candidates: list[Candidate], include: Sequence[str] | None, exclude: Sequence[str] | None) -> None:
+    for cand in candidates:
+        if cand.skip_reason:
+            continue
+        if include and not _matches(cand, include):
+            cand.skip_reason = "not matched by --include"
+        elif exclude and _matches(cand, exclude):
+            cand.skip_reason = "matched by --exclude"
+
+
+def _spatial(node: fx.Node | None) -> list[int] | None:
+    meta = None if node is None else node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
+        return None
+    return [int(meta.shape[2]), int(meta.shape[3])]
+
+
+def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
+    nodes = {n.name: n for n in analysis.traced.graph.nodes}
+    group_of: dict[str, int] = {}
+    groups = []
+    by_node = {c.node: c for c in analysis.candidates}
+    for gid, members in enumerate(ties.groups()):
+        names = [by_node[m].name for m in members]
+        groups.append(Group(gid, names, list(by_node[members[0]].stride)))
+        group_of.update({m: gid for m in members})
+    sites = []
+    for c in analysis.candidates:
+        node = nodes[c.node]
+        first_input = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        site = Site(
+            name=c.name, op=c.op, kind=c.kind, status="skipped" if c.skip_reason else "converted",
+            reason=c.skip_reason, group=group_of.get(c.node),
+            placement=policy["placement"] if c.kind == "conv" and not c.skip_reason else None,
+            aggregate=None if c.skip_reason else (policy["aggregate"] or c.aggregate),
+            stride_init=None if c.stride is None else list(c.stride),
+            input_size=_spatial(first_input), output_size=_spatial(node),
+        )
+        if site.status == "converted" and site.input_size:
+            site.converted_size = [dynopool_output_size(n, s) for n, s in zip(site.input_size, c.stride)]
+        sites.append(site)
+    return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=list(ties.notes))
+
+
+def _revert(plan: Plan, gid: int, reason: str) -> None:
+    group = plan.groups[gid]
+    group.status, group.reason = "reverted", reason
+    for name in group.sites:
+        site = plan.site(name)
+        site.status, site.reason = "reverted", reason
+
+
+def _solo_plan(plan: Plan, gid: int) -> Plan:
+    solo = Plan.from_dict(plan.to_dict())
+    for g in solo.converted_groups():
+        if g.id != gid:
+            _revert(solo, g.id, "")
+    return solo
+
+
+def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
+    """Rewrite and validate until every remaining group passes, reverting the ones that break."""
+    while True:
+        gm = rewrite(analysis.traced, analysis.candidates, plan)
+        report = validate_graph(gm, analysis.example, analysis.spec)
+        if report.ok:
+            _record_sizes(plan, gm, report)
+            return gm
+        if report.reference_error:
+            broken = []
+            for g in plan.converted_groups():  # which groups break the forward on their own?
+                solo = rewrite(analysis.traced, analysis.candidates, _solo_plan(plan, g.id))
+                error = validate_graph(solo, analysis.example, analysis.spec).reference_error
+                if error:
+                    broken.append((g.id, error))
+            for gid, error in broken:
+                _revert(plan, gid, f"breaks the forward at the reference size: {error}")
+            if not broken:
+                for g in plan.converted_groups():
+                    _revert(plan, g.id, f"the converted groups together break the forward: {report.reference_error}")
+            continue
+        for failure in report.failures:
+            _revert(plan, failure.group, failure.reason)
+
+
+def _record_sizes(plan: Plan, gm: fx.GraphModule, report: ValidationReport) -> None:
+    for name, path in site_module_paths(gm).items():
+        if path in report.sizes:
+            plan.site(name).converted_size = list(report.sizes[path][1])
+
+
+def convert(
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 224, 224),
+    placement: str = "before",
+    aggregate: str | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    validate: bool = True,
+) -> ConversionResult:
+    """Convert every resizing op of ``model`` into a learnable DynOPool site.
+
+    Args:
+        model: any ``nn.Module`` torch.fx can trace with timm's leaf rules (left untouched).
+        input_size: reference ``(C, H, W)``; shapes in the plan are given at this size.
+        placement: ``"before"`` (DynOPool then the stride-1 conv) or ``"after"`` for strided convs.
+        aggregate: ``"max"`` or ``"mean"`` for every site; default per op (max for convs and
+            max pools, mean for average pools and interpolations).
+        include / exclude: glob patterns on site names (``"layer*.0.*"``), or ``"kind:conv"``,
+            ``"kind:pool"``, ``"kind:interpolate"`` on site kinds.
+        validate: run the converted model at moved strides and revert groups that break.
+
+    Returns a ``ConversionResult`` whose ``model`` holds one DynOPool per converted site (tied
+    sites share one stride parameter) and whose ``plan`` is plain data for ``apply_plan``.
+    """
+    if placement not in PLACEMENTS:
+        raise UserInputError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if aggregate is not None and aggregate not in AGGREGATES:
+        raise UserInputError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    include, exclude = list(include or []), list(exclude or [])
+    analysis = analyse(model, input_size)
+    _select(analysis.candidates, include, exclude)
+    ties = TieGraph(analysis.traced, analysis.candidates)
+    policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval"}
+    plan = _initial_plan(analysis, ties, policy)
+    gm = _validated(analysis, plan) if validate else rewrite(analysis.traced, analysis.candidates, plan)
+    gm.train(model.training)
+    return ConversionResult(gm, plan, ties)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
+    """Replay ``plan`` on a freshly built ``model`` (no validation): the same converted model
+    ``convert`` returned, with freshly initialised strides (load a state dict for the learned ones).
+
+    The returned GraphModule shares (and has modified) ``model``'s submodules: pass a model
+    built for the purpose, as ``load_checkpoint`` does.
+    """
+    analysis = analyse(model, plan.input_size)
+    by_name = {c.name: c for c in analysis.candidates}
+    for site in plan.converted_sites():
+        cand = by_name.get(site.name)
+        if cand is None or cand.skip_reason or cand.kind != site.kind:
+            why = "not found" if cand is None else f"now {cand.kind}: {cand.skip_reason or 'differs'}"
+            raise UserInputError(f"the plan does not match this model: site {site.name!r} ({site.op}) is {why}")
+    gm = rewrite(analysis.traced, analysis.candidates, plan, copy_graph=False)  # model is fresh
+    gm.train(model.training)
+    return gm
+

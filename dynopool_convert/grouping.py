@@ -1,0 +1,154 @@
+"""Tie groups: which sites must keep equal output sizes (DESIGN.md §2, "Tying").
+
+One union-find object, built once from the shape-annotated graph and queried by everyone
+(rewrite, validation, cost model, report). Every tensor carries the *origin* of its spatial
+size: the site that last resized it on its way from the input, traced through size-preserving
+ops. Where an elementwise op or a concat joins two spatial operands of different origins, those
+sites must keep equal output sizes and share one stride. Broadcast operands (a 1x1 map such as
+squeeze-excitation's gate) do not tie.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+
+from .sites import Candidate
+
+__all__ = ["TieGraph", "JOIN_TARGETS"]
+
+#: ops whose spatial operands must have equal sizes (elementwise with broadcasting, concat)
+JOIN_TARGETS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.concat, torch.stack,
+    torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "lerp",
+}
+
+INPUT = "<input>"
+CONST = "<constant>"
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return [n for n in found if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")]
+
+
+def _spatial(node: fx.Node) -> tuple[int, int] | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
+        return None
+    return int(meta.shape[2]), int(meta.shape[3])
+
+
+class TieGraph:
+    """Union-find over convertible sites, built from a graph annotated by ``ShapeProp``.
+
+    >>> ties = TieGraph(gm, candidates)        # doctest: +SKIP
+    >>> ties.groups()                          # [[site node names tied together], ...]
+    """
+
+    def __init__(self, gm: fx.GraphModule, candidates: Iterable[Candidate]) -> None:
+        cands = list(candidates)
+        self._sites = {c.node: c for c in cands if not c.skip_reason}
+        skipped = [c for c in cands if c.skip_reason]
+        # a skipped op that resizes by a fixed rule starts a new size origin; one that sizes its
+        # output from elsewhere (adaptive pools, size-targeted interpolation) is "unknown"
+        self._fixed = {c.node: c for c in skipped if c.stride not in (None, (1.0, 1.0))}
+        self._unknown = {c.node for c in skipped if c.stride is None}
+        self._parent = {name: name for name in self._sites}
+        self._input_size: dict[str, tuple[int, int] | None] = {}
+        self.notes: list[str] = []
+        self._names = {c.node: c.name for c in cands}
+        self._build(gm)
+
+    # union-find ---------------------------------------------------------------------
+    def find(self, site: str) -> str:
+        """Representative site of ``site``'s group (``site`` itself for a non-site origin)."""
+        parent = self._parent
+        if site not in parent:
+            return site
+        while parent[site] != site:
+            parent[site] = parent[parent[site]]
+            site = parent[site]
+        return site
+
+    def _compatible(self, a: str, b: str) -> bool:
+        ca, cb = self._sites[a], self._sites[b]
+        return ca.stride == cb.stride and self._input_size.get(a) == self._input_size.get(b)
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            first, second = sorted((ra, rb), key=self._order.__getitem__)
+            self._parent[second] = first
+
+    # building -----------------------------------------------------------------------
+    def _build(self, gm: fx.GraphModule) -> None:
+        origin: dict[str, str | None] = {}
+        self._order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+        for node in gm.graph.nodes:
+            args = _tensor_args(node)
+            if node.op == "placeholder":
+                origin[node.name] = INPUT
+                continue
+            if node.op == "get_attr":
+                origin[node.name] = CONST
+                continue
+            if node.name in self._sites:
+                self._input_size[node.name] = _spatial(args[0]) if args else None
+                origin[node.name] = node.name
+                continue
+            if node.name in self._unknown:
+                origin[node.name] = None
+                continue
+            if node.name in self._fixed:
+                origin[node.name] = f"<fixed by {self._names[node.name]}>"
+                continue
+            out = _spatial(node)
+            if node.target in JOIN_TARGETS and out is not None:
+                joined = [a for a in args if _spatial(a) == out and origin.get(a.name) is not None]
+                if len(joined) >= 2:
+                    origin[node.name] = self._join(node, [origin[a.name] for a in joined])
+                    continue
+            first = next((a for a in args if origin.get(a.name) is not None), None)
+            if first is None:
+                origin[node.name] = None
+            elif out == (1, 1) and _spatial(first) not in (None, (1, 1)):
+                origin[node.name] = None  # global pooling: a broadcast operand from here on
+            else:
+                origin[node.name] = origin[first.name]
+
+    def _join(self, node: fx.Node, origins: list[str]) -> str:
+        roots = list(dict.fromkeys(self.find(o) for o in origins))
+        if len(roots) == 1:
+            return roots[0]
+        sites = [r for r in roots if r in self._sites]
+        others = [r for r in roots if r not in self._sites]
+        head = sites[0] if sites else roots[0]
+        for r in sites[1:]:
+            if self._compatible(head, r):
+                self._union(head, r)
+            else:
+                self.notes.append(
+                    f"{node.name}: joins outputs of {self._names[head]} and {self._names[r]}, which differ in input size or stride and cannot share one"
+                )
+        for r in others:
+            if sites:
+                self.notes.append(f"{node.name}: joins the output of {self._names[head]} with a tensor sized by {r}")
+        return self.find(head)
+
+    # queries ------------------------------------------------------------------------
+    def groups(self) -> list[list[str]]:
+        """Tied sites (fx node names), each group in graph order, groups ordered by first site."""
+        by_root: dict[str, list[str]] = {}
+        for name in sorted(self._sites, key=self._order.__getitem__):
+            by_root.setdefault(self.find(name), []).append(name)
+        return list(by_root.values())
+
+    def input_size(self, site: str) -> tuple[int, int] | None:
+        """Spatial size of the site's input at the reference size."""
+        return self._input_size.get(site)

@@ -1,0 +1,187 @@
+"""Model sources: ``timm:NAME``, ``torchvision:NAME``, ``package.module:factory`` (DESIGN.md §4).
+
+Bare names try timm first, then torchvision. Nothing is ever downloaded: timm models are built
+with ``pretrained=False``, torchvision models with ``weights=None`` (and ``weights_backbone=None``
+where the builder takes it, e.g. the segmentation builders, which would fetch a backbone
+otherwise).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+
+from .errors import UserInputError
+
+__all__ = ["resolve_source", "build_model", "is_trusted_source", "model_label", "default_input_size", "parse_input_size"]
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+@lru_cache(maxsize=1)
+def _torchvision_names() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models())
+
+
+@lru_cache(maxsize=1)
+def _timm_names() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_models())
+
+
+def _is_timm(name: str) -> bool:
+    import timm
+
+    return bool(timm.is_model(name))
+
+
+def _unknown(name: str, where: str) -> UserInputError:
+    pool = {"timm": _timm_names(), "torchvision": _torchvision_names()}.get(where)
+    names = pool if pool is not None else tuple(dict.fromkeys(_timm_names() + _torchvision_names()))
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    scope = f"{where} model" if pool is not None else "model (not in timm nor torchvision)"
+    return UserInputError(
+        f"unknown {scope} {name!r}{hint} (accepted: NAME, timm:NAME, torchvision:NAME or package.module:factory)"
+    )
+
+
+def resolve_source(name: str) -> str:
+    """Canonical source string for a user-given model name.
+
+    >>> resolve_source("resnet18"), resolve_source("torchvision:vgg11")
+    ('timm:resnet18', 'torchvision:vgg11')
+    """
+    name = name.strip()
+    if name.startswith("timm:"):
+        model = name[5:]
+        if not _is_timm(model):
+            raise _unknown(model, "timm")
+        return name
+    if name.startswith("torchvision:"):
+        model = name[len("torchvision:"):]
+        if model not in _torchvision_names():
+            raise _unknown(model, "torchvision")
+        return name
+    if ":" in name:
+        if not _FACTORY.match(name):
+            raise UserInputError(f"model source {name!r} is not of the form package.module:factory")
+        return name
+    if _is_timm(name):
+        return f"timm:{name}"
+    if name in _torchvision_names():
+        return f"torchvision:{name}"
+    raise _unknown(name, "any")
+
+
+def is_trusted_source(source: str) -> bool:
+    """True for timm/torchvision sources; a ``module:factory`` source imports and runs code."""
+    return source.startswith(("timm:", "torchvision:"))
+
+
+def model_label(source: str) -> str:
+    """A short file-name-friendly label: ``timm:resnet50`` -> ``resnet50``."""
+    return re.sub(r"[^\w.-]+", "_", source.split(":", 1)[-1])
+
+
+def _torchvision_model(name: str, args: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    params = inspect.signature(builder).parameters
+    kwargs = {"weights": None}
+    if "weights_backbone" in params:
+        kwargs["weights_backbone"] = None  # else the builder downloads backbone weights
+    kwargs.update(args)
+    return builder(**kwargs)
+
+
+def _factory_model(source: str, args: dict[str, Any]) -> nn.Module:
+    module_name, attr = source.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserInputError(f"cannot import {module_name!r} for model source {source!r}: {err}") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserInputError(f"{module_name!r} has no callable {attr!r} (model source {source!r})")
+    return factory(**args)
+
+
+def build_model(source: str, build_args: dict[str, Any] | None = None) -> nn.Module:
+    """Build a randomly initialised model from ``source`` (resolved first) and ``build_args``.
+
+    ``build_args`` are keyword arguments of ``timm.create_model``, the torchvision builder, or
+    the factory (e.g. ``{"num_classes": 10}``).
+    """
+    source = resolve_source(source)
+    args = dict(build_args or {})
+    kind, name = source.split(":", 1) if source.startswith(("timm:", "torchvision:")) else ("factory", source)
+    try:
+        if kind == "timm":
+            import timm
+
+            args.pop("pretrained", None)
+            model = timm.create_model(name, pretrained=False, **args)
+        elif kind == "torchvision":
+            if args.get("weights") is not None or args.get("weights_backbone") is not None:
+                raise UserInputError("pretrained weights cannot be downloaded here: build torchvision models with weights=None")
+            model = _torchvision_model(name, args)
+        else:
+            model = _factory_model(source, args)
+    except TypeError as err:
+        raise UserInputError(f"cannot build {source!r} with arguments {args}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"model source {source!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def default_input_size(source: str, model: nn.Module | None = None) -> tuple[int, int, int]:
+    """The model's own reference ``(C, H, W)``: timm's ``pretrained_cfg``, torchvision's weights
+    transforms (crop size), else ``(3, 224, 224)``. Nothing is downloaded."""
+    source = resolve_source(source)
+    if model is not None and isinstance(getattr(model, "pretrained_cfg", None), dict):
+        size = model.pretrained_cfg.get("input_size")
+        if size and len(size) == 3:
+            return tuple(int(v) for v in size)  # type: ignore[return-value]
+    if source.startswith("timm:"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(source[5:])
+        if cfg is not None and cfg.input_size:
+            return tuple(int(v) for v in cfg.input_size)  # type: ignore[return-value]
+    if source.startswith("torchvision:"):
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(source.split(":", 1)[1])
+            crop = list(weights)[0].transforms().crop_size
+            return 3, int(crop[0]), int(crop[-1])
+        except (ValueError, AttributeError, IndexError, TypeError):
+            pass  # no weights enum or no crop size: fall back to the default
+    return 3, 224, 224
+
+
+def parse_input_size(text: str, channels: int = 3) -> tuple[int, int, int]:
+    """``"224"`` or ``"224x160"`` (height x width) -> ``(channels, H, W)``.
+
+    >>> parse_input_size("64"), parse_input_size("64x48")
+    ((3, 64, 64), (3, 64, 48))
+    """
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise UserInputError(f"input size must be N or HxW with positive integers (e.g. 224 or 256x192), got {text!r}")
+    h, w = (values[0], values[0]) if len(values) == 1 else values
+    return channels, h, w

@@ -1,0 +1,86 @@
+"""Rewrite a traced graph: put a DynOPool module at every converted site (DESIGN.md §2).
+
+A pure function of (traced graph, plan): ``rewrite`` deep-copies the traced GraphModule and never
+touches the user's model, so validation can rebuild after reverting a group and ``apply_plan``
+replays the same rewrite on a freshly built model. Tied sites share one ``nn.Parameter``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from .dynopool import R_MAX, R_MIN, DynOPool
+from .plan import Plan
+from .sites import Candidate, handler_for
+
+__all__ = ["rewrite", "r_bounds_for", "pool_path_for", "site_module_paths"]
+
+
+def r_bounds_for(stride: tuple[float, float] | list[float]) -> tuple[float, float]:
+    """Bounds on r for a site starting at ``stride``: the defaults, widened to keep 2x room
+    around the initial value (e.g. a 4x upsampling, or a stride-32 patchify conv)."""
+    r_init = [1.0 / float(s) for s in stride]
+    return min(R_MIN, min(r_init) / 2.0), max(R_MAX, max(r_init) * 2.0)
+
+
+def _free_path(gm: fx.GraphModule, wanted: str, node: fx.Node) -> str:
+    """``wanted`` if no other node calls a module there, else a suffixed variant."""
+    path, i = wanted, 0
+    while True:
+        try:
+            gm.get_submodule(path)
+        except AttributeError:
+            return path
+        users = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path and n is not node]
+        if path == node.target and not users:
+            return path  # the pool module this node calls is replaced in place
+        i += 1
+        path = f"{wanted}_dynopool" if i == 1 else f"{wanted}_dynopool{i}"
+
+
+def pool_path_for(gm: fx.GraphModule, node: fx.Node, site_name: str, kind: str) -> str:
+    """Module path of the DynOPool inserted for a site: next to a conv, in place of a pool."""
+    wanted = f"{site_name}_dynopool" if kind == "conv" else site_name
+    return _free_path(gm, wanted, node)
+
+
+def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, copy_graph: bool = True) -> fx.GraphModule:
+    """A converted copy of ``traced`` with the plan's ``converted`` sites rewritten.
+
+    ``candidates`` are the sites found on ``traced`` (they give each site's node and handler).
+    ``copy_graph=False`` rewrites ``traced`` itself (and the modules it shares with its model).
+    """
+    gm = copy.deepcopy(traced) if copy_graph else traced
+    nodes = {n.name: n for n in gm.graph.nodes}
+    by_name = {c.name: c for c in candidates}
+    params = {
+        g.id: nn.Parameter(torch.tensor([float(v) for v in g.stride_init], dtype=torch.float32))
+        for g in plan.converted_groups()
+    }
+    bounds = {g.id: r_bounds_for(g.stride_init) for g in plan.converted_groups()}
+    placement = plan.policy.get("placement", "before")
+    paths: dict[str, str] = {}
+    for site in plan.converted_sites():
+        cand = by_name[site.name]
+        node = nodes[cand.node]
+        handler = handler_for(cand.handler)
+        old_target = node.target if node.op == "call_module" else None
+        path = pool_path_for(gm, node, site.name, cand.kind)
+        pool = DynOPool(params[site.group], aggregate=site.aggregate, r_bounds=bounds[site.group], group=site.group)
+        if old_target == path:  # replace the pool module in place
+            gm.delete_submodule(path)
+        gm.add_submodule(path, pool)
+        handler.apply(gm, node, path, placement)
+        paths[site.name] = path
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.meta["dynopool_sites"] = paths  # site name -> DynOPool module path (plain data)
+    return gm
+
+
+def site_module_paths(gm: fx.GraphModule) -> dict[str, str]:
+    """Site name -> path of its DynOPool module in a converted GraphModule."""
+    return dict(gm.meta.get("dynopool_sites", {}))

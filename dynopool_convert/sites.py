@@ -1,0 +1,459 @@
+"""Site handlers, one per op kind, in a table (DESIGN.md §2).
+
+A handler recognises one kind of resizing op in the traced graph, describes it (``inspect``:
+stride, default aggregate, or why it is left alone) and rewrites it around a DynOPool module
+(``apply``). Supporting a new layer means adding one handler to ``HANDLERS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._helpers import pair_of_floats
+
+__all__ = ["Candidate", "SiteHandler", "HANDLERS", "find_candidates", "site_module_types", "handler_for"]
+
+
+@dataclass
+class Candidate:
+    """A resizing op found in the graph: what it is, its stride, or why it stays as it is."""
+
+    node: str  # fx node name (key into the graph)
+    name: str  # qualified site name (module path style)
+    kind: str  # "conv" | "pool" | "interpolate"
+    op: str  # human-readable op description
+    handler: str
+    stride: tuple[float, float] | None = None
+    aggregate: str = "max"
+    skip_reason: str = ""
+
+
+class SiteHandler(Protocol):
+    """One kind of site: recognise, describe, rewrite."""
+
+    name: str
+    kind: str
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool: ...
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate: ...
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def _users_of_module(gm: fx.GraphModule, target: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _as_stride(value: Any) -> tuple[float, float] | None:
+    """A static (h, w) stride from an int/float/tuple argument, None when not static."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), float(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+        if len(value) == 1:
+            return float(value[0]), float(value[0])
+        if len(value) == 2:
+            return float(value[0]), float(value[1])
+    return None
+
+
+def _is_4d(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4
+
+
+def _retarget_to_pool(gm: fx.GraphModule, node: fx.Node, pool_path: str) -> None:
+    """Turn ``node`` into a call of the DynOPool module at ``pool_path`` on its first input."""
+    node.op = "call_module"
+    node.target = pool_path
+    node.args = (node.args[0] if node.args else node.kwargs["input"],)
+    node.kwargs = {}
+
+
+def _fmt(value: Any) -> str:
+    """``(3, 3)`` -> ``3``, ``(3, 1)`` -> ``3x1``, ``'same'`` -> ``same``."""
+    if isinstance(value, (tuple, list)):
+        return _fmt(value[0]) if len(set(value)) == 1 else "x".join(str(v) for v in value)
+    return str(value)
+
+
+def _desc(module: nn.Module) -> str:
+    """``Conv2d(k=7, s=2, p=3)``: the class and its static geometry."""
+    parts = [f"{key}={_fmt(getattr(module, attr))}" for key, attr in (("k", "kernel_size"), ("s", "stride"), ("p", "padding"))
+             if getattr(module, attr, None) is not None]
+    return f"{type(module).__name__}({', '.join(parts)})"
+
+
+# ----------------------------------------------------------------------------------------
+# strided convolutions
+
+#: Conv2d subclasses that compute their own TF-'SAME' padding from the stride at run time:
+#: setting stride 1 is enough, their padding attribute stays 0.
+_DYNAMIC_SAME_PAD: tuple[str, ...] = (
+    "Conv2dSame",
+    "Conv2dSameExport",
+    "StdConv2dSame",
+    "ScaledStdConv2dSame",
+)
+
+
+def _same_padding(conv: nn.Conv2d) -> tuple[int, int] | str:
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    if kh % 2 == 1 and kw % 2 == 1:
+        return dh * (kh - 1) // 2, dw * (kw - 1) // 2
+    return "same"  # even kernels: torch pads asymmetrically
+
+
+def make_conv_stride_one(conv: nn.Conv2d) -> None:
+    """Stride 1 with 'same'-equivalent padding (H_out == H_in), keeping the conv's class."""
+    conv.stride = (1, 1)
+    if type(conv).__name__ in _DYNAMIC_SAME_PAD or getattr(conv, "same_pad", False):
+        return
+    conv.padding = _same_padding(conv)
+    # what nn.Conv2d derives from padding for non-'zeros' padding modes
+    pad = []
+    for d, k in zip(conv.dilation, conv.kernel_size):
+        total = d * (k - 1)
+        pad = [total // 2, total - total // 2] + pad
+    conv._reversed_padding_repeated_twice = pad
+
+
+class ConvHandler:
+    """``nn.Conv2d`` and subclasses (timm ``Conv2dSame``, ``StdConv2d``, ...) with stride > 1."""
+
+    name = "conv"
+    kind = "conv"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        m = _module(gm, node)
+        return isinstance(m, nn.Conv2d) and tuple(m.stride) != (1, 1)
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        conv = _module(gm, node)
+        cand = Candidate(node.name, "", self.kind, _desc(conv), self.name, pair_of_floats(tuple(conv.stride)), "max")
+        if _users_of_module(gm, node.target) > 1:
+            cand.skip_reason = "the conv module is called at several places (weights shared): its stride cannot change for one call"
+        elif not _is_4d(node):
+            cand.skip_reason = "input is not an N x C x H x W tensor"
+        return cand
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
+        make_conv_stride_one(gm.get_submodule(node.target))
+        graph = gm.graph
+        if placement == "before":
+            with graph.inserting_before(node):
+                pool = graph.call_module(pool_path, (node.args[0],))
+            node.args = (pool, *node.args[1:])
+        else:
+            with graph.inserting_after(node):
+                pool = graph.call_module(pool_path, (node,))
+            node.replace_all_uses_with(pool, delete_user_cb=lambda user: user is not pool)
+
+
+class TransposedConvHandler:
+    """Strided transposed convolutions: listed, not converted."""
+
+    name = "conv_transpose"
+    kind = "conv"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        m = _module(gm, node)
+        return isinstance(m, nn.ConvTranspose2d) and tuple(m.stride) != (1, 1)
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        m = _module(gm, node)
+        return Candidate(node.name, "", self.kind, _desc(m), self.name,
+                         skip_reason="transposed convolution (learned upsampling) is not converted")
+
+    def apply(self, gm, node, pool_path, placement) -> None:  # pragma: no cover - never converted
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------
+# pooling modules
+
+
+def _pool_module_types() -> tuple[type, ...]:
+    from timm.layers import BlurPool2d
+
+    return (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, BlurPool2d)
+
+
+_ADAPTIVE_MODULES: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+class PoolModuleHandler:
+    """``MaxPool2d``/``AvgPool2d`` (and timm's ``*Same`` variants, ``BlurPool2d``); DynOPool replaces them."""
+
+    name = "pool_module"
+    kind = "pool"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return isinstance(_module(gm, node), _pool_module_types())
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        m = _module(gm, node)
+        stride = _as_stride(m.stride if m.stride is not None else m.kernel_size)
+        aggregate = "max" if isinstance(m, nn.MaxPool2d) else "mean"
+        cand = Candidate(node.name, "", self.kind, _desc(m), self.name, stride, aggregate)
+        if stride is None:
+            cand.skip_reason = "stride is not a static number"
+        elif stride == (1.0, 1.0):
+            cand.skip_reason = "stride 1: keeps the spatial size"
+        elif getattr(m, "return_indices", False):
+            cand.skip_reason = "returns pooling indices (used by an unpooling op)"
+        elif not _is_4d(node):
+            cand.skip_reason = "input is not an N x C x H x W tensor"
+        return cand
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
+        _retarget_to_pool(gm, node, pool_path)
+
+
+class AdaptiveModuleHandler:
+    """Adaptive pools: listed as skipped, they adapt to whatever size they receive."""
+
+    name = "adaptive_module"
+    kind = "pool"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return isinstance(_module(gm, node), _ADAPTIVE_MODULES)
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        return Candidate(node.name, "", self.kind, type(_module(gm, node)).__name__, self.name,
+                         skip_reason="adaptive pool: adapts to the learned sizes")
+
+    def apply(self, gm, node, pool_path, placement) -> None:  # pragma: no cover - never converted
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------
+# functional pooling
+
+#: positional parameter names after ``input`` for each functional pool
+_POOL_FUNCTIONS: dict[Callable, tuple[str, tuple[str, ...], str]] = {
+    F.max_pool2d: ("F.max_pool2d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), "max"),
+    torch.max_pool2d: ("torch.max_pool2d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), "max"),
+    F.max_pool2d_with_indices: ("F.max_pool2d_with_indices", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), "max"),
+    F.avg_pool2d: ("F.avg_pool2d", ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"), "mean"),
+}
+
+
+def _timm_pool_functions() -> dict[Callable, tuple[str, tuple[str, ...], str]]:
+    from timm.layers.pool2d_same import avg_pool2d_same, max_pool2d_same
+
+    return {
+        max_pool2d_same: ("timm max_pool2d_same", ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), "max"),
+        avg_pool2d_same: ("timm avg_pool2d_same", ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"), "mean"),
+    }
+
+
+def _bind(node: fx.Node, params: tuple[str, ...]) -> dict[str, Any]:
+    bound = dict(zip(params, node.args[1:]))
+    bound.update({k: v for k, v in node.kwargs.items() if k != "input"})
+    return bound
+
+
+class PoolFunctionHandler:
+    """``F.max_pool2d``, ``torch.max_pool2d``, ``F.avg_pool2d``, timm's ``*_pool2d_same``."""
+
+    name = "pool_function"
+    kind = "pool"
+
+    def _table(self) -> dict:
+        return {**_POOL_FUNCTIONS, **_timm_pool_functions()}
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return node.op == "call_function" and node.target in self._table()
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        label, params, aggregate = self._table()[node.target]
+        bound = _bind(node, params)
+        stride_arg = bound.get("stride")
+        stride = _as_stride(stride_arg if stride_arg not in (None, [], ()) else bound.get("kernel_size"))
+        op = f"{label}(k={_fmt(bound.get('kernel_size'))}, s={_fmt(stride_arg)})"
+        cand = Candidate(node.name, "", self.kind, op, self.name, stride, aggregate)
+        if stride is None:
+            cand.skip_reason = "stride/kernel size is not a static number"
+        elif stride == (1.0, 1.0):
+            cand.skip_reason = "stride 1: keeps the spatial size"
+        elif bound.get("return_indices") or node.target is F.max_pool2d_with_indices:
+            cand.skip_reason = "returns pooling indices (used by an unpooling op)"
+        elif not _is_4d(node):
+            cand.skip_reason = "input is not an N x C x H x W tensor"
+        return cand
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
+        _retarget_to_pool(gm, node, pool_path)
+
+
+_ADAPTIVE_FUNCTIONS: dict[Callable, str] = {
+    F.adaptive_avg_pool2d: "F.adaptive_avg_pool2d",
+    F.adaptive_max_pool2d: "F.adaptive_max_pool2d",
+    torch.adaptive_avg_pool1d: "torch.adaptive_avg_pool1d",
+}
+
+
+class AdaptiveFunctionHandler:
+    """Functional adaptive pools: listed as skipped."""
+
+    name = "adaptive_function"
+    kind = "pool"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        return Candidate(node.name, "", self.kind, _ADAPTIVE_FUNCTIONS[node.target], self.name,
+                         skip_reason="adaptive pool: adapts to the learned sizes")
+
+    def apply(self, gm, node, pool_path, placement) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------
+# interpolation
+
+
+def _interp_candidate(node: fx.Node, handler: str, op: str, size: Any, scale: Any) -> Candidate:
+    cand = Candidate(node.name, "", "interpolate", op, handler, aggregate="mean")
+    if size is not None:
+        cand.skip_reason = "size-targeted interpolation: adapts to the learned sizes"
+        return cand
+    factor = _as_stride(scale)
+    if factor is None or min(factor) <= 0:
+        cand.skip_reason = "scale factor is not a static positive number"
+        return cand
+    cand.stride = (1.0 / factor[0], 1.0 / factor[1])
+    if cand.stride == (1.0, 1.0):
+        cand.skip_reason = "scale factor 1: keeps the spatial size"
+    elif not _is_4d(node):
+        cand.skip_reason = "input is not an N x C x H x W tensor"
+    return cand
+
+
+class UpsampleModuleHandler:
+    """``nn.Upsample`` (and its subclasses) with a scale factor."""
+
+    name = "upsample_module"
+    kind = "interpolate"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return isinstance(_module(gm, node), nn.Upsample)
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        m = _module(gm, node)
+        op = f"{type(m).__name__}(scale_factor={m.scale_factor}, size={m.size}, mode={m.mode})"
+        return _interp_candidate(node, self.name, op, m.size, m.scale_factor)
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
+        _retarget_to_pool(gm, node, pool_path)
+
+
+_INTERP_FUNCTIONS = {F.interpolate: "F.interpolate", F.upsample: "F.upsample"}
+_INTERP_PARAMS = ("size", "scale_factor", "mode", "align_corners")
+
+
+class InterpolateFunctionHandler:
+    """``F.interpolate`` / ``F.upsample`` with a scale factor."""
+
+    name = "interpolate_function"
+    kind = "interpolate"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return node.op == "call_function" and node.target in _INTERP_FUNCTIONS
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        bound = _bind(node, _INTERP_PARAMS)
+        size, scale = bound.get("size"), bound.get("scale_factor")
+        op = f"{_INTERP_FUNCTIONS[node.target]}(scale_factor={scale}, mode={bound.get('mode', 'nearest')})"
+        if isinstance(size, fx.Node):
+            op = f"{_INTERP_FUNCTIONS[node.target]}(size=<dynamic>)"
+        return _interp_candidate(node, self.name, op, size, scale)
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
+        _retarget_to_pool(gm, node, pool_path)
+
+
+# ----------------------------------------------------------------------------------------
+# anything else that strides
+
+
+class UnsupportedStridedModuleHandler:
+    """A leaf module with ``stride > 1`` that no handler knows: listed, not converted."""
+
+    name = "unsupported"
+    kind = "conv"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        m = _module(gm, node)
+        if m is None or not _is_4d(node):
+            return False
+        stride = _as_stride(getattr(m, "stride", None))
+        return stride is not None and stride != (1.0, 1.0)
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        m = _module(gm, node)
+        return Candidate(node.name, "", self.kind, _desc(m), self.name,
+                         skip_reason=f"strided {type(m).__name__} has no site handler")
+
+    def apply(self, gm, node, pool_path, placement) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+#: The table, first match wins.
+HANDLERS: list[SiteHandler] = [
+    ConvHandler(),
+    TransposedConvHandler(),
+    PoolModuleHandler(),
+    AdaptiveModuleHandler(),
+    PoolFunctionHandler(),
+    AdaptiveFunctionHandler(),
+    UpsampleModuleHandler(),
+    InterpolateFunctionHandler(),
+    UnsupportedStridedModuleHandler(),
+]
+
+
+def handler_for(name: str) -> SiteHandler:
+    """The handler registered under ``name``."""
+    for h in HANDLERS:
+        if h.name == name:
+            return h
+    raise KeyError(name)
+
+
+def site_module_types() -> list[type]:
+    """Module classes the tracer must keep as leaves so that their sites are single nodes."""
+    return [nn.Conv2d, nn.ConvTranspose2d, *_pool_module_types(), *_ADAPTIVE_MODULES, nn.Upsample]
+
+
+def find_candidates(gm: fx.GraphModule, node_names: dict[str, str]) -> list[Candidate]:
+    """Every node some handler recognises, in graph order, named by its qualified name."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function"):
+            continue
+        for handler in HANDLERS:
+            if handler.match(node, gm):
+                cand = handler.inspect(node, gm)
+                cand.name = node_names.get(node.name, node.name)
+                found.append(cand)
+                break
+    return found
+

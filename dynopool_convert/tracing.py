@@ -1,0 +1,103 @@
+"""Leaf-aware torch.fx tracing (DESIGN.md §2).
+
+Built on torchvision's ``NodePathTracer`` (node names are module paths, ``_N`` suffixes for
+repeated calls) with timm's notrace registries (``get_notrace_modules``/``get_notrace_functions``)
+and torchvision's default leaves (``torchvision.ops``). Every module a site handler rewrites is
+kept as a leaf too, so that e.g. timm's ``Conv2dSame`` shows up as one node.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import fx, nn
+from torchvision.models.feature_extraction import NodePathTracer
+
+from .errors import UserInputError
+
+__all__ = ["Traced", "trace_model", "leaf_module_types"]
+
+
+@dataclass
+class Traced:
+    """A traced model: the GraphModule and the qualified name of each node (site names)."""
+
+    graph_module: fx.GraphModule
+    node_names: dict[str, str]  # fx node.name -> qualified (module path) name
+
+
+#: torchvision.ops modules that are plain compositions of layers (torchvision keeps them as
+#: leaves; we must see the strided convs inside them)
+_TRACE_THROUGH = frozenset({"Conv2dNormActivation", "Conv3dNormActivation", "SqueezeExcitation", "MLP", "Permute"})
+
+
+def leaf_module_types() -> list[type]:
+    """Module classes fx must not enter: timm's notrace modules, torchvision ops, site modules."""
+    from timm.layers import get_notrace_modules
+
+    from .sites import site_module_types
+
+    ops = [
+        obj for obj in vars(torchvision.ops).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__name__ not in _TRACE_THROUGH
+    ]
+    return list(dict.fromkeys([*get_notrace_modules(), *ops, *site_module_types()]))
+
+
+def _notrace_functions() -> list:
+    from timm.layers import get_notrace_functions
+
+    return list(get_notrace_functions())
+
+
+def _culprit(err: BaseException) -> str:
+    """Best guess at the module or function whose forward broke tracing, from the traceback."""
+    tb = err.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        module = frame.f_locals.get("self")
+        filename = frame.f_code.co_filename
+        if "torch/fx" in filename or "torchvision/models/feature_extraction" in filename:
+            continue
+        where = f"{frame.f_code.co_name}() in {filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+        if isinstance(module, nn.Module):
+            return f"{type(module).__module__}.{type(module).__name__}.{where}"
+        return where
+    return "unknown location"
+
+
+def trace_model(model: nn.Module) -> Traced:
+    """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
+
+    Raises ``UserInputError`` naming the module or function that could not be traced.
+    """
+    tracer = NodePathTracer(
+        leaf_modules=leaf_module_types(),
+        autowrap_functions=_notrace_functions(),
+        autowrap_modules=(math, torchvision.ops),
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
+        msg = " ".join(str(err).split())[:200]
+        raise UserInputError(
+            f"cannot trace {type(model).__name__} with torch.fx: {_culprit(err)} raised {type(err).__name__}: {msg}"
+            " (register the module with timm.layers.register_notrace_module or the function with register_notrace_function)"
+        ) from err
+    finally:
+        model.train(was_training)
+    name = model.__class__.__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.train(was_training)
+    node_names = {node.name: tracer.node_to_qualname.get(node, node.name) for node in graph.nodes}
+    # placeholders/outputs are not recorded by create_proxy with a qualname in every version
+    node_names = {k: re.sub(r"\s+", "", v) for k, v in node_names.items()}
+    return Traced(gm, node_names)

@@ -1,0 +1,193 @@
+"""Validation of a converted graph (DESIGN.md §2, "Validation").
+
+Runs the converted model at the reference size and, for each tied group, with its stride moved
+so that its output size changes (one step smaller on both axes; one step larger along the height
+only, which also catches square-map assumptions). A group that breaks the forward, changes the output's non-spatial
+shape, or gets a missing or non-finite stride gradient is reported with the reason; ``convert``
+reverts it and validates again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_flatten
+
+from .dynopool import DynOPool, dynopool_output_size
+
+__all__ = ["OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate"]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Shapes of the model's tensor outputs; spatial dims of 4-D outputs may change."""
+
+    shapes: tuple[tuple[int, ...], ...]
+
+    def mismatch(self, other: "OutputSpec") -> str:
+        """Empty when ``other`` is compatible, else why not."""
+        if len(other.shapes) != len(self.shapes):
+            return f"the model returns {len(other.shapes)} tensors instead of {len(self.shapes)}"
+        for ref, got in zip(self.shapes, other.shapes):
+            fixed = ref[:2] if len(ref) == 4 else ref
+            if len(ref) != len(got) or (got[:2] if len(got) == 4 else got) != fixed:
+                return f"output shape {list(got)} does not match the original's {list(ref)}"
+        return ""
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, Tensor)]
+
+
+def output_spec(out: Any) -> OutputSpec:
+    """The ``OutputSpec`` of a model output (tensor, tuple, dict, namedtuple...)."""
+    return OutputSpec(tuple(tuple(t.shape) for t in _tensors(out)))
+
+
+@dataclass
+class GroupFailure:
+    group: int
+    reason: str
+
+
+@dataclass
+class ValidationReport:
+    """What validation found: failing groups, and per-site sizes at the reference input."""
+
+    failures: list[GroupFailure] = field(default_factory=list)
+    reference_error: str = ""
+    sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=dict)  # path -> (in, out)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.reference_error
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _groups(gm: nn.Module) -> dict[int, tuple[nn.Parameter, list[tuple[str, DynOPool]]]]:
+    found: dict[int, tuple[nn.Parameter, list]] = {}
+    for name, m in gm.named_modules():
+        if isinstance(m, DynOPool):
+            found.setdefault(m.group, (m.stride, []))[1].append((name, m))
+    return found
+
+
+def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
+    """Empty string when a forward succeeds with a compatible, finite output, else the reason."""
+    try:
+        with torch.no_grad():
+            out = gm(x)
+    except Exception as err:  # any forward failure is a validation finding, reported verbatim
+        return _one_line(err)
+    got = output_spec(out)
+    problem = spec.mismatch(got)
+    if problem:
+        return problem
+    if not all(torch.isfinite(t).all() for t in _tensors(out) if t.is_floating_point()):
+        return "the output is not finite"
+    return ""
+
+
+def _moves(size_in: tuple[int, int], stride: tuple[float, float], bounds: tuple[float, float]) -> list[tuple[str, tuple[float, float]]]:
+    """Strides that change the output size: smaller on both axes, larger along the height only
+    (one move down, one up, and a non-square map to catch square-size assumptions)."""
+    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
+
+    def target(size: int, s: float, delta: int) -> float | None:
+        out = dynopool_output_size(size, s) + delta
+        if out < 1:
+            return None
+        new = size / out
+        return new if lo <= new <= hi else None
+
+    moves = []
+    (h, w), (sh, sw) = size_in, stride
+    for label, dh, dw in (("smaller", -1, -1), ("taller", 1, 0)):
+        nh = target(h, sh, dh) if dh else sh
+        nw = target(w, sw, dw) if dw else sw
+        if nh is not None and nw is not None:
+            moves.append((label, (nh, nw)))
+    return moves
+
+
+def _size_hooks(gm: nn.Module, sizes: dict) -> list:
+    handles = []
+    for name, m in gm.named_modules():
+        if isinstance(m, DynOPool):
+            def hook(mod, args, out, name=name):
+                sizes[name] = (tuple(args[0].shape[-2:]), tuple(out.shape[-2:]))
+            handles.append(m.register_forward_hook(hook))
+    return handles
+
+
+def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec) -> ValidationReport:
+    """Check ``gm`` (a converted model) at the reference input ``example`` and moved strides."""
+    report = ValidationReport()
+    was_training = gm.training
+    gm.eval()
+    try:
+        handles = _size_hooks(gm, report.sizes)
+        report.reference_error = _run(gm, example, spec)
+        for h in handles:
+            h.remove()
+        if report.reference_error:
+            return report
+        groups = _groups(gm)
+        for gid, (param, members) in groups.items():
+            path = members[0][0]
+            if path not in report.sizes:
+                report.failures.append(GroupFailure(gid, "the site is not reached by the forward pass"))
+                continue
+            original = param.detach().clone()
+            for label, stride in _moves(report.sizes[path][0], tuple(original.tolist()), members[0][1].r_bounds):
+                with torch.no_grad():
+                    param.copy_(torch.tensor(stride))
+                problem = _run(gm, example, spec)
+                with torch.no_grad():
+                    param.copy_(original)
+                if problem:
+                    report.failures.append(GroupFailure(gid, f"{label} output (stride {stride[0]:.3g}x{stride[1]:.3g}) breaks the forward: {problem}"))
+                    break
+        failed = {f.group for f in report.failures}
+        report.failures += _gradient_failures(gm, example, {g: p for g, (p, _) in groups.items() if g not in failed})
+    finally:
+        gm.train(was_training)
+    return report
+
+
+def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Parameter]) -> list[GroupFailure]:
+    """Groups whose stride gets no gradient or a non-finite one from a random projection of the output."""
+    if not params:
+        return []
+    strides = {id(p) for p in params.values()}
+    frozen = [p for p in gm.parameters() if p.requires_grad and id(p) not in strides]
+    for p in frozen:  # only the stride gradients are needed
+        p.requires_grad_(False)
+    for p in params.values():
+        p.grad = None
+    try:
+        outs = [t for t in _tensors(gm(example)) if t.is_floating_point()]
+        gen = torch.Generator().manual_seed(0)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outs)
+        loss.backward()
+    except Exception as err:  # the backward itself failing is a finding for every group
+        return [GroupFailure(g, f"backward fails: {_one_line(err)}") for g in params]
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    failures = []
+    for gid, p in params.items():
+        if p.grad is None:
+            failures.append(GroupFailure(gid, "no gradient reaches the stride (the site does not affect the output)"))
+        elif not torch.isfinite(p.grad).all():
+            failures.append(GroupFailure(gid, f"the stride gradient is not finite ({p.grad.tolist()})"))
+        p.grad = None
+    gm.zero_grad(set_to_none=True)
+    return failures

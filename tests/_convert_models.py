@@ -1,0 +1,102 @@
+"""Small hand-made models for the conversion tests (importable as ``_convert_models:FACTORY``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DownBlock(nn.Module):
+    """Residual downsampling block: a strided 3x3 branch and a strided 1x1 shortcut (must tie)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride=2)
+
+    def forward(self, x):
+        return F.relu(self.conv(x)) + self.shortcut(x)
+
+
+class TinyNet(nn.Module):
+    """Stem conv s2, residual down block, SE gate with a pooled branch, functional pools, upsampling."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.down = DownBlock(8, 16)
+        self.se = nn.Conv2d(16, 16, 1)
+        self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.down(x)
+        # squeeze-excitation whose gate branch contains its own strided pool: a broadcast
+        # 1x1 operand, which must not tie that pool with the block's sites
+        gate = torch.sigmoid(self.se(F.adaptive_avg_pool2d(F.max_pool2d(x, 2), 1)))
+        x = x * gate
+        x = F.avg_pool2d(x, kernel_size=2)
+        x = self.up(x)
+        x = F.max_pool2d(x, 2, 2)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_net(num_classes: int = 5) -> nn.Module:
+    return TinyNet(num_classes)
+
+
+class PoolOnly(nn.Module):
+    """Convs at stride 1 and 2x2 stride-2 pools only: the conversion is exact at even sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.p2 = nn.AvgPool2d(2, 2)
+
+    def forward(self, x):
+        x = self.p1(torch.relu(self.c1(x)))
+        x = F.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.p2(x)
+
+
+class HardCodedFlatten(nn.Module):
+    """A classifier that flattens a fixed 4x4 map: moving the last pool's stride breaks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv(x)))
+        return self.fc(x.reshape(x.shape[0], 4 * 4 * 4))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return x
+
+
+class SharedPool(nn.Module):
+    """One pool module called twice (two sites, which must not share a stride)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.pool(self.c2(self.pool(self.c1(x))))

@@ -1,0 +1,121 @@
+"""Checkpoints and model sources: save/load round trip, weights_only, trust, bad files, names."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import dynopool_convert as dc
+from dynopool_convert import UserInputError
+from dynopool_convert.models import default_input_size, parse_input_size
+
+
+@pytest.fixture(scope="module")
+def converted():
+    source = dc.resolve_source("resnet18")
+    model = dc.build_model(source, {"num_classes": 7})
+    return source, dc.convert(model, input_size=(3, 32, 32), validate=False)
+
+
+def test_round_trip_rebuilds_the_same_model(converted, tmp_path):
+    source, result = converted
+    with torch.no_grad():  # learned strides must survive the round trip
+        for p in dc.scale_parameters(result.model):
+            p.mul_(1.3)
+    path = dc.save_checkpoint(
+        tmp_path / "r18.pt", result.model, result.plan, source, {"num_classes": 7}, (3, 32, 32),
+        budget=123_000_000, training={"step": 5, "rng": torch.get_rng_state()}, extra={"flops": 1.5e9},
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["r18.pt"]  # no temp file left behind
+    raw = torch.load(path, weights_only=True)  # plain data + tensors only
+    assert raw["format_version"] == 1 and raw["source"] == "timm:resnet18"
+    ck = dc.load_checkpoint(path)
+    assert (ck.source, ck.build_args, ck.input_size, ck.budget) == (source, {"num_classes": 7}, (3, 32, 32), 123_000_000)
+    assert ck.training["step"] == 5 and ck.extra == {"flops": 1.5e9}
+    assert ck.plan.to_dict() == result.plan.to_dict()
+    x = torch.randn(2, 3, 32, 32)
+    result.model.eval(), ck.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ck.model(x), result.model(x), rtol=0, atol=0)
+    loaded_strides = [p.detach() for p in dc.scale_parameters(ck.model)]
+    assert len(loaded_strides) == 5 and all(torch.allclose(s, torch.tensor([2.6, 2.6])) for s in loaded_strides)
+    assert isinstance(dc.load(path), torch.nn.Module)
+
+
+def test_factory_source_needs_trust(tmp_path):
+    source = "_convert_models:tiny_net"
+    result = dc.convert(dc.build_model(source, {"num_classes": 3}), input_size=(3, 32, 32))
+    path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 3}, (3, 32, 32))
+    with pytest.raises(UserInputError, match="trust_source=True"):
+        dc.load_checkpoint(path)
+    model = dc.load(path, trust_source=True)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        dc.load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserInputError, match="not a readable dynopool checkpoint"):
+        dc.load_checkpoint(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(UserInputError, match="not a dynopool checkpoint"):
+        dc.load_checkpoint(other)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_arbitrary_objects_are_not_unpickled(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "dynopool-checkpoint", "x": _Evil()}, f)
+    with pytest.raises(UserInputError, match="not a readable"):
+        dc.load_checkpoint(path)
+
+
+def test_newer_format_is_refused(converted, tmp_path):
+    source, result = converted
+    path = dc.save_checkpoint(tmp_path / "a.pt", result.model, result.plan, source, {"num_classes": 7}, (3, 32, 32))
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(UserInputError, match="format version 99"):
+        dc.load_checkpoint(path)
+
+
+def test_resolve_source():
+    assert dc.resolve_source("resnet18") == "timm:resnet18"  # timm first
+    assert dc.resolve_source("torchvision:resnet18") == "torchvision:resnet18"
+    assert dc.resolve_source("vgg11_bn") == "timm:vgg11_bn"
+    assert dc.resolve_source("mobilenet_v3_large") == "torchvision:mobilenet_v3_large"  # torchvision only
+    assert dc.resolve_source("pkg.mod:make") == "pkg.mod:make"
+    with pytest.raises(UserInputError, match="close matches: resnet50"):
+        dc.resolve_source("resnet5O")
+    with pytest.raises(UserInputError, match="unknown torchvision model 'vgg1'"):
+        dc.resolve_source("torchvision:vgg1")
+    with pytest.raises(UserInputError, match="package.module:factory"):
+        dc.resolve_source("not a:source!")
+
+
+def test_build_model_never_downloads():
+    seg = dc.build_model("torchvision:deeplabv3_mobilenet_v3_large", {"num_classes": 3})
+    assert type(seg).__name__ == "DeepLabV3"
+    with pytest.raises(UserInputError, match="cannot build"):
+        dc.build_model("timm:resnet18", {"no_such_argument": 1})
+    with pytest.raises(UserInputError, match="cannot be downloaded"):
+        dc.build_model("torchvision:resnet18", {"weights": "DEFAULT"})
+
+
+def test_input_sizes():
+    assert parse_input_size("64") == (3, 64, 64) and parse_input_size("64x48") == (3, 64, 48)
+    for bad in ("0", "axb", "1x2x3", "-4"):
+        with pytest.raises(UserInputError, match="input size"):
+            parse_input_size(bad)
+    assert default_input_size("timm:resnet18") == (3, 224, 224)
+    assert default_input_size("torchvision:inception_v3") == (3, 299, 299)

@@ -1,0 +1,50 @@
+"""``dynopool convert`` end to end (in-process through ``main``)."""
+from __future__ import annotations
+
+import pytest
+
+import dynopool_convert as dc
+from dynopool_cli.app import main
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # Rich wraps table cells at the default 80
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_convert_writes_a_checkpoint_that_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["convert", "resnet18", "--input-size", "32"], capsys)
+    assert code == 0, err
+    assert "layer2.0.downsample.0" in out and "converted" in out and "16x16 -> 8x8" in out
+    assert "checkpoint: resnet18-dynopool.pt" in out
+    model = dc.load(tmp_path / "resnet18-dynopool.pt")
+    assert len(dc.scale_parameters(model)) == 5
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _run(["convert", "timm:resnet18", "--input-size", "32x48", "--dry-run", "--include", "kind:pool"], capsys)
+    assert code == 0 and "dry run" in out and "not matched by --include" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["convert", "resnt18"], "close matches: resnet18"),
+        (["convert", "resnet18", "--input-size", "abc"], "input size"),
+        (["convert", "resnet18", "--placement", "middle"], "placement"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, words, capsys):
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert words in err and len(err.strip().splitlines()) == 1

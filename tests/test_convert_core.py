@@ -1,0 +1,186 @@
+"""The conversion pass on small hand-made models and ResNets (CPU, small inputs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from _convert_models import HardCodedFlatten, PoolOnly, SharedPool, TinyNet, Untraceable
+from dynopool_convert import (
+    DynOPool,
+    Plan,
+    UserInputError,
+    apply_plan,
+    convert,
+    dynopool_modules,
+    scale_parameters,
+)
+
+
+def _groups_of(result) -> dict[str, int]:
+    return {s.name: s.group for s in result.plan.sites if s.status == "converted"}
+
+
+def _modules_by_site(result) -> dict[str, DynOPool]:
+    return {name: result.model.get_submodule(path) for name, path in result.site_modules().items()}
+
+
+def _move_all(model: nn.Module, factor: float) -> None:
+    with torch.no_grad():
+        for p in scale_parameters(model):
+            p.mul_(factor)
+
+
+def _backprop_reaches_every_group(model: nn.Module, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out = out["out"] if isinstance(out, dict) else out
+    (out * torch.randn_like(out)).sum().backward()
+    params = scale_parameters(model)
+    assert params, "no learned group"
+    for p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.fixture(scope="module")
+def resnet18_result():
+    torch.manual_seed(0)
+    return convert(timm.create_model("resnet18", num_classes=10), input_size=(3, 64, 64))
+
+
+def test_resnet18_sites_groups_and_ties(resnet18_result):
+    r = resnet18_result
+    groups = _groups_of(r)
+    assert set(groups) == {
+        "conv1", "maxpool", "layer2.0.conv1", "layer2.0.downsample.0",
+        "layer3.0.conv1", "layer3.0.downsample.0", "layer4.0.conv1", "layer4.0.downsample.0",
+    }
+    # residual downsampling branches tie, stages do not
+    for stage in (2, 3, 4):
+        assert groups[f"layer{stage}.0.conv1"] == groups[f"layer{stage}.0.downsample.0"]
+    assert len(set(groups.values())) == 5
+    mods = _modules_by_site(r)
+    assert mods["layer3.0.conv1"].stride is mods["layer3.0.downsample.0"].stride
+    assert mods["layer3.0.conv1"].stride is not mods["layer2.0.conv1"].stride
+    assert mods["layer3.0.conv1"].group == groups["layer3.0.conv1"]
+    assert len(scale_parameters(r.model)) == 5
+    # the strided conv keeps its weights and class, now at stride 1 with same padding
+    conv = r.model.get_submodule("layer2.0.conv1")
+    assert type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.padding == (1, 1)
+    assert r.plan.site("global_pool.pool").status == "skipped"
+    assert r.plan.site("layer2.0.conv1").converted_size == [8, 8]
+
+
+def test_resnet18_moved_scales_and_backprop(resnet18_result):
+    model = resnet18_result.model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    for factor in (0.7, 1.45):
+        _move_all(model, factor)
+        try:
+            assert model(x).shape == (2, 10)
+        finally:
+            _move_all(model, 1.0 / factor)
+    _backprop_reaches_every_group(model, x)
+
+
+def test_user_model_is_left_untouched():
+    model = timm.create_model("resnet18")
+    convert(model, input_size=(3, 32, 32), validate=False)
+    assert model.conv1.stride == (2, 2) and not dynopool_modules(model)
+
+
+def test_resnet50_placement_after_and_plan_replay():
+    torch.manual_seed(0)
+    r = convert(timm.create_model("resnet50"), input_size=(3, 64, 64), placement="after")
+    assert r.plan.summary()["groups"] == 5
+    assert r.plan.site("layer2.0.conv2").placement == "after"
+    # placement after: the DynOPool consumes the stride-1 conv's output
+    node = next(n for n in r.model.graph.nodes if n.op == "call_module" and n.target == r.site_modules()["layer2.0.conv2"])
+    assert node.args[0].target == "layer2.0.conv2"
+    plan = Plan.from_dict(json.loads(json.dumps(r.plan.to_dict())))
+    assert plan.to_dict() == r.plan.to_dict()
+    torch.manual_seed(1)
+    replayed = apply_plan(timm.create_model("resnet50"), plan)
+    assert replayed.state_dict().keys() == r.model.state_dict().keys()
+    replayed.load_state_dict(r.model.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    r.model.eval(), replayed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(replayed(x), r.model(x), rtol=0, atol=0)
+    assert len(scale_parameters(replayed)) == 5
+
+
+def test_custom_model_functional_pools_se_and_interpolation():
+    r = convert(TinyNet(), input_size=(3, 32, 32))
+    plan = r.plan
+    groups = _groups_of(r)
+    assert groups["down.conv"] == groups["down.shortcut"]  # residual branches tie
+    assert groups["max_pool2d"] != groups["down.conv"]  # the SE gate's pool is a broadcast branch
+    assert plan.site("avg_pool2d").aggregate == "mean" and plan.site("max_pool2d").aggregate == "max"
+    assert plan.site("up").kind == "interpolate" and plan.site("up").stride_init == [0.5, 0.5]
+    assert plan.site("up").converted_size == [8, 8]
+    assert plan.site("adaptive_avg_pool2d").status == "skipped"
+    assert all(s.status == "converted" for s in plan.sites if s.kind != "pool" or "adaptive" not in s.op)
+    _backprop_reaches_every_group(r.model, torch.randn(2, 3, 32, 32))
+
+
+def test_exact_where_the_conversion_is_exact():
+    torch.manual_seed(0)
+    model = PoolOnly().eval()
+    r = convert(model, input_size=(3, 32, 32), include=["kind:pool"])
+    assert r.plan.summary()["converted"] == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(r.model.eval()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_hard_coded_shape_is_reverted_with_reason():
+    torch.manual_seed(0)
+    model = HardCodedFlatten().eval()
+    r = convert(model, input_size=(3, 16, 16))
+    pool, conv = r.plan.site("pool"), r.plan.site("conv")
+    # any move of either group changes the flattened size: both revert, with the reason
+    assert pool.status == "reverted" and "breaks the forward" in pool.reason
+    assert conv.status == "reverted"
+    assert not dynopool_modules(r.model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(r.model.eval()(x), model(x))
+
+
+def test_shared_pool_module_gives_two_independent_sites():
+    r = convert(SharedPool(), input_size=(3, 16, 16))
+    groups = _groups_of(r)
+    assert set(groups) == {"pool", "pool_1"} and groups["pool"] != groups["pool_1"]
+    assert r.model(torch.randn(1, 3, 16, 16)).shape == (1, 4, 4, 4)
+
+
+def test_include_exclude_and_aggregate():
+    model = timm.create_model("resnet18")
+    r = convert(model, input_size=(3, 32, 32), exclude=["layer*"], aggregate="mean", validate=False)
+    assert set(_groups_of(r)) == {"conv1", "maxpool"}
+    assert r.plan.site("layer2.0.conv1").reason == "matched by --exclude"
+    assert {m.aggregate for _, m in dynopool_modules(r.model)} == {"mean"}
+    r = convert(model, input_size=(3, 32, 32), include=["kind:pool"], validate=False)
+    assert set(_groups_of(r)) == {"maxpool"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"placement": "middle"}, "placement"),
+        ({"aggregate": "sum"}, "aggregate"),
+        ({"input_size": (64, 64)}, "input size"),
+    ],
+)
+def test_bad_arguments_raise_user_input_error(kwargs, words):
+    with pytest.raises(UserInputError, match=words):
+        convert(PoolOnly(), **{"input_size": (3, 16, 16), **kwargs})
+
+
+def test_untraceable_model_names_the_culprit():
+    with pytest.raises(UserInputError, match=r"cannot trace Untraceable.*Untraceable\.forward"):
+        convert(Untraceable(), input_size=(3, 16, 16))
