@@ -155,6 +155,7 @@ class _Class:
     group: int = -1  # dynopool: index into the group list
     params: tuple = ()  # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w)
     index: int = -1
+    probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
 
     def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
         """Integer output size given the parent's integer size (``sizes`` by class index)."""
@@ -170,6 +171,8 @@ class _Class:
             return max(1, -(-h // self.params[0])), max(1, -(-w // self.params[1]))
         if self.kind == "scale":
             return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
+        if self.kind == "opaque":
+            return self.probe(h, w)[0]
         raise AssertionError(self.kind)
 
 
@@ -384,6 +387,7 @@ class CostModel:
         sizes_ref: dict[int, tuple[int, int]] = {}
         sizes_pert: dict[int, tuple[int, int]] = {}
         terms: dict[int, _ClassTerm] = {}
+        opaque_terms: list[_Class] = []
         constant = 0.0
 
         def add_class(c: _Class, r: tuple[int, int], q: tuple[int, int]) -> _Class:
@@ -426,6 +430,13 @@ class CostModel:
                 kwargs = _substitute(n.kwargs, ref)
                 rules += _function_rules(n.target, args, kwargs, parent)
             rules += [_Rule("inherit", c, "in") for c in uniq]
+            module = gm.get_submodule(n.target) if n.op == "call_module" else None
+            if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
+                # a leaf we know nothing about (e.g. timm's ConvMlp, data-dependent): probe it
+                in_info = ref[n.all_input_nodes[0]] if n.all_input_nodes else None
+                if isinstance(in_info, _TensorInfo) and len(in_info.shape) == 4:
+                    probe = _LeafProbe(module, in_info, gm)
+                    rules.append(_Rule("new", _Class("opaque", parent, probe=probe), "opaque"))
             rules.append(_Rule("new", _Class("const"), "in"))
 
             chosen = None
@@ -445,7 +456,10 @@ class CostModel:
             node_class[n] = chosen.cls if _has_tensor(info_r) else None
 
             flops = node_flops.get(n, 0)
-            if flops:
+            if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
+                opaque_terms.append(chosen.cls)
+                constant -= chosen.cls.probe(*sizes_ref[parent.index])[1] - flops  # 0 if consistent
+            elif flops:
                 on = chosen.cls if chosen.flops_on == "out" or chosen.kind == "inherit" else parent
                 if on is None:
                     constant += flops
@@ -454,14 +468,16 @@ class CostModel:
                     term.coefficient += flops / area(on, sizes_ref)
 
         attributed = constant + sum(t.coefficient * area(t.cls, sizes_ref) for t in terms.values())
+        attributed += sum(c.probe(*sizes_ref[c.parent.index])[1] for c in opaque_terms)
         self.unattributed = int(round(self.reference_flops - attributed))
         self._constant = constant + self.unattributed
         self._classes = classes
         self._terms = [terms[i] for i in sorted(terms)]
+        self._opaque_terms = opaque_terms
         # classes needed to evaluate the terms (ancestors included), in creation order
         needed: set[int] = set()
-        for t in self._terms:
-            c: _Class | None = t.cls
+        for c0 in [t.cls for t in self._terms] + opaque_terms:
+            c: _Class | None = c0
             while c is not None and c.index not in needed:
                 needed.add(c.index)
                 c = c.parent
@@ -518,6 +534,14 @@ class CostModel:
                 continue
             ph, pw = cont[c.parent.index]
             dh0, dw0 = deriv[c.parent.index]
+            if c.kind == "opaque":  # forward differences of the probed size function
+                h_in, w_in = sizes[c.parent.index]
+                out_h, out_w = sizes[c.index]
+                sh = c.probe(h_in + 1, w_in)[0][0] - out_h
+                sw = c.probe(h_in, w_in + 1)[0][1] - out_w
+                cont[c.index] = (float(out_h), float(out_w))
+                deriv[c.index] = ({g: v * sh for g, v in dh0.items()}, {g: v * sw for g, v in dw0.items()})
+                continue
             if c.kind == "dynopool":
                 s_h, s_w = strides[c.group]
                 fh, fw = 1.0 / s_h, 1.0 / s_w
@@ -543,6 +567,17 @@ class CostModel:
             deriv[c.index] = (dh, dw)
         flops = self._constant
         grads = [[0.0, 0.0] for _ in range(n_groups)]
+        for c in self._opaque_terms:
+            h_in, w_in = sizes[c.parent.index]
+            f = c.probe(h_in, w_in)[1]
+            flops += f
+            if with_grad:
+                fh, fw = c.probe(h_in + 1, w_in)[1] - f, c.probe(h_in, w_in + 1)[1] - f
+                dh, dw = deriv[c.parent.index]
+                for g, v in dh.items():
+                    grads[g][0] += fh * v
+                for g, v in dw.items():
+                    grads[g][1] += fw * v
         for t in self._terms:
             h, w = sizes[t.cls.index]
             flops += t.coefficient * h * w
@@ -647,6 +682,35 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
     return out, total
 
 
+def _is_torch_builtin(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.")
+
+
+class _LeafProbe:
+    """A leaf module run alone, per input size: (output (h, w), fvcore FLOPs), memoised.
+
+    For leaves whose output size no rule explains (data-dependent forwards that fx cannot
+    enter, such as timm's ``ConvMlp`` head). A new input size costs one small fvcore count
+    (milliseconds); sizes change rarely during training.
+    """
+
+    def __init__(self, module: nn.Module, in_info: _TensorInfo, gm: fx.GraphModule) -> None:
+        self.module, self.in_info, self.gm = module, in_info, gm
+        self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
+
+    def __call__(self, h: int, w: int) -> tuple[tuple[int, int], int]:
+        key = (max(1, h), max(1, w))
+        if key not in self.memo:
+            shape = (*self.in_info.shape[:-2], *key)
+            x = torch.zeros(shape, dtype=self.in_info.dtype)
+            wrapper = _OneCall(self.module, (_SLOT,), {}, [])
+            wrapper.inner = self.module
+            flops = _count_one(wrapper, (x,), self.gm)
+            out = wrapper.last_shape
+            self.memo[key] = ((out[-2], out[-1]) if len(out) == 4 else (1, 1), flops)
+        return self.memo[key]
+
+
 # top-level calls fvcore never counts (elementwise, activations, shape ops): skipped when
 # looking for the functional ops that carry FLOPs, only to save time
 _NO_FLOPS_FUNCTIONS = {
@@ -668,7 +732,10 @@ class _OneCall(nn.Module):
     def forward(self, *tensors: Tensor) -> Any:
         values = iter(tensors)
         args, kwargs = fx.node.map_aggregate((self.args_, self.kwargs_), lambda a: next(values) if a is _SLOT else a)
-        return self.fn(*args, **kwargs)
+        out = self.fn(*args, **kwargs)
+        if isinstance(out, Tensor):
+            self.last_shape = tuple(int(d) for d in out.shape)  # ints even while jit-traced
+        return out
 
 
 _SLOT = object()
@@ -696,13 +763,21 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
     module = _OneCall(fn, args, kwargs, [])
     if isinstance(fn, nn.Module):
         module.inner = fn  # register so fvcore scopes it
+    return _count_one(module, tuple(tensors), gm)
+
+
+def _count_one(module: nn.Module, tensors: tuple, gm: fx.GraphModule) -> int:
     from .flops import DYNOPOOL_OP, FlopCountAnalysis, _dynopool_as_one_op, _dynopool_handle
 
+    was_training = module.training
+    module.eval()
     with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm):
-        fa = FlopCountAnalysis(module, tuple(tensors))
+        fa = FlopCountAnalysis(module, tensors)
         fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
         fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        return int(fa.total())
+        total = int(fa.total())
+    module.train(was_training)
+    return total
 
 
 def _method_caller(name: str) -> Callable:
