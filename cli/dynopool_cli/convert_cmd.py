@@ -54,22 +54,35 @@ def convert(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path (default: <model>-dynopool.pt in the current folder).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9: the converted model is fitted to it.")] = None,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
     from dynopool_convert import build_model, convert as convert_model, resolve_source, save_checkpoint
     from dynopool_convert.models import default_input_size, model_label, parse_input_size
 
+    from dynopool_convert.budget import fit_to_budget, parse_budget
+    from dynopool_convert.flops import count_flops, format_flops
+
+    budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
     source = resolve_source(model)
     with console.status(f"building {source}"):
         net = build_model(source)
     size = parse_input_size(input_size) if input_size else default_input_size(source, net)
+    with console.status(f"counting FLOPs at {size[1]}x{size[2]}"):
+        original_flops = count_flops(net, size)
     with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
         result = convert_model(
             net, size, placement=placement.value, aggregate=aggregate.value if aggregate else None,
             include=include, exclude=exclude,
         )
-    # (a --budget option fits here: fit the converted model to the budget before saving)
+    fit = None
+    with console.status("counting FLOPs" if budget_flops is None else f"fitting to {format_flops(budget_flops)} FLOPs"):
+        if budget_flops is None:
+            converted_flops = count_flops(result.model, size)
+        else:
+            fit = fit_to_budget(result.model, budget_flops, size, original_flops=original_flops)
+            converted_flops = fit["converted_flops"]
     plan = result.plan
     console.print(site_table(plan))
     counts = plan.summary()
@@ -79,9 +92,27 @@ def convert(
     )
     for note in plan.notes:
         console.print(f"[dim]note: {note}[/]")
+    console.print(
+        f"FLOPs at {size[1]}x{size[2]} (fvcore): original {format_flops(original_flops)} ({original_flops}), "
+        f"converted {format_flops(converted_flops)} ({converted_flops})"
+    )
+    if fit is not None:
+        if fit["method"] == "none":
+            console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
+        else:
+            console.print(
+                f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit['final_flops'])} "
+                f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; "
+                f"r x {', '.join(f'{f:.4g}' for f in fit['group_factors'])})"
+            )
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
-    saved = save_checkpoint(path, result.model, plan, source, input_size=size)
+    flops = {"original": original_flops, "converted": converted_flops}
+    if fit is not None:
+        flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
+    saved = save_checkpoint(
+        path, result.model, plan, source, input_size=size, budget=budget_flops, extra={"flops": flops}
+    )
     console.print(f"checkpoint: {saved}")

@@ -1,0 +1,77 @@
+"""Cost model vs fvcore on real ``convert()`` outputs: max relative error, gradient signs.
+
+    PYTHONPATH=. python benchmarks/cost_model_zoo.py [--size 64] [--configs 3] [MODEL ...]
+
+For each model: convert at ``--size``, build the CostModel, then at ``--configs`` random
+stride settings (every group's (s_h, s_w) uniform in [0.7, 3.0]) compare ``CostModel.flops()``
+with ``count_flops`` (fvcore). With ``--grad``, also check the sign of the gradient along each
+group's stride against a central finite difference of fvcore's count (s x 1.3 vs s / 1.3).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from dynopool_convert import build_model, convert
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.flops import count_flops
+
+DEFAULT = ["resnet18", "resnet50", "densenet121", "efficientnet_b0", "mobilenetv3_small_100",
+           "convnext_atto", "vgg11", "regnetx_002"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=DEFAULT)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--configs", type=int, default=3)
+    ap.add_argument("--grad", action="store_true")
+    args = ap.parse_args()
+    size = (3, args.size, args.size)
+    print(f"| model | groups | build s | max error % over {args.configs} random strides | grad signs |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for name in args.models:
+        torch.manual_seed(0)
+        model = convert(build_model(name), size).model
+        t = time.perf_counter()
+        cost = CostModel(model, size)
+        build = time.perf_counter() - t
+        rng = random.Random(0)
+        err = abs(cost.flops() - cost.reference_flops) / cost.reference_flops
+        for _ in range(args.configs):
+            with torch.no_grad():
+                for p in cost.parameters:
+                    p.copy_(torch.tensor([rng.uniform(0.7, 3.0), rng.uniform(0.7, 3.0)]))
+            expected = count_flops(model, size)
+            err = max(err, abs(cost.flops() - expected) / expected)
+        worst = max(worst, err)
+        signs = "-"
+        if args.grad:
+            cost.parameters[0].grad = None
+            value = cost()
+            value.backward()
+            ok = total = 0
+            for p in cost.parameters:
+                d = float((p.grad * p.detach()).sum())
+                base = p.detach().clone()
+                with torch.no_grad():
+                    p.copy_(base * 1.3)
+                up = count_flops(model, size)
+                with torch.no_grad():
+                    p.copy_(base / 1.3)
+                down = count_flops(model, size)
+                with torch.no_grad():
+                    p.copy_(base)
+                total += 1
+                ok += (d > 0) == (up - down > 0) and up != down
+            signs = f"{ok}/{total}"
+        print(f"| {name} | {len(cost.parameters)} | {build:.1f} | {100 * err:.4f} | {signs} |", flush=True)
+    print(f"max error over all models: {100 * worst:.4f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The compute budget (DESIGN.md §3): parsing, fitting at convert time, the fine-tuning
+penalty, and the final projection that guarantees fvcore's count <= budget.
+
+Every budget is in fvcore FLOPs (one multiply-add = one FLOP) at a reference input size.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+import torch
+from torch import Tensor, nn
+
+from .cost_model import CostModel
+from .errors import UserInputError
+from .flops import count_flops, format_flops
+
+__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "BUDGET_FORMS"]
+
+#: The accepted forms, as shown in every error message.
+BUDGET_FORMS = "a positive number of FLOPs with an optional k/M/G/T unit and 'FLOPs' suffix, e.g. 4G, 4.1G, 500M, 750k, 4.1e9, 3000000, 4GFLOPs"
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BUDGET_RE = re.compile(r"(?P<num>(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(?P<unit>[kmgt]?)(?:flops?)?", re.IGNORECASE)
+
+
+def parse_budget(text: str | int) -> int:
+    """FLOPs (an int) from a budget string such as ``4G``, ``4.1G``, ``500M``, ``750k``,
+    ``4.1e9``, ``3000000`` or ``4GFLOPs`` (case-insensitive; ``M`` is mega).
+
+    Anything else (``4X``, ``-1G``, ``nanG``, ``inf``, ``4 G``, empty, zero) raises
+    ``UserInputError`` with the accepted forms.
+
+    >>> parse_budget("4.1G"), parse_budget("750k"), parse_budget("4GFLOPs")
+    (4100000000, 750000, 4000000000)
+    """
+    if isinstance(text, bool):
+        raise UserInputError(f"invalid budget {text!r}: expected {BUDGET_FORMS}")
+    if isinstance(text, int):
+        text = str(text)
+    if not isinstance(text, str):
+        raise UserInputError(f"invalid budget {text!r}: expected {BUDGET_FORMS}")
+    match = _BUDGET_RE.fullmatch(text.strip())
+    if match is None:
+        raise UserInputError(f"invalid budget {text!r}: expected {BUDGET_FORMS}")
+    try:
+        value = Decimal(match["num"]) * _UNITS[match["unit"].lower()]
+    except InvalidOperation:  # pragma: no cover - the regex admits only valid decimals
+        raise UserInputError(f"invalid budget {text!r}: expected {BUDGET_FORMS}") from None
+    flops = int(value.to_integral_value())
+    if flops < 1:
+        raise UserInputError(f"invalid budget {text!r}: it must be at least 1 FLOP; expected {BUDGET_FORMS}")
+    return flops
+
+
+def budget_penalty(flops: Tensor, budget: float) -> Tensor:
+    """``relu(F / B - 1) ** 2``: zero inside the budget, growing smoothly outside.
+
+    The square makes it continuously differentiable at ``F = B`` (its gradient starts at 0)
+    and scale-free (5% over budget costs 0.0025 whatever the model). Multiply by ``lambda``
+    in the training loss.
+    """
+    if budget <= 0:
+        raise UserInputError(f"budget must be positive, got {budget}")
+    return torch.relu(flops / float(budget) - 1.0) ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# common scaling of every group's r
+
+
+def _set_strides(params: Sequence[nn.Parameter], strides: Sequence[tuple[float, float]]) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, strides):
+            p.copy_(torch.tensor(s, dtype=p.dtype, device=p.device).reshape(p.shape))
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, the stride parameters' dtype: the cost model must see the
+    value the forward pass will read, or a size could round the other way at a boundary."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _scaled(base: Sequence[tuple[float, float]], bounds, factor: float | Sequence[float]) -> list[tuple[float, float]]:
+    """Strides when each group's r = 1/s is multiplied by ``factor`` (one for all, or one per
+    group), clamped to the bounds."""
+    factors = [factor] * len(base) if isinstance(factor, (int, float)) else list(factor)
+    out = []
+    for (s_h, s_w), (lo, hi), f in zip(base, bounds, factors):
+        out.append((_f32(min(max(s_h / f, lo), hi)), _f32(min(max(s_w / f, lo), hi))))
+    return out
+
+
+def _next_level(cost: CostModel, base, bounds, factors: list[float], g: int, level: float, floor: float) -> tuple[float, float] | None:
+    """Largest factor below ``factors[g]`` at which the cost drops under ``level`` (others
+    fixed), and that cost; ``None`` if group ``g`` cannot lower the cost any more."""
+    trial = list(factors)
+    trial[g] = floor
+    if cost.flops(_scaled(base, bounds, trial)) >= level:
+        return None
+    lo, hi = floor, factors[g]
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        trial[g] = mid
+        if cost.flops(_scaled(base, bounds, trial)) < level:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    trial[g] = lo
+    return lo, cost.flops(_scaled(base, bounds, trial))
+
+
+def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, max_steps: int = 2000) -> list[float] | None:
+    """Per-group factors found by lowering one group by one cost level at a time.
+
+    Rounding makes the cost a step function of the common factor, and on a network whose
+    sizes halve exactly at every stage all sizes step down together (ResNet-50 at 224:
+    4.12G, then 3.63G: nothing in between). Step by step, each time the group whose next
+    level fits the budget with the least waste, else the one that buys the most FLOPs per
+    unit of log r given up. ``None`` if it does not reach the budget in ``max_steps``.
+    """
+    factors = [1.0] * len(base)
+    current = cost.flops(_scaled(base, bounds, factors))
+    for _ in range(max_steps):
+        if current <= budget:
+            return factors
+        moves = []
+        for g in range(len(base)):
+            nxt = _next_level(cost, base, bounds, factors, g, current, floor)
+            if nxt is not None:
+                f, c = nxt
+                moves.append((g, f, c, (current - c) / max(math.log(factors[g] / f), 1e-12)))
+        if not moves:
+            return None
+        fitting = [m for m in moves if m[2] <= budget]
+        g, f, c, _ = max(fitting, key=lambda m: m[2]) if fitting else max(moves, key=lambda m: m[3])
+        factors[g], current = f, c
+    return None
+
+
+def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: float, hi: float) -> float:
+    """Largest common factor in ``[lo, hi)`` whose cost-model FLOPs are <= ``target``
+    (``cost(lo) <= target`` is assumed; the cost is non-increasing as the factor drops)."""
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if cost.flops(_scaled(base, bounds, mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return lo
+
+
+def _raise_impossible(model, budget, input_size, params, base, lowest) -> None:
+    """Restore ``base`` and refuse, quoting fvcore's count at the minimum (every r at r_min)."""
+    _set_strides(params, lowest)
+    try:
+        minimum = count_flops(model, input_size)
+    finally:
+        _set_strides(params, base)
+    h, w = input_size[-2:]
+    raise UserInputError(
+        f"budget {format_flops(budget)} FLOPs ({budget}) cannot be met: the minimum achievable at {h}x{w} "
+        f"is {format_flops(minimum)} FLOPs ({minimum}), with every scale factor at its lower bound; "
+        f"give a budget of at least {minimum}"
+    )
+
+
+def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel) -> dict:
+    """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
+    params = cost.parameters
+    bounds = cost._bounds
+    base = cost._clamp_all(cost._current_strides())
+    # fvcore's count from the cost model's build if the strides have not moved since, else
+    # the cost model's (exact) value; fvcore confirms whatever is returned
+    unmoved = base == cost._clamp_all(cost.reference_strides) and tuple(input_size) == cost.input_size
+    start = cost.reference_flops if unmoved else cost.flops(base)
+    result = {"budget": int(budget), "input_size": list(input_size), "start_flops": start, "factor": 1.0,
+              "method": "none"}
+    if start <= budget:
+        final = count_flops(model, input_size)
+        if final <= budget:
+            result.update(method="none", group_factors=[1.0] * len(base), final_flops=final,
+                          strides=[list(s) for s in base], fvcore_checks=1)
+            return result
+    lowest = [(hi, hi) for _, hi in bounds]
+    if cost.flops(lowest) > budget:
+        _raise_impossible(model, budget, input_size, params, base, lowest)
+    # below f_min every stride sits at its upper bound: the cost is the minimum there
+    f_min = min(1.0, min(min(s_h, s_w) / hi for (s_h, s_w), (_, hi) in zip(base, bounds)))
+    floor = 0.5 * f_min
+    factor = _largest_fitting_factor(cost, base, bounds, float(budget), floor, 1.0)
+    factors, method = [factor] * len(base), "common"
+    greedy = _greedy_factors(cost, base, bounds, budget, floor)
+    if greedy is not None and cost.flops(_scaled(base, bounds, greedy)) > cost.flops(_scaled(base, bounds, factors)):
+        factors, method = greedy, "per-group"
+    strides = _scaled(base, bounds, factors)
+    _set_strides(params, strides)
+    final = count_flops(model, input_size)
+    checks = 1
+    while final > budget:
+        # the count disagrees with the cost model (never seen): plain common scaling,
+        # stepping down one cost level at a time until fvcore confirms
+        strides = _scaled(base, bounds, factor)
+        factors, method = [factor] * len(base), "common"
+        _set_strides(params, strides)
+        final = count_flops(model, input_size)
+        checks += 1
+        if final <= budget:
+            break
+        if factor <= floor:  # the cost model's minimum does not fit by fvcore's count
+            _raise_impossible(model, budget, input_size, params, base, lowest)
+        # the count disagrees with the cost model: step down to the next lower cost level
+        factor = _largest_fitting_factor(cost, base, bounds, cost.flops(strides) - 1, floor, factor)
+    result.update(factor=factor, method=method, group_factors=factors, final_flops=final, strides=[list(s) for s in strides], fvcore_checks=checks)
+    return result
+
+
+def fit_to_budget(
+    model: nn.Module,
+    budget: int,
+    input_size: Sequence[int] = (3, 224, 224),
+    cost_model: CostModel | None = None,
+    original_flops: int | None = None,
+) -> dict:
+    """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
+
+    If the model is over budget: the largest common factor on every group's ``r`` that fits
+    (bisection on the cost model), and a per-group alternative (``_greedy_factors``: one group
+    one size step at a time) that is used when it lands closer below the budget -- rounding
+    can make common scaling jump far below it (ResNet-50 at 224: 4.12G, then 3.63G). The
+    result is confirmed with fvcore (stepping further down if ever needed). Raises
+    ``UserInputError`` with the minimum achievable FLOPs when even every stride at its upper
+    bound (``r = r_min``) does not fit. Returns plain data: ``budget``, ``input_size``,
+    ``original_flops`` (as given), ``converted_flops`` (before fitting), ``final_flops`` (fvcore,
+    after), ``method`` (``none``/``common``/``per-group``), ``factor`` (the best common
+    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group) and the final
+    ``strides`` per group.
+    """
+    cost = cost_model or CostModel(model, input_size)
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
+    out["converted_flops"] = out.pop("start_flops")
+    out["original_flops"] = original_flops
+    return out
+
+
+def project_to_budget(
+    model: nn.Module,
+    budget: int,
+    input_size: Sequence[int] = (3, 224, 224),
+    cost_model: CostModel | None = None,
+) -> dict:
+    """After training: make fvcore's count of ``model`` <= ``budget``, moving the strides least.
+
+    Strides are first clamped into their bounds (as the forward pass uses them). If the model
+    is over budget, the scale factors are lowered as ``fit_to_budget`` does (the smallest
+    common reduction of every ``r``, or one group at a time when that gives up fewer FLOPs);
+    the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
+    Raises ``UserInputError`` if no strides within the bounds fit. Returns ``budget``,
+    ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
+    ``group_factors``, ``moved`` and the final ``strides``.
+    """
+    cost = cost_model or CostModel(model, input_size)
+    base = cost._clamp_all(cost._current_strides())
+    _set_strides(cost.parameters, base)
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
+    out["flops_before"] = out.pop("start_flops")
+    out["moved"] = out["method"] != "none"
+    return out

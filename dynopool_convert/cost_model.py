@@ -1,0 +1,787 @@
+"""A differentiable, exact and cheap model of a converted model's FLOPs (DESIGN.md §3).
+
+``CostModel(model, input_size)`` is built once; calling it returns a scalar tensor equal to
+fvcore's count of ``model`` at the current strides (rounded sizes) whose gradient reaches
+every group's stride parameter. How:
+
+1. **Per-node FLOPs at the reference strides**, from fvcore itself (``flops_by_module`` for
+   module calls; ops at the top level of the graph are counted one by one).
+2. **Size classes.** Every tensor of the fx graph carries the spatial size of one *size
+   class*: the model input, a DynOPool output (``round(h / s)``), a strided or padded
+   window op left unconverted (``floor((h + p - d(k-1) - 1) / s) + 1``, ceil mode,
+   or timm's dynamic "same" padding ``ceil(h / s)``), an unconverted ``interpolate`` by a
+   scale factor, or a fixed size (adaptive pools, global means, ``interpolate(size=...)``).
+   Every other node inherits the class of its (largest) spatial input. Each node's rule is
+   chosen from a short list of candidates and *verified* on two shape passes (at the
+   reference strides and at perturbed, smaller strides); a node no candidate explains makes
+   the build fail loudly instead of giving a silently wrong cost.
+3. **Evaluation**: integer sizes propagate through the classes in closed form (exactly the
+   sizes the forward pass will produce) together with their continuous surrogates
+   (``h / s`` instead of ``round(h / s)``) and the derivatives of those with respect to each
+   group's ``(s_h, s_w)`` (forward mode, a few dozen Python operations). Each node's FLOPs
+   are ``coefficient x h x w`` of the class they scale with (output size for convolutions,
+   DynOPool and upsampling, input size for the rest, as fvcore counts them). The value uses
+   the integer sizes; the gradient is the straight-through one, ``d(h x w) = w dh_cont + h
+   dw_cont``. One autograd node returns value and gradient.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .dynopool import DynOPool, dynopool_output_size
+from .flops import _quiet, count_flops, flop_analysis
+
+__all__ = ["CostModel", "trace_for_cost"]
+
+
+# --------------------------------------------------------------------------------------------
+# tracing and shape passes
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps DynOPool and timm's not-traceable modules as leaves."""
+
+    def __init__(self) -> None:
+        try:
+            from timm.layers import get_notrace_functions, get_notrace_modules
+
+            self._notrace = tuple(get_notrace_modules())
+            autowrap = tuple(get_notrace_functions())
+        except ImportError:  # pragma: no cover - timm is a dependency
+            self._notrace, autowrap = (), ()
+        super().__init__(autowrap_functions=autowrap)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, DynOPool) or (self._notrace and isinstance(m, self._notrace)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace_for_cost(model: nn.Module) -> fx.GraphModule:
+    """``model`` itself if it is a GraphModule, else an fx trace sharing its submodules."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+_SHAPE_PRESERVING = (
+    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity,
+)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and records every node's value summary (shapes, plain values)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.summary: dict[fx.Node, Any] = {}
+        # read outside any fake-tensor mode: DynOPool sizes need the real stride values
+        self.strides = {name: m.stride_value for name, m in gm.named_modules() if isinstance(m, DynOPool)}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.summary[n] = _summarise(out)
+        return out
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        m = self.fetch_attr(target)
+        if isinstance(m, DynOPool):  # only the shape matters; the stride is a real tensor
+            x = args[0]
+            s_h, s_w = self.strides[target]
+            h, w = dynopool_output_size(int(x.shape[-2]), s_h), dynopool_output_size(int(x.shape[-1]), s_w)
+            return x.new_empty((*x.shape[:-2], h, w))
+        if isinstance(m, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
+            return args[0]  # same shape; skips fake batch norm, which is slow
+        return super().call_module(target, args, kwargs)
+
+
+def _summarise(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return _TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_summarise(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _shape_pass(gm: fx.GraphModule, input_size: Sequence[int]) -> dict[fx.Node, Any]:
+    param = next(gm.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    rec = _Recorder(gm)
+    was_training = gm.training
+    gm.eval()
+    try:
+        # fake tensors: shapes without the arithmetic (the parameters stay real)
+        with _quiet(), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            rec.run(mode.from_tensor(torch.zeros(1, *input_size, device=device, dtype=dtype)))
+    finally:
+        gm.train(was_training)
+    return rec.summary
+
+
+# --------------------------------------------------------------------------------------------
+# size classes
+
+
+@dataclass
+class _Class:
+    """One spatial size function; ``parent`` is None for the input and fixed sizes."""
+
+    kind: str  # input | const | dynopool | window | same | scale
+    parent: "_Class | None" = None
+    size: tuple[int, int] = (1, 1)  # const / input
+    group: int = -1  # dynopool: index into the group list
+    params: tuple = ()  # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w)
+    index: int = -1
+    probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
+
+    def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
+        """Integer output size given the parent's integer size (``sizes`` by class index)."""
+        if self.kind in ("input", "const"):
+            return self.size
+        h, w = sizes[self.parent.index]
+        if self.kind == "dynopool":
+            s = strides[self.group]
+            return dynopool_output_size(h, s[0]), dynopool_output_size(w, s[1])
+        if self.kind == "window":
+            return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
+        if self.kind == "same":
+            return max(1, -(-h // self.params[0])), max(1, -(-w // self.params[1]))
+        if self.kind == "scale":
+            return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
+        if self.kind == "opaque":
+            return self.probe(h, w)[0]
+        raise AssertionError(self.kind)
+
+
+def _window_out(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """Output length of a conv/pool window op (``p`` is the total padding of the axis)."""
+    span = n + p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p // 2:  # PyTorch: the last window must start inside
+        out -= 1
+    return out
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+def _spatial(info: Any) -> tuple[int, int] | None:
+    if isinstance(info, _TensorInfo) and len(info.shape) == 4:
+        return info.shape[2], info.shape[3]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# candidate rules per node kind (a table, not an if/elif chain per caller)
+
+
+@dataclass
+class _Rule:
+    """A candidate explanation of a node's output size class."""
+
+    kind: str  # inherit | new
+    cls: _Class | None = None  # new: the class to create; inherit: the class to reuse
+    flops_on: str = "in"  # which class the node's FLOPs scale with: "in" or "out"
+
+
+def _window_params(kernel, stride, padding, dilation, ceil_mode) -> tuple | None:
+    if isinstance(padding, str):
+        return None
+    k, s, p, d = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    return tuple((k[i], s[i], 2 * p[i], d[i], bool(ceil_mode)) for i in range(2))
+
+
+def _keeps_size(wp: tuple) -> bool:
+    """A stride-1 window whose padding exactly offsets the kernel: output size = input size."""
+    return all(s == 1 and p == d * (k - 1) and not ceil for k, s, p, d, ceil in wp)
+
+
+def _module_rules(m: nn.Module, parent: _Class) -> list[_Rule]:
+    if isinstance(m, DynOPool):
+        return []  # handled by the caller (needs the group index)
+    if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        is_conv = isinstance(m, nn.Conv2d)
+        flops_on = "out" if is_conv else "in"
+        dilation = m.dilation if hasattr(m, "dilation") and not isinstance(m, nn.AvgPool2d) else 1
+        ceil = getattr(m, "ceil_mode", False)
+        rules = []
+        wp = _window_params(m.kernel_size, m.stride, m.padding, dilation, ceil)
+        if wp is not None and not _keeps_size(wp):
+            rules.append(_Rule("new", _Class("window", parent, params=wp), flops_on))
+        if max(_pair(m.stride)) > 1:
+            rules.append(_Rule("new", _Class("same", parent, params=_pair(m.stride)), flops_on))
+        return rules
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return [_Rule("new", _Class("const"), "in")]
+    if isinstance(m, nn.Upsample):
+        return _interpolate_rules(parent, m.size, m.scale_factor)
+    return []
+
+
+def _interpolate_rules(parent: _Class, size: Any, scale_factor: Any) -> list[_Rule]:
+    if size is not None:
+        return [_Rule("new", _Class("const"), "out")]
+    if scale_factor is not None:
+        f = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+        return [_Rule("new", _Class("scale", parent, params=(float(f[0]), float(f[-1]))), "out")]
+    return []
+
+
+def _arg(node_args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return node_args[i] if len(node_args) > i else default
+
+
+def _function_rules(target: Callable, args: tuple, kwargs: dict, parent: _Class) -> list[_Rule]:
+    """Rules for call_function nodes (``args``: node args with plain values substituted)."""
+    if target in (F.conv2d,):
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        k = w.shape[-2:] if isinstance(w, _TensorInfo) else (1, 1)
+        wp = _window_params(k, _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0),
+                            _arg(args, kwargs, 5, "dilation", 1), False)
+        return [_Rule("new", _Class("window", parent, params=wp), "out")] if wp and not _keeps_size(wp) else []
+    if target in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
+        is_max = target in (F.max_pool2d, torch.max_pool2d)
+        k = _arg(args, kwargs, 1, "kernel_size", None)
+        s = _arg(args, kwargs, 2, "stride", None) or k
+        p = _arg(args, kwargs, 3, "padding", 0)
+        d = _arg(args, kwargs, 4, "dilation", 1) if is_max else 1
+        ceil = _arg(args, kwargs, 5 if is_max else 4, "ceil_mode", False)
+        wp = _window_params(k, s, p, d, ceil)
+        return [_Rule("new", _Class("window", parent, params=wp), "in")] if wp else []
+    if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        return [_Rule("new", _Class("const"), "in")]
+    if target is F.interpolate:
+        return _interpolate_rules(parent, _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None))
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# the cost model
+
+
+class _CostFunction(torch.autograd.Function):
+    """Returns the precomputed value; backward returns the precomputed gradients."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        return (None, None, *(grad_out * g for g in ctx.grads))
+
+
+@dataclass
+class _ClassTerm:
+    cls: _Class
+    coefficient: float = 0.0
+
+
+@dataclass
+class _Evaluation:
+    flops: float
+    grads: list[tuple[float, float]] = field(default_factory=list)
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class CostModel:
+    """FLOPs of ``model`` at ``input_size`` as a differentiable function of its strides.
+
+    >>> import torch.nn as nn
+    >>> from dynopool_convert import DynOPool
+    >>> net = nn.Sequential(DynOPool(2.0), nn.Conv2d(3, 8, 3, padding=1))
+    >>> cost = CostModel(net, (3, 32, 32))
+    >>> int(cost().item()), cost.flops()   # 16*16 outputs * (8*27 conv + 3*20 DynOPool)
+    (70656, 70656)
+
+    ``cost()`` reads the current stride parameters (``cost.parameters``, one per tied group,
+    as ``scale_parameters(model)``) and returns a float32 scalar whose gradient reaches them;
+    ``cost.flops(strides)`` evaluates exactly (an int) at given ``(s_h, s_w)`` per group
+    without touching the model. ``unattributed`` is the part of fvcore's reference count the
+    build could not place on a graph node (kept as a constant; 0 on every model tested).
+    """
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> None:
+        self.input_size = tuple(int(v) for v in input_size)
+        gm = trace_for_cost(model)
+        self._dynopools: dict[str, DynOPool] = {
+            n.target: gm.get_submodule(n.target)
+            for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DynOPool)
+        }
+        params: dict[int, nn.Parameter] = {}
+        for m in self._dynopools.values():
+            params.setdefault(id(m.stride), m.stride)
+        self.parameters: list[nn.Parameter] = list(params.values())
+        self._group_of = {id(p): i for i, p in enumerate(self.parameters)}
+        # stride bounds per group (every site of a group shares them): [1/r_max, 1/r_min]
+        self._bounds = [(0.0, math.inf)] * len(self.parameters)
+        for m in self._dynopools.values():
+            self._bounds[self._group_of[id(m.stride)]] = (1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0])
+
+        ref = _shape_pass(gm, self.input_size)
+        saved = [p.detach().clone() for p in self.parameters]
+        try:
+            with torch.no_grad():
+                for p, (lo, hi) in zip(self.parameters, self._bounds):
+                    s = p.clamp(lo, hi)
+                    p.copy_(torch.stack([s[0] * 0.7, s[1] * 0.8]).clamp(lo, hi))
+            perturbed_strides = self._current_strides()
+            pert = _shape_pass(gm, self.input_size)
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.parameters, saved):
+                    p.copy_(v)
+        ref_strides = self._current_strides()
+        #: the strides the model had at build time, and fvcore's count there
+        self.reference_strides = ref_strides
+        node_flops, self.reference_flops = _node_flops(gm, ref, self.input_size)
+        self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
+
+    # -- build ---------------------------------------------------------------------------
+
+    def _current_strides(self) -> list[tuple[float, float]]:
+        if not self.parameters:
+            return []
+        values = torch.stack([p.detach().reshape(2) for p in self.parameters]).cpu().tolist()
+        out = []
+        for (s_h, s_w), (lo, hi) in zip(values, self._bounds):
+            out.append((min(max(s_h, lo), hi), min(max(s_w, lo), hi)))
+        return out
+
+    def _build_classes(self, gm, ref, pert, ref_strides, pert_strides, node_flops) -> None:
+        ref_strides = self._clamp_all(ref_strides)
+        pert_strides = self._clamp_all(pert_strides)
+
+        classes: list[_Class] = []
+        node_class: dict[fx.Node, _Class | None] = {}
+        sizes_ref: dict[int, tuple[int, int]] = {}
+        sizes_pert: dict[int, tuple[int, int]] = {}
+        terms: dict[int, _ClassTerm] = {}
+        opaque_terms: list[_Class] = []
+        constant = 0.0
+
+        def add_class(c: _Class, r: tuple[int, int], q: tuple[int, int]) -> _Class:
+            c.index = len(classes)
+            classes.append(c)
+            sizes_ref[c.index], sizes_pert[c.index] = r, q
+            return c
+
+        def area(c: _Class, sizes) -> int:
+            h, w = sizes[c.index]
+            return h * w
+
+        for n in gm.graph.nodes:
+            info_r, info_p = ref.get(n), pert.get(n)
+            if n.op == "placeholder":
+                sp = _spatial(info_r)
+                node_class[n] = add_class(_Class("input", size=sp), sp, sp) if sp else None
+                continue
+            if n.op == "output":
+                continue
+            inputs = [node_class[a] for a in n.all_input_nodes if node_class.get(a) is not None]
+            # the largest spatial input (broadcasting), preferring growing ones
+            inputs.sort(key=lambda c: (area(c, sizes_pert), area(c, sizes_ref), c.kind != "const"), reverse=True)
+            uniq: list[_Class] = []
+            for c in inputs:
+                if c not in uniq:
+                    uniq.append(c)
+            parent = uniq[0] if uniq else None
+
+            rules: list[_Rule] = []
+            if n.op == "call_module":
+                m = gm.get_submodule(n.target)
+                if isinstance(m, DynOPool):
+                    g = self._group_of[id(m.stride)]
+                    rules.append(_Rule("new", _Class("dynopool", parent, group=g), "out"))
+                elif parent is not None:
+                    rules += _module_rules(m, parent)
+            elif n.op == "call_function" and parent is not None:
+                args = _substitute(n.args, ref)
+                kwargs = _substitute(n.kwargs, ref)
+                rules += _function_rules(n.target, args, kwargs, parent)
+            rules += [_Rule("inherit", c, "in") for c in uniq]
+            module = gm.get_submodule(n.target) if n.op == "call_module" else None
+            if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
+                # a leaf we know nothing about (e.g. timm's ConvMlp, data-dependent): probe it
+                in_info = ref[n.all_input_nodes[0]] if n.all_input_nodes else None
+                if isinstance(in_info, _TensorInfo) and len(in_info.shape) == 4:
+                    probe = _LeafProbe(module, in_info, gm)
+                    rules.append(_Rule("new", _Class("opaque", parent, probe=probe), "opaque"))
+            rules.append(_Rule("new", _Class("const"), "in"))
+
+            chosen = None
+            for rule in rules:
+                out = self._check(rule, info_r, info_p, sizes_ref, sizes_pert, ref_strides, pert_strides)
+                if out is not None:
+                    chosen = rule
+                    if rule.kind == "new":
+                        add_class(rule.cls, *out)
+                    break
+            if chosen is None:
+                raise RuntimeError(
+                    f"cost model: cannot explain the output size of node {n.name!r} ({n.op} {n.target}): "
+                    f"{getattr(info_r, 'shape', info_r)} at the reference strides, "
+                    f"{getattr(info_p, 'shape', info_p)} at smaller strides"
+                )
+            node_class[n] = chosen.cls if _has_tensor(info_r) else None
+
+            flops = node_flops.get(n, 0)
+            if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
+                opaque_terms.append(chosen.cls)
+                constant -= chosen.cls.probe(*sizes_ref[parent.index])[1] - flops  # 0 if consistent
+            elif flops:
+                on = chosen.cls if chosen.flops_on == "out" or chosen.kind == "inherit" else parent
+                if on is None:
+                    constant += flops
+                else:
+                    term = terms.setdefault(on.index, _ClassTerm(on))
+                    term.coefficient += flops / area(on, sizes_ref)
+
+        attributed = constant + sum(t.coefficient * area(t.cls, sizes_ref) for t in terms.values())
+        attributed += sum(c.probe(*sizes_ref[c.parent.index])[1] for c in opaque_terms)
+        self.unattributed = int(round(self.reference_flops - attributed))
+        self._constant = constant + self.unattributed
+        self._classes = classes
+        self._terms = [terms[i] for i in sorted(terms)]
+        self._opaque_terms = opaque_terms
+        # classes needed to evaluate the terms (ancestors included), in creation order
+        needed: set[int] = set()
+        for c0 in [t.cls for t in self._terms] + opaque_terms:
+            c: _Class | None = c0
+            while c is not None and c.index not in needed:
+                needed.add(c.index)
+                c = c.parent
+        self._eval_classes = [c for c in classes if c.index in needed]
+
+    def _clamp_all(self, strides: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [
+            (min(max(s[0], lo), hi), min(max(s[1], lo), hi)) for s, (lo, hi) in zip(strides, self._bounds)
+        ]
+
+    @staticmethod
+    def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
+        """``None`` if ``rule`` contradicts an observation, else the new class's two sizes."""
+        if rule.kind == "inherit":
+            c = rule.cls
+            for info, sizes in ((info_r, sizes_ref), (info_p, sizes_pert)):
+                if not _carries(info, sizes[c.index]):
+                    return None
+            # a collapsed (non-spatial) output must scale with the class area
+            if isinstance(info_r, _TensorInfo) and len(info_r.shape) != 4:
+                a_r = sizes_ref[c.index][0] * sizes_ref[c.index][1]
+                a_p = sizes_pert[c.index][0] * sizes_pert[c.index][1]
+                if info_p.numel * a_r != info_r.numel * a_p:
+                    return None
+            return ()
+        c = rule.cls
+        if c.kind == "const":
+            if _shape_of(info_r) != _shape_of(info_p):
+                return None
+            sp = _spatial(info_r) or (1, 1)
+            c.size = sp
+            return sp, sp
+        r = c.predict(sizes_ref, strides_r)
+        p = c.predict(sizes_pert, strides_p)
+        if _spatial(info_r) != r or _spatial(info_p) != p:
+            return None
+        return r, p
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def _evaluate(self, strides: Sequence[tuple[float, float]], with_grad: bool = True) -> _Evaluation:
+        n_groups = len(self.parameters)
+        raw = list(strides)
+        strides = self._clamp_all(raw)
+        sizes: dict[int, tuple[int, int]] = {}
+        cont: dict[int, tuple[float, float]] = {}
+        # derivatives of the continuous sizes: {class: ({group: dh/ds_h}, {group: dw/ds_w})}
+        deriv: dict[int, tuple[dict[int, float], dict[int, float]]] = {}
+        for c in self._eval_classes:
+            sizes[c.index] = c.predict(sizes, strides)
+            if c.kind in ("input", "const"):
+                cont[c.index] = (float(c.size[0]), float(c.size[1]))
+                deriv[c.index] = ({}, {})
+                continue
+            ph, pw = cont[c.parent.index]
+            dh0, dw0 = deriv[c.parent.index]
+            if c.kind == "opaque":  # forward differences of the probed size function
+                h_in, w_in = sizes[c.parent.index]
+                out_h, out_w = sizes[c.index]
+                sh = c.probe(h_in + 1, w_in)[0][0] - out_h
+                sw = c.probe(h_in, w_in + 1)[0][1] - out_w
+                cont[c.index] = (float(out_h), float(out_w))
+                deriv[c.index] = ({g: v * sh for g, v in dh0.items()}, {g: v * sw for g, v in dw0.items()})
+                continue
+            if c.kind == "dynopool":
+                s_h, s_w = strides[c.group]
+                fh, fw = 1.0 / s_h, 1.0 / s_w
+                dh = {g: v * fh for g, v in dh0.items()}
+                dw = {g: v * fw for g, v in dw0.items()}
+                lo, hi = self._bounds[c.group]
+                # the stride is clamped to its bounds: no gradient outside them
+                if lo <= raw[c.group][0] <= hi:
+                    dh[c.group] = dh.get(c.group, 0.0) - ph * fh * fh
+                if lo <= raw[c.group][1] <= hi:
+                    dw[c.group] = dw.get(c.group, 0.0) - pw * fw * fw
+                cont[c.index] = (ph * fh, pw * fw)
+            else:
+                if c.kind == "window":
+                    fh, fw = 1.0 / c.params[0][1], 1.0 / c.params[1][1]
+                elif c.kind == "same":
+                    fh, fw = 1.0 / c.params[0], 1.0 / c.params[1]
+                else:  # scale
+                    fh, fw = c.params
+                dh = {g: v * fh for g, v in dh0.items()}
+                dw = {g: v * fw for g, v in dw0.items()}
+                cont[c.index] = (ph * fh, pw * fw)
+            deriv[c.index] = (dh, dw)
+        flops = self._constant
+        grads = [[0.0, 0.0] for _ in range(n_groups)]
+        for c in self._opaque_terms:
+            h_in, w_in = sizes[c.parent.index]
+            f = c.probe(h_in, w_in)[1]
+            flops += f
+            if with_grad:
+                fh, fw = c.probe(h_in + 1, w_in)[1] - f, c.probe(h_in, w_in + 1)[1] - f
+                dh, dw = deriv[c.parent.index]
+                for g, v in dh.items():
+                    grads[g][0] += fh * v
+                for g, v in dw.items():
+                    grads[g][1] += fw * v
+        for t in self._terms:
+            h, w = sizes[t.cls.index]
+            flops += t.coefficient * h * w
+            if with_grad:
+                dh, dw = deriv[t.cls.index]
+                for g, v in dh.items():
+                    grads[g][0] += t.coefficient * w * v
+                for g, v in dw.items():
+                    grads[g][1] += t.coefficient * h * v
+        return _Evaluation(flops, [tuple(g) for g in grads], sizes)
+
+    def flops(self, strides: Sequence[Sequence[float]] | None = None) -> int:
+        """Exact FLOPs (int) at ``strides`` (one ``(s_h, s_w)`` per group; default: current)."""
+        s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
+        return int(round(self._evaluate(s, with_grad=False).flops))
+
+    def gradient(self, strides: Sequence[Sequence[float]] | None = None) -> list[tuple[float, float]]:
+        """d FLOPs / d (s_h, s_w) per group (straight-through), as floats."""
+        s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
+        return self._evaluate(s).grads
+
+    def __call__(self) -> Tensor:
+        """FLOPs at the current strides: a float32 scalar differentiable in every group's stride."""
+        if not self.parameters:
+            return torch.tensor(float(self._constant))
+        raw = torch.stack([p.detach().reshape(2) for p in self.parameters]).cpu().tolist()
+        ev = self._evaluate([tuple(v) for v in raw])
+        device = self.parameters[0].device
+        value = torch.tensor(ev.flops, dtype=torch.float32, device=device)
+        grads = tuple(
+            torch.tensor(g, dtype=p.dtype, device=p.device).reshape(p.shape) for g, p in zip(ev.grads, self.parameters)
+        )
+        return _CostFunction.apply(value, grads, *self.parameters)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _shape_of(info: Any) -> Any:
+    if isinstance(info, _TensorInfo):
+        return info.shape
+    if isinstance(info, (list, tuple)):
+        return tuple(_shape_of(v) for v in info)
+    return None
+
+
+def _has_tensor(info: Any) -> bool:
+    if isinstance(info, _TensorInfo):
+        return True
+    return isinstance(info, (list, tuple)) and any(_has_tensor(v) for v in info)
+
+
+def _carries(info: Any, size: tuple[int, int]) -> bool:
+    """Whether a 4-D output shows the class size (NCHW or NHWC); other outputs pass."""
+    if isinstance(info, _TensorInfo) and len(info.shape) == 4:
+        return info.shape[2:4] == size or info.shape[1:3] == size
+    if isinstance(info, (list, tuple)):
+        return all(_carries(v, size) for v in info)
+    return True
+
+
+def _substitute(value: Any, summary: dict[fx.Node, Any]) -> Any:
+    """Replace node references by their recorded summaries (plain values stay)."""
+    return fx.node.map_arg(value, lambda a: summary.get(a))
+
+
+def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequence[int]) -> tuple[dict[fx.Node, int], int]:
+    """fvcore FLOPs of each node at the reference strides, and fvcore's total."""
+    with flop_analysis(gm, input_size) as fa:
+        by_module = {k: int(v) for k, v in fa.by_module().items()}
+    total = by_module.get("", 0)
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+    out: dict[fx.Node, int] = {}
+    inside = sum(v for k, v in by_module.items() if k and "." not in k)
+    for target, nodes in calls.items():
+        f = by_module.get(target, 0)
+        if not f:
+            continue
+        if len(nodes) == 1:
+            out[nodes[0]] = f
+        else:  # a module called several times: count each call on its own
+            for n in nodes:
+                out[n] = _isolated_flops(gm, n, ref)
+    remainder = total - inside
+    if remainder > 0:  # ops at the top level of the graph (functional calls), heads last
+        for n in reversed(gm.graph.nodes):
+            if n.op == "call_function" and n.target in _NO_FLOPS_FUNCTIONS:
+                continue
+            if n.op == "call_method" and n.target in _NO_FLOPS_METHODS:
+                continue
+            if n.op in ("call_function", "call_method") and isinstance(ref.get(n), _TensorInfo):
+                f = _isolated_flops(gm, n, ref)
+                if f:
+                    out[n] = f
+                    remainder -= f
+                    if remainder <= 0:
+                        break
+    return out, total
+
+
+def _is_torch_builtin(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.")
+
+
+class _LeafProbe:
+    """A leaf module run alone, per input size: (output (h, w), fvcore FLOPs), memoised.
+
+    For leaves whose output size no rule explains (data-dependent forwards that fx cannot
+    enter, such as timm's ``ConvMlp`` head). A new input size costs one small fvcore count
+    (milliseconds); sizes change rarely during training.
+    """
+
+    def __init__(self, module: nn.Module, in_info: _TensorInfo, gm: fx.GraphModule) -> None:
+        self.module, self.in_info, self.gm = module, in_info, gm
+        self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
+
+    def __call__(self, h: int, w: int) -> tuple[tuple[int, int], int]:
+        key = (max(1, h), max(1, w))
+        if key not in self.memo:
+            shape = (*self.in_info.shape[:-2], *key)
+            x = torch.zeros(shape, dtype=self.in_info.dtype)
+            wrapper = _OneCall(self.module, (_SLOT,), {}, [])
+            wrapper.inner = self.module
+            flops = _count_one(wrapper, (x,), self.gm)
+            out = wrapper.last_shape
+            self.memo[key] = ((out[-2], out[-1]) if len(out) == 4 else (1, 1), flops)
+        return self.memo[key]
+
+
+# top-level calls fvcore never counts (elementwise, activations, shape ops): skipped when
+# looking for the functional ops that carry FLOPs, only to save time
+_NO_FLOPS_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.getitem, operator.iadd,
+    getattr, torch.cat, torch.stack, torch.flatten, torch.add, torch.mul, torch.relu, torch.sigmoid,
+    torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.dropout, F.pad,
+}
+_NO_FLOPS_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "size", "chunk", "split",
+    "unsqueeze", "squeeze", "add", "mul", "sigmoid", "relu", "relu_", "add_", "mul_", "expand",
+}
+
+
+class _OneCall(nn.Module):
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, slots: list) -> None:
+        super().__init__()
+        self.fn, self.args_, self.kwargs_, self.slots = fn, args, kwargs, slots
+
+    def forward(self, *tensors: Tensor) -> Any:
+        values = iter(tensors)
+        args, kwargs = fx.node.map_aggregate((self.args_, self.kwargs_), lambda a: next(values) if a is _SLOT else a)
+        out = self.fn(*args, **kwargs)
+        if isinstance(out, Tensor):
+            self.last_shape = tuple(int(d) for d in out.shape)  # ints even while jit-traced
+        return out
+
+
+_SLOT = object()
+
+
+def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> int:
+    """fvcore's count of one node run alone on zero tensors of its recorded input shapes."""
+    tensors: list[Tensor] = []
+
+    def slot(a: fx.Node) -> Any:
+        info = ref.get(a)
+        if isinstance(info, _TensorInfo):
+            tensors.append(torch.zeros(info.shape, dtype=info.dtype))
+            return _SLOT
+        return info
+
+    args = fx.node.map_arg(n.args, slot)
+    kwargs = fx.node.map_arg(n.kwargs, slot)
+    if n.op == "call_module":
+        fn: Callable = gm.get_submodule(n.target)
+    elif n.op == "call_method":
+        fn = _method_caller(n.target)
+    else:
+        fn = n.target
+    module = _OneCall(fn, args, kwargs, [])
+    if isinstance(fn, nn.Module):
+        module.inner = fn  # register so fvcore scopes it
+    return _count_one(module, tuple(tensors), gm)
+
+
+def _count_one(module: nn.Module, tensors: tuple, gm: fx.GraphModule) -> int:
+    from .flops import DYNOPOOL_OP, FlopCountAnalysis, _dynopool_as_one_op, _dynopool_handle
+
+    was_training = module.training
+    module.eval()
+    with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm):
+        fa = FlopCountAnalysis(module, tensors)
+        fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        total = int(fa.total())
+    module.train(was_training)
+    return total
+
+
+def _method_caller(name: str) -> Callable:
+    def call(self_, *args, **kwargs):
+        return getattr(self_, name)(*args, **kwargs)
+
+    return call

@@ -1,0 +1,173 @@
+"""FLOP counting by fvcore's convention (DESIGN.md §3): one fused multiply-add = one FLOP.
+
+``count_flops(model, (3, H, W))`` runs fvcore's ``FlopCountAnalysis`` on a batch of one, in
+eval mode (batch norm counts 2 FLOPs per element, as for inference), with the warnings of
+fvcore and of the jit tracer silenced. DynOPool's own cost is counted through a handle: while
+counting, every DynOPool site runs as one opaque custom op (``dynopool_flops::resample``)
+that fvcore sees as a single node, instead of the index_select/lerp/max_pool ops (or the
+numba autograd Function) of its real forward. The count assigned to that op is
+``DYNOPOOL_FLOPS_PER_OUTPUT`` per output element (per batch item and channel):
+
+- 4 query points, each a bilinear read: 4 FLOPs each, as fvcore counts
+  ``upsample_bilinear2d`` (4 per interpolated value) -> 16;
+- the aggregation of the four values (max or mean): 1 per aggregated value, as fvcore counts
+  ``adaptive_avg_pool2d`` (1 per input element) -> 4.
+
+>>> import torch.nn as nn
+>>> count_flops(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))  # 8*8 outputs * 8 channels * 27 MACs
+13824
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: deprecated jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+from .dynopool import DynOPool, dynopool2d, dynopool_modules
+from .errors import UserInputError
+
+__all__ = [
+    "count_flops",
+    "flops_by_module",
+    "flop_analysis",
+    "format_flops",
+    "DYNOPOOL_FLOPS_PER_OUTPUT",
+    "DYNOPOOL_OP",
+]
+
+#: FLOPs charged per DynOPool output element: 4 bilinear reads x 4 + 4 aggregated values.
+DYNOPOOL_FLOPS_PER_OUTPUT: int = 4 * 4 + 4
+
+#: Name of the opaque op a DynOPool site runs as while being counted.
+DYNOPOOL_OP = "dynopool_flops::resample"
+
+
+@torch.library.custom_op(DYNOPOOL_OP, mutates_args=())
+def _resample_for_counting(
+    x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, backend: str
+) -> Tensor:
+    """DynOPool's forward as one op for the jit tracer (the value is the real output)."""
+    return dynopool2d(x, stride, aggregate, (r_min, r_max), backend).clone()
+
+
+@_resample_for_counting.register_fake
+def _(x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, backend: str) -> Tensor:
+    return torch.empty_like(x)  # shape not needed symbolically: counting runs on real tensors
+
+
+def _dynopool_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    shape = get_shape(outputs[0])
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return DYNOPOOL_FLOPS_PER_OUTPUT * n
+
+
+def _counting_forward(self: DynOPool, x: Tensor) -> Tensor:
+    r_min, r_max = self.r_bounds
+    return _resample_for_counting(x, self.stride, self.aggregate, r_min, r_max, self.backend)
+
+
+@contextlib.contextmanager
+def _dynopool_as_one_op(model: nn.Module) -> Iterator[None]:
+    """Route every DynOPool of ``model`` through the opaque counting op, then restore."""
+    patched = []
+    try:
+        for _, m in dynopool_modules(model):
+            if "forward" not in m.__dict__:
+                m.forward = types.MethodType(_counting_forward, m)
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the jit tracer's and fvcore's warnings (unsupported ops are counted as 0)."""
+    logger = logging.getLogger("fvcore")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise UserInputError(f"input size must be three positive integers (C, H, W), got {tuple(input_size)}")
+    return size  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> Iterator[FlopCountAnalysis]:
+    """fvcore's ``FlopCountAnalysis`` of ``model`` at ``input_size`` (batch 1, eval mode).
+
+    A context manager: the model is in eval mode and its DynOPool sites are counted with the
+    DynOPool handle while the analysis is read. Statistics are computed lazily, so read them
+    inside the ``with`` block::
+
+        with flop_analysis(model, (3, 64, 64)) as fa:
+            per_module = fa.by_module()
+    """
+    c, h, w = _check_input_size(input_size)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet(), torch.no_grad(), _dynopool_as_one_op(model):
+            fa = FlopCountAnalysis(model, torch.zeros(1, c, h, w, device=device, dtype=dtype))
+            fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
+            fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            fa.total()  # run the trace while the patches are in place
+            yield fa
+    finally:
+        model.train(was_training)
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
+    """FLOPs of one forward pass of ``model`` on a ``1 x C x H x W`` input, by fvcore.
+
+    Works on original and converted models alike; DynOPool sites are counted with
+    ``DYNOPOOL_FLOPS_PER_OUTPUT`` per output element (see the module docstring).
+    """
+    with flop_analysis(model, input_size) as fa:
+        return int(fa.total())
+
+
+def flops_by_module(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> dict[str, int]:
+    """FLOPs per module (qualified name -> count, children included; ``""`` is the total)."""
+    with flop_analysis(model, input_size) as fa:
+        return {name: int(v) for name, v in fa.by_module().items()}
+
+
+def format_flops(n: float) -> str:
+    """Human-readable FLOPs with three significant digits: ``4111512576 -> '4.11G'``.
+
+    >>> format_flops(4111512576), format_flops(750_000), format_flops(12)
+    ('4.11G', '750k', '12')
+    """
+    n = float(n)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        # compare the rounded value so that 999.7e6 reads '1G', not '1e+03M'
+        if abs(float(f"{n:.3g}")) >= scale:
+            return f"{float(f'{n / scale:.3g}'):g}{unit}"
+    return f"{n:.3g}"

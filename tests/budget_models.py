@@ -1,0 +1,119 @@
+"""Hand-made stand-ins for converted models (until ``convert()`` is on main).
+
+``dynopoolify(model)`` swaps every strided conv for DynOPool + the same conv at stride 1
+(placement "before"; "after" for even kernels, whose stride-1 conv cannot keep the size) and
+every strided max/avg pool for DynOPool. Sites inside one block (the first two components of
+the module path, e.g. ``layer2.0`` or ``stages.1``) share ONE stride parameter, as tied groups
+do; the residual add of such a block joins both branches.
+"""
+from __future__ import annotations
+
+import random
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from dynopool_convert import DynOPool
+
+
+def _group_key(name: str, depth: int) -> str:
+    return ".".join(name.split(".")[:depth])
+
+
+def dynopoolify(model: nn.Module, depth: int = 2) -> nn.Module:
+    params: dict[str, nn.Parameter] = {}
+    ids: dict[str, int] = {}
+
+    def site(name: str, stride, aggregate: str) -> DynOPool:
+        key = _group_key(name, depth)
+        s = stride if isinstance(stride, (tuple, list)) else (stride, stride)
+        if key not in params:
+            params[key] = nn.Parameter(torch.tensor([float(s[0]), float(s[1])]))
+            ids[key] = len(ids)
+        return DynOPool(params[key], aggregate=aggregate, group=ids[key])
+
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            new = None
+            if isinstance(child, nn.Conv2d) and max(child.stride) > 1:
+                stride = child.stride
+                child.stride = (1, 1)
+                k, d, p = child.kernel_size, child.dilation, child.padding
+                if all(d[i] * (k[i] - 1) == 2 * p[i] for i in range(2)):
+                    new = nn.Sequential(site(full, stride, "max"), child)
+                else:
+                    new = nn.Sequential(child, site(full, stride, "max"))
+            elif isinstance(child, (nn.MaxPool2d, nn.AvgPool2d)):
+                stride = child.stride if child.stride is not None else child.kernel_size
+                if (max(stride) if isinstance(stride, tuple) else stride) > 1:
+                    new = site(full, stride, "max" if isinstance(child, nn.MaxPool2d) else "mean")
+            if new is not None:
+                setattr(m, child_name, new)
+    return model
+
+
+class TwoBranch(nn.Module):
+    """Concat and residual branches that share one stride parameter (a tied group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        s = nn.Parameter(torch.tensor([2.0, 2.0]))
+        self.pool_a, self.pool_b = DynOPool(s, group=0), DynOPool(s, "mean", group=0)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 1)
+        self.pool_c = DynOPool(1.5, group=1)
+        self.fuse = nn.Conv2d(16, 16, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2.0, mode="bilinear")
+        self.valid = nn.Conv2d(16, 16, 3)  # unpadded: size - 2
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = self.conv_a(self.pool_a(x))
+        b = self.conv_b(self.pool_b(x))
+        y = torch.cat([a + b, a * torch.sigmoid(b.mean((2, 3), keepdim=True))], 1)
+        y = self.fuse(self.pool_c(y))
+        y = self.valid(self.up(y))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def vgg_like() -> nn.Module:
+    cfg = [16, "M", 32, "M", 32, 32, "A", 64]
+    layers: list[nn.Module] = []
+    c = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        elif v == "A":
+            layers.append(nn.AvgPool2d(3, 2, padding=1))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+            c = v
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, 10))
+
+
+#: name -> builder of a converted stand-in (small variants, random weights)
+MODELS = {
+    "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
+    "resnet50": lambda: dynopoolify(timm.create_model("resnet50", pretrained=False, num_classes=10)),
+    "tv_densenet121": lambda: dynopoolify(torchvision.models.densenet121(weights=None, num_classes=10), depth=2),
+    "efficientnet_b0": lambda: dynopoolify(timm.create_model("efficientnet_b0", pretrained=False, num_classes=10), depth=3),
+    "tv_mobilenet_v3_small": lambda: dynopoolify(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10), depth=3),
+    "convnext_atto": lambda: dynopoolify(timm.create_model("convnext_atto", pretrained=False, num_classes=10)),
+    "regnetx_002": lambda: dynopoolify(timm.create_model("regnetx_002", pretrained=False, num_classes=10)),
+    "vgg_like": lambda: dynopoolify(vgg_like()),
+    "two_branch": TwoBranch,
+}
+
+
+def randomise_strides(model: nn.Module, rng: random.Random, lo: float = 0.7, hi: float = 3.5) -> None:
+    """Set every group's (s_h, s_w) to random values in [lo, hi] (inside the default bounds)."""
+    from dynopool_convert import scale_parameters
+
+    with torch.no_grad():
+        for p in scale_parameters(model):
+            p.copy_(torch.tensor([rng.uniform(lo, hi), rng.uniform(lo, hi)]))

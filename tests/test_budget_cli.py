@@ -1,0 +1,45 @@
+"""``dynopool convert --budget``: prints fvcore FLOPs, fits, records, refuses cleanly."""
+from __future__ import annotations
+
+import pytest
+
+import dynopool_convert as dc
+from dynopool_cli.app import main
+from dynopool_convert.flops import count_flops
+
+# a small importable model (tests/ is on sys.path under pytest): VGG-like, max and avg pools
+SOURCE = "budget_models:vgg_like"
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_budget_fits_and_is_recorded(tmp_path, capsys):
+    path = tmp_path / "m.pt"
+    code, out, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", "2.5M", "--out", str(path)], capsys)
+    assert code == 0, err
+    assert "FLOPs at 32x32 (fvcore): original" in out and "budget 2.5M: fitted to" in out
+    ck = dc.load_checkpoint(path, trust_source=True)  # our own test module
+    assert ck.budget == 2_500_000 and tuple(ck.input_size) == (3, 32, 32)
+    flops = ck.extra["flops"]
+    assert flops["converted"] > 2_500_000 >= flops["final"]
+    assert count_flops(ck.model, (3, 32, 32)) == flops["final"]
+
+
+@pytest.mark.parametrize("budget, words", [("4X", "4G, 4.1G, 500M"), ("-1G", "4G, 4.1G, 500M"), ("4 G", "e.g. 4G"),
+                                           ("", "e.g. 4G"), ("1k", "minimum achievable")])
+def test_bad_or_impossible_budget_exits_2_without_a_file(tmp_path, capsys, budget, words):
+    path = tmp_path / "m.pt"
+    code, _, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", budget, "--out", str(path)], capsys)
+    assert code == 2
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,126 @@
+"""The cost model: exact (fvcore at the rounded sizes), straight-through gradient, fast."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from budget_models import MODELS, TwoBranch, randomise_strides
+from dynopool_convert import DynOPool, scale_parameters
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.flops import count_flops
+
+# diverse stand-ins: residual (timm resnet18, regnet), depthwise + SE (efficientnet,
+# mobilenetv3), NHWC linear MLPs + unpadded 2x2 stride convs (convnext), plain VGG-like with
+# max and avg pools, tied concat/residual branches + upsample + unpadded conv (two_branch)
+EXACTNESS = [
+    ("two_branch", 32), ("vgg_like", 32), ("resnet18", 32), ("efficientnet_b0", 32),
+    ("tv_mobilenet_v3_small", 32), ("regnetx_002", 32), ("convnext_atto", 64),
+]
+
+
+@pytest.mark.parametrize("name, size", EXACTNESS)
+def test_value_equals_fvcore_at_random_strides(name, size):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    input_size = (3, size, size)
+    cost = CostModel(model, input_size)
+    assert cost.unattributed == 0
+    assert cost.parameters == scale_parameters(model)
+    assert cost.flops() == cost.reference_flops
+    randomise_strides(model, random.Random(hash(name) % 1000), lo=0.7, hi=3.0)
+    expected = count_flops(model, input_size)
+    got = cost.flops()
+    assert abs(got - expected) <= 0.01 * expected, (got, expected)
+    value = cost()
+    assert value.requires_grad and value.dtype == torch.float32
+    assert abs(value.item() - got) <= 1e-6 * got
+
+
+def _finite_difference_signs(model, cost, input_size, eps=1.3):
+    """sign(d fvcore / d s_g) along (s_h, s_w) scaled together, per group."""
+    value = cost()
+    value.backward()
+    out = []
+    for p in cost.parameters:
+        directional = float((p.grad * p.detach()).sum())  # gradient along s -> s (1 + t)
+        base = p.detach().clone()
+        with torch.no_grad():
+            p.copy_(base * eps)
+        up = count_flops(model, input_size)
+        with torch.no_grad():
+            p.copy_(base / eps)
+        down = count_flops(model, input_size)
+        with torch.no_grad():
+            p.copy_(base)
+        out.append((directional, up - down))
+    return out
+
+
+@pytest.mark.parametrize("name", ["two_branch", "vgg_like"])
+def test_gradient_sign_matches_finite_difference_of_fvcore(name):
+    model = MODELS[name]()
+    randomise_strides(model, random.Random(7), lo=1.2, hi=2.4)
+    input_size = (3, 48, 48)
+    cost = CostModel(model, input_size)
+    for directional, fd in _finite_difference_signs(model, cost, input_size):
+        assert fd != 0
+        assert (directional > 0) == (fd > 0), (directional, fd)
+
+
+def test_gradient_matches_the_continuous_surrogate():
+    # one DynOPool then a conv: F = 20*3*h*w + 8*27*h*w with h = round(32/s_h), dh/ds_h = -32/s_h^2
+    pool = DynOPool((1.9, 2.3))
+    net = nn.Sequential(pool, nn.Conv2d(3, 8, 3, padding=1))
+    cost = CostModel(net, (3, 32, 32))
+    h, w = pool.output_size((32, 32))
+    per_pixel = 20 * 3 + 8 * 27
+    value = cost()
+    assert value.item() == per_pixel * h * w
+    value.backward()
+    s_h, s_w = pool.stride_value
+    expected = torch.tensor([per_pixel * w * (-32 / s_h**2), per_pixel * h * (-32 / s_w**2)])
+    assert torch.allclose(pool.stride.grad, expected, rtol=1e-5)
+
+
+def test_tied_sites_share_one_parameter_and_outside_bounds_no_gradient():
+    model = TwoBranch()
+    cost = CostModel(model, (3, 64, 64))
+    assert len(cost.parameters) == 2  # pool_a and pool_b share one
+    with torch.no_grad():
+        cost.parameters[0].copy_(torch.tensor([20.0, 2.0]))  # s_h beyond 1/r_min = 16
+    cost().backward()
+    grad = cost.parameters[0].grad
+    assert grad[0] == 0 and grad[1] < 0
+    assert cost.flops() == count_flops(model, (3, 64, 64))
+
+
+def test_unexplained_size_change_fails_loudly():
+    class Crop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = DynOPool(2.0)
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x = self.pool(x)
+            return self.conv(x[:, :, : x.shape[2] // 2 + 1])
+
+    with pytest.raises(RuntimeError, match="cannot explain"):
+        CostModel(Crop(), (3, 32, 32))
+
+
+def test_one_evaluation_is_fast():
+    model = MODELS["resnet50"]()
+    cost = CostModel(model, (3, 32, 32))  # the evaluation cost does not depend on the size
+    cost()
+    times = []
+    for _ in range(50):
+        t = time.perf_counter()
+        cost().backward()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    assert times[len(times) // 2] < 5e-3  # median; the benchmark measures ~0.1 ms

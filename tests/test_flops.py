@@ -1,0 +1,73 @@
+"""FLOP counting: fvcore's convention, the DynOPool handle, determinism, formatting."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from dynopool_convert import DynOPool
+from dynopool_convert.errors import UserInputError
+from dynopool_convert.flops import DYNOPOOL_FLOPS_PER_OUTPUT, count_flops, flops_by_module, format_flops
+
+
+def test_resnet50_at_224_is_fvcores_4_11g():
+    model = timm.create_model("resnet50", pretrained=False)
+    model.train()
+    n = count_flops(model, (3, 224, 224))
+    assert n == 4_111_512_576  # fvcore's well-known figure for ResNet-50: 4.11G
+    assert format_flops(n) == "4.11G"
+    assert model.training  # mode restored
+
+
+def test_conv_and_batchnorm_counts():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    # conv: 8x8 positions * 8 out channels * 3*3*3 MACs; BN in eval: 2 per element
+    assert count_flops(net, (3, 8, 8)) == 64 * 8 * 27 + 2 * 8 * 64
+
+
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_dynopool_handle_counts_per_output_element(aggregate, backend):
+    pool = DynOPool((1.7, 2.6), aggregate=aggregate, backend=backend)
+    net = nn.Sequential(pool, nn.Conv2d(3, 4, 1))
+    h, w = pool.output_size((30, 41))
+    assert (h, w) == (18, 16)
+    expected = DYNOPOOL_FLOPS_PER_OUTPUT * 3 * h * w + 4 * 3 * h * w
+    assert count_flops(net, (3, 30, 41)) == expected
+    by_module = flops_by_module(net, (3, 30, 41))
+    assert by_module["0"] == DYNOPOOL_FLOPS_PER_OUTPUT * 3 * h * w
+    assert by_module[""] == expected
+    assert "forward" not in pool.__dict__  # the counting patch is removed afterwards
+    x = torch.randn(1, 3, 30, 41)
+    assert pool(x).shape == (1, 3, h, w)
+
+
+def test_counting_is_quiet_and_deterministic(caplog):
+    net = nn.Sequential(DynOPool(2.0), nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.WARNING):
+            counts = {count_flops(net, (3, 16, 16)) for _ in range(3)}
+    assert len(counts) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_bad_input_size_is_a_user_error():
+    with pytest.raises(UserInputError):
+        count_flops(nn.Conv2d(3, 3, 1), (3, 0, 8))
+    with pytest.raises(UserInputError):
+        count_flops(nn.Conv2d(3, 3, 1), (8, 8))
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(4_111_512_576, "4.11G"), (4e9, "4G"), (3.995e9, "4G"), (999.7e6, "1G"), (750_000, "750k"),
+     (12, "12"), (1500, "1.5k"), (2.5e12, "2.5T"), (3_000_000, "3M")],
+)
+def test_format_flops(n, text):
+    assert format_flops(n) == text
