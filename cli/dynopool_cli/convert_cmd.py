@@ -53,16 +53,18 @@ def convert(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path (default: <model>-dynopool.pt in the current folder).")] = None,
+    build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable), e.g. num_classes=10, dynamic_img_size=true.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
     from dynopool_convert import build_model, convert as convert_model, resolve_source, save_checkpoint
-    from dynopool_convert.models import default_input_size, model_label, parse_input_size
+    from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     console = Console()
     source = resolve_source(model)
+    build_args = parse_build_args(build_arg)
     with console.status(f"building {source}"):
-        net = build_model(source)
+        net = build_model(source, build_args)
     size = parse_input_size(input_size) if input_size else default_input_size(source, net)
     with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
         result = convert_model(
@@ -83,5 +85,5 @@ def convert(
         console.print("dry run: no checkpoint written")
         return
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
-    saved = save_checkpoint(path, result.model, plan, source, input_size=size)
+    saved = save_checkpoint(path, result.model, plan, source, build_args, input_size=size)
     console.print(f"checkpoint: {saved}")
