@@ -78,30 +78,47 @@ def _first_reason(plan) -> str:
     return ""
 
 
+def _convert(source: str, size: int, build_args: dict):
+    """Convert at ``size``, or at the model's own size when it cannot run at ``size``."""
+    import dynopool_convert as dc
+    from dynopool_convert.models import default_input_size
+
+    model = dc.build_model(source, build_args)
+    try:
+        return dc.convert(model, input_size=(3, size, size)), str(size)
+    except dc.UserInputError as err:
+        if "fails on an input of size" not in str(err):
+            raise
+        c, h, w = default_input_size(source, model)
+        return dc.convert(model, input_size=(c, h, w)), (str(h) if h == w else f"{h}x{w}")
+
+
+#: timm's own option for ViT-style models to accept any patch grid (resamples the position
+#: embedding); tried when a model gets no learned group without it
+_DYNAMIC = {"dynamic_img_size": True}
+
+
 def run_one(source: str, size: int) -> dict:
     """Build, convert (validation included), then backprop once more to every group."""
     import torch
 
     import dynopool_convert as dc
-    from dynopool_convert.models import default_input_size
 
     torch.set_num_threads(1)
     row = {"source": source}
     t0 = time.perf_counter()
     try:
-        model = dc.build_model(source)
-        tried = [size]
-        try:
-            result = dc.convert(model, input_size=(3, size, size))
-        except dc.UserInputError as err:
-            if "fails on an input of size" not in str(err):
-                raise
-            c, h, w = default_input_size(source, model)  # the model needs its own input size
-            tried.append(h if h == w else f"{h}x{w}")
-            result = dc.convert(model, input_size=(c, h, w))
+        result, row["input"] = _convert(source, size, {})
+        if not result.plan.summary()["groups"] and source.startswith("timm:"):
+            try:
+                retry, input_size = _convert(source, size, _DYNAMIC)
+            except dc.UserInputError:
+                retry = None  # the model does not take the option
+            if retry is not None and retry.plan.summary()["groups"]:
+                result, row["input"], row["build_args"] = retry, input_size, "dynamic_img_size=True"
         plan = result.plan
         counts = plan.summary()
-        row.update(counts, input=str(tried[-1]), sites=len([s for s in plan.sites if s.stride_init]))
+        row.update(counts, sites=len([s for s in plan.sites if s.stride_init]))
         row["kinds"] = sorted({s.kind for s in plan.sites if s.status == "converted"})
         if counts["groups"]:
             gm = result.model.eval()
@@ -186,7 +203,10 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "Each model is built without weights, traced, converted, validated (every group's stride moved",
         "one output pixel down and up) and backpropagated; `ok` means at least one learned group and a",
         "finite gradient for every group. One model per timm family (the one with the fewest",
-        "parameters) and every torchvision classification and segmentation model.",
+        "parameters) and every torchvision classification and segmentation model. A timm model that gets",
+        "no learned group is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
+        "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`), and the",
+        "row says so when that is what converted.",
         "",
         "## Totals",
         "",
@@ -214,7 +234,7 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         r = rows[s]
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
-            f"| {s} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
+            f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
             f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
             f"{r['status']} | {reason} | {r.get('seconds', '')} |"
         )
