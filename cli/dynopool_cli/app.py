@@ -47,6 +47,11 @@ def demo(
     typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
 
 
+from .report_cmd import report  # noqa: E402
+
+app.command()(report)
+
+
 def fail(message: str) -> None:
     """Print a one-line error to stderr and exit with code 2."""
     typer.echo(f"Error: {message}", err=True)
