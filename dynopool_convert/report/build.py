@@ -112,7 +112,7 @@ def _plan_groups(plan: Mapping[str, Any]) -> dict[int, list[str]]:
 
 
 def _dependent_nodes(graph: ReportGraph, pools: dict[str, DynOPool], base: Mapping[str, Any]) -> dict[int, set[str]]:
-    """Per stride parameter (by id): nodes whose shape changes when that stride changes."""
+    """Per stride parameter (by id): the nodes whose input or output size moves with that stride."""
     changed: dict[int, set[str]] = {}
     for name, pool in pools.items():
         key = id(pool.stride)
@@ -125,7 +125,8 @@ def _dependent_nodes(graph: ReportGraph, pools: dict[str, DynOPool], base: Mappi
             trial = (min(max(s[0] * factor, lo), hi), min(max(s[1] * factor, lo), hi))
             shapes = graph.propagate({name: trial})
             found |= {n for n, shape in shapes.items() if shape != base[n]}
-        changed[key] = found
+        # an op depends on the stride when its output or any of its inputs changes size
+        changed[key] = found | {n.name for n in graph.nodes if any(i.name in found for i in n.all_input_nodes)}
     return changed
 
 
