@@ -125,3 +125,53 @@ def test_functional_ops_and_unknown_resize():
     assert rf.fields["interpolate"].size == (9, 9) and rf.fields["interpolate"].jump == (2, 2)
     assert rf.fields["pixel_unshuffle"].size == (11, 11)
     assert rf.approximate == ["pixel_unshuffle"]
+
+
+def test_resnet18_known_receptive_field():
+    # torchvision ResNet-18: 7 -> 11 (maxpool) -> 43 (layer1) -> 99 -> 211 -> 435 (layer4)
+    import torchvision
+
+    graph = ReportGraph(torchvision.models.resnet18(weights=None), (3, 64, 64))
+    rf = receptive_fields(graph)
+    assert [rf.fields[n].size[0] for n in ("conv1", "maxpool", "layer1_1_relu_1", "layer2_1_relu_1", "layer3_1_relu_1", "layer4_1_relu_1")] == [7, 11, 43, 99, 211, 435]
+    assert rf.fields["layer4_1_relu_1"].jump == (32, 32)
+    assert rf.approximate == []
+
+
+def test_channels_last_block_gate_first_and_reshape():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(4, 4, 7, 1, 3, groups=4)
+            self.norm = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, 4)
+            self.down = nn.Conv2d(4, 4, 2, 2)
+            self.gate = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.dw(x)                                     # 7
+            y = self.fc(self.norm(y.permute(0, 2, 3, 1)))      # N H W C: still 7
+            y = y.permute(0, 3, 1, 2)                          # back: 7
+            y = torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True))) * y   # gate first: 7
+            y = self.down(y)                                   # 7 + 1 = 8 [2]
+            z = y.flatten(2).transpose(1, 2).reshape(1, 4, 24, 16)  # tokens: layout lost
+            return y, z
+
+    graph = ReportGraph(Block(), (4, 32, 48))
+    rf = receptive_fields(graph)
+    assert rf.fields["permute"].size == (7, 7) and rf.fields["fc"].size == (7, 7)
+    assert rf.fields["permute_1"].size == (7, 7)
+    assert rf.fields["mul"].size == (7, 7)
+    assert rf.fields["down"].size == (8, 8) and rf.fields["down"].jump == (2, 2)
+    assert "reshape" in rf.approximate and "down" not in rf.approximate and "mean" not in rf.approximate
+
+
+def test_model_that_does_not_run_at_the_size_is_a_user_error():
+    from dynopool_convert.errors import UserInputError
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x.reshape(1, 3, 32 * 32)
+
+    with pytest.raises(UserInputError, match=r"does not run at input size \[3, 16, 16\]"):
+        ReportGraph(Fixed(), (3, 16, 16))

@@ -13,6 +13,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..dynopool import DynOPool, dynopool_modules
+from ..errors import UserInputError
 
 __all__ = ["ReportGraph", "as_graph_module", "strides_set_to"]
 
@@ -75,6 +76,12 @@ class ReportGraph:
         try:
             with torch.no_grad(), strides_set_to(self.gm, strides or {}):
                 ShapeProp(self.gm).propagate(x)
+        except RuntimeError as err:  # ShapeProp wraps the model's own error
+            cause = err.__cause__ or err
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise UserInputError(
+                f"the model does not run at input size {list(self.input_size)}: {first} (give a size it accepts with --input-size)"
+            ) from err
         finally:
             self.gm.train(was_training)
         out: dict[str, tuple[int, ...] | None] = {}

@@ -20,10 +20,13 @@ Windows per operation (one handler per type, in the tables below):
 - ops with several spatial operands (add, mul, cat, ...): the maximum over the operands;
   broadcast operands with a 1 x 1 spatial size (squeeze-excitation gates) are ignored: they
   scale channels and do not widen the spatial support;
-- every other op passes the field through when it keeps the spatial size. An unknown op that
-  changes it is treated as a window ``k = ceil(H / H')``, ``t = H / H'`` (an unknown leaf
-  module with convolutions or pools inside composes them in registration order) and is listed
-  in ``approximate``.
+- every other op passes the field through when it keeps the spatial size. An unknown leaf
+  module with convolutions or pools inside (timm's notrace blocks) composes them in
+  registration order; an unknown op that resizes is a window ``k = ceil(H / H')``,
+  ``t = H / H'``; both are listed in ``approximate`` (a reduction to 1 x 1 is a global pool,
+  exact);
+- the spatial dims are followed through ``permute``/``transpose`` (channels-last blocks); a
+  reshape that moves them loses them until a tensor is N x C x H x W again (listed).
 
 The field is *theoretical*: it is not clipped at the image border.
 """
@@ -226,27 +229,84 @@ def _sequential_window(module: nn.Module) -> Window | None:
     return ((f.size[0], f.jump[0]), (f.size[1], f.jump[1]))
 
 
+def _permuted_axes(node: fx.Node, axes: tuple[int, int], rank: int) -> tuple[int, int] | None:
+    """Where the (h, w) dims go through a permute/transpose (None: not a layout op we follow)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    args = list(node.args[1:])
+    if name == "permute":
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        dims = [d % rank for d in dims]
+        return dims.index(axes[0]), dims.index(axes[1])
+    if name in ("transpose", "swapaxes") and len(args) == 2:
+        a, b = args[0] % rank, args[1] % rank
+        swap = {a: b, b: a}
+        return swap.get(axes[0], axes[0]), swap.get(axes[1], axes[1])
+    return None
+
+
+_RESHAPES = {"reshape", "view", "flatten", "unflatten", "view_as", "reshape_as"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name in _RESHAPES
+
+
+def _spatial_of(shape, axes) -> tuple[int, int] | None:
+    if shape is None or axes is None or len(shape) <= max(axes):
+        return None
+    return int(shape[axes[0]]), int(shape[axes[1]])
+
+
 def receptive_fields(graph: ReportGraph, shapes: dict[str, tuple[int, ...] | None] | None = None) -> ReceptiveFields:
-    """Receptive field of every node of ``graph`` at the given node ``shapes`` (default: present)."""
+    """Receptive field of every node of ``graph`` at the given node ``shapes`` (default: present).
+
+    The spatial dims of every tensor are followed through the graph (dims 2, 3 of the input;
+    ``permute``/``transpose`` move them, e.g. channels-last blocks), so an N x H x W x C tensor
+    is read correctly.
+    """
     shapes = graph.shapes if shapes is None else shapes
     result = ReceptiveFields({})
     fields = result.fields
+    axes: dict[str, tuple[int, int] | None] = {}
     for node in graph.nodes:
-        hw_out = ReportGraph.spatial(shapes.get(node.name))
+        shape = shapes.get(node.name)
         inputs = [n for n in _tensor_inputs(node) if n.name in fields]
         if node.op == "placeholder" or not inputs:
             fields[node.name] = Field()
+            axes[node.name] = (2, 3) if shape is not None and len(shape) == 4 and node.op == "placeholder" else None
             continue
-        spatial_in = [(n, ReportGraph.spatial(shapes.get(n.name))) for n in inputs]
-        spatial_in = [(n, hw) for n, hw in spatial_in if hw is not None] or [(n, None) for n in inputs]
-        primary, hw_in = spatial_in[0]
+        spatial_in = [(n, _spatial_of(shapes.get(n.name), axes.get(n.name))) for n in inputs]
+        spatial_in = [(n, hw) for n, hw in spatial_in if hw is not None]
+        if not spatial_in:  # no spatial operand: a non-spatial value (flattened features, ...)
+            fields[node.name] = Field.widest([fields[n.name] for n in inputs])
+            axes[node.name] = None
+            if shape is not None and len(shape) == 4 and any(len(shapes.get(n.name) or ()) for n in inputs):
+                # reshaped back to N x C x H x W (token/patch layouts): follow it again, approximately
+                axes[node.name] = (2, 3)
+                result.approximate.append(node.name)
+            continue
+        # the primary operand: the widest one (a 1 x 1 SE gate may come first in ``gate * x``)
+        primary, hw_in = max(spatial_in, key=lambda item: item[1][0] * item[1][1])
+        rank = len(shapes[primary.name]) if shapes.get(primary.name) is not None else 0
+        moved = _permuted_axes(node, axes[primary.name], rank) if node.op in ("call_method", "call_function") else None
+        out_axes = moved if moved is not None else (axes[primary.name] if shape is not None and len(shape) == rank else None)
+        if _is_reshape(node) and shape != shapes.get(primary.name):
+            out_axes = None  # a reshape that moves elements: the spatial dims are lost (tokens, patches)
+        axes[node.name] = out_axes
+        hw_out = _spatial_of(shape, out_axes)
         # broadcast 1x1 operands (SE gates) do not widen the support when larger operands exist
-        joined = [n for n, hw in spatial_in if hw is None or hw != (1, 1) or hw_out in (None, (1, 1))]
-        base = Field.widest([fields[n.name] for n in joined or [primary]])
+        joined = [n for n, hw in spatial_in if hw != (1, 1) or hw_in == (1, 1)]
+        base = Field.widest([fields[n.name] for n in joined])
         window = _window_of(graph, node, hw_in, hw_out)
-        if window is None and hw_in is not None and hw_out is not None and hw_in != hw_out:
-            window = _fallback_window(graph, node, hw_in, hw_out)
+        opaque = graph.module_of(node)
+        if window is None and opaque is not None and hw_out is not None and _sequential_window(opaque) is not None:
+            window = _sequential_window(opaque)  # a leaf module with convs/pools inside (timm notrace)
             result.approximate.append(node.name)
+        elif window is None and hw_out is not None and hw_in != hw_out:
+            window = _fallback_window(graph, node, hw_in, hw_out)
+            if hw_out != (1, 1):  # a reduction to 1 x 1 (x.mean((2, 3))) is a global pool: exact
+                result.approximate.append(node.name)
         fields[node.name] = base.through(window) if window is not None else base
     return result
 
