@@ -21,7 +21,7 @@ def fake_checkpoint(monkeypatch, tmp_path):
     path.write_bytes(b"stand-in")
     calls = []
 
-    def fake(p, input_size=None):
+    def fake(p, input_size=None, trust_source=False):
         calls.append(input_size)
         size = (3, *input_size[-2:]) if input_size else (3, 32, 32)
         return build_report(TinyConverted(), tiny_plan(), source="tests:tiny", input_size=size, training=tiny_training())

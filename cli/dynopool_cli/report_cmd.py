@@ -27,6 +27,9 @@ def report(
         Optional[str], typer.Option("--input-size", help="Reference input size: H, HxW or C,H,W (default: the checkpoint's).")
     ] = None,
     figures: Annotated[Optional[Path], typer.Option("--figures", help="Also write the figures (PNG) into this directory.")] = None,
+    trust_source: Annotated[
+        bool, typer.Option("--trust-source", help="Allow a package.module:factory model source to be imported (runs its code).")
+    ] = False,
 ) -> None:
     """The learned shapes, receptive fields and FLOPs of a converted or fine-tuned checkpoint.
 
@@ -36,7 +39,7 @@ def report(
     from dynopool_convert.report.options import format_from_path, parse_input_size
 
     size = parse_input_size(input_size) if input_size is not None else None
-    data = report_from_checkpoint(checkpoint, input_size=size)
+    data = report_from_checkpoint(checkpoint, input_size=size, trust_source=trust_source)
     fmt = format.value if format is not None else (format_from_path(out) if out is not None else None)
 
     if figures is not None:

@@ -98,16 +98,18 @@ def _hw(shape) -> list[int] | None:
     return None if hw is None else [hw[0], hw[1]]
 
 
-def _plan_groups(plan: Mapping[str, Any]) -> dict[int, list[str]]:
+def _plan_groups(plan: Mapping[str, Any]) -> dict[int, tuple[list[str], str | None]]:
+    """Group id -> (site names, status) from the plan's ``groups`` (a list of dicts or a mapping)."""
     groups = plan.get("groups") or []
     if isinstance(groups, Mapping):
         items = [(k, v) for k, v in groups.items()]
     else:
         items = [(g.get("id", i), g) for i, g in enumerate(groups)]
-    out: dict[int, list[str]] = {}
+    out: dict[int, tuple[list[str], str | None]] = {}
     for gid, g in items:
         sites = g.get("sites", []) if isinstance(g, Mapping) else list(g)
-        out[int(gid)] = [s if isinstance(s, str) else s.get("name") for s in sites]
+        status = g.get("status") if isinstance(g, Mapping) else None
+        out[int(gid)] = ([s if isinstance(s, str) else s.get("name") for s in sites], status)
     return out
 
 
@@ -121,10 +123,13 @@ def _dependent_nodes(graph: ReportGraph, pools: dict[str, DynOPool], base: Mappi
         s = pool.stride_value
         lo, hi = 1.0 / pool.r_bounds[1], 1.0 / pool.r_bounds[0]
         found: set[str] = set()
-        for factor in (1 / 1.5, 1.5):  # one step up, one step down: union of the shapes they move
+        node = graph.pool_nodes[name].name
+        for factor in (1 / 1.5, 1.5):  # a step that enlarges the output; the other way at a bound
             trial = (min(max(s[0] * factor, lo), hi), min(max(s[1] * factor, lo), hi))
             shapes = graph.propagate({name: trial})
-            found |= {n for n, shape in shapes.items() if shape != base[n]}
+            found = {n for n, shape in shapes.items() if shape != base[n]}
+            if node in found:
+                break
         # an op depends on the stride when its output or any of its inputs changes size
         changed[key] = found | {n.name for n in graph.nodes if any(i.name in found for i in n.all_input_nodes)}
     return changed
@@ -191,7 +196,13 @@ def build_report(
     pools = dict(dynopool_modules(gm))
     plan_sites = list(plan_dict.get("sites", []))
 
-    site_pool = {s["name"]: _match_pool(s, list(pools)) for s in plan_sites}
+    recorded = dict(gm.meta.get("dynopool_sites", {}))  # site -> module path, kept by the rewrite
+    site_pool = {
+        s["name"]: recorded[s["name"]] if recorded.get(s["name"]) in pools else _match_pool(s, list(pools))
+        for s in plan_sites
+        if s.get("status", "converted") == "converted" or s["name"] in recorded
+    }
+    site_pool.update({s["name"]: None for s in plan_sites if s["name"] not in site_pool})
     init_strides = {
         site_pool[s["name"]]: tuple(_pair(s["stride_init"]))
         for s in plan_sites
@@ -219,7 +230,7 @@ def build_report(
             "op": s.get("op"),
             "kind": s.get("kind"),
             "status": s.get("status"),
-            "reason": s.get("reason"),
+            "reason": s.get("reason") or None,
             "group": s.get("group"),
             "placement": s.get("placement"),
             "aggregate": pool.aggregate if pool is not None else None,
@@ -270,11 +281,12 @@ def build_report(
     groups = []
     declared = _plan_groups(plan_dict)
     for gid in sorted(set(declared) | {int(s["group"]) for s in sites if s["group"] is not None}):
-        members = declared.get(gid) or [s["name"] for s in sites if s["group"] == gid]
+        members, status = declared.get(gid) or ([s["name"] for s in sites if s["group"] == gid], None)
         live = [s for s in sites if s["name"] in members and s["r"] is not None]
         groups.append(
             {
                 "id": gid,
+                "status": status or ("converted" if live else "reverted"),
                 "sites": members,
                 "r": live[0]["r"] if live else None,
                 "r_init": next((s["r_init"] for s in sites if s["name"] in members and s["r_init"]), None),
@@ -333,18 +345,21 @@ def _stages(graph: ReportGraph, sites: list[dict[str, Any]], now, init) -> list[
     return stages
 
 
-def report_from_checkpoint(path: str | Path, input_size: tuple[int, ...] | None = None) -> dict[str, Any]:
+def report_from_checkpoint(
+    path: str | Path, input_size: tuple[int, ...] | None = None, trust_source: bool = False
+) -> dict[str, Any]:
     """The report of a checkpoint written by ``dynopool_convert.checkpoint.save_checkpoint``.
 
     ``input_size`` overrides the checkpoint's reference size: ``(C, H, W)``, ``(H, W)`` or
-    ``(S,)`` for a square (missing channels come from the checkpoint).
+    ``(S,)`` for a square (missing channels come from the checkpoint). ``trust_source`` lets a
+    ``package.module:factory`` source be imported (see ``load_checkpoint``).
     """
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"checkpoint not found: {path} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')")
     from ..checkpoint import load_checkpoint  # the convert helper's module
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_source=trust_source)
     plan = ckpt.plan.to_dict() if hasattr(ckpt.plan, "to_dict") else dict(ckpt.plan)
     reference = tuple(int(v) for v in ckpt.input_size)
     size = merge_input_size(tuple(input_size), reference) if input_size is not None else reference

@@ -9,13 +9,13 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from ..dynopool import DynOPool, dynopool_modules
+from ..dynopool import DynOPool, dynopool_modules, dynopool_output_size
 from ..errors import UserInputError
 
-__all__ = ["ReportGraph", "as_graph_module", "strides_set_to"]
+__all__ = ["ReportGraph", "as_graph_module", "strides_set_to", "frozen_pools"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -51,6 +51,57 @@ def strides_set_to(model: nn.Module, strides: Mapping[str, tuple[float, float]])
                 param.copy_(value)
 
 
+class FixedResize(nn.Module):
+    """Stand-in for a DynOPool frozen at a stride: same output size, strides as Python floats,
+    so that fvcore's jit trace and fake-tensor shape propagation can run through it."""
+
+    def __init__(self, stride: tuple[float, float]) -> None:
+        super().__init__()
+        self.stride_hw = (float(stride[0]), float(stride[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        size = (dynopool_output_size(h, self.stride_hw[0]), dynopool_output_size(w, self.stride_hw[1]))
+        return F.adaptive_max_pool2d(x, size)
+
+
+@contextmanager
+def frozen_pools(model: nn.Module, strides: Mapping[str, tuple[float, float]] | None = None) -> Iterator[nn.Module]:
+    """Temporarily replace every DynOPool of ``model`` by a ``FixedResize`` at its present stride,
+    or at ``strides[name]`` (a stride given for one site moves every site sharing its parameter;
+    clamped to the site's bounds, as DynOPool does)."""
+    pools = dynopool_modules(model)
+    named = dict(pools)
+    wanted = {id(named[name].stride): s for name, s in (strides or {}).items()}
+    swapped: list[tuple[nn.Module, str, DynOPool]] = []
+    try:
+        for name, pool in pools:
+            lo, hi = 1.0 / pool.r_bounds[1], 1.0 / pool.r_bounds[0]
+            s = wanted.get(id(pool.stride))
+            value = pool.stride_value if s is None else tuple(min(max(float(v), lo), hi) for v in s)
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, FixedResize(value))
+            swapped.append((parent, attr, pool))
+        yield model
+    finally:
+        for parent, attr, pool in swapped:
+            setattr(parent, attr, pool)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and records every node's output shape (no change to the graph's meta)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[str, tuple[int, ...] | None] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        self.shapes[n.name] = tuple(int(v) for v in result.shape) if isinstance(result, torch.Tensor) else None
+        return result
+
+
 class ReportGraph:
     """A traced model with node shapes at the reference input size.
 
@@ -69,26 +120,32 @@ class ReportGraph:
         self.shapes = self.propagate()
 
     def propagate(self, strides: Mapping[str, tuple[float, float]] | None = None) -> dict[str, tuple[int, ...] | None]:
-        """Output shape of every node (by node name); ``strides`` substitutes DynOPool strides."""
-        x = torch.zeros(1, *self.input_size)
+        """Output shape of every node (by node name); ``strides`` substitutes DynOPool strides.
+
+        Runs on fake tensors (shapes only, no arithmetic); a model that fake tensors cannot run
+        is run for real, once, on zeros.
+        """
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
         was_training = self.gm.training
         self.gm.eval()
         try:
-            with torch.no_grad(), strides_set_to(self.gm, strides or {}):
-                ShapeProp(self.gm).propagate(x)
-        except RuntimeError as err:  # ShapeProp wraps the model's own error
-            cause = err.__cause__ or err
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            with torch.no_grad(), frozen_pools(self.gm, strides):
+                try:
+                    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        recorder = _ShapeRecorder(self.gm)
+                        recorder.run(mode.from_tensor(torch.zeros(1, *self.input_size)))
+                except Exception:  # data-dependent code in a leaf module: run it for real
+                    recorder = _ShapeRecorder(self.gm)
+                    recorder.run(torch.zeros(1, *self.input_size))
+        except Exception as err:  # the model's own failure at this size is the user's to fix
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserInputError(
                 f"the model does not run at input size {list(self.input_size)}: {first} (give a size it accepts with --input-size)"
             ) from err
         finally:
             self.gm.train(was_training)
-        out: dict[str, tuple[int, ...] | None] = {}
-        for n in self.nodes:
-            meta = n.meta.get("tensor_meta")
-            out[n.name] = tuple(int(v) for v in meta.shape) if hasattr(meta, "shape") else None
-        return out
+        return recorder.shapes
 
     @staticmethod
     def spatial(shape: tuple[int, ...] | None) -> tuple[int, int] | None:

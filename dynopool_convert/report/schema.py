@@ -62,6 +62,7 @@ SITE: dict[str, tuple[type, ...]] = {
 }
 GROUP: dict[str, tuple[type, ...]] = {
     "id": (int,),
+    "status": (str,),
     "sites": (list,),
     "r": (list, _OPT),
     "r_init": (list, _OPT),
