@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -63,11 +60,11 @@ def test_out_file_format_from_suffix_and_figures(fake_checkpoint, capsys, tmp_pa
     assert "wrote" in err
 
 
-def test_missing_checkpoint_exits_2_with_one_line():
-    out = subprocess.run([sys.executable, "-m", "dynopool_cli", "report", "missing.pt"], capture_output=True, text=True)
-    assert out.returncode == 2
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines == ["Error: checkpoint not found: missing.pt (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')"]
+def test_missing_checkpoint_exits_2_with_one_line(capsys, tmp_path):
+    missing = tmp_path / "missing.pt"
+    code, out, err = _run(["report", str(missing)], capsys)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"Error: checkpoint not found: {missing} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')"]
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -209,13 +209,17 @@ def build_report(
         if site_pool[s["name"]] and s.get("stride_init") is not None
     }
     shapes_now = graph.shapes
-    shapes_init = graph.propagate(init_strides)
     rf_now = receptive_fields(graph, shapes_now)
-    rf_init = receptive_fields(graph, shapes_init)
     by_module = flops_by_module(gm, input_size)
     flops_current = by_module.get("", 0)
-    with strides_set_to(gm, init_strides):
-        flops_converted = count_flops(gm, input_size)
+    moved = any(tuple(pools[name].stride_value) != tuple(s) for name, s in init_strides.items())
+    if moved:
+        shapes_init = graph.propagate(init_strides)
+        rf_init = receptive_fields(graph, shapes_init)
+        with strides_set_to(gm, init_strides):
+            flops_converted = count_flops(gm, input_size)
+    else:  # every stride is still at its initial value
+        shapes_init, rf_init, flops_converted = shapes_now, rf_now, flops_current
     dependent = _dependent_nodes(graph, pools, shapes_now)
 
     sites: list[dict[str, Any]] = []
