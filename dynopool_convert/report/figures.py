@@ -28,8 +28,10 @@ def shapes_figure(report: dict[str, Any]) -> bytes:
     """Feature-map shapes through the network, converted vs learned, to scale (PNG)."""
     stages = report["stages"]
     rows = [("as converted", "size_init"), ("learned", "size")]
-    gap = 0.25 * max(max(s["size"][1], s["size_init"][1]) for s in stages)
-    widths = [max(s["size"][1], s["size_init"][1]) for s in stages]
+    widest = max(max(s["size"][1], s["size_init"][1]) for s in stages)
+    gap = 0.2 * widest
+    # each stage gets a slot at least 0.35x the widest so the labels of small maps do not collide
+    widths = [max(s["size"][1], s["size_init"][1], 0.35 * widest) for s in stages]
     tallest = max(max(s["size"][0], s["size_init"][0]) for s in stages)
     total = sum(widths) + gap * (len(stages) - 1)
     fig = Figure(figsize=(min(2.0 + 1.6 * len(stages), 16), 4.6))
@@ -51,7 +53,7 @@ def shapes_figure(report: dict[str, Any]) -> bytes:
             side.set_visible(False)
     x = 0.0
     for stage, slot in zip(stages, widths):
-        axes[0].text(x + slot / 2, tallest * 1.04, str(stage["name"]), ha="center", va="bottom", fontsize=7, rotation=20)
+        axes[0].text(x + slot / 2, tallest * 1.04, str(stage["name"]), ha="center", va="bottom", fontsize=7, rotation=15)
         x += slot + gap
     fig.suptitle(f"{report['model']}: feature-map sizes (H×W) at input {report['input_size'][1]}×{report['input_size'][2]}")
     return _png(fig)
