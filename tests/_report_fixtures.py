@@ -75,6 +75,7 @@ def tiny_plan(size: int = 32) -> dict:
             {"id": 2, "sites": ["block.conv1", "block.down"]},
         ],
         "policy": {"placement": "before", "aggregate": None, "include": None, "exclude": None},
+        "notes": ["block.conv1 and block.down tied: joined by add"],
     }
 
 

@@ -172,6 +172,7 @@ def test_markdown(which, request):
     expected_r = "0.625, 0.4" if which == "moved" else "0.5, 0.5"
     assert f"| {expected_r} |" in rows[0]
     assert "`late_conv` reverted: validation" in text
+    assert "- block.conv1 and block.down tied: joined by add" in text
     assert ("## History" in text) is (which == "moved")
 
 

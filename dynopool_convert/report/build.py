@@ -314,14 +314,15 @@ def build_report(
         "reference_input_size": list(reference),
         "params": int(params),
         "scale_parameters": len({id(p.stride) for p in pools.values()}),
-        "budget": None if budget is None else int(budget),
+        "budget": _budget_flops(budget),
         "flops": {
             "original": None if original_flops is None else int(original_flops),
             "converted": int(flops_converted),
             "current": int(flops_current),
-            "within_budget": None if budget is None or reference != input_size else bool(flops_current <= int(budget)),
+            "within_budget": None if _budget_flops(budget) is None or reference != input_size else bool(flops_current <= _budget_flops(budget)),
         },
         "policy": _plain(plan_dict.get("policy")),
+        "notes": [str(n) for n in plan_dict.get("notes") or []],
         "accuracy": _accuracy(summary, history),
         "training": summary,
         "sites": sites,
@@ -331,6 +332,19 @@ def build_report(
         "approximate_receptive_fields": sorted(set(rf_now.approximate)),
         "extra": _plain({k: v for k, v in extra.items() if k not in ("flops_original",)}) or None,
     }
+
+
+def _budget_flops(budget: Any) -> int | None:
+    """The budget as FLOPs: a number, or a budget string (``"4G"``) read by the budget module."""
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return int(budget)
+    try:
+        from ..budget import parse_budget  # the budget helper's module
+    except ImportError:
+        return None
+    return int(parse_budget(str(budget)))
 
 
 def _stages(graph: ReportGraph, sites: list[dict[str, Any]], now, init) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ def to_html(report: dict[str, Any], figures: Mapping[str, bytes] | None = None) 
         parts.append("<ul>" + "".join(f"<li><code>{escape(n)}</code> {escape(st)}: {escape(r)}</li>" for n, st, r in not_converted) + "</ul>")
     if report["groups"]:
         parts.append("<h2>Groups</h2>" + _table(text.GROUP_COLUMNS, text.group_rows(report)))
+    if report.get("notes"):
+        parts.append("<h3>Notes</h3><ul>" + "".join(f"<li>{escape(n)}</li>" for n in report["notes"]) + "</ul>")
     columns, rows = text.history_rows(report)
     if rows:
         parts.append("<h2>History</h2>" + _table(columns, rows))

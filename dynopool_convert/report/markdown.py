@@ -29,6 +29,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["Not converted:", ""] + [f"- `{n}` {st}: {r}" for n, st, r in not_converted] + [""]
     if report["groups"]:
         lines += ["## Groups", ""] + _table(text.GROUP_COLUMNS, text.group_rows(report)) + [""]
+    if report.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in report["notes"]] + [""]
     columns, rows = text.history_rows(report)
     if rows:
         lines += ["## History", ""] + _table(columns, rows) + [""]

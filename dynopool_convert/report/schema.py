@@ -24,6 +24,7 @@ TOP_LEVEL: dict[str, tuple[type, ...]] = {
     "budget": (int, _OPT),
     "flops": (dict,),
     "policy": (dict, _OPT),
+    "notes": (list,),
     "accuracy": (dict, _OPT),
     "training": (dict, _OPT),
     "sites": (list,),

@@ -37,6 +37,8 @@ def to_rich(report: dict[str, Any]) -> RenderableType:
         for row in text.group_rows(report):
             groups.add_row(*map(Text, row))
         parts.append(groups)
+    for note in report.get("notes") or []:
+        parts.append(Text(f"note: {note}", style="dim"))
     columns, rows = text.history_rows(report)
     if rows:
         history = Table(title="History", title_justify="left")
