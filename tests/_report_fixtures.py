@@ -80,20 +80,26 @@ def tiny_plan(size: int = 32) -> dict:
 
 
 def tiny_training() -> dict:
-    """A ``training`` dict like the finetune helper's: progress, state, history."""
+    """A ``training`` dict laid out as the finetune helper saves it: state, ``progress`` (with
+    one ``history`` row per epoch, ``r`` as a list in ``scale_parameters`` order), config."""
     history = []
     for epoch in range(4):
         history.append({
-            "epoch": epoch,
-            "r": {"0": [0.5 + 0.02 * epoch, 0.5 - 0.03 * epoch], "1": [0.5, 0.5 + 0.05 * epoch], "2": [0.5, 0.5]},
-            "flops": 100000 - 1000 * epoch,
-            "val_acc1": 0.30 + 0.05 * epoch - (0.07 if epoch == 3 else 0.0),
-            "loss": 2.0 - 0.1 * epoch,
+            "kind": "epoch", "epoch": epoch, "step": 100 * (epoch + 1),
+            "train_loss": 2.0 - 0.1 * epoch, "train_acc": 0.2 + 0.05 * epoch,
+            "val_loss": 2.1 - 0.1 * epoch, "val_acc": 0.30 + 0.05 * epoch - (0.07 if epoch == 3 else 0.0),
+            "flops": 100000 - 1000 * epoch, "budget": 100000,
+            "r": [[0.5 + 0.02 * epoch, 0.5 - 0.03 * epoch], [0.5, 0.5 + 0.05 * epoch], [0.5, 0.5]],
+            "lr": {"weights": 0.01, "scales": 0.001}, "time_s": 1.5,
         })
     return {
-        "epoch": 4,
-        "step": 400,
-        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}},
-        "rng": torch.zeros(16, dtype=torch.uint8),
-        "history": history,
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []},
+        "scheduler": {"last_epoch": 4},
+        "rng": {"torch": torch.zeros(16, dtype=torch.uint8)},
+        "progress": {"epoch": 4, "step": 400, "step_in_epoch": 0, "best_metric": 0.40, "best_epoch": 2,
+                     "history": history, "epoch_sums": [0.0, 0.0, 0.0]},
+        "raw_strides": [torch.tensor([2.0, 2.0])] * 3,
+        "config": {"epochs": 4, "lr": 0.01},
+        "world_size": 1,
+        "total_steps": 400,
     }

@@ -137,11 +137,27 @@ def test_moved_strides(moved):
 
 
 def test_training_summary_and_history(moved, converted):
-    assert moved["training"] == {"epoch": 4, "step": 400}  # optimizer/RNG state left out
-    assert moved["accuracy"] == {"val_acc1": {"last": pytest.approx(0.38), "best": pytest.approx(0.40)}}
-    assert len(moved["history"]) == 4 and moved["history"][1]["r"]["1"] == [0.5, 0.55]
+    # the finetune helper's layout: scalars of training and training["progress"], no state
+    assert moved["training"] == {"world_size": 1, "total_steps": 400, "epoch": 4, "step": 400, "step_in_epoch": 0,
+                                 "best_metric": 0.40, "best_epoch": 2}
+    assert moved["accuracy"] == {
+        "train_acc": {"last": pytest.approx(0.35), "best": pytest.approx(0.35)},
+        "val_acc": {"last": pytest.approx(0.38), "best": pytest.approx(0.40)},
+    }
+    history = moved["history"]
+    assert len(history) == 4 and history[0]["val_loss"] == 2.1
+    # r lists (scale_parameters order: stem, pool, block) are keyed by group id
+    assert history[1]["r"] == {"0": [0.52, 0.47], "1": [0.5, 0.55], "2": [0.5, 0.5]}
     assert moved["extra"] == {"note": "hand-moved"}
     assert converted["history"] is None and converted["accuracy"] is None and converted["training"] is None
+
+
+def test_history_under_its_own_key():
+    training = {"epoch": 2, "history": [{"step": s, "r": {"1": [0.5, 0.4 + s / 100]}, "top1": s / 10} for s in (10, 20)]}
+    report = build_report(TinyConverted(), tiny_plan(), source=None, input_size=(3, 32, 32), training=training)
+    assert report["history"][1]["r"] == {"1": [0.5, 0.4 + 20 / 100]}
+    assert report["accuracy"] == {"top1": {"last": 2.0, "best": 2.0}} and report["training"] == {"epoch": 2}
+    assert set(figures(report)) == {"shapes.png", "scale_factors.png"}
 
 
 def test_input_size_override_drops_budget_verdict():

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
-from ..dynopool import DynOPool, dynopool_modules
+from ..dynopool import DynOPool, dynopool_modules, scale_parameters
 from ..errors import UserInputError
 from .flops import count_flops, flops_by_module
 from .graph import ReportGraph, strides_set_to
@@ -26,7 +26,8 @@ __all__ = ["FORMAT_VERSION", "build_report", "report_from_checkpoint"]
 FORMAT_VERSION = 1
 
 _CONV_TARGETS = (torch.conv2d, torch.nn.functional.conv2d)
-_STATE_KEYS = {"optimizer", "scheduler", "rng", "rng_state", "scaler", "history", "summary"}
+#: entries of ``training`` that are state, not summary (the finetune helper's layout included)
+_STATE_KEYS = {"optimizer", "scheduler", "rng", "rng_state", "scaler", "history", "summary", "progress", "raw_strides", "config", "epoch_sums"}
 
 
 def _pair(value) -> list[float]:
@@ -139,12 +140,53 @@ def _node_flops(graph: ReportGraph, by_module: Mapping[str, int], names: set[str
     return sum(by_module.get(n.target, 0) for n in graph.nodes if n.name in names and n.op == "call_module")
 
 
+def _scalars(data: Any) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        return {}
+    out = {}
+    for k, v in data.items():
+        if k in _STATE_KEYS:
+            continue
+        v = _plain(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[str(k)] = v
+    return out
+
+
 def _training_summary(training: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Scalar entries of ``training`` and of its ``progress`` dict, plus its ``summary`` dict."""
     if not training:
         return None
-    summary = {k: _plain(v) for k, v in training.items() if k not in _STATE_KEYS and isinstance(_plain(v), (bool, int, float, str))}
+    summary = _scalars(training)
+    summary.update(_scalars(training.get("progress")))
     summary.update(_plain(training.get("summary") or {}))
     return summary or None
+
+
+def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) -> list[dict[str, Any]] | None:
+    """``training["history"]`` (or ``training["progress"]["history"]``) as plain data.
+
+    Scale factors stored as lists in ``scale_parameters`` order (``r``, ``r_saved``) are keyed
+    by group id instead (``{"3": [r_h, r_w]}``), so that scripts need not know that order.
+    """
+    if not training:
+        return None
+    raw = training.get("history")
+    if raw is None and isinstance(training.get("progress"), Mapping):
+        raw = training["progress"].get("history")
+    if raw is None:
+        return None
+    rows = _plain(raw)
+    if not isinstance(rows, list):
+        return None
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        for key in ("r", "r_saved", "strides"):
+            value = row.get(key)
+            if isinstance(value, list) and len(value) == len(group_order) and all(isinstance(v, list) for v in value):
+                row[key] = {str(g if g is not None else i): v for i, (g, v) in enumerate(zip(group_order, value))}
+    return rows
 
 
 def _accuracy(summary: Mapping[str, Any] | None, history: list[Mapping[str, Any]] | None) -> dict[str, Any] | None:
@@ -303,7 +345,8 @@ def build_report(
         original_flops = extra.get("flops_original")
         if original_flops is None and isinstance(extra.get("flops"), Mapping):
             original_flops = extra["flops"].get("original")
-    history = _plain(training.get("history")) if training and training.get("history") is not None else None
+    group_order = [next((m.group for m in pools.values() if m.stride is p), None) for p in scale_parameters(gm)]
+    history = _history(training, group_order)
     summary = _training_summary(training)
     params = sum(p.numel() for p in gm.parameters())
     return {
