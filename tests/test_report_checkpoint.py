@@ -9,6 +9,7 @@ import yaml
 
 from dynopool_cli.app import main
 from dynopool_convert.report import render, report_from_checkpoint
+from dynopool_convert.report.flops import flops_by_module
 from dynopool_convert.report.schema import check_report
 
 checkpoint = pytest.importorskip("dynopool_convert.checkpoint", reason="needs the conversion pass (main)")
@@ -41,7 +42,7 @@ def reports(saved):
     return report_from_checkpoint(saved[0]), report_from_checkpoint(saved[1])
 
 
-def test_converted_resnet18(reports):
+def test_converted_resnet18(reports, saved):
     report, _ = reports
     assert check_report(report) == []
     assert report["source"] == "timm:resnet18" and report["input_size"] == [3, 64, 64]
@@ -51,9 +52,11 @@ def test_converted_resnet18(reports):
     # as converted, the strided convs of a residual block are tied and nothing has moved
     assert sites["layer2.0.conv1"]["group"] == sites["layer2.0.downsample.0"]["group"]
     assert report["flops"]["converted"] == report["flops"]["current"]
-    # conversion keeps every op's output size at s = 2: the FLOPs of the convs are unchanged
-    # (the original count covers the same convs; DynOPool's cost is not in the stand-in count)
-    assert report["flops"]["original"] == report["flops"]["current"]
+    # conversion keeps every op's output size at s = 2: the FLOPs of the convs are unchanged,
+    # the converted model only adds DynOPool's own cost (0 in the pre-budget stand-in count)
+    per = flops_by_module(checkpoint.load(saved[0]), SIZE)
+    dynopool_cost = sum(per.get(s["module"], 0) for s in report["sites"] if s["module"])
+    assert report["flops"]["current"] - report["flops"]["original"] == dynopool_cost
     assert sites["global_pool.pool"]["status"] == "skipped" and sites["global_pool.pool"]["r"] is None
 
 

@@ -1,7 +1,7 @@
 """FLOPs for the report, by fvcore's convention (one fused multiply-add = one FLOP).
 
-``count_flops`` is a stand-in for the budget helper's ``dynopool_convert.flops.count_flops``
-(swap the one line in ``count_flops`` once it is on main). fvcore's jit trace cannot run
+``count_flops``/``flops_by_module`` are the budget helper's (``dynopool_convert.flops``) when
+that module is present; until it is merged, a stand-in with the same API (delete it then). fvcore's jit trace cannot run
 DynOPool's forward (it reads the stride as Python floats), so the stand-in counts the model
 with every DynOPool temporarily replaced by a ``FixedResize`` of the same output size (no copy):
 every other op's count is exact; DynOPool's own (small) cost is left out.
@@ -41,11 +41,17 @@ def _counted(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[int, d
         model.train(was_training)
 
 
-def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+def _standin_count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """fvcore FLOPs of ``model`` for one input of ``input_size`` (C, H, W) at its present strides."""
     return _counted(model, input_size)[0]
 
 
-def flops_by_module(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
+def _standin_flops_by_module(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
     """fvcore FLOPs per module qualname (parents include their children; ``""`` is the total)."""
     return _counted(model, input_size)[1]
+
+
+try:  # the budget helper's counter (DynOPool counted by its handle), once it is on main
+    from ..flops import count_flops, flops_by_module
+except ImportError:  # until then: the stand-in above (same API, DynOPool's own cost left out)
+    count_flops, flops_by_module = _standin_count_flops, _standin_flops_by_module
