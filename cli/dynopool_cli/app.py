@@ -47,11 +47,6 @@ def demo(
     typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
 
 
-from .report_cmd import report  # noqa: E402
-
-app.command()(report)
-
-
 def fail(message: str) -> None:
     """Print a one-line error to stderr and exit with code 2."""
     typer.echo(f"Error: {message}", err=True)
@@ -84,3 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+from .report_cmd import report  # noqa: E402  (registered last: commands live in their own modules)
+
+app.command()(report)
