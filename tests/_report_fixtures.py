@@ -51,7 +51,7 @@ def tiny_plan(size: int = 32) -> dict:
     def site(name, op, kind, group, io, status="converted", reason=None, module=None, stride=2.0):
         entry = {
             "name": name, "op": op, "kind": kind, "status": status, "reason": reason, "group": group,
-            "placement": "before" if kind == "conv" else "replace", "stride_init": [stride, stride],
+            "placement": "before" if kind == "conv" else None, "stride_init": [stride, stride],
             "input_size": [io[0], io[0]], "output_size": [io[1], io[1]],
         }
         if module:

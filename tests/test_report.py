@@ -13,6 +13,7 @@ import yaml
 from rich.console import Console
 
 from _report_fixtures import TinyConverted, tiny_plan, tiny_training
+from dynopool_convert import DynOPool
 from dynopool_convert.report import FORMAT_VERSION, build_report, figures, render, to_rich, write_figures
 from dynopool_convert.report.flops import count_flops, flops_by_module
 from dynopool_convert.report.receptive_field import dynopool_read_span
@@ -77,6 +78,18 @@ def test_sites_as_converted(converted):
     assert converted["flops"]["converted"] == converted["flops"]["current"]
     assert converted["flops"]["original"] == 123_456
     assert converted["flops"]["within_budget"] is (converted["flops"]["current"] <= 250_000)
+
+
+def test_site_feature_map_pool_vs_conv_before():
+    # a pool site is its DynOPool's output even when one conv reads it; a conv site converted
+    # with placement "before" is the output of the stride-1 conv after its DynOPool
+    model = torch.nn.Sequential(DynOPool(2.0), torch.nn.Conv2d(3, 4, 3, 1, 1))
+    for kind, placement, expected in (("pool", None, [2.0, 2.0]), ("conv", "before", [6.0, 6.0])):
+        plan = {"sites": [{"name": "0", "op": "op", "kind": kind, "status": "converted", "group": 0,
+                           "placement": placement, "stride_init": [2.0, 2.0]}],
+                "groups": [{"id": 0, "sites": ["0"]}]}
+        report = build_report(model, plan, source=None, input_size=(3, 16, 16))
+        assert report["sites"][0]["receptive_field"] == expected, kind
 
 
 def test_flops_count_convs_exactly():

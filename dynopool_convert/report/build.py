@@ -294,7 +294,7 @@ def build_report(
         if pool is not None:
             node = graph.pool_nodes[pool_name]
             src = node.args[0]
-            out_node = _site_output_node(graph, node, str(s.get("placement") or "before"))
+            out_node = _site_output_node(graph, node, str(s.get("placement"))) if s.get("kind") == "conv" else node
             r_h, r_w = pool.r
             affected = dependent[id(pool.stride)] & graph.descendants(node)
             entry.update(
