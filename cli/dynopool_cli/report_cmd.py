@@ -38,16 +38,17 @@ def report(
     from dynopool_convert.report import render, report_from_checkpoint, to_rich, write_figures
     from dynopool_convert.report.options import format_from_path, parse_input_size
 
+    from rich.console import Console
+
     size = parse_input_size(input_size) if input_size is not None else None
-    data = report_from_checkpoint(checkpoint, input_size=size, trust_source=trust_source)
+    with Console(stderr=True).status(f"reading {checkpoint} and computing the report"):  # shown on a TTY only
+        data = report_from_checkpoint(checkpoint, input_size=size, trust_source=trust_source)
     fmt = format.value if format is not None else (format_from_path(out) if out is not None else None)
 
     if figures is not None:
         for path in write_figures(data, figures):
             typer.echo(f"wrote {path}", err=True)
     if fmt is None and out is None and sys.stdout.isatty():
-        from rich.console import Console
-
         Console().print(to_rich(data))
         return
     fmt = fmt or "md"
