@@ -25,16 +25,17 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     result = convert(build_model("timm:resnet18"), SIZE)
     fresh = checkpoint.save_checkpoint(folder / "r18.pt", result.model, result.plan, "timm:resnet18", input_size=SIZE)
+    per_module = flops_by_module(result.model, SIZE)  # as converted
     paths = dict(result.site_modules())
     with torch.no_grad():
         result.model.get_submodule(paths["maxpool"]).stride.copy_(torch.tensor([1.5, 2.5]))
         result.model.get_submodule(paths["layer3.0.conv1"]).stride.copy_(torch.tensor([2.0, 1.25]))
     history = [{"epoch": e, "r": {"1": [0.5 + e / 12, 0.5 - e / 20]}, "flops": 10**8 - e, "val_acc1": 0.1 * e} for e in range(3)]
-    moved = checkpoint.save_checkpoint(
+    moved = checkpoint.save_checkpoint(  # extra as a fine-tuning run may leave it (no rebuild needed)
         folder / "r18-moved.pt", result.model, result.plan, "timm:resnet18", input_size=SIZE,
-        budget=150_000_000, training={"epoch": 3, "history": history},
+        budget=150_000_000, training={"epoch": 3, "history": history}, extra={"flops_original": 148_000_000},
     )
-    return fresh, moved
+    return fresh, moved, per_module
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_converted_resnet18(reports, saved):
     assert report["flops"]["converted"] == report["flops"]["current"]
     # conversion keeps every op's output size at s = 2: the FLOPs of the convs are unchanged,
     # the converted model only adds DynOPool's own cost (0 in the pre-budget stand-in count)
-    per = flops_by_module(checkpoint.load(saved[0]), SIZE)
+    per = saved[2]
     dynopool_cost = sum(per.get(s["module"], 0) for s in report["sites"] if s["module"])
     assert report["flops"]["current"] - report["flops"]["original"] == dynopool_cost
     assert sites["global_pool.pool"]["status"] == "skipped" and sites["global_pool.pool"]["r"] is None
@@ -88,11 +89,11 @@ def test_every_format(reports, fmt):
         assert yaml.safe_load(render(reports[1], "yaml")) == json.loads(render(reports[1], "json"))
 
 
-def test_cli_on_checkpoint(saved, capsys, tmp_path):
+def test_cli_on_checkpoint(saved, reports, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        main(["report", str(saved[1]), "--format", "json", "--input-size", "48", "--figures", str(tmp_path)])
+        main(["report", str(saved[1]), "--format", "json", "--figures", str(tmp_path)])
     assert exc.value.code == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["input_size"] == [3, 48, 48] and data["reference_input_size"] == [3, 64, 64]
-    assert data["flops"]["within_budget"] is None
+    assert data == json.loads(render(reports[1], "json"))
+    assert data["flops"]["original"] == 148_000_000 and data["flops"]["within_budget"] is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scale_factors.png", "shapes.png"]

@@ -80,3 +80,11 @@ def test_bad_options_exit_2(fake_checkpoint, capsys, argv, needle):
 def test_help(capsys):
     code, out, _ = _run(["report", "--help"], capsys)
     assert code == 0 and "--figures" in out and "--input-size" in out
+
+
+def test_input_size_completion():
+    from dynopool_convert.report.options import merge_input_size, parse_input_size
+
+    assert merge_input_size(parse_input_size("48"), (3, 64, 64)) == (3, 48, 48)
+    assert merge_input_size(parse_input_size("48x40"), (1, 64, 64)) == (1, 48, 40)
+    assert merge_input_size(parse_input_size("3,48,40"), (1, 64, 64)) == (3, 48, 40)
