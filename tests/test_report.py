@@ -167,6 +167,13 @@ def test_training_summary_and_history(moved, converted):
     assert converted["history"] is None and converted["accuracy"] is None and converted["training"] is None
 
 
+def test_non_finite_values_become_null():
+    training = {"history": [{"epoch": 0, "loss": float("nan"), "val_acc": torch.tensor(float("inf")), "r": {"0": [0.5, 0.5]}}]}
+    report = build_report(TinyConverted(), tiny_plan(), source=None, input_size=(3, 32, 32), training=training)
+    assert report["history"][0]["loss"] is None and report["history"][0]["val_acc"] is None
+    json.loads(render(report, "json"))  # strict JSON (no NaN)
+
+
 def test_history_under_its_own_key():
     training = {"epoch": 2, "history": [{"step": s, "r": {"1": [0.5, 0.4 + s / 100]}, "top1": s / 10} for s in (10, 20)]}
     report = build_report(TinyConverted(), tiny_plan(), source=None, input_size=(3, 32, 32), training=training)

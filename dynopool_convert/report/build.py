@@ -41,7 +41,7 @@ def _pair(value) -> list[float]:
 def _plain(value: Any) -> Any:
     """``value`` as JSON/YAML-able plain data (tensors to numbers/lists, tuples to lists)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+        return _plain(value.item() if value.numel() == 1 else value.detach().cpu().tolist())
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -51,7 +51,7 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "item"):  # numpy scalars
-        return value.item()
+        return _plain(value.item())
     return str(value)
 
 
