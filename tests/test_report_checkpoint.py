@@ -80,6 +80,20 @@ def test_moved_checkpoint(reports):
     assert report["accuracy"]["val_acc1"]["best"] == pytest.approx(0.2)
 
 
+def test_sizes_match_a_real_forward(saved, reports):
+    # the report propagates shapes on fake tensors: compare with the model's real forward
+    model = checkpoint.load(saved[1]).eval()
+    seen = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "DynOPool":
+            module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, [list(i[0].shape[2:]), list(o.shape[2:])]))
+    with torch.no_grad():
+        model(torch.zeros(1, *SIZE))
+    for site in reports[1]["sites"]:
+        if site["module"]:
+            assert seen[site["module"]] == [site["input_size"], site["output_size"]], site["name"]
+
+
 @pytest.mark.parametrize("fmt", ["md", "json", "yaml", "html"])
 def test_every_format(reports, fmt):
     for report in reports:
