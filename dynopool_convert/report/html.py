@@ -46,6 +46,8 @@ def to_html(report: dict[str, Any], figures: Mapping[str, bytes] | None = None) 
     columns, rows = text.history_rows(report)
     if rows:
         parts.append("<h2>History</h2>" + _table(columns, rows))
+    if figures:
+        parts.append("<h2>Figures</h2>")
     for name, png in (figures or {}).items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(f'<figure><img alt="{escape(name)}" src="data:image/png;base64,{data}"><figcaption>{escape(name)}</figcaption></figure>')
