@@ -1,15 +1,176 @@
-"""Fused CPU kernel for DynOPool (numba). Placeholder until the kernel lands: never applies."""
+"""Fused CPU kernel for DynOPool (numba), DESIGN.md §1 "one fused loop per plane".
+
+Same math and signature as ``dynopool.resample_pool_reference``. The forward pass reads the
+four quarter-centre queries of every output cell by bilinear interpolation and keeps the
+max (or mean); for ``max`` it also keeps a one-byte code of the winning query (0..3 for the
+2x2 window in row-major order, first maximum wins like ``max_pool2d``). The backward pass
+recomputes only that query's four pixels, scatters the gradient into them and accumulates
+the gradients of both cell sizes (the query positions are linear in the cell size).
+
+Loops run over the N*C planes with ``numba.prange`` (contiguous NCHW) or over
+(image, channel block) tasks (channels-last, NHWC); each task owns the pixels it writes, and
+cell-size gradients are summed per task then reduced in a fixed order, so results are
+deterministic and race-free. Compiled lazily per dtype on first use, cached on disk.
+"""
 from __future__ import annotations
 
+import importlib.util
+
+import numpy as np
+import torch
 from torch import Tensor
+
+from .errors import UserInputError
+
+__all__ = ["applies", "resample_pool_fast", "numba_available"]
+
+_DTYPES = (torch.float32, torch.float64)
+_CHANNEL_BLOCK = 16  # channels per task in the channels-last kernel
+
+
+def numba_available() -> bool:
+    """Whether numba can be imported (the fused kernel's only extra dependency)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def _unusable_reason(x: Tensor) -> str | None:
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the PyTorch formulation"
+    if x.device.type != "cpu":
+        return f"the fused kernel runs on CPU tensors only, got device {x.device.type!r}"
+    if x.dtype not in _DTYPES:
+        return f"the fused kernel supports float32 and float64, got {x.dtype}"
+    if x.layout != torch.strided:
+        return "the fused kernel needs a dense (strided) tensor"
+    if not numba_available():
+        return "the fused kernel needs numba (pip install numba)"
+    return None
 
 
 def applies(x: Tensor, required: bool = False) -> bool:
-    """Whether the fused kernel can run on ``x``; with ``required`` an unusable kernel raises."""
-    if required:
-        raise RuntimeError("the fused CPU DynOPool kernel is not available")
+    """Whether the fused kernel can run on ``x``.
+
+    True for CPU float32/float64 tensors when numba imports. While ``torch.compile`` traces,
+    always False (the compiler traces the pure-PyTorch formulation instead, whatever the
+    backend). With ``required`` (``backend="fast"``) an unusable kernel raises
+    :class:`UserInputError` saying why.
+    """
+    reason = _unusable_reason(x)
+    if reason is None:
+        return True
+    if required and not torch.compiler.is_compiling():
+        raise UserInputError(f"backend='fast' is unavailable: {reason}; use backend='auto' or 'reference'")
     return False
 
 
+def _axis_table(n_out: int, cell: Tensor, size: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Per-query pixel indices, weight and d(position)/d(cell) along one axis.
+
+    Same arithmetic as the reference's ``_axis_queries`` (so the weights are bit-identical);
+    the derivative is zero where the position was clamped, as ``clamp``'s backward.
+    """
+    k = torch.arange(2 * n_out, dtype=dtype)
+    raw = (k + 0.5) * (cell.detach().to(dtype) * 0.5) - 0.5
+    q = raw.clamp(0.0, float(size - 1))
+    i0 = q.floor().long().clamp_(max=size - 1)
+    i1 = (i0 + 1).clamp_(max=size - 1)
+    w1 = q - i0.to(dtype)
+    inside = (raw >= 0.0) & (raw <= float(size - 1))
+    dq = torch.where(inside, (k + 0.5) * 0.5, torch.zeros((), dtype=dtype))
+    return i0.numpy(), i1.numpy(), w1.numpy(), dq.numpy()
+
+
+def _quarter(dtype: torch.dtype):
+    # 1/4 as a one-element array of the data's dtype: numba would promote a literal to float64
+    return np.full(1, 0.25, dtype=np.float32 if dtype == torch.float32 else np.float64)
+
+
+def _chunks(tasks: int) -> int:
+    # a few runs of planes per thread: amortises the per-run buffers, balances shared cores
+    return max(1, min(tasks, 4 * torch.get_num_threads()))
+
+
+def _set_threads(nb) -> None:
+    # follow torch's thread setting (numba defaults to every core)
+    nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
+
+
+class _ResamplePool(torch.autograd.Function):
+    """Autograd wrapper: x (N,C,H,W), 0-d cell sizes -> (N,C,out_h,out_w)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int, aggregate: str) -> Tensor:
+        from . import _numba_kernels as nk
+
+        n, c, h, w = x.shape
+        rows = _axis_table(out_h, cell_h, h, x.dtype)
+        cols = _axis_table(out_w, cell_w, w, x.dtype)
+        channels_last = _is_channels_last(x)
+        mean = aggregate == "mean"
+        quarter = _quarter(x.dtype)
+        _set_threads(nk.numba)
+        xd = x.detach()
+        if channels_last:
+            out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
+            code = torch.empty((0, 0, 0, 0) if mean else (n, out_h, out_w, c), dtype=torch.uint8)
+            xv = xd.permute(0, 2, 3, 1).numpy()
+            nk.forward_nhwc(xv, *rows[:3], *cols[:3], out.permute(0, 2, 3, 1).numpy(), code.numpy(), mean, quarter, _chunks(n * out_h))
+        else:
+            xd = xd.contiguous()
+            out = torch.empty((n, c, out_h, out_w), dtype=x.dtype)
+            code = torch.empty((0, 0, 0) if mean else (n * c, out_h, out_w), dtype=torch.uint8)
+            xv = xd.view(n * c, h, w).numpy()
+            nk.forward_nchw(xv, *rows[:3], *cols[:3], out.view(n * c, out_h, out_w).numpy(), code.numpy(), mean, quarter, _chunks(n * c))
+        ctx.save_for_backward(xd, code)
+        ctx.tables = (rows, cols)
+        ctx.meta = (mean, channels_last, cell_h.dtype, cell_w.dtype)
+        ctx.mark_non_differentiable(code)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        from . import _numba_kernels as nk
+
+        xd, code = ctx.saved_tensors
+        rows, cols = ctx.tables
+        mean, channels_last, dtype_h, dtype_w = ctx.meta
+        n, c, h, w = xd.shape
+        out_h, out_w = grad_out.shape[-2:]
+        quarter = _quarter(xd.dtype)
+        _set_threads(nk.numba)
+        if channels_last:
+            g = grad_out.permute(0, 2, 3, 1).contiguous()  # NHWC
+            grad_x = torch.empty((n, c, h, w), dtype=xd.dtype, memory_format=torch.channels_last)
+            tasks = n * -(-c // _CHANNEL_BLOCK)
+            part_h = torch.empty(tasks, dtype=torch.float64)
+            part_w = torch.empty(tasks, dtype=torch.float64)
+            nk.backward_nhwc(
+                xd.permute(0, 2, 3, 1).numpy(), g.numpy(), code.numpy(), *rows, *cols,
+                grad_x.permute(0, 2, 3, 1).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, _CHANNEL_BLOCK,
+            )
+        else:
+            g = grad_out.contiguous().view(n * c, out_h, out_w)
+            grad_x = torch.empty((n, c, h, w), dtype=xd.dtype)
+            part_h = torch.empty(n * c, dtype=torch.float64)
+            part_w = torch.empty(n * c, dtype=torch.float64)
+            nk.backward_nchw(
+                xd.view(n * c, h, w).numpy(), g.numpy(), code.numpy(), *rows, *cols,
+                grad_x.view(n * c, h, w).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, _chunks(n * c),
+            )
+        grad_h = part_h.sum().to(dtype_h) if ctx.needs_input_grad[1] else None
+        grad_w = part_w.sum().to(dtype_w) if ctx.needs_input_grad[2] else None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_h, grad_w, None, None, None
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    # a tensor that is contiguous in both layouts (C == 1 or H == W == 1) takes the NCHW path
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def resample_pool_fast(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int, aggregate: str) -> Tensor:
-    raise RuntimeError("the fused CPU DynOPool kernel is not available")
+    """Fused-kernel twin of ``resample_pool_reference`` (same arguments, same result).
+
+    ``x``: CPU float32/float64, N x C x H x W (any strides; channels-last runs natively,
+    other layouts are made contiguous). ``cell_h``, ``cell_w``: 0-d tensors, differentiable.
+    """
+    return _ResamplePool.apply(x, cell_h, cell_w, int(out_h), int(out_w), aggregate)
