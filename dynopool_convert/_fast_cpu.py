@@ -14,6 +14,7 @@ deterministic and race-free. Compiled lazily per dtype on first use, cached on d
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -25,7 +26,8 @@ from .errors import UserInputError
 __all__ = ["applies", "resample_pool_fast", "numba_available"]
 
 _DTYPES = (torch.float32, torch.float64)
-_CHANNEL_BLOCK = 16  # channels per task in the channels-last kernel
+_CHANNEL_BLOCK = 16  # channels per task in the channels-last backward
+_SERIAL_NUMEL = 1 << 15  # smaller inputs run on the calling thread (thread start-up dominates)
 
 
 def numba_available() -> bool:
@@ -63,6 +65,20 @@ def applies(x: Tensor, required: bool = False) -> bool:
     return False
 
 
+@functools.cache
+def _clamp_passes_gradient_at_bounds() -> tuple[bool, bool]:
+    """Whether ``Tensor.clamp(lo, hi)``'s backward lets the gradient through at ``lo`` / at ``hi``.
+
+    The reference differentiates its clamped query positions with autograd; the convention at
+    the exact bounds (hit at stride 2 by the first and last queries) has changed between torch
+    versions, so ask torch once instead of assuming one.
+    """
+    probe = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(probe.clamp(0.0, 1.0).sum(), probe)
+    return bool(grad[0] != 0), bool(grad[1] != 0)
+
+
 def _axis_table(n_out: int, cell: Tensor, size: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Per-query pixel indices, weight and d(position)/d(cell) along one axis.
 
@@ -75,7 +91,8 @@ def _axis_table(n_out: int, cell: Tensor, size: int, dtype: torch.dtype) -> tupl
     i0 = q.floor().long().clamp_(max=size - 1)
     i1 = (i0 + 1).clamp_(max=size - 1)
     w1 = q - i0.to(dtype)
-    inside = (raw >= 0.0) & (raw <= float(size - 1))
+    lo_ok, hi_ok = _clamp_passes_gradient_at_bounds()
+    inside = (raw >= 0.0 if lo_ok else raw > 0.0) & (raw <= size - 1.0 if hi_ok else raw < size - 1.0)
     dq = torch.where(inside, (k + 0.5) * 0.5, torch.zeros((), dtype=dtype))
     return i0.numpy(), i1.numpy(), w1.numpy(), dq.numpy()
 
@@ -90,9 +107,74 @@ def _chunks(tasks: int) -> int:
     return max(1, min(tasks, 4 * torch.get_num_threads()))
 
 
-def _set_threads(nb) -> None:
-    # follow torch's thread setting (numba defaults to every core)
-    nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
+def _parallel(x: Tensor) -> bool:
+    """Run the threaded kernels (after syncing numba's thread count with torch's)?"""
+    if x.numel() < _SERIAL_NUMEL or torch.get_num_threads() == 1:
+        return False
+    from ._numba_kernels import numba
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return True
+
+
+def _forward(x: Tensor, rows, cols, out_h: int, out_w: int, mean: bool) -> tuple[Tensor, Tensor]:
+    """Run the forward kernel; returns ``(out, code)`` (``code`` empty for ``mean``)."""
+    from . import _numba_kernels as nk
+
+    n, c, h, w = x.shape
+    quarter = _quarter(x.dtype)
+    par = _parallel(x)
+    if _is_channels_last(x):
+        out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
+        code = torch.empty((0, 0, 0, 0) if mean else (n, out_h, out_w, c), dtype=torch.uint8)
+        args = (x.permute(0, 2, 3, 1).numpy(), *rows[:3], *cols[:3], out.permute(0, 2, 3, 1).numpy(), code.numpy(), mean, quarter)
+        if par:
+            nk.forward_nhwc(*args, _chunks(n * out_h))
+        else:
+            nk.forward_rows_nhwc(*args, 0, n * out_h)
+    else:
+        out = torch.empty((n, c, out_h, out_w), dtype=x.dtype)
+        code = torch.empty((0, 0, 0) if mean else (n * c, out_h, out_w), dtype=torch.uint8)
+        args = (x.view(n * c, h, w).numpy(), *rows[:3], *cols[:3], out.view(n * c, out_h, out_w).numpy(), code.numpy(), mean, quarter)
+        if par:
+            nk.forward_nchw(*args, _chunks(n * c))
+        else:
+            nk.forward_planes(*args)
+    return out, code
+
+
+def _backward(x: Tensor, grad_out: Tensor, code: Tensor, rows, cols, mean: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the backward kernel; returns ``(grad_x, grad_cell_h, grad_cell_w)`` (cells in float64)."""
+    from . import _numba_kernels as nk
+
+    n, c, h, w = x.shape
+    out_h, out_w = grad_out.shape[-2:]
+    quarter = _quarter(x.dtype)
+    par = _parallel(x)
+    if _is_channels_last(x):
+        g = grad_out.permute(0, 2, 3, 1).contiguous()  # NHWC
+        grad_x = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+        tasks = n * -(-c // _CHANNEL_BLOCK)
+        part_h, part_w = torch.empty(tasks, dtype=torch.float64), torch.empty(tasks, dtype=torch.float64)
+        args = (
+            x.permute(0, 2, 3, 1).numpy(), g.numpy(), code.numpy(), *rows, *cols,
+            grad_x.permute(0, 2, 3, 1).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, _CHANNEL_BLOCK,
+        )
+        (nk.backward_nhwc if par else nk.backward_nhwc_serial)(*args)
+    else:
+        g = grad_out.contiguous().view(n * c, out_h, out_w)
+        grad_x = torch.empty((n, c, h, w), dtype=x.dtype)
+        part_h, part_w = torch.empty(n * c, dtype=torch.float64), torch.empty(n * c, dtype=torch.float64)
+        args = (
+            x.view(n * c, h, w).numpy(), g.numpy(), code.numpy(), *rows, *cols,
+            grad_x.view(n * c, h, w).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter,
+        )
+        if par:
+            nk.backward_nchw(*args, _chunks(n * c))
+        else:
+            nk.backward_planes(*args)
+    # per-task partial sums reduced in a fixed order: deterministic whatever the thread count
+    return grad_x, part_h.sum(), part_w.sum()
 
 
 class _ResamplePool(torch.autograd.Function):
@@ -100,66 +182,34 @@ class _ResamplePool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int, aggregate: str) -> Tensor:
-        from . import _numba_kernels as nk
-
-        n, c, h, w = x.shape
+        _, _, h, w = x.shape
+        xd = x.detach()
+        if not (_is_channels_last(xd) or xd.is_contiguous()):
+            xd = xd.contiguous()
         rows = _axis_table(out_h, cell_h, h, x.dtype)
         cols = _axis_table(out_w, cell_w, w, x.dtype)
-        channels_last = _is_channels_last(x)
         mean = aggregate == "mean"
-        quarter = _quarter(x.dtype)
-        _set_threads(nk.numba)
-        xd = x.detach()
-        if channels_last:
-            out = torch.empty((n, c, out_h, out_w), dtype=x.dtype, memory_format=torch.channels_last)
-            code = torch.empty((0, 0, 0, 0) if mean else (n, out_h, out_w, c), dtype=torch.uint8)
-            xv = xd.permute(0, 2, 3, 1).numpy()
-            nk.forward_nhwc(xv, *rows[:3], *cols[:3], out.permute(0, 2, 3, 1).numpy(), code.numpy(), mean, quarter, _chunks(n * out_h))
-        else:
-            xd = xd.contiguous()
-            out = torch.empty((n, c, out_h, out_w), dtype=x.dtype)
-            code = torch.empty((0, 0, 0) if mean else (n * c, out_h, out_w), dtype=torch.uint8)
-            xv = xd.view(n * c, h, w).numpy()
-            nk.forward_nchw(xv, *rows[:3], *cols[:3], out.view(n * c, out_h, out_w).numpy(), code.numpy(), mean, quarter, _chunks(n * c))
+        out, code = _forward(xd, rows, cols, out_h, out_w, mean)
         ctx.save_for_backward(xd, code)
         ctx.tables = (rows, cols)
-        ctx.meta = (mean, channels_last, cell_h.dtype, cell_w.dtype)
-        ctx.mark_non_differentiable(code)
+        ctx.meta = (mean, cell_h.dtype, cell_w.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        from . import _numba_kernels as nk
-
         xd, code = ctx.saved_tensors
         rows, cols = ctx.tables
-        mean, channels_last, dtype_h, dtype_w = ctx.meta
-        n, c, h, w = xd.shape
-        out_h, out_w = grad_out.shape[-2:]
-        quarter = _quarter(xd.dtype)
-        _set_threads(nk.numba)
-        if channels_last:
-            g = grad_out.permute(0, 2, 3, 1).contiguous()  # NHWC
-            grad_x = torch.empty((n, c, h, w), dtype=xd.dtype, memory_format=torch.channels_last)
-            tasks = n * -(-c // _CHANNEL_BLOCK)
-            part_h = torch.empty(tasks, dtype=torch.float64)
-            part_w = torch.empty(tasks, dtype=torch.float64)
-            nk.backward_nhwc(
-                xd.permute(0, 2, 3, 1).numpy(), g.numpy(), code.numpy(), *rows, *cols,
-                grad_x.permute(0, 2, 3, 1).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, _CHANNEL_BLOCK,
-            )
-        else:
-            g = grad_out.contiguous().view(n * c, out_h, out_w)
-            grad_x = torch.empty((n, c, h, w), dtype=xd.dtype)
-            part_h = torch.empty(n * c, dtype=torch.float64)
-            part_w = torch.empty(n * c, dtype=torch.float64)
-            nk.backward_nchw(
-                xd.view(n * c, h, w).numpy(), g.numpy(), code.numpy(), *rows, *cols,
-                grad_x.view(n * c, h, w).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, _chunks(n * c),
-            )
-        grad_h = part_h.sum().to(dtype_h) if ctx.needs_input_grad[1] else None
-        grad_w = part_w.sum().to(dtype_w) if ctx.needs_input_grad[2] else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_h, grad_w, None, None, None
+        mean, dtype_h, dtype_w = ctx.meta
+        grad_x, grad_h, grad_w = _backward(xd, grad_out, code, rows, cols, mean)
+        needs = ctx.needs_input_grad
+        return (
+            grad_x if needs[0] else None,
+            grad_h.to(dtype_h) if needs[1] else None,
+            grad_w.to(dtype_w) if needs[2] else None,
+            None,
+            None,
+            None,
+        )
 
 
 def _is_channels_last(x: Tensor) -> bool:

@@ -45,7 +45,7 @@ def _bilerp_backward(xp, gxp, g, y0, y1, wy, x0, x1, wx):
 
 
 @njit(**_JIT)
-def _forward_planes(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter):
+def forward_planes(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter):
     """Serial forward over a run of NCHW planes (row pass into a buffer, then columns)."""
     planes, oh, ow = out.shape
     w = x.shape[2]
@@ -101,11 +101,11 @@ def forward_nchw(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, chunks
     for t in prange(chunks):
         lo = t * planes // chunks
         hi = (t + 1) * planes // chunks
-        _forward_planes(x[lo:hi], ri0, ri1, rw, ci0, ci1, cw, out[lo:hi], code[lo:hi], mean, quarter)
+        forward_planes(x[lo:hi], ri0, ri1, rw, ci0, ci1, cw, out[lo:hi], code[lo:hi], mean, quarter)
 
 
 @njit(**_JIT)
-def _backward_planes(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, part_h, part_w, mean, quarter):
+def backward_planes(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, part_h, part_w, mean, quarter):
     """Serial backward over a run of NCHW planes: recompute the winning query, scatter."""
     planes, oh, ow = g.shape
     for p in range(planes):
@@ -142,14 +142,14 @@ def backward_nchw(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, part_h, 
     for t in prange(chunks):
         lo = t * planes // chunks
         hi = (t + 1) * planes // chunks
-        _backward_planes(
+        backward_planes(
             x[lo:hi], g[lo:hi], code[lo:hi], ri0, ri1, rw, rdq, ci0, ci1, cw, cdq,
             gx[lo:hi], part_h[lo:hi], part_w[lo:hi], mean, quarter,
         )
 
 
 @njit(**_JIT)
-def _forward_rows_nhwc(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, lo, hi):
+def forward_rows_nhwc(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, lo, hi):
     """Serial channels-last forward of output rows ``lo..hi`` (flat over N*out_h); loops over C innermost."""
     n, oh, ow, nc = out.shape
     w = x.shape[2]
@@ -209,7 +209,7 @@ def _forward_rows_nhwc(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, 
 def forward_nhwc(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, chunks):
     rows = out.shape[0] * out.shape[1]
     for t in prange(chunks):
-        _forward_rows_nhwc(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, t * rows // chunks, (t + 1) * rows // chunks)
+        forward_rows_nhwc(x, ri0, ri1, rw, ci0, ci1, cw, out, code, mean, quarter, t * rows // chunks, (t + 1) * rows // chunks)
 
 
 @njit(**_JIT)
@@ -289,6 +289,18 @@ def _backward_block_nhwc(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, m
     return sh, sw
 
 
+@njit(**_JIT)
+def backward_nhwc_serial(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, part_h, part_w, mean, quarter, block):
+    """``backward_nhwc`` on the calling thread (small tensors: no thread start-up)."""
+    nc = g.shape[3]
+    blocks = (nc + block - 1) // block
+    for t in range(g.shape[0] * blocks):
+        c0 = (t % blocks) * block
+        part_h[t], part_w[t] = _backward_block_nhwc(
+            x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, mean, quarter, t // blocks, c0, min(c0 + block, nc)
+        )
+
+
 @njit(parallel=True, **_JIT)
 def backward_nhwc(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, part_h, part_w, mean, quarter, block):
     n = g.shape[0]
@@ -303,4 +315,14 @@ def backward_nhwc(x, g, code, ri0, ri1, rw, rdq, ci0, ci1, cw, cdq, gx, part_h, 
         part_w[t] = sw
 
 
-__all__ = ["numba", "forward_nchw", "backward_nchw", "forward_nhwc", "backward_nhwc"]
+__all__ = [
+    "numba",
+    "forward_planes",
+    "forward_nchw",
+    "backward_planes",
+    "backward_nchw",
+    "forward_rows_nhwc",
+    "forward_nhwc",
+    "backward_nhwc_serial",
+    "backward_nhwc",
+]
