@@ -26,7 +26,7 @@ from .errors import UserInputError
 __all__ = ["applies", "resample_pool_fast", "numba_available"]
 
 _DTYPES = (torch.float32, torch.float64)
-_CHANNEL_BLOCK = 16  # channels per task in the channels-last backward
+_CHANNEL_BLOCK = 16  # channels per task in the channels-last backward for small batches
 _SERIAL_NUMEL = 1 << 15  # smaller inputs run on the calling thread (thread start-up dominates)
 
 
@@ -154,11 +154,13 @@ def _backward(x: Tensor, grad_out: Tensor, code: Tensor, rows, cols, mean: bool)
     if _is_channels_last(x):
         g = grad_out.permute(0, 2, 3, 1).contiguous()  # NHWC
         grad_x = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=torch.channels_last)
-        tasks = n * -(-c // _CHANNEL_BLOCK)
+        # whole images per task when the batch feeds every thread: longer, vectorised channel loops
+        block = c if n >= 4 * torch.get_num_threads() else min(c, _CHANNEL_BLOCK)
+        tasks = n * -(-c // block)
         part_h, part_w = torch.empty(tasks, dtype=torch.float64), torch.empty(tasks, dtype=torch.float64)
         args = (
             x.permute(0, 2, 3, 1).numpy(), g.numpy(), code.numpy(), *rows, *cols,
-            grad_x.permute(0, 2, 3, 1).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, _CHANNEL_BLOCK,
+            grad_x.permute(0, 2, 3, 1).numpy(), part_h.numpy(), part_w.numpy(), mean, quarter, block,
         )
         (nk.backward_nhwc if par else nk.backward_nhwc_serial)(*args)
     else:
