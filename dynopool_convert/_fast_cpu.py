@@ -1,21 +1,26 @@
-"""Fused CPU kernel for DynOPool (numba), DESIGN.md §1 "one fused loop per plane".
+"""Fused CPU kernel for DynOPool (numba): DESIGN.md §1, "one fused loop per plane".
 
-Same math and signature as ``dynopool.resample_pool_reference``. The forward pass reads the
-four quarter-centre queries of every output cell by bilinear interpolation and keeps the
-max (or mean); for ``max`` it also keeps a one-byte code of the winning query (0..3 for the
-2x2 window in row-major order, first maximum wins like ``max_pool2d``). The backward pass
-recomputes only that query's four pixels, scatters the gradient into them and accumulates
-the gradients of both cell sizes (the query positions are linear in the cell size).
+``resample_pool_fast`` has the signature and the result of ``dynopool.resample_pool_reference``
+and is differentiable in ``x`` and both cell sizes through one ``torch.autograd.Function``.
 
-Loops run over the N*C planes with ``numba.prange`` (contiguous NCHW) or over
-(image, channel block) tasks (channels-last, NHWC); each task owns the pixels it writes, and
-cell-size gradients are summed per task then reduced in a fixed order, so results are
-deterministic and race-free. Compiled lazily per dtype on first use, cached on disk.
+Forward: for each output row, the two query rows are interpolated along H into a row buffer,
+then read at the query columns (the reference's order of operations, so the values are the
+same bits); the 2x2 queries are reduced by mean, or by max keeping a one-byte code of the
+winner (first maximum in row-major order, NaN wins: ``max_pool2d``'s rule, so stride 2
+reproduces it bit-exactly, gradient routing included). Backward: the winner's four pixels and
+weights are recomputed from the code, the gradient is scattered into them, and the gradients
+of both cell sizes are accumulated (the query positions are linear in the cell size; zero where
+a position was clamped). ``mean`` sends g/4 to each query.
+
+Layouts: contiguous NCHW runs over runs of N*C planes; channels-last runs natively (rows x
+channels, vectorised over C) and keeps its layout; any other strides are made contiguous.
+Each parallel task owns the pixels it writes and its own partial cell gradients, reduced in a
+fixed order: race-free and deterministic. Small inputs run on the calling thread. numba compiles
+each (dtype, layout) on first use and caches the machine code on disk (``cache=True``).
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import numpy as np
 import torch
@@ -30,9 +35,14 @@ _CHANNEL_BLOCK = 16  # channels per task in the channels-last backward for small
 _SERIAL_NUMEL = 1 << 15  # smaller inputs run on the calling thread (thread start-up dominates)
 
 
+@functools.cache
 def numba_available() -> bool:
-    """Whether numba can be imported (the fused kernel's only extra dependency)."""
-    return importlib.util.find_spec("numba") is not None
+    """Whether numba imports (the fused kernel's only extra dependency); checked once."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _unusable_reason(x: Tensor) -> str | None:
@@ -73,8 +83,8 @@ def _clamp_passes_gradient_at_bounds() -> tuple[bool, bool]:
     the exact bounds (hit at stride 2 by the first and last queries) has changed between torch
     versions, so ask torch once instead of assuming one.
     """
-    probe = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from eval code
+        probe = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
         (grad,) = torch.autograd.grad(probe.clamp(0.0, 1.0).sum(), probe)
     return bool(grad[0] != 0), bool(grad[1] != 0)
 
