@@ -25,6 +25,7 @@ import functools
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .errors import UserInputError
 
@@ -208,6 +209,7 @@ class _ResamplePool(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernel's backward is not itself differentiable: say so loudly
     def backward(ctx, grad_out: Tensor):
         xd, code = ctx.saved_tensors
         rows, cols = ctx.tables

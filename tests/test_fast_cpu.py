@@ -155,6 +155,15 @@ def test_non_contiguous_input_and_nan():
         assert torch.equal(y.isnan(), dynopool2d(x, s, backend="reference").isnan()) and y.isnan().any()
 
 
+def test_double_backward_is_refused():
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    ch, cw = _cells(1.5, 1.5)
+    v = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(fast(x, ch, cw, 4, 4, "max"), x, grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
 def test_deterministic_across_runs():
     torch.manual_seed(5)
     x = torch.randn(4, 8, 23, 17, requires_grad=True)
