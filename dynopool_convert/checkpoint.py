@@ -7,7 +7,9 @@ loading rebuilds the model from its source, replays the plan and loads the state
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +18,9 @@ import torch
 from torch import nn
 
 from .convert import apply_plan, check_input_size
+from .dynopool import dynopool_modules
 from .errors import UserInputError
+from .files import atomic_write, check_output_path
 from .models import build_model, is_trusted_source
 from .plan import Plan
 
@@ -58,9 +62,7 @@ def save_checkpoint(
     """
     from . import __version__
 
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise UserInputError(f"cannot write checkpoint {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    path = check_output_path(path, "checkpoint")
     payload = {
         "format": _MAGIC,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -74,36 +76,85 @@ def save_checkpoint(
         "training": training,
         "extra": extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except OSError as err:
+        raise UserInputError(f"cannot write checkpoint {str(path)!r}: {err.strerror or err}") from err
     return path
 
 
 save = save_checkpoint
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserInputError(f"checkpoint {str(path)!r} does not exist")
+_UNSAFE_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_DETAIL = re.compile(r"Unsupported operand \d+|Unsupported class [\w.]+")
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into one-line UserInputErrors."""
+    name = str(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        msg = " ".join(str(err).split())[:160]
-        raise UserInputError(f"{str(path)!r} is not a readable dynopool checkpoint ({type(err).__name__}: {msg})") from err
+        if path.stat().st_size == 0:
+            raise UserInputError(f"{name!r} is empty, not a dynopool checkpoint")
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line on stderr only
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except UserInputError:
+        raise
+    except OSError as err:
+        raise UserInputError(f"cannot read checkpoint {name!r}: {err.strerror or err}") from err
+    except pickle.UnpicklingError as err:
+        unsafe = _UNSAFE_GLOBAL.search(str(err))
+        if unsafe:
+            raise UserInputError(
+                f"refusing to load {name!r}: it references the Python object {unsafe.group(1) or unsafe.group(2)}, and unpickling it "
+                "could run code (dynopool loads checkpoints weights-only: tensors and plain data)"
+            ) from err
+        detail = _UNPICKLER_DETAIL.search(str(err))
+        raise UserInputError(
+            f"{name!r} is not a readable dynopool checkpoint (corrupt, or a pickle beyond tensors and plain data, "
+            f"which dynopool never loads: {detail.group(0) if detail else _one_line(err)})"
+        ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for truncated or foreign bytes
+        raise UserInputError(
+            f"{name!r} is not a readable dynopool checkpoint (truncated or not a torch.save file: {type(err).__name__}: {_one_line(err)})"
+        ) from err
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    return " ".join(str(err).split())[:limit]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserInputError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {str(path)!r} is not a file")
+    payload = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != _MAGIC:
-        raise UserInputError(f"{str(path)!r} is not a dynopool checkpoint")
+        raise UserInputError(f"{str(path)!r} is not a dynopool checkpoint (a torch.save file without dynopool's header)")
     version = payload.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= CHECKPOINT_FORMAT_VERSION:
         raise UserInputError(
             f"{str(path)!r} has checkpoint format version {version}; this dynopool reads 1..{CHECKPOINT_FORMAT_VERSION}"
         )
+    _check_fields(path, payload)
     return payload
+
+
+def _check_fields(path: Path, payload: dict[str, Any]) -> None:
+    """The header fields have the types ``save_checkpoint`` writes (a hand-edited file may not)."""
+    expected = {"source": str, "build_args": dict, "plan": dict, "state_dict": dict, "input_size": (list, tuple)}
+    for key, kind in expected.items():
+        if not isinstance(payload.get(key), kind):
+            got = "missing" if key not in payload else type(payload[key]).__name__
+            raise UserInputError(f"checkpoint {str(path)!r} is corrupt: field {key!r} is {got}")
+    if not all(isinstance(v, torch.Tensor) for v in payload["state_dict"].values()):
+        raise UserInputError(f"checkpoint {str(path)!r} is corrupt: its state_dict holds values that are not tensors")
+    try:
+        check_input_size(payload["input_size"])
+    except UserInputError as err:
+        raise UserInputError(f"checkpoint {str(path)!r} is corrupt: {err}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, trust_source: bool = False) -> Checkpoint:
@@ -120,13 +171,29 @@ def load_checkpoint(path: str | os.PathLike, trust_source: bool = False) -> Chec
             f"checkpoint {str(path)!r} builds its model with {source!r}, which imports and runs that Python code; "
             "pass trust_source=True (CLI: --trust-source) if you trust it"
         )
-    plan = Plan.from_dict(payload["plan"])
-    model = apply_plan(build_model(source, payload["build_args"]), plan)
+    try:
+        plan = Plan.from_dict(payload["plan"])
+    except UserInputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserInputError(f"checkpoint {str(path)!r} is corrupt: its plan cannot be read ({type(err).__name__}: {_one_line(err)})") from err
+    model = build_model(source, payload["build_args"])
+    try:
+        model = apply_plan(model, plan)
+    except UserInputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise UserInputError(
+            f"checkpoint {str(path)!r}: its plan does not fit the model rebuilt from {source!r} ({type(err).__name__}: {_one_line(err)})"
+        ) from err
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         msg = " ".join(str(err).split())[:200]
         raise UserInputError(f"checkpoint {str(path)!r} does not match the model rebuilt from {source!r}: {msg}") from err
+    bad = [name for name, m in dynopool_modules(model) if not torch.isfinite(m.stride).all()]
+    if bad:
+        raise UserInputError(f"checkpoint {str(path)!r} is corrupt: non-finite scale factors in {', '.join(bad[:3])}")
     return Checkpoint(
         model=model,
         plan=plan,

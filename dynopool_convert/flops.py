@@ -137,7 +137,13 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
             fa = FlopCountAnalysis(model, torch.zeros(1, c, h, w, device=device, dtype=dtype))
             fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
             fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            fa.total()  # run the trace while the patches are in place
+            try:
+                fa.total()  # run the trace while the patches are in place
+            except Exception as err:  # the model failing at the user's input size is user-fixable
+                msg = " ".join(str(err).split())[:200]
+                raise UserInputError(
+                    f"the model fails on an input of size {[c, h, w]}: {type(err).__name__}: {msg}; try another --input-size"
+                ) from err
             yield fa
     finally:
         model.train(was_training)

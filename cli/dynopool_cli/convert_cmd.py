@@ -64,9 +64,13 @@ def convert(
     from dynopool_convert.budget import fit_to_budget, parse_budget
     from dynopool_convert.flops import count_flops, format_flops
 
+    from dynopool_convert.files import check_output_path
+
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
     source = resolve_source(model)
+    if not dry_run:  # a bad --out is refused before any work, not after it
+        check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")
     build_args = parse_build_args(build_arg)
     with console.status(f"building {source}"):
         net = build_model(source, build_args)

@@ -40,7 +40,13 @@ def report(
 
     from rich.console import Console
 
+    from dynopool_convert.files import atomic_write_text, check_output_path, check_output_dir
+
     size = parse_input_size(input_size) if input_size is not None else None
+    if out is not None:
+        check_output_path(out, "report", missing_parents_ok=True)
+    if figures is not None:
+        check_output_dir(figures, "figures")
     with Console(stderr=True).status(f"reading {checkpoint} and computing the report"):  # shown on a TTY only
         data = report_from_checkpoint(checkpoint, input_size=size, trust_source=trust_source)
     fmt = format.value if format is not None else (format_from_path(out) if out is not None else None)
@@ -58,6 +64,5 @@ def report(
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     typer.echo(f"wrote {out}", err=True)

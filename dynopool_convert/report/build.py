@@ -416,7 +416,7 @@ def report_from_checkpoint(
     ``package.module:factory`` source be imported (see ``load_checkpoint``).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # other problems (a folder, unreadable, corrupt): load_checkpoint says
         raise UserInputError(f"checkpoint not found: {path} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')")
     from ..checkpoint import load_checkpoint  # the convert helper's module
 
@@ -424,6 +424,8 @@ def report_from_checkpoint(
     plan = ckpt.plan.to_dict() if hasattr(ckpt.plan, "to_dict") else dict(ckpt.plan)
     reference = tuple(int(v) for v in ckpt.input_size)
     size = merge_input_size(tuple(input_size), reference) if input_size is not None else reference
+    if size[0] != reference[0]:  # the first layer's weights fix the channel count
+        raise UserInputError(f"input size {','.join(map(str, size))} has {size[0]} channels; this model takes {reference[0]}")
     extra = dict(ckpt.extra or {})
     original = extra.get("flops_original")
     if original is None or size != reference:

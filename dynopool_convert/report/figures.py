@@ -14,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..files import atomic_write_bytes, check_output_dir
+
 __all__ = ["shapes_figure", "history_figure", "figures", "write_figures", "history_series"]
 
 
@@ -134,11 +136,11 @@ def figures(report: dict[str, Any]) -> dict[str, bytes]:
 
 def write_figures(report: dict[str, Any], directory: str | Path) -> list[Path]:
     """Write the figures of ``report`` into ``directory`` (created if needed); their paths."""
-    directory = Path(directory)
+    directory = check_output_dir(directory, "figures")
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, png in figures(report).items():
         path = directory / name
-        path.write_bytes(png)
+        atomic_write_bytes(path, png)
         paths.append(path)
     return paths
