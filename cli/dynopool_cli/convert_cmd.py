@@ -74,7 +74,7 @@ def convert(
     build_args = parse_build_args(build_arg)
     with console.status(f"building {source}"):
         net = build_model(source, build_args)
-    size = parse_input_size(input_size) if input_size else default_input_size(source, net)
+    size = parse_input_size(input_size) if input_size is not None else default_input_size(source, net)
     with console.status(f"counting FLOPs at {size[1]}x{size[2]}"):
         original_flops = count_flops(net, size)
     with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
