@@ -167,6 +167,9 @@ CASES = [
     Case("enum-report-format", _report("good", "--format", "pdf"), ("--format", "json")),
     Case("command-unknown", ("nosuchcommand",), ("no such command", "nosuchcommand")),
     Case("argument-missing", ("report",), ("missing argument", "checkpoint")),
+    Case("demo-size-zero", ("demo", "--size", "0"), ("--size",)),
+    Case("demo-size-huge", ("demo", "--size", "100000000"), ("--size", "4096")),
+    Case("demo-stride-nan", ("demo", "--stride", "nan"), ("--stride",)),
     # output paths
     Case("out-is-directory", (*CONVERT, "--out", "."), ("directory",)),
     Case("out-folder-missing", (*CONVERT, "--out", "nodir/x.pt"), ("does not exist", "nodir")),
@@ -333,3 +336,17 @@ def test_saved_files_keep_usual_permissions(tmp_path):
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capfd):
+    """Ctrl-C during a command: exit code 130 (typer's mapping), no traceback."""
+    from dynopool_cli.app import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dc, "build_model", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", SOURCE, "--input-size", SIZE, "--dry-run"])
+    assert exc.value.code == 130
+    assert "Traceback" not in capfd.readouterr().err

@@ -32,7 +32,7 @@ def _root() -> None:
 
 @app.command()
 def demo(
-    size: int = typer.Option(56, min=1, help="Spatial size of the random input."),
+    size: int = typer.Option(56, min=1, max=4096, help="Spatial size of the random input."),
     stride: float = typer.Option(2.0, min=0.5, max=16.0, help="Continuous stride s of the layer."),
 ) -> None:
     """Run one DynOPool layer on a random input and print the shapes (a quick sanity check)."""
