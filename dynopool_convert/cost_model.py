@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .dynopool import DynOPool, dynopool_output_size
+from .dynopool import DynOPool, dynopool_output_size, scale_parameters
 from .flops import _quiet, count_flops, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
@@ -341,7 +341,10 @@ class CostModel:
         params: dict[int, nn.Parameter] = {}
         for m in self._dynopools.values():
             params.setdefault(id(m.stride), m.stride)
-        self.parameters: list[nn.Parameter] = list(params.values())
+        # in the order of scale_parameters(model): one per tied group
+        ordered = [p for p in scale_parameters(model) if id(p) in params]
+        ordered += [p for p in params.values() if all(p is not q for q in ordered)]
+        self.parameters: list[nn.Parameter] = ordered
         self._group_of = {id(p): i for i, p in enumerate(self.parameters)}
         # stride bounds per group (every site of a group shares them): [1/r_max, 1/r_min]
         self._bounds = [(0.0, math.inf)] * len(self.parameters)
