@@ -92,6 +92,41 @@ def speed() -> None:
                 print(f"{str(shape):>20} {stride:>8} {str(dtype)[6:]:>9} {statistics.median(ratios):>7.2f}")
 
 
+def converted_step(failures: list[str]) -> None:
+    """A training step of converted ResNet-50 vs the original on CUDA (bf16 autocast), interleaved."""
+    import timm
+
+    from dynopool_convert import convert
+
+    print("\ntraining step, ResNet-50 224px batch 32, bf16 autocast, converted vs original")
+    torch.manual_seed(0)
+    models = {"original": timm.create_model("resnet50", num_classes=100)}
+    models["converted"] = convert(timm.create_model("resnet50", num_classes=100), input_size=(3, 224, 224)).model
+    x = torch.randn(32, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 100, (32,), device="cuda")
+    steps = {}
+    for kind, model in models.items():
+        model.cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        steps[kind] = step
+        _check(f"{kind} step finite", bool(torch.isfinite(step()).item()), failures)
+    times = {kind: [] for kind in steps}
+    for _ in range(3):
+        for kind, step in steps.items():
+            times[kind].append(_time(step, reps=10))
+    orig, conv = statistics.median(times["original"]), statistics.median(times["converted"])
+    print(f"original {orig * 1e3:.1f} ms, converted {conv * 1e3:.1f} ms, ratio {conv / orig:.2f}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -100,6 +135,7 @@ def main() -> int:
     failures: list[str] = []
     correctness(failures)
     speed()
+    converted_step(failures)
     print(f"\n{len(failures)} correctness failures")
     return 1 if failures else 0
 

@@ -22,7 +22,7 @@ from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
 from .sites import Candidate, find_candidates
 from .tracing import trace_model
-from .validate import OutputSpec, ValidationReport, output_spec, validate as validate_graph
+from .validate import OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
 
 __all__ = ["convert", "apply_plan", "ConversionResult", "Analysis", "analyse", "check_input_size"]
 
@@ -69,11 +69,13 @@ def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
     size = check_input_size(input_size)
     t = trace_model(model)
     traced = t.graph_module
-    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    first = next(iter(model.parameters()), None)  # the example lives where the model does
+    device, dtype = (first.device, first.dtype) if first is not None and first.is_floating_point() else ("cpu", torch.float32)
+    example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     was_training = traced.training
     traced.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet():
             out = ShapeProp(traced).propagate(example)
     except Exception as err:  # the user's model failing at this size is a user-fixable problem
         msg = " ".join(str(err).split())[:200]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import UserInputError
 
-__all__ = ["resolve_source", "build_model", "is_trusted_source", "model_label", "default_input_size", "parse_input_size"]
+__all__ = ["resolve_source", "build_model", "is_trusted_source", "model_label", "default_input_size", "parse_input_size", "parse_build_args"]
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
@@ -185,3 +185,23 @@ def parse_input_size(text: str, channels: int = 3) -> tuple[int, int, int]:
         raise UserInputError(f"input size must be N or HxW with positive integers (e.g. 224 or 256x192), got {text!r}")
     h, w = (values[0], values[0]) if len(values) == 1 else values
     return channels, h, w
+
+
+def parse_build_args(items: list[str] | None) -> dict[str, Any]:
+    """``["num_classes=10", "dynamic_img_size=true"]`` -> ``{"num_classes": 10, "dynamic_img_size": True}``.
+
+    Values are read as YAML scalars (numbers, booleans, null, strings, ``[lists]``).
+    """
+    import yaml
+
+    args: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserInputError(f"build argument must be KEY=VALUE with a Python identifier as KEY, got {item!r}")
+        try:
+            args[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise UserInputError(f"cannot read the value of build argument {item!r}: {' '.join(str(err).split())}") from err
+    return args

@@ -55,8 +55,10 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
     gm = copy.deepcopy(traced) if copy_graph else traced
     nodes = {n.name: n for n in gm.graph.nodes}
     by_name = {c.name: c for c in candidates}
-    params = {
-        g.id: nn.Parameter(torch.tensor([float(v) for v in g.stride_init], dtype=torch.float32))
+    first = next(iter(gm.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    params = {  # strides stay float32 (they are tiny), on the model's device
+        g.id: nn.Parameter(torch.tensor([float(v) for v in g.stride_init], dtype=torch.float32, device=device))
         for g in plan.converted_groups()
     }
     bounds = {g.id: r_bounds_for(g.stride_init) for g in plan.converted_groups()}

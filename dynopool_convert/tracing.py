@@ -8,7 +8,6 @@ kept as a leaf too, so that e.g. timm's ``Conv2dSame`` shows up as one node.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,15 @@ def leaf_module_types() -> list[type]:
         obj for obj in vars(torchvision.ops).values()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__name__ not in _TRACE_THROUGH
     ]
-    return list(dict.fromkeys([*get_notrace_modules(), *ops, *site_module_types()]))
+    return list(dict.fromkeys([*get_notrace_modules(), *ops, *site_module_types(), *_mode_dependent_modules()]))
+
+
+def _mode_dependent_modules() -> list[type]:
+    """Modules whose forward branches on ``self.training`` in Python: as leaves they keep
+    following ``.train()``/``.eval()`` after tracing (which is done in eval mode)."""
+    from timm.layers import DropBlock2d, DropPath
+
+    return [DropPath, DropBlock2d]
 
 
 def _notrace_functions() -> list:
@@ -75,6 +82,10 @@ def _culprit(err: BaseException) -> str:
 def trace_model(model: nn.Module) -> Traced:
     """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
 
+    Python branches on ``self.training`` inside traced-through code are frozen at their eval
+    value (e.g. auxiliary heads are dropped); leaf modules (dropout, drop path, batch norm)
+    keep following the mode.
+
     Raises ``UserInputError`` naming the module or function that could not be traced.
     """
     tracer = NodePathTracer(
@@ -98,6 +109,4 @@ def trace_model(model: nn.Module) -> Traced:
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(was_training)
     node_names = {node.name: tracer.node_to_qualname.get(node, node.name) for node in graph.nodes}
-    # placeholders/outputs are not recorded by create_proxy with a qualname in every version
-    node_names = {k: re.sub(r"\s+", "", v) for k, v in node_names.items()}
     return Traced(gm, node_names)

@@ -100,3 +100,41 @@ class SharedPool(nn.Module):
 
     def forward(self, x):
         return self.pool(self.c2(self.pool(self.c1(x))))
+
+
+class OneBranchHardCoded(nn.Module):
+    """Two pooled branches: one adapts (adaptive pool), the other flattens a fixed 4x4 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.free = nn.MaxPool2d(2)
+        self.fixed = nn.AvgPool2d(4)
+        self.fc_free = nn.Linear(4, 3)
+        self.fc_fixed = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        a = self.fc_free(torch.flatten(F.adaptive_avg_pool2d(self.free(x), 1), 1))
+        b = self.fc_fixed(self.fixed(x).reshape(x.shape[0], 64))
+        return a + b
+
+
+class TimmLayersNet(nn.Module):
+    """timm's pooling layers and a functional scale-factor interpolation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import BlurPool2d, create_conv2d, create_pool2d
+
+        self.conv = create_conv2d(3, 8, 3, stride=2, padding="same")  # a Conv2dSame
+        self.pool = create_pool2d("max", 3, stride=2, padding="same")  # MaxPool2dSame
+        self.blur = BlurPool2d(8, filt_size=3, stride=2)
+        self.avg = create_pool2d("avg", 2, stride=2, padding="same")  # AvgPool2dSame
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.blur(self.pool(torch.relu(self.conv(x))))
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = self.avg(x)
+        return self.fc(x.mean((2, 3)))

@@ -21,12 +21,13 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 def test_convert_writes_a_checkpoint_that_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run(["convert", "resnet18", "--input-size", "32"], capsys)
+    code, out, err = _run(["convert", "resnet18", "--input-size", "32", "--build-arg", "num_classes=7"], capsys)
     assert code == 0, err
     assert "layer2.0.downsample.0" in out and "converted" in out and "16x16 -> 8x8" in out
     assert "checkpoint: resnet18-dynopool.pt" in out
-    model = dc.load(tmp_path / "resnet18-dynopool.pt")
-    assert len(dc.scale_parameters(model)) == 5
+    ck = dc.load_checkpoint(tmp_path / "resnet18-dynopool.pt")
+    assert ck.build_args == {"num_classes": 7} and ck.model.get_submodule("fc").out_features == 7
+    assert len(dc.scale_parameters(ck.model)) == 5
 
 
 def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -42,9 +43,20 @@ def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
         (["convert", "resnt18"], "close matches: resnet18"),
         (["convert", "resnet18", "--input-size", "abc"], "input size"),
         (["convert", "resnet18", "--placement", "middle"], "placement"),
+        (["convert", "resnet18", "--build-arg", "oops"], "KEY=VALUE"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, words, capsys):
     code, _, err = _run(argv, capsys)
     assert code == 2
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_custom_model_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "convert_custom_model.py"
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "learned groups: 2" in out and "reloaded model gives the same output: True" in out

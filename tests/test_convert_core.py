@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from _convert_models import HardCodedFlatten, PoolOnly, SharedPool, TinyNet, Untraceable
+from _convert_models import HardCodedFlatten, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, Untraceable
 from dynopool_convert import (
     DynOPool,
     Plan,
@@ -127,6 +127,21 @@ def test_custom_model_functional_pools_se_and_interpolation():
     _backprop_reaches_every_group(r.model, torch.randn(2, 3, 32, 32))
 
 
+def test_timm_pool_layers_and_functional_interpolate():
+    r = convert(TimmLayersNet(), input_size=(3, 64, 64))
+    ops = {s.name: (s.op.split("(")[0], s.status, s.aggregate, s.stride_init) for s in r.plan.sites}
+    assert ops == {
+        "conv": ("Conv2dSame", "converted", "max", [2.0, 2.0]),
+        "pool": ("MaxPool2dSame", "converted", "max", [2.0, 2.0]),
+        "blur": ("BlurPool2d", "converted", "mean", [2.0, 2.0]),
+        "interpolate": ("F.interpolate", "converted", "mean", [0.5, 0.5]),
+        "avg": ("AvgPool2dSame", "converted", "mean", [2.0, 2.0]),
+    }
+    assert [r.plan.site(n).converted_size for n in ("conv", "pool", "blur", "interpolate", "avg")] == [
+        [32, 32], [16, 16], [8, 8], [16, 16], [8, 8]]
+    _backprop_reaches_every_group(r.model, torch.randn(2, 3, 64, 64))
+
+
 def test_exact_where_the_conversion_is_exact():
     torch.manual_seed(0)
     model = PoolOnly().eval()
@@ -149,6 +164,15 @@ def test_hard_coded_shape_is_reverted_with_reason():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(r.model.eval()(x), model(x))
+
+
+def test_only_the_breaking_group_is_reverted():
+    r = convert(OneBranchHardCoded(), input_size=(3, 16, 16))
+    assert r.plan.site("free").status == "converted"
+    fixed = r.plan.site("fixed")
+    assert fixed.status == "reverted" and "breaks the forward" in fixed.reason and "64" in fixed.reason
+    assert r.plan.groups[fixed.group].status == "reverted"
+    assert [type(m).__name__ for m in (r.model.get_submodule("free"), r.model.get_submodule("fixed"))] == ["DynOPool", "AvgPool2d"]
 
 
 def test_shared_pool_module_gives_two_independent_sites():

@@ -53,12 +53,13 @@ def convert(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path (default: <model>-dynopool.pt in the current folder).")] = None,
+    build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable), e.g. num_classes=10, dynamic_img_size=true.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9: the converted model is fitted to it.")] = None,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
     from dynopool_convert import build_model, convert as convert_model, resolve_source, save_checkpoint
-    from dynopool_convert.models import default_input_size, model_label, parse_input_size
+    from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
     from dynopool_convert.flops import count_flops, format_flops
@@ -66,8 +67,9 @@ def convert(
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
     source = resolve_source(model)
+    build_args = parse_build_args(build_arg)
     with console.status(f"building {source}"):
-        net = build_model(source)
+        net = build_model(source, build_args)
     size = parse_input_size(input_size) if input_size else default_input_size(source, net)
     with console.status(f"counting FLOPs at {size[1]}x{size[2]}"):
         original_flops = count_flops(net, size)
@@ -113,6 +115,6 @@ def convert(
     if fit is not None:
         flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
     saved = save_checkpoint(
-        path, result.model, plan, source, input_size=size, budget=budget_flops, extra={"flops": flops}
+        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra={"flops": flops}
     )
     console.print(f"checkpoint: {saved}")

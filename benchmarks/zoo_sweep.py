@@ -1,0 +1,270 @@
+"""Coverage sweep: trace, convert, validate and backprop one model per timm family (the smallest)
+and every torchvision classification and segmentation model, at a small input size.
+
+Each model runs in its own subprocess with a timeout, so that one model's failure (exception,
+crash, hang) never stops the sweep; results are appended to a JSON-lines file (re-running
+resumes) and rendered to docs/COVERAGE.md.
+
+    PYTHONPATH=.:cli python benchmarks/zoo_sweep.py                  # everything, resumable
+    PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --only timm:resnet18 --fresh
+    PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --render-only    # rewrite the table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "zoo_sweep.jsonl"
+SMALLEST = ROOT / "benchmarks" / "results" / "timm_smallest.json"
+COVERAGE = ROOT / "docs" / "COVERAGE.md"
+
+
+# ------------------------------------------------------------------------------------------
+# which models
+
+
+def timm_smallest() -> dict[str, str]:
+    """family (timm module) -> its model with the fewest parameters (counted on the meta device)."""
+    if SMALLEST.exists():
+        return json.loads(SMALLEST.read_text())
+    import timm
+    import torch
+
+    chosen = {}
+    for family in timm.list_modules():
+        best = None
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"):
+                    count = sum(p.numel() for p in timm.create_model(name).parameters())
+            except Exception:  # a model that cannot be built on the meta device is ranked last
+                count = float("inf")
+            if best is None or count < best[0]:
+                best = (count, name)
+        if best is not None:
+            chosen[family] = best[1]
+        print(f"  {family}: {chosen.get(family)}", flush=True)
+    SMALLEST.parent.mkdir(parents=True, exist_ok=True)
+    SMALLEST.write_text(json.dumps(chosen, indent=1, sort_keys=True))
+    return chosen
+
+
+def all_models() -> list[tuple[str, str, str]]:
+    """(source, area, family) for every model of the sweep."""
+    import torchvision
+
+    rows = [(f"timm:{name}", "timm", family) for family, name in sorted(timm_smallest().items())]
+    rows += [(f"torchvision:{n}", "torchvision classification", n) for n in torchvision.models.list_models(module=torchvision.models)]
+    rows += [(f"torchvision:{n}", "torchvision segmentation", n) for n in torchvision.models.list_models(module=torchvision.models.segmentation)]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# one model (in a subprocess)
+
+
+def _first_reason(plan) -> str:
+    for status in ("reverted", "skipped"):
+        reasons = [f"{s.name}: {s.reason}" for s in plan.sites if s.status == status]
+        if reasons:
+            return reasons[0]
+    return ""
+
+
+def _convert(source: str, size: int, build_args: dict):
+    """Convert at ``size``, or at the model's own size when it cannot run at ``size``."""
+    import dynopool_convert as dc
+    from dynopool_convert.models import default_input_size
+
+    model = dc.build_model(source, build_args)
+    try:
+        return dc.convert(model, input_size=(3, size, size)), str(size)
+    except dc.UserInputError as err:
+        if "fails on an input of size" not in str(err):
+            raise
+        c, h, w = default_input_size(source, model)
+        return dc.convert(model, input_size=(c, h, w)), (str(h) if h == w else f"{h}x{w}")
+
+
+#: timm's own option for ViT-style models to accept any patch grid (resamples the position
+#: embedding); tried when a model gets no learned group without it
+_DYNAMIC = {"dynamic_img_size": True}
+
+
+def run_one(source: str, size: int) -> dict:
+    """Build, convert (validation included), then backprop once more to every group."""
+    import torch
+
+    import dynopool_convert as dc
+
+    torch.set_num_threads(1)
+    row = {"source": source}
+    t0 = time.perf_counter()
+    try:
+        result, row["input"] = _convert(source, size, {})
+        if not result.plan.summary()["groups"] and source.startswith("timm:"):
+            try:
+                retry, input_size = _convert(source, size, _DYNAMIC)
+            except dc.UserInputError:
+                retry = None  # the model does not take the option
+            if retry is not None and retry.plan.summary()["groups"]:
+                result, row["input"], row["build_args"] = retry, input_size, "dynamic_img_size=True"
+        plan = result.plan
+        counts = plan.summary()
+        row.update(counts, sites=len([s for s in plan.sites if s.stride_init]))
+        row["kinds"] = sorted({s.kind for s in plan.sites if s.status == "converted"})
+        if counts["groups"]:
+            gm = result.model.eval()
+            x = torch.randn(2, *plan.input_size)
+            out = gm(x)
+            out = out["out"] if isinstance(out, dict) else out
+            (out * torch.randn_like(out)).sum().backward()
+            bad = [p for p in dc.scale_parameters(gm) if p.grad is None or not torch.isfinite(p.grad).all()]
+            row["status"] = "ok" if not bad else "error"
+            row["reason"] = "" if not bad else f"{len(bad)} groups without a finite gradient"
+        else:
+            row["status"] = "no learned group" if row["sites"] else "no resizing site"
+            row["reason"] = _first_reason(plan)
+    except dc.UserInputError as err:
+        row.update(status="trace failed" if "cannot trace" in str(err) else "input error", reason=str(err))
+    except Exception as err:  # a bug on our side or in the model: recorded, never fatal
+        row.update(status="error", reason=f"{type(err).__name__}: {' '.join(str(err).split())}")
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["reason"] = " ".join(str(row.get("reason", "")).split())[:300]
+    return row
+
+
+# ------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _child(source: str, size: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", source, "--size", str(size)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"source": source, "status": "timeout", "reason": f"no result within {timeout:.0f} s", "seconds": timeout}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = " ".join(proc.stderr.split())[-300:]
+        return {"source": source, "status": "error", "reason": f"exit {proc.returncode}: {tail}",
+                "seconds": round(time.perf_counter() - t0, 1)}
+    return json.loads(lines[-1])
+
+
+def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers: int) -> None:
+    done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    todo = [m for m in models if m[0] not in done]
+    print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+
+    def one(item):
+        source, area, family = item
+        row = _child(source, size, timeout)
+        row.update(area=area, family=family)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{source:55} {row['status']:18} {row.get('groups', '-')!s:>3} groups {row['seconds']:>6}s  {row.get('reason', '')[:90]}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, todo))
+
+
+# ------------------------------------------------------------------------------------------
+# the table
+
+
+def render(models: list[tuple[str, str, str]], size: int) -> str:
+    import timm
+    import torch
+    import torchvision
+
+    rows = {}
+    if RESULTS.exists():
+        for line in RESULTS.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["source"]] = row
+    wanted = [(s, a, f) for s, a, f in models if s in rows]
+    lines = [
+        "# Conversion coverage",
+        "",
+        f"Generated by `benchmarks/zoo_sweep.py` (reference input {size}x{size}, or the model's own",
+        "size where it cannot run at that size; CPU) with torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}.",
+        "Each model is built without weights, traced, converted, validated (every group's stride moved",
+        "one output pixel down and up) and backpropagated; `ok` means at least one learned group and a",
+        "finite gradient for every group. One model per timm family (the one with the fewest",
+        "parameters) and every torchvision classification and segmentation model. A timm model that gets",
+        "no learned group is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
+        "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`), and the",
+        "row says so when that is what converted.",
+        "",
+        "## Totals",
+        "",
+        "| area | models | ok (≥ 1 learned group) | with a resizing site | ok among those |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for area in ("torchvision classification", "torchvision segmentation", "timm"):
+        sel = [rows[s] for s, a, _ in wanted if a == area]
+        ok = sum(r["status"] == "ok" for r in sel)
+        with_site = [r for r in sel if r.get("sites", 0) or r["status"] not in ("no resizing site",)]
+        with_site = [r for r in with_site if r["status"] != "no resizing site"]
+        pct = f"{100 * ok / len(with_site):.0f}%" if with_site else "-"
+        lines.append(f"| {area} | {len(sel)} | {ok} | {len(with_site)} | {ok}/{len(with_site)} ({pct}) |")
+    missing = [s for s, _, _ in models if s not in rows]
+    if missing:
+        lines += ["", f"Not run yet: {len(missing)} models ({', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''})."]
+    statuses: dict[str, int] = {}
+    for s, _, _ in wanted:
+        statuses[rows[s]["status"]] = statuses.get(rows[s]["status"], 0) + 1
+    lines += ["", "Statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + "."]
+    lines += ["", "## Models", "",
+              "| model | family | input | sites | converted | groups | reverted | skipped | status | reason | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    for s, area, family in wanted:
+        r = rows[s]
+        reason = r.get("reason", "").replace("|", "\\|")
+        lines.append(
+            f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
+            f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
+            f"{r['status']} | {reason} | {r.get('seconds', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=64, help="reference input size (default 64)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
+    parser.add_argument("--workers", type=int, default=2, help="models run at once (default 2)")
+    parser.add_argument("--only", nargs="*", help="only these sources")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite docs/COVERAGE.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.size)), flush=True)
+        return
+    models = all_models()
+    if args.only:
+        models = [m for m in models if m[0] in args.only] or [(s, "timm" if s.startswith("timm:") else "torchvision classification", s) for s in args.only]
+    if args.fresh and RESULTS.exists():
+        keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in {m[0] for m in models}]
+        RESULTS.write_text("".join(line + "\n" for line in keep))
+    if not args.render_only:
+        sweep(models, args.size, args.timeout, args.workers)
+    COVERAGE.write_text(render(all_models(), args.size))
+    print(f"wrote {COVERAGE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The model zoo of issue 3: each converts, runs at moved scale factors and backpropagates to
+every group; model-specific checks on ties, skipped sites, timm conv subclasses and exactness.
+Small inputs on CPU (the sizes are the smallest each model runs at)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dynopool_convert as dc
+from dynopool_convert import scale_parameters
+
+ZOO = {
+    "timm:resnet50": 64,
+    "timm:densenet121": 32,
+    "timm:inception_v3": 75,
+    "timm:efficientnet_b0": 64,
+    "timm:mobilenetv3_small_050": 64,
+    "timm:convnext_atto": 64,
+    "timm:regnetx_002": 64,
+    "torchvision:vgg11": 32,
+    "torchvision:deeplabv3_mobilenet_v3_large": 64,
+    "timm:tf_mobilenetv3_small_minimal_100": 64,
+    "timm:resnetv2_50x1_bit": 32,
+}
+
+_CACHE: dict[str, tuple[nn.Module, dc.ConversionResult]] = {}
+
+
+def _converted(source: str) -> tuple[nn.Module, dc.ConversionResult]:
+    if source not in _CACHE:
+        torch.manual_seed(0)
+        model = dc.build_model(source, {"num_classes": 4} if "deeplab" in source else {"num_classes": 10})
+        size = ZOO[source]
+        _CACHE[source] = (model.eval(), dc.convert(model, input_size=(3, size, size)))
+    return _CACHE[source]
+
+
+def _main_output(out) -> torch.Tensor:
+    return out["out"] if isinstance(out, dict) else out
+
+
+def _groups(result) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    for s in result.plan.converted_sites():
+        found.setdefault(s.group, []).append(s.name)
+    return found
+
+
+@pytest.mark.parametrize("source", list(ZOO))
+def test_converts_runs_moved_and_backprops(source):
+    original, result = _converted(source)
+    size = ZOO[source]
+    model = result.model.eval()
+    params = scale_parameters(model)
+    assert len(params) == result.plan.summary()["groups"] >= 1
+    assert all(g.status == "converted" for g in result.plan.groups), [g.reason for g in result.plan.groups]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = _main_output(original(x)).shape
+        for factor in (0.75, 1.4):  # every group's output size changes
+            for p in params:
+                p.mul_(factor)
+            try:
+                assert _main_output(model(x)).shape == expected
+            finally:
+                for p in params:
+                    p.div_(factor)
+    out = _main_output(model(x))
+    (out * torch.randn_like(out)).sum().backward()
+    for p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_inception_concat_branches_tie():
+    _, r = _converted("timm:inception_v3")
+    groups = _groups(r)
+    tied = [sorted(g) for g in groups.values() if len(g) > 1]
+    assert sorted(["Mixed_6a.branch3x3.conv", "Mixed_6a.branch3x3dbl_3.conv", "Mixed_6a.max_pool2d"]) in tied
+    assert sorted(["Mixed_7a.branch3x3_2.conv", "Mixed_7a.branch7x7x3_4.conv", "Mixed_7a.max_pool2d"]) in tied
+    # valid padding 3x3 s2 on 75: the conv gives 37, DynOPool round(75/2) = 38
+    site = r.plan.site("Conv2d_1a_3x3.conv")
+    assert site.output_size == [37, 37] and site.converted_size == [38, 38]
+
+
+@pytest.mark.parametrize("source", ["timm:efficientnet_b0", "timm:mobilenetv3_small_050"])
+def test_squeeze_excitation_does_not_tie(source):
+    _, r = _converted(source)
+    assert all(len(sites) == 1 for sites in _groups(r).values())
+    assert r.plan.summary()["groups"] == 5 and not r.plan.notes
+
+
+@pytest.mark.parametrize("source", ["timm:resnet50", "timm:regnetx_002", "timm:resnetv2_50x1_bit"])
+def test_residual_downsampling_branches_tie(source):
+    _, r = _converted(source)
+    sizes = sorted(len(g) for g in _groups(r).values())
+    assert sizes == [1, 1, 2, 2, 2] if "regnet" not in source else sizes == [1, 2, 2, 2, 2]
+
+
+def test_timm_conv_subclasses_keep_their_class():
+    _, r = _converted("timm:tf_mobilenetv3_small_minimal_100")
+    conv = r.model.get_submodule("conv_stem")
+    assert type(conv).__name__ == "Conv2dSame" and conv.stride == (1, 1)
+    _, r = _converted("timm:resnetv2_50x1_bit")
+    conv = r.model.get_submodule("stages.1.blocks.0.conv2")
+    assert type(conv).__name__ == "StdConv2d" and conv.stride == (1, 1) and conv.padding == (1, 1)
+
+
+def test_convnext_patchify_stem():
+    _, r = _converted("timm:convnext_atto")
+    stem = r.plan.site("stem.0")
+    assert stem.stride_init == [4.0, 4.0] and stem.converted_size == [16, 16]
+    assert r.model.get_submodule("stem.0").padding == "same"  # 4x4 kernel at stride 1
+
+
+def test_deeplab_interpolations_to_input_size_are_left_alone():
+    _, r = _converted("torchvision:deeplabv3_mobilenet_v3_large")
+    interps = [s for s in r.plan.sites if s.kind == "interpolate"]
+    assert interps and all(s.status == "skipped" and "size-targeted" in s.reason for s in interps)
+
+
+@pytest.mark.parametrize("source, include", [("torchvision:vgg11", ["kind:pool"]), ("timm:densenet121", ["*transition*"])])
+def test_pool_only_conversion_is_exact(source, include):
+    torch.manual_seed(0)
+    model = dc.build_model(source, {"num_classes": 10}).eval()
+    size = ZOO[source]
+    r = dc.convert(model, input_size=(3, size, size), include=include, validate=False)
+    assert r.plan.summary()["groups"] >= 3
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(r.model.eval()(x), model(x), rtol=1e-5, atol=1e-5)
