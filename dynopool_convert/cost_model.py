@@ -48,7 +48,7 @@ __all__ = ["CostModel", "trace_for_cost"]
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps DynOPool and timm's not-traceable modules as leaves."""
+    """fx tracer that keeps DynOPool, convolutions and timm's not-traceable modules as leaves."""
 
     def __init__(self) -> None:
         try:
@@ -61,7 +61,8 @@ class _LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, DynOPool) or (self._notrace and isinstance(m, self._notrace)):
+        # conv subclasses (timm's StdConv2d, Conv2dSame) stay whole, as the conversion keeps them
+        if isinstance(m, (DynOPool, nn.Conv2d)) or (self._notrace and isinstance(m, self._notrace)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -239,9 +240,20 @@ def _module_rules(m: nn.Module, parent: _Class) -> list[_Rule]:
         return rules
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return [_Rule("new", _Class("const"), "in")]
+    if isinstance(m, (nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
+        return _pad_rules(parent, m.padding)
     if isinstance(m, nn.Upsample):
         return _interpolate_rules(parent, m.size, m.scale_factor)
     return []
+
+
+def _pad_rules(parent: _Class, pad: Any) -> list[_Rule]:
+    """Padding ``(left, right[, top, bottom])``: a window of 1 with that total padding."""
+    pad = tuple(int(v) for v in (pad if isinstance(pad, (tuple, list)) else (pad,) * 4))
+    left, right = pad[0], pad[1] if len(pad) > 1 else pad[0]
+    top, bottom = (pad[2], pad[3]) if len(pad) >= 4 else (0, 0)
+    wp = ((1, 1, top + bottom, 1, False), (1, 1, left + right, 1, False))
+    return [] if wp[0][2] == wp[1][2] == 0 else [_Rule("new", _Class("window", parent, params=wp), "in")]
 
 
 def _interpolate_rules(parent: _Class, size: Any, scale_factor: Any) -> list[_Rule]:
@@ -278,6 +290,8 @@ def _function_rules(target: Callable, args: tuple, kwargs: dict, parent: _Class)
         return [_Rule("new", _Class("window", parent, params=wp), "in")] if wp else []
     if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
         return [_Rule("new", _Class("const"), "in")]
+    if target is F.pad:
+        return _pad_rules(parent, _arg(args, kwargs, 1, "pad", ()))
     if target is F.interpolate:
         return _interpolate_rules(parent, _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None))
     return []
@@ -367,7 +381,8 @@ class CostModel:
         ref_strides = self._current_strides()
         #: the strides the model had at build time, and fvcore's count there
         self.reference_strides = ref_strides
-        node_flops, self.reference_flops = _node_flops(gm, ref, self.input_size)
+        node_flops, self.reference_flops, self._mixed = _node_flops(gm, ref, self.input_size)
+        self._gm, self._ref = gm, ref
         self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
 
     # -- build ---------------------------------------------------------------------------
@@ -456,7 +471,9 @@ class CostModel:
                     f"{getattr(info_r, 'shape', info_r)} at the reference strides, "
                     f"{getattr(info_p, 'shape', info_p)} at smaller strides"
                 )
-            node_class[n] = chosen.cls if _has_tensor(info_r) else None
+            # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
+            # y, size=x.shape[-2:]) then follows x
+            node_class[n] = chosen.cls if _has_tensor(info_r) or _is_shape_like(info_r) else None
 
             flops = node_flops.get(n, 0)
             if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
@@ -467,8 +484,12 @@ class CostModel:
                 if on is None:
                     constant += flops
                 else:
+                    fixed = 0.0
+                    if n in self._mixed:  # e.g. timm's StdConv2d: conv (scales) + weight standardisation (fixed)
+                        fixed = _fixed_part(gm, n, ref, flops, on_output=on is chosen.cls and chosen.kind != "inherit")
+                    constant += fixed
                     term = terms.setdefault(on.index, _ClassTerm(on))
-                    term.coefficient += flops / area(on, sizes_ref)
+                    term.coefficient += (flops - fixed) / area(on, sizes_ref)
 
         attributed = constant + sum(t.coefficient * area(t.cls, sizes_ref) for t in terms.values())
         attributed += sum(c.probe(*sizes_ref[c.parent.index])[1] for c in opaque_terms)
@@ -628,6 +649,14 @@ def _shape_of(info: Any) -> Any:
     return None
 
 
+def _is_shape_like(info: Any) -> bool:
+    if isinstance(info, bool):
+        return False
+    if isinstance(info, int):
+        return True
+    return isinstance(info, (list, tuple)) and len(info) > 0 and all(_is_shape_like(v) for v in info)
+
+
 def _has_tensor(info: Any) -> bool:
     if isinstance(info, _TensorInfo):
         return True
@@ -648,16 +677,19 @@ def _substitute(value: Any, summary: dict[fx.Node, Any]) -> Any:
     return fx.node.map_arg(value, lambda a: summary.get(a))
 
 
-def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequence[int]) -> tuple[dict[fx.Node, int], int]:
-    """fvcore FLOPs of each node at the reference strides, and fvcore's total."""
+def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequence[int]) -> tuple[dict[fx.Node, int], int, set[fx.Node]]:
+    """fvcore FLOPs of each node at the reference strides, fvcore's total, and the module
+    calls that run several kinds of counted ops (their FLOPs may not all scale with size)."""
     with flop_analysis(gm, input_size) as fa:
         by_module = {k: int(v) for k, v in fa.by_module().items()}
+        by_op = fa.by_module_and_operator()
     total = by_module.get("", 0)
     calls: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls.setdefault(n.target, []).append(n)
     out: dict[fx.Node, int] = {}
+    mixed: set[fx.Node] = set()
     inside = sum(v for k, v in by_module.items() if k and "." not in k)
     for target, nodes in calls.items():
         f = by_module.get(target, 0)
@@ -668,6 +700,8 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
         else:  # a module called several times: count each call on its own
             for n in nodes:
                 out[n] = _isolated_flops(gm, n, ref)
+        if sum(1 for v in by_op.get(target, {}).values() if v) > 1:
+            mixed.update(nodes)
     remainder = total - inside
     if remainder > 0:  # ops at the top level of the graph (functional calls), heads last
         for n in reversed(gm.graph.nodes):
@@ -682,7 +716,28 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
                     remainder -= f
                     if remainder <= 0:
                         break
-    return out, total
+    return out, total, mixed
+
+
+def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: int, on_output: bool) -> float:
+    """The size-independent part ``a`` of a module call's FLOPs ``a + b * area``, from a second
+    isolated count with the spatial input 4 pixels larger on each axis."""
+    x = n.all_input_nodes[0] if len(n.all_input_nodes) == 1 else None
+    info = ref.get(x) if x is not None else None
+    out = ref.get(n)
+    if not (isinstance(info, _TensorInfo) and len(info.shape) == 4 and isinstance(out, _TensorInfo)):
+        return 0.0
+    big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
+    module = gm.get_submodule(n.target)
+    wrapper = _OneCall(module, (_SLOT,), {}, [])
+    wrapper.inner = module
+    f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype),), gm)
+    shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, big.shape)
+    a1, a2 = shape1[-2] * shape1[-1], shape2[-2] * shape2[-1]
+    if a1 == a2:
+        return 0.0
+    b = (f2 - flops) / (a2 - a1)
+    return flops - b * a1
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:

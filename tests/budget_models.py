@@ -113,6 +113,27 @@ class ConvMlpHead(nn.Module):
         return self.head(self.pre_logits(self.features(x)).mean((2, 3)))
 
 
+class StdConvSeg(nn.Module):
+    """timm's StdConv2d (conv FLOPs scale with size, weight standardisation's do not), explicit
+    padding before a pool, and a segmentation-style upsample to another tensor's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import StdConv2d
+
+        self.stem = StdConv2d(3, 8, 3, padding=1)
+        self.pool1 = DynOPool(2.0)
+        self.pad = nn.ConstantPad2d((1, 0, 1, 0), 0.0)
+        self.pool2 = DynOPool(1.5)
+        self.conv = StdConv2d(8, 8, 3, padding=1)
+        self.classifier = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.pool1(self.stem(x))
+        y = self.conv(self.pool2(torch.nn.functional.pad(self.pad(y), (0, 1, 0, 1))))
+        return torch.nn.functional.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear")
+
+
 #: name -> builder of a converted stand-in (small variants, random weights)
 MODELS = {
     "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
@@ -125,6 +146,7 @@ MODELS = {
     "vgg_like": lambda: dynopoolify(vgg_like()),
     "two_branch": TwoBranch,
     "convmlp_head": ConvMlpHead,
+    "stdconv_seg": StdConvSeg,
 }
 
 
