@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .dynopool import DynOPool, dynopool_output_size, scale_parameters
-from .flops import _quiet, count_flops, flop_analysis
+from .flops import _quiet, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
 
@@ -406,6 +406,7 @@ class CostModel:
         sizes_pert: dict[int, tuple[int, int]] = {}
         terms: dict[int, _ClassTerm] = {}
         opaque_terms: list[_Class] = []
+        fixed_cache: dict = {}
         constant = 0.0
 
         def add_class(c: _Class, r: tuple[int, int], q: tuple[int, int]) -> _Class:
@@ -486,7 +487,8 @@ class CostModel:
                 else:
                     fixed = 0.0
                     if n in self._mixed:  # e.g. timm's StdConv2d: conv (scales) + weight standardisation (fixed)
-                        fixed = _fixed_part(gm, n, ref, flops, on_output=on is chosen.cls and chosen.kind != "inherit")
+                        fixed = _fixed_part(gm, n, ref, flops, on_output=on is chosen.cls and chosen.kind != "inherit",
+                                            cache=fixed_cache)
                     constant += fixed
                     term = terms.setdefault(on.index, _ClassTerm(on))
                     term.coefficient += (flops - fixed) / area(on, sizes_ref)
@@ -719,25 +721,30 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
     return out, total, mixed
 
 
-def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: int, on_output: bool) -> float:
+def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: int, on_output: bool,
+                cache: dict | None = None) -> float:
     """The size-independent part ``a`` of a module call's FLOPs ``a + b * area``, from a second
-    isolated count with the spatial input 4 pixels larger on each axis."""
+    isolated count with the spatial input 4 pixels larger on each axis (``cache``: by module
+    configuration and shapes, as FLOPs do not depend on weight values)."""
     x = n.all_input_nodes[0] if len(n.all_input_nodes) == 1 else None
     info = ref.get(x) if x is not None else None
     out = ref.get(n)
     if not (isinstance(info, _TensorInfo) and len(info.shape) == 4 and isinstance(out, _TensorInfo)):
         return 0.0
-    big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
     module = gm.get_submodule(n.target)
+    key = (type(module), module.extra_repr(), info.shape, out.shape, flops, on_output)
+    if cache is not None and key in cache:
+        return cache[key]
+    big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
     wrapper = _OneCall(module, (_SLOT,), {}, [])
     wrapper.inner = module
     f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype),), gm)
     shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, big.shape)
     a1, a2 = shape1[-2] * shape1[-1], shape2[-2] * shape2[-1]
-    if a1 == a2:
-        return 0.0
-    b = (f2 - flops) / (a2 - a1)
-    return flops - b * a1
+    fixed = 0.0 if a1 == a2 else flops - (f2 - flops) / (a2 - a1) * a1
+    if cache is not None:
+        cache[key] = fixed
+    return fixed
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:
