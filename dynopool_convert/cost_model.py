@@ -738,13 +738,18 @@ def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: 
     big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
     wrapper = _OneCall(module, (_SLOT,), {}, [])
     wrapper.inner = module
-    f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype),), gm)
+    f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype, device=_device(gm)),), gm)
     shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, big.shape)
     a1, a2 = shape1[-2] * shape1[-1], shape2[-2] * shape2[-1]
     fixed = 0.0 if a1 == a2 else flops - (f2 - flops) / (a2 - a1) * a1
     if cache is not None:
         cache[key] = fixed
     return fixed
+
+
+def _device(gm: nn.Module) -> torch.device:
+    param = next(gm.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:
@@ -767,7 +772,7 @@ class _LeafProbe:
         key = (max(1, h), max(1, w))
         if key not in self.memo:
             shape = (*self.in_info.shape[:-2], *key)
-            x = torch.zeros(shape, dtype=self.in_info.dtype)
+            x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
             wrapper = _OneCall(self.module, (_SLOT,), {}, [])
             wrapper.inner = self.module
             flops = _count_one(wrapper, (x,), self.gm)
@@ -813,7 +818,7 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
     def slot(a: fx.Node) -> Any:
         info = ref.get(a)
         if isinstance(info, _TensorInfo):
-            tensors.append(torch.zeros(info.shape, dtype=info.dtype))
+            tensors.append(torch.zeros(info.shape, dtype=info.dtype, device=_device(gm)))
             return _SLOT
         return info
 
