@@ -55,12 +55,17 @@ def main() -> None:
         build = time.perf_counter() - t
         rng = random.Random(0)
         err = abs(cost.flops() - cost.reference_flops) / cost.reference_flops
-        for _ in range(args.configs):
-            with torch.no_grad():
-                for p in cost.parameters:
-                    p.copy_(torch.tensor([rng.uniform(0.7, 3.0), rng.uniform(0.7, 3.0)]))
-            expected = count_flops(model, size)
-            err = max(err, abs(cost.flops() - expected) / expected)
+        try:
+            for _ in range(args.configs):
+                with torch.no_grad():
+                    for p in cost.parameters:
+                        p.copy_(torch.tensor([rng.uniform(0.7, 3.0), rng.uniform(0.7, 3.0)]))
+                expected = count_flops(model, size)
+                err = max(err, abs(cost.flops() - expected) / expected)
+        except RuntimeError as e:  # the converted model itself fails at these strides
+            print(f"| {name} | {len(cost.parameters)} | {build:.1f} | model fails at random strides: "
+                  f"{' '.join(str(e).split())[:100]} | - |", flush=True)
+            continue
         worst = max(worst, err)
         signs = "-"
         if args.grad:
