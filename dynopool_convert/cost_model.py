@@ -448,14 +448,20 @@ class CostModel:
                 args = _substitute(n.args, ref)
                 kwargs = _substitute(n.kwargs, ref)
                 rules += _function_rules(n.target, args, kwargs, parent)
-            rules += [_Rule("inherit", c, "in") for c in uniq]
             module = gm.get_submodule(n.target) if n.op == "call_module" else None
+            probe_rule = None
             if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
-                # a leaf we know nothing about (e.g. timm's ConvMlp, data-dependent): probe it
+                # a leaf we know nothing about (timm's ConvMlp or MobileViT block: data-dependent
+                # sizes inside): probe it, per input size
                 in_info = ref[n.all_input_nodes[0]] if n.all_input_nodes else None
                 if isinstance(in_info, _TensorInfo) and len(in_info.shape) == 4:
                     probe = _LeafProbe(module, in_info, gm)
-                    rules.append(_Rule("new", _Class("opaque", parent, probe=probe), "opaque"))
+                    probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
+            if probe_rule is not None and _plain_custom(module) and node_flops.get(n, 0):
+                rules.append(probe_rule)  # its FLOPs need not scale with its output size
+            rules += [_Rule("inherit", c, "in") for c in uniq]
+            if probe_rule is not None and probe_rule not in rules:
+                rules.append(probe_rule)
             rules.append(_Rule("new", _Class("const"), "in"))
 
             chosen = None
@@ -519,16 +525,9 @@ class CostModel:
         """``None`` if ``rule`` contradicts an observation, else the new class's two sizes."""
         if rule.kind == "inherit":
             c = rule.cls
-            for info, sizes in ((info_r, sizes_ref), (info_p, sizes_pert)):
-                if not _carries(info, sizes[c.index]):
-                    return None
-            # a collapsed (non-spatial) output must scale with the class area
-            if isinstance(info_r, _TensorInfo) and len(info_r.shape) != 4:
-                a_r = sizes_ref[c.index][0] * sizes_ref[c.index][1]
-                a_p = sizes_pert[c.index][0] * sizes_pert[c.index][1]
-                if info_p.numel * a_r != info_r.numel * a_p:
-                    return None
-            return ()
+            if _inherits(info_r, info_p, sizes_ref[c.index], sizes_pert[c.index]):
+                return ()
+            return None
         c = rule.cls
         if c.kind == "const":
             if _shape_of(info_r) != _shape_of(info_p):
@@ -665,12 +664,35 @@ def _has_tensor(info: Any) -> bool:
     return isinstance(info, (list, tuple)) and any(_has_tensor(v) for v in info)
 
 
-def _carries(info: Any, size: tuple[int, int]) -> bool:
-    """Whether a 4-D output shows the class size (NCHW or NHWC); other outputs pass."""
-    if isinstance(info, _TensorInfo) and len(info.shape) == 4:
-        return info.shape[2:4] == size or info.shape[1:3] == size
-    if isinstance(info, (list, tuple)):
-        return all(_carries(v, size) for v in info)
+def _flat(info: Any) -> list:
+    if isinstance(info, (list, tuple)) and not isinstance(info, _TensorInfo):
+        return [v for item in info for v in _flat(item)]
+    return [info]
+
+
+def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int]) -> bool:
+    """Whether an output observed at two strides follows a class of sizes ``size_r``/``size_p``.
+
+    Each tensor must show the size (NCHW or NHWC) at both, or have a number of elements in
+    proportion to the area (flattened tokens); each int (a shape) must not change or change
+    exactly as the class's height or width does (``ceil(h / p) * p`` does not: refused).
+    """
+    flat_r, flat_p = _flat(info_r), _flat(info_p)
+    if len(flat_r) != len(flat_p):
+        return False
+    a_r, a_p = size_r[0] * size_r[1], size_p[0] * size_p[1]
+    for r, p in zip(flat_r, flat_p):
+        if isinstance(r, _TensorInfo) and isinstance(p, _TensorInfo):
+            shows = len(r.shape) == 4 and (
+                (r.shape[2:4] == size_r and p.shape[2:4] == size_p) or (r.shape[1:3] == size_r and p.shape[1:3] == size_p)
+            )
+            if not shows and p.numel * a_r != r.numel * a_p:
+                return False
+        elif isinstance(r, int) and not isinstance(r, bool) and isinstance(p, int):
+            if r != p and (r, p) not in ((size_r[0], size_p[0]), (size_r[1], size_p[1])):
+                return False
+        elif type(r) is not type(p):
+            return False
     return True
 
 
@@ -750,6 +772,12 @@ def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: 
 def _device(gm: nn.Module) -> torch.device:
     param = next(gm.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def _plain_custom(m: nn.Module) -> bool:
+    """A module class not derived from any torch.nn layer (timm's ``BatchNormAct2d`` or
+    ``StdConv2d`` are: their FLOPs follow their base layer's)."""
+    return not any(c.__module__.startswith("torch.nn") and c is not nn.Module for c in type(m).__mro__)
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:
