@@ -7,6 +7,7 @@ kept as a leaf too, so that e.g. timm's ``Conv2dSame`` shows up as one node.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -79,6 +80,18 @@ def _culprit(err: BaseException) -> str:
     return "unknown location"
 
 
+def _default_args(model: nn.Module) -> dict | None:
+    """Forward parameters after the input that have defaults (``mask=None``, flags): traced at
+    their default value, so that ``if mask is not None`` takes the branch a plain call takes."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    concrete = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return concrete or None
+
+
 def trace_model(model: nn.Module) -> Traced:
     """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
 
@@ -96,7 +109,7 @@ def trace_model(model: nn.Module) -> Traced:
     was_training = model.training
     model.eval()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_default_args(model))
     except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         msg = " ".join(str(err).split())[:200]
         raise UserInputError(
