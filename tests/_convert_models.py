@@ -138,3 +138,24 @@ class TimmLayersNet(nn.Module):
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         x = self.avg(x)
         return self.fc(x.mean((2, 3)))
+
+
+class ShapeBranch(nn.Module):
+    """Indexes into a tensor built from its input's shape: fx cannot trace into it."""
+
+    def forward(self, x):
+        mask = torch.zeros(x.shape[-2:])
+        mask[0, 0] = 1.0
+        return x * mask
+
+
+class NeedsAutoLeaf(nn.Module):
+    """A strided conv, then a block that must be kept as a leaf to trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.block = ShapeBranch()
+
+    def forward(self, x):
+        return self.block(self.conv(x)).mean((2, 3))

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from _convert_models import HardCodedFlatten, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, Untraceable
+from _convert_models import HardCodedFlatten, NeedsAutoLeaf, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, Untraceable
 from dynopool_convert import (
     DynOPool,
     Plan,
@@ -208,3 +208,11 @@ def test_bad_arguments_raise_user_input_error(kwargs, words):
 def test_untraceable_model_names_the_culprit():
     with pytest.raises(UserInputError, match=r"cannot trace Untraceable.*Untraceable\.forward"):
         convert(Untraceable(), input_size=(3, 16, 16))
+
+
+def test_untraceable_submodule_without_sites_becomes_a_leaf():
+    r = convert(NeedsAutoLeaf(), input_size=(3, 16, 16))
+    assert r.plan.site("conv").status == "converted"
+    assert any("traced ShapeBranch as a leaf" in note for note in r.plan.notes)
+    replayed = apply_plan(NeedsAutoLeaf(), r.plan)
+    assert replayed(torch.randn(1, 3, 14, 14)).shape == (1, 4)
