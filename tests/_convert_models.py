@@ -159,3 +159,18 @@ class NeedsAutoLeaf(nn.Module):
 
     def forward(self, x):
         return self.block(self.conv(x)).mean((2, 3))
+
+
+class UNetLike(nn.Module):
+    """Down, up, concat with the skip: the two sites cannot share a stride (s and 1/s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.MaxPool2d(2)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2.0)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.up(self.conv(self.down(x)))
+        return self.out(torch.cat([x, y], 1))

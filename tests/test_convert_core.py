@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from _convert_models import HardCodedFlatten, NeedsAutoLeaf, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, Untraceable
+from _convert_models import HardCodedFlatten, NeedsAutoLeaf, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, UNetLike, Untraceable
 from dynopool_convert import (
     DynOPool,
     Plan,
@@ -216,3 +216,12 @@ def test_untraceable_submodule_without_sites_becomes_a_leaf():
     assert any("traced ShapeBranch as a leaf" in note for note in r.plan.notes)
     replayed = apply_plan(NeedsAutoLeaf(), r.plan)
     assert replayed(torch.randn(1, 3, 14, 14)).shape == (1, 4)
+
+
+def test_down_up_skip_is_not_tied_and_reverts():
+    r = convert(UNetLike(), input_size=(3, 16, 16))
+    down, up = r.plan.site("down"), r.plan.site("up")
+    assert down.group != up.group  # strides 2 and 0.5 cannot be one parameter
+    assert any("joins the output of up with a tensor sized by <input>" in note for note in r.plan.notes)
+    # moving either one alone breaks the concat with the skip connection
+    assert down.status == up.status == "reverted" and "breaks the forward" in down.reason
