@@ -259,6 +259,13 @@ def plot_shapes(results: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
+def _emit(result: RunResult, stream) -> None:
+    line = json.dumps(asdict(result))
+    print(line, flush=True)
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=["toy", "resolution", "all"], default="all")
@@ -276,17 +283,20 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
     data = load_fashion_mnist(args.data_dir, device)
     args.out.mkdir(parents=True, exist_ok=True)
     base_flops = count_flops(small_vgg(width=args.width), (1, 28, 28))
     results: list[RunResult] = []
     t_start = time.perf_counter()
+    stem = f"fashion_mnist_{args.study}"
+    stream = open(args.out / f"{stem}.jsonl", "w")  # one line per finished run, kept if interrupted
     if args.study in ("toy", "all"):
         for variant in ("stretch-V", "tile", "large"):
             for seed in range(args.seeds):
                 for method in ("baseline", "dynopool"):
                     results.append(run_one("toy", variant, method, seed, data, args, base_flops))
-                    print(json.dumps(asdict(results[-1])), flush=True)
+                    _emit(results[-1], stream)
     if args.study in ("resolution", "all"):
         half = base_flops // 2
         low_res = int(28 * math.sqrt(0.5))  # conv FLOPs scale with area
@@ -297,9 +307,9 @@ def main() -> None:
                 results.append(run_one("resolution", "original", method if method != "original" else "baseline",
                                        seed, data, args, budget, input_size=size))
                 results[-1].method = method
-                print(json.dumps(asdict(results[-1])), flush=True)
+                _emit(results[-1], stream)
     total = time.perf_counter() - t_start
-    stem = f"fashion_mnist_{args.study}"
+    stream.close()
     (args.out / f"{stem}.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()}, "baseline_flops": base_flops, "seconds": total,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

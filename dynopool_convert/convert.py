@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -38,6 +38,7 @@ class Analysis:
     candidates: list[Candidate]
     example: Tensor
     spec: OutputSpec
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
         ) from err
     finally:
         traced.train(was_training)
-    return Analysis(traced, find_candidates(traced, t.node_names), example, output_spec(out))
+    return Analysis(traced, find_candidates(traced, t.node_names), example, output_spec(out), list(t.notes))
 
 
 def _matches(cand: Candidate, patterns: Iterable[str]) -> bool:
@@ -138,7 +139,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
         if site.status == "converted" and site.input_size:
             site.converted_size = [dynopool_output_size(n, s) for n, s in zip(site.input_size, c.stride)]
         sites.append(site)
-    return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=list(ties.notes))
+    return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=analysis.notes + list(ties.notes))
 
 
 def _revert(plan: Plan, gid: int, reason: str) -> None:
@@ -169,7 +170,7 @@ def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
             broken = []
             for g in plan.converted_groups():  # which groups break the forward on their own?
                 solo = rewrite(analysis.traced, analysis.candidates, _solo_plan(plan, g.id))
-                error = validate_graph(solo, analysis.example, analysis.spec).reference_error
+                error = validate_graph(solo, analysis.example, analysis.spec, reference_only=True).reference_error
                 if error:
                     broken.append((g.id, error))
             for gid, error in broken:

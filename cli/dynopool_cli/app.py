@@ -84,3 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+from .report_cmd import report  # noqa: E402  (registered last: commands live in their own modules)
+
+app.command()(report)

@@ -1,0 +1,108 @@
+"""Shared wording of the human-readable formats (Markdown, Rich table, HTML): one place."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+__all__ = ["si", "pair", "size", "rf", "summary_rows", "reasons", "site_rows", "group_rows", "history_rows", "SITE_COLUMNS", "GROUP_COLUMNS"]
+
+
+def si(value: float | int | None, unit: str = "") -> str:
+    """``1234567 -> '1.23M'`` (``-`` for None)."""
+    if value is None:
+        return "-"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{prefix}{unit}"
+    return f"{value:g}{unit}"
+
+
+def pair(values: Sequence[float] | None, digits: int = 4) -> str:
+    """``[0.5, 0.41666] -> '0.5, 0.4167'``."""
+    if values is None:
+        return "-"
+    return ", ".join(f"{v:.{digits}g}" for v in values)
+
+
+def size(values: Sequence[int] | None) -> str:
+    """``[56, 56] -> '56×56'``."""
+    return "-" if values is None else "×".join(str(int(v)) for v in values)
+
+
+def rf(values: Sequence[float] | None) -> str:
+    return "-" if values is None else "×".join(f"{v:.4g}" for v in values)
+
+
+def _metric(name: str, m: dict[str, Any]) -> str:
+    return f"{name} {m['last']:.4g} (best {m['best']:.4g})"
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of the report's header."""
+    flops = report["flops"]
+    budget = report.get("budget")
+    status = ""
+    if flops.get("within_budget") is not None:
+        status = " (within budget)" if flops["within_budget"] else " (OVER budget)"
+    rows = [
+        ("model", str(report["model"])),
+        ("source", str(report.get("source") or "-")),
+        ("input size", size(report["input_size"])),
+        ("parameters", f"{si(report['params'])} ({report['scale_parameters']} scale-factor groups)"),
+        ("budget", si(budget) if budget is not None else "none"),
+        ("FLOPs original", si(flops.get("original"))),
+        ("FLOPs converted", si(flops.get("converted"))),
+        ("FLOPs current", si(flops.get("current")) + status),
+    ]
+    if report.get("accuracy"):
+        rows.append(("accuracy", "; ".join(_metric(k, m) for k, m in report["accuracy"].items())))
+    if report.get("training"):
+        rows.append(("training", ", ".join(f"{k} {v}" for k, v in report["training"].items())))
+    return rows
+
+
+SITE_COLUMNS = ["site", "op", "kind", "status", "group", "r (h, w)", "r init", "in → out", "RF (h×w)", "RF init", "FLOPs dep."]
+
+
+def site_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for s in report["sites"]:
+        status = s["status"] or "-"
+        rows.append([
+            s["name"], str(s.get("op") or "-"), str(s.get("kind") or "-"), status,
+            "-" if s.get("group") is None else str(s["group"]),
+            pair(s["r"]), pair(s["r_init"]),
+            f"{size(s['input_size'])} → {size(s['output_size'])}",
+            rf(s["receptive_field"]), rf(s["receptive_field_init"]),
+            si(s["flops_dependent"]) + ("" if s.get("flops_dependent_share") is None else f" ({s['flops_dependent_share']:.0%})"),
+        ])
+    return rows
+
+
+def reasons(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(site, status, reason) of every site that was not converted."""
+    return [(s["name"], s["status"], s["reason"] or "") for s in report["sites"] if s["status"] != "converted"]
+
+
+GROUP_COLUMNS = ["group", "sites", "r (h, w)", "r init", "FLOPs dep."]
+
+
+def group_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [[str(g["id"]), ", ".join(g["sites"]), pair(g["r"]), pair(g["r_init"]), si(g["flops_dependent"])] for g in report["groups"]]
+
+
+def history_rows(report: dict[str, Any], limit: int = 20) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of the history table (scalars only; at most ``limit`` evenly spaced rows)."""
+    history = report.get("history") or []
+    if not isinstance(history, list) or not history:
+        return [], []
+    columns = [k for k in history[0] if isinstance(history[0][k], (int, float, str))]
+    has_r = any(isinstance(h.get("r"), dict) for h in history if isinstance(h, dict))
+    step = max(1, -(-len(history) // limit))
+    picked = history[::step] if history[::step][-1] is history[-1] else history[::step] + [history[-1]]
+    rows = []
+    for h in picked:
+        row = [f"{h.get(c):.4g}" if isinstance(h.get(c), float) else str(h.get(c, "-")) for c in columns]
+        if has_r:
+            row.append("; ".join(f"{g}: {pair(v, 3)}" for g, v in (h.get("r") or {}).items()))
+        rows.append(row)
+    return columns + (["r per group"] if has_r else []), rows
