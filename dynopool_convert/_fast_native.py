@@ -71,7 +71,7 @@ def _axis(n_out: int, cell: float, size: int, dtype: torch.dtype, device):
     return i0.to(device), i1.to(device), weight.to(device)
 
 
-def _cell_dtype(x: Tensor) -> torch.dtype:
+def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -101,34 +101,50 @@ class _ResamplePoolNative(torch.autograd.Function):
         needs = ctx.needs_input_grad
         n, c, h, w = xd.shape
         big = [2 * out_h, 2 * out_w]
-        grad_x = grad_h = grad_w = None
+        grad_h = grad_w = None
+        cd = _compute_dtype(xd)
         with _no_autocast(xd.device.type):
-            grad_out = grad_out.to(xd.dtype)
+            g = grad_out.to(cd)
             if aggregate == "max":
-                G = torch.ops.aten.max_unpool2d.default(grad_out, idx, big)
+                G = torch.ops.aten.max_unpool2d.default(g, idx, big)
             else:
-                G = torch.ops.aten.upsample_nearest2d.default(grad_out, big) * 0.25
-            if needs[0]:
-                grad_x = _upsample_backward(G, big, [n, c, h, w], False, *scales)
-            if needs[1] or needs[2]:
-                cd = _cell_dtype(xd)
-                xf, Gf = xd.to(cd), G.to(cd)
+                G = torch.ops.aten.upsample_nearest2d.default(g, big) * 0.25
+            # the bilinear map is separable: U = rows(cols(x)). Its adjoint in two steps gives
+            # grad_x, and the column step's result is what the row-position gradient needs.
+            g_cols = _upsample_backward(G, big, [n, c, big[0], w], False, 1.0, scales[1])  # 2H' x W
+            if needs[2]:
+                g_rows = _upsample_backward(G, big, [n, c, h, big[1]], False, scales[0], 1.0)  # H x 2W'
                 del G
-                if needs[1]:
-                    i0, i1, wt = _axis(out_h, cells[0], h, cd, xd.device)
-                    rows = (xf.index_select(2, i1) - xf.index_select(2, i0)).mul_(wt.view(1, 1, -1, 1))
-                    # column interpolation of the row differences; rows stay (scale 1, same count)
-                    d_h = _upsample(rows, big, False, 1.0, scales[1])
-                    del rows
-                    grad_h = d_h.mul_(Gf).sum().to(dtype_h)
-                    del d_h
-                if needs[2]:
-                    j0, j1, wt = _axis(out_w, cells[1], w, cd, xd.device)
-                    cols = (xf.index_select(3, j1) - xf.index_select(3, j0)).mul_(wt.view(1, 1, 1, -1))
-                    d_w = _upsample(cols, big, False, scales[0], 1.0)
-                    del cols
-                    grad_w = d_w.mul_(Gf).sum().to(dtype_w)
+                grad_w = _position_grad(xd, g_rows, 3, out_w, cells[1], w).to(dtype_w)
+                del g_rows
+            else:
+                del G
+            if needs[1]:
+                grad_h = _position_grad(xd, g_cols, 2, out_h, cells[0], h).to(dtype_h)
+            grad_x = _upsample_backward(g_cols, [big[0], w], [n, c, h, w], False, scales[0], 1.0).to(xd.dtype) if needs[0] else None
         return grad_x, grad_h, grad_w, None, None, None, None
+
+
+def _position_grad(x: Tensor, g_axis: Tensor, dim: int, n_out: int, cell: float, size: int) -> Tensor:
+    """Gradient of the cell size along ``dim`` (2: rows, 3: columns).
+
+    ``g_axis`` is the gradient w.r.t. the map interpolated along ``dim`` only (2*n_out entries
+    along ``dim``, the other axis still at input resolution). ``d map / d q_k`` = difference of
+    the two pixels around query ``k``; times ``d q_k / d cell`` (the weights), summed.
+    """
+    cd = g_axis.dtype
+    if size == 1:  # every query is clamped onto the one pixel
+        return g_axis.new_zeros(())
+    i0, _, wt = _axis(n_out, cell, size, cd, x.device)
+    shape = [1, 1, 1, 1]
+    shape[dim] = -1
+    # differences of neighbouring pixels (in the compute dtype), read at each query's first
+    # pixel; where both neighbours are the last pixel the weight is already 0
+    diff = x.narrow(dim, 1, size - 1).to(cd) - x.narrow(dim, 0, size - 1).to(cd)
+    at_q = torch.gather(diff, dim, i0.clamp(max=size - 2).view(shape).expand(list(g_axis.shape)))
+    del diff
+    other = 5 - dim  # the axis not interpolated (3 for rows, 2 for columns)
+    return at_q.mul_(g_axis).sum(dim=(0, 1, other)).dot(wt)
 
 
 def resample_pool_native(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int, aggregate: str) -> Tensor:
