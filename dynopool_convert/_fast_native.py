@@ -11,12 +11,15 @@ clamped, so the operator is ``max_pool2d(upsample_bilinear2d(x, (2H', 2W'), scal
 follow the given cell sizes, not only the output size.
 
 Backward (no autograd graph is kept; saved: ``x`` and, for ``max``, the pooling indices):
-``G`` = gradient w.r.t. the upsampled map (max_unpool / nearest upsampling / 4), ``grad_x`` =
-``upsample_bilinear2d_backward(G)``. The cell gradients use ``d U / d q_row`` = the row
-difference of the two neighbouring input rows, column-interpolated to the query grid (zero
-where the position was clamped, with the reference's ``clamp`` convention, probed once), times
-``d q / d c = (k + 1/2) / 2``: ``grad_cell_h = sum(G * D_h)`` with the row weights folded into
-``D_h``; columns likewise. Low-precision inputs get their cell gradients in float32.
+``G`` = gradient w.r.t. the upsampled map U (max_unpool, or nearest upsampling / 4 for mean).
+U is separable, U = rows(cols(x)), so its adjoint runs in two ``upsample_bilinear2d_backward``
+steps: ``G_c`` (2H' x W, columns undone) then ``grad_x``. The cell gradients need only native
+ops: ``d U / d q_row`` at query row ``k`` is the column interpolation of the difference of its
+two neighbouring input rows, so ``grad_cell_h = sum_k w_k * sum(G_c[k] * (x[i1(k)] - x[i0(k)]))``
+with ``w_k = d q_k / d c = (k + 1/2) / 2`` (0 where the position was clamped, by the reference's
+``clamp`` convention, probed once by ``_fast_cpu``); columns likewise with ``G_r`` (H x 2W').
+This is the full-map sum, so ``max`` and ``mean`` share it. Inputs in bfloat16/float16 get
+their whole backward in float32 (as the reference) and ``grad_x`` cast back.
 """
 from __future__ import annotations
 
@@ -153,7 +156,8 @@ def resample_pool_native(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, 
     Any device and floating dtype, any layout (channels-last stays channels-last).
     ``cell_h``, ``cell_w``: 0-d tensors, differentiable; their values are read on the host
     (one device sync). Cells that upsampling's equal-size shortcut would ignore
-    (:func:`shortcut_conflict`) take the reference.
+    (:func:`shortcut_conflict`), and non-CPU tensors under
+    ``torch.use_deterministic_algorithms(True)``, take the reference.
     """
     from .dynopool import resample_pool_reference
 
@@ -162,6 +166,8 @@ def resample_pool_native(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, 
     dtype = torch.promote_types(x.dtype, torch.float32)
     ch, cw = torch.stack([cell_h.detach().to(dtype), cell_w.detach().to(dtype)]).tolist()
     _, _, h, w = x.shape
-    if shortcut_conflict(h, w, out_h, out_w, ch, cw):
+    # CUDA's upsample_bilinear2d_backward accumulates with atomics and refuses deterministic mode
+    deterministic = torch.are_deterministic_algorithms_enabled() and x.device.type != "cpu"
+    if deterministic or shortcut_conflict(h, w, out_h, out_w, ch, cw):
         return resample_pool_reference(x, cell_h, cell_w, out_h, out_w, aggregate)
     return _ResamplePoolNative.apply(x, cell_h, cell_w, out_h, out_w, aggregate, (ch, cw))
