@@ -93,14 +93,15 @@ class _ResamplePoolNative(torch.autograd.Function):
                 out, idx = torch.ops.aten.avg_pool2d.default(up, [2, 2], [2, 2]), None
         del up
         ctx.save_for_backward(xd, idx)
-        ctx.meta = (out_h, out_w, aggregate, cells, scales, cell_h.dtype, cell_w.dtype)
+        # the cell gradients go back with each cell's dtype and device (a CPU stride may drive CUDA data)
+        ctx.meta = (out_h, out_w, aggregate, cells, scales, (cell_h.dtype, cell_h.device), (cell_w.dtype, cell_w.device))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         xd, idx = ctx.saved_tensors
-        out_h, out_w, aggregate, cells, scales, dtype_h, dtype_w = ctx.meta
+        out_h, out_w, aggregate, cells, scales, (dtype_h, dev_h), (dtype_w, dev_w) = ctx.meta
         needs = ctx.needs_input_grad
         n, c, h, w = xd.shape
         big = [2 * out_h, 2 * out_w]
@@ -118,12 +119,12 @@ class _ResamplePoolNative(torch.autograd.Function):
             if needs[2]:
                 g_rows = _upsample_backward(G, big, [n, c, h, big[1]], False, scales[0], 1.0)  # H x 2W'
                 del G
-                grad_w = _position_grad(xd, g_rows, 3, out_w, cells[1], w).to(dtype_w)
+                grad_w = _position_grad(xd, g_rows, 3, out_w, cells[1], w).to(dev_w, dtype_w)
                 del g_rows
             else:
                 del G
             if needs[1]:
-                grad_h = _position_grad(xd, g_cols, 2, out_h, cells[0], h).to(dtype_h)
+                grad_h = _position_grad(xd, g_cols, 2, out_h, cells[0], h).to(dev_h, dtype_h)
             grad_x = _upsample_backward(g_cols, [big[0], w], [n, c, h, w], False, scales[0], 1.0).to(xd.dtype) if needs[0] else None
         return grad_x, grad_h, grad_w, None, None, None, None
 

@@ -170,3 +170,20 @@ def test_auto_dispatch(monkeypatch):
     calls.clear()
     dynopool2d(x.bfloat16(), s, backend="reference")
     assert calls == []
+
+
+def test_autocast_and_inference_mode():
+    from dynopool_convert import DynOPool
+
+    torch.manual_seed(7)
+    pool = DynOPool((1.6, 2.3))
+    x = torch.randn(2, 3, 20, 18, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pool(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and pool.stride.grad.dtype == torch.float32
+    assert torch.isfinite(pool.stride.grad).all() and pool.stride.grad.abs().sum() > 0
+    with torch.inference_mode():
+        z = pool(x.detach())
+    torch.testing.assert_close(z, y.detach(), rtol=0, atol=0)
