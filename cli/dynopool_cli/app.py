@@ -79,3 +79,4 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+from .finetune_cmd import finetune as _finetune; app.command(name="finetune")(_finetune)  # noqa: E402
