@@ -119,6 +119,8 @@ def finetune(
     callbacks = RichProgress() if sys.stderr.isatty() else PlainLog()
     result = run_finetune(checkpoint, out, recipe=recipe, overrides=overrides, resume=resume, callbacks=callbacks,
                           trust_source=trust_source)
+    if not result.is_main:
+        return
     if result.completed:
         typer.echo(f"done: {result.steps} steps in {result.wall_s:.1f}s; best val acc {result.best_metric:.4f}; "
                    f"saved FLOPs {_fmt_flops(result.final_flops)} (budget {_fmt_flops(result.budget)}); {out}/last.pt, {out}/best.pt")

@@ -148,11 +148,13 @@ class ArrayImageDataset(Dataset):
 
 
 class SyntheticDataset(Dataset):
-    """Random tensors with a class-dependent pattern (learnable, for smoke tests)."""
+    """Random tensors around a smooth class-dependent pattern (learnable, for smoke tests)."""
 
     def __init__(self, n: int, classes: int, input_size: tuple[int, int, int], seed: int) -> None:
+        # smooth class patterns (4x4 noise upsampled), shared by the splits; noise drawn per split
+        coarse = torch.randn(classes, input_size[0], 4, 4, generator=torch.Generator().manual_seed(0))
+        templates = torch.nn.functional.interpolate(coarse, size=tuple(input_size[1:]), mode="bilinear")
         g = torch.Generator().manual_seed(seed)
-        templates = torch.randn(classes, *input_size, generator=g)
         self.labels = torch.arange(n) % classes
         self.images = templates[self.labels] + 0.5 * torch.randn(n, *input_size, generator=g)
 

@@ -62,6 +62,7 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     strides: list[list[float]] = field(default_factory=list)
+    is_main: bool = True  # rank 0 (the process that wrote the files)
 
 
 def _group_r(model: nn.Module) -> list[list[float]]:
@@ -377,6 +378,7 @@ class _Run:
         result = FinetuneResult(
             self.out_dir, self.progress.step, self.total_steps, completed, self.budget, final_flops,
             self.progress.best_metric, list(self.progress.history), time.perf_counter() - self.t0, strides,
+            self.info.is_main,
         )
         self.cbs.on_end(result)
         return result
