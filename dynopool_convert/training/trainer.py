@@ -27,7 +27,7 @@ from ..errors import UserInputError
 from . import upstream
 from .data import build_datasets, parse_data_spec
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from .model_io import BEST, CONVERTED, LAST, ModelBundle, load_model, project_copy, save_model
+from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
@@ -98,17 +98,14 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def resolve_config(out_dir: Path, recipe: str | Path | None, overrides: dict | None, resume: bool) -> FinetuneConfig:
+def resolve_config(out_dir: Path, recipe: str | Path | None, overrides: dict | None, resume: bool,
+                   trust_source: bool = False) -> FinetuneConfig:
     """defaults < config saved in last.pt (resume) < recipe < overrides."""
     saved = None
     if resume and (out_dir / LAST).is_file():
-        saved = _peek_training(out_dir / LAST).get("config")
+        training = upstream.load_checkpoint(out_dir / LAST, trust_source=trust_source).training or {}
+        saved = training.get("config")
     return merge_config(saved, load_recipe(recipe) if recipe else None, overrides)
-
-
-def _peek_training(path: Path) -> dict:
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    return data.get("training") or {} if isinstance(data, dict) else {}
 
 
 def finetune(
@@ -130,7 +127,7 @@ def finetune(
     ends this invocation after that many steps, saving ``last.pt`` (time-sliced jobs, tests).
     """
     out_dir = Path(out_dir)
-    cfg = config if config is not None else resolve_config(out_dir, recipe, overrides, resume)
+    cfg = config if config is not None else resolve_config(out_dir, recipe, overrides, resume, trust_source)
     info = init_distributed(cfg.train.device)
     cbs = callbacks if (callbacks is not None and info.is_main) else TrainCallbacks()
     try:
