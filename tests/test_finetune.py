@@ -126,3 +126,12 @@ def test_recipe_with_unconverted_model_converts_first(tmp_path):
     converted = load_checkpoint(tmp_path / "run" / "converted.pt", trust_source=True)
     assert count_flops(converted.model, SIZE) <= 100_000  # fitted to the budget at conversion
     assert count_flops(load_checkpoint(tmp_path / "run" / "last.pt", trust_source=True).model, SIZE) <= 100_000
+
+
+def test_bf16_autocast_on_cpu_runs(tiny_ckpt, tmp_path):
+    ckpt, budget = tiny_ckpt
+    res = finetune(ckpt, tmp_path / "bf16", trust_source=True, overrides={"data": DATA, "train": {
+        "steps": 2, "batch_size": 8, "log_every": 1, "device": "cpu", "amp": "bf16"}})
+    assert res.completed and res.final_flops <= budget
+    rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if r["kind"] == "step")
