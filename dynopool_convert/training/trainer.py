@@ -150,12 +150,12 @@ class _Run:
         self.t0 = time.perf_counter()
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(t.seed + info.rank)
+        torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
         budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None else None
         spec = parse_data_spec(cfg.data)
         input_hint = tuple(cfg.input_size) if cfg.input_size else (3, 224, 224)
-        bundle, converted_here = load_model(cfg, checkpoint, self.out_dir, resume, self._classes(spec, input_hint),
-                                            budget, trust_source)
+        bundle, converted_here = load_model(cfg, checkpoint, self.out_dir, resume,
+                                            self._classes_for_convert(spec, input_hint), budget, trust_source)
         self.bundle = bundle
         self.budget = budget if budget is not None else bundle.budget
         if self.budget is not None:
@@ -167,7 +167,11 @@ class _Run:
         model = bundle.model.to(info.device)
         self._check_classes(model, data.num_classes)
         self.model = model
-        self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) if info.enabled else model
+        self.ddp = model
+        if info.enabled:
+            device_ids = [info.device] if info.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        torch.manual_seed(t.seed + info.rank)  # dropout etc. differ between ranks
 
         self.sampler = EpochSampler(len(data.train), t.seed, info.rank, info.world)
         self.steps_per_epoch = len(self.sampler) // t.batch_size
@@ -195,10 +199,13 @@ class _Run:
             stop.close()
         return self._finish(completed)
 
-    def _classes(self, spec, input_hint) -> int:
+    def _classes_for_convert(self, spec, input_hint) -> int:
+        """The data's class count, needed only to build a recipe's model (0 otherwise)."""
+        if not self.cfg.model:
+            return 0
         if spec.kind == "synthetic":
             return spec.options.get("classes", 4)
-        return build_datasets(spec, input_hint).num_classes if self.cfg.model else 0
+        return build_datasets(spec, input_hint).num_classes
 
     def _check_classes(self, model: nn.Module, num_classes: int) -> None:
         was = model.training
