@@ -82,9 +82,14 @@ def resolve_source(name: str) -> str:
     raise _unknown(name, "any")
 
 
+#: Sources that need no trust flag: the two model zoos and the small models bundled with dynopool.
+TRUSTED_PREFIXES = ("timm:", "torchvision:", "dynopool_convert.training.zoo:")
+
+
 def is_trusted_source(source: str) -> bool:
-    """True for timm/torchvision sources; a ``module:factory`` source imports and runs code."""
-    return source.startswith(("timm:", "torchvision:"))
+    """True for timm/torchvision and dynopool's bundled models; any other ``module:factory``
+    source imports and runs code, so loading it needs the user's explicit trust."""
+    return source.startswith(TRUSTED_PREFIXES)
 
 
 def model_label(source: str) -> str:
