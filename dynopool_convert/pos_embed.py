@@ -125,6 +125,7 @@ def follow_grids(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
             with gm.graph.inserting_before(add):
                 call = gm.graph.call_function(resample_pos_embed, (param, site_node, layout, tuple(grid), prefix))
             call.meta = dict(param.meta)
+            order[call] = order[add] - 0.5  # later adds may have it upstream
             add.replace_input_with(param, call)
             notes.append(
                 f"position embedding {param.target} {list(pshape)} follows the grid of site {sites[site_node].name}"

@@ -33,16 +33,20 @@ class TinyViT(nn.Module):
 
 
 class MapPosEmbed(nn.Module):
-    """A [1, C, H, W] position embedding added to the patch map (conv-style models)."""
+    """[1, C, H, W] position embeddings added to the patch maps of two stages (visformer-style)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, 8, 4, stride=4)
-        self.pos_embed = nn.Parameter(torch.randn(1, 8, 8, 8))
+        self.proj1 = nn.Conv2d(3, 8, 2, stride=2)
+        self.pos_embed1 = nn.Parameter(torch.randn(1, 8, 16, 16))
+        self.proj2 = nn.Conv2d(8, 8, 2, stride=2)
+        self.pos_embed2 = nn.Parameter(torch.randn(1, 8, 8, 8))
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((self.proj(x) + self.pos_embed).mean(dim=(2, 3)))
+        x = self.proj1(x) + self.pos_embed1
+        x = self.proj2(x) + self.pos_embed2
+        return self.head(x.mean(dim=(2, 3)))
 
 
 def _stride(model: nn.Module) -> nn.Parameter:
@@ -99,12 +103,14 @@ def test_resample_keeps_prefix_tokens_and_reference():
     assert resample_pos_embed(chw, torch.empty(1, 1, 2, 6), "hwc", (4, 4)).shape == (1, 2, 6, 4)
 
 
-def test_map_position_embedding_follows_the_grid():
+def test_map_position_embeddings_follow_their_grids():
     model = MapPosEmbed().eval()
     result = dc.convert(model, input_size=(3, 32, 32))
-    assert result.plan.summary()["groups"] == 1 and any("chw" in n for n in result.plan.notes)
+    assert result.plan.summary()["groups"] == 2
+    assert sorted(n.split()[2] for n in result.plan.notes if "(chw" in n) == ["pos_embed1", "pos_embed2"]
     with torch.no_grad():
-        _stride(result.model).copy_(torch.tensor([3.0, 6.0]))
+        for p, s in zip(dc.scale_parameters(result.model), ([3.0, 1.5], [2.5, 2.0])):  # 11x21, then 4x10
+            p.copy_(torch.tensor(s))
         assert result.model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
