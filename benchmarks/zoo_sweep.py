@@ -8,6 +8,7 @@ resumes) and rendered to docs/COVERAGE.md.
 
     PYTHONPATH=.:cli python benchmarks/zoo_sweep.py                  # everything, resumable
     PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --only timm:resnet18 --fresh
+    PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --area timm --failed --fresh   # rerun what failed
     PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --render-only    # rewrite the table
 """
 from __future__ import annotations
@@ -259,7 +260,10 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "parameters) and every torchvision classification and segmentation model. A timm model that gets",
         "no learned group is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
         "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`), and the",
-        "row says so when that is what converted.",
+        "row says so when that is what converted. Fixed absolute position embeddings added to a site's",
+        "tokens are resampled to the learned grid (`dynopool_convert/pos_embed.py`); only the timm",
+        "rows that were not ok were rerun after that pass (`--area timm --failed --fresh`), so rows",
+        "that were ok already (e.g. those converted with `dynamic_img_size=True`) predate it.",
         "",
         "## Totals",
         "",
@@ -302,6 +306,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
     parser.add_argument("--workers", type=int, default=2, help="models run at once (default 2)")
     parser.add_argument("--only", nargs="*", help="only these sources")
+    parser.add_argument("--failed", action="store_true", help="only the models whose recorded status is not ok")
+    parser.add_argument("--area", help="only the models of this area (timm, torchvision classification, ...)")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
     parser.add_argument("--render-only", action="store_true", help="only rewrite docs/COVERAGE.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -316,6 +322,11 @@ def main() -> None:
     models = all_models()
     if args.only:
         models = [m for m in models if m[0] in args.only] or [(s, "timm" if s.startswith("timm:") else "torchvision classification", s) for s in args.only]
+    if args.area:
+        models = [m for m in models if m[1] == args.area]
+    if args.failed:
+        recorded = {r["source"]: r["status"] for r in map(json.loads, RESULTS.read_text().splitlines())} if RESULTS.exists() else {}
+        models = [m for m in models if recorded.get(m[0]) != "ok"]
     if args.fresh and RESULTS.exists():
         keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in {m[0] for m in models}]
         RESULTS.write_text("".join(line + "\n" for line in keep))

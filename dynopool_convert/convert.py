@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
+from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
 from .sites import Candidate, find_candidates
@@ -85,7 +86,9 @@ def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
         ) from err
     finally:
         traced.train(was_training)
-    return Analysis(traced, find_candidates(traced, t.node_names), example, output_spec(out), list(t.notes))
+    candidates = find_candidates(traced, t.node_names)
+    notes = list(t.notes) + follow_grids(traced, candidates)  # before any rewrite: replays identically
+    return Analysis(traced, candidates, example, output_spec(out), notes)
 
 
 def _matches(cand: Candidate, patterns: Iterable[str]) -> bool:
