@@ -1,8 +1,6 @@
 """The native-kernel path (``_fast_native``) against the PyTorch reference and max_pool2d (CPU)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,24 +8,11 @@ import torch.nn.functional as F
 from dynopool_convert import _fast_cpu, _fast_native, dynopool2d
 from dynopool_convert.dynopool import resample_pool_reference
 
+from _fast_path_cases import GRAD_TOL, TOL, random_cases
+
 native = _fast_native.resample_pool_native
 ref = resample_pool_reference
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-6)}
 EPS32 = torch.finfo(torch.float32).eps
-# the backward sums the same terms in another order than autograd's index_add
-GRAD_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-
-
-def _cases(count: int, seed: int):
-    """Random (N, C, H, W, out_h, out_w, cell_h, cell_w): 1x1 to 40 px, strides 0.5 to 16."""
-    rng = random.Random(seed)
-    for idx in range(count):
-        h, w = rng.choice([1, 2, 3, 5, 7, 12, 17, 23, 40]), rng.choice([1, 2, 4, 9, 13, 16, 31])
-        s_h, s_w = rng.uniform(0.5, 16.0 if idx % 3 == 0 else 3.0), rng.uniform(0.5, 3.0)
-        out_h, out_w = max(1, round(h / s_h)), max(1, round(w / s_w))
-        # cells exactly H/H' as dynopool2d makes them, or perturbed (positions move, clamps kick in)
-        jit = (lambda: 1.0) if idx % 2 == 0 else (lambda: rng.uniform(0.8, 1.3))
-        yield rng.randint(1, 3), rng.randint(1, 5), h, w, out_h, out_w, h / out_h * jit(), w / out_w * jit()
 
 
 def _run(fn, x, cells, out_h, out_w, aggregate, grad_out):
@@ -45,7 +30,7 @@ def test_forward_and_backward_match_reference(dtype, aggregate, channels_last):
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     native_runs = 0
-    for n, c, h, w, oh, ow, ch, cw in _cases(30, seed=4 * (dtype == torch.float32) + 2 * (aggregate == "mean") + channels_last):
+    for n, c, h, w, oh, ow, ch, cw in random_cases(30, seed=4 * (dtype == torch.float32) + 2 * (aggregate == "mean") + channels_last):
         x = torch.randn(n, c, h, w, dtype=dtype).to(memory_format=fmt)
         g = torch.randn(n, c, oh, ow, dtype=dtype)
         y, gx, gch, gcw = _run(native, x, (ch, cw), oh, ow, aggregate, g)
