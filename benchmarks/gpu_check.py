@@ -1,6 +1,7 @@
 """GPU correctness and speed check of DynOPool (run on a CUDA machine).
 
     python benchmarks/gpu_check.py            # prints a report, exits 1 on a correctness failure
+    python benchmarks/gpu_check.py --only native   # only the native-path vs reference section
 
 Checks: the CUDA result equals the CPU reference (forward, grad x, grad stride) in float32 and
 float64; bfloat16/float16 forward; stride 2 equals max_pool2d exactly; then times forward+backward
@@ -92,6 +93,69 @@ def speed() -> None:
                 print(f"{str(shape):>20} {stride:>8} {str(dtype)[6:]:>9} {statistics.median(ratios):>7.2f}")
 
 
+def native_vs_reference(failures: list[str]) -> None:
+    """The default CUDA path (backend="auto" = the native-kernel path) against backend="reference".
+
+    Correctness on CUDA (forward, grad x, grad stride; float64 tight, float32 close; bfloat16
+    forward), then forward+backward time of each and of F.max_pool2d(x, 2), interleaved.
+    """
+    from dynopool_convert import _fast_cpu
+
+    print("\nnative path (backend='auto' on CUDA) vs backend='reference'")
+    probe = torch.zeros(1, 1, 4, 4, device="cuda")
+    _check("auto does not take the numba kernel on cuda", not _fast_cpu.applies(probe), failures)
+    torch.manual_seed(1)
+    for dtype, tol in [(torch.float64, dict(rtol=1e-10, atol=1e-10)), (torch.float32, dict(rtol=1e-4, atol=1e-4))]:
+        for shape, stride in [((2, 3, 17, 23), (1.7, 2.6)), ((2, 5, 8, 8), (0.6, 0.9)), ((4, 16, 56, 56), (2.0, 2.0)), ((2, 8, 28, 28), (1.37, 1.37))]:
+            for aggregate in ("max", "mean"):
+                x = torch.randn(*shape, dtype=dtype, device="cuda")
+                res = {}
+                for backend in ("auto", "reference"):
+                    xb = x.clone().requires_grad_(True)
+                    s = torch.tensor(stride, dtype=dtype, device="cuda", requires_grad=True)
+                    y = dynopool2d(xb, s, aggregate, backend=backend)
+                    g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(2)).to("cuda")
+                    (y * g).sum().backward()
+                    res[backend] = (y.detach(), xb.grad, s.grad)
+                ok = all(torch.allclose(a, b, **tol) for a, b in zip(res["auto"], res["reference"]))
+                _check(f"native == reference on cuda {dtype} {shape} s={stride} {aggregate}", ok, failures)
+    x = torch.randn(8, 32, 40, 40, device="cuda")
+    s = torch.tensor([1.7, 2.3], device="cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        y, y_ref = dynopool2d(x.to(dtype), s, "max"), dynopool2d(x.to(dtype), s, "max", backend="reference")
+        _check(f"native {dtype} forward close to reference", y.dtype == dtype and torch.allclose(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2), failures)
+
+    print(f"{'shape':>20} {'stride':>6} {'dtype':>9} {'layout':>13} {'maxpool ms':>10} {'native/mp':>9} {'ref/mp':>7} {'ref/native':>10}")
+    for shape in [(32, 64, 56, 56), (32, 256, 28, 28)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels_last in (False, True):
+                for stride in (2.0, 1.7):
+                    fmt = torch.channels_last if channels_last else torch.contiguous_format
+                    x = torch.randn(*shape, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_(True)
+                    s = torch.tensor([stride, stride], device="cuda", requires_grad=True)
+
+                    def run_native(x=x, s=s):
+                        dynopool2d(x, s, "max", backend="auto").sum().backward()
+
+                    def run_ref(x=x, s=s):
+                        dynopool2d(x, s, "max", backend="reference").sum().backward()
+
+                    def run_mp(x=x):
+                        F.max_pool2d(x, 2).sum().backward()
+
+                    times = {"native": [], "reference": [], "max_pool2d": []}
+                    for _ in range(3):
+                        for name, fn in (("native", run_native), ("reference", run_ref), ("max_pool2d", run_mp)):
+                            times[name].append(_time(fn))
+                    med = {k: statistics.median(v) for k, v in times.items()}
+                    mp = med["max_pool2d"]
+                    layout = "channels_last" if channels_last else "NCHW"
+                    print(
+                        f"{str(shape):>20} {stride:>6} {str(dtype)[6:]:>9} {layout:>13} {mp * 1e3:>10.3f} "
+                        f"{med['native'] / mp:>9.2f} {med['reference'] / mp:>7.2f} {med['reference'] / med['native']:>10.2f}"
+                    )
+
+
 def converted_step(failures: list[str]) -> None:
     """A training step of converted ResNet-50 vs the original on CUDA (bf16 autocast), interleaved."""
     import timm
@@ -127,15 +191,23 @@ def converted_step(failures: list[str]) -> None:
     print(f"original {orig * 1e3:.1f} ms, converted {conv * 1e3:.1f} ms, ratio {conv / orig:.2f}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="GPU correctness and speed check of DynOPool")
+    ap.add_argument("--only", choices=["all", "native"], default="all", help="'native': only the native-vs-reference section")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 2
     print(torch.cuda.get_device_name(), torch.__version__)
     failures: list[str] = []
-    correctness(failures)
-    speed()
-    converted_step(failures)
+    if args.only == "all":
+        correctness(failures)
+        speed()
+    native_vs_reference(failures)
+    if args.only == "all":
+        converted_step(failures)
     print(f"\n{len(failures)} correctness failures")
     return 1 if failures else 0
 

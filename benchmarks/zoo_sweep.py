@@ -1,12 +1,14 @@
 """Coverage sweep: trace, convert, validate and backprop one model per timm family (the smallest)
 and every torchvision classification and segmentation model, at a small input size.
 
-Each model runs in its own subprocess with a timeout, so that one model's failure (exception,
-crash, hang) never stops the sweep; results are appended to a JSON-lines file (re-running
+Models run in worker subprocesses (torch and timm imported once per worker) with a timeout per
+model, so that one model's failure (exception, crash, hang) never stops the sweep: a worker that
+hangs or dies is replaced; results are appended to a JSON-lines file (re-running
 resumes) and rendered to docs/COVERAGE.md.
 
     PYTHONPATH=.:cli python benchmarks/zoo_sweep.py                  # everything, resumable
     PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --only timm:resnet18 --fresh
+    PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --area timm --failed --fresh   # rerun what failed
     PYTHONPATH=.:cli python benchmarks/zoo_sweep.py --render-only    # rewrite the table
 """
 from __future__ import annotations
@@ -17,7 +19,9 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,20 +149,53 @@ def run_one(source: str, size: int) -> dict:
 # the sweep
 
 
-def _child(source: str, size: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", source, "--size", str(size)]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"source": source, "status": "timeout", "reason": f"no result within {timeout:.0f} s", "seconds": timeout}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = " ".join(proc.stderr.split())[-300:]
-        return {"source": source, "status": "error", "reason": f"exit {proc.returncode}: {tail}",
-                "seconds": round(time.perf_counter() - t0, 1)}
-    return json.loads(lines[-1])
+class _Worker:
+    """A child process that imports torch/timm once and converts the models it is given, one
+    JSON line each; a model that takes longer than the timeout gets the child killed."""
+
+    def __init__(self, size: int) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--size", str(size)]
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'cli'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def run(self, source: str, timeout: float) -> dict | None:
+        """The model's row; None when the worker died (it must be replaced)."""
+        t0 = time.perf_counter()
+        self.proc.stdin.write(source + "\n")
+        self.proc.stdin.flush()
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, timeout - (time.perf_counter() - t0)))
+            except queue.Empty:
+                self.close()
+                return {"source": source, "status": "timeout", "reason": f"no result within {timeout:.0f} s", "seconds": timeout}
+            if line is None:
+                self.stderr.seek(0)
+                tail = " ".join(self.stderr.read().split())[-300:]
+                return {"source": source, "status": "error", "reason": f"the process died (exit {self.proc.wait()}): {tail}",
+                        "seconds": round(time.perf_counter() - t0, 1), "dead": True}
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def serve(size: int) -> None:
+    """Worker loop: one source per stdin line, one JSON row per stdout line."""
+    for line in sys.stdin:
+        source = line.strip()
+        if source:
+            print(json.dumps(run_one(source, size)), flush=True)
 
 
 def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers: int) -> None:
@@ -166,17 +203,34 @@ def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers
     todo = [m for m in models if m[0] not in done]
     print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    jobs: queue.Queue = queue.Queue()
+    for item in todo:
+        jobs.put(item)
+    lock = threading.Lock()
 
-    def one(item):
-        source, area, family = item
-        row = _child(source, size, timeout)
-        row.update(area=area, family=family)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{source:55} {row['status']:18} {row.get('groups', '-')!s:>3} groups {row['seconds']:>6}s  {row.get('reason', '')[:90]}", flush=True)
+    def loop() -> None:
+        worker = _Worker(size)
+        while True:
+            try:
+                source, area, family = jobs.get_nowait()
+            except queue.Empty:
+                break
+            row = worker.run(source, timeout)
+            if row["status"] == "timeout" or row.pop("dead", False):
+                worker.close()
+                worker = _Worker(size)
+            row.update(area=area, family=family)
+            with lock:
+                with RESULTS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{source:55} {row['status']:18} {row.get('groups', '-')!s:>3} groups {row['seconds']:>6}s  {row.get('reason', '')[:90]}", flush=True)
+        worker.close()
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(one, todo))
+    threads = [threading.Thread(target=loop) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,9 +260,15 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "parameters) and every torchvision classification and segmentation model. A timm model that gets",
         "no learned group is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
         "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`), and the",
-        "row says so when that is what converted.",
+        "row says so when that is what converted. Fixed absolute position embeddings added to a site's",
+        "tokens are resampled to the learned grid (`dynopool_convert/pos_embed.py`); only the timm",
+        "rows that were not ok were rerun after that pass (`--area timm --failed --fresh`), so rows",
+        "that were ok already (e.g. those converted with `dynamic_img_size=True`) predate it.",
         "",
         "## Totals",
+        "",
+        "Models that failed before their sites were known (trace failure, timeout, crash) count as",
+        "having a resizing site, so they count against the percentage.",
         "",
         "| area | models | ok (≥ 1 learned group) | with a resizing site | ok among those |",
         "|---|---:|---:|---:|---:|",
@@ -216,8 +276,7 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
     for area in ("torchvision classification", "torchvision segmentation", "timm"):
         sel = [rows[s] for s, a, _ in wanted if a == area]
         ok = sum(r["status"] == "ok" for r in sel)
-        with_site = [r for r in sel if r.get("sites", 0) or r["status"] not in ("no resizing site",)]
-        with_site = [r for r in with_site if r["status"] != "no resizing site"]
+        with_site = [r for r in sel if r["status"] != "no resizing site"]
         pct = f"{100 * ok / len(with_site):.0f}%" if with_site else "-"
         lines.append(f"| {area} | {len(sel)} | {ok} | {len(with_site)} | {ok}/{len(with_site)} ({pct}) |")
     missing = [s for s, _, _ in models if s not in rows]
@@ -247,16 +306,27 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
     parser.add_argument("--workers", type=int, default=2, help="models run at once (default 2)")
     parser.add_argument("--only", nargs="*", help="only these sources")
+    parser.add_argument("--failed", action="store_true", help="only the models whose recorded status is not ok")
+    parser.add_argument("--area", help="only the models of this area (timm, torchvision classification, ...)")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
     parser.add_argument("--render-only", action="store_true", help="only rewrite docs/COVERAGE.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(args.child, args.size)), flush=True)
         return
+    if args.serve:
+        serve(args.size)
+        return
     models = all_models()
     if args.only:
         models = [m for m in models if m[0] in args.only] or [(s, "timm" if s.startswith("timm:") else "torchvision classification", s) for s in args.only]
+    if args.area:
+        models = [m for m in models if m[1] == args.area]
+    if args.failed:
+        recorded = {r["source"]: r["status"] for r in map(json.loads, RESULTS.read_text().splitlines())} if RESULTS.exists() else {}
+        models = [m for m in models if recorded.get(m[0]) != "ok"]
     if args.fresh and RESULTS.exists():
         keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in {m[0] for m in models}]
         RESULTS.write_text("".join(line + "\n" for line in keep))

@@ -17,6 +17,9 @@ from .plan import Plan
 from .convert import ConversionResult, apply_plan, convert
 from .models import build_model, resolve_source
 from .checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
+from .flops import count_flops, flops_by_module, format_flops
+from .cost_model import CostModel
+from .budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
 
 __version__ = "0.1.0"
 
@@ -42,4 +45,12 @@ __all__ = [
     "load",
     "save",
     "Checkpoint",
+    "count_flops",
+    "flops_by_module",
+    "format_flops",
+    "CostModel",
+    "parse_budget",
+    "budget_penalty",
+    "fit_to_budget",
+    "project_to_budget",
 ]

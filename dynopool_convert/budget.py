@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import time
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
@@ -115,20 +116,25 @@ def _next_level(cost: CostModel, base, bounds, factors: list[float], g: int, lev
     return lo, cost.flops(_scaled(base, bounds, trial))
 
 
-def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, max_steps: int = 2000) -> list[float] | None:
+def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, max_steps: int = 2000,
+                    max_seconds: float = 10.0) -> list[float] | None:
     """Per-group factors found by lowering one group by one cost level at a time.
 
     Rounding makes the cost a step function of the common factor, and on a network whose
     sizes halve exactly at every stage all sizes step down together (ResNet-50 at 224:
     4.12G, then 3.63G: nothing in between). Step by step, each time the group whose next
     level fits the budget with the least waste, else the one that buys the most FLOPs per
-    unit of log r given up. ``None`` if it does not reach the budget in ``max_steps``.
+    unit of log r given up. ``None`` if it does not reach the budget within ``max_steps``
+    steps or ``max_seconds`` (many groups, far over budget): the common factor is used then.
     """
     factors = [1.0] * len(base)
     current = cost.flops(_scaled(base, bounds, factors))
+    deadline = time.perf_counter() + max_seconds
     for _ in range(max_steps):
         if current <= budget:
             return factors
+        if time.perf_counter() > deadline:
+            return None
         moves = []
         for g in range(len(base)):
             nxt = _next_level(cost, base, bounds, factors, g, current, floor)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
+from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
 from .sites import Candidate, find_candidates
@@ -38,6 +39,7 @@ class Analysis:
     candidates: list[Candidate]
     example: Tensor
     spec: OutputSpec
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +86,9 @@ def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
         ) from err
     finally:
         traced.train(was_training)
-    return Analysis(traced, find_candidates(traced, t.node_names), example, output_spec(out))
+    candidates = find_candidates(traced, t.node_names)
+    notes = list(t.notes) + follow_grids(traced, candidates)  # before any rewrite: replays identically
+    return Analysis(traced, candidates, example, output_spec(out), notes)
 
 
 def _matches(cand: Candidate, patterns: Iterable[str]) -> bool:
@@ -138,7 +142,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
         if site.status == "converted" and site.input_size:
             site.converted_size = [dynopool_output_size(n, s) for n, s in zip(site.input_size, c.stride)]
         sites.append(site)
-    return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=list(ties.notes))
+    return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=analysis.notes + list(ties.notes))
 
 
 def _revert(plan: Plan, gid: int, reason: str) -> None:
@@ -169,7 +173,7 @@ def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
             broken = []
             for g in plan.converted_groups():  # which groups break the forward on their own?
                 solo = rewrite(analysis.traced, analysis.candidates, _solo_plan(plan, g.id))
-                error = validate_graph(solo, analysis.example, analysis.spec).reference_error
+                error = validate_graph(solo, analysis.example, analysis.spec, reference_only=True).reference_error
                 if error:
                     broken.append((g.id, error))
             for gid, error in broken:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .dynopool import DynOPool, dynopool_output_size
-from .flops import _quiet, count_flops, flop_analysis
+from .dynopool import DynOPool, dynopool_output_size, scale_parameters
+from .flops import _quiet, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
 
@@ -48,7 +48,7 @@ __all__ = ["CostModel", "trace_for_cost"]
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps DynOPool and timm's not-traceable modules as leaves."""
+    """fx tracer that keeps DynOPool, convolutions and timm's not-traceable modules as leaves."""
 
     def __init__(self) -> None:
         try:
@@ -61,7 +61,8 @@ class _LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, DynOPool) or (self._notrace and isinstance(m, self._notrace)):
+        # conv subclasses (timm's StdConv2d, Conv2dSame) stay whole, as the conversion keeps them
+        if isinstance(m, (DynOPool, nn.Conv2d)) or (self._notrace and isinstance(m, self._notrace)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -239,9 +240,20 @@ def _module_rules(m: nn.Module, parent: _Class) -> list[_Rule]:
         return rules
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return [_Rule("new", _Class("const"), "in")]
+    if isinstance(m, (nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
+        return _pad_rules(parent, m.padding)
     if isinstance(m, nn.Upsample):
         return _interpolate_rules(parent, m.size, m.scale_factor)
     return []
+
+
+def _pad_rules(parent: _Class, pad: Any) -> list[_Rule]:
+    """Padding ``(left, right[, top, bottom])``: a window of 1 with that total padding."""
+    pad = tuple(int(v) for v in (pad if isinstance(pad, (tuple, list)) else (pad,) * 4))
+    left, right = pad[0], pad[1] if len(pad) > 1 else pad[0]
+    top, bottom = (pad[2], pad[3]) if len(pad) >= 4 else (0, 0)
+    wp = ((1, 1, top + bottom, 1, False), (1, 1, left + right, 1, False))
+    return [] if wp[0][2] == wp[1][2] == 0 else [_Rule("new", _Class("window", parent, params=wp), "in")]
 
 
 def _interpolate_rules(parent: _Class, size: Any, scale_factor: Any) -> list[_Rule]:
@@ -278,6 +290,8 @@ def _function_rules(target: Callable, args: tuple, kwargs: dict, parent: _Class)
         return [_Rule("new", _Class("window", parent, params=wp), "in")] if wp else []
     if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
         return [_Rule("new", _Class("const"), "in")]
+    if target is F.pad:
+        return _pad_rules(parent, _arg(args, kwargs, 1, "pad", ()))
     if target is F.interpolate:
         return _interpolate_rules(parent, _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None))
     return []
@@ -341,7 +355,10 @@ class CostModel:
         params: dict[int, nn.Parameter] = {}
         for m in self._dynopools.values():
             params.setdefault(id(m.stride), m.stride)
-        self.parameters: list[nn.Parameter] = list(params.values())
+        # in the order of scale_parameters(model): one per tied group
+        ordered = [p for p in scale_parameters(model) if id(p) in params]
+        ordered += [p for p in params.values() if all(p is not q for q in ordered)]
+        self.parameters: list[nn.Parameter] = ordered
         self._group_of = {id(p): i for i, p in enumerate(self.parameters)}
         # stride bounds per group (every site of a group shares them): [1/r_max, 1/r_min]
         self._bounds = [(0.0, math.inf)] * len(self.parameters)
@@ -364,7 +381,8 @@ class CostModel:
         ref_strides = self._current_strides()
         #: the strides the model had at build time, and fvcore's count there
         self.reference_strides = ref_strides
-        node_flops, self.reference_flops = _node_flops(gm, ref, self.input_size)
+        node_flops, self.reference_flops, self._mixed = _node_flops(gm, ref, self.input_size)
+        self._gm, self._ref = gm, ref
         self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
 
     # -- build ---------------------------------------------------------------------------
@@ -388,6 +406,7 @@ class CostModel:
         sizes_pert: dict[int, tuple[int, int]] = {}
         terms: dict[int, _ClassTerm] = {}
         opaque_terms: list[_Class] = []
+        fixed_cache: dict = {}
         constant = 0.0
 
         def add_class(c: _Class, r: tuple[int, int], q: tuple[int, int]) -> _Class:
@@ -429,14 +448,20 @@ class CostModel:
                 args = _substitute(n.args, ref)
                 kwargs = _substitute(n.kwargs, ref)
                 rules += _function_rules(n.target, args, kwargs, parent)
-            rules += [_Rule("inherit", c, "in") for c in uniq]
             module = gm.get_submodule(n.target) if n.op == "call_module" else None
+            probe_rule = None
             if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
-                # a leaf we know nothing about (e.g. timm's ConvMlp, data-dependent): probe it
+                # a leaf we know nothing about (timm's ConvMlp or MobileViT block: data-dependent
+                # sizes inside): probe it, per input size
                 in_info = ref[n.all_input_nodes[0]] if n.all_input_nodes else None
                 if isinstance(in_info, _TensorInfo) and len(in_info.shape) == 4:
                     probe = _LeafProbe(module, in_info, gm)
-                    rules.append(_Rule("new", _Class("opaque", parent, probe=probe), "opaque"))
+                    probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
+            if probe_rule is not None and _plain_custom(module) and node_flops.get(n, 0):
+                rules.append(probe_rule)  # its FLOPs need not scale with its output size
+            rules += [_Rule("inherit", c, "in") for c in uniq]
+            if probe_rule is not None and probe_rule not in rules:
+                rules.append(probe_rule)
             rules.append(_Rule("new", _Class("const"), "in"))
 
             chosen = None
@@ -453,7 +478,9 @@ class CostModel:
                     f"{getattr(info_r, 'shape', info_r)} at the reference strides, "
                     f"{getattr(info_p, 'shape', info_p)} at smaller strides"
                 )
-            node_class[n] = chosen.cls if _has_tensor(info_r) else None
+            # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
+            # y, size=x.shape[-2:]) then follows x
+            node_class[n] = chosen.cls if _has_tensor(info_r) or _is_shape_like(info_r) else None
 
             flops = node_flops.get(n, 0)
             if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
@@ -464,8 +491,13 @@ class CostModel:
                 if on is None:
                     constant += flops
                 else:
+                    fixed = 0.0
+                    if n in self._mixed:  # e.g. timm's StdConv2d: conv (scales) + weight standardisation (fixed)
+                        fixed = _fixed_part(gm, n, ref, flops, on_output=on is chosen.cls and chosen.kind != "inherit",
+                                            cache=fixed_cache)
+                    constant += fixed
                     term = terms.setdefault(on.index, _ClassTerm(on))
-                    term.coefficient += flops / area(on, sizes_ref)
+                    term.coefficient += (flops - fixed) / area(on, sizes_ref)
 
         attributed = constant + sum(t.coefficient * area(t.cls, sizes_ref) for t in terms.values())
         attributed += sum(c.probe(*sizes_ref[c.parent.index])[1] for c in opaque_terms)
@@ -493,16 +525,9 @@ class CostModel:
         """``None`` if ``rule`` contradicts an observation, else the new class's two sizes."""
         if rule.kind == "inherit":
             c = rule.cls
-            for info, sizes in ((info_r, sizes_ref), (info_p, sizes_pert)):
-                if not _carries(info, sizes[c.index]):
-                    return None
-            # a collapsed (non-spatial) output must scale with the class area
-            if isinstance(info_r, _TensorInfo) and len(info_r.shape) != 4:
-                a_r = sizes_ref[c.index][0] * sizes_ref[c.index][1]
-                a_p = sizes_pert[c.index][0] * sizes_pert[c.index][1]
-                if info_p.numel * a_r != info_r.numel * a_p:
-                    return None
-            return ()
+            if _inherits(info_r, info_p, sizes_ref[c.index], sizes_pert[c.index]):
+                return ()
+            return None
         c = rule.cls
         if c.kind == "const":
             if _shape_of(info_r) != _shape_of(info_p):
@@ -625,18 +650,49 @@ def _shape_of(info: Any) -> Any:
     return None
 
 
+def _is_shape_like(info: Any) -> bool:
+    if isinstance(info, bool):
+        return False
+    if isinstance(info, int):
+        return True
+    return isinstance(info, (list, tuple)) and len(info) > 0 and all(_is_shape_like(v) for v in info)
+
+
 def _has_tensor(info: Any) -> bool:
     if isinstance(info, _TensorInfo):
         return True
     return isinstance(info, (list, tuple)) and any(_has_tensor(v) for v in info)
 
 
-def _carries(info: Any, size: tuple[int, int]) -> bool:
-    """Whether a 4-D output shows the class size (NCHW or NHWC); other outputs pass."""
-    if isinstance(info, _TensorInfo) and len(info.shape) == 4:
-        return info.shape[2:4] == size or info.shape[1:3] == size
-    if isinstance(info, (list, tuple)):
-        return all(_carries(v, size) for v in info)
+def _flat(info: Any) -> list:
+    if isinstance(info, (list, tuple)) and not isinstance(info, _TensorInfo):
+        return [v for item in info for v in _flat(item)]
+    return [info]
+
+
+def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int]) -> bool:
+    """Whether an output observed at two strides follows a class of sizes ``size_r``/``size_p``.
+
+    Each tensor must show the size (NCHW or NHWC) at both, or have a number of elements in
+    proportion to the area (flattened tokens); each int (a shape) must not change or change
+    exactly as the class's height or width does (``ceil(h / p) * p`` does not: refused).
+    """
+    flat_r, flat_p = _flat(info_r), _flat(info_p)
+    if len(flat_r) != len(flat_p):
+        return False
+    a_r, a_p = size_r[0] * size_r[1], size_p[0] * size_p[1]
+    for r, p in zip(flat_r, flat_p):
+        if isinstance(r, _TensorInfo) and isinstance(p, _TensorInfo):
+            shows = len(r.shape) == 4 and (
+                (r.shape[2:4] == size_r and p.shape[2:4] == size_p) or (r.shape[1:3] == size_r and p.shape[1:3] == size_p)
+            )
+            if not shows and p.numel * a_r != r.numel * a_p:
+                return False
+        elif isinstance(r, int) and not isinstance(r, bool) and isinstance(p, int):
+            if r != p and (r, p) not in ((size_r[0], size_p[0]), (size_r[1], size_p[1])):
+                return False
+        elif type(r) is not type(p):
+            return False
     return True
 
 
@@ -645,16 +701,19 @@ def _substitute(value: Any, summary: dict[fx.Node, Any]) -> Any:
     return fx.node.map_arg(value, lambda a: summary.get(a))
 
 
-def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequence[int]) -> tuple[dict[fx.Node, int], int]:
-    """fvcore FLOPs of each node at the reference strides, and fvcore's total."""
+def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequence[int]) -> tuple[dict[fx.Node, int], int, set[fx.Node]]:
+    """fvcore FLOPs of each node at the reference strides, fvcore's total, and the module
+    calls that run several kinds of counted ops (their FLOPs may not all scale with size)."""
     with flop_analysis(gm, input_size) as fa:
         by_module = {k: int(v) for k, v in fa.by_module().items()}
+        by_op = fa.by_module_and_operator()
     total = by_module.get("", 0)
     calls: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls.setdefault(n.target, []).append(n)
     out: dict[fx.Node, int] = {}
+    mixed: set[fx.Node] = set()
     inside = sum(v for k, v in by_module.items() if k and "." not in k)
     for target, nodes in calls.items():
         f = by_module.get(target, 0)
@@ -665,6 +724,8 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
         else:  # a module called several times: count each call on its own
             for n in nodes:
                 out[n] = _isolated_flops(gm, n, ref)
+        if sum(1 for v in by_op.get(target, {}).values() if v) > 1:
+            mixed.update(nodes)
     remainder = total - inside
     if remainder > 0:  # ops at the top level of the graph (functional calls), heads last
         for n in reversed(gm.graph.nodes):
@@ -679,7 +740,44 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
                     remainder -= f
                     if remainder <= 0:
                         break
-    return out, total
+    return out, total, mixed
+
+
+def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: int, on_output: bool,
+                cache: dict | None = None) -> float:
+    """The size-independent part ``a`` of a module call's FLOPs ``a + b * area``, from a second
+    isolated count with the spatial input 4 pixels larger on each axis (``cache``: by module
+    configuration and shapes, as FLOPs do not depend on weight values)."""
+    x = n.all_input_nodes[0] if len(n.all_input_nodes) == 1 else None
+    info = ref.get(x) if x is not None else None
+    out = ref.get(n)
+    if not (isinstance(info, _TensorInfo) and len(info.shape) == 4 and isinstance(out, _TensorInfo)):
+        return 0.0
+    module = gm.get_submodule(n.target)
+    key = (type(module), module.extra_repr(), info.shape, out.shape, flops, on_output)
+    if cache is not None and key in cache:
+        return cache[key]
+    big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
+    wrapper = _OneCall(module, (_SLOT,), {}, [])
+    wrapper.inner = module
+    f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype, device=_device(gm)),), gm)
+    shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, big.shape)
+    a1, a2 = shape1[-2] * shape1[-1], shape2[-2] * shape2[-1]
+    fixed = 0.0 if a1 == a2 else flops - (f2 - flops) / (a2 - a1) * a1
+    if cache is not None:
+        cache[key] = fixed
+    return fixed
+
+
+def _device(gm: nn.Module) -> torch.device:
+    param = next(gm.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _plain_custom(m: nn.Module) -> bool:
+    """A module class not derived from any torch.nn layer (timm's ``BatchNormAct2d`` or
+    ``StdConv2d`` are: their FLOPs follow their base layer's)."""
+    return not any(c.__module__.startswith("torch.nn") and c is not nn.Module for c in type(m).__mro__)
 
 
 def _is_torch_builtin(m: nn.Module) -> bool:
@@ -702,7 +800,7 @@ class _LeafProbe:
         key = (max(1, h), max(1, w))
         if key not in self.memo:
             shape = (*self.in_info.shape[:-2], *key)
-            x = torch.zeros(shape, dtype=self.in_info.dtype)
+            x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
             wrapper = _OneCall(self.module, (_SLOT,), {}, [])
             wrapper.inner = self.module
             flops = _count_one(wrapper, (x,), self.gm)
@@ -748,7 +846,7 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
     def slot(a: fx.Node) -> Any:
         info = ref.get(a)
         if isinstance(info, _TensorInfo):
-            tensors.append(torch.zeros(info.shape, dtype=info.dtype))
+            tensors.append(torch.zeros(info.shape, dtype=info.dtype, device=_device(gm)))
             return _SLOT
         return info
 

@@ -88,7 +88,7 @@ def resample_pool_reference(
 
 
 def _fast_backend_applies(x: Tensor, backend: str) -> bool:
-    if backend == "reference":
+    if backend in ("reference", "native"):
         return False
     from . import _fast_cpu
 
@@ -100,13 +100,15 @@ def dynopool2d(
     stride: Tensor,
     aggregate: Aggregate = "max",
     r_bounds: tuple[float, float] = (R_MIN, R_MAX),
-    backend: Literal["auto", "reference", "fast"] = "auto",
+    backend: Literal["auto", "reference", "fast", "native"] = "auto",
 ) -> Tensor:
     """Resize ``x`` (N x C x H x W) with the learnable continuous ``stride`` (a 2-element tensor).
 
     ``r_bounds`` bounds the scale factor ``r = 1/stride`` (the stride is clamped to
     ``[1/r_max, 1/r_min]``). ``backend``: ``auto`` takes the fused CPU kernel when it applies
-    (float32/float64 on CPU with numba installed) and the PyTorch reference otherwise.
+    (float32/float64 on CPU with numba installed), else the native-kernel path
+    (``native``: upsample + pool kernels, CUDA and low precision), and the PyTorch
+    ``reference`` while ``torch.compile`` traces.
     """
     if x.dim() != 4:
         raise ValueError(f"DynOPool expects an N x C x H x W tensor, got shape {tuple(x.shape)}")
@@ -125,6 +127,10 @@ def dynopool2d(
         from ._fast_cpu import resample_pool_fast
 
         return resample_pool_fast(x, cell_h, cell_w, out_h, out_w, aggregate)
+    if backend == "native" or (backend == "auto" and not torch.compiler.is_compiling()):
+        from ._fast_native import resample_pool_native
+
+        return resample_pool_native(x, cell_h, cell_w, out_h, out_w, aggregate)
     return resample_pool_reference(x, cell_h, cell_w, out_h, out_w, aggregate)
 
 
@@ -150,7 +156,7 @@ class DynOPool(nn.Module):
         aggregate: Aggregate = "max",
         r_bounds: tuple[float, float] = (R_MIN, R_MAX),
         group: int | None = None,
-        backend: Literal["auto", "reference", "fast"] = "auto",
+        backend: Literal["auto", "reference", "fast", "native"] = "auto",
     ) -> None:
         super().__init__()
         if aggregate not in ("max", "mean"):

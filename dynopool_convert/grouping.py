@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
+from .pos_embed import resample_pos_embed
 from .sites import Candidate
 
 __all__ = ["TieGraph", "JOIN_TARGETS"]
@@ -107,6 +108,9 @@ class TieGraph:
                 continue
             if node.name in self._fixed:
                 origin[node.name] = f"<fixed by {self._names[node.name]}>"
+                continue
+            if node.target is resample_pos_embed:  # sized by the grid it follows, not by the parameter
+                origin[node.name] = origin.get(node.args[1].name)
                 continue
             out = _spatial(node)
             if node.target in JOIN_TARGETS and out is not None:

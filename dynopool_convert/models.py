@@ -82,9 +82,14 @@ def resolve_source(name: str) -> str:
     raise _unknown(name, "any")
 
 
+#: Sources that need no trust flag: the two model zoos and the small models bundled with dynopool.
+TRUSTED_PREFIXES = ("timm:", "torchvision:", "dynopool_convert.training.zoo:")
+
+
 def is_trusted_source(source: str) -> bool:
-    """True for timm/torchvision sources; a ``module:factory`` source imports and runs code."""
-    return source.startswith(("timm:", "torchvision:"))
+    """True for timm/torchvision and dynopool's bundled models; any other ``module:factory``
+    source imports and runs code, so loading it needs the user's explicit trust."""
+    return source.startswith(TRUSTED_PREFIXES)
 
 
 def model_label(source: str) -> str:
@@ -145,9 +150,13 @@ def build_model(source: str, build_args: dict[str, Any] | None = None) -> nn.Mod
 
 
 def default_input_size(source: str, model: nn.Module | None = None) -> tuple[int, int, int]:
-    """The model's own reference ``(C, H, W)``: timm's ``pretrained_cfg``, torchvision's weights
-    transforms (crop size), else ``(3, 224, 224)``. Nothing is downloaded."""
+    """The model's own reference ``(C, H, W)``: its ``image_size`` attribute (torchvision ViTs),
+    timm's ``pretrained_cfg``, torchvision's weights transforms (crop size), else
+    ``(3, 224, 224)``. Nothing is downloaded."""
     source = resolve_source(source)
+    image_size = getattr(model, "image_size", None)  # torchvision ViTs: the size they are built for
+    if isinstance(image_size, int) and image_size > 0:
+        return 3, image_size, image_size
     if model is not None and isinstance(getattr(model, "pretrained_cfg", None), dict):
         size = model.pretrained_cfg.get("input_size")
         if size and len(size) == 3:

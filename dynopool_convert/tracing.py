@@ -7,8 +7,9 @@ kept as a leaf too, so that e.g. timm's ``Conv2dSame`` shows up as one node.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torchvision
@@ -26,6 +27,7 @@ class Traced:
 
     graph_module: fx.GraphModule
     node_names: dict[str, str]  # fx node.name -> qualified (module path) name
+    notes: list[str] = field(default_factory=list)  # module classes kept as leaves, and why
 
 
 #: torchvision.ops modules that are plain compositions of layers (torchvision keeps them as
@@ -79,34 +81,80 @@ def _culprit(err: BaseException) -> str:
     return "unknown location"
 
 
+def _default_args(model: nn.Module) -> dict | None:
+    """Forward parameters after the input that have defaults (``mask=None``, flags): traced at
+    their default value, so that ``if mask is not None`` takes the branch a plain call takes."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    concrete = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return concrete or None
+
+
+#: how many module classes ``trace_model`` may turn into leaves to get past tracing failures
+MAX_AUTO_LEAVES = 8
+
+
+def _failing_module(err: BaseException, root: nn.Module) -> nn.Module | None:
+    """The innermost submodule (not the root) whose forward was running when tracing failed."""
+    tb = err.__traceback__
+    found = None
+    while tb is not None:
+        module = tb.tb_frame.f_locals.get("self")
+        if isinstance(module, nn.Module) and module is not root and not isinstance(module, fx.GraphModule):
+            found = module
+        tb = tb.tb_next
+    return found
+
+
+def _hides_sites(module: nn.Module) -> bool:
+    from .sites import site_module_types
+
+    types = tuple(site_module_types())
+    return any(isinstance(m, types) and getattr(m, "stride", 1) not in (1, (1, 1), None) for m in module.modules())
+
+
 def trace_model(model: nn.Module) -> Traced:
     """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
 
     Python branches on ``self.training`` inside traced-through code are frozen at their eval
     value (e.g. auxiliary heads are dropped); leaf modules (dropout, drop path, batch norm)
-    keep following the mode.
+    keep following the mode. When tracing fails inside a submodule that holds no resizing op,
+    that module's class is kept as a leaf and tracing is tried again (``Traced.notes`` says
+    which); the same happens on every replay, so plans stay valid.
 
     Raises ``UserInputError`` naming the module or function that could not be traced.
     """
-    tracer = NodePathTracer(
-        leaf_modules=leaf_module_types(),
-        autowrap_functions=_notrace_functions(),
-        autowrap_modules=(math, torchvision.ops),
-    )
+    extra: list[type] = []
+    notes: list[str] = []
     was_training = model.training
     model.eval()
     try:
-        graph = tracer.trace(model)
-    except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
-        msg = " ".join(str(err).split())[:200]
-        raise UserInputError(
-            f"cannot trace {type(model).__name__} with torch.fx: {_culprit(err)} raised {type(err).__name__}: {msg}"
-            " (register the module with timm.layers.register_notrace_module or the function with register_notrace_function)"
-        ) from err
+        while True:
+            tracer = NodePathTracer(
+                leaf_modules=leaf_module_types() + extra,
+                autowrap_functions=_notrace_functions(),
+                autowrap_modules=(math, torchvision.ops),
+            )
+            try:
+                graph = tracer.trace(model, concrete_args=_default_args(model))
+                break
+            except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
+                msg = " ".join(str(err).split())[:200]
+                failing = _failing_module(err, model)
+                if failing is None or type(failing) in extra or _hides_sites(failing) or len(extra) >= MAX_AUTO_LEAVES:
+                    raise UserInputError(
+                        f"cannot trace {type(model).__name__} with torch.fx: {_culprit(err)} raised {type(err).__name__}: {msg}"
+                        " (register the module with timm.layers.register_notrace_module or the function with register_notrace_function)"
+                    ) from err
+                extra.append(type(failing))
+                notes.append(f"traced {type(failing).__name__} as a leaf: tracing into it failed ({type(err).__name__}: {msg[:100]})")
     finally:
         model.train(was_training)
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(was_training)
     node_names = {node.name: tracer.node_to_qualname.get(node, node.name) for node in graph.nodes}
-    return Traced(gm, node_names)
+    return Traced(gm, node_names, notes)

@@ -158,8 +158,9 @@ def _size_hooks(gm: nn.Module, sizes: dict) -> list:
     return handles
 
 
-def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec) -> ValidationReport:
-    """Check ``gm`` (a converted model) at the reference input ``example`` and moved strides."""
+def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_only: bool = False) -> ValidationReport:
+    """Check ``gm`` (a converted model) at the reference input ``example`` and moved strides
+    (only at the reference input with ``reference_only``)."""
     report = ValidationReport()
     was_training = gm.training
     gm.eval()
@@ -168,7 +169,7 @@ def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec) -> Validatio
         report.reference_error = _run(gm, example, spec)
         for h in handles:
             h.remove()
-        if report.reference_error:
+        if report.reference_error or reference_only:
             return report
         groups = _groups(gm)
         for gid, (_, members) in groups.items():

@@ -138,3 +138,39 @@ class TimmLayersNet(nn.Module):
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         x = self.avg(x)
         return self.fc(x.mean((2, 3)))
+
+
+class ShapeBranch(nn.Module):
+    """Indexes into a tensor built from its input's shape: fx cannot trace into it."""
+
+    def forward(self, x):
+        mask = torch.zeros(x.shape[-2:])
+        mask[0, 0] = 1.0
+        return x * mask
+
+
+class NeedsAutoLeaf(nn.Module):
+    """A strided conv, then a block that must be kept as a leaf to trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.block = ShapeBranch()
+
+    def forward(self, x):
+        return self.block(self.conv(x)).mean((2, 3))
+
+
+class UNetLike(nn.Module):
+    """Down, up, concat with the skip: the two sites cannot share a stride (s and 1/s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.MaxPool2d(2)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2.0)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.up(self.conv(self.down(x)))
+        return self.out(torch.cat([x, y], 1))

@@ -96,6 +96,44 @@ def vgg_like() -> nn.Module:
     return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, 10))
 
 
+class ConvMlpHead(nn.Module):
+    """timm's VGG head (a not-traceable leaf whose forward pads small inputs up to its
+    kernel size: output max(h, k) - k + 1) after DynOPool sites, at toy widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.vgg import ConvMlp
+
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DynOPool(2.0), nn.Conv2d(8, 8, 3, padding=1),
+                                      DynOPool(2.0))
+        self.pre_logits = ConvMlp(8, 16, kernel_size=3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.pre_logits(self.features(x)).mean((2, 3)))
+
+
+class StdConvSeg(nn.Module):
+    """timm's StdConv2d (conv FLOPs scale with size, weight standardisation's do not), explicit
+    padding before a pool, and a segmentation-style upsample to another tensor's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import StdConv2d
+
+        self.stem = StdConv2d(3, 8, 3, padding=1)
+        self.pool1 = DynOPool(2.0)
+        self.pad = nn.ConstantPad2d((1, 0, 1, 0), 0.0)
+        self.pool2 = DynOPool(1.5)
+        self.conv = StdConv2d(8, 8, 3, padding=1)
+        self.classifier = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.pool1(self.stem(x))
+        y = self.conv(self.pool2(torch.nn.functional.pad(self.pad(y), (0, 1, 0, 1))))
+        return torch.nn.functional.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear")
+
+
 #: name -> builder of a converted stand-in (small variants, random weights)
 MODELS = {
     "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
@@ -107,6 +145,8 @@ MODELS = {
     "regnetx_002": lambda: dynopoolify(timm.create_model("regnetx_002", pretrained=False, num_classes=10)),
     "vgg_like": lambda: dynopoolify(vgg_like()),
     "two_branch": TwoBranch,
+    "convmlp_head": ConvMlpHead,
+    "stdconv_seg": StdConvSeg,
 }
 
 

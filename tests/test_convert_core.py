@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from _convert_models import HardCodedFlatten, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, Untraceable
+from _convert_models import HardCodedFlatten, NeedsAutoLeaf, OneBranchHardCoded, PoolOnly, SharedPool, TimmLayersNet, TinyNet, UNetLike, Untraceable
 from dynopool_convert import (
     DynOPool,
     Plan,
@@ -92,21 +92,21 @@ def test_user_model_is_left_untouched():
     assert model.conv1.stride == (2, 2) and not dynopool_modules(model)
 
 
-def test_resnet50_placement_after_and_plan_replay():
+def test_placement_after_and_plan_replay():
     torch.manual_seed(0)
-    r = convert(timm.create_model("resnet50"), input_size=(3, 64, 64), placement="after")
+    r = convert(timm.create_model("resnet18"), input_size=(3, 32, 32), placement="after")
     assert r.plan.summary()["groups"] == 5
-    assert r.plan.site("layer2.0.conv2").placement == "after"
+    assert r.plan.site("layer2.0.conv1").placement == "after"
     # placement after: the DynOPool consumes the stride-1 conv's output
-    node = next(n for n in r.model.graph.nodes if n.op == "call_module" and n.target == r.site_modules()["layer2.0.conv2"])
-    assert node.args[0].target == "layer2.0.conv2"
+    node = next(n for n in r.model.graph.nodes if n.op == "call_module" and n.target == r.site_modules()["layer2.0.conv1"])
+    assert node.args[0].target == "layer2.0.conv1"
     plan = Plan.from_dict(json.loads(json.dumps(r.plan.to_dict())))
     assert plan.to_dict() == r.plan.to_dict()
     torch.manual_seed(1)
-    replayed = apply_plan(timm.create_model("resnet50"), plan)
+    replayed = apply_plan(timm.create_model("resnet18"), plan)
     assert replayed.state_dict().keys() == r.model.state_dict().keys()
     replayed.load_state_dict(r.model.state_dict(), strict=True)
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     r.model.eval(), replayed.eval()
     with torch.no_grad():
         torch.testing.assert_close(replayed(x), r.model(x), rtol=0, atol=0)
@@ -208,3 +208,20 @@ def test_bad_arguments_raise_user_input_error(kwargs, words):
 def test_untraceable_model_names_the_culprit():
     with pytest.raises(UserInputError, match=r"cannot trace Untraceable.*Untraceable\.forward"):
         convert(Untraceable(), input_size=(3, 16, 16))
+
+
+def test_untraceable_submodule_without_sites_becomes_a_leaf():
+    r = convert(NeedsAutoLeaf(), input_size=(3, 16, 16))
+    assert r.plan.site("conv").status == "converted"
+    assert any("traced ShapeBranch as a leaf" in note for note in r.plan.notes)
+    replayed = apply_plan(NeedsAutoLeaf(), r.plan)
+    assert replayed(torch.randn(1, 3, 14, 14)).shape == (1, 4)
+
+
+def test_down_up_skip_is_not_tied_and_reverts():
+    r = convert(UNetLike(), input_size=(3, 16, 16))
+    down, up = r.plan.site("down"), r.plan.site("up")
+    assert down.group != up.group  # strides 2 and 0.5 cannot be one parameter
+    assert any("joins the output of up with a tensor sized by <input>" in note for note in r.plan.notes)
+    # moving either one alone breaks the concat with the skip connection
+    assert down.status == up.status == "reverted" and "breaks the forward" in down.reason

@@ -1,36 +1,20 @@
 """The fused numba kernel (``_fast_cpu``) against the PyTorch reference and max_pool2d."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dynopool_convert import _fast_cpu, dynopool2d
 from dynopool_convert.dynopool import resample_pool_reference
+
+from _fast_path_cases import GRAD_TOL, TOL, random_cases
 from dynopool_convert.errors import UserInputError
 
 pytestmark = pytest.mark.skipif(not _fast_cpu.numba_available(), reason="numba is not installed")
 
 fast = _fast_cpu.resample_pool_fast
 ref = resample_pool_reference
-TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-6)}
-# Backward sums the same terms in a different order than autograd's index_add.
-GRAD_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-
-
-def _cases(count: int, seed: int):
-    """Random (N, C, H, W, out_h, out_w, cell_h, cell_w): 1x1 to 40 px, down- and upsampling."""
-    rng = random.Random(seed)
-    for idx in range(count):
-        h, w = rng.choice([1, 2, 3, 5, 7, 12, 17, 23, 40]), rng.choice([1, 2, 4, 9, 13, 16, 31])
-        # output sizes as dynopool2d makes them, from strides 0.5 (2x up) to 16 (and clamped to >= 1)
-        s_h, s_w = rng.uniform(0.5, 16.0 if idx % 3 == 0 else 3.0), rng.uniform(0.5, 3.0)
-        out_h, out_w = max(1, round(h / s_h)), max(1, round(w / s_w))
-        # cell sizes: exactly H/H' as in the forward pass, or perturbed (positions move, clamps kick in)
-        jit = (lambda: 1.0) if idx % 2 == 0 else (lambda: rng.uniform(0.8, 1.3))
-        yield rng.randint(1, 3), rng.randint(1, 5), h, w, out_h, out_w, h / out_h * jit(), w / out_w * jit()
 
 
 def _cells(ch: float, cw: float, dtype=torch.float64, grad=True):
@@ -51,7 +35,7 @@ def _run(fn, x, cells, out_h, out_w, aggregate, grad_out):
 def test_forward_and_backward_match_reference(dtype, aggregate, channels_last):
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for n, c, h, w, oh, ow, ch, cw in _cases(25, seed=4 * (dtype == torch.float32) + 2 * (aggregate == "mean") + channels_last):
+    for n, c, h, w, oh, ow, ch, cw in random_cases(25, seed=4 * (dtype == torch.float32) + 2 * (aggregate == "mean") + channels_last):
         x = torch.randn(n, c, h, w, dtype=dtype).to(memory_format=fmt)
         g = torch.randn(n, c, oh, ow, dtype=dtype)
         cells = _cells(ch, cw, dtype)

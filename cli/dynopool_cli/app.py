@@ -24,11 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
 @app.callback()
 def _root() -> None:
     """dynopool: convert, fine-tune and report on models with learnable resizing (DynOPool)."""
-
 
 @app.command()
 def demo(
@@ -46,21 +44,13 @@ def demo(
     y.sum().backward()
     typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
 
-
-from .convert_cmd import convert as _convert_cmd  # noqa: E402
-
-app.command(name="convert")(_convert_cmd)
-
-
 def fail(message: str) -> None:
     """Print a one-line error to stderr and exit with code 2."""
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(code=2)
 
-
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
-
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
@@ -85,7 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
+# Commands live in their own modules (the CLI only parses, calls the library and renders).
+from .convert_cmd import convert  # noqa: E402
+from .finetune_cmd import finetune  # noqa: E402
+from .report_cmd import report  # noqa: E402
 
-from .report_cmd import report  # noqa: E402  (registered last: commands live in their own modules)
-
-app.command()(report)
+for _command in (convert, finetune, report):
+    app.command()(_command)

@@ -1,0 +1,138 @@
+"""Make fixed absolute position embeddings follow a DynOPool site's grid (DESIGN.md §2).
+
+ViT-style models add a learned position embedding of a fixed length to the token sequence that
+a patchify conv produces. Once that conv is a DynOPool site, the token count moves with the
+learned stride and the add breaks. ``follow_grids`` rewrites such adds on the traced graph
+(before any site is rewritten): the parameter's use in the add becomes a call of
+``resample_pos_embed(param, grid, ...)``, where ``grid`` is the site's 4-D output at run time,
+resampled with timm's ``resample_abs_pos_embed`` (bicubic, antialiased, prefix tokens kept).
+At the reference grid the parameter comes back unchanged, so a model is exact at init; the
+parameter itself stays where it was (state dict keys unchanged).
+
+Recognised layouts of a parameter ``p`` added (``x + p`` / ``p + x``) to tokens derived from a
+site whose output is ``gh x gw`` at the reference input:
+
+* ``"nc"``:  ``p.shape == (1, P + gh*gw, C)`` with ``0 <= P <= MAX_PREFIX`` prefix tokens;
+* ``"chw"``: ``p.shape == (1, C, gh, gw)``;
+* ``"hwc"``: ``p.shape == (1, gh, gw, C)``.
+
+The pass is a pure function of the traced graph (shapes from ``ShapeProp``) and the candidate
+sites, so ``apply_plan`` replays it exactly.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from .sites import Candidate
+
+__all__ = ["resample_pos_embed", "follow_grids", "MAX_PREFIX"]
+
+#: prefix tokens (class, distillation, register tokens) a sequence position embedding may carry
+MAX_PREFIX = 8
+_ADDS = (operator.add, torch.add, operator.iadd)
+
+
+def resample_pos_embed(pos: Tensor, grid: Tensor, layout: str, ref_size: tuple[int, int], num_prefix: int = 0) -> Tensor:
+    """``pos`` resampled from the ``ref_size`` grid to ``grid``'s spatial size (its last two
+    dims); returned unchanged at ``ref_size``. ``layout`` is ``"nc"``, ``"chw"`` or ``"hwc"``."""
+    from timm.layers import resample_abs_pos_embed
+
+    size = [int(grid.shape[-2]), int(grid.shape[-1])]
+    if size == [int(ref_size[0]), int(ref_size[1])]:
+        return pos
+    if layout == "nc":
+        return resample_abs_pos_embed(pos, new_size=size, old_size=list(ref_size), num_prefix_tokens=num_prefix)
+    chw = pos if layout == "chw" else pos.permute(0, 3, 1, 2)
+    out = F.interpolate(chw.float(), size=size, mode="bicubic", antialias=True).to(pos.dtype)
+    return out if layout == "chw" else out.permute(0, 2, 3, 1)
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(int(v) for v in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _param_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
+    try:
+        value = gm.get_parameter(node.target)
+    except AttributeError:
+        return None
+    return tuple(value.shape)
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """Every node ``node`` depends on."""
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen[parent] = None
+                stack.append(parent)
+    return list(seen)
+
+
+def _match(pshape: tuple[int, ...], tshape: tuple[int, ...] | None, grid: tuple[int, int]) -> tuple[str, int] | None:
+    """(layout, prefix tokens) when a parameter of ``pshape`` is the position embedding of
+    tokens of shape ``tshape`` laid out on ``grid``."""
+    gh, gw = grid
+    if gh * gw <= 1:  # a 1x1 map: a [1, C, 1, 1] parameter there is a bias that broadcasts anyway
+        return None
+    if len(pshape) == 3 and pshape[0] == 1 and 0 <= pshape[1] - gh * gw <= MAX_PREFIX:
+        if tshape is not None and len(tshape) == 3 and tshape[1:] == pshape[1:]:
+            return "nc", pshape[1] - gh * gw
+    if len(pshape) == 4 and pshape[0] == 1 and tshape is not None and tshape[1:] == pshape[1:]:
+        if pshape[2:] == (gh, gw):
+            return "chw", 0
+        if pshape[1:3] == (gh, gw):
+            return "hwc", 0
+    return None
+
+
+def follow_grids(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
+    """Rewrite, in place, every add of a fixed position embedding to tokens derived from a
+    candidate site so that the embedding follows the site's grid; returns one note per add.
+
+    ``gm`` must carry ``tensor_meta`` (``ShapeProp``) from the reference input."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites = {nodes[c.node]: c for c in candidates if c.node in nodes and c.kind != "interpolate"}
+    notes = []
+    for add in list(gm.graph.nodes):
+        if add.op != "call_function" or add.target not in _ADDS or len(add.args) != 2:
+            continue
+        for i, param in enumerate(add.args):
+            other = add.args[1 - i]
+            if not (isinstance(param, fx.Node) and param.op == "get_attr" and isinstance(other, fx.Node)):
+                continue
+            pshape = _param_shape(gm, param)
+            if pshape is None or len(pshape) not in (3, 4) or pshape[0] != 1:
+                continue
+            found = None  # the nearest site upstream of the tokens whose grid the parameter fits
+            for node in sorted(_ancestors(other) + [other], key=order.__getitem__, reverse=True):
+                out = _shape(node)
+                match = _match(pshape, _shape(other), out[2:]) if node in sites and out is not None and len(out) == 4 else None
+                if match is not None:
+                    found = (node, out[2:], match)
+                    break
+            if found is None:
+                continue
+            site_node, grid, (layout, prefix) = found
+            with gm.graph.inserting_before(add):
+                call = gm.graph.call_function(resample_pos_embed, (param, site_node, layout, tuple(grid), prefix))
+            call.meta = dict(param.meta)
+            order[call] = order[add] - 0.5  # later adds may have it upstream
+            add.replace_input_with(param, call)
+            notes.append(
+                f"position embedding {param.target} {list(pshape)} follows the grid of site {sites[site_node].name}"
+                f" ({layout}, {prefix} prefix tokens, {grid[0]}x{grid[1]} at the reference size)"
+            )
+            break
+    if notes:
+        gm.graph.lint()
+        gm.recompile()
+    return notes

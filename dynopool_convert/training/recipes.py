@@ -1,0 +1,182 @@
+"""Fine-tuning configuration: typed dataclasses, YAML recipes, and command-line overrides.
+
+Precedence (lowest first): built-in defaults, the config saved in ``last.pt`` (on ``--resume``),
+the recipe file, command-line flags. Unknown keys and values of the wrong type are refused with
+a ``UserInputError`` that names the key (``train.lr``).
+
+A recipe may name a model that is not converted yet (``model: resnet18`` + ``convert:``): then
+``finetune`` builds and converts it first (and fits it to the budget) when no checkpoint is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserInputError
+from .data import AugmentConfig
+
+__all__ = ["TrainConfig", "ConvertPolicy", "FinetuneConfig", "load_recipe", "config_from_dict", "merge_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation hyperparameters (``train:`` section of a recipe)."""
+
+    epochs: int | None = None  # default 1 epoch when neither epochs nor steps is set
+    steps: int | None = None
+    batch_size: int = 64  # per process
+    opt: str = "sgd"  # any timm.optim name: sgd, momentum, adamw, lamb, ...
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scale_lr: float = 0.02  # learning rate of the DynOPool strides (own group, no weight decay)
+    sched: str = "cosine"  # any timm.scheduler name
+    warmup_steps: int | None = None  # default: 5% of the steps
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    label_smoothing: float = 0.1
+    penalty_weight: float = 1.0  # lambda of the budget penalty
+    clip_grad: float | None = 5.0  # max global gradient norm (None: off)
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | bf16 | off
+    log_every: int = 20
+    checkpoint_every: int | None = None  # also save last.pt every N steps (default: per epoch)
+
+
+@dataclass
+class ConvertPolicy:
+    """Conversion policy used when the recipe names an unconverted model (``convert:`` section)."""
+
+    placement: str = "before"
+    aggregate: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a recipe can say."""
+
+    model: str | None = None  # model source to build and convert when no checkpoint is given
+    build_args: dict[str, Any] = field(default_factory=dict)
+    input_size: list[int] | None = None  # (C, H, W) for a model converted here
+    convert: ConvertPolicy = field(default_factory=ConvertPolicy)
+    budget: str | None = None  # default: the checkpoint's budget
+    data: str | None = None  # --data spec; default the bundled Fashion-MNIST subset
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(key: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` coerced to ``hint`` or raise UserInputError naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _check(key, value, option)
+            except UserInputError:
+                continue
+        raise UserInputError(f"recipe key {key!r}: expected {_name(hint)}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and len(args) == 2 and args[1] is not Ellipsis and len(value) != 2:
+            raise UserInputError(f"recipe key {key!r}: expected {_name(hint)}, got {value!r}")
+        inner = args[0] if args else Any
+        return origin(_check(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    raise UserInputError(f"recipe key {key!r}: expected {_name(hint)}, got {value!r}")
+
+
+def _name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise UserInputError(f"unknown recipe key {name!r} (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserInputError(f"recipe key {name!r}: expected a mapping, got {value!r}")
+            _update(current, value, prefix=f"{name}.")
+        else:
+            setattr(obj, key, _check(name, value, hints[key]))
+
+
+def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -> FinetuneConfig:
+    """A new config: ``base`` (or the defaults) updated with the nested mapping ``data``."""
+    cfg = config_from_dict(base.to_dict()) if base is not None else FinetuneConfig()
+    if not isinstance(data, dict):
+        raise UserInputError(f"a recipe must be a mapping of keys to values, got {type(data).__name__}")
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if "steps" in train and train["steps"] is not None:  # the later source picks the stopping rule
+        cfg.train.epochs = None
+    if "epochs" in train and train["epochs"] is not None:
+        cfg.train.steps = None
+    _update(cfg, data)
+    if cfg.train.epochs is not None and cfg.train.steps is not None:
+        raise UserInputError("give either train.epochs or train.steps, not both")
+    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every"):
+        value = getattr(cfg.train, key)
+        if value is not None and value < 1:
+            raise UserInputError(f"recipe key 'train.{key}' must be >= 1, got {value}")
+    if cfg.train.amp not in ("auto", "bf16", "off"):
+        raise UserInputError(f"recipe key 'train.amp' must be auto, bf16 or off, got {cfg.train.amp!r}")
+    return cfg
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a nested mapping (validated by :func:`config_from_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserInputError(f"recipe {path} is not valid YAML: {' '.join(str(err).split())}") from err
+    data = {} if data is None else data
+    if isinstance(data, dict) and "budget" in data and isinstance(data["budget"], (int, float)):
+        data["budget"] = str(data["budget"])
+    config_from_dict(data)  # validate now, with the file's keys
+    return data
+
+
+def merge_config(*layers: dict[str, Any] | None) -> FinetuneConfig:
+    """Defaults updated with each nested mapping in turn (later layers win; None is skipped)."""
+    cfg = FinetuneConfig()
+    for layer in layers:
+        if layer:
+            cfg = config_from_dict(layer, base=cfg)
+    return cfg

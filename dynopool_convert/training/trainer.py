@@ -1,0 +1,388 @@
+"""The fine-tuning loop: weights and DynOPool strides together, under a FLOPs budget.
+
+Per step: task loss (label smoothing) + lambda * budget_penalty(cost_model(), budget), gradient
+clipping, optimiser step, ``clamp_strides_``, scheduler ``step_update``. Per epoch (and every
+``checkpoint_every`` steps): a budget-projected copy of the model is evaluated and saved as
+``last.pt`` (``best.pt`` when its validation accuracy is the best so far) with the training
+state; the strides as trained are kept in the state, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..dynopool import clamp_strides_, scale_parameters
+from ..errors import UserInputError
+from . import upstream
+from .data import build_datasets, parse_data_spec
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
+from .optim import build_optimizer, build_scheduler
+from .recipes import FinetuneConfig, load_recipe, merge_config
+from .sampler import EpochSampler
+from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
+
+__all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "METRICS"]
+
+METRICS = "metrics.jsonl"
+
+
+class TrainCallbacks:
+    """Hooks for progress display (called on rank 0 only). Override what you need."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, row: dict[str, Any]) -> None: ...
+    def on_epoch(self, row: dict[str, Any]) -> None: ...
+    def on_message(self, text: str) -> None: ...
+    def on_end(self, result: "FinetuneResult") -> None: ...
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced."""
+
+    out_dir: Path
+    steps: int
+    total_steps: int
+    completed: bool
+    budget: int | None
+    final_flops: int | None
+    best_metric: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    strides: list[list[float]] = field(default_factory=list)
+    is_main: bool = True  # rank 0 (the process that wrote the files)
+
+
+def _group_r(model: nn.Module) -> list[list[float]]:
+    return [[round(1.0 / v, 6) for v in p.detach().cpu().tolist()] for p in scale_parameters(model)]
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class _StopFlag:
+    """First Ctrl-C: stop after the current step (saving last.pt); second: interrupt at once."""
+
+    def __init__(self, enabled: bool, callbacks: TrainCallbacks) -> None:
+        self.requested = False
+        self._old = None
+        self._callbacks = callbacks
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._callbacks.on_message("interrupt: stopping after this step and saving last.pt (Ctrl-C again to abort)")
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def resolve_config(out_dir: Path, recipe: str | Path | None, overrides: dict | None, resume: bool,
+                   trust_source: bool = False) -> FinetuneConfig:
+    """defaults < config saved in last.pt (resume) < recipe < overrides."""
+    saved = None
+    if resume and (out_dir / LAST).is_file():
+        training = upstream.load_checkpoint(out_dir / LAST, trust_source=trust_source).training or {}
+        saved = training.get("config")
+    return merge_config(saved, load_recipe(recipe) if recipe else None, overrides)
+
+
+def finetune(
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    *,
+    config: FinetuneConfig | None = None,
+    recipe: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+    callbacks: TrainCallbacks | None = None,
+    trust_source: bool = False,
+    stop_after_steps: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune a converted model (or convert ``config.model`` first) and write DIR/{last,best}.pt.
+
+    ``config`` is used as is; otherwise it is merged from the saved config (``resume``), the
+    ``recipe`` file and ``overrides`` (a nested mapping like a recipe's). ``stop_after_steps``
+    ends this invocation after that many steps, saving ``last.pt`` (time-sliced jobs, tests).
+    """
+    out_dir = Path(out_dir)
+    cfg = config if config is not None else resolve_config(out_dir, recipe, overrides, resume, trust_source)
+    info = init_distributed(cfg.train.device)
+    cbs = callbacks if (callbacks is not None and info.is_main) else TrainCallbacks()
+    try:
+        return _Run(cfg, info, cbs, out_dir).run(checkpoint, resume, trust_source, stop_after_steps)
+    finally:
+        cleanup(info)
+
+
+class _Run:
+    """One invocation of the loop (state shared by the small methods below)."""
+
+    def __init__(self, cfg: FinetuneConfig, info: DistInfo, cbs: TrainCallbacks, out_dir: Path) -> None:
+        self.cfg, self.info, self.cbs, self.out_dir = cfg, info, cbs, out_dir
+        self.t = cfg.train
+        self.rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ setup
+    def run(self, checkpoint, resume: bool, trust_source: bool, stop_after_steps: int | None) -> FinetuneResult:
+        cfg, t, info = self.cfg, self.t, self.info
+        self.t0 = time.perf_counter()
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
+        budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None else None
+        spec = parse_data_spec(cfg.data)
+        input_hint = tuple(cfg.input_size) if cfg.input_size else (3, 224, 224)
+        bundle, converted_here = load_model(cfg, checkpoint, self.out_dir, resume,
+                                            self._classes_for_convert(spec, input_hint), budget, trust_source)
+        self.bundle = bundle
+        self.budget = budget if budget is not None else bundle.budget
+        if self.budget is not None:
+            bundle.budget = self.budget
+        if converted_here and info.is_main:
+            save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
+        data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
+        self.data = data
+        model = bundle.model.to(info.device)
+        self._check_classes(model, data.num_classes)
+        self.model = model
+        self.ddp = model
+        if info.enabled:
+            device_ids = [info.device] if info.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        torch.manual_seed(t.seed + info.rank)  # dropout etc. differ between ranks
+
+        self.sampler = EpochSampler(len(data.train), t.seed, info.rank, info.world)
+        self.steps_per_epoch = len(self.sampler) // t.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserInputError(f"batch size {t.batch_size} is larger than the training set's share per process ({len(self.sampler)})")
+        self.total_steps = t.steps if t.steps is not None else (t.epochs or 1) * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.optimizer = build_optimizer(model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+        self.cost = upstream.CostModel(model, bundle.input_size)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.progress = TrainProgress()
+        if resume:
+            self._restore(bundle.training)
+        self.cbs.on_start({
+            "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+            "start_step": self.progress.step, "budget": self.budget, "device": str(info.device), "world": info.world,
+            "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
+            "input_size": list(bundle.input_size),
+        })
+        stop = _StopFlag(not info.enabled, self.cbs)
+        try:
+            completed = self._loop(stop, stop_after_steps)
+        finally:
+            stop.close()
+        return self._finish(completed)
+
+    def _classes_for_convert(self, spec, input_hint) -> int:
+        """The data's class count, needed only to build a recipe's model (0 otherwise)."""
+        if not self.cfg.model:
+            return 0
+        if spec.kind == "synthetic":
+            return spec.options.get("classes", 4)
+        return build_datasets(spec, input_hint).num_classes
+
+    def _check_classes(self, model: nn.Module, num_classes: int) -> None:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros(1, *self.bundle.input_size, device=self.info.device))
+        model.train(was)
+        if out.dim() != 2 or out.shape[1] != num_classes:
+            raise UserInputError(
+                f"the model outputs shape {tuple(out.shape)} but the data has {num_classes} classes: "
+                f"convert the model with num_classes={num_classes} (and its input channels = {self.bundle.input_size[0]})"
+            )
+
+    def _restore(self, training: dict) -> None:
+        if training.get("world_size", 1) != self.info.world:
+            raise UserInputError(f"--resume: last.pt was written by {training.get('world_size')} processes, this run has {self.info.world}")
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        self.progress = TrainProgress.from_dict(training["progress"])
+        self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
+        rng = training["rng"]
+        restore_rng(rng[self.info.rank] if isinstance(rng, list) else rng)
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self, epoch: int) -> DataLoader:
+        t = self.t
+        self.sampler.set_epoch(epoch, start=self.progress.step_in_epoch * t.batch_size)
+        self.data.train.set_epoch(epoch)
+        return DataLoader(self.data.train, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
+                          num_workers=t.workers, pin_memory=self.info.device.type == "cuda",
+                          generator=torch.Generator())  # own generator: the global RNG stays untouched
+
+    def _loop(self, stop: _StopFlag, stop_after_steps: int | None) -> bool:
+        t, p, info = self.t, self.progress, self.info
+        done_here = 0
+        while p.step < self.total_steps:
+            epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
+            sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
+            for images, labels in self._loader(p.epoch):
+                row = self._step(images, labels)
+                n = labels.shape[0]
+                sums[0] += row["loss"] * n
+                sums[1] += row["acc"] * n
+                sums[2] += n
+                window_imgs += n * info.world
+                p.step += 1
+                p.step_in_epoch += 1
+                done_here += 1
+                if p.step % t.log_every == 0 or p.step == self.total_steps:
+                    row = self._step_row(row, window_imgs / max(time.perf_counter() - window_t0, 1e-9))
+                    window_t0, window_imgs = time.perf_counter(), 0
+                    self.rows.append(row)
+                    self.cbs.on_step(row)
+                epoch_done = p.step_in_epoch >= self.steps_per_epoch or p.step >= self.total_steps
+                if epoch_done:
+                    break
+                interrupted = stop.requested or (stop_after_steps is not None and done_here >= stop_after_steps)
+                if interrupted or (t.checkpoint_every and p.step % t.checkpoint_every == 0):
+                    self._checkpoint(is_best=False)
+                if interrupted:
+                    return False
+            self._end_epoch(sums, time.perf_counter() - epoch_t0)
+            if stop.requested or (stop_after_steps is not None and done_here >= stop_after_steps):
+                return p.step >= self.total_steps
+        return True
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        t, dev = self.t, self.info.device
+        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        self.ddp.train()
+        with _autocast(dev, t.amp):
+            logits = self.ddp(images)
+            task = self.criterion(logits.float(), labels)
+        flops = self.cost()
+        penalty = upstream.budget_penalty(flops, self.budget) if self.budget is not None else torch.zeros(())
+        loss = task + t.penalty_weight * penalty.to(task.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+        self.optimizer.step()
+        clamp_strides_(self.model)
+        self.scheduler.step_update(num_updates=self.progress.step + 1)
+        acc = (logits.argmax(1) == labels).float().mean()
+        return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
+                "flops": float(flops.detach())}
+
+    def _step_row(self, row: dict[str, Any], img_s: float) -> dict[str, Any]:
+        loss, task, pen, acc = all_reduce_sum([row["loss"], row["task_loss"], row["penalty"], row["acc"]], self.info)
+        w = self.info.world
+        return {
+            "kind": "step", "epoch": self.progress.epoch, "step": self.progress.step, "loss": loss / w,
+            "task_loss": task / w, "penalty": pen / w, "acc": acc / w, "flops": row["flops"], "budget": self.budget,
+            "r": _group_r(self.model), "lr": self._lrs(), "img_s": round(img_s, 2),
+        }
+
+    def _lrs(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    # ------------------------------------------------------------------ epochs, saving
+    def _evaluate(self, model: nn.Module) -> tuple[float, float]:
+        data, info = self.data.val, self.info
+        indices = list(range(info.rank, len(data), info.world))
+        loader = DataLoader(data, batch_size=self.t.batch_size, sampler=indices, num_workers=self.t.workers)
+        model.eval()
+        loss_sum = correct = count = 0.0
+        with torch.no_grad(), _autocast(info.device, self.t.amp):
+            for images, labels in loader:
+                images, labels = images.to(info.device), labels.to(info.device)
+                logits = model(images).float()
+                loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(1) == labels).sum().item()
+                count += labels.shape[0]
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def _end_epoch(self, sums: list[float], seconds: float) -> None:
+        p = self.progress
+        loss_sum, correct, n = all_reduce_sum(sums, self.info)
+        projected, flops, projection = project_copy(self.model, self.budget, self.bundle.input_size)
+        val_loss, val_acc = self._evaluate(projected)
+        row = {
+            "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
+            "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc, "flops": flops,
+            "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
+            "time_s": round(seconds, 3), "projection": projection,
+        }
+        self.rows.append(row)
+        p.history.append(row)
+        is_best = p.best_metric is None or val_acc > p.best_metric
+        if is_best:
+            p.best_metric, p.best_epoch = val_acc, p.epoch
+        p.epoch += 1
+        p.step_in_epoch = 0
+        p.epoch_sums = [0.0, 0.0, 0.0]
+        self.cbs.on_epoch(row)
+        self._checkpoint(is_best=is_best, projected=(projected, flops))
+
+    def _training_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": all_gather_objects(capture_rng(), self.info),
+            "progress": self.progress.to_dict(),
+            "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
+            "config": self.cfg.to_dict(),
+            "world_size": self.info.world,
+            "total_steps": self.total_steps,
+        }
+
+    def _checkpoint(self, is_best: bool, projected: tuple[nn.Module, int] | None = None) -> None:
+        """Save last.pt (and best.pt): the budget-projected weights + the training state."""
+        training = self._training_state()  # collective (RNG gather): every rank calls it
+        if projected is None:
+            projected = project_copy(self.model, self.budget, self.bundle.input_size)[:2]
+        model, flops = projected
+        if self.info.is_main:
+            extra = dict(self.bundle.extra or {}, flops=flops)
+            save_model(self.out_dir / LAST, self.bundle, model, training, extra)
+            if is_best:
+                save_model(self.out_dir / BEST, self.bundle, model, training, extra)
+            atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.rows))
+        barrier(self.info)
+
+    def _finish(self, completed: bool) -> FinetuneResult:
+        strides = [p.detach().cpu().tolist() for p in scale_parameters(self.model)]
+        gathered = all_gather_objects(strides, self.info)
+        if any(s != gathered[0] for s in gathered):
+            raise RuntimeError(f"ranks disagree on the strides: {gathered}")
+        final_flops = None
+        if completed:
+            last_epoch = self.progress.history[-1] if self.progress.history else None
+            final_flops = last_epoch["flops"] if last_epoch else None
+        result = FinetuneResult(
+            self.out_dir, self.progress.step, self.total_steps, completed, self.budget, final_flops,
+            self.progress.best_metric, list(self.progress.history), time.perf_counter() - self.t0, strides,
+            self.info.is_main,
+        )
+        self.cbs.on_end(result)
+        return result

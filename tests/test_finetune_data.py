@@ -1,0 +1,97 @@
+"""Datasets for finetune: the bundled subset, IDX/CIFAR/ImageFolder readers, specs, the sampler."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dynopool_convert.errors import UserInputError
+from dynopool_convert.training.data import BUNDLED_PATH, build_datasets, parse_data_spec, read_idx
+from dynopool_convert.training.sampler import EpochSampler
+
+
+def test_bundled_subset_is_small_balanced_real_data():
+    assert BUNDLED_PATH.stat().st_size < 5e6
+    assert (BUNDLED_PATH.parent / "FASHION_MNIST_LICENSE.txt").is_file()
+    ds = build_datasets(parse_data_spec(None), (3, 32, 32), seed=0)
+    assert ds.num_classes == 10 and len(ds.train) == 6000 and len(ds.val) == 1000
+    labels = np.bincount(ds.train.base.labels, minlength=10)
+    assert (labels == 600).all()
+    x, y = ds.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    assert x.std() > 0.1  # a real image, not a constant
+    v1, _ = ds.val[5]
+    assert torch.equal(v1, ds.val[5][0])  # eval transform is deterministic
+
+
+def test_augmentation_depends_on_seed_epoch_index_only():
+    ds = build_datasets(parse_data_spec("bundled"), (1, 28, 28), seed=3).train
+    a = ds[7][0]
+    torch.manual_seed(123)  # the global RNG does not matter ...
+    assert torch.equal(a, ds[7][0])
+    ds.set_epoch(1)  # ... the epoch does
+    assert not torch.equal(a, ds[7][0])
+    assert ds[7][0].shape == (1, 28, 28)
+
+
+def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_idx_folder(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", 12), ("t10k", 6)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 255, (n, 28, 28)), gz)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n) % 10, gz)
+    ds = build_datasets(parse_data_spec(f"fashion-mnist:{tmp_path}"), (3, 16, 16))
+    assert len(ds.train) == 12 and len(ds.val) == 6
+    assert ds.train[0][0].shape == (3, 16, 16)
+    assert read_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}").tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_imagefolder_and_its_errors(tmp_path):
+    with pytest.raises(UserInputError, match="val"):
+        (tmp_path / "train" / "a").mkdir(parents=True)
+        Image.new("L", (10, 12), 7).save(tmp_path / "train" / "a" / "x.png")
+        build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(UserInputError, match="no images"):
+        build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(tmp_path / "val" / "a" / "y.png")
+    ds = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    assert ds.train[0][0].shape == (3, 8, 8) and ds.val[0][0].shape == (3, 8, 8)  # grey -> 3 channels
+
+
+def test_bad_specs_are_user_errors(tmp_path):
+    for spec in ("mnist:/x", f"cifar10", "synthetic:classes=0", "imagefolder:/does/not/exist"):
+        with pytest.raises(UserInputError):
+            parse_data_spec(spec)
+    with pytest.raises(UserInputError, match="cifar-10-batches-py"):
+        build_datasets(parse_data_spec(f"cifar10:{tmp_path}"), (3, 32, 32))
+    with pytest.raises(UserInputError, match="not found"):
+        build_datasets(parse_data_spec(f"fashion-mnist:{tmp_path}"), (1, 28, 28))
+
+
+def test_epoch_sampler_resumes_and_shards():
+    s = EpochSampler(10, seed=5)
+    s.set_epoch(2)
+    full = list(s)
+    assert sorted(full) == list(range(10))
+    s.set_epoch(2, start=4)
+    assert list(s) == full[4:] and len(s) == 6
+    s.set_epoch(3)
+    assert list(s) != full
+    shards = []
+    for rank in range(3):
+        r = EpochSampler(10, seed=5, rank=rank, world=3)
+        r.set_epoch(2)
+        shards.append(list(r))
+    assert all(len(x) == 4 for x in shards) and set(sum(shards, [])) == set(range(10))
