@@ -33,6 +33,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "cli"), env.get("PYTHONPATH", "")])
     env["COLUMNS"] = "200"
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: extra threads only slow them down on a shared machine
     return env
 
 
@@ -104,7 +105,54 @@ def _write_inputs(folder: Path) -> dict[str, Path]:
     with open(files["malicious_pickle"], "wb") as f:  # a bare pickle (not torch's zip format)
         pickle.dump({"format": "dynopool-checkpoint", "x": _Evil(f"echo pwned > {shlex.quote(str(marker))}")}, f)
     files["marker"] = marker
+    _write_finetune_inputs(folder, files)
     return files
+
+
+def _png(path: Path, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def _write_finetune_inputs(folder: Path, files: dict[str, Path]) -> None:
+    """Image folders (good, a split missing, no images, corrupt files), recipes, a 2-class model."""
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            for i in range(3):
+                _png(folder / "images" / split / c / f"{i}.png", seed=i)
+    _png(folder / "no_val" / "train" / "a" / "0.png", seed=0)
+    (folder / "no_images" / "train" / "a").mkdir(parents=True)
+    (folder / "no_images" / "val" / "a").mkdir(parents=True)
+    (folder / "no_images" / "train" / "a" / "notes.txt").write_text("not an image")
+    import shutil
+
+    shutil.copytree(folder / "images", folder / "corrupt")
+    (folder / "corrupt" / "train" / "a" / "bad.png").write_bytes(b"not a png at all")
+    good = (folder / "images" / "train" / "b" / "0.png").read_bytes()
+    (folder / "corrupt" / "train" / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
+    shutil.copytree(folder / "images", folder / "all_corrupt_val")
+    for png in (folder / "all_corrupt_val" / "val").rglob("*.png"):
+        png.write_bytes(b"garbage")
+    recipes = {
+        "unknown_key": "train:\n  lr: 0.1\n  bogus: 1\n",
+        "wrong_type": "train:\n  lr: fast\n",
+        "not_yaml": "[1, 2\n",
+        "not_mapping": "- a\n- b\n",
+        "negative_lr": "train:\n  lr: -1.0\n",
+        "nan_lr": "train:\n  lr: .nan\n",
+        "unknown_opt": "train:\n  opt: nosuchopt\n",
+        "unknown_sched": "train:\n  sched: nosuchsched\n",
+        "top_level_typo": "budgte: 4G\n",
+        "every_step": "train:\n  checkpoint_every: 1\n",
+    }
+    for name, text in recipes.items():
+        (folder / f"recipe_{name}.yaml").write_text(text)
+    model = dc.build_model(SOURCE, {"num_classes": 2})
+    result = dc.convert(model, input_size=(3, 32, 32), validate=False)
+    files["good2"] = dc.save_checkpoint(folder / "good2.pt", result.model, result.plan, SOURCE, {"num_classes": 2}, (3, 32, 32))
 
 
 # A module:factory source whose import leaves a marker and which rebuilds the same model.
@@ -130,6 +178,18 @@ class Case:
 
 def _report(name: str, *more: str) -> tuple[str, ...]:
     return ("report", f"{{in}}/{name}.pt", "-f", "json", "-o", "out.json", *more)
+
+
+# --out fresh: the folder must not even be created when the input is refused
+SYNTH = "synthetic:classes=10,train=16,val=8"
+
+
+def _finetune(*more: str, ckpt: str = "good", out: str = "fresh") -> tuple[str, ...]:
+    return ("finetune", f"{{in}}/{ckpt}.pt", "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", out, *more)
+
+
+def _recipe(name: str) -> tuple[str, ...]:
+    return _finetune("--data", SYNTH, "--recipe", f"{{in}}/recipe_{name}.yaml")
 
 
 CASES = [
@@ -199,12 +259,50 @@ CASES = [
     Case("ckpt-malicious-torch-save", _report("malicious_torch_save"), ("refusing", "system")),
     Case("ckpt-malicious-pickle", _report("malicious_pickle"), ("not a readable", "never loads")),
     Case("ckpt-factory-untrusted", _report("factory_source"), ("evilmod:factory", "--trust-source")),
+    # finetune: checkpoints, data, recipes, flags, output folder
+    Case("ft-ckpt-missing", _finetune(ckpt="missing"), ("does not exist",)),
+    Case("ft-ckpt-truncated", _finetune(ckpt="truncated_half"), ("not a readable",)),
+    Case("ft-ckpt-malicious", _finetune(ckpt="malicious_torch_save"), ("refusing", "system")),
+    Case("ft-ckpt-factory-untrusted", _finetune(ckpt="factory_source"), ("--trust-source",)),
+    Case("ft-data-missing-split", _finetune("--data", "imagefolder:{in}/no_val", ckpt="good2"), ("val",)),
+    Case("ft-data-no-images", _finetune("--data", "imagefolder:{in}/no_images", ckpt="good2"), ("no images",)),
+    Case("ft-data-missing-dir", _finetune("--data", "imagefolder:{in}/nodir"), ("not found",)),
+    Case("ft-data-unknown-kind", _finetune("--data", "mnist:{in}"), ("unknown data spec", "imagefolder:DIR")),
+    Case("ft-data-synthetic-option", _finetune("--data", "synthetic:classes=0"), ("synthetic", "positive")),
+    Case("ft-data-classes-mismatch", _finetune("--data", "imagefolder:{in}/images"), ("2 classes", "num_classes=2")),
+    Case("ft-data-val-all-corrupt", _finetune("--data", "imagefolder:{in}/all_corrupt_val", ckpt="good2"), ("no readable image", "val")),
+    Case("ft-recipe-unknown-key", _recipe("unknown_key"), ("unknown recipe key", "train.bogus")),
+    Case("ft-recipe-top-level-typo", _recipe("top_level_typo"), ("unknown recipe key", "budgte")),
+    Case("ft-recipe-wrong-type", _recipe("wrong_type"), ("train.lr", "float")),
+    Case("ft-recipe-not-yaml", _recipe("not_yaml"), ("not valid yaml",)),
+    Case("ft-recipe-not-mapping", _recipe("not_mapping"), ("mapping",)),
+    Case("ft-recipe-negative-lr", _recipe("negative_lr"), ("train.lr", "finite")),
+    Case("ft-recipe-nan-lr", _recipe("nan_lr"), ("train.lr", "finite")),
+    Case("ft-recipe-unknown-opt", _recipe("unknown_opt"), ("train.opt", "nosuchopt")),
+    Case("ft-recipe-unknown-sched", _recipe("unknown_sched"), ("train.sched", "nosuchsched")),
+    Case("ft-recipe-missing", _finetune("--recipe", "{in}/nope.yaml"), ("recipe not found",)),
+    Case("ft-lr-nan", _finetune("--data", SYNTH, "--lr", "nan"), ("train.lr", "finite")),
+    Case("ft-lr-inf", _finetune("--data", SYNTH, "--lr", "inf"), ("train.lr", "finite")),
+    Case("ft-scale-lr-negative", _finetune("--data", SYNTH, "--scale-lr", "-1"), ("train.scale_lr",)),
+    Case("ft-epochs-zero", _finetune("--epochs", "0"), ("--epochs",)),
+    Case("ft-batch-too-large", _finetune("--data", SYNTH, "--batch-size", "1000"), ("batch size 1000",)),
+    Case("ft-device-unknown", _finetune("--device", "tpu"), ("unknown device", "cpu")),
+    Case("ft-budget-malformed", _finetune("--budget", "4X"), ("invalid budget",)),
+    Case("ft-budget-impossible", _finetune("--data", SYNTH, "--budget", "1k"), ("cannot be met",)),
+    Case("ft-resume-nothing", _finetune("--resume", "--data", SYNTH), ("nothing to resume",)),
+    Case("ft-out-has-earlier-run", _finetune("--data", SYNTH, out="run"), ("exists", "--resume")),
 ]
 if hasattr(os, "geteuid") and os.geteuid() != 0:  # root reads mode-000 files, so only a user can check this
     CASES.append(Case("ckpt-unreadable", _report("unreadable"), ("cannot read", "permission denied")))
 
-# (argv, cwd files) run with a trust flag: the positive controls of the refusal cases
-TRUSTED = ("report", "{in}/factory_source.pt", "--trust-source", "-f", "json", "-o", "out.json")
+# Runs that succeed or stop half-way, checked by their own tests below (they share the batch)
+SPECIAL = {
+    "trusted": ("report", "{in}/factory_source.pt", "--trust-source", "-f", "json", "-o", "out.json"),
+    "diverges": ("finetune", "{in}/good.pt", "--data", SYNTH, "--steps", "12", "--batch-size", "4", "--device", "cpu",
+                 "--lr", "1e30", "--log-every", "1", "--recipe", "{in}/recipe_every_step.yaml", "--out", "diverged"),
+    "corrupt-images": ("finetune", "{in}/good2.pt", "--data", "imagefolder:{in}/corrupt", "--steps", "4",
+                       "--batch-size", "2", "--device", "cpu", "--out", "ok"),
+}
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -217,6 +315,8 @@ def _prepare_cwd(folder: Path) -> None:
     (folder / DEFAULT_OUT).write_bytes(OLD)  # a convert that fails must not overwrite it
     (folder / "out.json").write_bytes(OLD)  # nor a report
     (folder / "evilmod.py").write_text(EVILMOD)
+    (folder / "run").mkdir()  # an earlier fine-tuning run that a fresh one must not overwrite
+    (folder / "run" / "last.pt").write_bytes(OLD)
 
 
 def _run_batch(cases: list[dict], tmp: Path) -> list[dict]:
@@ -244,14 +344,14 @@ def matrix(tmp_path_factory):
         files["unreadable"].chmod(0)
     inputs_before = _snapshot(inputs)
     runs, befores = [], {}
-    for case_id, argv in [(c.id, c.argv) for c in CASES] + [("trusted", TRUSTED)]:
+    for case_id, argv in [(c.id, c.argv) for c in CASES] + list(SPECIAL.items()):
         cwd = tmp / case_id
         _prepare_cwd(cwd)
         befores[case_id] = _snapshot(cwd)
         runs.append({"argv": [a.replace("{in}", str(inputs)) for a in argv], "cwd": str(cwd)})
     results = _run_batch(runs, tmp)
     return {
-        "results": {run_id: res for run_id, res in zip([c.id for c in CASES] + ["trusted"], results)},
+        "results": {run_id: res for run_id, res in zip([c.id for c in CASES] + list(SPECIAL), results)},
         "before": befores,
         "after": {case_id: _snapshot(tmp / case_id) for case_id in befores},
         "inputs_before": inputs_before,
@@ -311,6 +411,29 @@ def test_trust_flag_imports_the_factory(matrix):
     cwd = matrix["tmp"] / "trusted"
     assert (cwd / "IMPORTED").exists()
     assert json.loads((cwd / "out.json").read_text())["source"] == "evilmod:factory"
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(matrix):
+    """lr 1e30: the loss turns NaN a few steps in; exit 2, one line, last.pt from before is intact."""
+    res = matrix["results"]["diverges"]
+    assert res["code"] == 2 and "Traceback" not in res["stderr"], res["stderr"]
+    assert len(res["stderr"].splitlines()) == 1 and "diverged at step" in res["stderr"], res["stderr"]
+    out = matrix["tmp"] / "diverges" / "diverged"
+    ck = dc.load_checkpoint(out / "last.pt")
+    kept = ck.training["progress"]["step"]
+    assert f"(step {kept}) is kept" in res["stderr"] and 1 <= kept < 12
+    assert all(torch.isfinite(v).all() for v in ck.model.state_dict().values() if v.is_floating_point())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and max(r["step"] for r in rows) <= kept and all(r["loss"] == r["loss"] for r in rows if "loss" in r)
+
+
+def test_corrupt_images_are_skipped_with_a_counted_warning(matrix):
+    """Decision (docs/RELIABILITY.md): unreadable image files are skipped, counted and named."""
+    res = matrix["results"]["corrupt-images"]
+    assert res["code"] == 0, res["stderr"]
+    warnings = [line for line in res["stderr"].splitlines() if "unreadable" in line]
+    assert warnings and "skipped 2 unreadable image file(s) in train" in warnings[-1], res["stderr"]
+    assert (matrix["tmp"] / "corrupt-images" / "ok" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("argv,word", [

@@ -30,6 +30,8 @@ __all__ = [
     "read_idx",
     "BUNDLED_PATH",
     "SeededDataset",
+    "SkipUnreadable",
+    "unreadable_files",
 ]
 
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist_subset.npz"
@@ -202,6 +204,39 @@ class SeededDataset(Dataset):
         return image, label
 
 
+class SkipUnreadable(Dataset):
+    """An image-file dataset that replaces an unreadable image by the next readable one.
+
+    Corrupt or truncated files do not stop a long run: each is skipped (the same way every
+    epoch and whatever the number of workers) and counted in a shared-memory table, so the
+    trainer can warn with the number of skipped files and an example path.
+    """
+
+    def __init__(self, base: Dataset, split: str) -> None:
+        self.base, self.split = base, split
+        self.bad = torch.zeros(len(base), dtype=torch.uint8).share_memory_()  # seen by loader workers
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, idx: int):
+        n = len(self.base)
+        for k in range(n):
+            j = (idx + k) % n
+            if self.bad[j]:
+                continue
+            try:
+                return self.base[j]
+            except (OSError, ValueError, SyntaxError):  # PIL: UnidentifiedImageError, truncated file
+                self.bad[j] = 1
+        raise UserInputError(f"no readable image in the {self.split} split ({n} files, all unreadable)")
+
+    def unreadable(self) -> list[str]:
+        """Paths of the files found unreadable so far."""
+        samples = getattr(self.base, "samples", None)
+        return [samples[i][0] if samples else str(i) for i in torch.nonzero(self.bad).flatten().tolist()]
+
+
 @dataclass
 class Datasets:
     """Train and validation datasets ready for a DataLoader, plus what the model needs to know."""
@@ -281,8 +316,9 @@ def build_datasets(
         train_base, val_base = _cifar(spec.kind, spec.path)
         classes, small = list(train_base.classes), True
     elif spec.kind == "imagefolder":
-        train_base, val_base = _imagefolder(spec.path)
-        classes, small = list(train_base.classes), False
+        train_folder, val_folder = _imagefolder(spec.path)
+        train_base, val_base = SkipUnreadable(train_folder, "train"), SkipUnreadable(val_folder, "val")
+        classes, small = list(train_folder.classes), False
     else:  # parse_data_spec guards this
         raise UserInputError(f"unknown data kind {spec.kind!r}")
     if len(train_base) == 0 or len(val_base) == 0:
@@ -294,3 +330,13 @@ def build_datasets(
         len(classes),
         classes,
     )
+
+
+def unreadable_files(data: "Datasets") -> dict[str, list[str]]:
+    """Per split, the image files skipped as unreadable so far (empty for in-memory datasets)."""
+    out = {}
+    for split, ds in (("train", data.train), ("val", data.val)):
+        base = getattr(ds, "base", None)
+        if isinstance(base, SkipUnreadable):
+            out[split] = base.unreadable()
+    return out

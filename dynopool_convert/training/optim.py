@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..dynopool import scale_parameters
+from ..errors import UserInputError
 from .recipes import TrainConfig
 
 __all__ = ["param_groups", "build_optimizer", "build_scheduler", "GROUP_NAMES"]
@@ -32,8 +33,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
     """timm's ``create_optimizer_v2`` over :func:`param_groups`."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(param_groups(model, cfg), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               momentum=cfg.momentum)
+    try:
+        return create_optimizer_v2(param_groups(model, cfg), opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
+    except ValueError as err:  # timm: "Optimizer X not found in registry", invalid values
+        raise UserInputError(f"train.opt {cfg.opt!r}: {' '.join(str(err).split())} (any timm.optim name, e.g. sgd, adamw)") from err
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -41,8 +45,11 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
     from timm.scheduler import create_scheduler_v2
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total_steps))
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=total_steps, warmup_epochs=min(warmup, max(0, total_steps - 1)),
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1,
-    )
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=total_steps, warmup_epochs=min(warmup, max(0, total_steps - 1)),
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1,
+        )
+    except ValueError as err:  # timm: "Unknown scheduler 'X'."
+        raise UserInputError(f"train.sched {cfg.sched!r}: {' '.join(str(err).split())} (e.g. cosine, step, poly, tanh)") from err
     return scheduler

@@ -10,6 +10,7 @@ A recipe may name a model that is not converted yet (``model: resnet18`` + ``con
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,9 +153,30 @@ def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -
         value = getattr(cfg.train, key)
         if value is not None and value < 1:
             raise UserInputError(f"recipe key 'train.{key}' must be >= 1, got {value}")
+    _check_ranges(cfg.train)
     if cfg.train.amp not in ("auto", "bf16", "off"):
         raise UserInputError(f"recipe key 'train.amp' must be auto, bf16 or off, got {cfg.train.amp!r}")
     return cfg
+
+
+# (low, high, low_open): finite values in [low, high] (or (low, high] when low_open)
+_RANGES = {
+    "lr": (0.0, math.inf, True), "scale_lr": (0.0, math.inf, False), "warmup_lr": (0.0, math.inf, False),
+    "min_lr": (0.0, math.inf, False), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, False),
+    "label_smoothing": (0.0, 1.0, False), "penalty_weight": (0.0, math.inf, False), "clip_grad": (0.0, math.inf, True),
+}
+
+
+def _check_ranges(train: TrainConfig) -> None:
+    """Finite hyperparameters in their ranges (a NaN learning rate would train NaNs silently)."""
+    for key, (low, high, low_open) in _RANGES.items():
+        value = getattr(train, key)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+        if not ok:
+            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            raise UserInputError(f"recipe key 'train.{key}' must be a finite number {bounds}, got {value}")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from . import upstream
-from .data import build_datasets, parse_data_spec
+from .data import build_datasets, parse_data_spec, unreadable_files
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
@@ -33,9 +33,13 @@ from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
-__all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "METRICS"]
+__all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
 
 METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(UserInputError):
+    """The loss or the weights became NaN/inf: the run stopped without saving (exit code 2 in the CLI)."""
 
 
 class TrainCallbacks:
@@ -148,8 +152,10 @@ class _Run:
     def run(self, checkpoint, resume: bool, trust_source: bool, stop_after_steps: int | None) -> FinetuneResult:
         cfg, t, info = self.cfg, self.t, self.info
         self.t0 = time.perf_counter()
-        if info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and (self.out_dir / LAST).exists():
+            raise UserInputError(
+                f"{self.out_dir / LAST} exists from an earlier run: pass --resume to continue it, or choose another --out"
+            )
         torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
         budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None else None
         spec = parse_data_spec(cfg.data)
@@ -161,12 +167,14 @@ class _Run:
         if self.budget is not None:
             bundle.budget = self.budget
         if converted_here and info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
         self.data = data
         model = bundle.model.to(info.device)
         self._check_classes(model, data.num_classes)
         self.model = model
+        self.scales = scale_parameters(model)
         self.ddp = model
         if info.enabled:
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -186,6 +194,7 @@ class _Run:
         self.progress = TrainProgress()
         if resume:
             self._restore(bundle.training)
+        self.saved_step = self.progress.step if resume else None  # step of the last checkpoint on disk
         self.cbs.on_start({
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "start_step": self.progress.step, "budget": self.budget, "device": str(info.device), "world": info.world,
@@ -282,16 +291,31 @@ class _Run:
         flops = self.cost()
         penalty = upstream.budget_penalty(flops, self.budget) if self.budget is not None else torch.zeros(())
         loss = task + t.penalty_weight * penalty.to(task.device)
+        self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.optimizer.step()
         clamp_strides_(self.model)
+        self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
                 "flops": float(flops.detach())}
+
+    def _stop_if_diverged(self, what: str, bad: bool) -> None:
+        """Stop the run (every rank) when training produced NaN/inf; the files on disk stay as they were."""
+        if self.info.enabled:
+            bad = all_reduce_sum([float(bad)], self.info)[0] > 0
+        if not bad:
+            return
+        kept = (f"{self.out_dir / LAST} (step {self.saved_step}) is kept" if self.saved_step is not None
+                else "no checkpoint had been written yet")
+        raise TrainingDiverged(
+            f"training diverged at step {self.progress.step + 1} (epoch {self.progress.epoch}): {what}; stopped, "
+            f"{kept}; lower the learning rate (train.lr {self.t.lr:g}, train.scale_lr {self.t.scale_lr:g})"
+        )
 
     def _step_row(self, row: dict[str, Any], img_s: float) -> dict[str, Any]:
         loss, task, pen, acc = all_reduce_sum([row["loss"], row["task_loss"], row["penalty"], row["acc"]], self.info)
@@ -342,7 +366,17 @@ class _Run:
         p.step_in_epoch = 0
         p.epoch_sums = [0.0, 0.0, 0.0]
         self.cbs.on_epoch(row)
+        self._warn_unreadable()
         self._checkpoint(is_best=is_best, projected=(projected, flops))
+
+    def _warn_unreadable(self) -> None:
+        """One warning per epoch while unreadable image files are being skipped (see SkipUnreadable)."""
+        for split, paths in unreadable_files(self.data).items():
+            if paths:
+                self.cbs.on_message(
+                    f"warning: skipped {len(paths)} unreadable image file(s) in {split} so far, "
+                    f"each replaced by the next readable one (first: {paths[0]})"
+                )
 
     def _training_state(self) -> dict[str, Any]:
         return {
@@ -358,17 +392,21 @@ class _Run:
 
     def _checkpoint(self, is_best: bool, projected: tuple[nn.Module, int] | None = None) -> None:
         """Save last.pt (and best.pt): the budget-projected weights + the training state."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        self._stop_if_diverged("the weights hold NaN/inf", not finite)  # never save a diverged model
         training = self._training_state()  # collective (RNG gather): every rank calls it
         if projected is None:
             projected = project_copy(self.model, self.budget, self.bundle.input_size)[:2]
         model, flops = projected
         if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             extra = dict(self.bundle.extra or {}, flops=flops)
             save_model(self.out_dir / LAST, self.bundle, model, training, extra)
             if is_best:
                 save_model(self.out_dir / BEST, self.bundle, model, training, extra)
             atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.rows))
         barrier(self.info)
+        self.saved_step = self.progress.step
 
     def _finish(self, completed: bool) -> FinetuneResult:
         strides = [p.detach().cpu().tolist() for p in scale_parameters(self.model)]
