@@ -135,6 +135,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup):
     done = subprocess.run(resume, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _assert_all_loadable(out) == STEPS
+    assert not list(out.glob(".*.tmp"))  # --resume removed the temporary files the kills left
 
     a = torch.load(tmp / "ref" / "last.pt", weights_only=True)
     b = torch.load(out / "last.pt", weights_only=True)

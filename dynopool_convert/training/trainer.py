@@ -156,6 +156,8 @@ class _Run:
             raise UserInputError(
                 f"{self.out_dir / LAST} exists from an earlier run: pass --resume to continue it, or choose another --out"
             )
+        if resume and info.is_main:
+            self._remove_stale_temp_files()
         torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
         budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None else None
         spec = parse_data_spec(cfg.data)
@@ -207,6 +209,12 @@ class _Run:
         finally:
             stop.close()
         return self._finish(completed)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files of atomic writes that a killed run left behind (``.last.pt.XXXX.tmp``)."""
+        for name in (LAST, BEST, CONVERTED, METRICS):
+            for stale in self.out_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def _classes_for_convert(self, spec, input_hint) -> int:
         """The data's class count, needed only to build a recipe's model (0 otherwise)."""
