@@ -38,6 +38,7 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .dynopool import DynOPool, dynopool_output_size, scale_parameters
+from .errors import UnsupportedModelError
 from .flops import _quiet, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
@@ -473,10 +474,12 @@ class CostModel:
                         add_class(rule.cls, *out)
                     break
             if chosen is None:
-                raise RuntimeError(
-                    f"cost model: cannot explain the output size of node {n.name!r} ({n.op} {n.target}): "
-                    f"{getattr(info_r, 'shape', info_r)} at the reference strides, "
-                    f"{getattr(info_p, 'shape', info_p)} at smaller strides"
+                raise UnsupportedModelError(
+                    f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
+                    f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
+                    f"{tuple(getattr(info_r, 'shape', ()))} at the reference strides, "
+                    f"{tuple(getattr(info_p, 'shape', ()))} at smaller strides (token sequences and attention "
+                    f"are not modelled); convert and fine-tune without a budget"
                 )
             # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
             # y, size=x.shape[-2:]) then follows x

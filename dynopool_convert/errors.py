@@ -1,7 +1,7 @@
 """Exceptions the library raises for problems the user can fix (the CLI maps them to exit 2)."""
 from __future__ import annotations
 
-__all__ = ["DynopoolError", "UserInputError"]
+__all__ = ["DynopoolError", "UserInputError", "UnsupportedModelError"]
 
 
 class DynopoolError(Exception):
@@ -13,4 +13,12 @@ class UserInputError(DynopoolError, ValueError):
 
     The message is one line that says what is wrong and what is accepted; the CLI prints it
     and exits with code 2, without a traceback.
+    """
+
+
+class UnsupportedModelError(UserInputError):
+    """A valid model that one feature (e.g. the FLOPs budget's cost model) does not support yet.
+
+    Raised with a one-line message that names the part of the model and what to do instead;
+    the CLI treats it like other input the user can change (exit code 2).
     """

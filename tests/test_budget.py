@@ -10,7 +10,7 @@ from budget_models import MODELS, randomise_strides
 from dynopool_convert import build_model, convert
 from dynopool_convert.budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
 from dynopool_convert.cost_model import CostModel
-from dynopool_convert.errors import UserInputError
+from dynopool_convert.errors import UnsupportedModelError, UserInputError
 from dynopool_convert.flops import count_flops
 
 
@@ -106,3 +106,26 @@ def test_projection_always_ends_within_budget(name, seed):
         assert out["moved"]
         assert out["flops_before"] == current
         assert out["final_flops"] <= budget  # fvcore's count after the projection
+
+
+class _TokenNet(torch.nn.Module):
+    """Patch embedding + class token: a token sequence of 1 + h*w, which the cost model does not model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.head(tokens.mean(1))
+
+
+def test_unsupported_model_is_refused_with_one_line():
+    model = convert(_TokenNet(), input_size=(3, 32, 32)).model
+    with pytest.raises(UnsupportedModelError) as info:
+        CostModel(model, (3, 32, 32))
+    assert isinstance(info.value, UserInputError)
+    assert "\n" not in str(info.value) and "without a budget" in str(info.value)
