@@ -22,15 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dynopool_convert import _fast_cpu, dynopool2d, dynopool_output_size
-
-
-def _step(fn: Callable, x: torch.Tensor, grad: torch.Tensor, params: list[torch.Tensor]) -> float:
-    x.grad = None
-    for p in params:
-        p.grad = None
-    t0 = time.perf_counter()
-    fn(x).backward(grad)
-    return time.perf_counter() - t0
+from op_speed import _step  # the same timed forward+backward step (benchmarks/ is on sys.path)
 
 
 def bench(shape, stride: float, dtype: torch.dtype, channels_last: bool, reps: int, warmup: int, ref_reps: int) -> dict[str, float]:
