@@ -21,3 +21,15 @@ def random_cases(count: int, seed: int):
         # cells exactly H/H' as dynopool2d makes them, or perturbed (positions move, clamps kick in)
         jit = (lambda: 1.0) if idx % 2 == 0 else (lambda: rng.uniform(0.8, 1.3))
         yield rng.randint(1, 3), rng.randint(1, 5), h, w, out_h, out_w, h / out_h * jit(), w / out_w * jit()
+
+
+def run_with_grads(fn, x, cells, out_h, out_w, aggregate, grad_out):
+    """``fn(x, cell_h, cell_w, ...)`` forward + backward: (output, grad x, grad cell_h, grad cell_w).
+
+    ``cells`` are floats (taken as float64) or tensors (their dtype kept)."""
+    x = x.detach().clone().requires_grad_()
+    ch, cw = (c.detach().clone().requires_grad_() if isinstance(c, torch.Tensor)
+              else torch.tensor(c, dtype=torch.float64, requires_grad=True) for c in cells)
+    y = fn(x, ch, cw, out_h, out_w, aggregate)
+    y.backward(grad_out)
+    return y.detach(), x.grad, ch.grad, cw.grad

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dynopool_convert import _fast_cpu, dynopool2d
 from dynopool_convert.dynopool import resample_pool_reference
 
-from _fast_path_cases import GRAD_TOL, TOL, random_cases
+from _fast_path_cases import GRAD_TOL, TOL, random_cases, run_with_grads
 from dynopool_convert.errors import UserInputError
 
 pytestmark = pytest.mark.skipif(not _fast_cpu.numba_available(), reason="numba is not installed")
@@ -21,14 +21,6 @@ def _cells(ch: float, cw: float, dtype=torch.float64, grad=True):
     return (torch.tensor(ch, dtype=dtype, requires_grad=grad), torch.tensor(cw, dtype=dtype, requires_grad=grad))
 
 
-def _run(fn, x, cells, out_h, out_w, aggregate, grad_out):
-    x = x.detach().clone().requires_grad_()
-    ch, cw = (c.detach().clone().requires_grad_() for c in cells)
-    y = fn(x, ch, cw, out_h, out_w, aggregate)
-    y.backward(grad_out)
-    return y.detach(), x.grad, ch.grad, cw.grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("aggregate", ["max", "mean"])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -39,8 +31,8 @@ def test_forward_and_backward_match_reference(dtype, aggregate, channels_last):
         x = torch.randn(n, c, h, w, dtype=dtype).to(memory_format=fmt)
         g = torch.randn(n, c, oh, ow, dtype=dtype)
         cells = _cells(ch, cw, dtype)
-        y, gx, gch, gcw = _run(fast, x, cells, oh, ow, aggregate, g)
-        y_r, gx_r, gch_r, gcw_r = _run(ref, x, cells, oh, ow, aggregate, g)
+        y, gx, gch, gcw = run_with_grads(fast, x, cells, oh, ow, aggregate, g)
+        y_r, gx_r, gch_r, gcw_r = run_with_grads(ref, x, cells, oh, ow, aggregate, g)
         msg = f"{(n, c, h, w)} -> {(oh, ow)} cells {(ch, cw)}"
         torch.testing.assert_close(y, y_r, **TOL[dtype], msg=msg)
         torch.testing.assert_close(gx, gx_r, **GRAD_TOL[dtype], msg=msg)
@@ -100,8 +92,8 @@ def test_ties_pick_the_first_query_like_the_reference(dtype):
         for oh, ow in [(5, 4), (3, 6), (9, 7)]:
             cells = _cells(x.shape[2] / oh, x.shape[3] / ow, dtype)
             g = torch.randn(x.shape[0], x.shape[1], oh, ow, dtype=dtype)
-            y, gx, gch, gcw = _run(fast, x, cells, oh, ow, "max", g)
-            y_r, gx_r, gch_r, gcw_r = _run(ref, x, cells, oh, ow, "max", g)
+            y, gx, gch, gcw = run_with_grads(fast, x, cells, oh, ow, "max", g)
+            y_r, gx_r, gch_r, gcw_r = run_with_grads(ref, x, cells, oh, ow, "max", g)
             assert torch.equal(y, y_r)
             torch.testing.assert_close(gx, gx_r, **GRAD_TOL[dtype])
             torch.testing.assert_close(gch, gch_r, **GRAD_TOL[dtype])

@@ -8,19 +8,11 @@ import torch.nn.functional as F
 from dynopool_convert import _fast_cpu, _fast_native, dynopool2d
 from dynopool_convert.dynopool import resample_pool_reference
 
-from _fast_path_cases import GRAD_TOL, TOL, random_cases
+from _fast_path_cases import GRAD_TOL, TOL, random_cases, run_with_grads
 
 native = _fast_native.resample_pool_native
 ref = resample_pool_reference
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def _run(fn, x, cells, out_h, out_w, aggregate, grad_out):
-    x = x.detach().clone().requires_grad_()
-    ch, cw = (torch.tensor(c, dtype=torch.float64, requires_grad=True) for c in cells)
-    y = fn(x, ch, cw, out_h, out_w, aggregate)
-    y.backward(grad_out)
-    return y.detach(), x.grad, ch.grad, cw.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -33,8 +25,8 @@ def test_forward_and_backward_match_reference(dtype, aggregate, channels_last):
     for n, c, h, w, oh, ow, ch, cw in random_cases(30, seed=4 * (dtype == torch.float32) + 2 * (aggregate == "mean") + channels_last):
         x = torch.randn(n, c, h, w, dtype=dtype).to(memory_format=fmt)
         g = torch.randn(n, c, oh, ow, dtype=dtype)
-        y, gx, gch, gcw = _run(native, x, (ch, cw), oh, ow, aggregate, g)
-        y_r, gx_r, gch_r, gcw_r = _run(ref, x, (ch, cw), oh, ow, aggregate, g)
+        y, gx, gch, gcw = run_with_grads(native, x, (ch, cw), oh, ow, aggregate, g)
+        y_r, gx_r, gch_r, gcw_r = run_with_grads(ref, x, (ch, cw), oh, ow, aggregate, g)
         msg = f"{(n, c, h, w)} -> {(oh, ow)} cells {(ch, cw)}"
         if dtype == torch.float64:
             torch.testing.assert_close(y, y_r, **TOL[dtype], msg=msg)
@@ -86,9 +78,9 @@ def test_low_precision_close_to_reference(dtype):
     g = torch.randn(2, 4, 10, 6).to(dtype)
     cells = (17 / 10, 14 / 6)
     for aggregate in ("max", "mean"):
-        y, gx, gch, gcw = _run(native, x, cells, 10, 6, aggregate, g)
+        y, gx, gch, gcw = run_with_grads(native, x, cells, 10, 6, aggregate, g)
         # the reference on the same inputs computes in float32 and casts back
-        y_r, gx_r, gch_r, gcw_r = _run(ref, x, cells, 10, 6, aggregate, g)
+        y_r, gx_r, gch_r, gcw_r = run_with_grads(ref, x, cells, 10, 6, aggregate, g)
         assert y.dtype == dtype and gx.dtype == dtype
         torch.testing.assert_close(y, y_r, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(gx, gx_r, rtol=1e-2, atol=1e-2)
@@ -122,7 +114,7 @@ def test_shortcut_conflict_takes_the_reference():
     torch.manual_seed(5)
     x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     g = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    for a, b in zip(_run(native, x, (2.2, 1.9), 4, 4, "max", g), _run(ref, x, (2.2, 1.9), 4, 4, "max", g)):
+    for a, b in zip(run_with_grads(native, x, (2.2, 1.9), 4, 4, "max", g), run_with_grads(ref, x, (2.2, 1.9), 4, 4, "max", g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
