@@ -22,6 +22,7 @@ from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
 from .sites import Candidate, find_candidates
+from .token_grid import follow_flattens
 from .tracing import trace_model
 from .validate import OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
 
@@ -87,7 +88,8 @@ def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
     finally:
         traced.train(was_training)
     candidates = find_candidates(traced, t.node_names)
-    notes = list(t.notes) + follow_grids(traced, candidates)  # before any rewrite: replays identically
+    # before any rewrite, so that apply_plan replays them identically
+    notes = list(t.notes) + follow_flattens(traced, candidates) + follow_grids(traced, candidates)
     return Analysis(traced, candidates, example, output_spec(out), notes)
 
 
