@@ -478,8 +478,9 @@ class CostModel:
                     f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
                     f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
                     f"{tuple(getattr(info_r, 'shape', ()))} at the reference strides, "
-                    f"{tuple(getattr(info_p, 'shape', ()))} at smaller strides (token sequences and attention "
-                    f"are not modelled); convert and fine-tune without a budget"
+                    f"{tuple(getattr(info_p, 'shape', ()))} at smaller strides (it follows spatial maps through "
+                    f"convolutions, pools and resizes; token sequences, attention and crops are not modelled); "
+                    f"convert and fine-tune without a budget"
                 )
             # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
             # y, size=x.shape[-2:]) then follows x

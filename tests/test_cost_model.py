@@ -11,6 +11,7 @@ from torch import nn
 from budget_models import MODELS, TwoBranch, randomise_strides
 from dynopool_convert import DynOPool, build_model, convert, scale_parameters
 from dynopool_convert.cost_model import CostModel
+from dynopool_convert.errors import UnsupportedModelError
 from dynopool_convert.flops import count_flops
 
 # diverse models: convert() outputs -- residual (resnet18, regnet), depthwise + SE
@@ -120,7 +121,7 @@ def test_unexplained_size_change_fails_loudly():
             x = self.pool(x)
             return self.conv(x[:, :, : x.shape[2] // 2 + 1])
 
-    with pytest.raises(RuntimeError, match="cannot explain"):
+    with pytest.raises(UnsupportedModelError, match="cannot follow the size of node"):
         CostModel(Crop(), (3, 32, 32))
 
 
