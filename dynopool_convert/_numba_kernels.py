@@ -16,15 +16,6 @@ _JIT = dict(cache=True, fastmath=False, nogil=True)
 
 
 @njit(inline="always", **_JIT)
-def _bilerp(xp, y0, y1, wy, x0, x1, wx):
-    a = xp[y0, x0]
-    b = xp[y0, x1]
-    r0 = a + (xp[y1, x0] - a) * wy
-    r1 = b + (xp[y1, x1] - b) * wy
-    return r0 + (r1 - r0) * wx
-
-
-@njit(inline="always", **_JIT)
 def _bilerp_backward(xp, gxp, g, y0, y1, wy, x0, x1, wx):
     """Scatter ``g`` (gradient of one query) into ``gxp``; return (d/d wy, d/d wx) times g."""
     a0 = xp[y0, x0]

@@ -11,7 +11,6 @@ import inspect
 import math
 from dataclasses import dataclass, field
 
-import torch
 import torchvision
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer

@@ -24,9 +24,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 @app.callback()
 def _root() -> None:
     """dynopool: convert, fine-tune and report on models with learnable resizing (DynOPool)."""
+
 
 @app.command()
 def demo(
@@ -44,13 +46,10 @@ def demo(
     y.sum().backward()
     typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
 
-def fail(message: str) -> None:
-    """Print a one-line error to stderr and exit with code 2."""
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
@@ -74,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("Aborted.", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
 
 # Commands live in their own modules (the CLI only parses, calls the library and renders).
 from .convert_cmd import convert  # noqa: E402

@@ -383,10 +383,8 @@ def _budget_flops(budget: Any) -> int | None:
         return None
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         return int(budget)
-    try:
-        from ..budget import parse_budget  # the budget helper's module
-    except ImportError:
-        return None
+    from ..budget import parse_budget
+
     return int(parse_budget(str(budget)))
 
 
