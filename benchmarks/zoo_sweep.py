@@ -75,7 +75,7 @@ def all_models() -> list[tuple[str, str, str]]:
 
 
 def _first_reason(plan) -> str:
-    for status in ("reverted", "skipped"):
+    for status in ("pinned", "reverted", "skipped"):
         reasons = [f"{s.name}: {s.reason}" for s in plan.sites if s.status == status]
         if reasons:
             return reasons[0]
@@ -290,14 +290,14 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         statuses[rows[s]["status"]] = statuses.get(rows[s]["status"], 0) + 1
     lines += ["", "Statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + "."]
     lines += ["", "## Models", "",
-              "| model | family | input | sites | converted | groups | reverted | skipped | status | reason | s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+              "| model | family | input | sites | converted | groups | pinned | reverted | skipped | status | reason | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for s, area, family in wanted:
         r = rows[s]
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
             f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
-            f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
+            f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('pinned', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
             f"{r['status']} | {reason} | {r.get('seconds', '')} |"
         )
     return "\n".join(lines) + "\n"

@@ -20,11 +20,11 @@ from .errors import UserInputError
 from .grouping import TieGraph
 from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
-from .rewrite import rewrite, site_module_paths
+from .rewrite import pin_module_paths, rewrite, site_module_paths
 from .sites import Candidate, find_candidates
 from .token_grid import follow_flattens
 from .tracing import trace_model
-from .validate import OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
+from .validate import GroupProbe, OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
 
 __all__ = ["convert", "apply_plan", "ConversionResult", "Analysis", "analyse", "check_input_size"]
 
@@ -147,12 +147,61 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
     return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=analysis.notes + list(ties.notes))
 
 
-def _revert(plan: Plan, gid: int, reason: str) -> None:
+def _revert(plan: Plan, gid: int, reason: str, status: str = "reverted") -> None:
     group = plan.groups[gid]
-    group.status, group.reason = "reverted", reason
+    group.status, group.reason = status, reason
     for name in group.sites:
         site = plan.site(name)
-        site.status, site.reason = "reverted", reason
+        site.status, site.reason = status, reason
+
+
+def _pin_pass(analysis: Analysis, plan: Plan) -> None:
+    """Settle the groups deepest first, each moved on its own with the groups after it settled.
+
+    A group whose one-pixel moves break the forward first tries output sizes rounded to a
+    multiple (the divisors of its reference size, smallest first: window and block sizes);
+    when none works it is pinned: its sites keep their ops behind an adaptive
+    pool to their reference input size, so the layers after it see fixed shapes (windowed or
+    relative-position attention, fixed token counts) and the groups before it can still move.
+    A pin that no kept group's move reaches is reverted to the plain op instead.
+    """
+    position = {n.name: i for i, n in enumerate(analysis.traced.graph.nodes)}
+    node_of = {c.name: c.node for c in analysis.candidates}
+    order = sorted(plan.converted_groups(), key=lambda g: max(position[node_of[s]] for s in g.sites), reverse=True)
+    failures: dict[int, str] = {}
+    used: set[str] = set()
+    probe = None
+    for group in order:
+        if probe is None:
+            gm = rewrite(analysis.traced, analysis.candidates, plan)
+            watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
+            probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
+            if probe.reference_error:
+                return
+        if group.id not in probe.groups:
+            continue  # unreached: the final validation reverts it
+        problem, reached = probe.problem(group.id)
+        if not problem:
+            used |= reached
+            continue
+        for multiple in probe.multiples(group.id):
+            trouble, reached = probe.problem_with_multiple(group.id, multiple)
+            if not trouble:
+                group.multiple = list(multiple)
+                used |= reached
+                break
+        if group.multiple:
+            probe = None  # the graph changed
+            continue
+        if not all(plan.site(name).input_size for name in group.sites):
+            _revert(plan, group.id, problem)
+        else:
+            _revert(plan, group.id, problem, status="pinned")
+            failures[group.id] = problem
+        probe = None  # the graph changed
+    for gid, problem in failures.items():
+        if not used & set(plan.groups[gid].sites):
+            _revert(plan, gid, problem)
 
 
 def _solo_plan(plan: Plan, gid: int) -> Plan:
@@ -164,7 +213,9 @@ def _solo_plan(plan: Plan, gid: int) -> Plan:
 
 
 def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
-    """Rewrite and validate until every remaining group passes, reverting the ones that break."""
+    """Rewrite and validate until every remaining group passes, pinning or reverting the ones
+    that break."""
+    pin_pass_done = False
     while True:
         gm = rewrite(analysis.traced, analysis.candidates, plan)
         report = validate_graph(gm, analysis.example, analysis.spec)
@@ -183,6 +234,10 @@ def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
             if not broken:
                 for g in plan.converted_groups():
                     _revert(plan, g.id, f"the converted groups together break the forward: {report.reference_error}")
+            continue
+        if not pin_pass_done and any(f.kind == "forward" for f in report.failures):
+            pin_pass_done = True
+            _pin_pass(analysis, plan)
             continue
         for failure in report.failures:
             _revert(plan, failure.group, failure.reason)

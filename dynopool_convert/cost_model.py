@@ -102,7 +102,8 @@ class _Recorder(fx.Interpreter):
         if isinstance(m, DynOPool):  # only the shape matters; the stride is a real tensor
             x = args[0]
             s_h, s_w = self.strides[target]
-            h, w = dynopool_output_size(int(x.shape[-2]), s_h), dynopool_output_size(int(x.shape[-1]), s_w)
+            h = dynopool_output_size(int(x.shape[-2]), s_h, m.multiple[0])
+            w = dynopool_output_size(int(x.shape[-1]), s_w, m.multiple[1])
             return x.new_empty((*x.shape[:-2], h, w))
         if isinstance(m, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
             return args[0]  # same shape; skips fake batch norm, which is slow
@@ -155,7 +156,7 @@ class _Class:
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
-    params: tuple = ()  # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w)
+    params: tuple = ()  # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
 
@@ -165,8 +166,8 @@ class _Class:
             return self.size
         h, w = sizes[self.parent.index]
         if self.kind == "dynopool":
-            s = strides[self.group]
-            return dynopool_output_size(h, s[0]), dynopool_output_size(w, s[1])
+            s, m = strides[self.group], self.params or (1, 1)
+            return dynopool_output_size(h, s[0], m[0]), dynopool_output_size(w, s[1], m[1])
         if self.kind == "window":
             return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
         if self.kind == "same":
@@ -442,7 +443,7 @@ class CostModel:
                 m = gm.get_submodule(n.target)
                 if isinstance(m, DynOPool):
                     g = self._group_of[id(m.stride)]
-                    rules.append(_Rule("new", _Class("dynopool", parent, group=g), "out"))
+                    rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=m.multiple), "out"))
                 elif parent is not None:
                     rules += _module_rules(m, parent)
             elif n.op == "call_function" and parent is not None:

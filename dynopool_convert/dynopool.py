@@ -37,15 +37,20 @@ R_MIN: float = 1.0 / 16.0
 R_MAX: float = 2.0
 
 
-def dynopool_output_size(size: int, stride: float) -> int:
+def dynopool_output_size(size: int, stride: float, multiple: int = 1) -> int:
     """Output length for an input of ``size`` pixels at continuous ``stride``.
 
-    ``round(size / stride)`` with round-half-to-even (as ``torch.round``), at least 1.
+    ``round(size / stride)`` with round-half-to-even (as ``torch.round``), at least 1; with
+    ``multiple`` m > 1, the nearest multiple of m instead: ``m * max(1, round(size / (stride * m)))``
+    (for layers after the site that need sizes divisible by a window or patch size).
 
     >>> dynopool_output_size(56, 2.0), dynopool_output_size(7, 2.0), dynopool_output_size(1, 4.0)
     (28, 4, 1)
+    >>> dynopool_output_size(56, 2.0, 7), dynopool_output_size(60, 2.0, 7), dynopool_output_size(20, 2.0, 7)
+    (28, 28, 7)
     """
-    return max(1, int(round(size / float(stride))))
+    m = int(multiple)
+    return m * max(1, int(round(size / (float(stride) * m))))
 
 
 def _axis_queries(n_out: int, cell: Tensor, size: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,11 +106,13 @@ def dynopool2d(
     aggregate: Aggregate = "max",
     r_bounds: tuple[float, float] = (R_MIN, R_MAX),
     backend: Literal["auto", "reference", "fast", "native"] = "auto",
+    multiple: tuple[int, int] = (1, 1),
 ) -> Tensor:
     """Resize ``x`` (N x C x H x W) with the learnable continuous ``stride`` (a 2-element tensor).
 
     ``r_bounds`` bounds the scale factor ``r = 1/stride`` (the stride is clamped to
-    ``[1/r_max, 1/r_min]``). ``backend``: ``auto`` takes the fused CPU kernel when it applies
+    ``[1/r_max, 1/r_min]``). ``multiple`` rounds each output size to a multiple of its value
+    (the straight-through gradient is unchanged). ``backend``: ``auto`` takes the fused CPU kernel when it applies
     (float32/float64 on CPU with numba installed), else the native-kernel path
     (``native``: upsample + pool kernels, CUDA and low precision), and the PyTorch
     ``reference`` while ``torch.compile`` traces.
@@ -118,7 +125,7 @@ def dynopool2d(
     s = stride.clamp(1.0 / r_max, 1.0 / r_min)
     _, _, h, w = x.shape
     s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
-    out_h, out_w = dynopool_output_size(h, s_h), dynopool_output_size(w, s_w)
+    out_h, out_w = dynopool_output_size(h, s_h, multiple[0]), dynopool_output_size(w, s_w, multiple[1])
     # straight-through estimator: integer sizes forward, continuous H/s backward
     cont_h, cont_w = h / s[0], w / s[1]
     cell_h = h / (cont_h + (out_h - cont_h).detach())
@@ -144,6 +151,8 @@ class DynOPool(nn.Module):
         r_bounds: ``(r_min, r_max)`` bounds on the scale factor ``r = 1/s``; default
             ``(1/16, 2)``.
         group: id of the tied group this site belongs to (plain data, for reports).
+        multiple: output sizes are rounded to multiples of this (an int or an ``(m_h, m_w)``
+            pair; default 1), for layers after the site that need divisible sizes.
 
     >>> pool = DynOPool(2.0)
     >>> pool(torch.randn(1, 3, 8, 8)).shape
@@ -157,6 +166,7 @@ class DynOPool(nn.Module):
         r_bounds: tuple[float, float] = (R_MIN, R_MAX),
         group: int | None = None,
         backend: Literal["auto", "reference", "fast", "native"] = "auto",
+        multiple: int | tuple[int, int] = 1,
     ) -> None:
         super().__init__()
         if aggregate not in ("max", "mean"):
@@ -177,6 +187,7 @@ class DynOPool(nn.Module):
         self.r_bounds = (r_min, r_max)
         self.group = group
         self.backend = backend
+        self.multiple = _multiple_pair(multiple)
 
     @property
     def r(self) -> tuple[float, float]:
@@ -194,7 +205,7 @@ class DynOPool(nn.Module):
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """Output ``(H', W')`` for an input of spatial size ``(H, W)``."""
         s_h, s_w = self.stride_value
-        return dynopool_output_size(size[0], s_h), dynopool_output_size(size[1], s_w)
+        return dynopool_output_size(size[0], s_h, self.multiple[0]), dynopool_output_size(size[1], s_w, self.multiple[1])
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -202,12 +213,20 @@ class DynOPool(nn.Module):
         self.stride.clamp_(1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0])
 
     def forward(self, x: Tensor) -> Tensor:
-        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend)
+        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple)
 
     def extra_repr(self) -> str:
         s_h, s_w = self.stride_value
         group = "" if self.group is None else f", group={self.group}"
-        return f"stride=({s_h:.4g}, {s_w:.4g}), aggregate={self.aggregate!r}{group}"
+        multiple = "" if self.multiple == (1, 1) else f", multiple={self.multiple}"
+        return f"stride=({s_h:.4g}, {s_w:.4g}), aggregate={self.aggregate!r}{group}{multiple}"
+
+
+def _multiple_pair(multiple: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    pair = tuple(int(v) for v in multiple) if isinstance(multiple, (tuple, list)) else (int(multiple),) * 2
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"multiple must be a positive int or a pair of them, got {multiple!r}")
+    return pair  # type: ignore[return-value]
 
 
 def dynopool_modules(model: nn.Module) -> list[tuple[str, DynOPool]]:

@@ -55,14 +55,14 @@ DYNOPOOL_OP = "dynopool_flops::resample"
 
 @torch.library.custom_op(DYNOPOOL_OP, mutates_args=())
 def _resample_for_counting(
-    x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, backend: str
+    x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, backend: str, m_h: int, m_w: int
 ) -> Tensor:
     """DynOPool's forward as one op for the jit tracer (the value is the real output)."""
-    return dynopool2d(x, stride, aggregate, (r_min, r_max), backend).clone()
+    return dynopool2d(x, stride, aggregate, (r_min, r_max), backend, (m_h, m_w)).clone()
 
 
 @_resample_for_counting.register_fake
-def _(x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, backend: str) -> Tensor:
+def _(x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, backend: str, m_h: int, m_w: int) -> Tensor:
     return torch.empty_like(x)  # shape not needed symbolically: counting runs on real tensors
 
 
@@ -76,7 +76,7 @@ def _dynopool_handle(inputs: list[Any], outputs: list[Any]) -> int:
 
 def _counting_forward(self: DynOPool, x: Tensor) -> Tensor:
     r_min, r_max = self.r_bounds
-    return _resample_for_counting(x, self.stride, self.aggregate, r_min, r_max, self.backend)
+    return _resample_for_counting(x, self.stride, self.aggregate, r_min, r_max, self.backend, *self.multiple)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """The conversion plan: plain data that outlives the graph (DESIGN.md §2, §4).
 
-A ``Plan`` lists every candidate site (converted, reverted or skipped, with the reason), the tied
-groups and the policy. It is JSON-able through ``to_dict``/``from_dict`` and is what a checkpoint
+A ``Plan`` lists every candidate site (converted, pinned, reverted or skipped, with the reason), the
+tied groups and the policy. A *pinned* site keeps its original op, like a reverted one, behind an
+adaptive average pool to its reference input size: the layers after it keep their fixed shapes
+while the groups before it learn theirs. It is JSON-able through ``to_dict``/``from_dict`` and is what a checkpoint
 replays on a freshly built model (``apply_plan``).
 """
 from __future__ import annotations
@@ -14,9 +16,10 @@ from .errors import UserInputError
 __all__ = ["PLAN_FORMAT_VERSION", "Site", "Group", "Plan", "Status", "Kind"]
 
 #: Bumped whenever the meaning of a field changes; ``Plan.from_dict`` refuses newer versions.
-PLAN_FORMAT_VERSION: int = 1
+#: 2 added the ``pinned`` status and ``Group.multiple``.
+PLAN_FORMAT_VERSION: int = 2
 
-Status = Literal["converted", "reverted", "skipped"]
+Status = Literal["converted", "pinned", "reverted", "skipped"]
 Kind = Literal["conv", "pool", "interpolate"]
 
 
@@ -66,6 +69,7 @@ class Group:
     stride_init: list[float]
     status: str = "converted"
     reason: str = ""
+    multiple: list[int] | None = None  # output sizes rounded to multiples of this (None: 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +79,7 @@ class Group:
         known = {f.name for f in fields(cls)}
         group = cls(**{k: v for k, v in data.items() if k in known})
         group.sites, group.stride_init = list(group.sites), list(group.stride_init)
+        group.multiple = _pair(group.multiple)
         return group
 
 
@@ -102,9 +107,12 @@ class Plan:
     def converted_groups(self) -> list[Group]:
         return [g for g in self.groups if g.status == "converted"]
 
+    def pinned_sites(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "pinned"]
+
     def summary(self) -> dict[str, int]:
         """Counts of sites per status and the number of learned groups."""
-        counts = {"converted": 0, "reverted": 0, "skipped": 0}
+        counts = {"converted": 0, "pinned": 0, "reverted": 0, "skipped": 0}
         for s in self.sites:
             counts[s.status] = counts.get(s.status, 0) + 1
         counts["groups"] = len(self.converted_groups())

@@ -2,7 +2,9 @@
 
 A pure function of (traced graph, plan): ``rewrite`` deep-copies the traced GraphModule and never
 touches the user's model, so validation can rebuild after reverting a group and ``apply_plan``
-replays the same rewrite on a freshly built model. Tied sites share one ``nn.Parameter``.
+replays the same rewrite on a freshly built model. Tied sites share one ``nn.Parameter``. A pinned
+site keeps its op; an ``nn.AdaptiveAvgPool2d`` to its reference input size is put in front of it
+(an exact identity at the reference size).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from .dynopool import R_MAX, R_MIN, DynOPool
 from .plan import Plan
 from .sites import Candidate, handler_for
 
-__all__ = ["rewrite", "r_bounds_for", "pool_path_for", "site_module_paths"]
+__all__ = ["rewrite", "r_bounds_for", "pool_path_for", "site_module_paths", "pin_module_paths"]
 
 
 def r_bounds_for(stride: tuple[float, float] | list[float]) -> tuple[float, float]:
@@ -62,6 +64,7 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
         for g in plan.converted_groups()
     }
     bounds = {g.id: r_bounds_for(g.stride_init) for g in plan.converted_groups()}
+    multiples = {g.id: tuple(g.multiple or (1, 1)) for g in plan.converted_groups()}
     placement = plan.policy.get("placement", "before")
     paths: dict[str, str] = {}
     for site in plan.converted_sites():
@@ -70,19 +73,41 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
         handler = handler_for(cand.handler)
         old_target = node.target if node.op == "call_module" else None
         path = pool_path_for(gm, node, site.name, cand.kind)
-        pool = DynOPool(params[site.group], aggregate=site.aggregate, r_bounds=bounds[site.group], group=site.group)
+        pool = DynOPool(params[site.group], aggregate=site.aggregate, r_bounds=bounds[site.group], group=site.group,
+                        multiple=multiples[site.group])
         if old_target == path:  # replace the pool module in place
             gm.delete_submodule(path)
         gm.add_submodule(path, pool)
         handler.apply(gm, node, path, placement)
         paths[site.name] = path
+    pins: dict[str, str] = {}
+    for site in plan.pinned_sites():
+        pins[site.name] = _pin(gm, nodes[by_name[site.name].node], site.name, site.input_size)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.meta["dynopool_sites"] = paths  # site name -> DynOPool module path (plain data)
+    gm.meta["dynopool_pins"] = pins  # site name -> path of the pool that holds its input size
     return gm
+
+
+def _pin(gm: fx.GraphModule, node: fx.Node, site_name: str, size: list[int] | None) -> str:
+    """Resize the site's input to ``size`` (its reference input size) with an adaptive average pool."""
+    if not size or not node.args or not isinstance(node.args[0], fx.Node):
+        raise ValueError(f"site {site_name!r} cannot be pinned: its input size is unknown")
+    path = _free_path(gm, f"{site_name}_pin", node)
+    gm.add_submodule(path, nn.AdaptiveAvgPool2d((int(size[0]), int(size[1]))))
+    with gm.graph.inserting_before(node):
+        held = gm.graph.call_module(path, (node.args[0],))
+    node.args = (held, *node.args[1:])
+    return path
 
 
 def site_module_paths(gm: fx.GraphModule) -> dict[str, str]:
     """Site name -> path of its DynOPool module in a converted GraphModule."""
     return dict(gm.meta.get("dynopool_sites", {}))
+
+
+def pin_module_paths(gm: fx.GraphModule) -> dict[str, str]:
+    """Pinned site name -> path of the adaptive pool in front of it."""
+    return dict(gm.meta.get("dynopool_pins", {}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from .dynopool import DynOPool, dynopool_output_size
 
-__all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate"]
+__all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def output_spec(out: Any) -> OutputSpec:
 class GroupFailure:
     group: int
     reason: str
+    kind: str = "forward"  # forward (a moved stride breaks it) | gradient | unreached
 
 
 @dataclass
@@ -104,13 +106,15 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
     return ""
 
 
-def _moves(size_in: tuple[int, int], stride: tuple[float, float], bounds: tuple[float, float]) -> list[tuple[str, tuple[float, float]]]:
-    """Strides that change the output size: smaller on both axes, larger along the height only
-    (one move down, one up, and a non-square map to catch square-size assumptions)."""
+def _moves(size_in: tuple[int, int], stride: tuple[float, float], bounds: tuple[float, float],
+           multiple: tuple[int, int] = (1, 1)) -> list[tuple[str, tuple[float, float]]]:
+    """Strides that change the output size by one step (one pixel, or one ``multiple``):
+    smaller on both axes, larger along the height only (one move down, one up, and a
+    non-square map to catch square-size assumptions)."""
     lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
 
-    def target(size: int, s: float, delta: int) -> float | None:
-        out = dynopool_output_size(size, s) + delta
+    def target(size: int, s: float, delta: int, m: int) -> float | None:
+        out = dynopool_output_size(size, s, m) + delta * m
         if out < 1:
             return None
         new = size / out
@@ -119,8 +123,8 @@ def _moves(size_in: tuple[int, int], stride: tuple[float, float], bounds: tuple[
     moves = []
     (h, w), (sh, sw) = size_in, stride
     for label, dh, dw in (("smaller", -1, -1), ("taller", 1, 0)):
-        nh = target(h, sh, dh) if dh else sh
-        nw = target(w, sw, dw) if dw else sw
+        nh = target(h, sh, dh, multiple[0]) if dh else sh
+        nw = target(w, sw, dw, multiple[1]) if dw else sw
         if nh is not None and nw is not None:
             moves.append((label, (nh, nw)))
     return moves
@@ -158,6 +162,64 @@ def _size_hooks(gm: nn.Module, sizes: dict) -> list:
     return handles
 
 
+class GroupProbe:
+    """Moves one group at a time on ``gm`` (the others at their strides) and reports whether
+    the forward survives; the ``watch`` pools (pins) record whether a move changed their input
+    away from their output size."""
+
+    def __init__(self, gm: fx.GraphModule, example: Tensor, spec: OutputSpec, watch: dict[str, nn.AdaptiveAvgPool2d]) -> None:
+        self.gm, self.example, self.spec = gm, example, spec
+        self.sizes: dict[str, tuple] = {}
+        handles = _size_hooks(gm, self.sizes)
+        gm.eval()
+        self.reference_error = _run(gm, example, spec)
+        for h in handles:
+            h.remove()
+        self.groups = {g: v for g, v in _groups(gm).items() if v[1][0][0] in self.sizes}
+        self._watch = watch
+
+    def problem(self, gid: int) -> tuple[str, set[str]]:
+        """Why moving group ``gid`` breaks the forward ("" if it does not), and the watched
+        modules whose input size the moves changed."""
+        if gid not in self.groups:
+            return "the site is not reached by the forward pass", set()
+        param, members = self.groups[gid]
+        moves = {gid: dict(_moves(self.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds,
+                                  members[0][1].multiple))}
+        seen: dict[str, set] = {name: set() for name in self._watch}
+        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen[name].add(tuple(args[0].shape[-2:])))
+                   for name, m in self._watch.items()]
+        try:
+            for label in _LABELS:
+                problem = _moved_run(self.gm, self.example, self.spec, {gid: (param, members)}, moves, label, [gid])
+                if problem:
+                    stride = moves[gid][label]
+                    return f"{label} output (stride {stride[0]:.3g}x{stride[1]:.3g}) breaks the forward: {problem}", set()
+        finally:
+            for h in handles:
+                h.remove()
+        return "", {name for name, shapes in seen.items() if shapes - {tuple(self._watch[name].output_size)}}
+
+    def multiples(self, gid: int) -> list[tuple[int, int]]:
+        """Candidate multiples for group ``gid``: the divisors ``d > 1`` of its reference output
+        size (both axes) that leave at least two steps, smallest first."""
+        out_h, out_w = self.sizes[self.groups[gid][1][0][0]][1]
+        g = math.gcd(out_h, out_w)
+        return [(d, d) for d in range(2, g // 2 + 1) if g % d == 0]
+
+    def problem_with_multiple(self, gid: int, multiple: tuple[int, int]) -> tuple[str, set[str]]:
+        """``problem`` with the group's output sizes rounded to ``multiple`` (restored after)."""
+        members = self.groups[gid][1]
+        saved = [m.multiple for _, m in members]
+        for _, m in members:
+            m.multiple = multiple
+        try:
+            return self.problem(gid)
+        finally:
+            for (_, m), value in zip(members, saved):
+                m.multiple = value
+
+
 def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_only: bool = False) -> ValidationReport:
     """Check ``gm`` (a converted model) at the reference input ``example`` and moved strides
     (only at the reference input with ``reference_only``)."""
@@ -174,10 +236,11 @@ def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_on
         groups = _groups(gm)
         for gid, (_, members) in groups.items():
             if members[0][0] not in report.sizes:
-                report.failures.append(GroupFailure(gid, "the site is not reached by the forward pass"))
+                report.failures.append(GroupFailure(gid, "the site is not reached by the forward pass", "unreached"))
         reached = {g: v for g, v in groups.items() if v[1][0][0] in report.sizes}
         moves = {
-            gid: dict(_moves(report.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds))
+            gid: dict(_moves(report.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds,
+                             members[0][1].multiple))
             for gid, (param, members) in reached.items()
         }
         # every group moved at once first (cheap); one group at a time only when that fails
@@ -214,16 +277,16 @@ def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Para
         loss = sum((t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum() for t in outs)
         loss.backward()
     except Exception as err:  # the backward itself failing is a finding for every group
-        return [GroupFailure(g, f"backward fails: {_one_line(err)}") for g in params]
+        return [GroupFailure(g, f"backward fails: {_one_line(err)}", "gradient") for g in params]
     finally:
         for p in frozen:
             p.requires_grad_(True)
     failures = []
     for gid, p in params.items():
         if p.grad is None:
-            failures.append(GroupFailure(gid, "no gradient reaches the stride (the site does not affect the output)"))
+            failures.append(GroupFailure(gid, "no gradient reaches the stride (the site does not affect the output)", "gradient"))
         elif not torch.isfinite(p.grad).all():
-            failures.append(GroupFailure(gid, f"the stride gradient is not finite ({p.grad.tolist()})"))
+            failures.append(GroupFailure(gid, f"the stride gradient is not finite ({p.grad.tolist()})", "gradient"))
         p.grad = None
     gm.zero_grad(set_to_none=True)
     return failures

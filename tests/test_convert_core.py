@@ -152,15 +152,41 @@ def test_exact_where_the_conversion_is_exact():
         torch.testing.assert_close(r.model.eval()(x), model(x), rtol=1e-6, atol=1e-6)
 
 
-def test_hard_coded_shape_is_reverted_with_reason():
+def test_hard_coded_shape_pins_the_last_group_and_the_earlier_one_learns():
     torch.manual_seed(0)
     model = HardCodedFlatten().eval()
     r = convert(model, input_size=(3, 16, 16))
     pool, conv = r.plan.site("pool"), r.plan.site("conv")
-    # any move of either group changes the flattened size: both revert, with the reason
+    # moving the pool changes the flattened size: it is pinned (its input held at 8x8), with the reason
+    assert pool.status == "pinned" and "breaks the forward" in pool.reason
+    assert r.plan.groups[pool.group].status == "pinned"
+    assert conv.status == "converted" and r.plan.summary() == {
+        "converted": 1, "pinned": 1, "reverted": 0, "skipped": 0, "groups": 1}
+    assert type(r.model.get_submodule("pool_pin")) is nn.AdaptiveAvgPool2d
+    assert r.model.get_submodule("pool_pin").output_size == (8, 8)
+    x = torch.randn(2, 3, 16, 16)
+    seen = []
+    pin = r.model.get_submodule("pool_pin")
+    handle = pin.register_forward_hook(lambda m, args, out: seen.append(torch.equal(args[0], out)))
+    with torch.no_grad():
+        r.model.eval()(x)
+    handle.remove()
+    assert seen == [True]  # at the reference size the pin is an exact identity
+    (stride,) = scale_parameters(r.model)
+    with torch.no_grad():
+        stride.copy_(torch.tensor([3.0, 1.5]))  # conv output 5x11: the pin brings it back to 8x8
+    assert r.model(x).shape == (2, 3)
+    _backprop_reaches_every_group(r.model, x)
+
+
+def test_a_pin_that_nothing_moves_is_reverted():
+    torch.manual_seed(0)
+    model = HardCodedFlatten().eval()
+    r = convert(model, input_size=(3, 16, 16), include=["pool"])
+    pool = r.plan.site("pool")
     assert pool.status == "reverted" and "breaks the forward" in pool.reason
-    assert conv.status == "reverted"
     assert not dynopool_modules(r.model)
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in r.model.modules())
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(r.model.eval()(x), model(x))
@@ -218,10 +244,16 @@ def test_untraceable_submodule_without_sites_becomes_a_leaf():
     assert replayed(torch.randn(1, 3, 14, 14)).shape == (1, 4)
 
 
-def test_down_up_skip_is_not_tied_and_reverts():
+def test_down_up_skip_is_not_tied_and_the_up_is_pinned():
     r = convert(UNetLike(), input_size=(3, 16, 16))
     down, up = r.plan.site("down"), r.plan.site("up")
     assert down.group != up.group  # strides 2 and 0.5 cannot be one parameter
     assert any("joins the output of up with a tensor sized by <input>" in note for note in r.plan.notes)
-    # moving either one alone breaks the concat with the skip connection
-    assert down.status == up.status == "reverted" and "breaks the forward" in down.reason
+    # moving the up alone breaks the concat with the skip connection: it is pinned, and the down
+    # learns (the pin brings its output back to 8x8 before the upsampling)
+    assert up.status == "pinned" and "breaks the forward" in up.reason
+    assert down.status == "converted"
+    (stride,) = scale_parameters(r.model)
+    with torch.no_grad():
+        stride.copy_(torch.tensor([3.0, 1.6]))
+    assert r.model(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)

@@ -20,7 +20,7 @@ class Aggregate(str, Enum):
     mean = "mean"
 
 
-_STATUS_STYLE = {"converted": "green", "reverted": "yellow", "skipped": "dim"}
+_STATUS_STYLE = {"converted": "green", "pinned": "cyan", "reverted": "yellow", "skipped": "dim"}
 
 
 def _size(value: list[int] | None) -> str:
@@ -94,8 +94,11 @@ def convert(
     counts = plan.summary()
     console.print(
         f"{counts['converted']} sites converted in {counts['groups']} learned groups, "
-        f"{counts['reverted']} reverted, {counts['skipped']} left alone."
+        f"{counts['pinned']} pinned, {counts['reverted']} reverted, {counts['skipped']} left alone."
     )
+    if counts["pinned"]:
+        console.print("[dim]pinned: the op is kept, its input resized to its reference size, so that the layers "
+                      "after it keep fixed shapes while the groups before it learn[/]")
     for note in plan.notes:
         console.print(f"[dim]note: {note}[/]")
     console.print(

@@ -55,13 +55,15 @@ class FixedResize(nn.Module):
     """Stand-in for a DynOPool frozen at a stride: same output size, strides as Python floats,
     so that fvcore's jit trace and fake-tensor shape propagation can run through it."""
 
-    def __init__(self, stride: tuple[float, float]) -> None:
+    def __init__(self, stride: tuple[float, float], multiple: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         self.stride_hw = (float(stride[0]), float(stride[1]))
+        self.multiple = multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[-2]), int(x.shape[-1])
-        size = (dynopool_output_size(h, self.stride_hw[0]), dynopool_output_size(w, self.stride_hw[1]))
+        size = (dynopool_output_size(h, self.stride_hw[0], self.multiple[0]),
+                dynopool_output_size(w, self.stride_hw[1], self.multiple[1]))
         return F.adaptive_max_pool2d(x, size)
 
 
@@ -81,7 +83,7 @@ def frozen_pools(model: nn.Module, strides: Mapping[str, tuple[float, float]] | 
             value = pool.stride_value if s is None else tuple(min(max(float(v), lo), hi) for v in s)
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, FixedResize(value))
+            setattr(parent, attr, FixedResize(value, pool.multiple))
             swapped.append((parent, attr, pool))
         yield model
     finally:
