@@ -174,3 +174,30 @@ class UNetLike(nn.Module):
     def forward(self, x):
         y = self.up(self.conv(self.down(x)))
         return self.out(torch.cat([x, y], 1))
+
+
+class WindowNet(nn.Module):
+    """Attention-like windows of 4x4 pixels after the pool: the map must stay divisible by 4
+    (the window count follows the size, as in windowed attention traced with dynamic shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.mix = nn.Linear(16, 16)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv(x)))
+        n, c, h, w = x.shape
+        win = x.reshape(n, c, h // 4, 4, w // 4, 4).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 4, w // 4, 16)
+        win = self.mix(win).reshape(n, c, h // 4, w // 4, 4, 4).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+        return self.fc(win.mean((2, 3)))
+
+
+def window_net() -> nn.Module:
+    return WindowNet()
+
+
+def hard_coded_flatten() -> nn.Module:
+    return HardCodedFlatten()
