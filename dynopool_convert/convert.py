@@ -120,29 +120,46 @@ def _spatial(node: fx.Node | None) -> list[int] | None:
     return [int(meta.shape[2]), int(meta.shape[3])]
 
 
+def _patch_of_group(members: list[Candidate], placement: str) -> tuple[int, int] | None:
+    """The common patch of a group made only of patchify convs (same kernel), under ``before``."""
+    patches = {c.patch for c in members}
+    if placement != "before" or len(patches) != 1 or None in patches:
+        return None
+    return next(iter(patches))
+
+
 def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
     nodes = {n.name: n for n in analysis.traced.graph.nodes}
     group_of: dict[str, int] = {}
+    patch_of: dict[str, tuple[int, int]] = {}  # node -> patch, for sites converted as patchify
     groups = []
     by_node = {c.node: c for c in analysis.candidates}
     for gid, members in enumerate(ties.groups()):
         names = [by_node[m].name for m in members]
-        groups.append(Group(gid, names, list(by_node[members[0]].stride)))
+        patch = _patch_of_group([by_node[m] for m in members], policy["placement"])
+        if patch is None:
+            groups.append(Group(gid, names, list(by_node[members[0]].stride)))
+        else:  # DynOPool resizes the input to a multiple of the patch; the conv keeps its stride
+            groups.append(Group(gid, names, [1.0, 1.0], multiple=list(patch)))
+            patch_of.update({m: patch for m in members})
         group_of.update({m: gid for m in members})
     sites = []
     for c in analysis.candidates:
         node = nodes[c.node]
         first_input = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        patch = patch_of.get(c.node)
+        aggregate = None if c.skip_reason else (policy["aggregate"] or ("mean" if patch else c.aggregate))
         site = Site(
             name=c.name, op=c.op, kind=c.kind, status="skipped" if c.skip_reason else "converted",
             reason=c.skip_reason, group=group_of.get(c.node),
-            placement=policy["placement"] if c.kind == "conv" and not c.skip_reason else None,
-            aggregate=None if c.skip_reason else (policy["aggregate"] or c.aggregate),
-            stride_init=None if c.stride is None else list(c.stride),
+            placement=("patchify" if patch else policy["placement"]) if c.kind == "conv" and not c.skip_reason else None,
+            aggregate=aggregate,
+            stride_init=None if c.stride is None else ([1.0, 1.0] if patch else list(c.stride)),
             input_size=_spatial(first_input), output_size=_spatial(node),
         )
         if site.status == "converted" and site.input_size:
-            site.converted_size = [dynopool_output_size(n, s) for n, s in zip(site.input_size, c.stride)]
+            multiple = patch or (1, 1)
+            site.converted_size = [dynopool_output_size(n, s, m) for n, s, m in zip(site.input_size, site.stride_init, multiple)]
         sites.append(site)
     return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=analysis.notes + list(ties.notes))
 
@@ -184,13 +201,14 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
         if not problem:
             used |= reached
             continue
+        rounded = False
         for multiple in probe.multiples(group.id):
             trouble, reached = probe.problem_with_multiple(group.id, multiple)
             if not trouble:
-                group.multiple = list(multiple)
+                group.multiple, rounded = list(multiple), True
                 used |= reached
                 break
-        if group.multiple:
+        if rounded:
             probe = None  # the graph changed
             continue
         if not all(plan.site(name).input_size for name in group.sites):

@@ -78,7 +78,7 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
         if old_target == path:  # replace the pool module in place
             gm.delete_submodule(path)
         gm.add_submodule(path, pool)
-        handler.apply(gm, node, path, placement)
+        handler.apply(gm, node, path, site.placement or placement)
         paths[site.name] = path
     pins: dict[str, str] = {}
     for site in plan.pinned_sites():

@@ -30,6 +30,7 @@ class Candidate:
     stride: tuple[float, float] | None = None
     aggregate: str = "max"
     skip_reason: str = ""
+    patch: tuple[int, int] | None = None  # a patchify conv (kernel == stride, no padding): its kernel
 
 
 class SiteHandler(Protocol):
@@ -119,6 +120,16 @@ def _same_padding(conv: nn.Conv2d) -> tuple[int, int] | str:
     return "same"  # even kernels: torch pads asymmetrically
 
 
+def patch_size(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The kernel of a patchify conv (kernel == stride, no padding or dilation), else None."""
+    k, st = tuple(conv.kernel_size), tuple(conv.stride)
+    if k != st or tuple(conv.dilation) != (1, 1) or isinstance(conv.padding, str) or any(conv.padding):
+        return None
+    if type(conv).__name__ in _DYNAMIC_SAME_PAD or getattr(conv, "same_pad", False):
+        return None
+    return int(k[0]), int(k[1])
+
+
 def make_conv_stride_one(conv: nn.Conv2d) -> None:
     """Stride 1 with 'same'-equivalent padding (H_out == H_in), keeping the conv's class."""
     conv.stride = (1, 1)
@@ -145,7 +156,8 @@ class ConvHandler:
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         conv = _module(gm, node)
-        cand = Candidate(node.name, "", self.kind, _desc(conv), self.name, pair_of_floats(tuple(conv.stride)), "max")
+        cand = Candidate(node.name, "", self.kind, _desc(conv), self.name, pair_of_floats(tuple(conv.stride)), "max",
+                         patch=patch_size(conv))
         if _users_of_module(gm, node.target) > 1:
             cand.skip_reason = "the conv module is called at several places (weights shared): its stride cannot change for one call"
         elif not _is_4d(node):
@@ -153,9 +165,12 @@ class ConvHandler:
         return cand
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
-        make_conv_stride_one(gm.get_submodule(node.target))
+        """``before``/``after``: the conv at stride 1 after/before DynOPool; ``patchify``: the
+        conv unchanged after a DynOPool that resizes its input to a multiple of the patch."""
+        if placement != "patchify":
+            make_conv_stride_one(gm.get_submodule(node.target))
         graph = gm.graph
-        if placement == "before":
+        if placement in ("before", "patchify"):
             with graph.inserting_before(node):
                 pool = graph.call_module(pool_path, (node.args[0],))
             node.args = (pool, *node.args[1:])

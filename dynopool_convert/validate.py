@@ -201,11 +201,14 @@ class GroupProbe:
         return "", {name for name, shapes in seen.items() if shapes - {tuple(self._watch[name].output_size)}}
 
     def multiples(self, gid: int) -> list[tuple[int, int]]:
-        """Candidate multiples for group ``gid``: the divisors ``d > 1`` of its reference output
-        size (both axes) that leave at least two steps, smallest first."""
+        """Candidate multiples for group ``gid``: the divisors of its reference output size (both
+        axes) that leave at least two steps and refine its present multiple, smallest first."""
+        pool = self.groups[gid][1][0][1]
         out_h, out_w = self.sizes[self.groups[gid][1][0][0]][1]
-        g = math.gcd(out_h, out_w)
-        return [(d, d) for d in range(2, g // 2 + 1) if g % d == 0]
+        m_h, m_w = pool.multiple
+        g_h, g_w = out_h // m_h, out_w // m_w  # in steps of the present multiple
+        g = math.gcd(g_h, g_w)
+        return [(m_h * d, m_w * d) for d in range(2, g // 2 + 1) if g % d == 0]
 
     def problem_with_multiple(self, gid: int, multiple: tuple[int, int]) -> tuple[str, set[str]]:
         """``problem`` with the group's output sizes rounded to ``multiple`` (restored after)."""

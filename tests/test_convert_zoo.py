@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dynopool_convert as dc
 from dynopool_convert import scale_parameters
@@ -111,8 +112,41 @@ def test_timm_conv_subclasses_keep_their_class():
 def test_convnext_patchify_stem():
     _, r = _converted("timm:convnext_atto")
     stem = r.plan.site("stem.0")
-    assert stem.stride_init == [4.0, 4.0] and stem.converted_size == [16, 16]
-    assert r.model.get_submodule("stem.0").padding == "same"  # 4x4 kernel at stride 1
+    # a patchify conv (kernel == stride) keeps its stride; DynOPool resizes its input to a multiple
+    # of the 4x4 patch, starting at the input size (stride 1)
+    assert (stem.placement, stem.aggregate, stem.stride_init, stem.converted_size) == ("patchify", "mean", [1.0, 1.0], [64, 64])
+    assert r.plan.groups[stem.group].multiple == [4, 4]
+    conv = r.model.get_submodule("stem.0")
+    assert tuple(conv.stride) == (4, 4) and tuple(conv.padding) == (0, 0)
+    assert r.model.get_submodule("stem.0_dynopool").multiple == (4, 4)
+
+
+def test_patchify_placement_after_keeps_the_old_rule():
+    model = dc.build_model("timm:convnext_atto", {"num_classes": 10})
+    r = dc.convert(model, input_size=(3, 64, 64), placement="after", validate=False)
+    stem = r.plan.site("stem.0")
+    assert (stem.placement, stem.stride_init) == ("after", [4.0, 4.0])
+    assert r.plan.groups[stem.group].multiple is None
+
+
+def test_vit_patch_embedding_stays_close_to_the_original_and_learns_the_token_grid():
+    torch.manual_seed(0)
+    model = dc.build_model("timm:vit_tiny_patch16_224", {"dynamic_img_size": True}).eval()
+    r = dc.convert(model, input_size=(3, 64, 64))
+    x = F.interpolate(torch.randn(2, 3, 8, 8), size=(64, 64), mode="bicubic", align_corners=False)  # a smooth image
+    with torch.no_grad():
+        ref, got = model(x), r.model.eval()(x)
+    # the DynOPool at stride 1 is a 3-tap blur: under 1% measured (the former rule, a 16x16 max pool then
+    # the 16x16 kernel at stride 1 over the 4x4 token grid, was 114% off)
+    assert float((got - ref).norm() / ref.norm()) < 0.05
+    (stride,) = dc.scale_parameters(r.model)
+    tokens = []
+    hook = r.model.get_submodule("patch_embed.proj").register_forward_hook(lambda m, a, out: tokens.append(out.shape[-2:]))
+    with torch.no_grad():
+        stride.copy_(torch.tensor([64 / 48, 64 / 80]))  # input resized to 48x80: a 3x5 token grid
+        assert r.model(x).shape == ref.shape
+    hook.remove()
+    assert tokens == [(3, 5)]
 
 
 def test_deeplab_interpolations_to_input_size_are_left_alone():

@@ -76,7 +76,7 @@ def _match_pool(site: Mapping[str, Any], pools: list[str]) -> str | None:
 def _site_output_node(graph: ReportGraph, pool_node: fx.Node, placement: str) -> fx.Node:
     """The node whose output is the site's feature map (the conv after DynOPool for ``before``)."""
     users = list(pool_node.users)
-    if placement == "before" and len(users) == 1:
+    if placement in ("before", "patchify") and len(users) == 1:
         user = users[0]
         if isinstance(graph.module_of(user), nn.Conv2d) or (user.op == "call_function" and user.target in _CONV_TARGETS):
             return user
