@@ -120,10 +120,11 @@ def _spatial(node: fx.Node | None) -> list[int] | None:
     return [int(meta.shape[2]), int(meta.shape[3])]
 
 
-def _patch_of_group(members: list[Candidate], placement: str) -> tuple[int, int] | None:
-    """The common patch of a group made only of patchify convs (same kernel), under ``before``."""
+def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] | None:
+    """The common patch of a group made only of patchify convs (same kernel), under ``before``
+    with the patchify rule on."""
     patches = {c.patch for c in members}
-    if placement != "before" or len(patches) != 1 or None in patches:
+    if policy["placement"] != "before" or not policy.get("patchify", True) or len(patches) != 1 or None in patches:
         return None
     return next(iter(patches))
 
@@ -136,7 +137,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
     by_node = {c.node: c for c in analysis.candidates}
     for gid, members in enumerate(ties.groups()):
         names = [by_node[m].name for m in members]
-        patch = _patch_of_group([by_node[m] for m in members], policy["placement"])
+        patch = _patch_of_group([by_node[m] for m in members], policy)
         if patch is None:
             groups.append(Group(gid, names, list(by_node[members[0]].stride)))
         else:  # DynOPool resizes the input to a multiple of the patch; the conv keeps its stride
@@ -275,6 +276,7 @@ def convert(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     validate: bool = True,
+    patchify: bool = True,
 ) -> ConversionResult:
     """Convert every resizing op of ``model`` into a learnable DynOPool site.
 
@@ -282,6 +284,10 @@ def convert(
         model: any ``nn.Module`` torch.fx can trace with timm's leaf rules (left untouched).
         input_size: reference ``(C, H, W)``; shapes in the plan are given at this size.
         placement: ``"before"`` (DynOPool then the stride-1 conv) or ``"after"`` for strided convs.
+        patchify: under ``"before"``, a patchify conv (kernel == stride, no padding: ViT patch
+            embeddings, ConvNeXt stems and downsamplers) keeps its stride behind a DynOPool that
+            resizes its input to a multiple of the patch (placement ``"patchify"`` in the plan)
+            instead of running its kernel at stride 1 on the pooled map.
         aggregate: ``"max"`` or ``"mean"`` for every site; default per op (max for convs and
             max pools, mean for average pools and interpolations).
         include / exclude: glob patterns on site names (``"layer*.0.*"``), or ``"kind:conv"``,
@@ -299,7 +305,8 @@ def convert(
     analysis = analyse(model, input_size)
     _select(analysis.candidates, include, exclude)
     ties = TieGraph(analysis.traced, analysis.candidates)
-    policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval"}
+    policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval",
+              "patchify": bool(patchify)}
     plan = _initial_plan(analysis, ties, policy)
     gm = _validated(analysis, plan) if validate else rewrite(analysis.traced, analysis.candidates, plan)
     gm.train(model.training)

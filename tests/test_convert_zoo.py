@@ -121,12 +121,14 @@ def test_convnext_patchify_stem():
     assert r.model.get_submodule("stem.0_dynopool").multiple == (4, 4)
 
 
-def test_patchify_placement_after_keeps_the_old_rule():
+@pytest.mark.parametrize("options, placement", [({"placement": "after"}, "after"), ({"patchify": False}, "before")])
+def test_the_plain_rules_for_patchify_convs(options, placement):
     model = dc.build_model("timm:convnext_atto", {"num_classes": 10})
-    r = dc.convert(model, input_size=(3, 64, 64), placement="after", validate=False)
+    r = dc.convert(model, input_size=(3, 64, 64), validate=False, **options)
     stem = r.plan.site("stem.0")
-    assert (stem.placement, stem.stride_init) == ("after", [4.0, 4.0])
+    assert (stem.placement, stem.stride_init) == (placement, [4.0, 4.0])
     assert r.plan.groups[stem.group].multiple is None
+    assert tuple(r.model.get_submodule("stem.0").stride) == (1, 1)
 
 
 def test_vit_patch_embedding_stays_close_to_the_original_and_learns_the_token_grid():
