@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dynopool_cli.app import main
+from dynopool_convert import UserInputError
 from dynopool_convert.training import finetune
 from dynopool_convert.training.upstream import convert, count_flops, load_checkpoint, save_checkpoint
 from dynopool_convert.training.zoo import small_cnn
@@ -70,6 +71,11 @@ def test_resume_is_bit_exact_on_cpu(tiny_ckpt, tmp_path):
     full = finetune(ckpt, tmp_path / "a", overrides=ov, trust_source=True)
     part = finetune(ckpt, tmp_path / "b", overrides=ov, stop_after_steps=3, trust_source=True)  # interrupted mid-epoch
     assert not part.completed and part.steps == 3
+    last = tmp_path / "b" / "last.pt"
+    before = last.stat().st_mtime_ns
+    with pytest.raises(UserInputError, match=r"train\.lr = 0\.05, not 0\.5"):  # the saved schedule would override it
+        finetune(None, tmp_path / "b", overrides={"train": {"lr": 0.5}}, resume=True, trust_source=True)
+    assert last.stat().st_mtime_ns == before
     rest = finetune(None, tmp_path / "b", resume=True, trust_source=True)  # config comes back from last.pt
     assert rest.completed and rest.steps == 7
     sa = load_checkpoint(tmp_path / "a" / "last.pt", trust_source=True).model.state_dict()

@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,22 @@ class _StopFlag:
     def close(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+#: train settings that the saved optimiser, scheduler and data position fix: a resumed run
+#: cannot change them (the restored state would silently override a new value)
+_FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
+                    "min_lr", "epochs", "steps", "batch_size")
+
+
+def _check_resumable(saved: dict, wanted: dict, last: Path) -> None:
+    """UserInputError when the run asks for a setting the resumed state fixes differently."""
+    for key in _FIXED_ON_RESUME:
+        if key in saved and saved[key] != wanted.get(key):
+            raise UserInputError(
+                f"--resume continues the saved schedule, which has train.{key} = {saved[key]!r}, not {wanted.get(key)!r}: "
+                f"drop the change, or start a new run with {last} as its checkpoint and another --out"
+            )
 
 
 def resolve_config(out_dir: Path, recipe: str | Path | None, overrides: dict | None, resume: bool,
@@ -239,6 +255,7 @@ class _Run:
     def _restore(self, training: dict) -> None:
         if training.get("world_size", 1) != self.info.world:
             raise UserInputError(f"--resume: last.pt was written by {training.get('world_size')} processes, this run has {self.info.world}")
+        _check_resumable(training.get("config", {}).get("train", {}), asdict(self.t), self.out_dir / LAST)
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
