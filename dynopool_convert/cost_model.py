@@ -15,6 +15,14 @@ every group's stride parameter. How:
    chosen from a short list of candidates and *verified* on two shape passes (at the
    reference strides and at perturbed, smaller strides); a node no candidate explains makes
    the build fail loudly instead of giving a silently wrong cost.
+   **Token sequences** (ViTs) are classes too: ``L = h x w + e`` tokens of a spatial class
+   (class, register or distillation tokens concatenated: ``e > 0``; sliced off: ``e < 0``),
+   held as size ``(L, 1)``, and attention maps ``(L, L)`` (``q @ k^T``). Flattened tokens,
+   heads and ``(N, heads, L, d)`` layouts inherit them (element counts in proportion). Each
+   node touching them must also have FLOPs in proportion to one class's area at both
+   strides (fvcore recounted at the perturbed ones: a linear layer follows ``L``,
+   ``attn @ v`` follows ``L^2``), and the whole model must match fvcore's total there.
+   fvcore counts ``F.scaled_dot_product_attention`` as 0 FLOPs (no handle), so it is 0 here.
 3. **Evaluation**: integer sizes propagate through the classes in closed form (exactly the
    sizes the forward pass will produce) together with their continuous surrogates
    (``h / s`` instead of ``round(h / s)``) and the derivatives of those with respect to each
@@ -22,7 +30,8 @@ every group's stride parameter. How:
    are ``coefficient x h x w`` of the class they scale with (output size for convolutions,
    DynOPool and upsampling, input size for the rest, as fvcore counts them). The value uses
    the integer sizes; the gradient is the straight-through one, ``d(h x w) = w dh_cont + h
-   dw_cont``. One autograd node returns value and gradient.
+   dw_cont`` (token counts alike: ``dL = w dh_cont + h dw_cont``, ``d(L^2) = 2 L dL``). One
+   autograd node returns value and gradient.
 """
 from __future__ import annotations
 
@@ -572,7 +581,13 @@ class CostModel:
                 opaque_terms.append(chosen.cls)
                 constant -= chosen.cls.probe(*sizes_ref[parent.index])[1] - flops  # 0 if consistent
             elif any(c.kind in _TOKEN_KINDS for c in [chosen.cls, *uniq]):
-                on = self._verified_flops_class(n, flops, [chosen.cls, *uniq], sizes_ref, sizes_pert)
+                # the node's classes, or the square of its output's (attention inside one call)
+                square = _Class("pairs", chosen.cls)
+                square_sizes = square.predict(sizes_ref, ref_strides), square.predict(sizes_pert, pert_strides)
+                candidates = [(c, sizes_ref[c.index], sizes_pert[c.index]) for c in [chosen.cls, *uniq]]
+                on = self._verified_flops_class(n, flops, [*candidates, (square, *square_sizes)])
+                if on is square:
+                    add_class(square, *square_sizes)
                 if on is not None:
                     term = terms.setdefault(on.index, _ClassTerm(on))
                     term.coefficient += flops / area(on, sizes_ref)
@@ -605,17 +620,17 @@ class CostModel:
                 c = c.parent
         self._eval_classes = [c for c in classes if c.index in needed]
 
-    def _verified_flops_class(self, n: fx.Node, flops: int, candidates: Sequence[_Class],
-                              sizes_ref: dict[int, tuple[int, int]], sizes_pert: dict[int, tuple[int, int]]) -> _Class | None:
-        """The first candidate class whose area ``n``'s FLOPs are proportional to at both the
-        reference and the perturbed strides (a linear layer follows its tokens, ``attn @ v``
-        the attention map); None for a node without FLOPs at both; refuses any other node."""
+    def _verified_flops_class(self, n: fx.Node, flops: int,
+                              candidates: Sequence[tuple[_Class, tuple[int, int], tuple[int, int]]]) -> _Class | None:
+        """The first candidate class (with its sizes at the reference and perturbed strides)
+        whose area ``n``'s FLOPs are proportional to at both (a linear layer follows its
+        tokens, ``attn @ v`` the attention map); None for a node without FLOPs at both;
+        refuses any other node."""
         flops_p = self._perturbed_counts()[0].get(n, 0)
         if flops == flops_p == 0:
             return None
-        for c in candidates:
-            a_r, a_p = sizes_ref[c.index][0] * sizes_ref[c.index][1], sizes_pert[c.index][0] * sizes_pert[c.index][1]
-            if a_r and flops * a_p == flops_p * a_r:
+        for c, (h_r, w_r), (h_p, w_p) in candidates:
+            if h_r * w_r and flops * h_p * w_p == flops_p * h_r * w_r:
                 return c
         raise UnsupportedModelError(
             f"the FLOPs budget does not support this model yet: the FLOPs of node {n.name!r} ({flops} at the "
@@ -638,7 +653,7 @@ class CostModel:
             return None
         c = rule.cls
         if c.kind == "const":
-            if _shape_of(info_r) != _shape_of(info_p):
+            if _shape_or_value(info_r) != _shape_or_value(info_p):
                 return None
             sp = _spatial(info_r) or (1, 1)
             c.size = sp
@@ -670,9 +685,10 @@ class CostModel:
                 continue
             ph, pw = cont[c.parent.index]
             dh0, dw0 = deriv[c.parent.index]
-            if c.kind in ("tokens", "pairs"):
+            if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
+                h_in, w_in = sizes[c.parent.index]
                 n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)
-                dn = _combine(dh0, pw, dw0, ph)
+                dn = _combine(dh0, w_in, dw0, h_in)
                 cont[c.index] = (n, 1.0) if c.kind == "tokens" else (n, n)
                 deriv[c.index] = (dn, {}) if c.kind == "tokens" else (dn, dn)
                 continue
@@ -751,12 +767,16 @@ class CostModel:
 # helpers
 
 
-def _shape_of(info: Any) -> Any:
+def _shape_or_value(info: Any) -> Any:
+    """Tensors as their shapes, numbers and strings as they are (a changing int is not
+    constant), other objects by type only."""
     if isinstance(info, _TensorInfo):
         return info.shape
     if isinstance(info, (list, tuple)):
-        return tuple(_shape_of(v) for v in info)
-    return None
+        return tuple(_shape_or_value(v) for v in info)
+    if info is None or isinstance(info, (int, float, str)):
+        return info
+    return type(info)
 
 
 def _is_shape_like(info: Any) -> bool:
