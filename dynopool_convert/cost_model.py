@@ -566,8 +566,8 @@ class CostModel:
                 raise UnsupportedModelError(
                     f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
                     f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
-                    f"{tuple(getattr(info_r, 'shape', ()))} at the reference strides, "
-                    f"{tuple(getattr(info_p, 'shape', ()))} at smaller strides (it follows spatial maps through "
+                    f"{_shape_or_value(info_r)} at the reference strides, "
+                    f"{_shape_or_value(info_p)} at smaller strides (it follows spatial maps through "
                     f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
                     f"their attention maps; crops and other token counts are not modelled); "
                     f"convert and fine-tune without a budget"
