@@ -48,8 +48,8 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .dynopool import DynOPool, dynopool_output_size, scale_parameters
-from .errors import UnsupportedModelError
-from .flops import _quiet, flop_analysis
+from .errors import UnsupportedModelError, UserInputError
+from .flops import _quiet, count_flops, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
 
@@ -437,9 +437,10 @@ class CostModel:
         self._gm, self._ref, self._pert = gm, ref, pert
         self._perturbed_strides = perturbed_strides
         self._pert_counts: tuple[dict[fx.Node, int], int] | None = None
+        self._by_proportion = False  # set when a tensor follows a class by its element count only
         self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
-        if any(c.kind in _TOKEN_KINDS for c in self._classes):
-            self._check_perturbed_total()
+        if self._by_proportion or any(c.kind in _TOKEN_KINDS for c in self._classes):
+            self._check_totals()
 
     @contextlib.contextmanager
     def _at_strides(self, strides: Sequence[tuple[float, float]]) -> Iterator[None]:
@@ -463,16 +464,28 @@ class CostModel:
             self._pert_counts = counts, total
         return self._pert_counts
 
-    def _check_perturbed_total(self) -> None:
-        """Token classes are newer ground: the whole model must also match fvcore at the
-        perturbed strides (catches FLOPs that are zero at the reference, e.g. resampling)."""
-        _, total = self._perturbed_counts()
-        predicted = self.flops(self._perturbed_strides)
-        if predicted != total:
-            raise UnsupportedModelError(
-                f"the FLOPs budget does not support this model yet: its cost model predicts {predicted} FLOPs at "
-                f"smaller strides where fvcore counts {total}; convert and fine-tune without a budget"
-            )
+    def _check_totals(self) -> None:
+        """Where tokens are followed (token classes, or tensors that follow a class by their
+        element count only), the whole model must also match fvcore at the perturbed strides
+        (catches FLOPs that are zero at the reference, e.g. resampling) and at a third, unseen
+        setting (catches sizes that fit both passes by chance, e.g. half of an even count)."""
+        third = self._clamp_all([(s_h * 0.55, s_w * 0.65) for s_h, s_w in self.reference_strides])
+        with self._at_strides(third):
+            third = self._current_strides()
+            try:
+                total = count_flops(self._gm, self.input_size)
+            except UserInputError as err:
+                raise UnsupportedModelError(
+                    f"the FLOPs budget does not support this model yet: it fails at strides {third}, where its cost "
+                    f"model is checked; convert and fine-tune without a budget"
+                ) from err
+        for strides, fvcore in ((self._perturbed_strides, self._perturbed_counts()[1]), (third, total)):
+            predicted = self.flops(strides)
+            if predicted != fvcore:
+                raise UnsupportedModelError(
+                    f"the FLOPs budget does not support this model yet: its cost model predicts {predicted} FLOPs at "
+                    f"strides {strides} where fvcore counts {fvcore}; convert and fine-tune without a budget"
+                )
 
     # -- build ---------------------------------------------------------------------------
 
@@ -566,8 +579,8 @@ class CostModel:
                 raise UnsupportedModelError(
                     f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
                     f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
-                    f"{_shape_or_value(info_r)} at the reference strides, "
-                    f"{_shape_or_value(info_p)} at smaller strides (it follows spatial maps through "
+                    f"{_describe(info_r)} at the reference strides, "
+                    f"{_describe(info_p)} at smaller strides (it follows spatial maps through "
                     f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
                     f"their attention maps; crops and other token counts are not modelled); "
                     f"convert and fine-tune without a budget"
@@ -575,6 +588,8 @@ class CostModel:
             # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
             # y, size=x.shape[-2:]) then follows x
             node_class[n] = chosen.cls if _has_tensor(info_r) or _is_shape_like(info_r) else None
+            if chosen.kind == "inherit" and chosen.cls.kind != "const" and not _shows(info_r, sizes_ref[chosen.cls.index]):
+                self._by_proportion = True
 
             flops = node_flops.get(n, 0)
             if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
@@ -653,7 +668,7 @@ class CostModel:
             return None
         c = rule.cls
         if c.kind == "const":
-            if _shape_or_value(info_r) != _shape_or_value(info_p):
+            if _shape_of(info_r) != _shape_of(info_p):
                 return None
             sp = _spatial(info_r) or (1, 1)
             c.size = sp
@@ -767,16 +782,23 @@ class CostModel:
 # helpers
 
 
-def _shape_or_value(info: Any) -> Any:
-    """Tensors as their shapes, numbers and strings as they are (a changing int is not
-    constant), other objects by type only."""
+def _shape_of(info: Any) -> Any:
+    """Tensors as their shapes; other values are not compared (an int that changes carries no
+    size: the tensors built from it are checked on their own)."""
     if isinstance(info, _TensorInfo):
         return info.shape
     if isinstance(info, (list, tuple)):
-        return tuple(_shape_or_value(v) for v in info)
-    if info is None or isinstance(info, (int, float, str)):
-        return info
-    return type(info)
+        return tuple(_shape_of(v) for v in info)
+    return None
+
+
+def _describe(info: Any) -> Any:
+    """Tensors as their shapes, other values as they are (for messages)."""
+    if isinstance(info, _TensorInfo):
+        return info.shape
+    if isinstance(info, (list, tuple)):
+        return tuple(_describe(v) for v in info)
+    return info
 
 
 def _is_shape_like(info: Any) -> bool:
@@ -797,6 +819,13 @@ def _flat(info: Any) -> list:
     if isinstance(info, (list, tuple)) and not isinstance(info, _TensorInfo):
         return [v for item in info for v in _flat(item)]
     return [info]
+
+
+def _shows(info: Any, size: tuple[int, int]) -> bool:
+    """Whether every tensor of ``info`` has ``size`` as its NCHW or NHWC spatial dims."""
+    return all(
+        len(t.shape) == 4 and size in (t.shape[2:4], t.shape[1:3]) for t in _flat(info) if isinstance(t, _TensorInfo)
+    )
 
 
 def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int]) -> bool:

@@ -48,6 +48,7 @@ __all__ = [
     "format_flops",
     "DYNOPOOL_FLOPS_PER_OUTPUT",
     "DYNOPOOL_OP",
+    "set_handles",
 ]
 
 #: FLOPs charged per DynOPool output element: 4 bilinear reads x 4 + 4 aggregated values.
