@@ -181,7 +181,9 @@ torch.fx.wrap("attend_and_project")
 
 
 class _OneCallAttention(nn.Module):
-    def __init__(self, fn) -> None:
+    """Tokens + a class token through ``attend`` or ``attend_and_project`` (``fn``)."""
+
+    def __init__(self, fn: str) -> None:
         super().__init__()
         self.fn = fn
         self.pool = DynOPool(2.0)
