@@ -1,6 +1,6 @@
 """Cost-model speed: one evaluation (value + backward) for a converted ResNet-50 at 224x224.
 
-    PYTHONPATH=. python benchmarks/cost_model_speed.py [--model resnet50] [--size 224]
+    PYTHONPATH=. python benchmarks/cost_model_speed.py [--model resnet50] [--size 224] [--build-arg K=V ...]
 
 Prints the median time of ``CostModel()`` (value only), of value + ``backward()``, and, as the
 interleaved baseline, one ``torch.ones(2).sum().backward()`` (the cheapest autograd round trip)
@@ -18,10 +18,12 @@ import torch
 from dynopool_convert.cost_model import CostModel
 
 
-def build(name: str, size: int) -> torch.nn.Module:
+def build(name: str, size: int, build_args: list[str]) -> torch.nn.Module:
     from dynopool_convert import build_model, convert
+    from dynopool_convert.models import parse_build_args
 
-    return convert(build_model(name), input_size=(3, size, size), validate=False).model
+    net = build_model(name, parse_build_args(build_args))
+    return convert(net, input_size=(3, size, size), validate=False).model
 
 
 def main() -> None:
@@ -29,8 +31,9 @@ def main() -> None:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--build-arg", action="append", default=[], help="KEY=VALUE for the model builder (repeatable)")
     args = ap.parse_args()
-    model = build(args.model, args.size)
+    model = build(args.model, args.size, args.build_arg)
     t0 = time.perf_counter()
     cost = CostModel(model, (3, args.size, args.size))
     build_s = time.perf_counter() - t0

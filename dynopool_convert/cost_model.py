@@ -15,6 +15,14 @@ every group's stride parameter. How:
    chosen from a short list of candidates and *verified* on two shape passes (at the
    reference strides and at perturbed, smaller strides); a node no candidate explains makes
    the build fail loudly instead of giving a silently wrong cost.
+   **Token sequences** (ViTs) are classes too: ``L = h x w + e`` tokens of a spatial class
+   (class, register or distillation tokens concatenated: ``e > 0``; sliced off: ``e < 0``),
+   held as size ``(L, 1)``, and attention maps ``(L, L)`` (``q @ k^T``). Flattened tokens,
+   heads and ``(N, heads, L, d)`` layouts inherit them (element counts in proportion). Each
+   node touching them must also have FLOPs in proportion to one class's area at both
+   strides (fvcore recounted at the perturbed ones: a linear layer follows ``L``,
+   ``attn @ v`` follows ``L^2``), and the whole model must match fvcore's total there.
+   fvcore counts ``F.scaled_dot_product_attention`` as 0 FLOPs (no handle), so it is 0 here.
 3. **Evaluation**: integer sizes propagate through the classes in closed form (exactly the
    sizes the forward pass will produce) together with their continuous surrogates
    (``h / s`` instead of ``round(h / s)``) and the derivatives of those with respect to each
@@ -22,13 +30,15 @@ every group's stride parameter. How:
    are ``coefficient x h x w`` of the class they scale with (output size for convolutions,
    DynOPool and upsampling, input size for the rest, as fvcore counts them). The value uses
    the integer sizes; the gradient is the straight-through one, ``d(h x w) = w dh_cont + h
-   dw_cont``. One autograd node returns value and gradient.
+   dw_cont`` (token counts alike: ``dL = w dh_cont + h dw_cont``, ``d(L^2) = 2 L dL``). One
+   autograd node returns value and gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +48,8 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .dynopool import DynOPool, dynopool_output_size, scale_parameters
-from .errors import UnsupportedModelError
-from .flops import _quiet, flop_analysis
+from .errors import UnsupportedModelError, UserInputError
+from .flops import _quiet, count_flops, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
 
@@ -152,11 +162,13 @@ def _shape_pass(gm: fx.GraphModule, input_size: Sequence[int]) -> dict[fx.Node, 
 class _Class:
     """One spatial size function; ``parent`` is None for the input and fixed sizes."""
 
-    kind: str  # input | const | dynopool | window | same | scale
+    kind: str  # input | const | dynopool | window | same | scale | opaque | tokens | pairs
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
-    params: tuple = ()  # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple
+    # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
+    # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w)
+    params: tuple = ()
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
 
@@ -176,6 +188,10 @@ class _Class:
             return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
         if self.kind == "opaque":
             return self.probe(h, w)[0]
+        if self.kind == "tokens":
+            return h * w + self.params[0], 1
+        if self.kind == "pairs":
+            return h * w, h * w
         raise AssertionError(self.kind)
 
 
@@ -299,6 +315,28 @@ def _function_rules(target: Callable, args: tuple, kwargs: dict, parent: _Class)
     return []
 
 
+_TOKEN_KINDS = ("tokens", "pairs")
+
+
+def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref: dict[int, tuple[int, int]]) -> list[_Rule]:
+    """Token-sequence classes an output may start: ``h*w + e`` tokens of a parent class (class
+    or register tokens concatenated, ``e`` read off the one dim that changed between the two
+    passes; tokens sliced off: ``e < 0``) or ``(h*w)^2`` pairs (attention maps)."""
+    tensors_r = [v for v in _flat(info_r) if isinstance(v, _TensorInfo)]
+    tensors_p = [v for v in _flat(info_p) if isinstance(v, _TensorInfo)]
+    changed: list[int] = []
+    if tensors_r and tensors_p and len(tensors_r[0].shape) == len(tensors_p[0].shape):
+        changed = [d for d, (a, b) in enumerate(zip(tensors_r[0].shape, tensors_p[0].shape)) if a != b]
+    rules = []
+    for c in parents:
+        if len(changed) == 1:
+            h, w = sizes_ref[c.index]
+            extra = tensors_r[0].shape[changed[0]] - h * w
+            rules.append(_Rule("new", _Class("tokens", c, params=(extra,)), "out"))
+        rules.append(_Rule("new", _Class("pairs", c), "out"))
+    return rules
+
+
 # --------------------------------------------------------------------------------------------
 # the cost model
 
@@ -314,6 +352,27 @@ class _CostFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         return (None, None, *(grad_out * g for g in ctx.grads))
+
+
+#: derivatives of one size with respect to strides: {(group, axis): value}
+_Grad = dict[tuple[int, int], float]
+
+
+def _scaled_grad(d: _Grad, f: float) -> _Grad:
+    return {k: v * f for k, v in d.items()}
+
+
+def _combine(da: _Grad, fa: float, db: _Grad, fb: float) -> _Grad:
+    """``fa * da + fb * db``: the derivative of ``a * b`` is ``_combine(da, b, db, a)``."""
+    out = {k: v * fa for k, v in da.items()}
+    for k, v in db.items():
+        out[k] = out.get(k, 0.0) + v * fb
+    return out
+
+
+def _accumulate(grads: list[list[float]], d: _Grad) -> None:
+    for (g, axis), v in d.items():
+        grads[g][axis] += v
 
 
 @dataclass
@@ -368,24 +427,65 @@ class CostModel:
             self._bounds[self._group_of[id(m.stride)]] = (1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0])
 
         ref = _shape_pass(gm, self.input_size)
+        ref_strides = self._current_strides()
+        with self._at_strides(self._clamp_all([(s_h * 0.7, s_w * 0.8) for s_h, s_w in ref_strides])):
+            perturbed_strides = self._current_strides()  # as the parameters hold them (float32)
+            pert = _shape_pass(gm, self.input_size)
+        #: the strides the model had at build time, and fvcore's count there
+        self.reference_strides = ref_strides
+        node_flops, self.reference_flops, self._mixed = _node_flops(gm, ref, self.input_size)
+        self._gm, self._ref, self._pert = gm, ref, pert
+        self._perturbed_strides = perturbed_strides
+        self._pert_counts: tuple[dict[fx.Node, int], int] | None = None
+        self._by_proportion = False  # set when a tensor follows a class by its element count only
+        self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
+        if self._by_proportion or any(c.kind in _TOKEN_KINDS for c in self._classes):
+            self._check_totals()
+
+    @contextlib.contextmanager
+    def _at_strides(self, strides: Sequence[tuple[float, float]]) -> Iterator[None]:
+        """The model's stride parameters temporarily set to ``strides``."""
         saved = [p.detach().clone() for p in self.parameters]
         try:
             with torch.no_grad():
-                for p, (lo, hi) in zip(self.parameters, self._bounds):
-                    s = p.clamp(lo, hi)
-                    p.copy_(torch.stack([s[0] * 0.7, s[1] * 0.8]).clamp(lo, hi))
-            perturbed_strides = self._current_strides()
-            pert = _shape_pass(gm, self.input_size)
+                for p, s in zip(self.parameters, strides):
+                    p.copy_(torch.tensor(s, dtype=p.dtype).reshape(p.shape))
+            yield
         finally:
             with torch.no_grad():
                 for p, v in zip(self.parameters, saved):
                     p.copy_(v)
-        ref_strides = self._current_strides()
-        #: the strides the model had at build time, and fvcore's count there
-        self.reference_strides = ref_strides
-        node_flops, self.reference_flops, self._mixed = _node_flops(gm, ref, self.input_size)
-        self._gm, self._ref = gm, ref
-        self._build_classes(gm, ref, pert, ref_strides, perturbed_strides, node_flops)
+
+    def _perturbed_counts(self) -> tuple[dict[fx.Node, int], int]:
+        """fvcore's per-node FLOPs and total at the perturbed strides (counted once, when needed)."""
+        if self._pert_counts is None:
+            with self._at_strides(self._perturbed_strides):
+                counts, total, _ = _node_flops(self._gm, self._pert, self.input_size)
+            self._pert_counts = counts, total
+        return self._pert_counts
+
+    def _check_totals(self) -> None:
+        """Where tokens are followed (token classes, or tensors that follow a class by their
+        element count only), the whole model must also match fvcore at the perturbed strides
+        (catches FLOPs that are zero at the reference, e.g. resampling) and at a third, unseen
+        setting (catches sizes that fit both passes by chance, e.g. half of an even count)."""
+        third = self._clamp_all([(s_h * 0.55, s_w * 0.65) for s_h, s_w in self.reference_strides])
+        with self._at_strides(third):
+            third = self._current_strides()
+            try:
+                total = count_flops(self._gm, self.input_size)
+            except UserInputError as err:
+                raise UnsupportedModelError(
+                    f"the FLOPs budget does not support this model yet: it fails at strides {third}, where its cost "
+                    f"model is checked; convert and fine-tune without a budget"
+                ) from err
+        for strides, fvcore in ((self._perturbed_strides, self._perturbed_counts()[1]), (third, total)):
+            predicted = self.flops(strides)
+            if predicted != fvcore:
+                raise UnsupportedModelError(
+                    f"the FLOPs budget does not support this model yet: its cost model predicts {predicted} FLOPs at "
+                    f"strides {strides} where fvcore counts {fvcore}; convert and fine-tune without a budget"
+                )
 
     # -- build ---------------------------------------------------------------------------
 
@@ -464,6 +564,7 @@ class CostModel:
             rules += [_Rule("inherit", c, "in") for c in uniq]
             if probe_rule is not None and probe_rule not in rules:
                 rules.append(probe_rule)
+            rules += _token_rules(info_r, info_p, uniq, sizes_ref)
             rules.append(_Rule("new", _Class("const"), "in"))
 
             chosen = None
@@ -478,19 +579,33 @@ class CostModel:
                 raise UnsupportedModelError(
                     f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
                     f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
-                    f"{tuple(getattr(info_r, 'shape', ()))} at the reference strides, "
-                    f"{tuple(getattr(info_p, 'shape', ()))} at smaller strides (it follows spatial maps through "
-                    f"convolutions, pools and resizes; token sequences, attention and crops are not modelled); "
+                    f"{_describe(info_r)} at the reference strides, "
+                    f"{_describe(info_p)} at smaller strides (it follows spatial maps through "
+                    f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
+                    f"their attention maps; crops and other token counts are not modelled); "
                     f"convert and fine-tune without a budget"
                 )
             # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
             # y, size=x.shape[-2:]) then follows x
             node_class[n] = chosen.cls if _has_tensor(info_r) or _is_shape_like(info_r) else None
+            if chosen.kind == "inherit" and chosen.cls.kind != "const" and not _shows(info_r, sizes_ref[chosen.cls.index]):
+                self._by_proportion = True
 
             flops = node_flops.get(n, 0)
             if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
                 opaque_terms.append(chosen.cls)
                 constant -= chosen.cls.probe(*sizes_ref[parent.index])[1] - flops  # 0 if consistent
+            elif any(c.kind in _TOKEN_KINDS for c in [chosen.cls, *uniq]):
+                # the node's classes, or the square of its output's (attention inside one call)
+                square = _Class("pairs", chosen.cls)
+                square_sizes = square.predict(sizes_ref, ref_strides), square.predict(sizes_pert, pert_strides)
+                candidates = [(c, sizes_ref[c.index], sizes_pert[c.index]) for c in [chosen.cls, *uniq]]
+                on = self._verified_flops_class(n, flops, [*candidates, (square, *square_sizes)])
+                if on is square:
+                    add_class(square, *square_sizes)
+                if on is not None:
+                    term = terms.setdefault(on.index, _ClassTerm(on))
+                    term.coefficient += flops / area(on, sizes_ref)
             elif flops:
                 on = chosen.cls if chosen.flops_on == "out" or chosen.kind == "inherit" else parent
                 if on is None:
@@ -520,6 +635,24 @@ class CostModel:
                 c = c.parent
         self._eval_classes = [c for c in classes if c.index in needed]
 
+    def _verified_flops_class(self, n: fx.Node, flops: int,
+                              candidates: Sequence[tuple[_Class, tuple[int, int], tuple[int, int]]]) -> _Class | None:
+        """The first candidate class (with its sizes at the reference and perturbed strides)
+        whose area ``n``'s FLOPs are proportional to at both (a linear layer follows its
+        tokens, ``attn @ v`` the attention map); None for a node without FLOPs at both;
+        refuses any other node."""
+        flops_p = self._perturbed_counts()[0].get(n, 0)
+        if flops == flops_p == 0:
+            return None
+        for c, (h_r, w_r), (h_p, w_p) in candidates:
+            if h_r * w_r and flops * h_p * w_p == flops_p * h_r * w_r:
+                return c
+        raise UnsupportedModelError(
+            f"the FLOPs budget does not support this model yet: the FLOPs of node {n.name!r} ({flops} at the "
+            f"reference strides, {flops_p} at smaller strides) follow no size its cost model knows; "
+            f"convert and fine-tune without a budget"
+        )
+
     def _clamp_all(self, strides: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
         return [
             (min(max(s[0], lo), hi), min(max(s[1], lo), hi)) for s, (lo, hi) in zip(strides, self._bounds)
@@ -542,6 +675,8 @@ class CostModel:
             return sp, sp
         r = c.predict(sizes_ref, strides_r)
         p = c.predict(sizes_pert, strides_p)
+        if c.kind in _TOKEN_KINDS:
+            return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
         if _spatial(info_r) != r or _spatial(info_p) != p:
             return None
         return r, p
@@ -554,8 +689,9 @@ class CostModel:
         strides = self._clamp_all(raw)
         sizes: dict[int, tuple[int, int]] = {}
         cont: dict[int, tuple[float, float]] = {}
-        # derivatives of the continuous sizes: {class: ({group: dh/ds_h}, {group: dw/ds_w})}
-        deriv: dict[int, tuple[dict[int, float], dict[int, float]]] = {}
+        # derivatives of the continuous sizes: {class: (dh, dw)}, each {(group, axis): d size / d s_axis}
+        # (spatial sizes depend on one axis of strides; a token count h*w + e on both)
+        deriv: dict[int, tuple[_Grad, _Grad]] = {}
         for c in self._eval_classes:
             sizes[c.index] = c.predict(sizes, strides)
             if c.kind in ("input", "const"):
@@ -564,25 +700,31 @@ class CostModel:
                 continue
             ph, pw = cont[c.parent.index]
             dh0, dw0 = deriv[c.parent.index]
+            if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
+                h_in, w_in = sizes[c.parent.index]
+                n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)
+                dn = _combine(dh0, w_in, dw0, h_in)
+                cont[c.index] = (n, 1.0) if c.kind == "tokens" else (n, n)
+                deriv[c.index] = (dn, {}) if c.kind == "tokens" else (dn, dn)
+                continue
             if c.kind == "opaque":  # forward differences of the probed size function
                 h_in, w_in = sizes[c.parent.index]
                 out_h, out_w = sizes[c.index]
                 sh = c.probe(h_in + 1, w_in)[0][0] - out_h
                 sw = c.probe(h_in, w_in + 1)[0][1] - out_w
                 cont[c.index] = (float(out_h), float(out_w))
-                deriv[c.index] = ({g: v * sh for g, v in dh0.items()}, {g: v * sw for g, v in dw0.items()})
+                deriv[c.index] = (_scaled_grad(dh0, sh), _scaled_grad(dw0, sw))
                 continue
             if c.kind == "dynopool":
                 s_h, s_w = strides[c.group]
                 fh, fw = 1.0 / s_h, 1.0 / s_w
-                dh = {g: v * fh for g, v in dh0.items()}
-                dw = {g: v * fw for g, v in dw0.items()}
+                dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
                 lo, hi = self._bounds[c.group]
                 # the stride is clamped to its bounds: no gradient outside them
                 if lo <= raw[c.group][0] <= hi:
-                    dh[c.group] = dh.get(c.group, 0.0) - ph * fh * fh
+                    dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh
                 if lo <= raw[c.group][1] <= hi:
-                    dw[c.group] = dw.get(c.group, 0.0) - pw * fw * fw
+                    dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw
                 cont[c.index] = (ph * fh, pw * fw)
             else:
                 if c.kind == "window":
@@ -591,8 +733,7 @@ class CostModel:
                     fh, fw = 1.0 / c.params[0], 1.0 / c.params[1]
                 else:  # scale
                     fh, fw = c.params
-                dh = {g: v * fh for g, v in dh0.items()}
-                dw = {g: v * fw for g, v in dw0.items()}
+                dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
                 cont[c.index] = (ph * fh, pw * fw)
             deriv[c.index] = (dh, dw)
         flops = self._constant
@@ -604,19 +745,13 @@ class CostModel:
             if with_grad:
                 fh, fw = c.probe(h_in + 1, w_in)[1] - f, c.probe(h_in, w_in + 1)[1] - f
                 dh, dw = deriv[c.parent.index]
-                for g, v in dh.items():
-                    grads[g][0] += fh * v
-                for g, v in dw.items():
-                    grads[g][1] += fw * v
+                _accumulate(grads, _combine(dh, fh, dw, fw))
         for t in self._terms:
             h, w = sizes[t.cls.index]
             flops += t.coefficient * h * w
             if with_grad:
                 dh, dw = deriv[t.cls.index]
-                for g, v in dh.items():
-                    grads[g][0] += t.coefficient * w * v
-                for g, v in dw.items():
-                    grads[g][1] += t.coefficient * h * v
+                _accumulate(grads, _combine(dh, t.coefficient * w, dw, t.coefficient * h))
         return _Evaluation(flops, [tuple(g) for g in grads], sizes)
 
     def flops(self, strides: Sequence[Sequence[float]] | None = None) -> int:
@@ -648,11 +783,22 @@ class CostModel:
 
 
 def _shape_of(info: Any) -> Any:
+    """Tensors as their shapes; other values are not compared (an int that changes carries no
+    size: the tensors built from it are checked on their own)."""
     if isinstance(info, _TensorInfo):
         return info.shape
     if isinstance(info, (list, tuple)):
         return tuple(_shape_of(v) for v in info)
     return None
+
+
+def _describe(info: Any) -> Any:
+    """Tensors as their shapes, other values as they are (for messages)."""
+    if isinstance(info, _TensorInfo):
+        return info.shape
+    if isinstance(info, (list, tuple)):
+        return tuple(_describe(v) for v in info)
+    return info
 
 
 def _is_shape_like(info: Any) -> bool:
@@ -675,12 +821,19 @@ def _flat(info: Any) -> list:
     return [info]
 
 
+def _shows(info: Any, size: tuple[int, int]) -> bool:
+    """Whether every tensor of ``info`` has ``size`` as its NCHW or NHWC spatial dims."""
+    return all(
+        len(t.shape) == 4 and size in (t.shape[2:4], t.shape[1:3]) for t in _flat(info) if isinstance(t, _TensorInfo)
+    )
+
+
 def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int]) -> bool:
     """Whether an output observed at two strides follows a class of sizes ``size_r``/``size_p``.
 
     Each tensor must show the size (NCHW or NHWC) at both, or have a number of elements in
     proportion to the area (flattened tokens); each int (a shape) must not change or change
-    exactly as the class's height or width does (``ceil(h / p) * p`` does not: refused).
+    exactly as the class's height, width or area does (``ceil(h / p) * p`` does not: refused).
     """
     flat_r, flat_p = _flat(info_r), _flat(info_p)
     if len(flat_r) != len(flat_p):
@@ -694,7 +847,7 @@ def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[i
             if not shows and p.numel * a_r != r.numel * a_p:
                 return False
         elif isinstance(r, int) and not isinstance(r, bool) and isinstance(p, int):
-            if r != p and (r, p) not in ((size_r[0], size_p[0]), (size_r[1], size_p[1])):
+            if r != p and (r, p) not in ((size_r[0], size_p[0]), (size_r[1], size_p[1]), (a_r, a_p)):
                 return False
         elif type(r) is not type(p):
             return False
@@ -870,13 +1023,13 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
 
 
 def _count_one(module: nn.Module, tensors: tuple, gm: fx.GraphModule) -> int:
-    from .flops import DYNOPOOL_OP, FlopCountAnalysis, _dynopool_as_one_op, _dynopool_handle
+    from .flops import FlopCountAnalysis, _dynopool_as_one_op, set_handles
 
     was_training = module.training
     module.eval()
     with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm):
         fa = FlopCountAnalysis(module, tensors)
-        fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
+        set_handles(fa)
         fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         total = int(fa.total())
     module.train(was_training)

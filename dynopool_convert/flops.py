@@ -13,6 +13,10 @@ numba autograd Function) of its real forward. The count assigned to that op is
 - the aggregation of the four values (max or mean): 1 per aggregated value, as fvcore counts
   ``adaptive_avg_pool2d`` (1 per input element) -> 4.
 
+Convolutions with string padding (``padding="same"``, which the conversion gives stride-1
+convs with even kernels, e.g. a ViT's patch embedding) run as ``aten::_convolution_mode``,
+which fvcore does not count; a handle counts them as fvcore counts ``aten::_convolution``.
+
 >>> import torch.nn as nn
 >>> count_flops(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))  # 8*8 outputs * 8 channels * 27 MACs
 13824
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: deprecated jit.script
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import get_shape
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
 from .dynopool import DynOPool, dynopool2d, dynopool_modules
 from .errors import UserInputError
@@ -44,6 +48,7 @@ __all__ = [
     "format_flops",
     "DYNOPOOL_FLOPS_PER_OUTPUT",
     "DYNOPOOL_OP",
+    "set_handles",
 ]
 
 #: FLOPs charged per DynOPool output element: 4 bilinear reads x 4 + 4 aggregated values.
@@ -72,6 +77,18 @@ def _dynopool_handle(inputs: list[Any], outputs: list[Any]) -> int:
     for d in shape:
         n *= int(d)
     return DYNOPOOL_FLOPS_PER_OUTPUT * n
+
+
+def _conv_mode_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    x, w, out = get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0])
+    return int(conv_flop_count(x, w, out, transposed=False))
+
+
+def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
+    """Add this module's op handles (DynOPool, string-padded convolutions) to ``fa``."""
+    fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
+    fa.set_op_handle("aten::_convolution_mode", _conv_mode_handle)
+    return fa
 
 
 def _counting_forward(self: DynOPool, x: Tensor) -> Tensor:
@@ -135,7 +152,7 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
     try:
         with _quiet(), torch.no_grad(), _dynopool_as_one_op(model):
             fa = FlopCountAnalysis(model, torch.zeros(1, c, h, w, device=device, dtype=dtype))
-            fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
+            set_handles(fa)
             fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             try:
                 fa.total()  # run the trace while the patches are in place

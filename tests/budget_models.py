@@ -157,3 +157,26 @@ def randomise_strides(model: nn.Module, rng: random.Random, lo: float = 0.7, hi:
     with torch.no_grad():
         for p in scale_parameters(model):
             p.copy_(torch.tensor([rng.uniform(lo, hi), rng.uniform(lo, hi)]))
+
+
+def finite_difference_signs(model: nn.Module, cost, input_size, eps: float = 1.3) -> list[tuple[float, int]]:
+    """Per group: (the cost model's derivative, fvcore's central difference) along (s_h, s_w)
+    scaled together."""
+    from dynopool_convert.flops import count_flops
+
+    value = cost()
+    value.backward()
+    out = []
+    for p in cost.parameters:
+        directional = float((p.grad * p.detach()).sum())  # gradient along s -> s (1 + t)
+        base = p.detach().clone()
+        with torch.no_grad():
+            p.copy_(base * eps)
+        up = count_flops(model, input_size)
+        with torch.no_grad():
+            p.copy_(base / eps)
+        down = count_flops(model, input_size)
+        with torch.no_grad():
+            p.copy_(base)
+        out.append((directional, up - down))
+    return out

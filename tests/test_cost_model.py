@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from budget_models import MODELS, TwoBranch, randomise_strides
+from budget_models import MODELS, TwoBranch, finite_difference_signs, randomise_strides
 from dynopool_convert import DynOPool, build_model, convert, scale_parameters
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.errors import UnsupportedModelError
@@ -52,33 +52,13 @@ def test_value_equals_fvcore_at_random_strides(name, size):
     assert abs(value.item() - got) <= 1e-6 * got
 
 
-def _finite_difference_signs(model, cost, input_size, eps=1.3):
-    """sign(d fvcore / d s_g) along (s_h, s_w) scaled together, per group."""
-    value = cost()
-    value.backward()
-    out = []
-    for p in cost.parameters:
-        directional = float((p.grad * p.detach()).sum())  # gradient along s -> s (1 + t)
-        base = p.detach().clone()
-        with torch.no_grad():
-            p.copy_(base * eps)
-        up = count_flops(model, input_size)
-        with torch.no_grad():
-            p.copy_(base / eps)
-        down = count_flops(model, input_size)
-        with torch.no_grad():
-            p.copy_(base)
-        out.append((directional, up - down))
-    return out
-
-
 @pytest.mark.parametrize("name", ["two_branch", "vgg_like"])
 def test_gradient_sign_matches_finite_difference_of_fvcore(name):
     model = MODELS[name]()
     randomise_strides(model, random.Random(7), lo=1.2, hi=2.4)
     input_size = (3, 48, 48)
     cost = CostModel(model, input_size)
-    for directional, fd in _finite_difference_signs(model, cost, input_size):
+    for directional, fd in finite_difference_signs(model, cost, input_size):
         assert fd != 0
         assert (directional > 0) == (fd > 0), (directional, fd)
 

@@ -29,6 +29,13 @@ def test_conv_and_batchnorm_counts():
     assert count_flops(net, (3, 8, 8)) == 64 * 8 * 27 + 2 * 8 * 64
 
 
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_same_padded_conv_counts_like_its_explicit_padding(kernel):
+    # padding="same" runs as aten::_convolution_mode, which fvcore alone counts as 0
+    explicit = nn.Sequential(nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(3, 8, 4)) if kernel == 4 else nn.Conv2d(3, 8, 3, padding=1)
+    assert count_flops(nn.Conv2d(3, 8, kernel, padding="same"), (3, 8, 8)) == count_flops(explicit, (3, 8, 8)) == 64 * 8 * 3 * kernel**2
+
+
 @pytest.mark.parametrize("aggregate", ["max", "mean"])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_dynopool_handle_counts_per_output_element(aggregate, backend):

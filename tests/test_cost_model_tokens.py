@@ -1,0 +1,248 @@
+"""The cost model on ViT-style models: token sequences (h*w + class/register tokens) and
+attention maps ((h*w + e)^2), exact against fvcore, straight-through gradient, budgets."""
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from budget_models import finite_difference_signs, randomise_strides
+from dynopool_cli.app import main
+from dynopool_convert import DynOPool, build_model, convert, scale_parameters
+from dynopool_convert.budget import fit_to_budget, project_to_budget
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.errors import UnsupportedModelError
+from dynopool_convert.flops import count_flops, format_flops
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, fixed position embedding, one block with
+    ``F.scaled_dot_product_attention`` and one with explicit ``q @ k^T`` attention."""
+
+    def __init__(self, dim: int = 16, grid: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 1 + grid * grid, dim) * 0.02)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def _split(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        n, length, dim = x.shape
+        qkv = self.qkv[i](x).reshape(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
+    def _merge(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        n, heads, length, d = x.shape
+        return self.proj[i](x.transpose(1, 2).reshape(n, length, heads * d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        q, k, v = self._split(x, 0)
+        x = x + self._merge(F.scaled_dot_product_attention(q, k, v), 0)
+        q, k, v = self._split(x, 1)
+        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        x = self.norm(x + self._merge(attn @ v, 1))
+        return self.head(x[:, 0] + x[:, 1:].mean(1))
+
+
+def _timm_vit() -> nn.Module:
+    model = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True, depth=2)
+    model.blocks[1].attn.fused_attn = False  # explicit attention matmuls in the second block
+    return model
+
+
+def _timm_registers() -> nn.Module:
+    # class token + 4 register tokens
+    return timm.create_model("vit_small_patch14_reg4_dinov2", dynamic_img_size=True, depth=1, embed_dim=32, num_heads=2)
+
+
+def _torchvision_vit() -> nn.Module:
+    # the architecture of vit_b_16, tiny (nn.MultiheadAttention inside)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,
+                                                mlp_dim=64)
+
+
+# name -> (builder, input size, range of the patch group's stride for random draws)
+MODELS = {
+    "tiny_vit": (TinyViT, 32, (2.5, 7.0)),
+    "timm_vit_tiny": (_timm_vit, 64, (10.0, 28.0)),
+    "timm_registers": (_timm_registers, 56, (9.0, 24.0)),
+    "torchvision_vit": (_torchvision_vit, 32, (5.0, 14.0)),
+}
+
+
+def _converted(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    torch.manual_seed(0)
+    build, size, _ = MODELS[name]
+    # the conversion's own validation is tested with it; skipped here for time
+    return convert(build(), (3, size, size), validate=False).model, (3, size, size)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_value_equals_fvcore_at_random_strides(name):
+    model, input_size = _converted(name)
+    assert len(scale_parameters(model)) == 1  # the patch embedding's group
+    cost = CostModel(model, input_size)
+    assert cost.unattributed == 0
+    assert [id(p) for p in cost.parameters] == [id(p) for p in scale_parameters(model)]
+    assert cost.flops() == cost.reference_flops
+    rng = random.Random(sum(map(ord, name)))
+    lo, hi = MODELS[name][2]
+    seen = {cost.reference_flops}
+    for _ in range(3):
+        randomise_strides(model, rng, lo=lo, hi=hi)
+        expected = count_flops(model, input_size)
+        assert cost.flops() == expected
+        value = cost()
+        assert value.requires_grad and abs(value.item() - expected) <= 1e-6 * expected
+        seen.add(expected)
+    assert len(seen) > 2  # the token count did move
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "timm_vit_tiny"])
+def test_gradient_sign_matches_finite_difference_of_fvcore(name):
+    model, input_size = _converted(name)
+    lo, hi = MODELS[name][2]
+    randomise_strides(model, random.Random(3), lo=lo * 1.2, hi=hi / 1.2)
+    cost = CostModel(model, input_size)
+    for directional, fd in finite_difference_signs(model, cost, input_size, eps=1.15):
+        assert fd != 0
+        assert (directional > 0) == (fd > 0), (directional, fd)
+
+
+class _AttentionMap(nn.Module):
+    """DynOPool, flattened tokens + a class token, a linear layer, ``q @ q^T``: with L = h*w + 1,
+    fvcore counts 20*3*h*w (DynOPool) + 3*8*L (linear) + 8*L^2 (matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = DynOPool((1.9, 2.3))
+        self.cls = nn.Parameter(torch.zeros(1, 1, 3))
+        self.q = nn.Linear(3, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.pool(x).flatten(2).transpose(1, 2)
+        q = self.q(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1))
+        return (q @ q.transpose(1, 2)).softmax(-1)
+
+
+def test_gradient_is_the_straight_through_one_for_tokens_and_attention_maps():
+    net = _AttentionMap()
+    cost = CostModel(net, (3, 32, 32))
+    h, w = net.pool.output_size((32, 32))
+    tokens = h * w + 1
+    value = cost()
+    assert value.item() == 60 * h * w + 24 * tokens + 8 * tokens**2 == count_flops(net, (3, 32, 32))
+    value.backward()
+    s_h, s_w = net.pool.stride_value
+    per_area = 60 + 24 + 16 * tokens  # d/dA of 60 A + 24 (A + 1) + 8 (A + 1)^2
+    expected = torch.tensor([per_area * w * (-32 / s_h**2), per_area * h * (-32 / s_w**2)])
+    assert torch.allclose(net.pool.stride.grad, expected, rtol=1e-5)
+
+
+class _HalfTokens(nn.Module):
+    """Keeps about half of its tokens: not h*w plus a constant. Exactly half of an even count
+    fits both shape passes (16x16 and 23x20 tokens) by chance."""
+
+    def __init__(self, extra: int) -> None:
+        super().__init__()
+        self.extra = extra
+        self.pool = DynOPool(2.0)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.pool(x).flatten(2).transpose(1, 2)
+        return self.fc(t[:, : t.shape[1] // 2 + self.extra]).mean(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention in one call (fx does not enter it): fvcore counts ``L^2`` FLOPs, out ``(N, L, C)``."""
+    return (q @ k.transpose(1, 2)).softmax(-1) @ v
+
+
+def attend_and_project(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Attention and a projection in one call: FLOPs ``a L + b L^2``, which no one size explains."""
+    return attend(q, k, v) @ w
+
+
+torch.fx.wrap("attend")
+torch.fx.wrap("attend_and_project")
+
+
+class _OneCallAttention(nn.Module):
+    """Tokens + a class token through ``attend`` or ``attend_and_project`` (``fn``)."""
+
+    def __init__(self, fn: str) -> None:
+        super().__init__()
+        self.fn = fn
+        self.pool = DynOPool(2.0)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 3))
+        self.w = nn.Parameter(torch.zeros(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.pool(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1)
+        return attend(t, t, t) if self.fn == "attend" else attend_and_project(t, t, t, self.w)
+
+
+def test_attention_inside_one_call_follows_the_square_of_its_tokens():
+    net = _OneCallAttention("attend")
+    cost = CostModel(net, (3, 32, 32))
+    assert cost.unattributed == 0
+    for s in (1.3, 2.0, 3.1):
+        with torch.no_grad():
+            net.pool.stride.copy_(torch.tensor([s, s * 1.2]))
+        assert cost.flops() == count_flops(net, (3, 32, 32))
+
+
+@pytest.mark.parametrize("net, words", [(_HalfTokens(1), "cannot follow the size of node"),
+                                        (_HalfTokens(0), "predicts .* FLOPs at strides"),
+                                        (_OneCallAttention("attend_and_project"), "follow no size")])
+def test_what_is_not_understood_is_refused(net, words):
+    with pytest.raises(UnsupportedModelError, match=words) as info:
+        CostModel(net, (3, 32, 32))
+    assert "\n" not in str(info.value) and "without a budget" in str(info.value)
+
+
+def test_fit_and_project_hold_on_a_vit():
+    model, input_size = _converted("timm_vit_tiny")
+    cost = CostModel(model, input_size)
+    start = cost.reference_flops
+    budget = int(start * 0.6)
+    out = fit_to_budget(model, budget, input_size, cost_model=cost)
+    assert out["method"] != "none" and count_flops(model, input_size) == out["final_flops"] <= budget
+    with torch.no_grad():  # as if training had raised the resolution again
+        for p in cost.parameters:
+            p.mul_(0.8)
+    over = count_flops(model, input_size)
+    assert over > budget
+    out = project_to_budget(model, budget, input_size, cost_model=cost)
+    assert out["moved"] and out["flops_before"] == over
+    assert count_flops(model, input_size) == out["final_flops"] <= budget
+
+
+def test_cli_budget_on_a_vit(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    args = ["--build-arg", "dynamic_img_size=true", "--build-arg", "depth=2"]
+    original = count_flops(build_model("timm:vit_tiny_patch16_224", {"dynamic_img_size": True, "depth": 2}), (3, 64, 64))
+    budget = int(original * 0.6)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "timm:vit_tiny_patch16_224", "--input-size", "64", *args, "--budget", str(budget), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0, err
+    assert f"original {format_flops(original)} ({original})" in out
+    fitted = re.search(rf"budget {format_flops(budget)}: fitted to \S+ \((\d+)\)", out)
+    assert fitted is not None, out
+    assert original * 0.5 < int(fitted.group(1)) <= budget
+    assert "dry run: no checkpoint written" in out
