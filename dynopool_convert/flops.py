@@ -16,6 +16,9 @@ numba autograd Function) of its real forward. The count assigned to that op is
 Convolutions with string padding (``padding="same"``, which the conversion gives stride-1
 convs with even kernels, e.g. a ViT's patch embedding) run as ``aten::_convolution_mode``,
 which fvcore does not count; a handle counts them as fvcore counts ``aten::_convolution``.
+``F.scaled_dot_product_attention`` (the attention of timm's and torchvision's ViTs), which
+fvcore does not count either, is counted as the two matmuls it replaces, as fvcore counts
+explicit ``q @ k^T`` and ``attn @ v``: ``N x heads x L_q x L_k x (d + d_v)``.
 
 >>> import torch.nn as nn
 >>> count_flops(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))  # 8*8 outputs * 8 channels * 27 MACs
@@ -84,10 +87,20 @@ def _conv_mode_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return int(conv_flop_count(x, w, out, transposed=False))
 
 
+def _attention_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for d in q[:-2]:
+        batch *= int(d)
+    l_q, d_qk, l_k, d_v = int(q[-2]), int(q[-1]), int(k[-2]), int(v[-1])
+    return batch * l_q * l_k * (d_qk + d_v)
+
+
 def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
-    """Add this module's op handles (DynOPool, string-padded convolutions) to ``fa``."""
+    """Add this module's op handles (DynOPool, string-padded convolutions, fused attention) to ``fa``."""
     fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
     fa.set_op_handle("aten::_convolution_mode", _conv_mode_handle)
+    fa.set_op_handle("aten::scaled_dot_product_attention", _attention_handle)
     return fa
 
 

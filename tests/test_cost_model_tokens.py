@@ -73,12 +73,14 @@ def _torchvision_vit() -> nn.Module:
                                                 mlp_dim=64)
 
 
-# name -> (builder, input size, range of the patch group's stride for random draws)
+# name -> (builder, input size, range of the patch group's stride for random draws). The patch
+# embeddings are patchify convs: their DynOPool resizes the image to a multiple of the patch and
+# starts at stride 1 (a 4x4 token grid at these sizes); 0.6-1.75 gives 2x2 to 7x7 grids.
 MODELS = {
-    "tiny_vit": (TinyViT, 32, (2.5, 7.0)),
-    "timm_vit_tiny": (_timm_vit, 64, (10.0, 28.0)),
-    "timm_registers": (_timm_registers, 56, (9.0, 24.0)),
-    "torchvision_vit": (_torchvision_vit, 32, (5.0, 14.0)),
+    "tiny_vit": (TinyViT, 32, (0.6, 1.75)),
+    "timm_vit_tiny": (_timm_vit, 64, (0.6, 1.75)),
+    "timm_registers": (_timm_registers, 56, (0.6, 1.75)),
+    "torchvision_vit": (_torchvision_vit, 32, (0.6, 1.75)),
 }
 
 
@@ -100,7 +102,7 @@ def test_value_equals_fvcore_at_random_strides(name):
     rng = random.Random(sum(map(ord, name)))
     lo, hi = MODELS[name][2]
     seen = {cost.reference_flops}
-    for _ in range(3):
+    for _ in range(5):  # five draws: neighbouring strides often round to the same token grid
         randomise_strides(model, rng, lo=lo, hi=hi)
         expected = count_flops(model, input_size)
         assert cost.flops() == expected

@@ -78,3 +78,29 @@ def test_bad_input_size_is_a_user_error():
 )
 def test_format_flops(n, text):
     assert format_flops(n) == text
+
+
+class _Attention(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):  # x: N x C x H x W; 2 heads over the H*W tokens, v wider than q/k
+        t = x.flatten(2).transpose(1, 2)  # N x L x C
+        q = k = t.reshape(t.shape[0], t.shape[1], 2, -1).transpose(1, 2)  # N x 2 x L x C/2
+        v = torch.cat([q, q], -1)  # d_v = C
+        if self.fused:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def test_fused_attention_counts_as_its_two_matmuls():
+    # L = 6*5 = 30 tokens, 2 heads, d = 4, d_v = 8: 2 * 30 * 30 * (4 + 8)
+    assert count_flops(_Attention(fused=True), (8, 6, 5)) == count_flops(_Attention(fused=False), (8, 6, 5)) == 21600
+    vit = {}
+    for fused in (True, False):
+        model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64)
+        for block in model.blocks:
+            block.attn.fused_attn = fused
+        vit[fused] = count_flops(model, (3, 64, 64))
+    assert vit[True] == vit[False]
