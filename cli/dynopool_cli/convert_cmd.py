@@ -27,22 +27,28 @@ def _size(value: list[int] | None) -> str:
     return "?" if not value else "x".join(str(v) for v in value)
 
 
-def site_table(plan) -> Table:
-    """A Rich table of the plan's sites (name, op, group, input -> output, status)."""
+def site_table(plan) -> tuple[Table, list[str]]:
+    """A Rich table of the plan's sites (name, op, group, input -> output, status), and the
+    numbered reasons its status column refers to (one line each, identical reasons once)."""
     table = Table(title=f"DynOPool sites at input {_size(plan.input_size[1:])}", show_lines=False)
     table.add_column("site", overflow="fold")
     table.add_column("op", overflow="fold")
     table.add_column("group", justify="right")
     table.add_column("size in -> out", no_wrap=True)
-    table.add_column("status", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    reasons: dict[str, int] = {}
     for s in plan.sites:
         out = s.converted_size if s.status == "converted" else s.output_size
-        status = s.status if not s.reason else f"{s.status}: {s.reason}"
+        status = s.status
+        if s.status == "converted" and s.placement == "patchify":
+            status += " (patchify)"
+        if s.reason:
+            status += f" [{reasons.setdefault(s.reason, len(reasons) + 1)}]"
         table.add_row(
             s.name, s.op, "" if s.group is None else str(s.group),
             f"{_size(s.input_size)} -> {_size(out)}", f"[{_STATUS_STYLE.get(s.status, '')}]{status}[/]",
         )
-    return table
+    return table, [f"[{i}] {reason}" for reason, i in reasons.items()]
 
 
 def convert(
@@ -91,7 +97,10 @@ def convert(
             fit = fit_to_budget(result.model, budget_flops, size, original_flops=original_flops)
             converted_flops = fit["converted_flops"]
     plan = result.plan
-    console.print(site_table(plan))
+    table, reasons = site_table(plan)
+    console.print(table)
+    for line in reasons:
+        console.print(line, style="dim", markup=False, highlight=False)
     counts = plan.summary()
     console.print(
         f"{counts['converted']} sites converted in {counts['groups']} learned groups, "
