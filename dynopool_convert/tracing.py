@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
+import types
 from dataclasses import dataclass, field
 
 import torchvision
@@ -115,6 +117,22 @@ def _hides_sites(module: nn.Module) -> bool:
     return any(isinstance(m, types) and getattr(m, "stride", 1) not in (1, (1, 1), None) for m in module.modules())
 
 
+def _root_class_modules(model: nn.Module) -> list[types.ModuleType]:
+    """The Python modules that define the root's classes (torch's excepted).
+
+    fx replaces the autowrapped (notrace) functions only in the globals of the root's forward
+    and of each submodule's forward; a helper method that a subclass defines in another file
+    (timm's distilled DeiT ``_pos_embed``, calling ``resample_abs_pos_embed``) needs its
+    module's globals patched too.
+    """
+    found: list[types.ModuleType] = []
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is not None and not cls.__module__.startswith("torch") and module not in found:
+            found.append(module)
+    return found
+
+
 def trace_model(model: nn.Module) -> Traced:
     """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
 
@@ -137,6 +155,8 @@ def trace_model(model: nn.Module) -> Traced:
                 autowrap_functions=_notrace_functions(),
                 autowrap_modules=(math, torchvision.ops),
             )
+            if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
+                tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
                 graph = tracer.trace(model, concrete_args=_default_args(model))
                 break

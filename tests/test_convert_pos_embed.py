@@ -141,3 +141,15 @@ def test_timm_cait_checkpoint_round_trip(cait, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=0, atol=0)
     assert torch.equal(_stride(loaded).detach(), torch.tensor([18.0, 14.0]))
+
+
+def test_timm_distilled_deit_traces_through_its_own_pos_embed_method():
+    # VisionTransformerDistilled._pos_embed lives in timm/models/deit.py, not in the module of
+    # the forward it inherits: its resample_abs_pos_embed call must be kept as a leaf call too
+    model = timm.create_model("deit_tiny_distilled_patch16_224", dynamic_img_size=True, depth=1).eval()
+    result = dc.convert(model, input_size=(3, 64, 64))
+    assert result.plan.summary()["groups"] == 1
+    (stride,) = dc.scale_parameters(result.model)
+    with torch.no_grad():
+        stride.copy_(torch.tensor([0.8, 1.3]))  # a 5x3 token grid
+        assert result.model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
