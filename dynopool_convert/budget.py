@@ -57,8 +57,12 @@ def parse_budget(text: str | int) -> int:
     return flops
 
 
-def budget_penalty(flops: Tensor, budget: float) -> Tensor:
-    """``relu(F / B - 1) ** 2``: zero inside the budget, growing smoothly outside.
+BUDGET_MODES = ("ceiling", "target")
+
+
+def budget_penalty(flops: Tensor, budget: float, mode: str = "ceiling") -> Tensor:
+    """``relu(F / B - 1) ** 2`` (``ceiling``): zero inside the budget, growing smoothly outside;
+    ``(F / B - 1) ** 2`` (``target``): also pulls a model under its budget back up to it.
 
     The square makes it continuously differentiable at ``F = B`` (its gradient starts at 0)
     and scale-free (5% over budget costs 0.0025 whatever the model). Multiply by ``lambda``
@@ -66,7 +70,10 @@ def budget_penalty(flops: Tensor, budget: float) -> Tensor:
     """
     if budget <= 0:
         raise UserInputError(f"budget must be positive, got {budget}")
-    return torch.relu(flops / float(budget) - 1.0) ** 2
+    if mode not in BUDGET_MODES:
+        raise UserInputError(f"budget mode must be one of {', '.join(BUDGET_MODES)}, got {mode!r}")
+    excess = flops / float(budget) - 1.0
+    return (torch.relu(excess) if mode == "ceiling" else excess) ** 2
 
 
 # --------------------------------------------------------------------------------------------

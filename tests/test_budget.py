@@ -49,6 +49,16 @@ def test_penalty_is_zero_inside_and_smooth_outside():
     assert 0 < flops.grad[2] < flops.grad[3]
 
 
+def test_target_penalty_also_pulls_up_to_the_budget():
+    flops = torch.tensor([500.0, 1000.0, 1050.0], requires_grad=True)
+    pen = budget_penalty(flops, 1000.0, mode="target")
+    assert torch.allclose(pen, torch.tensor([0.25, 0.0, 0.05**2]))
+    pen.sum().backward()
+    assert flops.grad[0] < 0 and flops.grad[1] == 0 and flops.grad[2] > 0  # towards the budget from both sides
+    with pytest.raises(UserInputError, match="ceiling, target"):
+        budget_penalty(flops, 1000.0, mode="floor")
+
+
 def test_fit_leaves_a_model_within_budget_alone():
     model = MODELS["resnet18"]()
     cost = CostModel(model, (3, 32, 32))

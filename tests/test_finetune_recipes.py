@@ -38,6 +38,7 @@ def _recipe(tmp_path, text: str) -> Path:
         ("input_size: [3, x, 32]\n", "'input_size'"),
         ("train: {epochs: 2, steps: 5}\n", "train.epochs or train.steps"),
         ("train: {batch_size: 0}\n", "train.batch_size"),
+        ("train: {budget_mode: floor}\n", "train.budget_mode"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, key):

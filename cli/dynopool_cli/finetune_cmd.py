@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from dynopool_convert.training import FinetuneResult, TrainCallbacks, finetune as run_finetune
+
+
+class BudgetMode(str, Enum):
+    ceiling = "ceiling"
+    target = "target"
 
 
 def _fmt_flops(value: float | None) -> str:
@@ -93,6 +99,7 @@ def finetune(
     scale_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the DynOPool strides.")] = None,
     budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9); default the checkpoint's.")] = None,
     penalty_weight: Annotated[Optional[float], typer.Option(help="Weight (lambda) of the budget penalty.")] = None,
+    budget_mode: Annotated[Optional[BudgetMode], typer.Option(help="ceiling: penalise FLOPs above the budget only (default); target: also pull a model that drifts under its budget back up to it.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (flags override it).")] = None,
@@ -106,7 +113,7 @@ def finetune(
     Multi-GPU / multi-process: torchrun --nproc_per_node N -m dynopool_cli finetune ...
     """
     train = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
-             "penalty_weight": penalty_weight, "seed": seed, "device": device, "workers": workers, "log_every": log_every}
+             "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every}
     overrides: dict[str, Any] = {"train": {k: v for k, v in train.items() if v is not None}}
     if budget is not None:
         overrides["budget"] = budget

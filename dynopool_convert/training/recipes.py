@@ -43,6 +43,7 @@ class TrainConfig:
     min_lr: float = 0.0
     label_smoothing: float = 0.1
     penalty_weight: float = 1.0  # lambda of the budget penalty
+    budget_mode: str = "ceiling"  # ceiling: penalise only above the budget | target: also below it
     clip_grad: float | None = 5.0  # max global gradient norm (None: off)
     seed: int = 0
     workers: int = 0
@@ -156,6 +157,8 @@ def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -
     _check_ranges(cfg.train)
     if cfg.train.amp not in ("auto", "bf16", "off"):
         raise UserInputError(f"recipe key 'train.amp' must be auto, bf16 or off, got {cfg.train.amp!r}")
+    if cfg.train.budget_mode not in ("ceiling", "target"):
+        raise UserInputError(f"recipe key 'train.budget_mode' must be ceiling or target, got {cfg.train.budget_mode!r}")
     return cfg
 
 

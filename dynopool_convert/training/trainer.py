@@ -314,7 +314,7 @@ class _Run:
             logits = self.ddp(images)
             task = self.criterion(logits.float(), labels)
         flops = self.cost()
-        penalty = upstream.budget_penalty(flops, self.budget) if self.budget is not None else torch.zeros(())
+        penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
         loss = task + t.penalty_weight * penalty.to(task.device)
         self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
         self.optimizer.zero_grad(set_to_none=True)
