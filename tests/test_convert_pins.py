@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -99,3 +100,17 @@ def test_report_of_a_pinned_model():
     assert sites["pool"]["status"] == "pinned" and sites["pool"]["input_size"] == [8, 8]
     assert sites["conv"]["status"] == "converted"
     assert [g["status"] for g in report["groups"]] == ["converted", "pinned"]
+
+
+def test_levit_pins_its_last_stem_conv_and_learns_the_first_three():
+    # LeViT's attention biases are sized for a 14x14 token grid: the last stem conv is pinned,
+    # the three before it learn (their maps are resized back to 28x28 before it)
+    model = timm.create_model("levit_128s", num_classes=5).eval()
+    r = convert(model, input_size=(3, 224, 224))
+    assert [g.status for g in r.plan.groups] == ["converted", "converted", "converted", "pinned"]
+    assert r.model.get_submodule("stem.conv4.linear_pin").output_size == (28, 28)
+    _random_strides(r.model, random.Random(2))
+    x = torch.randn(1, 3, 224, 224)
+    assert r.model(x).shape == (1, 5)
+    cost = CostModel(r.model, (3, 224, 224))
+    assert cost.flops() == count_flops(r.model, (3, 224, 224))
