@@ -208,6 +208,10 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
             if not trouble:
                 group.multiple, rounded = list(multiple), True
                 used |= reached
+                why = f"output sizes rounded to multiples of {multiple[0]}x{multiple[1]}: without that, {problem}"
+                group.reason = why
+                for name in group.sites:
+                    plan.site(name).reason = why
                 break
         if rounded:
             probe = None  # the graph changed

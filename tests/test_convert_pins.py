@@ -29,6 +29,8 @@ def test_window_sizes_round_the_pool_to_a_multiple_and_the_conv_stays_free():
     assert (conv.status, conv.multiple) == ("converted", None)
     # a one-pixel move breaks the 4x4 windows; 2 does too; 4 is the smallest multiple that works
     assert (pool.status, pool.multiple) == ("converted", [4, 4])
+    assert pool.reason.startswith("output sizes rounded to multiples of 4x4: without that, smaller output")
+    assert r.plan.site("pool").reason == pool.reason and not conv.reason
     assert r.model.get_submodule("pool").multiple == (4, 4)
     rng = random.Random(0)
     x = torch.randn(2, 3, 32, 32)
