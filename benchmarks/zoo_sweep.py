@@ -123,6 +123,7 @@ def run_one(source: str, size: int) -> dict:
         plan = result.plan
         counts = plan.summary()
         row.update(counts, sites=len([s for s in plan.sites if s.stride_init]))
+        row["rounded"] = sum(g.reason.startswith("output sizes rounded") for g in plan.converted_groups())
         row["kinds"] = sorted({s.kind for s in plan.sites if s.status == "converted"})
         if counts["groups"]:
             gm = result.model.eval()
@@ -261,7 +262,8 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "no learned group is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
         "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`), and the",
         "row says so when that is what converted. Groups whose moves break the forward are settled",
-        "deepest first: rounded to a multiple where that works, else *pinned* (the op kept behind an",
+        "deepest first: rounded to a multiple where that works (the `rounded` column counts those",
+        "groups), else *pinned* (the op kept behind an",
         "adaptive pool to its reference input size, so that the groups before it can learn; the",
         "`pinned` column), else reverted; the reason column gives the first pinned, reverted or",
         "skipped site's reason. Every row comes from one sweep of the conversion code as it is now",
@@ -290,14 +292,14 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         statuses[rows[s]["status"]] = statuses.get(rows[s]["status"], 0) + 1
     lines += ["", "Statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + "."]
     lines += ["", "## Models", "",
-              "| model | family | input | sites | converted | groups | pinned | reverted | skipped | status | reason | s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | status | reason | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for s, area, family in wanted:
         r = rows[s]
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
             f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
-            f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('pinned', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
+            f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('rounded', '')} | {r.get('pinned', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
             f"{r['status']} | {reason} | {r.get('seconds', '')} |"
         )
     return "\n".join(lines) + "\n"
