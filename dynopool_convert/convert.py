@@ -191,7 +191,7 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
     probe = None
     for group in order:
         if probe is None:
-            gm = rewrite(analysis.traced, analysis.candidates, plan)
+            gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
             watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
             probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
             if probe.reference_error:
@@ -237,10 +237,10 @@ def _solo_plan(plan: Plan, gid: int) -> Plan:
 
 def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
     """Rewrite and validate until every remaining group passes, pinning or reverting the ones
-    that break."""
+    that break (the models it builds share the traced model's weights)."""
     pin_pass_done = False
     while True:
-        gm = rewrite(analysis.traced, analysis.candidates, plan)
+        gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
         report = validate_graph(gm, analysis.example, analysis.spec)
         if report.ok:
             _record_sizes(plan, gm, report)
@@ -248,7 +248,7 @@ def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
         if report.reference_error:
             broken = []
             for g in plan.converted_groups():  # which groups break the forward on their own?
-                solo = rewrite(analysis.traced, analysis.candidates, _solo_plan(plan, g.id))
+                solo = rewrite(analysis.traced, analysis.candidates, _solo_plan(plan, g.id), share_weights=True)
                 error = validate_graph(solo, analysis.example, analysis.spec, reference_only=True).reference_error
                 if error:
                     broken.append((g.id, error))
@@ -312,7 +312,10 @@ def convert(
     policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval",
               "patchify": bool(patchify)}
     plan = _initial_plan(analysis, ties, policy)
-    gm = _validated(analysis, plan) if validate else rewrite(analysis.traced, analysis.candidates, plan)
+    if validate:
+        _validated(analysis, plan)  # settles the plan on models that share the traced weights
+        model.train(model.training)  # validation ran them in eval mode
+    gm = rewrite(analysis.traced, analysis.candidates, plan)  # the result owns its weights
     gm.train(model.training)
     return ConversionResult(gm, plan, ties)
 

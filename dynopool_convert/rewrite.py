@@ -48,13 +48,40 @@ def pool_path_for(gm: fx.GraphModule, node: fx.Node, site_name: str, kind: str) 
     return _free_path(gm, wanted, node)
 
 
-def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, copy_graph: bool = True) -> fx.GraphModule:
+def _weight_sharing_copy(traced: fx.GraphModule) -> fx.GraphModule | None:
+    """A GraphModule over a copy of ``traced``'s graph that calls ``traced``'s own leaf modules
+    (no weights copied), or None when a module above the leaves would be shared too (then
+    adding or deleting a submodule would change ``traced``)."""
+    gm = fx.GraphModule(traced, copy.deepcopy(traced.graph), type(traced).__name__)
+    leaves = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name, module in gm.named_modules():
+        if not name or name in leaves or any(name.startswith(f"{leaf}.") for leaf in leaves):
+            continue
+        if module is traced.get_submodule(name):
+            return None
+    return gm
+
+
+def _own_module(gm: fx.GraphModule, target: str) -> None:
+    """Replace the leaf at ``target`` by a shallow copy (same parameters) that may be changed."""
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, copy.copy(getattr(parent, name)))
+
+
+def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, copy_graph: bool = True,
+            share_weights: bool = False) -> fx.GraphModule:
     """A converted copy of ``traced`` with the plan's ``converted`` sites rewritten.
 
     ``candidates`` are the sites found on ``traced`` (they give each site's node and handler).
     ``copy_graph=False`` rewrites ``traced`` itself (and the modules it shares with its model).
+    ``share_weights=True`` copies the graph but not the weights: the result calls ``traced``'s
+    modules (a changed conv gets a shallow copy), for short-lived models such as validation's.
     """
-    gm = copy.deepcopy(traced) if copy_graph else traced
+    gm, shared = traced, False
+    if copy_graph:
+        sharing = _weight_sharing_copy(traced) if share_weights else None
+        gm, shared = (sharing, True) if sharing is not None else (copy.deepcopy(traced), False)
     nodes = {n.name: n for n in gm.graph.nodes}
     by_name = {c.name: c for c in candidates}
     first = next(iter(gm.parameters()), None)
@@ -77,6 +104,8 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
                         multiple=multiples[site.group])
         if old_target == path:  # replace the pool module in place
             gm.delete_submodule(path)
+        elif shared and cand.kind == "conv" and old_target is not None:
+            _own_module(gm, old_target)  # the handler changes its stride and padding
         gm.add_submodule(path, pool)
         handler.apply(gm, node, path, site.placement or placement)
         paths[site.name] = path

@@ -86,10 +86,28 @@ def test_resnet18_moved_scales_and_backprop(resnet18_result):
     _backprop_reaches_every_group(model, x)
 
 
-def test_user_model_is_left_untouched():
+@pytest.mark.parametrize("validate", [False, True])
+def test_user_model_is_left_untouched(validate):
     model = timm.create_model("resnet18")
-    convert(model, input_size=(3, 32, 32), validate=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = convert(model, input_size=(3, 32, 32), validate=validate)
     assert model.conv1.stride == (2, 2) and not dynopool_modules(model)
+    assert model.training and all(m.training for m in model.modules())
+    # the converted model owns its weights (validation's models shared them)
+    own = {id(p) for p in r.model.parameters()}
+    assert not own & {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        for p in r.model.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_pinning_leaves_the_user_model_untouched():
+    model = HardCodedFlatten()
+    r = convert(model, input_size=(3, 16, 16))
+    assert r.plan.site("pool").status == "pinned"
+    assert not any(isinstance(m, (DynOPool, nn.AdaptiveAvgPool2d)) for m in model.modules())
+    assert model.conv.stride == (2, 2) and model.conv.padding == (1, 1)
 
 
 def test_placement_after_and_plan_replay():

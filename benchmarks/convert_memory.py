@@ -1,0 +1,43 @@
+"""Peak memory of a conversion: how much the resident set grows while ``convert`` runs,
+against the size of the model's parameters (one process per model, so peaks do not mix).
+
+    PYTHONPATH=.:cli python benchmarks/convert_memory.py timm:hrnet_w18_small:64 timm:efficientformer_l1:224
+"""
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(source: str, size: int) -> str:
+    """One table row for ``source`` converted at ``size`` (run in this process)."""
+    import dynopool_convert as dc
+
+    model = dc.build_model(source, {"dynamic_img_size": True} if "vit" in source else {})
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    result = dc.convert(model, (3, size, size))
+    seconds = time.perf_counter() - start
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # kB -> MB
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    s = result.plan.summary()
+    return (f"| {source} | {size} | {params:.0f} | {grown:.0f} | {grown / params:.1f}x | {seconds:.1f} | "
+            f"{s['groups']} learned, {s['pinned']} pinned, {s['reverted']} reverted |")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        source, size = sys.argv[2].rsplit(":", 1)
+        print(measure(source, int(size)), flush=True)
+        return
+    print("| model | input | parameters MB | peak RSS growth MB | growth / parameters | convert s | groups |")
+    print("|---|---|---|---|---|---|---|")
+    for spec in sys.argv[1:]:
+        out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+        print(out.stdout.strip() or f"| {spec} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
