@@ -1,8 +1,9 @@
 """Rewrite a traced graph: put a DynOPool module at every converted site (DESIGN.md §2).
 
-A pure function of (traced graph, plan): ``rewrite`` deep-copies the traced GraphModule and never
-touches the user's model, so validation can rebuild after reverting a group and ``apply_plan``
-replays the same rewrite on a freshly built model. Tied sites share one ``nn.Parameter``. A pinned
+A pure function of (traced graph, plan): ``rewrite`` deep-copies the traced GraphModule (or, for
+validation's short-lived models, copies only its graph and shares its weights) and never touches
+the user's model, so validation can rebuild after reverting a group and ``apply_plan`` replays
+the same rewrite on a freshly built model. Tied sites share one ``nn.Parameter``. A pinned
 site keeps its op; an ``nn.AdaptiveAvgPool2d`` to its reference input size is put in front of it
 (an exact identity at the reference size).
 """
