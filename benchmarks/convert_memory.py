@@ -15,7 +15,7 @@ def measure(source: str, size: int) -> str:
     """One table row for ``source`` converted at ``size`` (run in this process)."""
     import dynopool_convert as dc
 
-    model = dc.build_model(source, {"dynamic_img_size": True} if "vit" in source else {})
+    model = dc.build_model(source, {"dynamic_img_size": True} if source.startswith("timm:") and "vit" in source else {})
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     result = dc.convert(model, (3, size, size))
