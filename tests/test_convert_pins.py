@@ -116,3 +116,17 @@ def test_levit_pins_its_last_stem_conv_and_learns_the_first_three():
     assert r.model(x).shape == (1, 5)
     cost = CostModel(r.model, (3, 224, 224))
     assert cost.flops() == count_flops(r.model, (3, 224, 224))
+
+
+def test_format_1_plans_still_load():
+    r = convert(WindowNet(), input_size=(3, 32, 32))
+    old = r.plan.to_dict()
+    old["format_version"] = 1  # before pins and multiples: no ``multiple`` field
+    for group in old["groups"]:
+        group.pop("multiple")
+    plan = Plan.from_dict(old)
+    assert plan.format_version == 1 and all(g.multiple is None for g in plan.groups)
+    assert apply_plan(WindowNet(), plan)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    newer = dict(old, format_version=3)
+    with pytest.raises(dc.UserInputError, match="format version 3"):
+        Plan.from_dict(newer)
