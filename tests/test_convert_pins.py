@@ -93,6 +93,13 @@ def test_cost_model_equals_fvcore_with_pins_and_multiples(model_cls, size):
         assert cost.flops() == count_flops(model, (3, size, size))
 
 
+def test_report_gives_the_size_step_of_a_rounded_group():
+    r = convert(WindowNet(), input_size=(3, 32, 32))
+    report = build_report(r.model, r.plan.to_dict(), source="tests:window", input_size=(3, 32, 32))
+    assert check_report(report) == []
+    assert [g["multiple"] for g in report["groups"]] == [None, [4, 4]]
+
+
 def test_report_of_a_pinned_model():
     model = HardCodedFlatten()
     r = convert(model, input_size=(3, 16, 16))

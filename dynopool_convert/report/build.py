@@ -266,6 +266,7 @@ def build_report(
 
     sites: list[dict[str, Any]] = []
     group_nodes: dict[int, set[str]] = {}
+    group_multiple: dict[int, list[int]] = {}  # groups whose sizes are rounded to a multiple
     for s in plan_sites:
         pool_name = site_pool[s["name"]]
         pool = pools.get(pool_name) if pool_name else None
@@ -310,6 +311,8 @@ def build_report(
             entry["flops_dependent_share"] = entry["flops_dependent"] / flops_current if flops_current else None
             if s.get("group") is not None:
                 group_nodes.setdefault(int(s["group"]), set()).update(affected)
+                if tuple(pool.multiple) != (1, 1):
+                    group_multiple[int(s["group"])] = list(pool.multiple)
         else:
             node = _find_node(graph, s["name"])  # a reverted/skipped site keeps its original op
             if node is not None:
@@ -336,6 +339,7 @@ def build_report(
                 "sites": members,
                 "r": live[0]["r"] if live else None,
                 "r_init": next((s["r_init"] for s in sites if s["name"] in members and s["r_init"]), None),
+                "multiple": group_multiple.get(gid),
                 "flops_dependent": _node_flops(graph, by_module, group_nodes[gid]) if gid in group_nodes else None,
             }
         )

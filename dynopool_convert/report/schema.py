@@ -67,6 +67,7 @@ GROUP: dict[str, tuple[type, ...]] = {
     "sites": (list,),
     "r": (list, _OPT),
     "r_init": (list, _OPT),
+    "multiple": (list, _OPT),
     "flops_dependent": (int, _OPT),
 }
 STAGE: dict[str, tuple[type, ...]] = {
@@ -76,7 +77,7 @@ STAGE: dict[str, tuple[type, ...]] = {
     "size_init": (list,),
 }
 
-_PAIRS = {"r", "r_init", "stride", "input_size", "output_size", "output_size_init", "receptive_field", "receptive_field_init", "size", "size_init"}
+_PAIRS = {"r", "r_init", "multiple", "stride", "input_size", "output_size", "output_size_init", "receptive_field", "receptive_field_init", "size", "size_init"}
 
 
 def _check(obj: Any, table: dict[str, tuple[type, ...]], where: str, pairs: set[str] = frozenset()) -> list[str]:

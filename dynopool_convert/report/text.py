@@ -83,11 +83,12 @@ def reasons(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(s["name"], s["status"], s["reason"] or "") for s in report["sites"] if s["status"] != "converted"]
 
 
-GROUP_COLUMNS = ["group", "sites", "r (h, w)", "r init", "FLOPs dep."]
+GROUP_COLUMNS = ["group", "sites", "r (h, w)", "r init", "sizes in steps of", "FLOPs dep."]
 
 
 def group_rows(report: dict[str, Any]) -> list[list[str]]:
-    return [[str(g["id"]), ", ".join(g["sites"]), pair(g["r"]), pair(g["r_init"]), si(g["flops_dependent"])] for g in report["groups"]]
+    return [[str(g["id"]), ", ".join(g["sites"]), pair(g["r"]), pair(g["r_init"]), size(g.get("multiple")),
+             si(g["flops_dependent"])] for g in report["groups"]]
 
 
 def history_rows(report: dict[str, Any], limit: int = 20) -> tuple[list[str], list[list[str]]]:
