@@ -235,16 +235,16 @@ def _solo_plan(plan: Plan, gid: int) -> Plan:
     return solo
 
 
-def _validated(analysis: Analysis, plan: Plan) -> fx.GraphModule:
+def _validate_plan(analysis: Analysis, plan: Plan) -> None:
     """Rewrite and validate until every remaining group passes, pinning or reverting the ones
-    that break (the models it builds share the traced model's weights)."""
+    that break (the models it builds share the traced model's weights; none is kept)."""
     pin_pass_done = False
     while True:
         gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
         report = validate_graph(gm, analysis.example, analysis.spec)
         if report.ok:
             _record_sizes(plan, gm, report)
-            return gm
+            return
         if report.reference_error:
             broken = []
             for g in plan.converted_groups():  # which groups break the forward on their own?
@@ -313,7 +313,7 @@ def convert(
               "patchify": bool(patchify)}
     plan = _initial_plan(analysis, ties, policy)
     if validate:
-        _validated(analysis, plan)  # settles the plan on models that share the traced weights
+        _validate_plan(analysis, plan)
         model.train(model.training)  # validation ran them in eval mode
     gm = rewrite(analysis.traced, analysis.candidates, plan)  # the result owns its weights
     gm.train(model.training)

@@ -579,8 +579,8 @@ class CostModel:
                 raise UnsupportedModelError(
                     f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
                     f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
-                    f"{_describe(info_r)} at the reference strides, "
-                    f"{_describe(info_p)} at smaller strides (it follows spatial maps through "
+                    f"{_shape_of(info_r, others=True)} at the reference strides, "
+                    f"{_shape_of(info_p, others=True)} at smaller strides (it follows spatial maps through "
                     f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
                     f"their attention maps; crops and other token counts are not modelled); "
                     f"convert and fine-tune without a budget"
@@ -782,23 +782,15 @@ class CostModel:
 # helpers
 
 
-def _shape_of(info: Any) -> Any:
-    """Tensors as their shapes; other values are not compared (an int that changes carries no
-    size: the tensors built from it are checked on their own)."""
+def _shape_of(info: Any, others: bool = False) -> Any:
+    """Tensors as their shapes; other values as None (not compared: an int that changes carries
+    no size, the tensors built from it are checked on their own), or as they are with
+    ``others`` (for messages)."""
     if isinstance(info, _TensorInfo):
         return info.shape
     if isinstance(info, (list, tuple)):
-        return tuple(_shape_of(v) for v in info)
-    return None
-
-
-def _describe(info: Any) -> Any:
-    """Tensors as their shapes, other values as they are (for messages)."""
-    if isinstance(info, _TensorInfo):
-        return info.shape
-    if isinstance(info, (list, tuple)):
-        return tuple(_describe(v) for v in info)
-    return info
+        return tuple(_shape_of(v, others) for v in info)
+    return info if others else None
 
 
 def _is_shape_like(info: Any) -> bool:
