@@ -18,6 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
+from .input_site import insert_input_site
 from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
 from .rewrite import pin_module_paths, rewrite, site_module_paths
@@ -67,11 +68,14 @@ def check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
-def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
-    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites."""
+def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = False) -> Analysis:
+    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites
+    (with ``input_site``, a learnable input resolution in front: see ``input_site.py``)."""
     size = check_input_size(input_size)
     t = trace_model(model)
     traced = t.graph_module
+    if input_site:
+        insert_input_site(traced)
     first = next(iter(model.parameters()), None)  # the example lives where the model does
     device, dtype = (first.device, first.dtype) if first is not None and first.is_floating_point() else ("cpu", torch.float32)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -281,6 +285,7 @@ def convert(
     exclude: Sequence[str] | None = None,
     validate: bool = True,
     patchify: bool = True,
+    input_site: bool = False,
 ) -> ConversionResult:
     """Convert every resizing op of ``model`` into a learnable DynOPool site.
 
@@ -297,6 +302,9 @@ def convert(
         include / exclude: glob patterns on site names (``"layer*.0.*"``), or ``"kind:conv"``,
             ``"kind:pool"``, ``"kind:interpolate"`` on site kinds.
         validate: run the converted model at moved strides and revert groups that break.
+        input_site: put a learnable input resolution in front of the model (site
+            ``input_resize``: DynOPool(mean) starting at stride 1), so that shrinking the input
+            is one of the allocations the budget and the size search can choose.
 
     Returns a ``ConversionResult`` whose ``model`` holds one DynOPool per converted site (tied
     sites share one stride parameter) and whose ``plan`` is plain data for ``apply_plan``.
@@ -306,11 +314,11 @@ def convert(
     if aggregate is not None and aggregate not in AGGREGATES:
         raise UserInputError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     include, exclude = list(include or []), list(exclude or [])
-    analysis = analyse(model, input_size)
+    analysis = analyse(model, input_size, input_site)
     _select(analysis.candidates, include, exclude)
     ties = TieGraph(analysis.traced, analysis.candidates)
     policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval",
-              "patchify": bool(patchify)}
+              "patchify": bool(patchify), "input_site": bool(input_site)}
     plan = _initial_plan(analysis, ties, policy)
     if validate:
         _validate_plan(analysis, plan)
@@ -327,7 +335,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     The returned GraphModule shares (and has modified) ``model``'s submodules: pass a model
     built for the purpose, as ``load_checkpoint`` does.
     """
-    analysis = analyse(model, plan.input_size)
+    analysis = analyse(model, plan.input_size, bool(plan.policy.get("input_site", False)))
     by_name = {c.name: c for c in analysis.candidates}
     for site in plan.converted_sites():
         cand = by_name.get(site.name)

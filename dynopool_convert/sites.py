@@ -445,6 +445,15 @@ HANDLERS: list[SiteHandler] = [
 ]
 
 
+def _register_input_site() -> None:
+    from .input_site import InputSiteHandler
+
+    HANDLERS.insert(0, InputSiteHandler())
+
+
+_register_input_site()
+
+
 def handler_for(name: str) -> SiteHandler:
     """The handler registered under ``name``."""
     for h in HANDLERS:

@@ -56,6 +56,7 @@ def convert(
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N or HxW (default: the model's own).")] = None,
     placement: Annotated[Placement, typer.Option(help="DynOPool before or after each strided conv (made stride 1).")] = Placement.before,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
+    input_site: Annotated[bool, typer.Option("--input-site", help="Also learn the input resolution: a DynOPool site (input_resize) in front of the model, starting at stride 1, so that shrinking the input is one of the choices the budget and the size search weigh.")] = False,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
@@ -87,7 +88,7 @@ def convert(
     with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
         result = convert_model(
             net, size, placement=placement.value, aggregate=aggregate.value if aggregate else None,
-            include=include, exclude=exclude, patchify=patchify,
+            include=include, exclude=exclude, patchify=patchify, input_site=input_site,
         )
     fit = None
     with console.status("counting FLOPs" if budget_flops is None else f"fitting to {format_flops(budget_flops)} FLOPs"):

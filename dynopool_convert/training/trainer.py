@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from . import upstream
-from .data import build_datasets, parse_data_spec, unreadable_files
+from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
+from .size_control import SizeControl
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -105,7 +106,8 @@ class _StopFlag:
 #: train settings that the saved optimiser, scheduler and data position fix: a resumed run
 #: cannot change them (the restored state would silently override a new value)
 _FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
-                    "min_lr", "epochs", "steps", "batch_size")
+                    "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
+                    "holdout_max")
 
 
 def _check_resumable(saved: dict, wanted: dict, last: Path) -> None:
@@ -188,6 +190,8 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
+        searching = t.size_search and bool(scale_parameters(bundle.model))
+        self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
         self._check_classes(model, data.num_classes)
@@ -210,6 +214,8 @@ class _Run:
         self.cost = upstream.CostModel(model, bundle.input_size)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
+        self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
+                                 settle=t.settle, total_steps=self.total_steps, seed=t.seed)
         if resume:
             self._restore(bundle.training)
         self.saved_step = self.progress.step if resume else None  # step of the last checkpoint on disk
@@ -260,6 +266,7 @@ class _Run:
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
+        self.sizes.load_state(training.get("sizes"))
         rng = training["rng"]
         restore_rng(rng[self.info.rank] if isinstance(rng, list) else rng)
 
@@ -279,6 +286,8 @@ class _Run:
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
+                if self.sizes.search_due(p.step):
+                    self._search_sizes()
                 row = self._step(images, labels)
                 n = labels.shape[0]
                 sums[0] += row["loss"] * n
@@ -310,24 +319,41 @@ class _Run:
         t, dev = self.t, self.info.device
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         self.ddp.train()
-        with _autocast(dev, t.amp):
-            logits = self.ddp(images)
-            task = self.criterion(logits.float(), labels)
-        flops = self.cost()
-        penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
-        loss = task + t.penalty_weight * penalty.to(task.device)
-        self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.sizes.step(self.progress.step):  # jittered sizes while the strides learn
+            with _autocast(dev, t.amp):
+                logits = self.ddp(images)
+                task = self.criterion(logits.float(), labels)
+            flops = self.cost()
+            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
+            loss = task + t.penalty_weight * penalty.to(task.device)
+            self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if t.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.optimizer.step()
         clamp_strides_(self.model)
+        self.sizes.hold()
         self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
                 "flops": float(flops.detach())}
+
+    def _search_sizes(self) -> None:
+        """The held-out size search (every rank runs it alike on the whole held-out split)."""
+        budget = self.budget if self.budget is not None else int(self.cost.flops(self.sizes.initial))
+        self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
+        result = self.sizes.search(
+            self.cost.flops, budget, lambda: self._evaluate(self.model, self.holdout, score=True),
+            lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
+        row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
+               **{k: v for k, v in result.items() if k != "evaluated"}}
+        self.rows.append(row)
+        self.cbs.on_message(
+            f"size search: kept {' / '.join(f'{h}x{w}' for h, w in result['sizes'])} (from the {result['start']} sizes, "
+            f"{result['evaluations']} allocations scored), held-out accuracy {result['accuracy']:.4f}, "
+            f"{result['flops']:,} FLOPs; the sizes are fixed from here on")
 
     def _stop_if_diverged(self, what: str, bad: bool) -> None:
         """Stop the run (every rank) when training produced NaN/inf; the files on disk stay as they were."""
@@ -355,8 +381,9 @@ class _Run:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
     # ------------------------------------------------------------------ epochs, saving
-    def _evaluate(self, model: nn.Module) -> tuple[float, float]:
-        data, info = self.data.val, self.info
+    def _evaluate(self, model: nn.Module, data=None, score: bool = False) -> tuple[float, float]:
+        """(loss, accuracy) on ``data`` (default: the validation split); ``score``: (accuracy, -loss)."""
+        data, info = (data if data is not None else self.data.val), self.info
         indices = list(range(info.rank, len(data), info.world))
         loader = DataLoader(data, batch_size=self.t.batch_size, sampler=indices, num_workers=self.t.workers)
         model.eval()
@@ -369,6 +396,8 @@ class _Run:
                 correct += (logits.argmax(1) == labels).sum().item()
                 count += labels.shape[0]
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+        if score:
+            return correct / max(count, 1), -loss_sum / max(count, 1)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     def _end_epoch(self, sums: list[float], seconds: float) -> None:
@@ -410,6 +439,7 @@ class _Run:
             "rng": all_gather_objects(capture_rng(), self.info),
             "progress": self.progress.to_dict(),
             "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
+            "sizes": self.sizes.state(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
