@@ -86,6 +86,15 @@ def accuracy(model, xs, ys, size, bs=1000) -> tuple[float, float]:
     return correct / len(ys), -loss / len(ys)
 
 
+def per_image(model, xs, ys, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image held-out loss and correctness."""
+    model.eval()
+    with torch.no_grad():
+        out = model(xs)
+    model.train()
+    return F.cross_entropy(out, ys, reduction="none"), out.argmax(1) == ys
+
+
 def run(variant: str, method: str, seed: int, data, args, budget: int, base_flops: int) -> dict:
     torch.manual_seed(seed)
     transform = VARIANTS[variant]
@@ -129,7 +138,12 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
                 fitted = convert(small_vgg(width=args.width), input_size=(1, 28, 28), input_site=bool(opts.get("input"))).model
                 fit_to_budget(fitted, budget, (1, 28, 28))
                 ref["original"] = [tuple(p.detach().tolist()) for p in scale_parameters(fitted)]
-                res = search_sizes(geo, cost.flops, budget, lambda: accuracy(model, hold_x, hold_y, size), ref, seed=seed)
+                others = {"learned": ref["learned"]}
+                if cost.flops(ref["learned"]) > budget:
+                    project_to_budget(model, budget, (1, 28, 28), cost)
+                    others["learned, projected"] = geo.strides()
+                res = search_sizes(geo, cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
+                                   ref["original"], others, seed=seed)
                 searched = res.to_dict()
                 searched.pop("evaluated")
                 opt_s, jitter = None, None  # settle: sizes fixed from here on

@@ -78,17 +78,44 @@ def test_search_finds_the_best_allocation_within_budget(converted):
     budget = int(cost.flops(geo.strides()))
     target = [(24, 28), (16, 12), (8, 6)]  # a held-out score that peaks here, if affordable
 
-    def evaluate():
+    noise = torch.randn(400, generator=torch.Generator().manual_seed(0))
+
+    def evaluate():  # per-image losses that grow with the distance to the target, plus per-image noise
         sizes = geo.measure()[1]
         distance = float(sum(abs(a - b) for s, t in zip(sizes, target) for a, b in zip(s, t)))
-        return -distance, -distance  # (accuracy, -loss)
+        return distance + 0.5 * noise, torch.ones(400)
 
-    res = search_sizes(geo, cost.flops, budget, evaluate, {"initial": geo.strides()}, rounds=30, trades=40, seed=0)
+    res = search_sizes(geo, cost.flops, budget, evaluate, geo.strides(), rounds=30, trades=40, seed=0)
     assert res.flops <= budget and int(cost.flops(geo.strides())) == res.flops
     assert geo.measure()[1] == res.sizes  # the model is left at the chosen sizes
-    assert res.score[1] > -8.0  # started 8 pixels away from the target
+    assert res.loss < 8.0 - 1.0  # started 8 pixels away from the target
     assert all(e["flops"] <= budget for e in res.evaluated)
     assert count_flops(converted, SIZE) <= budget
+
+
+def test_search_keeps_the_initial_allocation_without_evidence(converted):
+    geo = GroupGeometry(converted, SIZE)
+    cost = CostModel(converted, SIZE)
+    initial = geo.strides()
+    budget = int(cost.flops(initial))
+    gen = torch.Generator().manual_seed(1)
+
+    def evaluate():  # pure noise: no allocation is really better
+        return torch.rand(300, generator=gen), torch.ones(300)
+
+    others = {"learned": [(1.2, 1.0), (2.5, 2.0), (2.0, 2.0)]}
+    res = search_sizes(geo, cost.flops, budget, evaluate, initial, others, rounds=4, seed=0)
+    assert res.start == "initial" and res.sizes == [(28, 28), (14, 14), (7, 7)]
+    assert len(res.evaluated) > 10  # it did look
+
+
+def test_paired_z_sees_a_consistent_small_gain():
+    from dynopool_convert.training.size_search import paired_z
+
+    base = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3
+    assert paired_z(base - 0.05, base) > 10  # the same images, every one a bit better
+    assert paired_z(base + 0.05, base) < -10
+    assert abs(paired_z(base, base)) == 0.0
 
 
 def test_finetune_searches_then_holds_the_sizes(tmp_path):

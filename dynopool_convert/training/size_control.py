@@ -5,8 +5,9 @@ The schedule (``train.size_jitter``, ``train.size_search``, ``train.settle``, ``
 1. *Learning* (the first ``1 - settle`` of the steps): weights and strides train together; each
    step every group's size is jittered by up to ``size_jitter`` pixels (``size_jitter.py``).
 2. *Search* (once, at that step): the held-out split carved from the training data (never the
-   validation data) scores neighbouring size allocations within the budget, starting from the
-   learned one and from the run's initial one (``size_search.py``); the best is kept.
+   validation data) compares size allocations within the budget: the run's initial one is kept
+   unless the learned one or a neighbour has a lower held-out loss by a clear margin (a paired
+   test over the same images; ``size_search.py``).
 3. *Settling* (the last ``settle`` of the steps): the strides are held at the chosen sizes and
    the weights adapt to them without jitter.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from .group_sizes import GroupGeometry
 from .size_jitter import SizeJitter
@@ -30,12 +31,12 @@ class SizeControl:
     """The size schedule of one run (see the module docstring)."""
 
     def __init__(self, model: nn.Module, input_size: Sequence[int], *, jitter: int, search: bool, settle: float,
-                 total_steps: int, seed: int, rounds: int = 4) -> None:
+                 total_steps: int, seed: int, rounds: int = 4, alpha: float = 0.05) -> None:
         self.geometry = GroupGeometry(model, input_size)
         self.active = bool(self.geometry.params)
         self.jitter = SizeJitter(self.geometry, jitter if self.active else 0, seed)
         self.search_step = round(total_steps * (1.0 - settle)) if (search and self.active) else None
-        self.rounds, self.seed = rounds, seed
+        self.rounds, self.seed, self.alpha = rounds, seed, alpha
         self.initial = self.geometry.strides()  # the run's starting allocation (a search start)
         self.result: dict[str, Any] | None = None  # the search's outcome once it ran
 
@@ -50,20 +51,22 @@ class SizeControl:
     def search_due(self, step: int) -> bool:
         return self.search_step is not None and not self.settled and step >= self.search_step
 
-    def search(self, flops_of: Callable, budget: int, evaluate: Callable[[], tuple[float, float]],
+    def search(self, flops_of: Callable, budget: int, evaluate: Callable[[], tuple[Tensor, Tensor]],
                project: Callable[[], None]) -> dict[str, Any]:
         """Run the held-out search and set the chosen strides (held from now on by ``hold``).
 
-        Starts: the learned strides, the run's initial ones, and the learned ones projected into
-        the budget by ``project()`` (which moves the model's strides in place).
+        The incumbent is the run's initial allocation; the learned one (projected into the budget
+        by ``project()``, which moves the model's strides in place, if it is over) competes with it.
         """
         learned = self.geometry.strides()
-        starts = {"learned": learned, "initial": self.initial}
+        others = {"learned": learned}
         if flops_of(learned) > budget:
             project()
-            starts["learned, projected"] = self.geometry.strides()
+            others["learned, projected"] = self.geometry.strides()
             self.geometry.set_strides(learned)
-        found = search_sizes(self.geometry, flops_of, budget, evaluate, starts, rounds=self.rounds, seed=self.seed)
+        initial = self.initial if flops_of(self.initial) <= budget else others.get("learned, projected", learned)
+        found = search_sizes(self.geometry, flops_of, budget, evaluate, initial, others, rounds=self.rounds,
+                             alpha=self.alpha, seed=self.seed)
         self.result = found.to_dict()
         return self.result
 

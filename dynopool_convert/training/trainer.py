@@ -345,7 +345,7 @@ class _Run:
         budget = self.budget if self.budget is not None else int(self.cost.flops(self.sizes.initial))
         self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
         result = self.sizes.search(
-            self.cost.flops, budget, lambda: self._evaluate(self.model, self.holdout, score=True),
+            self.cost.flops, budget, self._holdout_losses,
             lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
         row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
                **{k: v for k, v in result.items() if k != "evaluated"}}
@@ -381,9 +381,21 @@ class _Run:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
     # ------------------------------------------------------------------ epochs, saving
-    def _evaluate(self, model: nn.Module, data=None, score: bool = False) -> tuple[float, float]:
-        """(loss, accuracy) on ``data`` (default: the validation split); ``score``: (accuracy, -loss)."""
-        data, info = (data if data is not None else self.data.val), self.info
+    def _holdout_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image loss and correctness on the whole held-out split (every rank alike)."""
+        loader = DataLoader(self.holdout, batch_size=self.t.batch_size, shuffle=False, num_workers=self.t.workers)
+        self.model.eval()
+        losses, correct = [], []
+        with torch.no_grad(), _autocast(self.info.device, self.t.amp):
+            for images, labels in loader:
+                images, labels = images.to(self.info.device), labels.to(self.info.device)
+                logits = self.model(images).float()
+                losses.append(nn.functional.cross_entropy(logits, labels, reduction="none").cpu())
+                correct.append((logits.argmax(1) == labels).cpu())
+        return torch.cat(losses), torch.cat(correct)
+
+    def _evaluate(self, model: nn.Module) -> tuple[float, float]:
+        data, info = self.data.val, self.info
         indices = list(range(info.rank, len(data), info.world))
         loader = DataLoader(data, batch_size=self.t.batch_size, sampler=indices, num_workers=self.t.workers)
         model.eval()
@@ -396,8 +408,6 @@ class _Run:
                 correct += (logits.argmax(1) == labels).sum().item()
                 count += labels.shape[0]
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
-        if score:
-            return correct / max(count, 1), -loss_sum / max(count, 1)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     def _end_epoch(self, sums: list[float], seconds: float) -> None:
