@@ -80,7 +80,9 @@ def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
 
 
 def _write_pt2(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
-    torch.export.save(torch.export.export(frozen, (example,), dynamic_shapes=_batch_dynamic()), str(tmp))
+    buffer = io.BytesIO()  # through a buffer: torch.export.save warns about a file not named *.pt2
+    torch.export.save(torch.export.export(frozen, (example,), dynamic_shapes=_batch_dynamic()), buffer)
+    tmp.write_bytes(buffer.getvalue())
 
 
 def _write_safetensors(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
