@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import tempfile
 import warnings
@@ -33,7 +34,7 @@ from .errors import UserInputError
 from .files import atomic_write, check_output_path
 from .freeze import freeze, frozen_parts, reference_input_size
 
-__all__ = ["FORMATS", "ONNX_OPSET", "ExportResult", "export", "export_frozen", "load_exported"]
+__all__ = ["FORMATS", "ONNX_OPSET", "ExportResult", "check_format", "export", "export_frozen", "load_exported"]
 
 FORMATS = ("onnx", "torchscript", "pt2", "safetensors")
 #: ONNX opset of the exported files (Resize with half-pixel coordinates needs >= 11)
@@ -150,10 +151,19 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
     return " ".join(str(err).split())[:limit]
 
 
-def export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> Path:
-    """Write the already frozen model ``frozen`` in format ``fmt`` to ``path`` (atomically)."""
+def check_format(fmt: str) -> None:
+    """UserInputError unless ``fmt`` is a format and the packages it needs are installed."""
     if fmt not in FORMATS:
         raise UserInputError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx":
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserInputError(f"ONNX export needs {', '.join(missing)}: pip install 'dynopool[export]'")
+
+
+def export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> Path:
+    """Write the already frozen model ``frozen`` in format ``fmt`` to ``path`` (atomically)."""
+    check_format(fmt)
     path = check_output_path(path, f"{fmt} export")
     with _quiet(), torch.no_grad():
         atomic_write(path, lambda tmp: _WRITERS[fmt](frozen, example, Path(tmp)))
@@ -168,6 +178,7 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     Raises ``UserInputError`` naming the site (or the exporter's message) when the format cannot
     hold the model; the file is then not written.
     """
+    check_format(fmt)
     size = check_input_size(input_size) if input_size is not None else reference_input_size(model)
     frozen = freeze(model, size)
     example = _example(size, 2, seed, frozen)
