@@ -50,6 +50,7 @@ class ExportResult:
     input_size: tuple[int, int, int]
     max_abs_diff: float
     frozen_max_abs_diff: float
+    output_max: float  # largest |output| of the PyTorch model on the same inputs, for a relative reading
     opset: int | None = None
 
 
@@ -125,13 +126,15 @@ def load_exported(fmt: str, path: str | Path, frozen: nn.Module | None = None) -
     raise ValueError(f"unknown export format {fmt!r}")
 
 
-def _max_diff(run: Callable[[Tensor], Tensor], reference: nn.Module, inputs: list[Tensor]) -> float:
-    worst = 0.0
+def _max_diff(run: Callable[[Tensor], Tensor], reference: nn.Module, inputs: list[Tensor]) -> tuple[float, float]:
+    """Max abs difference of ``run`` from ``reference`` over ``inputs``, and max |reference output|."""
+    worst = scale = 0.0
     with torch.no_grad():
         for x in inputs:
             got, want = run(x), reference(x)
             worst = max(worst, float((got.float() - want.float()).abs().max()))
-    return worst
+            scale = max(scale, float(want.float().abs().max()))
+    return worst, scale
 
 
 def _culprit(model: nn.Module, fmt: str, input_size: tuple[int, int, int]) -> str | None:
@@ -195,8 +198,8 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     model.eval()
     try:
         with _quiet():
-            diff = _max_diff(load_exported(fmt, path, frozen), model, inputs)
-            frozen_diff = _max_diff(frozen, model, inputs)
+            diff, scale = _max_diff(load_exported(fmt, path, frozen), model, inputs)
+            frozen_diff, _ = _max_diff(frozen, model, inputs)
     finally:
         model.train(was_training)
-    return ExportResult(path, fmt, size, diff, frozen_diff, ONNX_OPSET if fmt == "onnx" else None)
+    return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None)
