@@ -105,12 +105,13 @@ def test_freeze_keeps_the_tied_group_the_pin_and_the_patchify_site(moved):
         torch.testing.assert_close(frozen(x), moved(x), rtol=0, atol=1e-5)
 
 
-def test_live_model_traces_and_plain_fvcore_counts_it_and_the_frozen_one():
+def test_live_model_traces_and_plain_fvcore_counts_it_and_the_frozen_one(tmp_path):
     model = _moved(width=128)  # convolutions dominate, as in real models: resizes are counted differently
     x = torch.randn(1, *SIZE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, x)
+        torch.jit.trace(model, x).save(str(tmp_path / "live.ts"))  # standard ops only: it serialises
+        traced = torch.jit.load(str(tmp_path / "live.ts"))
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
     reported = count_flops(model, SIZE)  # what 'dynopool report' prints as the current FLOPs
@@ -197,3 +198,19 @@ def test_cli_exports_a_checkpoint_and_prints_the_difference(tmp_path, capsys):
         main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "x.onnx")])  # untrusted source
     out, err = capsys.readouterr()
     assert info.value.code == 2 and err.count("\n") == 1 and "--trust-source" in err
+
+
+def test_the_check_sees_wrong_weights_and_nan(moved, tmp_path):
+    from safetensors.torch import save_model
+
+    from dynopool_convert.export import _max_diff, load_exported
+
+    frozen = freeze(moved)
+    x = [torch.randn(2, *SIZE)]
+    save_model(frozen, str(tmp_path / "ok.safetensors"))
+    assert _max_diff(load_exported("safetensors", tmp_path / "ok.safetensors", frozen), moved, x)[0] < 1e-5
+    with torch.no_grad():
+        frozen.get_submodule("fc").weight.mul_(2.0)
+    save_model(frozen, str(tmp_path / "bad.safetensors"))
+    assert _max_diff(load_exported("safetensors", tmp_path / "bad.safetensors", frozen), moved, x)[0] > 1e-2
+    assert _max_diff(lambda t: torch.full((2, 5), float("nan")), moved, x)[0] == float("inf")
