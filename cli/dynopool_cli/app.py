@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
 
 # Commands live in their own modules (the CLI only parses, calls the library and renders).
 from .convert_cmd import convert  # noqa: E402
+from .export_cmd import export  # noqa: E402
 from .finetune_cmd import finetune  # noqa: E402
 from .report_cmd import report  # noqa: E402
 
-for _command in (convert, finetune, report):
+for _command in (convert, finetune, report, export):
     app.command()(_command)
