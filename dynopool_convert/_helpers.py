@@ -1,12 +1,21 @@
 """Tiny shared helpers."""
 from __future__ import annotations
 
+from typing import Any
+
 from timm.layers import to_2tuple
 
-__all__ = ["to_2tuple", "pair_of_floats"]
+__all__ = ["to_2tuple", "pair_of_floats", "int_pair"]
 
 
 def pair_of_floats(value: float | tuple[float, float] | list[float]) -> tuple[float, float]:
     """Return ``value`` as an ``(h, w)`` pair of floats."""
     h, w = to_2tuple(value)
     return float(h), float(w)
+
+
+def int_pair(value: Any) -> tuple[int, int]:
+    """``3`` -> ``(3, 3)``; ``(3, 5)`` -> ``(3, 5)``; a 1-element sequence is used for both axes."""
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[-1])
+    return int(value), int(value)

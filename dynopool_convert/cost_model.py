@@ -50,6 +50,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .dynopool import DynOPool, dynopool_output_size, scale_parameters
 from .errors import UnsupportedModelError, UserInputError
 from .flops import _quiet, count_flops, flop_analysis
+from .op_registry import Geometry, leaf_module_types, op_call, spec_for_node, autowrap_functions
 
 __all__ = ["CostModel", "trace_for_cost"]
 
@@ -59,7 +60,8 @@ __all__ = ["CostModel", "trace_for_cost"]
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps DynOPool, convolutions and timm's not-traceable modules as leaves."""
+    """fx tracer that keeps the op registry's modules (DynOPool, convolutions, pools) and timm's
+    not-traceable modules as leaves, and the registry's functions as single calls."""
 
     def __init__(self) -> None:
         try:
@@ -69,11 +71,12 @@ class _LeafTracer(fx.Tracer):
             autowrap = tuple(get_notrace_functions())
         except ImportError:  # pragma: no cover - timm is a dependency
             self._notrace, autowrap = (), ()
-        super().__init__(autowrap_functions=autowrap)
+        self._leaves = tuple(leaf_module_types())  # the op registry's: DynOPool, convs, pools
+        super().__init__(autowrap_functions=(*autowrap, *autowrap_functions()))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # conv subclasses (timm's StdConv2d, Conv2dSame) stay whole, as the conversion keeps them
-        if isinstance(m, (DynOPool, nn.Conv2d)) or (self._notrace and isinstance(m, self._notrace)):
+        if isinstance(m, self._leaves) or (self._notrace and isinstance(m, self._notrace)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -204,12 +207,6 @@ def _window_out(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
     return out
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1]))
-    return (int(v), int(v))
-
-
 def _spatial(info: Any) -> tuple[int, int] | None:
     if isinstance(info, _TensorInfo) and len(info.shape) == 4:
         return info.shape[2], info.shape[3]
@@ -229,90 +226,36 @@ class _Rule:
     flops_on: str = "in"  # which class the node's FLOPs scale with: "in" or "out"
 
 
-def _window_params(kernel, stride, padding, dilation, ceil_mode) -> tuple | None:
-    if isinstance(padding, str):
-        return None
-    k, s, p, d = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
-    return tuple((k[i], s[i], 2 * p[i], d[i], bool(ceil_mode)) for i in range(2))
-
-
 def _keeps_size(wp: tuple) -> bool:
     """A stride-1 window whose padding exactly offsets the kernel: output size = input size."""
     return all(s == 1 and p == d * (k - 1) and not ceil for k, s, p, d, ceil in wp)
 
 
-def _module_rules(m: nn.Module, parent: _Class) -> list[_Rule]:
-    if isinstance(m, DynOPool):
-        return []  # handled by the caller (needs the group index)
-    if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        is_conv = isinstance(m, nn.Conv2d)
-        flops_on = "out" if is_conv else "in"
-        dilation = m.dilation if hasattr(m, "dilation") and not isinstance(m, nn.AvgPool2d) else 1
-        ceil = getattr(m, "ceil_mode", False)
-        rules = []
-        wp = _window_params(m.kernel_size, m.stride, m.padding, dilation, ceil)
-        if wp is not None and not _keeps_size(wp):
-            rules.append(_Rule("new", _Class("window", parent, params=wp), flops_on))
-        if max(_pair(m.stride)) > 1:
-            rules.append(_Rule("new", _Class("same", parent, params=_pair(m.stride)), flops_on))
-        return rules
-    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        return [_Rule("new", _Class("const"), "in")]
-    if isinstance(m, (nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
-        return _pad_rules(parent, m.padding)
-    if isinstance(m, nn.Upsample):
-        return _interpolate_rules(parent, m.size, m.scale_factor)
-    return []
+def _registry_rules(n: fx.Node, gm: fx.GraphModule, ref: dict[fx.Node, Any], parent: _Class) -> list[_Rule]:
+    """Candidate rules from the op registry's geometry of ``n`` (none for an op it does not know)."""
+    spec = spec_for_node(n, gm)
+    if spec is None or spec.geometry is None:
+        return []
+
+    def value_of(a: fx.Node) -> Any:
+        info = ref.get(a)
+        return info.shape if isinstance(info, _TensorInfo) else info
+
+    return [r for g in spec.geometry(op_call(n, gm, value_of, spec)) if (r := _geometry_rule(g, parent)) is not None]
 
 
-def _pad_rules(parent: _Class, pad: Any) -> list[_Rule]:
-    """Padding ``(left, right[, top, bottom])``: a window of 1 with that total padding."""
-    pad = tuple(int(v) for v in (pad if isinstance(pad, (tuple, list)) else (pad,) * 4))
-    left, right = pad[0], pad[1] if len(pad) > 1 else pad[0]
-    top, bottom = (pad[2], pad[3]) if len(pad) >= 4 else (0, 0)
-    wp = ((1, 1, top + bottom, 1, False), (1, 1, left + right, 1, False))
-    return [] if wp[0][2] == wp[1][2] == 0 else [_Rule("new", _Class("window", parent, params=wp), "in")]
-
-
-def _interpolate_rules(parent: _Class, size: Any, scale_factor: Any) -> list[_Rule]:
-    if size is not None:
-        return [_Rule("new", _Class("const"), "out")]
-    if scale_factor is not None:
-        f = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
-        return [_Rule("new", _Class("scale", parent, params=(float(f[0]), float(f[-1]))), "out")]
-    return []
-
-
-def _arg(node_args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return node_args[i] if len(node_args) > i else default
-
-
-def _function_rules(target: Callable, args: tuple, kwargs: dict, parent: _Class) -> list[_Rule]:
-    """Rules for call_function nodes (``args``: node args with plain values substituted)."""
-    if target in (F.conv2d,):
-        w = args[1] if len(args) > 1 else kwargs["weight"]
-        k = w.shape[-2:] if isinstance(w, _TensorInfo) else (1, 1)
-        wp = _window_params(k, _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0),
-                            _arg(args, kwargs, 5, "dilation", 1), False)
-        return [_Rule("new", _Class("window", parent, params=wp), "out")] if wp and not _keeps_size(wp) else []
-    if target in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
-        is_max = target in (F.max_pool2d, torch.max_pool2d)
-        k = _arg(args, kwargs, 1, "kernel_size", None)
-        s = _arg(args, kwargs, 2, "stride", None) or k
-        p = _arg(args, kwargs, 3, "padding", 0)
-        d = _arg(args, kwargs, 4, "dilation", 1) if is_max else 1
-        ceil = _arg(args, kwargs, 5 if is_max else 4, "ceil_mode", False)
-        wp = _window_params(k, s, p, d, ceil)
-        return [_Rule("new", _Class("window", parent, params=wp), "in")] if wp else []
-    if target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-        return [_Rule("new", _Class("const"), "in")]
-    if target is F.pad:
-        return _pad_rules(parent, _arg(args, kwargs, 1, "pad", ()))
-    if target is F.interpolate:
-        return _interpolate_rules(parent, _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None))
-    return []
+def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
+    """The size class a registry geometry describes (None: it keeps the size, or is not static)."""
+    if g.kind == "fixed":
+        return _Rule("new", _Class("const"), g.flops_on)
+    if g.kind == "scale":
+        return _Rule("new", _Class("scale", parent, params=g.factor), g.flops_on)
+    if g.kind == "same":
+        return _Rule("new", _Class("same", parent, params=g.stride), g.flops_on)
+    if g.padding is None:
+        return None
+    wp = tuple((g.kernel[i], g.stride[i], g.padding[i], g.dilation[i], g.ceil) for i in range(2))
+    return None if _keeps_size(wp) else _Rule("new", _Class("window", parent, params=wp), g.flops_on)
 
 
 _TOKEN_KINDS = ("tokens", "pairs")
@@ -545,11 +488,9 @@ class CostModel:
                     g = self._group_of[id(m.stride)]
                     rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=m.multiple), "out"))
                 elif parent is not None:
-                    rules += _module_rules(m, parent)
+                    rules += _registry_rules(n, gm, ref, parent)
             elif n.op == "call_function" and parent is not None:
-                args = _substitute(n.args, ref)
-                kwargs = _substitute(n.kwargs, ref)
-                rules += _function_rules(n.target, args, kwargs, parent)
+                rules += _registry_rules(n, gm, ref, parent)
             module = gm.get_submodule(n.target) if n.op == "call_module" else None
             probe_rule = None
             if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
