@@ -188,11 +188,11 @@ def _raise_impossible(model, budget, input_size, params, base, lowest) -> None:
 def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel) -> dict:
     """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
     params = cost.parameters
-    bounds = cost._bounds
-    base = cost._clamp_all(cost._current_strides())
+    bounds = cost.bounds
+    base = cost.clamp(cost.current_strides())
     # fvcore's count from the cost model's build if the strides have not moved since, else
     # the cost model's (exact) value; fvcore confirms whatever is returned
-    unmoved = base == cost._clamp_all(cost.reference_strides) and tuple(input_size) == cost.input_size
+    unmoved = base == cost.clamp(cost.reference_strides) and tuple(input_size) == cost.input_size
     start = cost.reference_flops if unmoved else cost.flops(base)
     result = {"budget": int(budget), "input_size": list(input_size), "start_flops": start, "factor": 1.0,
               "method": "none"}
@@ -280,7 +280,7 @@ def project_to_budget(
     ``group_factors``, ``moved`` and the final ``strides``.
     """
     cost = cost_model or CostModel(model, input_size)
-    base = cost._clamp_all(cost._current_strides())
+    base = cost.clamp(cost.current_strides())
     _set_strides(cost.parameters, base)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
     out["flops_before"] = out.pop("start_flops")
