@@ -1,6 +1,7 @@
 """The budget: parsing, the penalty, fitting at convert time, the final projection."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from budget_models import MODELS, randomise_strides
 from dynopool_convert import build_model, convert
-from dynopool_convert.budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
+from dynopool_convert.budget import (
+    BudgetFit, BudgetProjection, budget_penalty, fit_to_budget, parse_budget, project_to_budget,
+)
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.errors import UnsupportedModelError, UserInputError
 from dynopool_convert.flops import count_flops
@@ -66,6 +69,20 @@ def test_fit_leaves_a_model_within_budget_alone():
     out = fit_to_budget(model, 10**12, (3, 32, 32), cost_model=cost)
     assert out["method"] == "none" and out["final_flops"] == out["converted_flops"] == cost.reference_flops
     assert all(torch.equal(a, p) for a, p in zip(before, cost.parameters))
+
+
+def test_fit_and_projection_results_are_typed_and_plain_data():
+    model = MODELS["vgg_like"]()
+    cost = CostModel(model, (3, 32, 32))
+    fit = fit_to_budget(model, cost.reference_flops // 2, (3, 32, 32), cost_model=cost, original_flops=7)
+    assert isinstance(fit, BudgetFit) and fit.method != "none" and fit["final_flops"] == fit.final_flops
+    assert fit.final_flops == count_flops(model, (3, 32, 32)) <= cost.reference_flops // 2
+    data = fit.as_dict()
+    assert json.loads(json.dumps(data)) == data and data["original_flops"] == 7
+    with pytest.raises(KeyError):
+        fit["no_such_field"]
+    proj = project_to_budget(model, fit.final_flops, (3, 32, 32), cost_model=cost)
+    assert isinstance(proj, BudgetProjection) and not proj.moved and proj.flops_before == fit.final_flops
 
 
 def test_fit_refuses_an_impossible_budget_with_the_minimum_and_keeps_strides():

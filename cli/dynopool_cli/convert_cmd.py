@@ -95,7 +95,7 @@ def convert(
             converted_flops = count_flops(result.model, size)
         else:
             fit = fit_to_budget(result.model, budget_flops, size, original_flops=original_flops)
-            converted_flops = fit["converted_flops"]
+            converted_flops = fit.converted_flops
     plan = result.plan
     table, reasons = site_table(plan)
     console.print(table)
@@ -116,13 +116,13 @@ def convert(
         f"converted {format_flops(converted_flops)} ({converted_flops})"
     )
     if fit is not None:
-        if fit["method"] == "none":
+        if fit.method == "none":
             console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
         else:
             console.print(
-                f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit['final_flops'])} "
-                f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; "
-                f"r x {', '.join(f'{f:.4g}' for f in fit['group_factors'])})"
+                f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
+                f"({fit.final_flops}) by lowering the scale factors ({fit.method}; "
+                f"r x {', '.join(f'{f:.4g}' for f in fit.group_factors)})"
             )
     if dry_run:
         console.print("dry run: no checkpoint written")
@@ -130,7 +130,7 @@ def convert(
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
     flops = {"original": original_flops, "converted": converted_flops}
     if fit is not None:
-        flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
+        flops.update(final=fit.final_flops, fit_method=fit.method, group_factors=fit.group_factors)
     saved = save_checkpoint(
         path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra={"flops": flops}
     )
