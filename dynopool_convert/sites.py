@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._helpers import pair_of_floats
+from ._helpers import node_hw, pair_of_floats
 
 __all__ = ["Candidate", "SiteHandler", "HANDLERS", "find_candidates", "site_module_types", "handler_for"]
 
@@ -75,8 +75,7 @@ def _as_stride(value: Any) -> tuple[float, float] | None:
 
 
 def _is_4d(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4
+    return node_hw(node) is not None
 
 
 def _retarget_to_pool(gm: fx.GraphModule, node: fx.Node, pool_path: str) -> None:

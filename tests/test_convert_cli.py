@@ -39,6 +39,15 @@ def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_one_channel_input_size_c_h_w(tmp_path, capsys, monkeypatch):
+    # the one size parser: C,H,W gives its own channels (a 1-channel model was refused before)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["convert", "timm:resnet18", "--input-size", "1,32,32", "--build-arg", "in_chans=1",
+                           "--dry-run"], capsys)
+    assert code == 0, err
+    assert "FLOPs at 32x32" in out and "dry run" in out
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [

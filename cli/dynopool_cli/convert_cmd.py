@@ -53,7 +53,7 @@ def site_table(plan) -> tuple[Table, list[str]]:
 
 def convert(
     model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
-    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N or HxW (default: the model's own).")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N, HxW or C,H,W (e.g. 1,28,28 for one channel; default: the model's own).")] = None,
     placement: Annotated[Placement, typer.Option(help="DynOPool before or after each strided conv (made stride 1).")] = Placement.before,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
