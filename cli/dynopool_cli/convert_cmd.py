@@ -69,6 +69,7 @@ def convert(
     from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
+    from dynopool_convert.checkpoint_extra import conversion_extra
     from dynopool_convert.flops import count_flops, format_flops
 
     from dynopool_convert.files import check_output_path
@@ -128,10 +129,8 @@ def convert(
         console.print("dry run: no checkpoint written")
         return
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
-    flops = {"original": original_flops, "converted": converted_flops}
-    if fit is not None:
-        flops.update(final=fit.final_flops, fit_method=fit.method, group_factors=fit.group_factors)
     saved = save_checkpoint(
-        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra={"flops": flops}
+        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops,
+        extra=conversion_extra(original_flops, converted_flops, fit),
     )
     console.print(f"checkpoint: {saved}")

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
+from ..checkpoint_extra import original_flops as extra_original_flops
 from ..dynopool import DynOPool, dynopool_modules, scale_parameters
 from ..errors import UserInputError
 from .flops import count_flops, flops_by_module
@@ -346,9 +347,7 @@ def build_report(
 
     extra = extra or {}
     if original_flops is None:
-        original_flops = extra.get("flops_original")
-        if original_flops is None and isinstance(extra.get("flops"), Mapping):
-            original_flops = extra["flops"].get("original")
+        original_flops = extra_original_flops(extra)
     group_order = [next((m.group for m in pools.values() if m.stride is p), None) for p in scale_parameters(gm)]
     history = _history(training, group_order)
     summary = _training_summary(training)
@@ -429,7 +428,7 @@ def report_from_checkpoint(
     if size[0] != reference[0]:  # the first layer's weights fix the channel count
         raise UserInputError(f"input size {','.join(map(str, size))} has {size[0]} channels; this model takes {reference[0]}")
     extra = dict(ckpt.extra or {})
-    original = extra.get("flops_original")
+    original = extra_original_flops(extra)
     if original is None or size != reference:
         original = _original_flops(ckpt.source, ckpt.build_args, size)
     return build_report(
