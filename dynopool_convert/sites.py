@@ -204,6 +204,19 @@ class TransposedConvHandler:
 # pooling modules
 
 
+def _pool_skip_reason(node: fx.Node, stride: tuple[float, float] | None, returns_indices: bool, what: str) -> str:
+    """Why a pool is not converted ("" when it is a site)."""
+    if stride is None:
+        return f"{what} is not a static number"
+    if stride == (1.0, 1.0):
+        return "stride 1: keeps the spatial size"
+    if returns_indices:
+        return "returns pooling indices (used by an unpooling op)"
+    if not _is_4d(node):
+        return "input is not an N x C x H x W tensor"
+    return ""
+
+
 class PoolModuleHandler:
     """Pooling modules (``MaxPool2d``, ``AvgPool2d``, timm's ``*Same`` variants, ``LPPool2d``,
     ``BlurPool2d``, ...); DynOPool replaces them, aggregating with ``aggregate`` by default."""
@@ -221,14 +234,7 @@ class PoolModuleHandler:
         m = _module(gm, node)
         stride = _as_stride(m.stride if getattr(m, "stride", None) is not None else m.kernel_size)
         cand = Candidate(node.name, "", self.kind, _desc(m), self.name, stride, self.aggregate)
-        if stride is None:
-            cand.skip_reason = "stride is not a static number"
-        elif stride == (1.0, 1.0):
-            cand.skip_reason = "stride 1: keeps the spatial size"
-        elif getattr(m, "return_indices", False):
-            cand.skip_reason = "returns pooling indices (used by an unpooling op)"
-        elif not _is_4d(node):
-            cand.skip_reason = "input is not an N x C x H x W tensor"
+        cand.skip_reason = _pool_skip_reason(node, stride, getattr(m, "return_indices", False), "stride")
         return cand
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
@@ -283,14 +289,8 @@ class PoolFunctionHandler:
         stride = _as_stride(stride_arg if stride_arg not in (None, [], ()) else bound.get("kernel_size"))
         op = f"{label}(k={_fmt(bound.get('kernel_size'))}, s={_fmt(stride_arg)})"
         cand = Candidate(node.name, "", self.kind, op, self.name, stride, aggregate)
-        if stride is None:
-            cand.skip_reason = "stride/kernel size is not a static number"
-        elif stride == (1.0, 1.0):
-            cand.skip_reason = "stride 1: keeps the spatial size"
-        elif bound.get("return_indices") or node.target is F.max_pool2d_with_indices:
-            cand.skip_reason = "returns pooling indices (used by an unpooling op)"
-        elif not _is_4d(node):
-            cand.skip_reason = "input is not an N x C x H x W tensor"
+        indices = bool(bound.get("return_indices")) or node.target is F.max_pool2d_with_indices
+        cand.skip_reason = _pool_skip_reason(node, stride, indices, "stride/kernel size")
         return cand
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
