@@ -71,20 +71,6 @@ def test_fit_leaves_a_model_within_budget_alone():
     assert all(torch.equal(a, p) for a, p in zip(before, cost.parameters))
 
 
-def test_fit_and_projection_results_are_typed_and_plain_data():
-    model = MODELS["vgg_like"]()
-    cost = CostModel(model, (3, 32, 32))
-    fit = fit_to_budget(model, cost.reference_flops // 2, (3, 32, 32), cost_model=cost, original_flops=7)
-    assert isinstance(fit, BudgetFit) and fit.method != "none" and fit["final_flops"] == fit.final_flops
-    assert fit.final_flops == count_flops(model, (3, 32, 32)) <= cost.reference_flops // 2
-    data = fit.as_dict()
-    assert json.loads(json.dumps(data)) == data and data["original_flops"] == 7
-    with pytest.raises(KeyError):
-        fit["no_such_field"]
-    proj = project_to_budget(model, fit.final_flops, (3, 32, 32), cost_model=cost)
-    assert isinstance(proj, BudgetProjection) and not proj.moved and proj.flops_before == fit.final_flops
-
-
 def test_fit_refuses_an_impossible_budget_with_the_minimum_and_keeps_strides():
     model = MODELS["vgg_like"]()
     cost = CostModel(model, (3, 32, 32))
@@ -108,6 +94,12 @@ def test_resnet50_at_224_fits_4g_within_3_88_and_4_00():
     assert 4.11e9 < out["converted_flops"] < 4.2e9
     assert 3.88e9 <= out["final_flops"] <= 4.0e9
     assert out["final_flops"] == count_flops(model, (3, 224, 224))
+    # a typed result, also read as a mapping, and plain data for checkpoints
+    assert isinstance(out, BudgetFit) and out.method != "none" and out.final_flops == out["final_flops"]
+    data = out.as_dict()
+    assert json.loads(json.dumps(data)) == data and data["converted_flops"] == out.converted_flops
+    with pytest.raises(KeyError):
+        out["no_such_field"]
 
 
 # the projection must never leave a model over budget: random strides, several models,
@@ -130,7 +122,7 @@ def test_projection_always_ends_within_budget(name, seed):
         except UserInputError as err:  # only when even the minimum does not fit
             assert "minimum achievable" in str(err)
             continue
-        assert out["moved"]
+        assert isinstance(out, BudgetProjection) and out.moved and out["moved"]
         assert out["flops_before"] == current
         assert out["final_flops"] <= budget  # fvcore's count after the projection
 

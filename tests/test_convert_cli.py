@@ -42,10 +42,10 @@ def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
 def test_one_channel_input_size_c_h_w(tmp_path, capsys, monkeypatch):
     # the one size parser: C,H,W gives its own channels (a 1-channel model was refused before)
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run(["convert", "timm:resnet18", "--input-size", "1,32,32", "--build-arg", "in_chans=1",
-                           "--dry-run"], capsys)
+    code, out, err = _run(["convert", "dynopool_convert.training.zoo:small_cnn", "--input-size", "1,28,28",
+                           "--build-arg", "width=4", "--dry-run"], capsys)  # small_cnn takes 1 channel
     assert code == 0, err
-    assert "FLOPs at 32x32" in out and "dry run" in out
+    assert "FLOPs at 28x28" in out and "2 sites converted" in out and "dry run" in out
 
 
 @pytest.mark.parametrize(
