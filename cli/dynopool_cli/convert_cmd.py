@@ -51,6 +51,20 @@ def site_table(plan) -> tuple[Table, list[str]]:
     return table, [f"[{i}] {reason}" for reason, i in reasons.items()]
 
 
+def _print_fit(console, fit, budget_flops: int) -> None:
+    """One line on how the converted model was fitted to its budget."""
+    from dynopool_convert.flops import format_flops
+
+    if fit.method == "none":
+        console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
+        return
+    console.print(
+        f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
+        f"({fit.final_flops}) by lowering the scale factors ({fit.method}; "
+        f"r x {', '.join(f'{f:.4g}' for f in fit.group_factors)})"
+    )
+
+
 def convert(
     model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N, HxW or C,H,W (e.g. 1,28,28 for one channel; default: the model's own).")] = None,
@@ -117,14 +131,7 @@ def convert(
         f"converted {format_flops(converted_flops)} ({converted_flops})"
     )
     if fit is not None:
-        if fit.method == "none":
-            console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
-        else:
-            console.print(
-                f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
-                f"({fit.final_flops}) by lowering the scale factors ({fit.method}; "
-                f"r x {', '.join(f'{f:.4g}' for f in fit.group_factors)})"
-            )
+        _print_fit(console, fit, budget_flops)
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
