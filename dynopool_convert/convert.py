@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._helpers import node_hw
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
@@ -117,11 +118,8 @@ def _select(candidates: list[Candidate], include: Sequence[str] | None, exclude:
             cand.skip_reason = "matched by --exclude"
 
 
-def _spatial(node: fx.Node | None) -> list[int] | None:
-    meta = None if node is None else node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
-        return None
-    return [int(meta.shape[2]), int(meta.shape[3])]
+def _as_list(hw: tuple[int, int] | None) -> list[int] | None:
+    return None if hw is None else list(hw)
 
 
 def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] | None:
@@ -160,7 +158,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
             placement=("patchify" if patch else policy["placement"]) if c.kind == "conv" and not c.skip_reason else None,
             aggregate=aggregate,
             stride_init=None if c.stride is None else ([1.0, 1.0] if patch else list(c.stride)),
-            input_size=_spatial(first_input), output_size=_spatial(node),
+            input_size=_as_list(node_hw(first_input)), output_size=_as_list(node_hw(node)),
         )
         if site.status == "converted" and site.input_size:
             multiple = patch or (1, 1)

@@ -56,6 +56,7 @@ def test_learns_moves_strides_and_ends_within_budget(tiny_ckpt, tmp_path):
         loaded = load_checkpoint(out / name, trust_source=True)
         assert count_flops(loaded.model, SIZE) <= budget
         assert loaded.budget == budget
+        assert loaded.extra["flops"]["current"] == count_flops(loaded.model, SIZE)  # the one extra schema
     assert load_checkpoint(out / "last.pt", trust_source=True).training["progress"]["step"] == 24
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]

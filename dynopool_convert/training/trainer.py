@@ -31,6 +31,7 @@ from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_mode
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
+from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
@@ -465,7 +466,7 @@ class _Run:
         model, flops = projected
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            extra = dict(self.bundle.extra or {}, flops=flops)
+            extra = with_current_flops(self.bundle.extra, flops)
             save_model(self.out_dir / LAST, self.bundle, model, training, extra)
             if is_best:
                 save_model(self.out_dir / BEST, self.bundle, model, training, extra)
