@@ -145,7 +145,7 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
                 res = search_sizes(geo, cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
                                    ref["original"], others, seed=seed)
                 searched = res.to_dict()
-                searched.pop("evaluated")
+                searched["evaluated"] = searched["evaluated"][:6]  # the starts and the first moves
                 opt_s, jitter = None, None  # settle: sizes fixed from here on
             if jitter is not None:
                 with jitter.step(step):
