@@ -207,7 +207,9 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        self.cost = upstream.CostModel(model, bundle.input_size)
+        # only a budget needs the cost model: a model it refuses still fine-tunes without one,
+        # and with a budget the refusal comes here, before any step
+        self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         if resume:
@@ -313,8 +315,8 @@ class _Run:
         with _autocast(dev, t.amp):
             logits = self.ddp(images)
             task = self.criterion(logits.float(), labels)
-        flops = self.cost()
-        penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
+        flops = self.cost() if self.cost is not None else None
+        penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if flops is not None else torch.zeros(())
         loss = task + t.penalty_weight * penalty.to(task.device)
         self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
         self.optimizer.zero_grad(set_to_none=True)
@@ -327,7 +329,7 @@ class _Run:
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
-                "flops": float(flops.detach())}
+                "flops": None if flops is None else float(flops.detach())}
 
     def _stop_if_diverged(self, what: str, bad: bool) -> None:
         """Stop the run (every rank) when training produced NaN/inf; the files on disk stay as they were."""
