@@ -1,7 +1,7 @@
 """The CLI's progress renderers: Rich bar on a terminal, plain lines otherwise."""
 from __future__ import annotations
 
-from dynopool_cli.finetune_cmd import PlainLog, RichProgress
+from dynopool_cli.finetune_progress import PlainLog, RichProgress
 from dynopool_convert.training import FinetuneResult
 
 START = {"total_steps": 10, "steps_per_epoch": 5, "epochs": 2, "start_step": 0, "budget": 5_500_000, "device": "cpu",

@@ -2,6 +2,9 @@
 
 Errors: the library raises ``UserInputError`` for anything the user can fix; ``main`` prints
 its one-line message to stderr and exits with code 2, without a traceback.
+
+Start-up: nothing here imports the library (torch, timm, fvcore, numba: seconds); each command
+imports what it needs when it runs, so ``--help`` answers at once (tests/test_cli_startup.py).
 """
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ try:  # recent typer vendors click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
-
-from dynopool_convert.errors import UserInputError
 
 app = typer.Typer(
     name="dynopool",
@@ -51,6 +52,12 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """``UserInputError`` once a command has imported the library; before that none can be raised."""
+    errors = sys.modules.get("dynopool_convert.errors")
+    return (errors.UserInputError,) if errors is not None else ()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
         typer.echo(f"Error: {_one_line(err.format_message())}{hint}", err=True)
         sys.exit(2)
-    except UserInputError as err:
+    except _user_errors() as err:  # evaluated when an error reaches it: after the command's imports
         typer.echo(f"Error: {_one_line(str(err))}", err=True)
         sys.exit(2)
     except typer.Abort:

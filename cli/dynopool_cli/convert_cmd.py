@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich is imported when the command runs (start-up time)
+    from rich.table import Table
 
 
 class Placement(str, Enum):
@@ -30,6 +31,8 @@ def _size(value: list[int] | None) -> str:
 def site_table(plan) -> tuple[Table, list[str]]:
     """A Rich table of the plan's sites (name, op, group, input -> output, status), and the
     numbered reasons its status column refers to (one line each, identical reasons once)."""
+    from rich.table import Table
+
     table = Table(title=f"DynOPool sites at input {_size(plan.input_size[1:])}", show_lines=False)
     table.add_column("site", overflow="fold")
     table.add_column("op", overflow="fold")
@@ -72,6 +75,7 @@ def convert(
     from dynopool_convert.flops import count_flops, format_flops
 
     from dynopool_convert.files import check_output_path
+    from rich.console import Console
 
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
