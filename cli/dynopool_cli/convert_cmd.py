@@ -73,6 +73,7 @@ def convert(
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
     from dynopool_convert.flops import count_flops, format_flops
+    from dynopool_convert.group_ids import by_group, format_by_group
 
     from dynopool_convert.files import check_output_path
     from rich.console import Console
@@ -123,10 +124,10 @@ def convert(
         if fit["method"] == "none":
             console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
         else:
+            factors = format_by_group(by_group(fit["group_factors"], fit["groups"]), lambda f: f"{f:.4g}")
             console.print(
                 f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit['final_flops'])} "
-                f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; "
-                f"r x {', '.join(f'{f:.4g}' for f in fit['group_factors'])})"
+                f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; r × {factors})"
             )
     if dry_run:
         console.print("dry run: no checkpoint written")
@@ -134,7 +135,8 @@ def convert(
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
     flops = {"original": original_flops, "converted": converted_flops}
     if fit is not None:
-        flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
+        flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"],
+                     groups=fit["groups"])
     saved = save_checkpoint(
         path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra={"flops": flops}
     )

@@ -5,6 +5,7 @@ from typing import Any
 
 import typer
 
+from dynopool_convert.group_ids import by_group, format_by_group
 from dynopool_convert.training import FinetuneResult, TrainCallbacks
 
 __all__ = ["PlainLog", "RichProgress", "fmt_flops"]
@@ -25,8 +26,10 @@ def _step_text(row: dict[str, Any]) -> str:
             f"{row['img_s']:.0f} img/s")
 
 
-def _epoch_text(row: dict[str, Any]) -> str:
-    r = " ".join(f"{rh:.3f}x{rw:.3f}" for rh, rw in row["r_saved"])
+def _epoch_text(row: dict[str, Any], groups: list[int | None] | None) -> str:
+    """The epoch's line; the scale factors labelled by group id, in group order (as in the report)."""
+    ids = groups if groups is not None and len(groups) == len(row["r_saved"]) else [None] * len(row["r_saved"])
+    r = format_by_group(by_group(row["r_saved"], ids), lambda v: f"{v[0]:.3f}x{v[1]:.3f}")
     return (f"epoch {row['epoch']} step {row['step']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | saved FLOPs {fmt_flops(row['flops'])}"
             f"{'/' + fmt_flops(row['budget']) if row.get('budget') else ''} | r {r} | {row['time_s']:.1f}s")
@@ -35,7 +38,10 @@ def _epoch_text(row: dict[str, Any]) -> str:
 class PlainLog(TrainCallbacks):
     """One log line per logging step and per epoch (not a TTY)."""
 
+    groups: list[int | None] | None = None  # group id of each entry of a row's r, from on_start
+
     def on_start(self, info: dict[str, Any]) -> None:
+        self.groups = info.get("groups")
         typer.echo(f"finetune: {info['total_steps']} steps ({info['steps_per_epoch']}/epoch, {info['epochs']} epochs) "
                    f"from step {info['start_step']} on {info['device']} x{info['world']}; "
                    f"{info['train_size']} train / {info['val_size']} val images, {info['num_classes']} classes, "
@@ -45,7 +51,7 @@ class PlainLog(TrainCallbacks):
         typer.echo(f"step {row['step']} " + _step_text(row))
 
     def on_epoch(self, row: dict[str, Any]) -> None:
-        typer.echo(_epoch_text(row))
+        typer.echo(_epoch_text(row, self.groups))
 
     def on_message(self, text: str) -> None:
         typer.echo(text, err=True)
@@ -64,6 +70,7 @@ class RichProgress(PlainLog):
         self.task = None
 
     def on_start(self, info: dict[str, Any]) -> None:
+        self.groups = info.get("groups")
         self.console.print(f"{info['total_steps']} steps on {info['device']} x{info['world']}, "
                            f"{info['train_size']} train / {info['val_size']} val images, budget {fmt_flops(info['budget'])}")
         self.progress.start()
@@ -73,7 +80,7 @@ class RichProgress(PlainLog):
         self.progress.update(self.task, completed=row["step"], stats=_step_text(row))
 
     def on_epoch(self, row: dict[str, Any]) -> None:
-        self.progress.console.print(_epoch_text(row))
+        self.progress.console.print(_epoch_text(row, self.groups))
 
     def on_message(self, text: str) -> None:
         self.progress.console.print(text)

@@ -13,8 +13,9 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
-from ..dynopool import DynOPool, dynopool_modules, scale_parameters
+from ..dynopool import DynOPool, dynopool_modules
 from ..errors import UserInputError
+from ..group_ids import by_group, group_ids
 from .flops import count_flops, flops_by_module
 from .graph import ReportGraph, strides_set_to
 from .options import merge_input_size
@@ -167,7 +168,7 @@ def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) 
     """``training["history"]`` (or ``training["progress"]["history"]``) as plain data.
 
     Scale factors stored as lists in ``scale_parameters`` order (``r``, ``r_saved``) are keyed
-    by group id instead (``{"3": [r_h, r_w]}``), so that scripts need not know that order.
+    by group id instead (``{"3": [r_h, r_w]}``, in group order), so that scripts need not know that order.
     """
     if not training:
         return None
@@ -185,7 +186,7 @@ def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) 
         for key in ("r", "r_saved", "strides"):
             value = row.get(key)
             if isinstance(value, list) and len(value) == len(group_order) and all(isinstance(v, list) for v in value):
-                row[key] = {str(g if g is not None else i): v for i, (g, v) in enumerate(zip(group_order, value))}
+                row[key] = by_group(value, group_order)
     return rows
 
 
@@ -349,8 +350,7 @@ def build_report(
         original_flops = extra.get("flops_original")
         if original_flops is None and isinstance(extra.get("flops"), Mapping):
             original_flops = extra["flops"].get("original")
-    group_order = [next((m.group for m in pools.values() if m.stride is p), None) for p in scale_parameters(gm)]
-    history = _history(training, group_order)
+    history = _history(training, group_ids(gm))
     summary = _training_summary(training)
     params = sum(p.numel() for p in gm.parameters())
     return {

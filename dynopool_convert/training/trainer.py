@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
+from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, parse_data_spec, unreadable_files
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
@@ -219,7 +220,7 @@ class _Run:
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "start_step": self.progress.step, "budget": self.budget, "device": str(info.device), "world": info.world,
             "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
-            "input_size": list(bundle.input_size),
+            "input_size": list(bundle.input_size), "groups": group_ids(model),
         })
         stop = _StopFlag(not info.enabled, self.cbs)
         try:
