@@ -21,6 +21,9 @@ class Aggregate(str, Enum):
     mean = "mean"
 
 
+#: the width of redirected output: a table takes its natural width, a line is never wrapped
+_UNWRAPPED = 100_000
+
 _STATUS_STYLE = {"converted": "green", "pinned": "cyan", "reverted": "yellow", "skipped": "dim"}
 
 
@@ -80,6 +83,8 @@ def convert(
 
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
+    if not console.is_terminal:  # redirected: whole lines (no 80-column wrap splitting site names)
+        console = Console(width=_UNWRAPPED)
     source = resolve_source(model)
     if not dry_run:  # a bad --out is refused before any work, not after it
         check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")
