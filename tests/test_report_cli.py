@@ -64,7 +64,7 @@ def test_missing_checkpoint_exits_2_with_one_line(capsys, tmp_path):
     missing = tmp_path / "missing.pt"
     code, out, err = _run(["report", str(missing)], capsys)
     assert code == 2 and out == ""
-    assert err.splitlines() == [f"Error: checkpoint not found: {missing} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')"]
+    assert err.splitlines() == [f"Error: checkpoint '{missing}' does not exist (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')"]
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -8,6 +8,7 @@ imports what it needs when it runs, so ``--help`` answers at once (tests/test_cl
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
@@ -52,6 +53,12 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def _usage_message(err: UsageError) -> str:
+    """Click's message in one line, without the "Value error, " that typer's pydantic
+    validation puts before a choice error ("Value error, 'pdf' is not one of ...")."""
+    return re.sub(r"(^|: )Value error, ", r"\1", _one_line(err.format_message()))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """``UserInputError`` once a command has imported the library; before that none can be raised."""
     errors = sys.modules.get("dynopool_convert.errors")
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except UsageError as err:
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
-        typer.echo(f"Error: {_one_line(err.format_message())}{hint}", err=True)
+        typer.echo(f"Error: {_usage_message(err)}{hint}", err=True)
         sys.exit(2)
     except _user_errors() as err:  # evaluated when an error reaches it: after the command's imports
         typer.echo(f"Error: {_one_line(str(err))}", err=True)

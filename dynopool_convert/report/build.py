@@ -417,12 +417,9 @@ def report_from_checkpoint(
     ``(S,)`` for a square (missing channels come from the checkpoint). ``trust_source`` lets a
     ``package.module:factory`` source be imported (see ``load_checkpoint``).
     """
-    path = Path(path)
-    if not path.exists():  # other problems (a folder, unreadable, corrupt): load_checkpoint says
-        raise UserInputError(f"checkpoint not found: {path} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')")
-    from ..checkpoint import load_checkpoint  # the convert helper's module
+    from ..checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path, trust_source=trust_source)
+    ckpt = load_checkpoint(Path(path), trust_source=trust_source)  # a missing file: the same message as every command
     plan = ckpt.plan.to_dict() if hasattr(ckpt.plan, "to_dict") else dict(ckpt.plan)
     reference = tuple(int(v) for v in ckpt.input_size)
     size = merge_input_size(tuple(input_size), reference) if input_size is not None else reference
