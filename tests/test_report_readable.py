@@ -3,6 +3,7 @@ terminal tables that fit 100 columns, FLOPs formatted alike, sites named rather 
 from __future__ import annotations
 
 import copy
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from _report_fixtures import TinyConverted, tiny_plan, tiny_training
 from dynopool_convert.group_ids import by_group, format_by_group, group_ids
 from dynopool_convert.report import build_report, render, to_rich
 from dynopool_convert.report import text
+from dynopool_convert.report.figures import history_plot
 
 
 def _renumbered() -> tuple[TinyConverted, dict]:
@@ -102,3 +104,43 @@ def test_terminal_tables_fit_100_columns(renumbered):
 def test_wide_shows_every_column(renumbered):
     out = _render(_long_names(renumbered), 240, wide=True)
     assert all(column in out for column in text.SITE_COLUMNS) and "…" not in out
+
+
+class _Captions(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.captions: list[str] = []
+        self._in = False
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self._in = tag == "figcaption"
+
+    def handle_endtag(self, tag) -> None:
+        self._in = False
+
+    def handle_data(self, data) -> None:
+        if self._in:
+            self.captions.append(data)
+
+
+def test_html_captions_and_site_names(renumbered):
+    report = copy.deepcopy(renumbered)
+    report["sites"][1]["name"] = "6"  # a layer of an nn.Sequential
+    report["groups"][1]["sites"] = ["6"]
+    page = render(report, "html")
+    parser = _Captions()
+    parser.feed(page)
+    assert len(parser.captions) == 2 and not any(c.endswith(".png") for c in parser.captions)
+    assert "6 (max_pool2d)" in page and "<td>6</td>" not in page
+
+
+def test_every_history_panel_has_its_x_label_and_no_blank_band(renumbered):
+    fig = history_plot(renumbered)
+    axes = fig.get_axes()
+    assert len(axes) == 3  # r, FLOPs, accuracy
+    for ax in axes:
+        assert ax.get_xlabel() == "epoch"
+        assert ax.xaxis.get_tick_params().get("labelbottom", True)  # sharex hides them but on the last
+    # a fixed subplot grid leaves a band between the title and the first panel; constrained does not
+    assert type(fig.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
+    assert axes[1].yaxis.get_major_formatter()(5_040_000, 0) == "5.04M"
