@@ -9,7 +9,8 @@ batch 64) for ``--steps`` steps in a fresh process with its environment:
 - ``default``: torch's and numba's thread pools as they come (one thread per core each);
 - ``passive``: the same, with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep, not spin);
 - ``one-thread``: ``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1``;
-- ``dynopool``: what ``dynopool finetune`` sets by itself now (``DYNOPOOL_THREADS`` unset).
+- ``dynopool``: what the ``dynopool`` command sets by itself before torch loads
+  (``dynopool_cli.threads.quiet_thread_pools``: ``OMP_WAIT_POLICY=PASSIVE`` unless set).
 
 Prints one JSON line per run: setting, threads seen, the load average before the run, and the
 training speed (img/s, the median over the logging windows after the first, which holds the
@@ -34,15 +35,15 @@ SETTINGS = {
     "one-thread": {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"},
     "dynopool": {},
 }
-_CLEARED = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "DYNOPOOL_THREADS")
+_CLEARED = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
 
 _CHILD = r"""
 import json, os, statistics, sys
+if sys.argv[3] == "dynopool":
+    from dynopool_cli.threads import quiet_thread_pools
+    quiet_thread_pools()
 from dynopool_convert.training import finetune
 import torch
-if sys.argv[3] == "dynopool":
-    from dynopool_convert.training.threads import configure_cpu_threads
-    configure_cpu_threads()
 res = finetune(None, sys.argv[1], recipe=sys.argv[2],
                overrides={"train": {"steps": int(sys.argv[4]), "log_every": 10, "epochs": None}})
 rows = [json.loads(l) for l in open(os.path.join(sys.argv[1], "metrics.jsonl")) if '"step"' in l]

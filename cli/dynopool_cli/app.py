@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
     Usage errors (unknown options, bad values) and ``UserInputError`` from the library print
-    one line to stderr and exit with code 2, without a traceback.
+    one line to stderr and exit with code 2, without a traceback. OpenMP threads are made
+    to sleep when idle unless ``OMP_WAIT_POLICY`` is set (``threads.quiet_thread_pools``).
     """
+    quiet_thread_pools()  # before any command imports torch
     try:
         code = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError:
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Commands live in their own modules (the CLI only parses, calls the library and renders).
+from .threads import quiet_thread_pools  # noqa: E402
 from .convert_cmd import convert  # noqa: E402
 from .finetune_cmd import finetune  # noqa: E402
 from .report_cmd import report  # noqa: E402
