@@ -19,14 +19,19 @@ for argv in ([], ["--help"], ["report", "--help"], ["convert", "--help"], ["fine
         except SystemExit as exc:
             assert exc.code in (0, None), (argv, exc.code)
 print(json.dumps(sorted(m for m in HEAVY if m in sys.modules)))
+import os
+print(os.environ.get("OMP_WAIT_POLICY"))
 """
 
 
 def test_help_imports_no_heavy_library():
     code = f"HEAVY = {HEAVY!r}\n" + _PROBE
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    loaded, policy = out.stdout.strip().splitlines()[-2:]
+    assert json.loads(loaded) == []
+    assert policy == "PASSIVE"  # set by main(), before any command could load torch
 
 
 def test_user_errors_still_exit_2_after_lazy_imports(tmp_path):
@@ -37,24 +42,16 @@ def test_user_errors_still_exit_2_after_lazy_imports(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
-_POLICY = """
-import os, sys
-from dynopool_cli.app import main
-try:
-    main(["demo", "--size", "9"])
-except SystemExit:
-    pass
-import torch  # loaded by the command, after the policy was set
-print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules, file=sys.stderr)
-"""
 
+def test_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    # spinning threads lose ~5x on a loaded machine (benchmarks/thread_pools.py); OpenMP reads
+    # the policy when torch loads, which the CLI only does after main() has set it
+    from dynopool_cli.threads import quiet_thread_pools
 
-def test_idle_openmp_threads_sleep_unless_the_user_chose():
-    # spinning threads lose ~5x on a loaded machine (benchmarks/thread_pools.py)
-    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        if given:
-            env["OMP_WAIT_POLICY"] = given
-        out = subprocess.run([sys.executable, "-c", _POLICY], capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr
-        assert out.stderr.strip().splitlines()[-1] == f"{expected} True"
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in a fresh `dynopool` process (restored after)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    quiet_thread_pools()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    quiet_thread_pools()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice is kept
