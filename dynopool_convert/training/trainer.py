@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
+from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
@@ -191,7 +192,8 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
-        searching = t.size_search and bool(scale_parameters(bundle.model))
+        # the search weighs sizes against FLOPs: without a budget the strides learn to the end
+        searching = t.size_search and self.budget is not None and bool(scale_parameters(bundle.model))
         self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
@@ -212,7 +214,9 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        self.cost = upstream.CostModel(model, bundle.input_size)
+        # only a budget needs the cost model: a model it refuses still fine-tunes without one,
+        # and with a budget the refusal comes here, before any step
+        self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
@@ -224,7 +228,7 @@ class _Run:
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "start_step": self.progress.step, "budget": self.budget, "device": str(info.device), "world": info.world,
             "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
-            "input_size": list(bundle.input_size),
+            "input_size": list(bundle.input_size), "groups": group_ids(model),
         })
         stop = _StopFlag(not info.enabled, self.cbs)
         try:
@@ -324,8 +328,8 @@ class _Run:
             with _autocast(dev, t.amp):
                 logits = self.ddp(images)
                 task = self.criterion(logits.float(), labels)
-            flops = self.cost()
-            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
+            flops = self.cost() if self.cost is not None else None
+            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if flops is not None else torch.zeros(())
             loss = task + t.penalty_weight * penalty.to(task.device)
             self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
             self.optimizer.zero_grad(set_to_none=True)
@@ -339,11 +343,11 @@ class _Run:
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
-                "flops": float(flops.detach())}
+                "flops": None if flops is None else float(flops.detach())}
 
     def _search_sizes(self) -> None:
         """The held-out size search (every rank runs it alike on the whole held-out split)."""
-        budget = self.budget if self.budget is not None else int(self.cost.flops(self.sizes.initial))
+        budget = self.budget
         self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
         result = self.sizes.search(
             self.cost.flops, budget, self._holdout_losses,
