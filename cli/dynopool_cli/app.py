@@ -96,6 +96,7 @@ from .threads import quiet_thread_pools  # noqa: E402
 from .convert_cmd import convert  # noqa: E402
 from .finetune_cmd import finetune  # noqa: E402
 from .report_cmd import report  # noqa: E402
+from .export_cmd import export  # noqa: E402
 
-for _command in (convert, finetune, report):
+for _command in (convert, finetune, report, export):
     app.command()(_command)
