@@ -11,6 +11,10 @@ Forward: the four quarter-centre queries of a cell are interpolated and reduced 
 winner is kept) or ``mean``. Backward: the winner (max) or all four queries (mean) are
 recomputed, the gradient is added into their pixels with float32 atomics, and each program
 writes its partial sums of both cell gradients (reduced afterwards in a fixed order).
+
+Only builtins of ``triton.language`` and this module's functions are called (``tl.reduce``
+with ``_add``, not ``tl.sum``): the library's own jitted helpers are decorated when triton is
+imported, so under an interpreter switched on later (the tests) they could not run.
 """
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ import triton
 import triton.language as tl
 
 __all__ = ["forward_kernel", "backward_kernel"]
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
 
 
 @triton.jit
@@ -121,7 +130,7 @@ def forward_kernel(
     else:
         # max_pool2d's rule: the first maximum in row-major order; NaN wins (v != v)
         res = v0
-        k = tl.zeros_like(offs).to(tl.int32)
+        k = (offs * 0).to(tl.int32)
         take = (v1 > res) | (v1 != v1)
         res = tl.where(take, v1, res)
         k = tl.where(take, 1, k)
@@ -176,5 +185,5 @@ def backward_kernel(
         dh, dw = _bilerp_backward(base, gbase, g, y0, y1, wy, x0, x1, wx, sxh, sxw, gxh, gxw, mask)
         acc_h = dh * dy
         acc_w = dw * dx
-    tl.store(part_ptr + 2 * pid, tl.sum(tl.where(mask, acc_h, 0.0), axis=0))
-    tl.store(part_ptr + 2 * pid + 1, tl.sum(tl.where(mask, acc_w, 0.0), axis=0))
+    tl.store(part_ptr + 2 * pid, tl.reduce(tl.where(mask, acc_h, 0.0), 0, _add))
+    tl.store(part_ptr + 2 * pid + 1, tl.reduce(tl.where(mask, acc_w, 0.0), 0, _add))
