@@ -175,8 +175,9 @@ class DynOPool(nn.Module):
     parameter's version counter or storage changed since it was taken: optimiser steps,
     ``clamp_``, ``copy_``, ``load_state_dict``, ``.data = ...``. Fused optimisers and in-place
     edits through ``.data`` bypass the version counter: call :func:`refresh_sizes` after them
-    (the trainer calls it after every step, one transfer for all groups). While
-    ``hold_sizes`` is True the copy changes only through :func:`refresh_sizes`.
+    (the trainer calls it after optimiser steps, one transfer for all groups). While
+    ``hold_sizes`` is True the copy changes only through :func:`refresh_sizes` (or when the
+    parameter's storage changes: copies of the module re-read).
 
     >>> pool = DynOPool(2.0)
     >>> pool(torch.randn(1, 3, 8, 8)).shape
@@ -188,6 +189,7 @@ class DynOPool(nn.Module):
     _host: tuple[float, float] | None = None
     _host_key: tuple[int, int] | None = None
     hold_sizes: bool = False
+    last_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (input, output) of the last forward
 
     def __init__(
         self,
@@ -233,8 +235,9 @@ class DynOPool(nn.Module):
         return min(max(s_h, lo), hi), min(max(s_w, lo), hi)
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Output ``(H', W')`` for an input of spatial size ``(H, W)``."""
-        s_h, s_w = self.stride_value
+        """Output ``(H', W')`` the next forward gives an input of spatial size ``(H, W)``."""
+        lo, hi = 1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0]
+        s_h, s_w = (min(max(v, lo), hi) for v in self.host_stride())
         return dynopool_output_size(size[0], s_h, self.multiple[0]), dynopool_output_size(size[1], s_w, self.multiple[1])
 
     def frozen(self, in_size: tuple[int, int]) -> nn.Module:
@@ -250,9 +253,11 @@ class DynOPool(nn.Module):
 
     def host_stride(self) -> tuple[float, float]:
         """The raw (unclamped) stride as Python floats: the host copy, re-read if the parameter changed."""
-        p = self.stride
-        if self._host is None or (not self.hold_sizes and self._host_key != _param_key(p)):
-            self._set_host(p.detach().cpu().tolist())
+        key = _param_key(self.stride)
+        # a held copy stays only for the storage it was read from (a deep copy or a moved model re-reads)
+        held = self.hold_sizes and self._host_key is not None and self._host_key[1] == key[1]
+        if self._host is None or (self._host_key != key and not held):
+            self._set_host(self.stride.detach().cpu().tolist())
         return self._host  # type: ignore[return-value]
 
     def _set_host(self, values: list[float]) -> None:
@@ -260,7 +265,9 @@ class DynOPool(nn.Module):
         self._host_key = _param_key(self.stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
+        y = dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
+        self.last_sizes = (tuple(x.shape[-2:]), tuple(y.shape[-2:]))  # for size statistics (trainer)
+        return y
 
     def extra_repr(self) -> str:
         s_h, s_w = self.stride_value
