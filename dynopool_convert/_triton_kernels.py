@@ -104,7 +104,12 @@ def _cell_index(pid, C, OH, OW, BLOCK: tl.constexpr, CL: tl.constexpr):
     return offs, n, c, i, j
 
 
-@triton.jit
+# sizes and strides vary with every stride and layer: one compiled kernel for all of them
+# (triton would otherwise compile a variant per pattern of ==1 / divisible-by-16 integers)
+_SIZES = ["total", "C", "H", "W", "OH", "OW"]
+
+
+@triton.jit(do_not_specialize=_SIZES + ["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"])
 def forward_kernel(
     x_ptr, out_ptr, code_ptr, cell_h_ptr, cell_w_ptr,
     total, C, H, W, OH, OW,
@@ -145,7 +150,7 @@ def forward_kernel(
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES + ["sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgh", "sgw", "gxn", "gxc", "gxh", "gxw"])
 def backward_kernel(
     x_ptr, g_ptr, code_ptr, gx_ptr, part_ptr, cell_h_ptr, cell_w_ptr,
     total, C, H, W, OH, OW,
