@@ -177,7 +177,8 @@ class DynOPool(nn.Module):
     edits through ``.data`` bypass the version counter: call :func:`refresh_sizes` after them
     (the trainer calls it after optimiser steps, one transfer for all groups). While
     ``hold_sizes`` is True the copy changes only through :func:`refresh_sizes` (or when the
-    parameter's storage changes: copies of the module re-read).
+    parameter's storage changes: copies of the module re-read). While ``torch.compile`` or
+    ``torch.export`` traces, an existing copy is used as is (no graph break).
 
     >>> pool = DynOPool(2.0)
     >>> pool(torch.randn(1, 3, 8, 8)).shape
@@ -253,6 +254,10 @@ class DynOPool(nn.Module):
 
     def host_stride(self) -> tuple[float, float]:
         """The raw (unclamped) stride as Python floats: the host copy, re-read if the parameter changed."""
+        if self._host is not None and torch.compiler.is_compiling():
+            # compiled code guards on these floats (no version or storage check in the graph):
+            # under torch.compile / torch.export sizes change only through refresh_sizes
+            return self._host
         key = _param_key(self.stride)
         # a held copy stays only for the storage it was read from (a deep copy or a moved model re-reads)
         held = self.hold_sizes and self._host_key is not None and self._host_key[1] == key[1]

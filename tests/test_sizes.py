@@ -158,3 +158,19 @@ def test_trainer_records_distinct_sizes_and_resumes_with_held_sizes(tiny_ckpt, t
     assert not part.completed
     resumed = _train(tiny_ckpt, tmp_path / "part", every=5, resume=True)
     assert resumed.completed and resumed.strides == full.strides
+
+
+def test_compile_and_export_use_the_host_copy_without_graph_breaks():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), DynOPool(1.7), nn.Conv2d(4, 4, 3))
+    x = torch.randn(2, 3, 20, 20)
+    model(x)  # takes the host copy
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(model, backend="eager")
+    assert compiled(x).shape[-2:] == (9, 9)  # 18 -> round(18 / 1.7) = 11 -> 9
+    with torch.no_grad():
+        model[1].stride.fill_(3.0)
+    refresh_sizes(model)
+    assert compiled(x).shape[-2:] == (4, 4)  # the guard on the host copy recompiles: 18 -> 6 -> 4
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
