@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynopool_convert import DynOPool
+from dynopool_convert import DynOPool, UserInputError
 from dynopool_convert.dynopool import refresh_sizes
 from dynopool_convert.training import finetune
 from dynopool_convert.training.sizes import SizeSchedule
@@ -141,10 +141,10 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def _train(ckpt: Path, out: Path, every: int, **extra):
-    return finetune(ckpt, out, trust_source=True, overrides={"data": DATA, "train": {
-        "epochs": 2, "batch_size": 8, "lr": 0.05, "scale_lr": 0.5, "log_every": 4, "device": "cpu",
-        "size_refresh_every": every}}, **extra)
+def _train(ckpt: Path, out: Path, every: int, overrides: dict | None = None, **extra):
+    train = {"epochs": 2, "batch_size": 8, "lr": 0.05, "scale_lr": 0.5, "log_every": 4, "device": "cpu",
+             "size_refresh_every": every, "size_jitter": 0, "size_search": False, **(overrides or {})}
+    return finetune(ckpt, out, trust_source=True, overrides={"data": DATA, "train": train}, **extra)
 
 
 def test_trainer_records_distinct_sizes_and_resumes_with_held_sizes(tiny_ckpt, tmp_path):
@@ -174,3 +174,19 @@ def test_compile_and_export_use_the_host_copy_without_graph_breaks():
     assert compiled(x).shape[-2:] == (4, 4)  # the guard on the host copy recompiles: 18 -> 6 -> 4
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_refresh_every_needs_no_jitter_and_releases_the_hold_for_the_search(tiny_ckpt, tmp_path):
+    with pytest.raises(UserInputError, match="size_jitter"):
+        _train(tiny_ckpt, tmp_path / "bad", every=5, overrides={"size_jitter": 1})
+    res = _train(tiny_ckpt, tmp_path / "search", every=3, overrides={"size_search": True, "settle": 0.5})
+    rows = [json.loads(line) for line in (tmp_path / "search" / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["kind"] == "search"]
+    assert res.completed and len(search) == 1
+    # the search set strides and measured their sizes with the hold lifted: the kept strides give
+    # the sizes it reports (with the hold in place it would have measured the held sizes)
+    from dynopool_convert.training.group_sizes import GroupGeometry
+
+    fresh = load_checkpoint(tiny_ckpt, trust_source=True).model
+    assert GroupGeometry(fresh, SIZE).sizes_at(search[0]["strides"]) == [tuple(s) for s in search[0]["sizes"]]
+    assert [list(s) for s in res.strides] == [list(s) for s in search[0]["strides"]]
