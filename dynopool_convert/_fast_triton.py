@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._fast_cpu import _clamp_passes_gradient_at_bounds, _is_channels_last
-from .errors import UserInputError
+from ._fast_cpu import _clamp_passes_gradient_at_bounds, _is_channels_last, usable
 
 __all__ = ["applies", "resample_pool_triton", "triton_available"]
 
@@ -69,12 +68,7 @@ def applies(x: Tensor, required: bool = False) -> bool:
     ``TRITON_INTERPRET=1``), outside deterministic mode and ``torch.compile`` tracing. With
     ``required`` (``backend="triton"``) an unusable kernel raises :class:`UserInputError`.
     """
-    reason = _unusable_reason(x)
-    if reason is None:
-        return True
-    if required and not torch.compiler.is_compiling():
-        raise UserInputError(f"backend='triton' is unavailable: {reason}; use backend='auto' or 'reference'")
-    return False
+    return usable(_unusable_reason(x), required, "triton")
 
 
 def _launch_args(x: Tensor, out_h: int, out_w: int, aggregate: str) -> tuple[int, tuple, dict]:

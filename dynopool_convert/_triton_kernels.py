@@ -53,11 +53,18 @@ def _axis_query(r, cell, size, LO_OK: tl.constexpr, HI_OK: tl.constexpr):
 
 
 @triton.jit
-def _bilerp(base, y0, y1, wy, x0, x1, wx, sh, sw, mask):
+def _pixels(base, y0, y1, x0, x1, sh, sw, mask):
+    """The four pixels around a query, in float32: (top-left, bottom-left, top-right, bottom-right)."""
     a0 = tl.load(base + y0 * sh + x0 * sw, mask=mask, other=0.0).to(tl.float32)
     b0 = tl.load(base + y1 * sh + x0 * sw, mask=mask, other=0.0).to(tl.float32)
     a1 = tl.load(base + y0 * sh + x1 * sw, mask=mask, other=0.0).to(tl.float32)
     b1 = tl.load(base + y1 * sh + x1 * sw, mask=mask, other=0.0).to(tl.float32)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def _bilerp(base, y0, y1, wy, x0, x1, wx, sh, sw, mask):
+    a0, b0, a1, b1 = _pixels(base, y0, y1, x0, x1, sh, sw, mask)
     r0 = a0 + (b0 - a0) * wy
     r1 = a1 + (b1 - a1) * wy
     return r0 + (r1 - r0) * wx
@@ -65,11 +72,10 @@ def _bilerp(base, y0, y1, wy, x0, x1, wx, sh, sw, mask):
 
 @triton.jit
 def _bilerp_backward(base, gbase, g, y0, y1, wy, x0, x1, wx, sh, sw, gsh, gsw, mask):
-    """Add ``g`` (gradient of one query) into its four pixels; return (d/d wy, d/d wx) times g."""
-    a0 = tl.load(base + y0 * sh + x0 * sw, mask=mask, other=0.0).to(tl.float32)
-    b0 = tl.load(base + y1 * sh + x0 * sw, mask=mask, other=0.0).to(tl.float32)
-    a1 = tl.load(base + y0 * sh + x1 * sw, mask=mask, other=0.0).to(tl.float32)
-    b1 = tl.load(base + y1 * sh + x1 * sw, mask=mask, other=0.0).to(tl.float32)
+    """Add ``g`` (gradient of one query) into its four pixels; return (d/d wy, d/d wx) times g.
+
+    The same arithmetic as ``_numba_kernels._bilerp_backward`` (the CPU kernel), in Triton."""
+    a0, b0, a1, b1 = _pixels(base, y0, y1, x0, x1, sh, sw, mask)
     r0 = a0 + (b0 - a0) * wy
     r1 = a1 + (b1 - a1) * wy
     g1 = g * wx  # autograd's order for r0 + (r1 - r0) * wx
@@ -84,9 +90,10 @@ def _bilerp_backward(base, gbase, g, y0, y1, wy, x0, x1, wx, sh, sw, gsh, gsw, m
 
 
 @triton.jit
-def _cell_index(pid, C, OH, OW, BLOCK: tl.constexpr, CL: tl.constexpr):
-    """Flat indices of this program's cells and their (n, c, i, j), in the output's memory order."""
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _cells(total, C, OH, OW, cell_h_ptr, cell_w_ptr, BLOCK: tl.constexpr, CL: tl.constexpr):
+    """This program's cells: flat indices, mask, (n, c, i, j) in the output's memory order, and
+    the two cell sizes (float32, read from the device)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     if CL:
         c = offs % C
         t = offs // C
@@ -101,7 +108,9 @@ def _cell_index(pid, C, OH, OW, BLOCK: tl.constexpr, CL: tl.constexpr):
         t = t // OH
         c = t % C
         n = t // C
-    return offs, n, c, i, j
+    ch = tl.load(cell_h_ptr).to(tl.float32)
+    cw = tl.load(cell_w_ptr).to(tl.float32)
+    return offs, offs < total, n, c, i, j, ch, cw
 
 
 # sizes and strides vary with every stride and layer: one compiled kernel for all of them
@@ -116,11 +125,7 @@ def forward_kernel(
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
     MEAN: tl.constexpr, CL: tl.constexpr, LO_OK: tl.constexpr, HI_OK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs, n, c, i, j = _cell_index(pid, C, OH, OW, BLOCK, CL)
-    mask = offs < total
-    ch = tl.load(cell_h_ptr).to(tl.float32)
-    cw = tl.load(cell_w_ptr).to(tl.float32)
+    offs, mask, n, c, i, j, ch, cw = _cells(total, C, OH, OW, cell_h_ptr, cell_w_ptr, BLOCK, CL)
     base = x_ptr + n * sxn + c * sxc
     ya0, ya1, wya, _dya = _axis_query(2 * i, ch, H, LO_OK, HI_OK)
     yb0, yb1, wyb, _dyb = _axis_query(2 * i + 1, ch, H, LO_OK, HI_OK)
@@ -157,11 +162,8 @@ def backward_kernel(
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, gxn, gxc, gxh, gxw,
     MEAN: tl.constexpr, CL: tl.constexpr, LO_OK: tl.constexpr, HI_OK: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    offs, mask, n, c, i, j, ch, cw = _cells(total, C, OH, OW, cell_h_ptr, cell_w_ptr, BLOCK, CL)
     pid = tl.program_id(0)
-    offs, n, c, i, j = _cell_index(pid, C, OH, OW, BLOCK, CL)
-    mask = offs < total
-    ch = tl.load(cell_h_ptr).to(tl.float32)
-    cw = tl.load(cell_w_ptr).to(tl.float32)
     base = x_ptr + n * sxn + c * sxc
     gbase = gx_ptr + n * gxn + c * gxc
     g = tl.load(g_ptr + n * sgn + c * sgc + i * sgh + j * sgw, mask=mask, other=0.0).to(tl.float32)

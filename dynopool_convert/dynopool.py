@@ -321,8 +321,8 @@ def refresh_sizes(model: nn.Module, hold: bool | None = None) -> None:
     params = scale_parameters(model)
     if not params:
         return
-    dev = params[0].device
-    values = torch.stack([p.detach().reshape(2).to(dev, torch.float64) for p in params]).cpu().tolist()
+    dev, dtype = params[0].device, params[0].dtype  # (float64 does not exist on every device)
+    values = torch.stack([p.detach().reshape(2).to(dev, dtype) for p in params]).cpu().tolist()
     by_param = {id(p): v for p, v in zip(params, values)}
     for m in modules:
         m._set_host(by_param[id(m.stride)])

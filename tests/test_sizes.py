@@ -127,7 +127,7 @@ def test_schedule_refreshes_every_k_steps_and_counts_sizes():
     # refreshed after steps 3 and 6: sizes of strides 2.0 (held), 3.5, 5.0
     assert used == [12, 12, 12, 7, 7, 7, 5]
     assert sched.distinct == 3
-    assert sched.state() == [[5.0, 5.0]]
+    assert sched.state()["held"] == [[5.0, 5.0]]
     sched.close()
     assert model(x).shape[-1] == round(24 / 5.5) and not model[0].hold_sizes
 
@@ -152,7 +152,7 @@ def test_trainer_records_distinct_sizes_and_resumes_with_held_sizes(tiny_ckpt, t
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [isinstance(r["distinct_sizes"], int) and r["distinct_sizes"] >= 2 for r in epochs] == [True, True]
-    assert load_checkpoint(tmp_path / "full" / "last.pt", trust_source=True).training["held_strides"]
+    assert load_checkpoint(tmp_path / "full" / "last.pt", trust_source=True).training["size_log"]["held"]
     # stopped at step 7 (between refreshes at 5 and 10) and resumed: the same trajectory
     part = _train(tiny_ckpt, tmp_path / "part", every=5, stop_after_steps=7)
     assert not part.completed

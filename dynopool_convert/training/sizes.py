@@ -9,7 +9,8 @@ does not need current sizes); ``released()`` lifts the hold for code that sets s
 measures sizes (the trainer's size search). With ``every`` = 1 nothing is held: sizes follow
 every change of the strides (size jitter, the search, settling).
 
-It also counts the distinct ``(site, input size, output size)`` the training forwards used,
+It also counts the distinct ``(site, input size, output size)`` the training forwards used (kept
+across a resume),
 and sets ``cudnn.benchmark`` off while strides learn (every new size would be autotuned) and on
 once they are frozen (or settled); the previous setting is restored by ``close``.
 """
@@ -41,7 +42,7 @@ class SizeSchedule:
 
     @property
     def distinct(self) -> int:
-        """Distinct (site, input size, output size) used by the training steps seen so far."""
+        """Distinct (site, input size, output size) used by the run's training steps so far."""
         return len(self.seen)
 
     def _set_benchmark(self) -> None:
@@ -74,17 +75,20 @@ class SizeSchedule:
         finally:
             refresh_sizes(self.model, hold=True)
 
-    def state(self) -> list[list[float]]:
-        """The held strides (one pair per group), for a resumed run to hold the same sizes."""
+    def state(self) -> dict:
+        """Plain data for a resumed run: the held strides (one pair per group) and the sizes seen."""
         by_param = {id(m.stride): list(m.host_stride()) for _, m in self.sites}
-        return [by_param[id(p)] for p in scale_parameters(self.model)]
+        return {"held": [by_param[id(p)] for p in scale_parameters(self.model)],
+                "seen": [[name, list(a), list(b)] for name, a, b in sorted(self.seen)]}
 
-    def load_state(self, held: list[list[float]] | None) -> None:
-        if held is None or self.every == 1:
+    def load_state(self, state: dict | None) -> None:
+        if not state:
             return
-        by_param = {id(p): v for p, v in zip(scale_parameters(self.model), held)}
-        for _, m in self.sites:
-            m._set_host(by_param[id(m.stride)])
+        self.seen = {(name, tuple(a), tuple(b)) for name, a, b in state["seen"]}
+        if self.every > 1:
+            by_param = {id(p): v for p, v in zip(scale_parameters(self.model), state["held"])}
+            for _, m in self.sites:
+                m._set_host(by_param[id(m.stride)])
 
     def close(self) -> None:
         """Sizes follow the strides again; ``cudnn.benchmark`` as it was."""

@@ -269,7 +269,7 @@ class _Run:
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
-        self.size_log.load_state(training.get("held_strides"))
+        self.size_log.load_state(training.get("size_log"))
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
         self.sizes.load_state(training.get("sizes"))
         rng = training["rng"]
@@ -457,7 +457,7 @@ class _Run:
             "progress": self.progress.to_dict(),
             "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
             "sizes": self.sizes.state(),
-            "held_strides": self.size_log.state(),
+            "size_log": self.size_log.state(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
