@@ -173,3 +173,41 @@ def test_backend_triton_refuses_what_it_cannot_run(monkeypatch):
             dynopool2d(torch.randn(1, 1, 4, 4), torch.tensor([2.0, 2.0]), backend="triton")
     # auto never takes Triton for CPU tensors
     assert not _fast_triton.applies(torch.randn(1, 1, 4, 4, device="cpu"))
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    # the interpreter does not type-check like the compiler: compile every variant to PTX for
+    # sm_90 (triton's bundled ptxas, no GPU needed), as a GPU run would on first use
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if DEVICE == "cuda":
+        pytest.skip("compiled for real by the other tests")
+    sys.modules.pop(KERNELS, None)  # decorated for compilation, not for the interpreter
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        import importlib
+
+        tk = importlib.import_module(KERNELS)
+    try:
+        # every (aggregate, layout) branch in float32; bfloat16 (the data's loads and stores) once
+        variants = [("fp32", mean, cl) for mean in (False, True) for cl in (False, True)] + [("bf16", False, True)]
+        for kernel in (tk.forward_kernel, tk.backward_kernel):
+            for dtype, mean, cl in variants:
+                pointers = {"x_ptr": dtype, "out_ptr": dtype, "g_ptr": dtype, "code_ptr": "u8", "gx_ptr": "fp32",
+                            "part_ptr": "fp32", "cell_h_ptr": "fp32", "cell_w_ptr": "fp32"}
+                consts = dict(MEAN=mean, CL=cl, LO_OK=True, HI_OK=True, BLOCK=512)
+                names = inspect.signature(kernel.fn).parameters
+                sig = {n: "constexpr" if n in consts else ("*" + pointers[n] if n in pointers else "i32") for n in names}
+                try:
+                    compiled = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+                except (FileNotFoundError, RuntimeError) as err:
+                    if "ptxas" in str(err):
+                        pytest.skip(f"no ptxas: {err}")
+                    raise
+                assert ".entry" in compiled.asm["ptx"]
+    finally:
+        _drop_kernel_module()
