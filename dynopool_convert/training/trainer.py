@@ -34,6 +34,7 @@ from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
 from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
+from .sizes import SizeSchedule
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -200,6 +201,8 @@ class _Run:
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
+        learn = t.scale_lr > 0 and any(q.requires_grad for q in self.scales)
+        self.size_log = SizeSchedule(model, t.size_refresh_every, info.device, learn)
         self.ddp = model
         if info.enabled:
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -235,6 +238,7 @@ class _Run:
             completed = self._loop(stop, stop_after_steps)
         finally:
             stop.close()
+            self.size_log.close()
         return self._finish(completed)
 
     def _remove_stale_temp_files(self) -> None:
@@ -270,6 +274,7 @@ class _Run:
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
+        self.size_log.load_state(training.get("size_log"))
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
         self.sizes.load_state(training.get("sizes"))
         rng = training["rng"]
@@ -292,7 +297,8 @@ class _Run:
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
                 if self.sizes.search_due(p.step):
-                    self._search_sizes()
+                    with self.size_log.released():
+                        self._search_sizes()
                 row = self._step(images, labels)
                 n = labels.shape[0]
                 sums[0] += row["loss"] * n
@@ -340,6 +346,7 @@ class _Run:
         clamp_strides_(self.model)
         self.sizes.hold()
         self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
+        self.size_log.after_step(self.progress.step + 1, learning=not self.sizes.settled)
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
@@ -424,7 +431,7 @@ class _Run:
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
             "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc, "flops": flops,
             "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
-            "time_s": round(seconds, 3), "projection": projection,
+            "time_s": round(seconds, 3), "projection": projection, "distinct_sizes": self.size_log.distinct,
         }
         self.rows.append(row)
         p.history.append(row)
@@ -455,6 +462,7 @@ class _Run:
             "progress": self.progress.to_dict(),
             "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
             "sizes": self.sizes.state(),
+            "size_log": self.size_log.state(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
