@@ -34,11 +34,10 @@ from dynopool_convert.budget import budget_penalty, fit_to_budget, project_to_bu
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.flops import count_flops
 from dynopool_convert.training.group_sizes import GroupGeometry
-from dynopool_convert.training.size_jitter import SizeJitter
-from dynopool_convert.training.size_search import search_sizes
+from dynopool_convert.training.size_control import SizeControl
 
 #: the dyn method's parts; "dyn:noX" switches part X off
-DYN_DEFAULTS = {"input": True, "jitter": 1, "search": True, "scale_lr": 0.01, "mode": "target", "settle": 0.3}
+DYN_DEFAULTS = {"input": True, "jitter": 1, "search": True, "scale_lr": 0.01, "mode": "ceiling", "settle": 0.3}
 
 
 def dyn_options(method: str, args) -> dict:
@@ -50,8 +49,8 @@ def dyn_options(method: str, args) -> dict:
             opts["search"] = False
         elif flag == "noinput":
             opts["input"] = False
-        elif flag == "ceiling":
-            opts["mode"] = "ceiling"
+        elif flag == "target":
+            opts["mode"] = "target"
         elif flag == "frozen":
             opts["scale_lr"] = 0.0
         elif flag.startswith("jitter"):
@@ -123,9 +122,9 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     total = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.1)
     cost = CostModel(model, (1, 28, 28)) if dyn else None
-    geo = GroupGeometry(model, (1, 28, 28)) if dyn else None
-    jitter = SizeJitter(geo, opts.get("jitter", 0), seed) if dyn else None
-    search_step = round(total * (1 - opts.get("settle", 0.3))) if opts.get("search") else None
+    # the trainer's size schedule (training/size_control.py), with the same knobs
+    sizes = SizeControl(model, (1, 28, 28), jitter=opts.get("jitter", 0), search=bool(opts.get("search")),
+                        settle=opts.get("settle", 0.3), total_steps=total, seed=seed) if dyn else None
     mode = opts.get("mode", "ceiling")
     searched, curve, step = None, [], 0
     t0 = time.perf_counter()
@@ -133,22 +132,12 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     for epoch in range(args.epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=g)]
         for x, y in batches(data, order, transform, g, size, args.batch_size):
-            if step == search_step:
-                start = geo.strides()
-                ref = dict(learned=start)
-                fitted = convert(small_vgg(width=args.width), input_size=(1, 28, 28), input_site=bool(opts.get("input"))).model
-                fit_to_budget(fitted, budget, (1, 28, 28))
-                ref["original"] = [tuple(p.detach().tolist()) for p in scale_parameters(fitted)]
-                others = {"learned": ref["learned"]}
-                if cost.flops(ref["learned"]) > budget:
-                    project_to_budget(model, budget, (1, 28, 28), cost)
-                    others["learned, projected"] = geo.strides()
-                res = search_sizes(geo, cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
-                                   ref["original"], others, seed=seed)
-                searched = res.to_dict()
-                searched["evaluated"] = searched["evaluated"][:6]  # the starts and the first moves
-                opt_s, jitter = None, None  # settle: sizes fixed from here on
-            with jitter.step(step) if jitter is not None else contextlib.nullcontext():
+            if sizes is not None and sizes.search_due(step):
+                searched = sizes.search(cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
+                                        lambda: project_to_budget(model, budget, (1, 28, 28), cost))
+                searched = dict(searched, evaluated=searched["evaluated"][:8])  # the starts and the first moves
+                opt_s = None  # settle: sizes held from here on
+            with sizes.step(step) if sizes is not None else contextlib.nullcontext():
                 loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
                 if opt_s is not None:
                     loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
@@ -160,6 +149,8 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
             if opt_s is not None:
                 opt_s.step()
                 clamp_strides_(model)
+            if sizes is not None:
+                sizes.hold()
             step += 1
         if args.curve:
             curve.append(round(accuracy(model, data["test_x_" + variant], data["test_y"], size)[0], 4))

@@ -67,7 +67,7 @@ class _BudgetResult:
     budget: int
     input_size: list[int]
     final_flops: int  # fvcore's count at the returned strides
-    method: str  # none | common | per-group
+    method: str  # none | common | per-group | input (the input site alone)
     factor: float  # the best common multiplier of every group's r
     group_factors: list[float]  # the multipliers applied, per group
     strides: list[list[float]]  # the final (s_h, s_w) per group
@@ -201,6 +201,38 @@ def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, ma
     return None
 
 
+def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int) -> list[float] | None:
+    """Per-group factors that lower only the input site's ``r`` (``convert(input_site=True)``)
+    to the largest value that fits, or None (no input site, or it cannot reach the budget alone).
+
+    Lowering every group's ``r`` by one factor compounds along the network (each group's size
+    is relative to its input): the last maps shrink most. Lowering the input alone is "lower the
+    input resolution", the simple alternative DynOPool must start from and then beat.
+    """
+    from .dynopool import dynopool_modules
+    from .input_site import INPUT_SITE
+
+    site = dict(dynopool_modules(model)).get(INPUT_SITE)
+    index = next((i for i, p in enumerate(cost.parameters) if site is not None and p is site.stride), None)
+    if index is None:
+        return None
+    factors = [1.0] * len(base)
+
+    def fits(f: float) -> bool:
+        factors[index] = f
+        return cost.flops(_scaled(base, bounds, factors)) <= budget
+
+    floor = 1e-3  # far below any bound: the stride is clamped to its upper bound there
+    if not fits(floor):
+        return None
+    lo, hi = floor, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    fits(lo)
+    return list(factors)
+
+
 def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: float, hi: float) -> float:
     """Largest common factor in ``[lo, hi)`` whose cost-model FLOPs are <= ``target``
     (``cost(lo) <= target`` is assumed; the cost is non-increasing as the factor drops)."""
@@ -258,6 +290,9 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
     greedy = _greedy_factors(cost, base, bounds, budget, floor)
     if greedy is not None and cost.flops(_scaled(base, bounds, greedy)) > cost.flops(_scaled(base, bounds, factors)):
         factors, method = greedy, "per-group"
+    by_input = _input_resolution_factors(model, cost, base, bounds, budget)
+    if by_input is not None:  # a learnable input resolution: lower it alone first
+        factors, method = by_input, "input"
     strides = _scaled(base, bounds, factors)
     _set_strides(params, strides)
     final = count_flops(model, input_size)
@@ -297,7 +332,7 @@ def fit_to_budget(
     ``UserInputError`` with the minimum achievable FLOPs when even every stride at its upper
     bound (``r = r_min``) does not fit. Returns a ``BudgetFit``: ``budget``, ``input_size``,
     ``original_flops`` (as given), ``converted_flops`` (before fitting), ``final_flops`` (fvcore,
-    after), ``method`` (``none``/``common``/``per-group``), ``factor`` (the best common
+    after), ``method`` (``none``/``common``/``per-group``/``input``), ``factor`` (the best common
     multiplier of ``r``), ``group_factors`` (the multipliers applied, per group), ``groups`` (the
     group id of each entry of ``group_factors`` and ``strides``) and the final ``strides`` per group.
     """

@@ -216,6 +216,9 @@ class DynOPool(nn.Module):
             if min(s) <= 0:
                 raise ValueError(f"stride must be positive, got {stride}")
             self.stride = nn.Parameter(torch.tensor(s, dtype=torch.float32))
+        #: the stride it was built with (plain data, not in the state dict): the converted model's
+        #: starting allocation, before any budget fit or training
+        self.stride_init: tuple[float, float] = tuple(float(v) for v in self.stride.detach().reshape(2).cpu().tolist())
         self.aggregate: Aggregate = aggregate
         self.r_bounds = (r_min, r_max)
         self.group = group

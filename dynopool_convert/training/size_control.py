@@ -37,7 +37,8 @@ class SizeControl:
         self.jitter = SizeJitter(self.geometry, jitter if self.active else 0, seed)
         self.search_step = round(total_steps * (1.0 - settle)) if (search and self.active) else None
         self.rounds, self.seed, self.alpha = rounds, seed, alpha
-        self.initial = self.geometry.strides()  # the run's starting allocation (a search start)
+        self.initial = self.geometry.strides()  # the run's starting allocation (the search's incumbent)
+        self.original = [tuple(m.stride_init) for m in self.geometry.sites]  # the converted model's, before any fit
         self.result: dict[str, Any] | None = None  # the search's outcome once it ran
 
     @property
@@ -65,10 +66,35 @@ class SizeControl:
             others["learned, projected"] = self.geometry.strides()
             self.geometry.set_strides(learned)
         initial = self.initial if flops_of(self.initial) <= budget else others.get("learned, projected", learned)
+        others.update(self._one_group_fits(flops_of, budget))
         found = search_sizes(self.geometry, flops_of, budget, evaluate, initial, others, rounds=self.rounds,
                              alpha=self.alpha, seed=self.seed)
         self.result = found.to_dict()
         return self.result
+
+    def _one_group_fits(self, flops_of: Callable, budget: int) -> dict[str, list[tuple[float, float]]]:
+        """Allocations that spend the budget by shrinking one group alone from the original sizes
+        (its ``r`` times the largest factor that fits; the others at their original strides).
+
+        Fitting a budget by one common factor on every group's ``r`` compounds along the network
+        (each group's size is relative to its input), so the last maps shrink most; shrinking the
+        input alone is "lower the resolution", which these starts put back into the comparison.
+        """
+        base = self.original
+        out = {}
+        for g, (lo, hi) in enumerate(self.geometry.bounds):
+            def scaled(f: float) -> list[tuple[float, float]]:
+                trial = list(base)
+                trial[g] = tuple(min(max(s / f, lo), hi) for s in base[g])
+                return trial
+            if flops_of(scaled(1e-6)) > budget or flops_of(base) <= budget:
+                continue  # this group alone cannot reach the budget (or no need to shrink)
+            low, high = 1e-6, 1.0
+            for _ in range(40):
+                mid = 0.5 * (low + high)
+                low, high = (mid, high) if flops_of(scaled(mid)) <= budget else (low, mid)
+            out[f"only group {g} shrunk"] = scaled(low)
+        return out
 
     def hold(self) -> None:
         """While settling, put the searched strides back after each optimiser step (whatever the
