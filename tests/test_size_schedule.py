@@ -143,3 +143,29 @@ def test_finetune_searches_then_holds_the_sizes(tmp_path):
     saved = load_checkpoint(out / "last.pt", trust_source=True)
     assert count_flops(saved.model, size) <= budget
     assert saved.training["sizes"]["result"]["sizes"] == search[0]["sizes"]
+
+
+def test_budget_fit_lowers_the_input_resolution_alone_first():
+    from dynopool_convert.budget import fit_to_budget
+
+    model = convert(_net(), input_size=SIZE, input_site=True).model
+    full = count_flops(model, SIZE)
+    fit = fit_to_budget(model, full // 2, SIZE)
+    assert fit.method == "input" and fit.final_flops <= full // 2
+    sizes = GroupGeometry(model, SIZE).measure()[1]
+    h = sizes[0][0]
+    assert h < 28 and sizes[1:] == [(round(h / 2), round(h / 2)), (round(round(h / 2) / 2),) * 2]
+    # every other group kept its stride
+    assert [tuple(p.detach().tolist()) for p in GroupGeometry(model, SIZE).params[1:]] == [(2.0, 2.0), (2.0, 2.0)]
+
+
+def test_search_starts_include_each_group_shrunk_alone(converted):
+    from dynopool_convert.training.size_control import SizeControl
+
+    cost = CostModel(converted, SIZE)
+    full = int(cost.flops(GroupGeometry(converted, SIZE).strides()))
+    control = SizeControl(converted, SIZE, jitter=0, search=True, settle=0.3, total_steps=10, seed=0)
+    starts = control._one_group_fits(cost.flops, full * 2 // 3)
+    assert set(starts) == {"only group 0 shrunk", "only group 1 shrunk"}  # the last group alone cannot get there
+    for strides in starts.values():
+        assert cost.flops(strides) <= full * 2 // 3
