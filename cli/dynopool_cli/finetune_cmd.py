@@ -26,7 +26,7 @@ def finetune(
     budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9); default the checkpoint's.")] = None,
     penalty_weight: Annotated[Optional[float], typer.Option(help="Weight (lambda) of the budget penalty.")] = None,
     budget_mode: Annotated[Optional[BudgetMode], typer.Option(help="ceiling: penalise FLOPs above the budget only (default); target: also pull a model that drifts under its budget back up to it.")] = None,
-    size_jitter: Annotated[Optional[int], typer.Option(min=0, help="While the strides learn, move every group's size by up to this many pixels each step (default 1; 0: off), so the weights work at the neighbouring sizes.")] = None,
+    size_jitter: Annotated[Optional[int], typer.Option(min=0, help="While the strides learn, move every group's size by up to this many pixels each step (default 0: off; in our runs 1 pixel cost about 4 points of accuracy, docs/RESULTS.md §6), so the weights work at the neighbouring sizes.")] = None,
     size_search: Annotated[Optional[bool], typer.Option("--size-search/--no-size-search", help="Choose the sizes by held-out accuracy once, then settle the weights at them (default on); --no-size-search: the strides learn to the end, as in the paper.")] = None,
     settle: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="Fraction of the steps, at the end, trained at the searched sizes (default 0.3).")] = None,
     holdout: Annotated[Optional[float], typer.Option(help="Fraction of the training data held out for the size search (default 0.1, at most train.holdout_max = 5000 images); never the validation data.")] = None,

@@ -52,7 +52,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int | None = None  # also save last.pt every N steps (default: per epoch)
     # the size schedule (training/size_control.py): jitter while learning, held-out search, settle
-    size_jitter: int = 1  # each step, move every group's size by up to this many pixels (0: off)
+    size_jitter: int = 0  # each step, move every group's size by up to this many pixels (default off: it cost 4 points, docs/RESULTS.md §6)
     size_search: bool = True  # choose the sizes on held-out training data, then settle (False: learn to the end)
     settle: float = 0.3  # fraction of the steps, at the end, trained with the searched sizes frozen
     holdout: float = 0.1  # fraction of the training data held out for the size search ...
