@@ -141,10 +141,11 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def _train(ckpt: Path, out: Path, every: int, overrides: dict | None = None, **extra):
+def _train(ckpt: Path, out: Path, every: int, overrides: dict | None = None, budget: str | None = None, **extra):
     train = {"epochs": 2, "batch_size": 8, "lr": 0.05, "scale_lr": 0.5, "log_every": 4, "device": "cpu",
              "size_refresh_every": every, "size_jitter": 0, "size_search": False, **(overrides or {})}
-    return finetune(ckpt, out, trust_source=True, overrides={"data": DATA, "train": train}, **extra)
+    top = {"data": DATA, "train": train, **({"budget": budget} if budget else {})}
+    return finetune(ckpt, out, trust_source=True, overrides=top, **extra)
 
 
 def test_trainer_records_distinct_sizes_and_resumes_with_held_sizes(tiny_ckpt, tmp_path):
@@ -179,7 +180,8 @@ def test_compile_and_export_use_the_host_copy_without_graph_breaks():
 def test_refresh_every_needs_no_jitter_and_releases_the_hold_for_the_search(tiny_ckpt, tmp_path):
     with pytest.raises(UserInputError, match="size_jitter"):
         _train(tiny_ckpt, tmp_path / "bad", every=5, overrides={"size_jitter": 1})
-    res = _train(tiny_ckpt, tmp_path / "search", every=3, overrides={"size_search": True, "settle": 0.5})
+    # the size search weighs sizes against FLOPs: it runs under a budget (1G: no pressure here)
+    res = _train(tiny_ckpt, tmp_path / "search", every=3, overrides={"size_search": True, "settle": 0.5}, budget="1G")
     rows = [json.loads(line) for line in (tmp_path / "search" / "metrics.jsonl").read_text().splitlines()]
     search = [r for r in rows if r["kind"] == "search"]
     assert res.completed and len(search) == 1
