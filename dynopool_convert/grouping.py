@@ -3,46 +3,33 @@
 One union-find object, built once from the shape-annotated graph and queried by everyone
 (rewrite, validation, cost model, report). Every tensor carries the *origin* of its spatial
 size: the site that last resized it on its way from the input, traced through size-preserving
-ops. Where an elementwise op or a concat joins two spatial operands of different origins, those
-sites must keep equal output sizes and share one stride. Broadcast operands (a 1x1 map such as
-squeeze-excitation's gate) do not tie.
+ops, tuples (``split``, a leaf module's outputs) and ``getitem``. Where a node joins spatial
+operands of different origins (``joins.joined_operands``: elementwise ops and methods, ``cat`` and
+``stack`` of a list, ``expand_as``, ``einsum``/``matmul`` over spatial axes, leaf modules with
+several maps), those sites must keep equal output sizes and share one stride. Broadcast operands
+(a 1x1 map such as squeeze-excitation's gate) do not tie.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any, Iterable
+from typing import Iterable
 
-import torch
 from torch import fx
 
+from .joins import joined_operands, origin_source, spatial as _spatial
 from .pos_embed import resample_pos_embed
 from .sites import Candidate
 
-__all__ = ["TieGraph", "JOIN_TARGETS"]
-
-#: ops whose spatial operands must have equal sizes (elementwise with broadcasting, concat)
-JOIN_TARGETS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.concat, torch.stack,
-    torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul,
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "lerp",
-}
+__all__ = ["TieGraph"]
 
 INPUT = "<input>"
 CONST = "<constant>"
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Inputs that carry tensors: one tensor, or a tuple of them (``split``, a leaf module's outputs)."""
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return [n for n in found if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")]
-
-
-def _spatial(node: fx.Node) -> tuple[int, int] | None:
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
-        return None
-    return int(meta.shape[2]), int(meta.shape[3])
+    return [n for n in found if n.meta.get("tensor_meta") is not None]
 
 
 class TieGraph:
@@ -113,11 +100,17 @@ class TieGraph:
                 origin[node.name] = origin.get(node.args[1].name)
                 continue
             out = _spatial(node)
-            if node.target in JOIN_TARGETS and out is not None:
-                joined = [a for a in args if _spatial(a) == out and origin.get(a.name) is not None]
-                if len(joined) >= 2:
-                    origin[node.name] = self._join(node, [origin[a.name] for a in joined])
-                    continue
+            joined = joined_operands(node, [a for a in args if origin.get(a.name) is not None])
+            if len(joined) >= 2:
+                origin[node.name] = self._join(node, [origin[a.name] for a in joined])
+                continue
+            if joined:  # the one full-size operand sizes the output, not a broadcast one before it
+                origin[node.name] = origin[joined[0].name]
+                continue
+            source = origin_source(node)
+            if source is not None:
+                origin[node.name] = origin.get(source.name)
+                continue
             first = next((a for a in args if origin.get(a.name) is not None), None)
             if first is None:
                 origin[node.name] = None
