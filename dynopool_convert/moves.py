@@ -3,11 +3,12 @@
 Training moves every group's stride, on each axis, by up to a few optimiser steps at a time,
 and all groups at once. Validation therefore tries, at the reference input size:
 
-* each group on its own, each axis on its own, up and down by the larger of ``AXIS_STEP``
-  (30%) of its stride and one output step (one pixel, or one ``multiple``), clamped to the
-  group's stride bounds (``axis_moves``);
+* each group on its own, each axis on its own, to both ends of ``MOVE_RANGE``: the stride times
+  0.7 (a larger output) and times 1.4 (a smaller one), or by one output step (one pixel, or
+  one ``multiple``) where that moves the output further; clamped to the group's stride bounds
+  (``axis_moves``);
 * ``JOINT_MOVES`` random moves of all groups together, every group and axis multiplied by its
-  own factor drawn uniformly from ``JOINT_RANGE`` with a fixed seed, so that a conversion is
+  own factor drawn uniformly from ``MOVE_RANGE`` with a fixed seed, so that a conversion is
   reproducible (``joint_moves``).
 
 >>> [label for label, _ in axis_moves((32, 32), (2.0, 2.0), (1 / 16, 2.0))]
@@ -19,12 +20,11 @@ import random
 
 from .dynopool import dynopool_output_size
 
-__all__ = ["AXIS_STEP", "JOINT_RANGE", "JOINT_MOVES", "JOINT_SEED", "axis_moves", "joint_moves", "clamp_stride"]
+__all__ = ["MOVE_RANGE", "JOINT_MOVES", "JOINT_SEED", "axis_moves", "joint_moves", "clamp_stride"]
 
-#: a per-axis move changes the stride by at least this fraction (and the output by >= 1 step)
-AXIS_STEP: float = 0.3
-#: joint moves multiply each group's stride on each axis by a factor from this range
-JOINT_RANGE: tuple[float, float] = (0.7, 1.4)
+#: stride factors: per-axis moves go to both ends (-30%, +40%: the same distance in log scale),
+#: joint moves draw each group's and axis's factor from it
+MOVE_RANGE: tuple[float, float] = (0.7, 1.4)
 JOINT_MOVES: int = 3
 JOINT_SEED: int = 0
 
@@ -37,10 +37,10 @@ def clamp_stride(s: float, bounds: tuple[float, float]) -> float:
 
 
 def _axis_target(size: int, s: float, bigger: bool, bounds: tuple[float, float], m: int) -> float | None:
-    """The stride that moves the output of an axis of ``size`` pixels by the larger of
-    ``AXIS_STEP`` of ``s`` and one step of ``m``; None when the bounds leave no move."""
+    """The stride that moves the output of an axis of ``size`` pixels to the end of
+    ``MOVE_RANGE`` or by one step of ``m``, whichever is further; None when the bounds leave no move."""
     out = dynopool_output_size(size, s, m)
-    relative = s * (1 - AXIS_STEP) if bigger else s * (1 + AXIS_STEP)
+    relative = s * (MOVE_RANGE[0] if bigger else MOVE_RANGE[1])
     step = out + m if bigger else out - m
     one_step = size / step if step >= 1 else None
     moved_rel = dynopool_output_size(size, clamp_stride(relative, bounds), m)
@@ -67,7 +67,7 @@ def axis_moves(size_in: tuple[int, int], stride: Stride, bounds: tuple[float, fl
 
 
 def joint_moves(strides: dict[int, Stride], bounds: dict[int, tuple[float, float]], n: int = JOINT_MOVES,
-                seed: int = JOINT_SEED, factors: tuple[float, float] = JOINT_RANGE) -> list[dict[int, Stride]]:
+                seed: int = JOINT_SEED, factors: tuple[float, float] = MOVE_RANGE) -> list[dict[int, Stride]]:
     """``n`` random moves of all groups at once: group -> stride, each axis times its own factor."""
     rng = random.Random(seed)
     moves = []
