@@ -97,6 +97,11 @@ def _convert(source: str, size: int, build_args: dict):
         return dc.convert(model, input_size=(c, h, w)), (str(h) if h == w else f"{h}x{w}")
 
 
+#: the property checked after conversion: random joint stride moves (each group and axis times
+#: its own factor in moves.MOVE_RANGE) never break the forward or the backward; another seed and
+#: more moves than validation's own
+PROPERTY_MOVES, PROPERTY_SEED = 8, 1
+
 #: timm's own option for ViT-style models to accept any patch grid (resamples the position
 #: embedding); tried when a model gets no learned group without it
 _DYNAMIC = {"dynamic_img_size": True}
@@ -107,6 +112,8 @@ def run_one(source: str, size: int) -> dict:
     import torch
 
     import dynopool_convert as dc
+    from dynopool_convert.moves import MOVE_RANGE
+    from dynopool_convert.validate import joint_moves_problem
 
     torch.set_num_threads(1)
     row = {"source": source}
@@ -134,6 +141,11 @@ def run_one(source: str, size: int) -> dict:
             bad = [p for p in dc.scale_parameters(gm) if p.grad is None or not torch.isfinite(p.grad).all()]
             row["status"] = "ok" if not bad else "error"
             row["reason"] = "" if not bad else f"{len(bad)} groups without a finite gradient"
+            gm.zero_grad(set_to_none=True)
+            broken = joint_moves_problem(gm, x, PROPERTY_MOVES, PROPERTY_SEED, MOVE_RANGE)
+            row["moves"] = "ok" if not broken else "broken"
+            if broken and not bad:
+                row.update(status="moves break", reason=broken)
         else:
             row["status"] = "no learned group" if row["sites"] else "no resizing site"
             row["reason"] = _first_reason(plan)
@@ -293,15 +305,15 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         statuses[rows[s]["status"]] = statuses.get(rows[s]["status"], 0) + 1
     lines += ["", "Statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + "."]
     lines += ["", "## Models", "",
-              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | status | reason | s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | joint moves | status | reason | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for s, area, family in wanted:
         r = rows[s]
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
             f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
             f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('rounded', '')} | {r.get('pinned', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
-            f"{r['status']} | {reason} | {r.get('seconds', '')} |"
+            f"{r.get('moves', '')} | {r['status']} | {reason} | {r.get('seconds', '')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_mode
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
+from .size_guard import SizeGuard
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -275,11 +276,13 @@ class _Run:
     def _loop(self, stop: _StopFlag, stop_after_steps: int | None) -> bool:
         t, p, info = self.t, self.progress, self.info
         done_here = 0
+        guard = SizeGuard(self.model, save=lambda: self._checkpoint(is_best=False))
         while p.step < self.total_steps:
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
-                row = self._step(images, labels)
+                with guard.watch(p.step + 1):
+                    row = self._step(images, labels)
                 n = labels.shape[0]
                 sums[0] += row["loss"] * n
                 sums[1] += row["acc"] * n
@@ -301,7 +304,8 @@ class _Run:
                     self._checkpoint(is_best=False)
                 if interrupted:
                     return False
-            self._end_epoch(sums, time.perf_counter() - epoch_t0)
+            with guard.watch(p.step):
+                self._end_epoch(sums, time.perf_counter() - epoch_t0)
             if stop.requested or (stop_after_steps is not None and done_here >= stop_after_steps):
                 return p.step >= self.total_steps
         return True
