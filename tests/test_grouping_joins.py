@@ -90,6 +90,22 @@ class Leaf(_Branches):  # a module fx does not enter, called with both maps
         return self.combine(a, b)
 
 
+@register_notrace_module
+class _HalvesLeaf(nn.Module):
+    def forward(self, x):
+        return x[:, :4], x[:, 4:]
+
+
+class LeafTuple(_Branches):  # a leaf module's tuple output, taken apart by getitem
+    def __init__(self) -> None:
+        super().__init__()
+        self.halves = _HalvesLeaf()
+
+    def join(self, a, b):
+        first, second = self.halves(a)
+        return torch.cat([first * b[:, :4], second], 1)
+
+
 class GridSample(nn.Module):
     """The output of ``grid_sample`` has its grid's size, not its input's: warping a full-size map
     by a flow from one strided branch, then adding another strided branch."""
@@ -107,7 +123,7 @@ class GridSample(nn.Module):
         return self.head((warped + self.b(x)).mean((-2, -1)))
 
 
-JOINS = [Stack, CatTuple, CatHeight, Getitem, Methods, ExpandAs, Where, Einsum, Matmul, Leaf]
+JOINS = [Stack, CatTuple, CatHeight, Getitem, Methods, ExpandAs, Where, Einsum, Matmul, Leaf, LeafTuple]
 
 
 def _strided_groups(result) -> list[list[str]]:
