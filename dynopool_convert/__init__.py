@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
 from .flops import count_flops, flops_by_module, format_flops
 from .cost_model import CostModel
 from .budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
+from .freeze import freeze
 
 __version__ = "0.1.0"
 
@@ -53,4 +54,5 @@ __all__ = [
     "budget_penalty",
     "fit_to_budget",
     "project_to_budget",
+    "freeze",
 ]

@@ -5,6 +5,7 @@ Every budget is in fvcore FLOPs (one multiply-add = one FLOP) at a reference inp
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import struct
@@ -19,7 +20,8 @@ from .cost_model import CostModel
 from .errors import UserInputError
 from .flops import count_flops, format_flops
 
-__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "BUDGET_FORMS"]
+__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "BUDGET_FORMS", "BudgetFit",
+           "BudgetProjection"]
 
 #: The accepted forms, as shown in every error message.
 BUDGET_FORMS = "a positive number of FLOPs with an optional k/M/G/T unit and 'FLOPs' suffix, e.g. 4G, 4.1G, 500M, 750k, 4.1e9, 3000000, 4GFLOPs"
@@ -55,6 +57,47 @@ def parse_budget(text: str | int) -> int:
     if flops < 1:
         raise UserInputError(f"invalid budget {text!r}: it must be at least 1 FLOP; expected {BUDGET_FORMS}")
     return flops
+
+
+@dataclasses.dataclass
+class _BudgetResult:
+    """Where the strides landed: fvcore's count there, how they were lowered, per group."""
+
+    budget: int
+    input_size: list[int]
+    final_flops: int  # fvcore's count at the returned strides
+    method: str  # none | common | per-group
+    factor: float  # the best common multiplier of every group's r
+    group_factors: list[float]  # the multipliers applied, per group
+    strides: list[list[float]]  # the final (s_h, s_w) per group
+    fvcore_checks: int
+
+    def __getitem__(self, key: str):
+        """Read as a mapping too (``fit["final_flops"]``), as the results once were."""
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def as_dict(self) -> dict:
+        """Plain data (for checkpoints and JSON)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BudgetFit(_BudgetResult):
+    """``fit_to_budget``'s result: also the FLOPs before fitting and the original model's."""
+
+    converted_flops: int = 0
+    original_flops: int | None = None
+
+
+@dataclasses.dataclass
+class BudgetProjection(_BudgetResult):
+    """``project_to_budget``'s result: also the FLOPs before and whether the strides moved."""
+
+    flops_before: int = 0
+    moved: bool = False
 
 
 BUDGET_MODES = ("ceiling", "target")
@@ -188,11 +231,11 @@ def _raise_impossible(model, budget, input_size, params, base, lowest) -> None:
 def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel) -> dict:
     """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
     params = cost.parameters
-    bounds = cost._bounds
-    base = cost._clamp_all(cost._current_strides())
+    bounds = cost.bounds
+    base = cost.clamp(cost.current_strides())
     # fvcore's count from the cost model's build if the strides have not moved since, else
     # the cost model's (exact) value; fvcore confirms whatever is returned
-    unmoved = base == cost._clamp_all(cost.reference_strides) and tuple(input_size) == cost.input_size
+    unmoved = base == cost.clamp(cost.reference_strides) and tuple(input_size) == cost.input_size
     start = cost.reference_flops if unmoved else cost.flops(base)
     result = {"budget": int(budget), "input_size": list(input_size), "start_flops": start, "factor": 1.0,
               "method": "none"}
@@ -241,7 +284,7 @@ def fit_to_budget(
     input_size: Sequence[int] = (3, 224, 224),
     cost_model: CostModel | None = None,
     original_flops: int | None = None,
-) -> dict:
+) -> BudgetFit:
     """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
 
     If the model is over budget: the largest common factor on every group's ``r`` that fits
@@ -250,17 +293,16 @@ def fit_to_budget(
     can make common scaling jump far below it (ResNet-50 at 224: 4.12G, then 3.63G). The
     result is confirmed with fvcore (stepping further down if ever needed). Raises
     ``UserInputError`` with the minimum achievable FLOPs when even every stride at its upper
-    bound (``r = r_min``) does not fit. Returns plain data: ``budget``, ``input_size``,
+    bound (``r = r_min``) does not fit. Returns a ``BudgetFit``: ``budget``, ``input_size``,
     ``original_flops`` (as given), ``converted_flops`` (before fitting), ``final_flops`` (fvcore,
     after), ``method`` (``none``/``common``/``per-group``), ``factor`` (the best common
     multiplier of ``r``), ``group_factors`` (the multipliers applied, per group) and the final
-    ``strides`` per group.
+    ``strides`` per group (also readable as ``fit["final_flops"]``).
     """
     cost = cost_model or CostModel(model, input_size)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
-    out["converted_flops"] = out.pop("start_flops")
-    out["original_flops"] = original_flops
-    return out
+    start = out.pop("start_flops")
+    return BudgetFit(**out, converted_flops=start, original_flops=original_flops)
 
 
 def project_to_budget(
@@ -268,21 +310,20 @@ def project_to_budget(
     budget: int,
     input_size: Sequence[int] = (3, 224, 224),
     cost_model: CostModel | None = None,
-) -> dict:
+) -> BudgetProjection:
     """After training: make fvcore's count of ``model`` <= ``budget``, moving the strides least.
 
     Strides are first clamped into their bounds (as the forward pass uses them). If the model
     is over budget, the scale factors are lowered as ``fit_to_budget`` does (the smallest
     common reduction of every ``r``, or one group at a time when that gives up fewer FLOPs);
     the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
-    Raises ``UserInputError`` if no strides within the bounds fit. Returns ``budget``,
-    ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
-    ``group_factors``, ``moved`` and the final ``strides``.
+    Raises ``UserInputError`` if no strides within the bounds fit. Returns a
+    ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``,
+    ``method``, ``factor``, ``group_factors``, ``moved`` and the final ``strides``.
     """
     cost = cost_model or CostModel(model, input_size)
-    base = cost._clamp_all(cost._current_strides())
+    base = cost.clamp(cost.current_strides())
     _set_strides(cost.parameters, base)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
-    out["flops_before"] = out.pop("start_flops")
-    out["moved"] = out["method"] != "none"
-    return out
+    start = out.pop("start_flops")
+    return BudgetProjection(**out, flops_before=start, moved=out["method"] != "none")

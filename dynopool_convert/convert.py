@@ -15,9 +15,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._helpers import node_hw
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
+from .input_site import insert_input_site
 from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
 from .rewrite import pin_module_paths, rewrite, site_module_paths
@@ -67,11 +69,14 @@ def check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
-def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
-    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites."""
+def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = False) -> Analysis:
+    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites
+    (with ``input_site``, a learnable input resolution in front: see ``input_site.py``)."""
     size = check_input_size(input_size)
     t = trace_model(model)
     traced = t.graph_module
+    if input_site:
+        insert_input_site(traced)
     first = next(iter(model.parameters()), None)  # the example lives where the model does
     device, dtype = (first.device, first.dtype) if first is not None and first.is_floating_point() else ("cpu", torch.float32)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -113,11 +118,8 @@ def _select(candidates: list[Candidate], include: Sequence[str] | None, exclude:
             cand.skip_reason = "matched by --exclude"
 
 
-def _spatial(node: fx.Node | None) -> list[int] | None:
-    meta = None if node is None else node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
-        return None
-    return [int(meta.shape[2]), int(meta.shape[3])]
+def _as_list(hw: tuple[int, int] | None) -> list[int] | None:
+    return None if hw is None else list(hw)
 
 
 def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] | None:
@@ -156,7 +158,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
             placement=("patchify" if patch else policy["placement"]) if c.kind == "conv" and not c.skip_reason else None,
             aggregate=aggregate,
             stride_init=None if c.stride is None else ([1.0, 1.0] if patch else list(c.stride)),
-            input_size=_spatial(first_input), output_size=_spatial(node),
+            input_size=_as_list(node_hw(first_input)), output_size=_as_list(node_hw(node)),
         )
         if site.status == "converted" and site.input_size:
             multiple = patch or (1, 1)
@@ -281,6 +283,7 @@ def convert(
     exclude: Sequence[str] | None = None,
     validate: bool = True,
     patchify: bool = True,
+    input_site: bool = False,
 ) -> ConversionResult:
     """Convert every resizing op of ``model`` into a learnable DynOPool site.
 
@@ -297,6 +300,9 @@ def convert(
         include / exclude: glob patterns on site names (``"layer*.0.*"``), or ``"kind:conv"``,
             ``"kind:pool"``, ``"kind:interpolate"`` on site kinds.
         validate: run the converted model at moved strides and revert groups that break.
+        input_site: put a learnable input resolution in front of the model (site
+            ``input_resize``: DynOPool(mean) starting at stride 1), so that shrinking the input
+            is one of the allocations the budget and the size search can choose.
 
     Returns a ``ConversionResult`` whose ``model`` holds one DynOPool per converted site (tied
     sites share one stride parameter) and whose ``plan`` is plain data for ``apply_plan``.
@@ -306,11 +312,11 @@ def convert(
     if aggregate is not None and aggregate not in AGGREGATES:
         raise UserInputError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     include, exclude = list(include or []), list(exclude or [])
-    analysis = analyse(model, input_size)
+    analysis = analyse(model, input_size, input_site)
     _select(analysis.candidates, include, exclude)
     ties = TieGraph(analysis.traced, analysis.candidates)
     policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval",
-              "patchify": bool(patchify)}
+              "patchify": bool(patchify), "input_site": bool(input_site)}
     plan = _initial_plan(analysis, ties, policy)
     if validate:
         _validate_plan(analysis, plan)
@@ -327,7 +333,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     The returned GraphModule shares (and has modified) ``model``'s submodules: pass a model
     built for the purpose, as ``load_checkpoint`` does.
     """
-    analysis = analyse(model, plan.input_size)
+    analysis = analyse(model, plan.input_size, bool(plan.policy.get("input_site", False)))
     by_name = {c.name: c for c in analysis.candidates}
     for site in plan.converted_sites():
         cand = by_name.get(site.name)

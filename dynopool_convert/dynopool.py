@@ -123,9 +123,13 @@ def dynopool2d(
         raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
     r_min, r_max = r_bounds
     s = stride.clamp(1.0 / r_max, 1.0 / r_min)
-    _, _, h, w = x.shape
+    h, w = int(x.shape[2]), int(x.shape[3])  # Python ints, also under torch.jit.trace (DESIGN.md §6)
     s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
     out_h, out_w = dynopool_output_size(h, s_h, multiple[0]), dynopool_output_size(w, s_w, multiple[1])
+    if torch.jit.is_tracing():  # the traced graph holds the frozen op (standard ops, no gradient to s)
+        from .frozen import static_resample_pool
+
+        return static_resample_pool(x, out_h, out_w, aggregate)
     # straight-through estimator: integer sizes forward, continuous H/s backward
     cont_h, cont_w = h / s[0], w / s[1]
     cell_h = h / (cont_h + (out_h - cont_h).detach())
@@ -206,6 +210,12 @@ class DynOPool(nn.Module):
         """Output ``(H', W')`` for an input of spatial size ``(H, W)``."""
         s_h, s_w = self.stride_value
         return dynopool_output_size(size[0], s_h, self.multiple[0]), dynopool_output_size(size[1], s_w, self.multiple[1])
+
+    def frozen(self, in_size: tuple[int, int]) -> nn.Module:
+        """A static module computing this site's output for ``in_size`` inputs (``freeze``)."""
+        from .frozen import frozen_resample
+
+        return frozen_resample(in_size, self.output_size(in_size), self.aggregate)
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .dynopool import DynOPool
+from .errors import one_line
 from .moves import axis_moves, joint_moves
 
 __all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe",
@@ -73,11 +74,6 @@ class ValidationReport:
         return not self.failures and not self.reference_error
 
 
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
 def _groups(gm: nn.Module) -> dict[int, tuple[nn.Parameter, list[tuple[str, DynOPool]]]]:
     found: dict[int, tuple[nn.Parameter, list]] = {}
     for name, m in gm.named_modules():
@@ -98,7 +94,7 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
         with torch.no_grad(), quiet():
             out = gm(x)
     except Exception as err:  # any forward failure is a validation finding, reported verbatim
-        return _one_line(err)
+        return f"{type(err).__name__}: {one_line(err, 160)}"
     got = output_spec(out)
     problem = spec.mismatch(got)
     if problem:
@@ -314,7 +310,7 @@ def _forward_backward(gm: nn.Module, example: Tensor, spec: OutputSpec,
             with quiet():
                 out = gm(example)
         except Exception as err:  # a forward failure is a finding, reported verbatim
-            return _one_line(err), []
+            return f"{type(err).__name__}: {one_line(err, 160)}", []
         problem = spec.mismatch(output_spec(out))
         outs = [t for t in _tensors(out) if t.is_floating_point()]
         if not problem and not all(torch.isfinite(t).all() for t in outs):
@@ -326,7 +322,7 @@ def _forward_backward(gm: nn.Module, example: Tensor, spec: OutputSpec,
         try:
             loss.backward()
         except Exception as err:  # the backward itself failing is a finding for every group
-            return "", [GroupFailure(g, f"backward fails: {_one_line(err)}", "gradient") for g in params]
+            return "", [GroupFailure(g, f"backward fails: {type(err).__name__}: {one_line(err, 160)}", "gradient") for g in params]
     finally:
         for p in frozen:
             p.requires_grad_(True)

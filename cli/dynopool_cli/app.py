@@ -14,7 +14,7 @@ try:  # recent typer vendors click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from dynopool_convert.errors import UserInputError
+from dynopool_convert.errors import UserInputError, one_line
 
 app = typer.Typer(
     name="dynopool",
@@ -47,10 +47,6 @@ def demo(
     typer.echo(f"input {tuple(x.shape)} -> output {tuple(y.shape)}; r = {pool.r}; d(sum)/ds = {pool.stride.grad.tolist()}")
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
@@ -64,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except UsageError as err:
         hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
-        typer.echo(f"Error: {_one_line(err.format_message())}{hint}", err=True)
+        typer.echo(f"Error: {one_line(err.format_message())}{hint}", err=True)
         sys.exit(2)
     except UserInputError as err:
-        typer.echo(f"Error: {_one_line(str(err))}", err=True)
+        typer.echo(f"Error: {one_line(str(err))}", err=True)
         sys.exit(2)
     except typer.Abort:
         typer.echo("Aborted.", err=True)
@@ -77,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
 
 # Commands live in their own modules (the CLI only parses, calls the library and renders).
 from .convert_cmd import convert  # noqa: E402
+from .export_cmd import export  # noqa: E402
 from .finetune_cmd import finetune  # noqa: E402
 from .report_cmd import report  # noqa: E402
 
-for _command in (convert, finetune, report):
+for _command in (convert, finetune, report, export):
     app.command()(_command)

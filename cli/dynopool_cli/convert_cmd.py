@@ -51,11 +51,26 @@ def site_table(plan) -> tuple[Table, list[str]]:
     return table, [f"[{i}] {reason}" for reason, i in reasons.items()]
 
 
+def _print_fit(console, fit, budget_flops: int) -> None:
+    """One line on how the converted model was fitted to its budget."""
+    from dynopool_convert.flops import format_flops
+
+    if fit.method == "none":
+        console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
+        return
+    console.print(
+        f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
+        f"({fit.final_flops}) by lowering the scale factors ({fit.method}; "
+        f"r x {', '.join(f'{f:.4g}' for f in fit.group_factors)})"
+    )
+
+
 def convert(
     model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
-    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N or HxW (default: the model's own).")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N, HxW or C,H,W (e.g. 1,28,28 for one channel; default: the model's own).")] = None,
     placement: Annotated[Placement, typer.Option(help="DynOPool before or after each strided conv (made stride 1).")] = Placement.before,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
+    input_site: Annotated[bool, typer.Option("--input-site", help="Also learn the input resolution: a DynOPool site (input_resize) in front of the model, starting at stride 1, so that shrinking the input is one of the choices the budget and the size search weigh.")] = False,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
@@ -69,6 +84,7 @@ def convert(
     from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
+    from dynopool_convert.checkpoint_extra import conversion_extra
     from dynopool_convert.flops import count_flops, format_flops
 
     from dynopool_convert.files import check_output_path
@@ -87,7 +103,7 @@ def convert(
     with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
         result = convert_model(
             net, size, placement=placement.value, aggregate=aggregate.value if aggregate else None,
-            include=include, exclude=exclude, patchify=patchify,
+            include=include, exclude=exclude, patchify=patchify, input_site=input_site,
         )
     fit = None
     with console.status("counting FLOPs" if budget_flops is None else f"fitting to {format_flops(budget_flops)} FLOPs"):
@@ -95,7 +111,7 @@ def convert(
             converted_flops = count_flops(result.model, size)
         else:
             fit = fit_to_budget(result.model, budget_flops, size, original_flops=original_flops)
-            converted_flops = fit["converted_flops"]
+            converted_flops = fit.converted_flops
     plan = result.plan
     table, reasons = site_table(plan)
     console.print(table)
@@ -116,22 +132,13 @@ def convert(
         f"converted {format_flops(converted_flops)} ({converted_flops})"
     )
     if fit is not None:
-        if fit["method"] == "none":
-            console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
-        else:
-            console.print(
-                f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit['final_flops'])} "
-                f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; "
-                f"r x {', '.join(f'{f:.4g}' for f in fit['group_factors'])})"
-            )
+        _print_fit(console, fit, budget_flops)
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
-    flops = {"original": original_flops, "converted": converted_flops}
-    if fit is not None:
-        flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
     saved = save_checkpoint(
-        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra={"flops": flops}
+        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops,
+        extra=conversion_extra(original_flops, converted_flops, fit),
     )
     console.print(f"checkpoint: {saved}")

@@ -100,6 +100,10 @@ def finetune(
     budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9); default the checkpoint's.")] = None,
     penalty_weight: Annotated[Optional[float], typer.Option(help="Weight (lambda) of the budget penalty.")] = None,
     budget_mode: Annotated[Optional[BudgetMode], typer.Option(help="ceiling: penalise FLOPs above the budget only (default); target: also pull a model that drifts under its budget back up to it.")] = None,
+    size_jitter: Annotated[Optional[int], typer.Option(min=0, help="While the strides learn, move every group's size by up to this many pixels each step (default 1; 0: off), so the weights work at the neighbouring sizes.")] = None,
+    size_search: Annotated[Optional[bool], typer.Option("--size-search/--no-size-search", help="Choose the sizes by held-out accuracy once, then settle the weights at them (default on); --no-size-search: the strides learn to the end, as in the paper.")] = None,
+    settle: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="Fraction of the steps, at the end, trained at the searched sizes (default 0.3).")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Fraction of the training data held out for the size search (default 0.1, at most train.holdout_max = 5000 images); never the validation data.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (flags override it).")] = None,
@@ -113,7 +117,8 @@ def finetune(
     Multi-GPU / multi-process: torchrun --nproc_per_node N -m dynopool_cli finetune ...
     """
     train = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
-             "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every}
+             "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every,
+             "size_jitter": size_jitter, "size_search": size_search, "settle": settle, "holdout": holdout}
     overrides: dict[str, Any] = {"train": {k: v for k, v in train.items() if v is not None}}
     if budget is not None:
         overrides["budget"] = budget

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..dynopool import DynOPool
-from ..errors import DynopoolError, UserInputError
+from ..errors import DynopoolError, UserInputError, one_line
 
 __all__ = ["SizeGuard", "SizeChangeBroke"]
 
@@ -75,9 +75,8 @@ class SizeGuard:
                 for p, value in zip(self._params, good_strides):
                     p.copy_(value)
             self._save()
-            text = " ".join(str(err).split())
             raise SizeChangeBroke(
-                f"step {step}: {type(err).__name__} after a stride step moved {'; '.join(moved)}: {text[:200]}; "
+                f"step {step}: {type(err).__name__} after a stride step moved {'; '.join(moved)}: {one_line(err, 200)}; "
                 "last.pt holds the strides before that step: convert again to validate the model at the new "
                 "size, or keep the group fixed (convert --exclude)"
             ) from None

@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from . import upstream
-from .data import build_datasets, parse_data_spec, unreadable_files
+from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
+from ..checkpoint_extra import with_current_flops
+from .size_control import SizeControl
 from .size_guard import SizeGuard
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
@@ -106,7 +108,8 @@ class _StopFlag:
 #: train settings that the saved optimiser, scheduler and data position fix: a resumed run
 #: cannot change them (the restored state would silently override a new value)
 _FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
-                    "min_lr", "epochs", "steps", "batch_size")
+                    "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
+                    "holdout_max")
 
 
 def _check_resumable(saved: dict, wanted: dict, last: Path) -> None:
@@ -189,6 +192,8 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
+        searching = t.size_search and bool(scale_parameters(bundle.model))
+        self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
         self._check_classes(model, data.num_classes)
@@ -211,6 +216,8 @@ class _Run:
         self.cost = upstream.CostModel(model, bundle.input_size)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
+        self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
+                                 settle=t.settle, total_steps=self.total_steps, seed=t.seed)
         if resume:
             self._restore(bundle.training)
         self.saved_step = self.progress.step if resume else None  # step of the last checkpoint on disk
@@ -261,6 +268,7 @@ class _Run:
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
+        self.sizes.load_state(training.get("sizes"))
         rng = training["rng"]
         restore_rng(rng[self.info.rank] if isinstance(rng, list) else rng)
 
@@ -281,6 +289,8 @@ class _Run:
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
+                if self.sizes.search_due(p.step):
+                    self._search_sizes()
                 with guard.watch(p.step + 1):
                     row = self._step(images, labels)
                 n = labels.shape[0]
@@ -314,24 +324,41 @@ class _Run:
         t, dev = self.t, self.info.device
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         self.ddp.train()
-        with _autocast(dev, t.amp):
-            logits = self.ddp(images)
-            task = self.criterion(logits.float(), labels)
-        flops = self.cost()
-        penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
-        loss = task + t.penalty_weight * penalty.to(task.device)
-        self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.sizes.step(self.progress.step):  # jittered sizes while the strides learn
+            with _autocast(dev, t.amp):
+                logits = self.ddp(images)
+                task = self.criterion(logits.float(), labels)
+            flops = self.cost()
+            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
+            loss = task + t.penalty_weight * penalty.to(task.device)
+            self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if t.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.optimizer.step()
         clamp_strides_(self.model)
+        self.sizes.hold()
         self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
                 "flops": float(flops.detach())}
+
+    def _search_sizes(self) -> None:
+        """The held-out size search (every rank runs it alike on the whole held-out split)."""
+        budget = self.budget if self.budget is not None else int(self.cost.flops(self.sizes.initial))
+        self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
+        result = self.sizes.search(
+            self.cost.flops, budget, self._holdout_losses,
+            lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
+        row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
+               **{k: v for k, v in result.items() if k != "evaluated"}}
+        self.rows.append(row)
+        self.cbs.on_message(
+            f"size search: kept {' / '.join(f'{h}x{w}' for h, w in result['sizes'])} (from the {result['start']} sizes, "
+            f"{result['evaluations']} allocations scored), held-out accuracy {result['accuracy']:.4f}, "
+            f"{result['flops']:,} FLOPs; the sizes are fixed from here on")
 
     def _stop_if_diverged(self, what: str, bad: bool) -> None:
         """Stop the run (every rank) when training produced NaN/inf; the files on disk stay as they were."""
@@ -359,6 +386,19 @@ class _Run:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
     # ------------------------------------------------------------------ epochs, saving
+    def _holdout_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image loss and correctness on the whole held-out split (every rank alike)."""
+        loader = DataLoader(self.holdout, batch_size=self.t.batch_size, shuffle=False, num_workers=self.t.workers)
+        self.model.eval()
+        losses, correct = [], []
+        with torch.no_grad(), _autocast(self.info.device, self.t.amp):
+            for images, labels in loader:
+                images, labels = images.to(self.info.device), labels.to(self.info.device)
+                logits = self.model(images).float()
+                losses.append(nn.functional.cross_entropy(logits, labels, reduction="none").cpu())
+                correct.append((logits.argmax(1) == labels).cpu())
+        return torch.cat(losses), torch.cat(correct)
+
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         data, info = self.data.val, self.info
         indices = list(range(info.rank, len(data), info.world))
@@ -414,6 +454,7 @@ class _Run:
             "rng": all_gather_objects(capture_rng(), self.info),
             "progress": self.progress.to_dict(),
             "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
+            "sizes": self.sizes.state(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
@@ -429,7 +470,7 @@ class _Run:
         model, flops = projected
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            extra = dict(self.bundle.extra or {}, flops=flops)
+            extra = with_current_flops(self.bundle.extra, flops)
             save_model(self.out_dir / LAST, self.bundle, model, training, extra)
             if is_best:
                 save_model(self.out_dir / BEST, self.bundle, model, training, extra)
