@@ -1,11 +1,11 @@
 """A size change the conversion did not foresee stops training cleanly (issue 19).
 
-Validation tries the stride moves of a few optimiser steps; training can go further. When a
-forward or backward fails after a stride step changed some group's output size (a shape
-mismatch somewhere after it), ``SizeGuard`` names the groups whose size changed and from which
-size to which, puts back the strides of the last step that ran, saves ``last.pt`` through the
-trainer's own ``save`` and raises ``UserInputError`` (CLI exit 2, one line): no traceback and no
-lost work.
+Validation tries the stride moves of a few optimiser steps; training can go further (and size
+jitter moves sizes by a pixel inside a step). When a forward or backward fails and some group's
+output size in that forward differs from the last block that ran (a shape mismatch after a
+stride step), ``SizeGuard`` names those groups and from which size to which, puts back the
+strides of the last block that ran, saves ``last.pt`` through the trainer's own ``save`` and
+raises ``UserInputError`` (CLI exit 2, one line): no traceback and no lost work.
 
 >>> guard = SizeGuard(model, save=lambda: trainer.checkpoint())     # doctest: +SKIP
 >>> with guard.watch(step):                                          # doctest: +SKIP
@@ -19,8 +19,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..dynopool import DynOPool
+from ..dynopool import DynOPool, dynopool_output_size
 from ..errors import DynopoolError, UserInputError, one_line
+from ..moves import clamp_stride
 
 __all__ = ["SizeGuard", "SizeChangeBroke"]
 
@@ -50,7 +51,7 @@ class SizeGuard:
         sizes = self._sizes
 
         # a plain closure, not a bound method: deep copies of the model (budget projection)
-        # share it, and only the model's own modules record
+        # share it, and only the model's own modules record (the block's last forward wins)
         def hook(mod, args, out):
             if mod is module:
                 sizes[name] = (tuple(args[0].shape[-2:]), tuple(out.shape[-2:]))
@@ -64,10 +65,12 @@ class SizeGuard:
         self._sizes.clear()
         try:
             yield
-        except (RuntimeError, ValueError) as err:
-            if isinstance(err, (torch.OutOfMemoryError, DynopoolError)) or self._good is None:
+        except (RuntimeError, ValueError) as raised:
+            # count_flops and friends wrap a failing forward in a UserInputError: judge its cause
+            err = raised.__cause__ if isinstance(raised, DynopoolError) else raised
+            if not isinstance(err, (RuntimeError, ValueError)) or isinstance(err, (torch.OutOfMemoryError, DynopoolError)):
                 raise
-            moved = self._moved()
+            moved = self._moved() if self._good is not None else []
             if not moved:
                 raise
             good_strides, _ = self._good
@@ -76,7 +79,7 @@ class SizeGuard:
                     p.copy_(value)
             self._save()
             raise SizeChangeBroke(
-                f"step {step}: {type(err).__name__} after a stride step moved {'; '.join(moved)}: {one_line(err, 200)}; "
+                f"step {step}: {type(err).__name__} after the sizes changed: {'; '.join(moved)}: {one_line(err, 200)}; "
                 "last.pt holds the strides before that step: convert again to validate the model at the new "
                 "size, or keep the group fixed (convert --exclude)"
             ) from None
@@ -84,20 +87,29 @@ class SizeGuard:
             self._good = (now, dict(self._sizes))
 
     def _moved(self) -> list[str]:
-        """'group G (site) from HxW to H'xW' (stride a -> b)' for each group whose output size at
-        the last good step's input sizes differs under the present strides."""
+        """'group G (site) from HxW to H'xW' (stride a -> b)' for each group whose output size in
+        the failing forward (the modules it reached) differs from the last good one; when the
+        failure came before or outside the model's own forward (an evaluation on a copy), the
+        sizes the present strides give at the last good input sizes."""
         good_strides, good_sizes = self._good
         before = {id(p): s for p, s in zip(self._params, good_strides)}
         moved, seen = [], set()
         for name, m in self._pools:
             if name not in good_sizes or m.group in seen:
                 continue
-            size_in, size_out = good_sizes[name]
-            new_out = m.output_size(size_in)
-            if new_out != size_out:
+            old_stride = before[id(m.stride)]
+            if self._sizes:
+                if name not in self._sizes:
+                    continue
+                old_out, new_out = good_sizes[name][1], self._sizes[name][1]
+            else:
+                size_in = good_sizes[name][0]
+                old_out = tuple(dynopool_output_size(n, clamp_stride(float(s), m.r_bounds), k)
+                                for n, s, k in zip(size_in, old_stride.tolist(), m.multiple))
+                new_out = m.output_size(size_in)
+            if new_out != old_out:
                 seen.add(m.group)
-                old = before[id(m.stride)].tolist()
-                new = m.stride_value
-                moved.append(f"group {m.group} ({name}) from {_fmt(size_out)} to {_fmt(new_out)} "
+                old, new = old_stride.tolist(), m.stride.detach().tolist()
+                moved.append(f"group {m.group} ({name}) from {_fmt(old_out)} to {_fmt(new_out)} "
                              f"(stride {old[0]:.3g}x{old[1]:.3g} -> {new[0]:.3g}x{new[1]:.3g})")
         return moved
