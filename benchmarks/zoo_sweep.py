@@ -287,7 +287,7 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "`pinned` column), else reverted; the reason column gives the first pinned, reverted or",
         "skipped site's reason. Rows with a `joint moves` value were rerun on 2026-11-29 with issue 19's",
         "tying and validation (a representative subset of 45 models: `--only ... --fresh --workers 1`",
-        "on a shared 2-core machine, hence the longer times); the full sweep was not rerun with it. The",
+        "on a shared 2-core machine); the full sweep was not rerun with it. The",
         "other rows come from the sweep of 2026-11-26 (`python benchmarks/zoo_sweep.py --fresh",
         "--timeout 900`) with the earlier validation (every group's stride moved one output pixel down",
         "and up, all groups together first); rows whose worker died then (the out-of-memory killer,",
