@@ -18,6 +18,7 @@ One JSON line per run goes to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -147,22 +148,12 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
                 searched = res.to_dict()
                 searched["evaluated"] = searched["evaluated"][:6]  # the starts and the first moves
                 opt_s, jitter = None, None  # settle: sizes fixed from here on
-            if jitter is not None:
-                with jitter.step(step):
-                    loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-                    if opt_s is not None:
-                        loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
-                    opt.zero_grad(set_to_none=True)
-                    if opt_s is not None:
-                        opt_s.zero_grad(set_to_none=True)
-                    loss.backward()
-            else:
+            with jitter.step(step) if jitter is not None else contextlib.nullcontext():
                 loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
                 if opt_s is not None:
                     loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
-                opt.zero_grad(set_to_none=True)
-                if opt_s is not None:
                     opt_s.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
             sched.step()

@@ -10,6 +10,7 @@ from .dynopool import (
     dynopool2d,
     dynopool_modules,
     dynopool_output_size,
+    refresh_sizes,
     scale_parameters,
 )
 from .errors import UserInputError
@@ -31,6 +32,7 @@ __all__ = [
     "dynopool_modules",
     "scale_parameters",
     "clamp_strides_",
+    "refresh_sizes",
     "R_MIN",
     "R_MAX",
     "__version__",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .cost_model import CostModel
 from .errors import UserInputError
+from .group_ids import group_ids
 from .flops import count_flops, format_flops
 
 __all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "BUDGET_FORMS", "BudgetFit",
@@ -71,6 +72,7 @@ class _BudgetResult:
     group_factors: list[float]  # the multipliers applied, per group
     strides: list[list[float]]  # the final (s_h, s_w) per group
     fvcore_checks: int
+    groups: list[int] = dataclasses.field(default_factory=list)  # the group id of each entry above
 
     def __getitem__(self, key: str):
         """Read as a mapping too (``fit["final_flops"]``), as the results once were."""
@@ -238,7 +240,7 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
     unmoved = base == cost.clamp(cost.reference_strides) and tuple(input_size) == cost.input_size
     start = cost.reference_flops if unmoved else cost.flops(base)
     result = {"budget": int(budget), "input_size": list(input_size), "start_flops": start, "factor": 1.0,
-              "method": "none"}
+              "method": "none", "groups": group_ids(model, params)}
     if start <= budget:
         final = count_flops(model, input_size)
         if final <= budget:
@@ -296,8 +298,8 @@ def fit_to_budget(
     bound (``r = r_min``) does not fit. Returns a ``BudgetFit``: ``budget``, ``input_size``,
     ``original_flops`` (as given), ``converted_flops`` (before fitting), ``final_flops`` (fvcore,
     after), ``method`` (``none``/``common``/``per-group``), ``factor`` (the best common
-    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group) and the final
-    ``strides`` per group (also readable as ``fit["final_flops"]``).
+    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group), ``groups`` (the
+    group id of each entry of ``group_factors`` and ``strides``) and the final ``strides`` per group.
     """
     cost = cost_model or CostModel(model, input_size)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
@@ -318,8 +320,8 @@ def project_to_budget(
     common reduction of every ``r``, or one group at a time when that gives up fewer FLOPs);
     the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
     Raises ``UserInputError`` if no strides within the bounds fit. Returns a
-    ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``,
-    ``method``, ``factor``, ``group_factors``, ``moved`` and the final ``strides``.
+    ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
+    ``group_factors``, ``groups``, ``moved`` and the final ``strides``.
     """
     cost = cost_model or CostModel(model, input_size)
     base = cost.clamp(cost.current_strides())

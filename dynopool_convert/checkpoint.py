@@ -123,7 +123,9 @@ def _torch_load(path: Path) -> Any:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise UserInputError(f"checkpoint {str(path)!r} does not exist")
+        # the one wording for every command (finetune, report, ...): they all load through here
+        raise UserInputError(f"checkpoint {str(path)!r} does not exist (give the path of a .pt file written by "
+                             f"'dynopool convert' or 'dynopool finetune')")
     if not path.is_file():
         raise UserInputError(f"checkpoint {str(path)!r} is not a file")
     payload = _torch_load(path)

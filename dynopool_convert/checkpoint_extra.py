@@ -20,6 +20,8 @@ def conversion_extra(original: int | None, converted: int, fit: Any = None, keep
     flops: dict[str, Any] = {"original": original, "converted": converted}
     if fit is not None:
         flops.update(final=fit.final_flops, fit_method=fit.method, group_factors=fit.group_factors)
+        if getattr(fit, "groups", None) is not None:  # the group id of each factor
+            flops["groups"] = fit.groups
     extra: dict[str, Any] = {"flops": flops}
     if fit is not None and keep_fit:
         extra["fit_to_budget"] = fit.as_dict()

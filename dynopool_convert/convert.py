@@ -131,6 +131,33 @@ def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] |
     return next(iter(patches))
 
 
+def _size_preserving_stride(members: list[Candidate], nodes: dict[str, fx.Node]) -> list[float]:
+    """The group's initial stride: the op's stride, unless DynOPool's rounding would then give
+    another output size than the op gave (``round(7 / 2) = 4`` where a 2x2 max-pool gives 3):
+    then ``H / H_out`` on that axis, so that the converted model starts at the original's sizes
+    and FLOPs. Kept as the op's stride where the tied sites disagree."""
+    stride = list(members[0].stride)
+    for axis in (0, 1):
+        wanted = set()
+        for c in members:
+            node = nodes[c.node]
+            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            hw_in, hw_out = node_hw(first), node_hw(node)
+            if hw_in is None or hw_out is None:
+                return list(members[0].stride)
+            wanted.add((hw_in[axis], hw_out[axis]))
+        sizes = {(h_in, h_out) for h_in, h_out in wanted if dynopool_output_size(h_in, stride[axis]) != h_out}
+        if len(wanted) == 1 and sizes:
+            h_in, h_out = sizes.pop()
+            stride[axis] = h_in / h_out
+    return stride
+
+
+def _group_stride(groups: list[Group], group_of: dict[str, int], c: Candidate) -> list[float]:
+    gid = group_of.get(c.node)
+    return list(groups[gid].stride_init) if gid is not None else list(c.stride)
+
+
 def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
     nodes = {n.name: n for n in analysis.traced.graph.nodes}
     group_of: dict[str, int] = {}
@@ -141,7 +168,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
         names = [by_node[m].name for m in members]
         patch = _patch_of_group([by_node[m] for m in members], policy)
         if patch is None:
-            groups.append(Group(gid, names, list(by_node[members[0]].stride)))
+            groups.append(Group(gid, names, _size_preserving_stride([by_node[m] for m in members], nodes)))
         else:  # DynOPool resizes the input to a multiple of the patch; the conv keeps its stride
             groups.append(Group(gid, names, [1.0, 1.0], multiple=list(patch)))
             patch_of.update({m: patch for m in members})
@@ -157,7 +184,7 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
             reason=c.skip_reason, group=group_of.get(c.node),
             placement=("patchify" if patch else policy["placement"]) if c.kind == "conv" and not c.skip_reason else None,
             aggregate=aggregate,
-            stride_init=None if c.stride is None else ([1.0, 1.0] if patch else list(c.stride)),
+            stride_init=None if c.stride is None else ([1.0, 1.0] if patch else _group_stride(groups, group_of, c)),
             input_size=_as_list(node_hw(first_input)), output_size=_as_list(node_hw(node)),
         )
         if site.status == "converted" and site.input_size:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich is imported when the command runs (start-up time)
+    from rich.table import Table
 
 
 class Placement(str, Enum):
@@ -20,6 +21,9 @@ class Aggregate(str, Enum):
     mean = "mean"
 
 
+#: the width of redirected output: a table takes its natural width, a line is never wrapped
+_UNWRAPPED = 100_000
+
 _STATUS_STYLE = {"converted": "green", "pinned": "cyan", "reverted": "yellow", "skipped": "dim"}
 
 
@@ -30,6 +34,8 @@ def _size(value: list[int] | None) -> str:
 def site_table(plan) -> tuple[Table, list[str]]:
     """A Rich table of the plan's sites (name, op, group, input -> output, status), and the
     numbered reasons its status column refers to (one line each, identical reasons once)."""
+    from rich.table import Table
+
     table = Table(title=f"DynOPool sites at input {_size(plan.input_size[1:])}", show_lines=False)
     table.add_column("site", overflow="fold")
     table.add_column("op", overflow="fold")
@@ -58,10 +64,12 @@ def _print_fit(console, fit, budget_flops: int) -> None:
     if fit.method == "none":
         console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
         return
+    from dynopool_convert.group_ids import by_group, format_by_group
+
+    factors = format_by_group(by_group(fit.group_factors, fit.groups), lambda f: f"{f:.4g}")
     console.print(
         f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
-        f"({fit.final_flops}) by lowering the scale factors ({fit.method}; "
-        f"r x {', '.join(f'{f:.4g}' for f in fit.group_factors)})"
+        f"({fit.final_flops}) by lowering the scale factors ({fit.method}; r × {factors})"
     )
 
 
@@ -86,11 +94,15 @@ def convert(
     from dynopool_convert.budget import fit_to_budget, parse_budget
     from dynopool_convert.checkpoint_extra import conversion_extra
     from dynopool_convert.flops import count_flops, format_flops
+    from dynopool_convert.group_ids import by_group, format_by_group
 
     from dynopool_convert.files import check_output_path
+    from rich.console import Console
 
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
+    if not console.is_terminal:  # redirected: whole lines (no 80-column wrap splitting site names)
+        console = Console(width=_UNWRAPPED)
     source = resolve_source(model)
     if not dry_run:  # a bad --out is refused before any work, not after it
         check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")

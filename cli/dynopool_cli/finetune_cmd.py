@@ -8,84 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from dynopool_convert.training import FinetuneResult, TrainCallbacks, finetune as run_finetune
-
 
 class BudgetMode(str, Enum):
     ceiling = "ceiling"
     target = "target"
-
-
-def _fmt_flops(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"
-
-
-def _step_text(row: dict[str, Any]) -> str:
-    budget = f"/{_fmt_flops(row['budget'])}" if row.get("budget") else ""
-    return (f"loss {row['loss']:.4f} acc {row['acc']:.3f} FLOPs {_fmt_flops(row['flops'])}{budget} "
-            f"{row['img_s']:.0f} img/s")
-
-
-def _epoch_text(row: dict[str, Any]) -> str:
-    r = " ".join(f"{rh:.3f}x{rw:.3f}" for rh, rw in row["r_saved"])
-    return (f"epoch {row['epoch']} step {row['step']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | saved FLOPs {_fmt_flops(row['flops'])}"
-            f"{'/' + _fmt_flops(row['budget']) if row.get('budget') else ''} | r {r} | {row['time_s']:.1f}s")
-
-
-class PlainLog(TrainCallbacks):
-    """One log line per logging step and per epoch (not a TTY)."""
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        typer.echo(f"finetune: {info['total_steps']} steps ({info['steps_per_epoch']}/epoch, {info['epochs']} epochs) "
-                   f"from step {info['start_step']} on {info['device']} x{info['world']}; "
-                   f"{info['train_size']} train / {info['val_size']} val images, {info['num_classes']} classes, "
-                   f"input {info['input_size']}, budget {_fmt_flops(info['budget'])}")
-
-    def on_step(self, row: dict[str, Any]) -> None:
-        typer.echo(f"step {row['step']} " + _step_text(row))
-
-    def on_epoch(self, row: dict[str, Any]) -> None:
-        typer.echo(_epoch_text(row))
-
-    def on_message(self, text: str) -> None:
-        typer.echo(text, err=True)
-
-
-class RichProgress(PlainLog):
-    """A Rich progress bar (step, loss, acc, FLOPs vs budget, img/s); epochs printed above it."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=self.console)
-        self.task = None
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        self.console.print(f"{info['total_steps']} steps on {info['device']} x{info['world']}, "
-                           f"{info['train_size']} train / {info['val_size']} val images, budget {_fmt_flops(info['budget'])}")
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"], stats="")
-
-    def on_step(self, row: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=row["step"], stats=_step_text(row))
-
-    def on_epoch(self, row: dict[str, Any]) -> None:
-        self.progress.console.print(_epoch_text(row))
-
-    def on_message(self, text: str) -> None:
-        self.progress.console.print(text)
-
-    def on_end(self, result: FinetuneResult) -> None:
-        self.progress.stop()
 
 
 def finetune(
@@ -124,6 +50,10 @@ def finetune(
         overrides["budget"] = budget
     if data is not None:
         overrides["data"] = data
+    from dynopool_convert.training import finetune as run_finetune
+
+    from .finetune_progress import PlainLog, RichProgress, fmt_flops
+
     callbacks = RichProgress() if sys.stderr.isatty() else PlainLog()
     result = run_finetune(checkpoint, out, recipe=recipe, overrides=overrides, resume=resume, callbacks=callbacks,
                           trust_source=trust_source)
@@ -131,6 +61,6 @@ def finetune(
         return
     if result.completed:
         typer.echo(f"done: {result.steps} steps in {result.wall_s:.1f}s; best val acc {result.best_metric:.4f}; "
-                   f"saved FLOPs {_fmt_flops(result.final_flops)} (budget {_fmt_flops(result.budget)}); {out}/last.pt, {out}/best.pt")
+                   f"saved FLOPs {fmt_flops(result.final_flops)} (budget {fmt_flops(result.budget)}); {out}/last.pt, {out}/best.pt")
     else:
         typer.echo(f"stopped at step {result.steps}/{result.total_steps}; continue with --resume ({out}/last.pt)")

@@ -14,8 +14,9 @@ import torch
 from torch import fx, nn
 
 from ..checkpoint_extra import original_flops as extra_original_flops
-from ..dynopool import DynOPool, dynopool_modules, scale_parameters
+from ..dynopool import DynOPool, dynopool_modules
 from ..errors import UserInputError
+from ..group_ids import by_group, group_ids
 from .flops import count_flops, flops_by_module
 from .graph import ReportGraph, strides_set_to
 from .options import merge_input_size
@@ -168,7 +169,7 @@ def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) 
     """``training["history"]`` (or ``training["progress"]["history"]``) as plain data.
 
     Scale factors stored as lists in ``scale_parameters`` order (``r``, ``r_saved``) are keyed
-    by group id instead (``{"3": [r_h, r_w]}``), so that scripts need not know that order.
+    by group id instead (``{"3": [r_h, r_w]}``, in group order), so that scripts need not know that order.
     """
     if not training:
         return None
@@ -186,7 +187,7 @@ def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) 
         for key in ("r", "r_saved", "strides"):
             value = row.get(key)
             if isinstance(value, list) and len(value) == len(group_order) and all(isinstance(v, list) for v in value):
-                row[key] = {str(g if g is not None else i): v for i, (g, v) in enumerate(zip(group_order, value))}
+                row[key] = by_group(value, group_order)
     return rows
 
 
@@ -375,8 +376,7 @@ def build_report(
     extra = extra or {}
     if original_flops is None:
         original_flops = extra_original_flops(extra)
-    group_order = [next((m.group for m in pools.values() if m.stride is p), None) for p in scale_parameters(gm)]
-    history = _history(training, group_order)
+    history = _history(training, group_ids(gm))
     summary = _training_summary(training)
     params = sum(p.numel() for p in gm.parameters())
     return {
@@ -449,12 +449,9 @@ def report_from_checkpoint(
     ``(S,)`` for a square (missing channels come from the checkpoint). ``trust_source`` lets a
     ``package.module:factory`` source be imported (see ``load_checkpoint``).
     """
-    path = Path(path)
-    if not path.exists():  # other problems (a folder, unreadable, corrupt): load_checkpoint says
-        raise UserInputError(f"checkpoint not found: {path} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')")
-    from ..checkpoint import load_checkpoint  # the convert helper's module
+    from ..checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path, trust_source=trust_source)
+    ckpt = load_checkpoint(Path(path), trust_source=trust_source)  # a missing file: the same message as every command
     plan = ckpt.plan.to_dict() if hasattr(ckpt.plan, "to_dict") else dict(ckpt.plan)
     reference = tuple(int(v) for v in ckpt.input_size)
     size = merge_input_size(tuple(input_size), reference) if input_size is not None else reference

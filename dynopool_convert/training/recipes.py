@@ -57,6 +57,7 @@ class TrainConfig:
     settle: float = 0.3  # fraction of the steps, at the end, trained with the searched sizes frozen
     holdout: float = 0.1  # fraction of the training data held out for the size search ...
     holdout_max: int = 5000  # ... at most this many images
+    size_refresh_every: int = 1  # sizes re-read from the strides every N steps, held in between (needs size_jitter 0)
 
 
 @dataclass
@@ -157,13 +158,16 @@ def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -
     _update(cfg, data)
     if cfg.train.epochs is not None and cfg.train.steps is not None:
         raise UserInputError("give either train.epochs or train.steps, not both")
-    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every", "holdout_max"):
+    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every", "holdout_max", "size_refresh_every"):
         value = getattr(cfg.train, key)
         if value is not None and value < 1:
             raise UserInputError(f"recipe key 'train.{key}' must be >= 1, got {value}")
     _check_ranges(cfg.train)
     if cfg.train.size_jitter < 0:
         raise UserInputError(f"recipe key 'train.size_jitter' must be >= 0 pixels, got {cfg.train.size_jitter}")
+    if cfg.train.size_refresh_every > 1 and cfg.train.size_jitter > 0:
+        raise UserInputError("train.size_refresh_every > 1 holds the sizes between refreshes, which size jitter "
+                             "changes every step: set train.size_jitter: 0 with it")
     if cfg.train.amp not in ("auto", "bf16", "off"):
         raise UserInputError(f"recipe key 'train.amp' must be auto, bf16 or off, got {cfg.train.amp!r}")
     if cfg.train.budget_mode not in ("ceiling", "target"):

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ..dynopool import refresh_sizes
 from .group_sizes import GroupGeometry
 
 __all__ = ["SizeJitter"]
@@ -54,6 +55,7 @@ class SizeJitter:
         with torch.no_grad():
             for p, (dh, dw) in zip(geo.params, deltas):
                 p.add_(torch.tensor([dh, dw], dtype=p.dtype, device=p.device).reshape(p.shape))
+        refresh_sizes(geo.model)  # the jittered sizes for every site in one transfer
         try:
             yield
         finally:

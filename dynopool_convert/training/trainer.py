@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
+from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
@@ -34,6 +35,7 @@ from .sampler import EpochSampler
 from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
 from .size_guard import SizeGuard
+from .sizes import SizeSchedule
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -192,13 +194,16 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
-        searching = t.size_search and bool(scale_parameters(bundle.model))
+        # the search weighs sizes against FLOPs: without a budget the strides learn to the end
+        searching = t.size_search and self.budget is not None and bool(scale_parameters(bundle.model))
         self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
+        learn = t.scale_lr > 0 and any(q.requires_grad for q in self.scales)
+        self.size_log = SizeSchedule(model, t.size_refresh_every, info.device, learn)
         self.ddp = model
         if info.enabled:
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -213,7 +218,9 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        self.cost = upstream.CostModel(model, bundle.input_size)
+        # only a budget needs the cost model: a model it refuses still fine-tunes without one,
+        # and with a budget the refusal comes here, before any step
+        self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
@@ -225,13 +232,14 @@ class _Run:
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "start_step": self.progress.step, "budget": self.budget, "device": str(info.device), "world": info.world,
             "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
-            "input_size": list(bundle.input_size),
+            "input_size": list(bundle.input_size), "groups": group_ids(model),
         })
         stop = _StopFlag(not info.enabled, self.cbs)
         try:
             completed = self._loop(stop, stop_after_steps)
         finally:
             stop.close()
+            self.size_log.close()
         return self._finish(completed)
 
     def _remove_stale_temp_files(self) -> None:
@@ -267,6 +275,7 @@ class _Run:
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
+        self.size_log.load_state(training.get("size_log"))
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
         self.sizes.load_state(training.get("sizes"))
         rng = training["rng"]
@@ -290,7 +299,8 @@ class _Run:
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
                 if self.sizes.search_due(p.step):
-                    self._search_sizes()
+                    with self.size_log.released():
+                        self._search_sizes()
                 with guard.watch(p.step + 1):
                     row = self._step(images, labels)
                 n = labels.shape[0]
@@ -328,8 +338,8 @@ class _Run:
             with _autocast(dev, t.amp):
                 logits = self.ddp(images)
                 task = self.criterion(logits.float(), labels)
-            flops = self.cost()
-            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
+            flops = self.cost() if self.cost is not None else None
+            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if flops is not None else torch.zeros(())
             loss = task + t.penalty_weight * penalty.to(task.device)
             self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
             self.optimizer.zero_grad(set_to_none=True)
@@ -340,14 +350,15 @@ class _Run:
         clamp_strides_(self.model)
         self.sizes.hold()
         self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
+        self.size_log.after_step(self.progress.step + 1, learning=not self.sizes.settled)
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
-                "flops": float(flops.detach())}
+                "flops": None if flops is None else float(flops.detach())}
 
     def _search_sizes(self) -> None:
         """The held-out size search (every rank runs it alike on the whole held-out split)."""
-        budget = self.budget if self.budget is not None else int(self.cost.flops(self.sizes.initial))
+        budget = self.budget
         self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
         result = self.sizes.search(
             self.cost.flops, budget, self._holdout_losses,
@@ -424,7 +435,7 @@ class _Run:
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
             "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc, "flops": flops,
             "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
-            "time_s": round(seconds, 3), "projection": projection,
+            "time_s": round(seconds, 3), "projection": projection, "distinct_sizes": self.size_log.distinct,
         }
         self.rows.append(row)
         p.history.append(row)
@@ -455,6 +466,7 @@ class _Run:
             "progress": self.progress.to_dict(),
             "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
             "sizes": self.sizes.state(),
+            "size_log": self.size_log.state(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
