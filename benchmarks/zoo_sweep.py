@@ -317,6 +317,23 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
     checked = [rows[s].get("moves") for s, _, _ in wanted if rows[s].get("moves")]
     lines += ["", f"Joint-moves property checked on {len(checked)} models: {checked.count('ok')} hold it, "
                   f"{checked.count('broken')} broken."]
+    lines += ["", "## Where issue 19's validation pins groups that learned before", "",
+              "Checked on the models rerun: each is still `ok`, with fewer learned groups. Each group",
+              "below breaks the forward when moved on its own (it never did when every group moved",
+              "together by one pixel, but training moves them apart); the joins are not seen by the",
+              "tie graph yet, so validation pins or reverts them:",
+              "",
+              "- `timm:mvitv2_tiny` (13 -> 1 groups; 6 pinned, 6 reverted): each attention block's",
+              "  `pool_q`/`pool_k`/`pool_v` and `shortcut_pool_attn` are separate sites whose token counts",
+              "  must match after flattening (`k @ v`, the residual); e.g. `pool_k` moved alone:",
+              "  `Expected size for first two dimensions of batch2 tensor to be: [1, 12] but got: [1, 16]`.",
+              "- `timm:nasnetalarge` (6 -> 4 groups, 9 sites pinned) and `timm:pnasnet5large` (6 -> 4",
+              "  groups, 11 sites pinned): the stem cells join branches whose sizes differ by their",
+              "  asymmetric padding and slicing (`x[:, :, 1:, 1:]`), so equal-size matching does not tie",
+              "  them; moved alone: `The size of tensor a (6) must match the size of tensor b (8)`.",
+              "- `timm:skresnet18`: 8 -> 5 groups, the other way: its `SelectiveKernel` paths, joined by",
+              "  `torch.stack`, now tie (before, one path moving alone broke the stack).",
+              ]
     lines += ["", "## Models", "",
               "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | joint moves | status | reason | s |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
