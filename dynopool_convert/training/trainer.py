@@ -34,6 +34,7 @@ from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
 from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
+from .size_guard import SizeGuard
 from .sizes import SizeSchedule
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
@@ -292,6 +293,7 @@ class _Run:
     def _loop(self, stop: _StopFlag, stop_after_steps: int | None) -> bool:
         t, p, info = self.t, self.progress, self.info
         done_here = 0
+        guard = SizeGuard(self.model, save=lambda: self._checkpoint(is_best=False))
         while p.step < self.total_steps:
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
@@ -299,7 +301,8 @@ class _Run:
                 if self.sizes.search_due(p.step):
                     with self.size_log.released():
                         self._search_sizes()
-                row = self._step(images, labels)
+                with guard.watch(p.step + 1):
+                    row = self._step(images, labels)
                 n = labels.shape[0]
                 sums[0] += row["loss"] * n
                 sums[1] += row["acc"] * n
@@ -321,7 +324,8 @@ class _Run:
                     self._checkpoint(is_best=False)
                 if interrupted:
                     return False
-            self._end_epoch(sums, time.perf_counter() - epoch_t0)
+            with guard.watch(p.step):
+                self._end_epoch(sums, time.perf_counter() - epoch_t0)
             if stop.requested or (stop_after_steps is not None and done_here >= stop_after_steps):
                 return p.step >= self.total_steps
         return True
