@@ -21,7 +21,7 @@ from .errors import UserInputError
 from .group_ids import group_ids
 from .flops import count_flops, format_flops
 
-__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "BUDGET_FORMS", "BudgetFit",
+__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "check_reachable", "BUDGET_FORMS", "BudgetFit",
            "BudgetProjection"]
 
 #: The accepted forms, as shown in every error message.
@@ -313,6 +313,15 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
         factor = _largest_fitting_factor(cost, base, bounds, cost.flops(strides) - 1, floor, factor)
     result.update(factor=factor, method=method, group_factors=factors, final_flops=final, strides=[list(s) for s in strides], fvcore_checks=checks)
     return result
+
+
+def check_reachable(model: nn.Module, budget: int, input_size: Sequence[int], cost_model: CostModel) -> None:
+    """UserInputError (with the minimum achievable FLOPs) when ``budget`` cannot be met even with
+    every scale factor at its lower bound; checked before fine-tuning starts."""
+    lowest = [(hi, hi) for _, hi in cost_model.bounds]
+    if cost_model.flops(lowest) > budget:
+        base = cost_model.clamp(cost_model.current_strides())
+        _raise_impossible(model, int(budget), tuple(input_size), cost_model.parameters, base, lowest)
 
 
 def fit_to_budget(

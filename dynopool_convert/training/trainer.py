@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
 from .size_guard import SizeGuard
 from .sizes import SizeSchedule
+from .interrupt import StopFlag
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -84,27 +83,6 @@ def _autocast(device: torch.device, amp: str):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-class _StopFlag:
-    """First Ctrl-C: stop after the current step (saving last.pt); second: interrupt at once."""
-
-    def __init__(self, enabled: bool, callbacks: TrainCallbacks) -> None:
-        self.requested = False
-        self._old = None
-        self._callbacks = callbacks
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._callbacks.on_message("interrupt: stopping after this step and saving last.pt (Ctrl-C again to abort)")
-
-    def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 #: train settings that the saved optimiser, scheduler and data position fix: a resumed run
@@ -221,6 +199,8 @@ class _Run:
         # only a budget needs the cost model: a model it refuses still fine-tunes without one,
         # and with a budget the refusal comes here, before any step
         self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
+        if self.cost is not None:  # an impossible budget is refused before the first step
+            upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
@@ -234,7 +214,7 @@ class _Run:
             "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
             "input_size": list(bundle.input_size), "groups": group_ids(model),
         })
-        stop = _StopFlag(not info.enabled, self.cbs)
+        stop = StopFlag(not info.enabled, self.cbs)
         try:
             completed = self._loop(stop, stop_after_steps)
         finally:
@@ -290,7 +270,7 @@ class _Run:
                           num_workers=t.workers, pin_memory=self.info.device.type == "cuda",
                           generator=torch.Generator())  # own generator: the global RNG stays untouched
 
-    def _loop(self, stop: _StopFlag, stop_after_steps: int | None) -> bool:
+    def _loop(self, stop: StopFlag, stop_after_steps: int | None) -> bool:
         t, p, info = self.t, self.progress, self.info
         done_here = 0
         guard = SizeGuard(self.model, save=lambda: self._checkpoint(is_best=False))
