@@ -180,6 +180,9 @@ class _Run:
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
+        if t.scale_lr <= 0:  # not learned by gradient: no stride gradients (they would feed gradient clipping)
+            for p in self.scales:
+                p.requires_grad_(False)
         learn = t.scale_lr > 0 and any(q.requires_grad for q in self.scales)
         self.size_log = SizeSchedule(model, t.size_refresh_every, info.device, learn)
         self.ddp = model
