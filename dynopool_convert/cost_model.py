@@ -48,8 +48,9 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .dynopool import DynOPool, dynopool_output_size, scale_parameters
+from .dynresize import DynResize
 from .errors import UnsupportedModelError, UserInputError
-from .flops import _quiet, count_flops, flop_analysis
+from .flops import DYNRESIZE_FLOPS_PER_OUTPUT, _quiet, count_flops, flop_analysis
 
 __all__ = ["CostModel", "trace_for_cost"]
 
@@ -112,8 +113,8 @@ class _Recorder(fx.Interpreter):
         if isinstance(m, DynOPool):  # only the shape matters; the stride is a real tensor
             x = args[0]
             s_h, s_w = self.strides[target]
-            h = dynopool_output_size(int(x.shape[-2]), s_h, m.multiple[0])
-            w = dynopool_output_size(int(x.shape[-1]), s_w, m.multiple[1])
+            h = dynopool_output_size(int(x.shape[-2]), s_h / m.base[0], m.multiple[0])
+            w = dynopool_output_size(int(x.shape[-1]), s_w / m.base[1], m.multiple[1])
             return x.new_empty((*x.shape[:-2], h, w))
         if isinstance(m, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
             return args[0]  # same shape; skips fake batch norm, which is slow
@@ -171,6 +172,7 @@ class _Class:
     params: tuple = ()
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
+    base: tuple[float, float] = (1.0, 1.0)  # dynopool: output round(h * base / s) (DynResize)
 
     def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
         """Integer output size given the parent's integer size (``sizes`` by class index)."""
@@ -178,8 +180,8 @@ class _Class:
             return self.size
         h, w = sizes[self.parent.index]
         if self.kind == "dynopool":
-            s, m = strides[self.group], self.params or (1, 1)
-            return dynopool_output_size(h, s[0], m[0]), dynopool_output_size(w, s[1], m[1])
+            s, m, b = strides[self.group], self.params or (1, 1), self.base
+            return dynopool_output_size(h, s[0] / b[0], m[0]), dynopool_output_size(w, s[1] / b[1], m[1])
         if self.kind == "window":
             return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
         if self.kind == "same":
@@ -382,6 +384,20 @@ class _ClassTerm:
 
 
 @dataclass
+class _ResizeTerm:
+    """A DynResize: ``per_pixel x h x w`` of its output class where that differs from its
+    input's size, 0 where it is the identity (as fvcore counts it, see flops.py)."""
+
+    cls: _Class
+    parent: _Class
+    per_pixel: float
+
+    def flops(self, sizes: dict[int, tuple[int, int]]) -> float:
+        h, w = sizes[self.cls.index]
+        return 0.0 if (h, w) == sizes[self.parent.index] else self.per_pixel * h * w
+
+
+@dataclass
 class _Evaluation:
     flops: float
     grads: list[tuple[float, float]] = field(default_factory=list)
@@ -508,6 +524,7 @@ class CostModel:
         sizes_pert: dict[int, tuple[int, int]] = {}
         terms: dict[int, _ClassTerm] = {}
         opaque_terms: list[_Class] = []
+        resize_terms: list[_ResizeTerm] = []
         fixed_cache: dict = {}
         constant = 0.0
 
@@ -543,7 +560,7 @@ class CostModel:
                 m = gm.get_submodule(n.target)
                 if isinstance(m, DynOPool):
                     g = self._group_of[id(m.stride)]
-                    rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=m.multiple), "out"))
+                    rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=m.multiple, base=m.base), "out"))
                 elif parent is not None:
                     rules += _module_rules(m, parent)
             elif n.op == "call_function" and parent is not None:
@@ -591,6 +608,11 @@ class CostModel:
             if chosen.kind == "inherit" and chosen.cls.kind != "const" and not _shows(info_r, sizes_ref[chosen.cls.index]):
                 self._by_proportion = True
 
+            if isinstance(module, DynResize) and isinstance(info_r, _TensorInfo):
+                # charged only where it resizes (the identity runs nothing): not one class's area
+                per_pixel = DYNRESIZE_FLOPS_PER_OUTPUT * math.prod(info_r.shape[:-2])
+                resize_terms.append(_ResizeTerm(chosen.cls, parent, float(per_pixel)))
+                continue
             flops = node_flops.get(n, 0)
             if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
                 opaque_terms.append(chosen.cls)
@@ -621,14 +643,16 @@ class CostModel:
 
         attributed = constant + sum(t.coefficient * area(t.cls, sizes_ref) for t in terms.values())
         attributed += sum(c.probe(*sizes_ref[c.parent.index])[1] for c in opaque_terms)
+        attributed += sum(t.flops(sizes_ref) for t in resize_terms)
         self.unattributed = int(round(self.reference_flops - attributed))
         self._constant = constant + self.unattributed
         self._classes = classes
         self._terms = [terms[i] for i in sorted(terms)]
         self._opaque_terms = opaque_terms
+        self._resize_terms = resize_terms
         # classes needed to evaluate the terms (ancestors included), in creation order
         needed: set[int] = set()
-        for c0 in [t.cls for t in self._terms] + opaque_terms:
+        for c0 in [t.cls for t in self._terms] + opaque_terms + [t.cls for t in resize_terms]:
             c: _Class | None = c0
             while c is not None and c.index not in needed:
                 needed.add(c.index)
@@ -717,14 +741,14 @@ class CostModel:
                 continue
             if c.kind == "dynopool":
                 s_h, s_w = strides[c.group]
-                fh, fw = 1.0 / s_h, 1.0 / s_w
+                fh, fw = c.base[0] / s_h, c.base[1] / s_w
                 dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
                 lo, hi = self._bounds[c.group]
                 # the stride is clamped to its bounds: no gradient outside them
                 if lo <= raw[c.group][0] <= hi:
-                    dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh
+                    dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh / c.base[0]
                 if lo <= raw[c.group][1] <= hi:
-                    dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw
+                    dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw / c.base[1]
                 cont[c.index] = (ph * fh, pw * fw)
             else:
                 if c.kind == "window":
@@ -746,6 +770,12 @@ class CostModel:
                 fh, fw = c.probe(h_in + 1, w_in)[1] - f, c.probe(h_in, w_in + 1)[1] - f
                 dh, dw = deriv[c.parent.index]
                 _accumulate(grads, _combine(dh, fh, dw, fw))
+        for r in self._resize_terms:
+            flops += r.flops(sizes)
+            if with_grad:  # straight-through, also at the identity (where the charge is 0)
+                h, w = sizes[r.cls.index]
+                dh, dw = deriv[r.cls.index]
+                _accumulate(grads, _combine(dh, r.per_pixel * w, dw, r.per_pixel * h))
         for t in self._terms:
             h, w = sizes[t.cls.index]
             flops += t.coefficient * h * w

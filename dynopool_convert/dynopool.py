@@ -159,6 +159,10 @@ class DynOPool(nn.Module):
     torch.Size([1, 3, 4, 4])
     """
 
+    #: stride at which the site's output size equals its input size (``DynResize`` keeps the
+    #: op's stride after it: its base is that stride); output size = ``round(H * base / s)``
+    base: tuple[float, float] = (1.0, 1.0)
+
     def __init__(
         self,
         stride: float | tuple[float, float] | nn.Parameter = 2.0,

@@ -107,24 +107,24 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
 
 
 def _moves(size_in: tuple[int, int], stride: tuple[float, float], bounds: tuple[float, float],
-           multiple: tuple[int, int] = (1, 1)) -> list[tuple[str, tuple[float, float]]]:
+           multiple: tuple[int, int] = (1, 1), base: tuple[float, float] = (1.0, 1.0)) -> list[tuple[str, tuple[float, float]]]:
     """Strides that change the output size by one step (one pixel, or one ``multiple``):
     smaller on both axes, larger along the height only (one move down, one up, and a
     non-square map to catch square-size assumptions)."""
     lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
 
-    def target(size: int, s: float, delta: int, m: int) -> float | None:
-        out = dynopool_output_size(size, s, m) + delta * m
+    def target(size: int, s: float, delta: int, m: int, b: float) -> float | None:
+        out = dynopool_output_size(size, s / b, m) + delta * m
         if out < 1:
             return None
-        new = size / out
+        new = size / out * b
         return new if lo <= new <= hi else None
 
     moves = []
     (h, w), (sh, sw) = size_in, stride
     for label, dh, dw in (("smaller", -1, -1), ("taller", 1, 0)):
-        nh = target(h, sh, dh, multiple[0]) if dh else sh
-        nw = target(w, sw, dw, multiple[1]) if dw else sw
+        nh = target(h, sh, dh, multiple[0], base[0]) if dh else sh
+        nw = target(w, sw, dw, multiple[1], base[1]) if dw else sw
         if nh is not None and nw is not None:
             moves.append((label, (nh, nw)))
     return moves
@@ -185,7 +185,7 @@ class GroupProbe:
             return "the site is not reached by the forward pass", set()
         param, members = self.groups[gid]
         moves = {gid: dict(_moves(self.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds,
-                                  members[0][1].multiple))}
+                                  members[0][1].multiple, members[0][1].base))}
         seen: dict[str, set] = {name: set() for name in self._watch}
         handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen[name].add(tuple(args[0].shape[-2:])))
                    for name, m in self._watch.items()]
@@ -243,7 +243,7 @@ def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_on
         reached = {g: v for g, v in groups.items() if v[1][0][0] in report.sizes}
         moves = {
             gid: dict(_moves(report.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds,
-                             members[0][1].multiple))
+                             members[0][1].multiple, members[0][1].base))
             for gid, (param, members) in reached.items()
         }
         # every group moved at once first (cheap); one group at a time only when that fails

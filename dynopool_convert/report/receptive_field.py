@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..dynopool import DynOPool
+from ..dynresize import DynResize
 from .graph import ReportGraph
 
 __all__ = ["Field", "ReceptiveFields", "receptive_fields", "dynopool_read_span"]
@@ -147,6 +148,11 @@ def _adaptive_module(m: nn.Module, hw_in, hw_out) -> Window:
     return _adaptive_window(hw_in, hw_out)
 
 
+def _dynresize_module(m: DynResize, hw_in, hw_out) -> Window:
+    """Bilinear, one sample per output pixel: one pixel read per axis where the size is unchanged."""
+    return _resize_window(hw_in, hw_out, tuple(1 if a == b else 2 for a, b in zip(hw_in, hw_out)))
+
+
 def _upsample_module(m: nn.Upsample, hw_in, hw_out) -> Window:
     s = _interp_support(m.mode)
     return _resize_window(hw_in, hw_out, (s, s))
@@ -154,6 +160,7 @@ def _upsample_module(m: nn.Upsample, hw_in, hw_out) -> Window:
 
 #: Module type -> handler (subclasses match too: timm's Conv2dSame, StdConv2d, ...).
 MODULE_HANDLERS: dict[type, ModuleHandler] = {
+    DynResize: _dynresize_module,  # before DynOPool: it is one
     DynOPool: _dynopool_module,
     nn.Conv2d: _conv_module,
     nn.MaxPool2d: _maxpool_module,
