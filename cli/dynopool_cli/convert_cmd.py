@@ -11,6 +11,7 @@ from rich.table import Table
 
 
 class Placement(str, Enum):
+    exact = "exact"
     before = "before"
     after = "after"
 
@@ -54,7 +55,7 @@ def site_table(plan) -> tuple[Table, list[str]]:
 def convert(
     model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N or HxW (default: the model's own).")] = None,
-    placement: Annotated[Placement, typer.Option(help="DynOPool before or after each strided conv (made stride 1).")] = Placement.before,
+    placement: Annotated[Optional[Placement], typer.Option(help="exact: every op kept behind a learnable resize that is the identity at init (the converted model computes what the original did; default with --weights/--pretrained); before/after: DynOPool before or after each strided conv (made stride 1), pools become DynOPool (default without weights: before).")] = None,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
@@ -63,15 +64,18 @@ def convert(
     build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable), e.g. num_classes=10, dynamic_img_size=true.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9: the converted model is fitted to it.")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Load this state dict first (.safetensors, .pt/.pth read weights-only; timm/torchvision key layouts, 'state_dict'/'model'/'module' wrappers).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load timm's/torchvision's own pretrained weights from the local cache (nothing is downloaded).")] = False,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
-    from dynopool_convert import build_model, convert as convert_model, resolve_source, save_checkpoint
+    from dynopool_convert import convert as convert_model, resolve_source, save_checkpoint
     from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
     from dynopool_convert.flops import count_flops, format_flops
 
     from dynopool_convert.files import check_output_path
+    from dynopool_convert.weights import build_with_weights, default_placement
 
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
@@ -80,7 +84,9 @@ def convert(
         check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")
     build_args = parse_build_args(build_arg)
     with console.status(f"building {source}"):
-        net = build_model(source, build_args)
+        net, origin = build_with_weights(source, build_args, weights, pretrained)
+    if placement is None:
+        placement = Placement(default_placement(origin))
     size = parse_input_size(input_size) if input_size is not None else default_input_size(source, net)
     with console.status(f"counting FLOPs at {size[1]}x{size[2]}"):
         original_flops = count_flops(net, size)
@@ -124,6 +130,8 @@ def convert(
                 f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; "
                 f"r x {', '.join(f'{f:.4g}' for f in fit['group_factors'])})"
             )
+    if origin is not None:
+        console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {placement.value}")
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
@@ -131,7 +139,8 @@ def convert(
     flops = {"original": original_flops, "converted": converted_flops}
     if fit is not None:
         flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
+    extra = {"flops": flops} if origin is None else {"flops": flops, "weights": origin}
     saved = save_checkpoint(
-        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra={"flops": flops}
+        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra=extra
     )
     console.print(f"checkpoint: {saved}")
