@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._helpers import pair_of_floats
 from .dynopool import R_MAX, R_MIN, DynOPool, _lerp_axis, dynopool_output_size
 
-__all__ = ["DynResize", "dynresize2d", "dynresize_output_size", "FrozenResize"]
+__all__ = ["DynResize", "dynresize2d", "dynresize_output_size", "resample_bilinear", "FrozenResize"]
 
 
 def dynresize_output_size(size: int, stride: float, base: float, multiple: int = 1) -> int:
@@ -35,13 +35,14 @@ def dynresize_output_size(size: int, stride: float, base: float, multiple: int =
     return dynopool_output_size(size, float(stride) / float(base), multiple)
 
 
-def _axis_samples(n_out: int, cell: Tensor, size: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Neighbours and weight of the ``n_out`` samples at ``(k + 1/2) * cell - 1/2`` (clamped)."""
-    k = torch.arange(n_out, dtype=dtype, device=device)
-    q = ((k + 0.5) * cell.to(dtype) - 0.5).clamp(0.0, float(size - 1))
+def _axis_samples(n_out: int, cell: Tensor, size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Neighbours and weight (float64) of the ``n_out`` samples at ``(k + 1/2) * cell - 1/2``
+    (clamped to the border)."""
+    k = torch.arange(n_out, dtype=torch.float64, device=device)
+    q = ((k + 0.5) * cell.to(torch.float64) - 0.5).clamp(0.0, float(size - 1))
     i0 = q.detach().floor().long().clamp_(max=size - 1)
     i1 = (i0 + 1).clamp_(max=size - 1)
-    return i0, i1, q - i0.to(dtype)
+    return i0, i1, q - i0.to(torch.float64)
 
 
 def dynresize2d(
@@ -70,14 +71,24 @@ def dynresize2d(
         if (out_h, out_w) == (h, w):
             return x
         return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
-    # straight-through estimator: integer sizes forward, continuous H * s0 / s backward
+    # straight-through estimator: integer sizes forward, continuous H * s0 / s backward; positions
+    # in float64, so that the samples sit where F.interpolate puts them (float32 is off by ~1e-6)
+    s = s.to(torch.float64)
     cont_h, cont_w = h / (s[0] / base[0]), w / (s[1] / base[1])
     cell_h = h / (cont_h + (out_h - cont_h).detach())
     cell_w = w / (cont_w + (out_w - cont_w).detach())
+    return resample_bilinear(x, cell_h, cell_w, out_h, out_w)
+
+
+def resample_bilinear(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int) -> Tensor:
+    """One border-clamped bilinear sample per output pixel at ``(k + 1/2) * cell - 1/2``;
+    differentiable in ``x`` and in the cell sizes (the sample positions)."""
+    _, _, h, w = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
-    rows = _axis_samples(out_h, cell_h, h, dtype, x.device)
-    cols = _axis_samples(out_w, cell_w, w, dtype, x.device)
-    return _lerp_axis(_lerp_axis(x.to(dtype), 2, *rows), 3, *cols).to(x.dtype)
+    i0, i1, wh = _axis_samples(out_h, cell_h, h, x.device)
+    j0, j1, ww = _axis_samples(out_w, cell_w, w, x.device)
+    rows_done = _lerp_axis(x.to(dtype), 2, i0, i1, wh.to(dtype))
+    return _lerp_axis(rows_done, 3, j0, j1, ww.to(dtype)).to(x.dtype)
 
 
 class FrozenResize(nn.Module):
