@@ -31,6 +31,8 @@ __all__ = ["read_state_dict", "load_weights_file", "load_state_dict_matching", "
 #: keys under which training scripts nest the state dict (checked in this order, repeatedly)
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema", "net")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
+#: names timm's model modules give their filters from original-repository layouts to timm's
+_TIMM_FILTERS = ("checkpoint_filter_fn", "_filter_fn", "filter_fn")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -99,15 +101,19 @@ def _layouts(state: dict[str, Tensor], model: nn.Module) -> list[dict[str, Tenso
                 found.append(stripped)
                 again = [s for p in _PREFIXES if (s := _strip(stripped, p)) is not None]
                 found += again
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if callable(filter_fn) and type(model).__module__.startswith("timm."):
-        for candidate in list(found):
+    if not type(model).__module__.startswith("timm."):
+        return found
+    module = sys.modules.get(type(model).__module__)
+    filters = [f for name in _TIMM_FILTERS if callable(f := getattr(module, name, None))]
+    for filter_fn, candidate in [(f, c) for f in filters for c in list(found)]:
+        for args in ((dict(candidate), model), (dict(candidate),)):
             try:
-                filtered = filter_fn(dict(candidate), model)
-            except Exception:  # a filter for another layout: this candidate is not it
+                filtered = filter_fn(*args)
+            except Exception:  # a filter for another layout or signature: not this one
                 continue
             if isinstance(filtered, dict) and _all_tensors(filtered):
                 found.append(filtered)
+            break
     return found
 
 
