@@ -151,3 +151,21 @@ def test_cli_bad_weights_exit_2_with_one_line(trained, tmp_path, capsys, monkeyp
     torch.save(state, tmp_path / "keys.pt")
     code, out, err = _cli(["convert", "resnet18", "--build-arg", "num_classes=3", "--input-size", "32", *argv], capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_recipe_weights_convert_exactly_and_the_head_follows_the_data(trained, tmp_path):
+    """A recipe naming a model and its weights: converted (placement exact), fine-tuned on data
+    with another class count (the head is replaced), the weights' origin kept."""
+    from dynopool_convert.training import finetune
+
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "w.pth")
+    recipe = {"model": SOURCE, "build_args": ARGS, "weights": str(tmp_path / "w.pth"), "input_size": [3, 32, 32],
+              "data": "synthetic:classes=4,train=16,val=8", "train": {"steps": 1, "batch_size": 8, "device": "cpu"}}
+    res = finetune(None, tmp_path / "run", overrides=recipe)
+    assert res.completed
+    converted = dc.load_checkpoint(tmp_path / "run" / "converted.pt")
+    assert converted.plan.policy["placement"] == "exact" and converted.extra["weights"]["sha256"] == file_sha256(tmp_path / "w.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.model.eval()(x), trained.eval()(x), rtol=0, atol=0)
+    assert dc.load_checkpoint(tmp_path / "run" / "last.pt").build_args["num_classes"] == 4

@@ -12,6 +12,7 @@ from torch import nn
 from ..dynopool import scale_parameters
 from ..errors import UserInputError
 from . import upstream
+from ..weights import build_with_weights, default_placement
 from .recipes import FinetuneConfig
 
 __all__ = ["ModelBundle", "load_model", "project_copy", "save_model", "restore_raw_strides", "LAST", "BEST", "CONVERTED"]
@@ -43,15 +44,16 @@ def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | None) ->
     """Build ``cfg.model`` and convert it with ``cfg.convert`` (then fit it to the budget)."""
     source = upstream.resolve_source(cfg.model)
     build_args = dict(cfg.build_args)
-    if source.startswith(("timm:", "torchvision:", "dynopool_convert.")):
-        build_args.setdefault("num_classes", num_classes)
+    if source.startswith(("timm:", "torchvision:", "dynopool_convert.")) and not (cfg.weights or cfg.pretrained):
+        build_args.setdefault("num_classes", num_classes)  # with weights: their head, replaced if need be
     input_size = tuple(cfg.input_size) if cfg.input_size else (3, 224, 224)
     if len(input_size) != 3:
         raise UserInputError(f"recipe key 'input_size' must be [C, H, W], got {cfg.input_size}")
-    model = upstream.build_model(source, build_args)
+    model, origin = build_with_weights(source, build_args, cfg.weights, cfg.pretrained)
     policy = {k: v for k, v in vars(cfg.convert).items() if v is not None}
+    policy.setdefault("placement", default_placement(origin))
     result = upstream.convert(model, input_size=input_size, **policy)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {} if origin is None else {"weights": origin}
     if budget is not None:
         extra["fit_to_budget"] = _plain(upstream.fit_to_budget(result.model, budget, input_size))
     return ModelBundle(result.model, result.plan, source, build_args, input_size, budget, None, extra)

@@ -26,6 +26,7 @@ from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from . import upstream
 from .data import build_datasets, parse_data_spec, unreadable_files
+from .heads import adapt_head
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
@@ -190,6 +191,7 @@ class _Run:
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
         self.data = data
         model = bundle.model.to(info.device)
+        adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
