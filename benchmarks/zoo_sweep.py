@@ -141,9 +141,27 @@ def run_one(source: str, size: int) -> dict:
         row.update(status="trace failed" if "cannot trace" in str(err) else "input error", reason=str(err))
     except Exception as err:  # a bug on our side or in the model: recorded, never fatal
         row.update(status="error", reason=f"{type(err).__name__}: {' '.join(str(err).split())}")
+    if row.get("status") in ("ok", "no learned group"):
+        row.update(_exact_row(source, row))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["reason"] = " ".join(str(row.get("reason", "")).split())[:300]
     return row
+
+
+def _exact_row(source: str, row: dict) -> dict:
+    """Placement ``exact`` on the same model (its random weights stand for loaded ones): outputs
+    at init within 1e-5 of the original's, FLOPs within 1%, at least one learned group."""
+    import dynopool_convert as dc
+    from dynopool_convert.exactness import check_exact
+
+    h, _, w = row["input"].partition("x")
+    args = _DYNAMIC if row.get("build_args") else {}
+    try:
+        report = check_exact(dc.build_model(source, args), (3, int(h), int(w or h)))
+    except Exception as err:  # recorded, never fatal
+        return {"exact": "error", "exact_reason": f"{type(err).__name__}: {' '.join(str(err).split())}"[:200]}
+    return {"exact": "ok" if report.ok else "differs", "exact_groups": report.groups,
+            "exact_rel": float(f"{report.rel_diff:.3g}"), "exact_flops": round(report.flops_ratio, 5)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,7 +284,12 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "groups), else *pinned* (the op kept behind an",
         "adaptive pool to its reference input size, so that the groups before it can learn; the",
         "`pinned` column), else reverted; the reason column gives the first pinned, reverted or",
-        "skipped site's reason. Every row comes from one sweep of the conversion code as it is now",
+        "skipped site's reason. The `exact at init` column converts the same model again with",
+        "placement `exact` (every op kept behind a learnable resize that is the identity at init, the",
+        "placement for trained weights): `ok` means at least one learned group, outputs within 1e-5",
+        "(max |difference| / max |output|, float32, random input, eval mode) and fvcore FLOPs within 1%",
+        "of the original's; it is empty for rows not rerun since the column was added.",
+        "Every row comes from one sweep of the conversion code as it is now",
         "(2026-11-26, `python benchmarks/zoo_sweep.py --fresh --timeout 900`); rows whose worker died",
         "(the kernel's out-of-memory killer, with two large models in memory at once on this 24 GiB",
         "machine) were rerun alone (`--only MODEL ... --fresh --workers 1`).",
@@ -293,17 +316,27 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         statuses[rows[s]["status"]] = statuses.get(rows[s]["status"], 0) + 1
     lines += ["", "Statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + "."]
     lines += ["", "## Models", "",
-              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | status | reason | s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | status | exact at init | reason | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for s, area, family in wanted:
         r = rows[s]
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
             f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
             f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('rounded', '')} | {r.get('pinned', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
-            f"{r['status']} | {reason} | {r.get('seconds', '')} |"
+            f"{r['status']} | {_exact_cell(r)} | {reason} | {r.get('seconds', '')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _exact_cell(r: dict) -> str:
+    """``ok`` or what differs (groups, max relative output difference, FLOPs ratio); empty if not run."""
+    if "exact" not in r:
+        return ""
+    if r["exact"] == "error":
+        return "error: " + r.get("exact_reason", "").replace("|", "\\|")[:80]
+    detail = f"{r['exact_groups']} groups, rel {r['exact_rel']:.1g}, FLOPs x{r['exact_flops']:.4g}"
+    return "ok" if r["exact"] == "ok" else f"differs ({detail})"
 
 
 def main() -> None:
