@@ -12,6 +12,7 @@ from .dynopool import (
     dynopool_output_size,
     scale_parameters,
 )
+from .dynresize import DynResize
 from .errors import UserInputError
 from .plan import Plan
 from .convert import ConversionResult, apply_plan, convert
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DynOPool",
+    "DynResize",
     "dynopool2d",
     "dynopool_output_size",
     "dynopool_modules",
