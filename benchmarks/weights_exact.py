@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 import dynopool_convert as dc
 from dynopool_convert.training import finetune
 from dynopool_convert.training.data import build_datasets, parse_data_spec
+from dynopool_convert.weights import build_with_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--placements", default="exact,before,after")
     ap.add_argument("--out", type=Path, default=Path("/tmp/weights_exact"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--trained", type=Path, default=None,
+                    help="weights of an original trained by an earlier run (skips the training; no history)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -93,10 +96,14 @@ def main() -> None:
     val = DataLoader(data.val, batch_size=256)
     build_args = {"num_classes": data.num_classes}
     weights = args.out / f"{args.model}.safetensors"
-    model = dc.build_model(args.model, build_args)
-    history = train_original(model, data, args.epochs, args.batch, args.lr, log)
     from safetensors.torch import save_file
 
+    if args.trained is not None:
+        model, _ = build_with_weights(args.model, build_args, weights=args.trained)
+        history: list[float] = []
+    else:
+        model = dc.build_model(args.model, build_args)
+        history = train_original(model, data, args.epochs, args.batch, args.lr, log)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     original_acc = evaluate(model, val)
     original_flops = dc.count_flops(model, size)

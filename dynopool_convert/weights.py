@@ -176,7 +176,8 @@ def build_with_weights(source: str, build_args: dict[str, Any] | None = None, we
     """Build ``source`` with random weights, the weights file ``weights``, or (``pretrained``)
     its library's cached pretrained weights; returns the model and the weights' origin (None
     for random weights)."""
-    from .models import build_model, resolve_source
+    from . import build_model  # the package's name, looked up at call time (as the CLI's is)
+    from .models import resolve_source
 
     if weights is not None and pretrained:
         raise UserInputError("give either --weights FILE or --pretrained, not both")
