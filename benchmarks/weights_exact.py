@@ -7,7 +7,8 @@ and where is it after short fine-tuning at the original's FLOPs?
    subprocess); validation accuracy of the converted model right after conversion.
 3. Fine-tune each converted model (weights and strides) for a fraction of an epoch and for one
    epoch, under a budget equal to the original's FLOPs; validation accuracy of the saved
-   (budget-projected) model.
+   (budget-projected) model. Placement ``none`` is the control: nothing converted, the original
+   fine-tuned the same way.
 
     PYTHONPATH=.:cli python benchmarks/weights_exact.py --model resnet18 --size 32 --epochs 12 \
         --out /tmp/weights_exact --json benchmarks/results/weights_exact.json
@@ -79,7 +80,7 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=0.01, help="learning rate of the fine-tuning")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--fractions", default="0.1,1", help="fine-tuning lengths in epochs")
-    ap.add_argument("--placements", default="exact,before,after")
+    ap.add_argument("--placements", default="exact,before,after,none", help="none: the unconverted control")
     ap.add_argument("--out", type=Path, default=Path("/tmp/weights_exact"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--trained", type=Path, default=None,
@@ -112,7 +113,9 @@ def main() -> None:
     for placement in args.placements.split(","):
         ck = args.out / f"{placement}.pt"
         cmd = [sys.executable, "-m", "dynopool_cli", "convert", args.model, "--build-arg", f"num_classes={data.num_classes}",
-               "--input-size", str(args.size), "--weights", str(weights), "--placement", placement, "--out", str(ck)]
+               "--input-size", str(args.size), "--weights", str(weights), "--out", str(ck)]
+        # "none": the control, nothing converted (the original fine-tuned the same way)
+        cmd += ["--include", "no-site-matches-this"] if placement == "none" else ["--placement", placement]
         subprocess.run(cmd, check=True, capture_output=True, cwd=args.out)
         converted = dc.load_checkpoint(ck)
         row = {"placement": placement, "groups": converted.plan.summary()["groups"],
