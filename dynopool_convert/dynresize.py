@@ -77,50 +77,7 @@ def dynresize2d(
     cont_h, cont_w = h / (s[0] / base[0]), w / (s[1] / base[1])
     cell_h = h / (cont_h + (out_h - cont_h).detach())
     cell_w = w / (cont_w + (out_w - cont_w).detach())
-    if (out_h, out_w) == (h, w):  # the usual case (at init, and until a size changes): no resampling
-        return _IdentityWithPositionGrad.apply(x, cell_h, cell_w)
     return resample_bilinear(x, cell_h, cell_w, out_h, out_w)
-
-
-class _IdentityWithPositionGrad(torch.autograd.Function):
-    """``resample_bilinear`` at equal sizes (cell 1: every sample sits on its pixel): the value is
-    ``x``. There bilinear reading has a kink (the derivative of a sample along its axis is
-    ``x[k+1] - x[k]`` moving forward, ``x[k] - x[k-1]`` moving back, 0 past a border); the cell
-    gradient takes the mean of the two, ``sum_k g_k (x[k+1] - x[k-1]) / 2 * (k + 1/2)``, so that
-    neither growing nor shrinking is favoured."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, cell_h: Tensor, cell_w: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.cell_dtype = cell_h.dtype
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        grads: list[Tensor | None] = []
-        for dim in (2, 3):
-            if not ctx.needs_input_grad[dim - 1]:
-                grads.append(None)
-                continue
-            n = x.shape[dim]
-            if n < 2:
-                grads.append(grad.new_zeros((), dtype=ctx.cell_dtype))
-                continue
-            step = x.narrow(dim, 1, n - 1).float() - x.narrow(dim, 0, n - 1).float()  # x[k+1] - x[k]
-            forward_step = F.pad(step, _pad_last(dim, 0, 1))  # x[k+1] - x[k], 0 at k = n-1
-            backward_step = F.pad(step, _pad_last(dim, 1, 0))  # x[k] - x[k-1], 0 at k = 0
-            shape = [1, 1, 1, 1]
-            shape[dim] = n
-            k = (torch.arange(n, device=x.device, dtype=torch.float32) + 0.5).view(shape)
-            slope = (forward_step + backward_step) * 0.5
-            grads.append((grad.float() * slope * k).sum().to(ctx.cell_dtype))
-        return grad, grads[0], grads[1]
-
-
-def _pad_last(dim: int, before: int, after: int) -> list[int]:
-    """``F.pad`` widths that pad axis ``dim`` (2 or 3) of an N x C x H x W tensor."""
-    return [before, after, 0, 0] if dim == 3 else [0, 0, before, after]
 
 
 def resample_bilinear(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int) -> Tensor:

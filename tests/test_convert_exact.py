@@ -119,22 +119,3 @@ def test_pools_under_exact_keep_their_op():
     assert [name for name, _ in dc.dynopool_modules(gm)] == ["maxpool_dynopool"]
     assert check_exact(model, (3, 32, 32), result).rel_diff == 0.0
 
-
-def test_identity_stride_gradient_is_the_central_derivative_of_the_sample_positions():
-    """At equal sizes the samples sit on the pixels, where bilinear reading has a kink: the
-    stride gradient is the mean of the forward and backward derivatives (central difference)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    g = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    s = torch.tensor([2.0, 2.0], dtype=torch.float64, requires_grad=True)
-    y = dynresize2d(x, s, (2.0, 2.0))
-    assert torch.equal(y, x)
-    (y * g).sum().backward()
-
-    def read(ch: float, cw: float) -> torch.Tensor:
-        c = [torch.tensor(v, dtype=torch.float64) for v in (ch, cw)]
-        return (resample_bilinear(x, c[0], c[1], 5, 4) * g).sum()
-
-    e = 1e-6
-    central = torch.stack([(read(1 + e, 1) - read(1 - e, 1)) / (2 * e), (read(1, 1 + e) - read(1, 1 - e)) / (2 * e)])
-    torch.testing.assert_close(s.grad, central * 0.5)  # c = s / base: dc/ds = 1/2
