@@ -10,6 +10,7 @@ from .dynopool import (
     dynopool2d,
     dynopool_modules,
     dynopool_output_size,
+    refresh_sizes,
     scale_parameters,
 )
 from .dynresize import DynResize
@@ -21,6 +22,7 @@ from .checkpoint import Checkpoint, load, load_checkpoint, save, save_checkpoint
 from .flops import count_flops, flops_by_module, format_flops
 from .cost_model import CostModel
 from .budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
+from .freeze import freeze
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ __all__ = [
     "dynopool_modules",
     "scale_parameters",
     "clamp_strides_",
+    "refresh_sizes",
     "R_MIN",
     "R_MAX",
     "__version__",
@@ -55,4 +58,5 @@ __all__ = [
     "budget_penalty",
     "fit_to_budget",
     "project_to_budget",
+    "freeze",
 ]

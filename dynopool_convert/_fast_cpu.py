@@ -68,11 +68,16 @@ def applies(x: Tensor, required: bool = False) -> bool:
     backend). With ``required`` (``backend="fast"``) an unusable kernel raises
     :class:`UserInputError` saying why.
     """
-    reason = _unusable_reason(x)
+    return usable(_unusable_reason(x), required, "fast")
+
+
+def usable(reason: str | None, required: bool, backend: str) -> bool:
+    """True without a ``reason`` against a fused kernel; else False, or (``required``, outside
+    ``torch.compile`` tracing) a :class:`UserInputError` naming ``backend`` and the reason."""
     if reason is None:
         return True
     if required and not torch.compiler.is_compiling():
-        raise UserInputError(f"backend='fast' is unavailable: {reason}; use backend='auto' or 'reference'")
+        raise UserInputError(f"backend={backend!r} is unavailable: {reason}; use backend='auto' or 'reference'")
     return False
 
 

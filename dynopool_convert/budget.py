@@ -5,6 +5,7 @@ Every budget is in fvcore FLOPs (one multiply-add = one FLOP) at a reference inp
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import struct
@@ -17,9 +18,11 @@ from torch import Tensor, nn
 
 from .cost_model import CostModel
 from .errors import UserInputError
+from .group_ids import group_ids
 from .flops import count_flops, format_flops
 
-__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "BUDGET_FORMS"]
+__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "check_reachable", "BUDGET_FORMS",
+           "BudgetFit", "BudgetProjection"]
 
 #: The accepted forms, as shown in every error message.
 BUDGET_FORMS = "a positive number of FLOPs with an optional k/M/G/T unit and 'FLOPs' suffix, e.g. 4G, 4.1G, 500M, 750k, 4.1e9, 3000000, 4GFLOPs"
@@ -55,6 +58,48 @@ def parse_budget(text: str | int) -> int:
     if flops < 1:
         raise UserInputError(f"invalid budget {text!r}: it must be at least 1 FLOP; expected {BUDGET_FORMS}")
     return flops
+
+
+@dataclasses.dataclass
+class _BudgetResult:
+    """Where the strides landed: fvcore's count there, how they were lowered, per group."""
+
+    budget: int
+    input_size: list[int]
+    final_flops: int  # fvcore's count at the returned strides
+    method: str  # none | common | per-group | input (the input site alone)
+    factor: float  # the best common multiplier of every group's r
+    group_factors: list[float]  # the multipliers applied, per group
+    strides: list[list[float]]  # the final (s_h, s_w) per group
+    fvcore_checks: int
+    groups: list[int] = dataclasses.field(default_factory=list)  # the group id of each entry above
+
+    def __getitem__(self, key: str):
+        """Read as a mapping too (``fit["final_flops"]``), as the results once were."""
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def as_dict(self) -> dict:
+        """Plain data (for checkpoints and JSON)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BudgetFit(_BudgetResult):
+    """``fit_to_budget``'s result: also the FLOPs before fitting and the original model's."""
+
+    converted_flops: int = 0
+    original_flops: int | None = None
+
+
+@dataclasses.dataclass
+class BudgetProjection(_BudgetResult):
+    """``project_to_budget``'s result: also the FLOPs before and whether the strides moved."""
+
+    flops_before: int = 0
+    moved: bool = False
 
 
 BUDGET_MODES = ("ceiling", "target")
@@ -156,6 +201,38 @@ def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, ma
     return None
 
 
+def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int) -> list[float] | None:
+    """Per-group factors that lower only the input site's ``r`` (``convert(input_site=True)``)
+    to the largest value that fits, or None (no input site, or it cannot reach the budget alone).
+
+    Lowering every group's ``r`` by one factor compounds along the network (each group's size
+    is relative to its input): the last maps shrink most. Lowering the input alone is "lower the
+    input resolution", the simple alternative DynOPool must start from and then beat.
+    """
+    from .dynopool import dynopool_modules
+    from .input_site import INPUT_SITE
+
+    site = dict(dynopool_modules(model)).get(INPUT_SITE)
+    index = next((i for i, p in enumerate(cost.parameters) if site is not None and p is site.stride), None)
+    if index is None:
+        return None
+    factors = [1.0] * len(base)
+
+    def fits(f: float) -> bool:
+        factors[index] = f
+        return cost.flops(_scaled(base, bounds, factors)) <= budget
+
+    floor = 1e-3  # far below any bound: the stride is clamped to its upper bound there
+    if not fits(floor):
+        return None
+    lo, hi = floor, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    fits(lo)
+    return list(factors)
+
+
 def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: float, hi: float) -> float:
     """Largest common factor in ``[lo, hi)`` whose cost-model FLOPs are <= ``target``
     (``cost(lo) <= target`` is assumed; the cost is non-increasing as the factor drops)."""
@@ -185,26 +262,34 @@ def _raise_impossible(model, budget, input_size, params, base, lowest) -> None:
     )
 
 
+def check_reachable(model: nn.Module, budget: int, input_size: Sequence[int], cost: CostModel) -> None:
+    """Raise ``UserInputError`` (as ``fit_to_budget`` would) when even every stride at its upper
+    bound does not fit ``budget``: a run that cannot end within it is refused before it starts."""
+    bounds = cost.bounds
+    lowest = [(hi, hi) for _, hi in bounds]
+    if cost.flops(lowest) > budget:
+        base = cost.clamp(cost.current_strides())
+        _raise_impossible(model, int(budget), tuple(input_size), cost.parameters, base, lowest)
+
+
 def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel) -> dict:
     """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
     params = cost.parameters
-    bounds = cost._bounds
-    base = cost._clamp_all(cost._current_strides())
+    bounds = cost.bounds
+    base = cost.clamp(cost.current_strides())
     # fvcore's count from the cost model's build if the strides have not moved since, else
     # the cost model's (exact) value; fvcore confirms whatever is returned
-    unmoved = base == cost._clamp_all(cost.reference_strides) and tuple(input_size) == cost.input_size
+    unmoved = base == cost.clamp(cost.reference_strides) and tuple(input_size) == cost.input_size
     start = cost.reference_flops if unmoved else cost.flops(base)
     result = {"budget": int(budget), "input_size": list(input_size), "start_flops": start, "factor": 1.0,
-              "method": "none"}
+              "method": "none", "groups": group_ids(model, params)}
     if start <= budget:
         final = count_flops(model, input_size)
         if final <= budget:
             result.update(method="none", group_factors=[1.0] * len(base), final_flops=final,
                           strides=[list(s) for s in base], fvcore_checks=1)
             return result
-    lowest = [(hi, hi) for _, hi in bounds]
-    if cost.flops(lowest) > budget:
-        _raise_impossible(model, budget, input_size, params, base, lowest)
+    check_reachable(model, budget, input_size, cost)
     # below f_min every stride sits at its upper bound: the cost is the minimum there
     f_min = min(1.0, min(min(s_h, s_w) / hi for (s_h, s_w), (_, hi) in zip(base, bounds)))
     floor = 0.5 * f_min
@@ -213,6 +298,9 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
     greedy = _greedy_factors(cost, base, bounds, budget, floor)
     if greedy is not None and cost.flops(_scaled(base, bounds, greedy)) > cost.flops(_scaled(base, bounds, factors)):
         factors, method = greedy, "per-group"
+    by_input = _input_resolution_factors(model, cost, base, bounds, budget)
+    if by_input is not None:  # a learnable input resolution: lower it alone first
+        factors, method = by_input, "input"
     strides = _scaled(base, bounds, factors)
     _set_strides(params, strides)
     final = count_flops(model, input_size)
@@ -241,7 +329,7 @@ def fit_to_budget(
     input_size: Sequence[int] = (3, 224, 224),
     cost_model: CostModel | None = None,
     original_flops: int | None = None,
-) -> dict:
+) -> BudgetFit:
     """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
 
     If the model is over budget: the largest common factor on every group's ``r`` that fits
@@ -250,17 +338,16 @@ def fit_to_budget(
     can make common scaling jump far below it (ResNet-50 at 224: 4.12G, then 3.63G). The
     result is confirmed with fvcore (stepping further down if ever needed). Raises
     ``UserInputError`` with the minimum achievable FLOPs when even every stride at its upper
-    bound (``r = r_min``) does not fit. Returns plain data: ``budget``, ``input_size``,
+    bound (``r = r_min``) does not fit. Returns a ``BudgetFit``: ``budget``, ``input_size``,
     ``original_flops`` (as given), ``converted_flops`` (before fitting), ``final_flops`` (fvcore,
-    after), ``method`` (``none``/``common``/``per-group``), ``factor`` (the best common
-    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group) and the final
-    ``strides`` per group.
+    after), ``method`` (``none``/``common``/``per-group``/``input``), ``factor`` (the best common
+    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group), ``groups`` (the
+    group id of each entry of ``group_factors`` and ``strides``) and the final ``strides`` per group.
     """
     cost = cost_model or CostModel(model, input_size)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
-    out["converted_flops"] = out.pop("start_flops")
-    out["original_flops"] = original_flops
-    return out
+    start = out.pop("start_flops")
+    return BudgetFit(**out, converted_flops=start, original_flops=original_flops)
 
 
 def project_to_budget(
@@ -268,21 +355,20 @@ def project_to_budget(
     budget: int,
     input_size: Sequence[int] = (3, 224, 224),
     cost_model: CostModel | None = None,
-) -> dict:
+) -> BudgetProjection:
     """After training: make fvcore's count of ``model`` <= ``budget``, moving the strides least.
 
     Strides are first clamped into their bounds (as the forward pass uses them). If the model
     is over budget, the scale factors are lowered as ``fit_to_budget`` does (the smallest
     common reduction of every ``r``, or one group at a time when that gives up fewer FLOPs);
     the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
-    Raises ``UserInputError`` if no strides within the bounds fit. Returns ``budget``,
-    ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
-    ``group_factors``, ``moved`` and the final ``strides``.
+    Raises ``UserInputError`` if no strides within the bounds fit. Returns a
+    ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
+    ``group_factors``, ``groups``, ``moved`` and the final ``strides``.
     """
     cost = cost_model or CostModel(model, input_size)
-    base = cost._clamp_all(cost._current_strides())
+    base = cost.clamp(cost.current_strides())
     _set_strides(cost.parameters, base)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
-    out["flops_before"] = out.pop("start_flops")
-    out["moved"] = out["method"] != "none"
-    return out
+    start = out.pop("start_flops")
+    return BudgetProjection(**out, flops_before=start, moved=out["method"] != "none")

@@ -19,7 +19,7 @@ from torch import nn
 
 from .convert import apply_plan, check_input_size
 from .dynopool import dynopool_modules
-from .errors import UserInputError
+from .errors import UserInputError, one_line
 from .files import atomic_write, check_output_path
 from .models import build_model, is_trusted_source
 from .plan import Plan
@@ -114,21 +114,19 @@ def _torch_load(path: Path, what: str = "dynopool checkpoint") -> Any:
         detail = _UNPICKLER_DETAIL.search(str(err))
         raise UserInputError(
             f"{name!r} is not a readable {what} (corrupt, or a pickle beyond tensors and plain data, "
-            f"which dynopool never loads: {detail.group(0) if detail else _one_line(err)})"
+            f"which dynopool never loads: {detail.group(0) if detail else one_line(err, 160)})"
         ) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for truncated or foreign bytes
         raise UserInputError(
-            f"{name!r} is not a readable {what} (truncated or not a torch.save file: {type(err).__name__}: {_one_line(err)})"
+            f"{name!r} is not a readable {what} (truncated or not a torch.save file: {type(err).__name__}: {one_line(err, 160)})"
         ) from err
-
-
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    return " ".join(str(err).split())[:limit]
 
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise UserInputError(f"checkpoint {str(path)!r} does not exist")
+        # the one wording for every command (finetune, report, ...): they all load through here
+        raise UserInputError(f"checkpoint {str(path)!r} does not exist (give the path of a .pt file written by "
+                             f"'dynopool convert' or 'dynopool finetune')")
     if not path.is_file():
         raise UserInputError(f"checkpoint {str(path)!r} is not a file")
     payload = _torch_load(path)
@@ -177,7 +175,7 @@ def load_checkpoint(path: str | os.PathLike, trust_source: bool = False) -> Chec
     except UserInputError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UserInputError(f"checkpoint {str(path)!r} is corrupt: its plan cannot be read ({type(err).__name__}: {_one_line(err)})") from err
+        raise UserInputError(f"checkpoint {str(path)!r} is corrupt: its plan cannot be read ({type(err).__name__}: {one_line(err, 160)})") from err
     model = build_model(source, payload["build_args"])
     try:
         model = apply_plan(model, plan)
@@ -185,7 +183,7 @@ def load_checkpoint(path: str | os.PathLike, trust_source: bool = False) -> Chec
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         raise UserInputError(
-            f"checkpoint {str(path)!r}: its plan does not fit the model rebuilt from {source!r} ({type(err).__name__}: {_one_line(err)})"
+            f"checkpoint {str(path)!r}: its plan does not fit the model rebuilt from {source!r} ({type(err).__name__}: {one_line(err, 160)})"
         ) from err
     try:
         model.load_state_dict(payload["state_dict"], strict=True)

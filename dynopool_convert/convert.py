@@ -15,9 +15,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ._helpers import node_hw
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
+from .input_site import insert_input_site
 from .pos_embed import follow_grids
 from .plan import Group, Plan, Site
 from .rewrite import pin_module_paths, rewrite, site_module_paths
@@ -67,11 +69,14 @@ def check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
-def analyse(model: nn.Module, input_size: Sequence[int]) -> Analysis:
-    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites."""
+def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = False) -> Analysis:
+    """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites
+    (with ``input_site``, a learnable input resolution in front: see ``input_site.py``)."""
     size = check_input_size(input_size)
     t = trace_model(model)
     traced = t.graph_module
+    if input_site:
+        insert_input_site(traced)
     first = next(iter(model.parameters()), None)  # the example lives where the model does
     device, dtype = (first.device, first.dtype) if first is not None and first.is_floating_point() else ("cpu", torch.float32)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -113,11 +118,8 @@ def _select(candidates: list[Candidate], include: Sequence[str] | None, exclude:
             cand.skip_reason = "matched by --exclude"
 
 
-def _spatial(node: fx.Node | None) -> list[int] | None:
-    meta = None if node is None else node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
-        return None
-    return [int(meta.shape[2]), int(meta.shape[3])]
+def _as_list(hw: tuple[int, int] | None) -> list[int] | None:
+    return None if hw is None else list(hw)
 
 
 def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] | None:
@@ -139,10 +141,37 @@ def _exact_multiple(members: list[Candidate], nodes: dict[str, fx.Node]) -> list
     patch = next(iter(patches))
     for c in members:
         node = nodes[c.node]
-        size = _spatial(node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None)
+        size = node_hw(node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None)
         if size is None or size[0] % patch[0] or size[1] % patch[1]:
             return None
     return list(patch)
+
+
+def _size_preserving_stride(members: list[Candidate], nodes: dict[str, fx.Node]) -> list[float]:
+    """The group's initial stride: the op's stride, unless DynOPool's rounding would then give
+    another output size than the op gave (``round(7 / 2) = 4`` where a 2x2 max-pool gives 3):
+    then ``H / H_out`` on that axis, so that the converted model starts at the original's sizes
+    and FLOPs. Kept as the op's stride where the tied sites disagree."""
+    stride = list(members[0].stride)
+    for axis in (0, 1):
+        wanted = set()
+        for c in members:
+            node = nodes[c.node]
+            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            hw_in, hw_out = node_hw(first), node_hw(node)
+            if hw_in is None or hw_out is None:
+                return list(members[0].stride)
+            wanted.add((hw_in[axis], hw_out[axis]))
+        sizes = {(h_in, h_out) for h_in, h_out in wanted if dynopool_output_size(h_in, stride[axis]) != h_out}
+        if len(wanted) == 1 and sizes:
+            h_in, h_out = sizes.pop()
+            stride[axis] = h_in / h_out
+    return stride
+
+
+def _group_stride(groups: list[Group], group_of: dict[str, int], c: Candidate) -> list[float]:
+    gid = group_of.get(c.node)
+    return list(groups[gid].stride_init) if gid is not None else list(c.stride)
 
 
 def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
@@ -154,11 +183,11 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
     for gid, members in enumerate(ties.groups()):
         names = [by_node[m].name for m in members]
         patch = _patch_of_group([by_node[m] for m in members], policy)
-        if policy["placement"] == "exact":
+        if policy["placement"] == "exact":  # the op keeps its stride: DynResize's base
             groups.append(Group(gid, names, list(by_node[members[0]].stride),
                                 multiple=_exact_multiple([by_node[m] for m in members], nodes)))
         elif patch is None:
-            groups.append(Group(gid, names, list(by_node[members[0]].stride)))
+            groups.append(Group(gid, names, _size_preserving_stride([by_node[m] for m in members], nodes)))
         else:  # DynOPool resizes the input to a multiple of the patch; the conv keeps its stride
             groups.append(Group(gid, names, [1.0, 1.0], multiple=list(patch)))
             patch_of.update({m: patch for m in members})
@@ -176,8 +205,8 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
             reason=c.skip_reason, group=group_of.get(c.node),
             placement="exact" if exact else placement,
             aggregate=aggregate,
-            stride_init=None if c.stride is None else ([1.0, 1.0] if patch else list(c.stride)),
-            input_size=_spatial(first_input), output_size=_spatial(node),
+            stride_init=None if c.stride is None else ([1.0, 1.0] if patch else _group_stride(groups, group_of, c)),
+            input_size=_as_list(node_hw(first_input)), output_size=_as_list(node_hw(node)),
         )
         if exact:
             site.converted_size = site.output_size  # the op itself, on an unchanged input
@@ -304,6 +333,7 @@ def convert(
     exclude: Sequence[str] | None = None,
     validate: bool = True,
     patchify: bool = True,
+    input_site: bool = False,
 ) -> ConversionResult:
     """Convert every resizing op of ``model`` into a learnable DynOPool site.
 
@@ -324,6 +354,9 @@ def convert(
         include / exclude: glob patterns on site names (``"layer*.0.*"``), or ``"kind:conv"``,
             ``"kind:pool"``, ``"kind:interpolate"`` on site kinds.
         validate: run the converted model at moved strides and revert groups that break.
+        input_site: put a learnable input resolution in front of the model (site
+            ``input_resize``: DynOPool(mean) starting at stride 1), so that shrinking the input
+            is one of the allocations the budget and the size search can choose.
 
     Returns a ``ConversionResult`` whose ``model`` holds one DynOPool per converted site (tied
     sites share one stride parameter) and whose ``plan`` is plain data for ``apply_plan``.
@@ -333,11 +366,11 @@ def convert(
     if aggregate is not None and aggregate not in AGGREGATES:
         raise UserInputError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     include, exclude = list(include or []), list(exclude or [])
-    analysis = analyse(model, input_size)
+    analysis = analyse(model, input_size, input_site)
     _select(analysis.candidates, include, exclude)
     ties = TieGraph(analysis.traced, analysis.candidates)
     policy = {"placement": placement, "aggregate": aggregate, "include": include, "exclude": exclude, "trace_mode": "eval",
-              "patchify": bool(patchify)}
+              "patchify": bool(patchify), "input_site": bool(input_site)}
     plan = _initial_plan(analysis, ties, policy)
     if validate:
         _validate_plan(analysis, plan)
@@ -354,7 +387,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> fx.GraphModule:
     The returned GraphModule shares (and has modified) ``model``'s submodules: pass a model
     built for the purpose, as ``load_checkpoint`` does.
     """
-    analysis = analyse(model, plan.input_size)
+    analysis = analyse(model, plan.input_size, bool(plan.policy.get("input_site", False)))
     by_name = {c.name: c for c in analysis.candidates}
     for site in plan.converted_sites():
         cand = by_name.get(site.name)

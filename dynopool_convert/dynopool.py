@@ -92,12 +92,19 @@ def resample_pool_reference(
     return pooled.to(x.dtype)
 
 
-def _fast_backend_applies(x: Tensor, backend: str) -> bool:
-    if backend in ("reference", "native"):
-        return False
-    from . import _fast_cpu
+def _fused_kernel(x: Tensor, backend: str):
+    """The fused kernel for ``x`` under ``backend`` (Triton on CUDA, numba on CPU), or None."""
+    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
+        from . import _fast_triton
 
-    return _fast_cpu.applies(x, required=(backend == "fast"))
+        if _fast_triton.applies(x, required=(backend == "triton")):
+            return _fast_triton.resample_pool_triton
+    if backend in ("auto", "fast"):
+        from . import _fast_cpu
+
+        if _fast_cpu.applies(x, required=(backend == "fast")):
+            return _fast_cpu.resample_pool_fast
+    return None
 
 
 def dynopool2d(
@@ -105,17 +112,20 @@ def dynopool2d(
     stride: Tensor,
     aggregate: Aggregate = "max",
     r_bounds: tuple[float, float] = (R_MIN, R_MAX),
-    backend: Literal["auto", "reference", "fast", "native"] = "auto",
+    backend: Literal["auto", "reference", "fast", "native", "triton"] = "auto",
     multiple: tuple[int, int] = (1, 1),
+    host_stride: tuple[float, float] | None = None,
 ) -> Tensor:
     """Resize ``x`` (N x C x H x W) with the learnable continuous ``stride`` (a 2-element tensor).
 
     ``r_bounds`` bounds the scale factor ``r = 1/stride`` (the stride is clamped to
     ``[1/r_max, 1/r_min]``). ``multiple`` rounds each output size to a multiple of its value
-    (the straight-through gradient is unchanged). ``backend``: ``auto`` takes the fused CPU kernel when it applies
-    (float32/float64 on CPU with numba installed), else the native-kernel path
-    (``native``: upsample + pool kernels, CUDA and low precision), and the PyTorch
-    ``reference`` while ``torch.compile`` traces.
+    (the straight-through gradient is unchanged). ``backend``: ``auto`` takes a fused kernel when
+    one applies (``triton``: CUDA float32/bfloat16/float16 with triton installed; ``fast``:
+    float32/float64 on CPU with numba installed), else the native-kernel path (``native``:
+    upsample + pool kernels, any device and dtype), and the PyTorch ``reference`` while
+    ``torch.compile`` traces. ``host_stride``: the stride's value as Python floats, from which
+    the output sizes are computed without a device-to-host copy (default: read ``stride``).
     """
     if x.dim() != 4:
         raise ValueError(f"DynOPool expects an N x C x H x W tensor, got shape {tuple(x.shape)}")
@@ -123,17 +133,23 @@ def dynopool2d(
         raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
     r_min, r_max = r_bounds
     s = stride.clamp(1.0 / r_max, 1.0 / r_min)
-    _, _, h, w = x.shape
-    s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
+    h, w = int(x.shape[2]), int(x.shape[3])  # Python ints, also under torch.jit.trace (DESIGN.md §6)
+    if host_stride is None:
+        s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
+    else:
+        s_h, s_w = (min(max(float(v), 1.0 / r_max), 1.0 / r_min) for v in host_stride)
     out_h, out_w = dynopool_output_size(h, s_h, multiple[0]), dynopool_output_size(w, s_w, multiple[1])
+    if torch.jit.is_tracing():  # the traced graph holds the frozen op (standard ops, no gradient to s)
+        from .frozen import static_resample_pool
+
+        return static_resample_pool(x, out_h, out_w, aggregate)
     # straight-through estimator: integer sizes forward, continuous H/s backward
     cont_h, cont_w = h / s[0], w / s[1]
     cell_h = h / (cont_h + (out_h - cont_h).detach())
     cell_w = w / (cont_w + (out_w - cont_w).detach())
-    if _fast_backend_applies(x, backend):
-        from ._fast_cpu import resample_pool_fast
-
-        return resample_pool_fast(x, cell_h, cell_w, out_h, out_w, aggregate)
+    fused = _fused_kernel(x, backend)
+    if fused is not None:
+        return fused(x, cell_h, cell_w, out_h, out_w, aggregate)
     if backend == "native" or (backend == "auto" and not torch.compiler.is_compiling()):
         from ._fast_native import resample_pool_native
 
@@ -154,6 +170,16 @@ class DynOPool(nn.Module):
         multiple: output sizes are rounded to multiples of this (an int or an ``(m_h, m_w)``
             pair; default 1), for layers after the site that need divisible sizes.
 
+    Output sizes come from a host copy of the stride (Python floats, DESIGN.md §7), so a forward
+    pass does not wait for the device. The copy is re-read (one device-to-host copy) when the
+    parameter's version counter or storage changed since it was taken: optimiser steps,
+    ``clamp_``, ``copy_``, ``load_state_dict``, ``.data = ...``. Fused optimisers and in-place
+    edits through ``.data`` bypass the version counter: call :func:`refresh_sizes` after them
+    (the trainer calls it after optimiser steps, one transfer for all groups). While
+    ``hold_sizes`` is True the copy changes only through :func:`refresh_sizes` (or when the
+    parameter's storage changes: copies of the module re-read). While ``torch.compile`` or
+    ``torch.export`` traces, an existing copy is used as is (no graph break).
+
     >>> pool = DynOPool(2.0)
     >>> pool(torch.randn(1, 3, 8, 8)).shape
     torch.Size([1, 3, 4, 4])
@@ -162,6 +188,12 @@ class DynOPool(nn.Module):
     #: stride at which the site's output size equals its input size (``DynResize`` keeps the
     #: op's stride after it: its base is that stride); output size = ``round(H * base / s)``
     base: tuple[float, float] = (1.0, 1.0)
+    # host copy of the raw stride and the (version, storage) of the parameter it was read from;
+    # class-level defaults so that modules pickled before these existed still load
+    _host: tuple[float, float] | None = None
+    _host_key: tuple[int, int] | None = None
+    hold_sizes: bool = False
+    last_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (input, output) of the last forward
 
     def __init__(
         self,
@@ -169,7 +201,7 @@ class DynOPool(nn.Module):
         aggregate: Aggregate = "max",
         r_bounds: tuple[float, float] = (R_MIN, R_MAX),
         group: int | None = None,
-        backend: Literal["auto", "reference", "fast", "native"] = "auto",
+        backend: Literal["auto", "reference", "fast", "native", "triton"] = "auto",
         multiple: int | tuple[int, int] = 1,
     ) -> None:
         super().__init__()
@@ -187,6 +219,9 @@ class DynOPool(nn.Module):
             if min(s) <= 0:
                 raise ValueError(f"stride must be positive, got {stride}")
             self.stride = nn.Parameter(torch.tensor(s, dtype=torch.float32))
+        #: the stride it was built with (plain data, not in the state dict): the converted model's
+        #: starting allocation, before any budget fit or training
+        self.stride_init: tuple[float, float] = tuple(float(v) for v in self.stride.detach().reshape(2).cpu().tolist())
         self.aggregate: Aggregate = aggregate
         self.r_bounds = (r_min, r_max)
         self.group = group
@@ -207,23 +242,53 @@ class DynOPool(nn.Module):
         return min(max(s_h, lo), hi), min(max(s_w, lo), hi)
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Output ``(H', W')`` for an input of spatial size ``(H, W)``."""
-        s_h, s_w = self.stride_value
+        """Output ``(H', W')`` the next forward gives an input of spatial size ``(H, W)``."""
+        lo, hi = 1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0]
+        s_h, s_w = (min(max(v, lo), hi) for v in self.host_stride())
         return dynopool_output_size(size[0], s_h, self.multiple[0]), dynopool_output_size(size[1], s_w, self.multiple[1])
+
+    def frozen(self, in_size: tuple[int, int]) -> nn.Module:
+        """A static module computing this site's output for ``in_size`` inputs (``freeze``)."""
+        from .frozen import frozen_resample
+
+        return frozen_resample(in_size, self.output_size(in_size), self.aggregate)
 
     @torch.no_grad()
     def clamp_(self) -> None:
         """Project the stride parameter back inside the bounds (call after optimiser steps)."""
         self.stride.clamp_(1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0])
 
+    def host_stride(self) -> tuple[float, float]:
+        """The raw (unclamped) stride as Python floats: the host copy, re-read if the parameter changed."""
+        if self._host is not None and torch.compiler.is_compiling():
+            # compiled code guards on these floats (no version or storage check in the graph):
+            # under torch.compile / torch.export sizes change only through refresh_sizes
+            return self._host
+        key = _param_key(self.stride)
+        # a held copy stays only for the storage it was read from (a deep copy or a moved model re-reads)
+        held = self.hold_sizes and self._host_key is not None and self._host_key[1] == key[1]
+        if self._host is None or (self._host_key != key and not held):
+            self._set_host(self.stride.detach().cpu().tolist())
+        return self._host  # type: ignore[return-value]
+
+    def _set_host(self, values: list[float]) -> None:
+        self._host = (float(values[0]), float(values[1]))
+        self._host_key = _param_key(self.stride)
+
     def forward(self, x: Tensor) -> Tensor:
-        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple)
+        y = dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
+        self.last_sizes = (tuple(x.shape[-2:]), tuple(y.shape[-2:]))  # for size statistics (trainer)
+        return y
 
     def extra_repr(self) -> str:
         s_h, s_w = self.stride_value
         group = "" if self.group is None else f", group={self.group}"
         multiple = "" if self.multiple == (1, 1) else f", multiple={self.multiple}"
         return f"stride=({s_h:.4g}, {s_w:.4g}), aggregate={self.aggregate!r}{group}{multiple}"
+
+
+def _param_key(p: Tensor) -> tuple[int, int]:
+    return p._version, p.data_ptr()
 
 
 def _multiple_pair(multiple: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -252,4 +317,23 @@ def clamp_strides_(model: nn.Module) -> None:
         m.clamp_()
 
 
-__all__ += ["dynopool_modules", "scale_parameters", "clamp_strides_"]
+def refresh_sizes(model: nn.Module, hold: bool | None = None) -> None:
+    """Copy every DynOPool stride of ``model`` to the host in one transfer (sizes for the next forwards).
+
+    ``hold``: when given, set every site's ``hold_sizes`` (True: sizes change only at the next
+    ``refresh_sizes``; False: they follow every change of the parameter again).
+    """
+    modules = [m for _, m in dynopool_modules(model)]
+    params = scale_parameters(model)
+    if not params:
+        return
+    dev, dtype = params[0].device, params[0].dtype  # (float64 does not exist on every device)
+    values = torch.stack([p.detach().reshape(2).to(dev, dtype) for p in params]).cpu().tolist()
+    by_param = {id(p): v for p, v in zip(params, values)}
+    for m in modules:
+        m._set_host(by_param[id(m.stride)])
+        if hold is not None:
+            m.hold_sizes = hold
+
+
+__all__ += ["dynopool_modules", "scale_parameters", "clamp_strides_", "refresh_sizes"]

@@ -51,23 +51,29 @@ def dynresize2d(
     base: tuple[float, float],
     r_bounds: tuple[float, float] = (R_MIN, R_MAX),
     multiple: tuple[int, int] = (1, 1),
+    host_stride: tuple[float, float] | None = None,
 ) -> Tensor:
     """Resize ``x`` (N x C x H x W) to ``round(H * base / stride)`` by bilinear sampling.
 
     The identity (``x`` itself) when the size does not change and no stride gradient is
     needed; ``F.interpolate`` when none is needed; otherwise a separable bilinear read whose
     sample positions carry the straight-through gradient to ``stride`` (the same values as
-    ``F.interpolate`` up to float rounding, and exactly ``x`` at equal sizes).
+    ``F.interpolate`` up to float rounding, and exactly ``x`` at equal sizes). ``host_stride``:
+    the stride's value as Python floats, as for ``dynopool2d`` (default: read ``stride``).
     """
     if x.dim() != 4:
         raise ValueError(f"DynResize expects an N x C x H x W tensor, got shape {tuple(x.shape)}")
     r_min, r_max = r_bounds
     s = stride.clamp(1.0 / r_max, 1.0 / r_min)
-    _, _, h, w = x.shape
-    s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
+    h, w = int(x.shape[2]), int(x.shape[3])
+    if host_stride is None:
+        s_h, s_w = (float(v) for v in s.detach().cpu().tolist())
+    else:
+        s_h, s_w = (min(max(float(v), 1.0 / r_max), 1.0 / r_min) for v in host_stride)
     out_h = dynresize_output_size(h, s_h, base[0], multiple[0])
     out_w = dynresize_output_size(w, s_w, base[1], multiple[1])
-    if not (torch.is_grad_enabled() and stride.requires_grad):
+    # a traced graph holds the frozen op (standard ops, no gradient to s), as for DynOPool
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and stride.requires_grad):
         if (out_h, out_w) == (h, w):
             return x
         return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
@@ -135,8 +141,9 @@ class DynResize(DynOPool):
         self.aggregate = None  # type: ignore[assignment]  # no aggregation: one sample per pixel
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Output ``(H'', W'')`` for an input of spatial size ``(H, W)``."""
-        s_h, s_w = self.stride_value
+        """Output ``(H'', W'')`` the next forward gives an input of spatial size ``(H, W)``."""
+        lo, hi = 1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0]
+        s_h, s_w = (min(max(v, lo), hi) for v in self.host_stride())
         return (dynresize_output_size(size[0], s_h, self.base[0], self.multiple[0]),
                 dynresize_output_size(size[1], s_w, self.base[1], self.multiple[1]))
 
@@ -146,7 +153,9 @@ class DynResize(DynOPool):
         return nn.Identity() if tuple(out) == tuple(in_size) else FrozenResize(out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple)
+        y = dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple, self.host_stride())
+        self.last_sizes = (tuple(x.shape[-2:]), tuple(y.shape[-2:]))  # for size statistics (trainer)
+        return y
 
     def extra_repr(self) -> str:
         s_h, s_w = self.stride_value

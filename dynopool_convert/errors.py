@@ -1,7 +1,7 @@
 """Exceptions the library raises for problems the user can fix (the CLI maps them to exit 2)."""
 from __future__ import annotations
 
-__all__ = ["DynopoolError", "UserInputError", "UnsupportedModelError"]
+__all__ = ["DynopoolError", "UserInputError", "UnsupportedModelError", "one_line"]
 
 
 class DynopoolError(Exception):
@@ -22,3 +22,10 @@ class UnsupportedModelError(UserInputError):
     Raised with a one-line message that names the part of the model and what to do instead;
     the CLI treats it like other input the user can change (exit code 2).
     """
+
+
+def one_line(value: object, limit: int | None = None) -> str:
+    """``str(value)`` on one line (runs of whitespace collapsed), cut at ``limit`` characters
+    with ``...`` when longer: for messages that quote another error."""
+    text = " ".join(str(value).split())
+    return text if limit is None or len(text) <= limit else f"{text[:limit]}..."

@@ -31,15 +31,30 @@ import logging
 import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: deprecated jit.script
-    warnings.simplefilter("ignore", FutureWarning)
+if TYPE_CHECKING:
     from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import conv_flop_count, get_shape
+
+
+def _load_fvcore() -> type:
+    """Import fvcore on first use (the operator and training run without it, e.g. on GPU images)."""
+    with warnings.catch_warnings():  # fvcore.nn scripts its focal loss at import: deprecated jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.jit_handles import conv_flop_count, get_shape
+    globals().update(FlopCountAnalysis=FlopCountAnalysis, conv_flop_count=conv_flop_count, get_shape=get_shape)
+    return FlopCountAnalysis
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FlopCountAnalysis", "conv_flop_count", "get_shape"):
+        _load_fvcore()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 from .dynopool import DynOPool, dynopool2d, dynopool_modules
 from .dynresize import DynResize, dynresize2d
@@ -198,7 +213,7 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
     model.eval()
     try:
         with _quiet(), torch.no_grad(), _dynopool_as_one_op(model):
-            fa = FlopCountAnalysis(model, torch.zeros(1, c, h, w, device=device, dtype=dtype))
+            fa = _load_fvcore()(model, torch.zeros(1, c, h, w, device=device, dtype=dtype))
             set_handles(fa)
             fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             try:

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
+from ._helpers import node_hw
 from .pos_embed import resample_pos_embed
 from .sites import Candidate
 
@@ -36,13 +37,6 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
     return [n for n in found if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")]
-
-
-def _spatial(node: fx.Node) -> tuple[int, int] | None:
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:
-        return None
-    return int(meta.shape[2]), int(meta.shape[3])
 
 
 class TieGraph:
@@ -100,7 +94,7 @@ class TieGraph:
                 origin[node.name] = CONST
                 continue
             if node.name in self._sites:
-                self._input_size[node.name] = _spatial(args[0]) if args else None
+                self._input_size[node.name] = node_hw(args[0]) if args else None
                 origin[node.name] = node.name
                 continue
             if node.name in self._unknown:
@@ -112,16 +106,16 @@ class TieGraph:
             if node.target is resample_pos_embed:  # sized by the grid it follows, not by the parameter
                 origin[node.name] = origin.get(node.args[1].name)
                 continue
-            out = _spatial(node)
+            out = node_hw(node)
             if node.target in JOIN_TARGETS and out is not None:
-                joined = [a for a in args if _spatial(a) == out and origin.get(a.name) is not None]
+                joined = [a for a in args if node_hw(a) == out and origin.get(a.name) is not None]
                 if len(joined) >= 2:
                     origin[node.name] = self._join(node, [origin[a.name] for a in joined])
                     continue
             first = next((a for a in args if origin.get(a.name) is not None), None)
             if first is None:
                 origin[node.name] = None
-            elif out == (1, 1) and _spatial(first) not in (None, (1, 1)):
+            elif out == (1, 1) and node_hw(first) not in (None, (1, 1)):
                 origin[node.name] = None  # global pooling: a broadcast operand from here on
             else:
                 origin[node.name] = origin[first.name]

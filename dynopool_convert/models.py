@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UserInputError
+from .sizes import complete_size, parse_size
 
 __all__ = ["resolve_source", "build_model", "is_trusted_source", "model_label", "default_input_size", "parse_input_size", "parse_build_args"]
 
@@ -180,20 +181,13 @@ def default_input_size(source: str, model: nn.Module | None = None) -> tuple[int
 
 
 def parse_input_size(text: str, channels: int = 3) -> tuple[int, int, int]:
-    """``"224"`` or ``"224x160"`` (height x width) -> ``(channels, H, W)``.
+    """``"224"``, ``"224x160"`` (height x width) -> ``(channels, H, W)``; ``"1,28,28"`` gives its own
+    channels (``sizes.parse_size``).
 
-    >>> parse_input_size("64"), parse_input_size("64x48")
-    ((3, 64, 64), (3, 64, 48))
+    >>> parse_input_size("64"), parse_input_size("64x48"), parse_input_size("1,28,28")
+    ((3, 64, 64), (3, 64, 48), (1, 28, 28))
     """
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise UserInputError(f"input size must be N or HxW with positive integers (e.g. 224 or 256x192), got {text!r}")
-    h, w = (values[0], values[0]) if len(values) == 1 else values
-    return channels, h, w
+    return complete_size(parse_size(text), (channels, 1, 1))
 
 
 def parse_build_args(items: list[str] | None) -> dict[str, Any]:

@@ -125,6 +125,7 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
     gm.delete_all_unused_submodules()
     gm.meta["dynopool_sites"] = paths  # site name -> DynOPool module path (plain data)
     gm.meta["dynopool_pins"] = pins  # site name -> path of the pool that holds its input size
+    gm.meta["dynopool_input_size"] = list(plan.input_size)  # the reference (C, H, W), for freeze
     return gm
 
 

@@ -2,18 +2,19 @@
 
 A handler recognises one kind of resizing op in the traced graph, describes it (``inspect``:
 stride, default aggregate, or why it is left alone) and rewrites it around a DynOPool module
-(``apply``). Supporting a new layer means adding one handler to ``HANDLERS``.
+(``apply``). Handlers are configured per op kind and listed in the op registry
+(``op_registry.SPECS``): the spec says which modules/functions a handler sees, ``match`` adds the
+handler's own conditions (a stride > 1, ...). Supporting a new layer is one registry entry.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._helpers import pair_of_floats
+from ._helpers import node_hw, pair_of_floats
 
 __all__ = ["Candidate", "SiteHandler", "HANDLERS", "find_candidates", "site_module_types", "handler_for"]
 
@@ -34,7 +35,8 @@ class Candidate:
 
 
 class SiteHandler(Protocol):
-    """One kind of site: recognise, describe, rewrite."""
+    """One kind of site: recognise, describe, rewrite (``match`` is asked about the nodes its
+    registry entry covers)."""
 
     name: str
     kind: str
@@ -73,8 +75,7 @@ def _as_stride(value: Any) -> tuple[float, float] | None:
 
 
 def _is_4d(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4
+    return node_hw(node) is not None
 
 
 def _retarget_to_pool(gm: fx.GraphModule, node: fx.Node, pool_path: str) -> None:
@@ -203,37 +204,37 @@ class TransposedConvHandler:
 # pooling modules
 
 
-def _pool_module_types() -> tuple[type, ...]:
-    from timm.layers import BlurPool2d
-
-    return (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d, BlurPool2d)
-
-
-_ADAPTIVE_MODULES: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+def _pool_skip_reason(node: fx.Node, stride: tuple[float, float] | None, returns_indices: bool, what: str) -> str:
+    """Why a pool is not converted ("" when it is a site)."""
+    if stride is None:
+        return f"{what} is not a static number"
+    if stride == (1.0, 1.0):
+        return "stride 1: keeps the spatial size"
+    if returns_indices:
+        return "returns pooling indices (used by an unpooling op)"
+    if not _is_4d(node):
+        return "input is not an N x C x H x W tensor"
+    return ""
 
 
 class PoolModuleHandler:
-    """``MaxPool2d``/``AvgPool2d`` (and timm's ``*Same`` variants, ``BlurPool2d``); DynOPool replaces them."""
+    """Pooling modules (``MaxPool2d``, ``AvgPool2d``, timm's ``*Same`` variants, ``LPPool2d``,
+    ``BlurPool2d``, ...); DynOPool replaces them, aggregating with ``aggregate`` by default."""
 
     name = "pool_module"
     kind = "pool"
 
+    def __init__(self, aggregate: str = "max") -> None:
+        self.aggregate = aggregate
+
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        return isinstance(_module(gm, node), _pool_module_types())
+        return _module(gm, node) is not None
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         m = _module(gm, node)
-        stride = _as_stride(m.stride if m.stride is not None else m.kernel_size)
-        aggregate = "max" if isinstance(m, nn.MaxPool2d) else "mean"
-        cand = Candidate(node.name, "", self.kind, _desc(m), self.name, stride, aggregate)
-        if stride is None:
-            cand.skip_reason = "stride is not a static number"
-        elif stride == (1.0, 1.0):
-            cand.skip_reason = "stride 1: keeps the spatial size"
-        elif getattr(m, "return_indices", False):
-            cand.skip_reason = "returns pooling indices (used by an unpooling op)"
-        elif not _is_4d(node):
-            cand.skip_reason = "input is not an N x C x H x W tensor"
+        stride = _as_stride(m.stride if getattr(m, "stride", None) is not None else m.kernel_size)
+        cand = Candidate(node.name, "", self.kind, _desc(m), self.name, stride, self.aggregate)
+        cand.skip_reason = _pool_skip_reason(node, stride, getattr(m, "return_indices", False), "stride")
         return cand
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
@@ -247,7 +248,7 @@ class AdaptiveModuleHandler:
     kind = "pool"
 
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        return isinstance(_module(gm, node), _ADAPTIVE_MODULES)
+        return _module(gm, node) is not None
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         return Candidate(node.name, "", self.kind, type(_module(gm, node)).__name__, self.name,
@@ -260,24 +261,6 @@ class AdaptiveModuleHandler:
 # ----------------------------------------------------------------------------------------
 # functional pooling
 
-#: positional parameter names after ``input`` for each functional pool
-_POOL_FUNCTIONS: dict[Callable, tuple[str, tuple[str, ...], str]] = {
-    F.max_pool2d: ("F.max_pool2d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), "max"),
-    torch.max_pool2d: ("torch.max_pool2d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), "max"),
-    F.max_pool2d_with_indices: ("F.max_pool2d_with_indices", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), "max"),
-    F.avg_pool2d: ("F.avg_pool2d", ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"), "mean"),
-}
-
-
-def _timm_pool_functions() -> dict[Callable, tuple[str, tuple[str, ...], str]]:
-    from timm.layers.pool2d_same import avg_pool2d_same, max_pool2d_same
-
-    return {
-        max_pool2d_same: ("timm max_pool2d_same", ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), "max"),
-        avg_pool2d_same: ("timm avg_pool2d_same", ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"), "mean"),
-    }
-
-
 def _bind(node: fx.Node, params: tuple[str, ...]) -> dict[str, Any]:
     bound = dict(zip(params, node.args[1:]))
     bound.update({k: v for k, v in node.kwargs.items() if k != "input"})
@@ -285,56 +268,49 @@ def _bind(node: fx.Node, params: tuple[str, ...]) -> dict[str, Any]:
 
 
 class PoolFunctionHandler:
-    """``F.max_pool2d``, ``torch.max_pool2d``, ``F.avg_pool2d``, timm's ``*_pool2d_same``."""
+    """A pooling function (``F.max_pool2d``, ``F.avg_pool2d``, timm's ``*_pool2d_same``, ...):
+    ``label`` names it in the plan, ``aggregate`` is DynOPool's default."""
 
     name = "pool_function"
     kind = "pool"
 
-    def _table(self) -> dict:
-        return {**_POOL_FUNCTIONS, **_timm_pool_functions()}
+    def __init__(self, label: str, aggregate: str) -> None:
+        self.label, self.aggregate = label, aggregate
 
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        return node.op == "call_function" and node.target in self._table()
+        return node.op == "call_function"
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
-        label, params, aggregate = self._table()[node.target]
+        from .op_registry import spec_for
+
+        label, params, aggregate = self.label, spec_for(target=node.target).params, self.aggregate
         bound = _bind(node, params)
         stride_arg = bound.get("stride")
         stride = _as_stride(stride_arg if stride_arg not in (None, [], ()) else bound.get("kernel_size"))
         op = f"{label}(k={_fmt(bound.get('kernel_size'))}, s={_fmt(stride_arg)})"
         cand = Candidate(node.name, "", self.kind, op, self.name, stride, aggregate)
-        if stride is None:
-            cand.skip_reason = "stride/kernel size is not a static number"
-        elif stride == (1.0, 1.0):
-            cand.skip_reason = "stride 1: keeps the spatial size"
-        elif bound.get("return_indices") or node.target is F.max_pool2d_with_indices:
-            cand.skip_reason = "returns pooling indices (used by an unpooling op)"
-        elif not _is_4d(node):
-            cand.skip_reason = "input is not an N x C x H x W tensor"
+        indices = bool(bound.get("return_indices")) or node.target is F.max_pool2d_with_indices
+        cand.skip_reason = _pool_skip_reason(node, stride, indices, "stride/kernel size")
         return cand
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
         _retarget_to_pool(gm, node, pool_path)
 
 
-_ADAPTIVE_FUNCTIONS: dict[Callable, str] = {
-    F.adaptive_avg_pool2d: "F.adaptive_avg_pool2d",
-    F.adaptive_max_pool2d: "F.adaptive_max_pool2d",
-    torch.adaptive_avg_pool1d: "torch.adaptive_avg_pool1d",
-}
-
-
 class AdaptiveFunctionHandler:
-    """Functional adaptive pools: listed as skipped."""
+    """Functional adaptive pools: listed as skipped (``labels``: function -> its name)."""
 
     name = "adaptive_function"
     kind = "pool"
 
+    def __init__(self, labels: dict[Callable, str]) -> None:
+        self.labels = labels
+
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        return node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS
+        return node.op == "call_function" and node.target in self.labels
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
-        return Candidate(node.name, "", self.kind, _ADAPTIVE_FUNCTIONS[node.target], self.name,
+        return Candidate(node.name, "", self.kind, self.labels[node.target], self.name,
                          skip_reason="adaptive pool: adapts to the learned sizes")
 
     def apply(self, gm, node, pool_path, placement) -> None:  # pragma: no cover
@@ -380,25 +356,28 @@ class UpsampleModuleHandler:
         _retarget_to_pool(gm, node, pool_path)
 
 
-_INTERP_FUNCTIONS = {F.interpolate: "F.interpolate", F.upsample: "F.upsample"}
 _INTERP_PARAMS = ("size", "scale_factor", "mode", "align_corners")
 
 
 class InterpolateFunctionHandler:
-    """``F.interpolate`` / ``F.upsample`` with a scale factor."""
+    """``F.interpolate`` / ``F.upsample`` with a scale factor (``labels``: function -> its name)."""
 
     name = "interpolate_function"
     kind = "interpolate"
 
+    def __init__(self, labels: dict[Callable, str]) -> None:
+        self.labels = labels
+
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        return node.op == "call_function" and node.target in _INTERP_FUNCTIONS
+        return node.op == "call_function" and node.target in self.labels
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         bound = _bind(node, _INTERP_PARAMS)
         size, scale = bound.get("size"), bound.get("scale_factor")
-        op = f"{_INTERP_FUNCTIONS[node.target]}(scale_factor={scale}, mode={bound.get('mode', 'nearest')})"
+        label = self.labels[node.target]
+        op = f"{label}(scale_factor={scale}, mode={bound.get('mode', 'nearest')})"
         if isinstance(size, fx.Node):
-            op = f"{_INTERP_FUNCTIONS[node.target]}(size=<dynamic>)"
+            op = f"{label}(size=<dynamic>)"
         return _interp_candidate(node, self.name, op, size, scale)
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
@@ -431,44 +410,46 @@ class UnsupportedStridedModuleHandler:
         raise NotImplementedError
 
 
-#: The table, first match wins.
-HANDLERS: list[SiteHandler] = [
-    ConvHandler(),
-    TransposedConvHandler(),
-    PoolModuleHandler(),
-    AdaptiveModuleHandler(),
-    PoolFunctionHandler(),
-    AdaptiveFunctionHandler(),
-    UpsampleModuleHandler(),
-    InterpolateFunctionHandler(),
-    UnsupportedStridedModuleHandler(),
-]
+def __getattr__(name: str) -> Any:
+    if name == "HANDLERS":  # the table lives in the op registry (it imports this module)
+        from .op_registry import site_specs
+
+        return [spec.site for spec in site_specs()]
+    raise AttributeError(name)
 
 
 def handler_for(name: str) -> SiteHandler:
-    """The handler registered under ``name``."""
-    for h in HANDLERS:
-        if h.name == name:
-            return h
+    """A handler registered under ``name`` (handlers of one name rewrite alike)."""
+    from .op_registry import site_specs
+
+    for spec in site_specs():
+        if spec.site.name == name:
+            return spec.site
     raise KeyError(name)
 
 
 def site_module_types() -> list[type]:
     """Module classes the tracer must keep as leaves so that their sites are single nodes."""
-    return [nn.Conv2d, nn.ConvTranspose2d, *_pool_module_types(), *_ADAPTIVE_MODULES, nn.Upsample]
+    from .op_registry import site_specs
+
+    return list(dict.fromkeys(t for spec in site_specs() if spec.leaf for t in spec.modules))
 
 
 def find_candidates(gm: fx.GraphModule, node_names: dict[str, str]) -> list[Candidate]:
-    """Every node some handler recognises, in graph order, named by its qualified name."""
+    """Every node some handler recognises, in graph order, named by its qualified name
+    (first match in the registry's order: the spec covers the node, its handler matches)."""
+    from .op_registry import site_specs
+
+    specs = list(site_specs())
     found = []
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function"):
             continue
-        for handler in HANDLERS:
-            if handler.match(node, gm):
-                cand = handler.inspect(node, gm)
+        module = _module(gm, node)
+        for spec in specs:
+            if spec.covers(module, node.target if module is None else None) and spec.site.match(node, gm):
+                cand = spec.site.inspect(node, gm)
                 cand.name = node_names.get(node.name, node.name)
                 found.append(cand)
                 break
     return found
-

@@ -58,9 +58,12 @@ def _mode_dependent_modules() -> list[type]:
 
 
 def _notrace_functions() -> list:
+    """timm's notrace functions and the op registry's (e.g. timm's ``*_pool2d_same``: sites)."""
     from timm.layers import get_notrace_functions
 
-    return list(get_notrace_functions())
+    from .op_registry import autowrap_functions
+
+    return list(dict.fromkeys([*get_notrace_functions(), *autowrap_functions()]))
 
 
 def _culprit(err: BaseException) -> str:

@@ -20,6 +20,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .dynopool import DynOPool, dynopool_output_size
+from .errors import one_line
 
 __all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe"]
 
@@ -71,11 +72,6 @@ class ValidationReport:
         return not self.failures and not self.reference_error
 
 
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
 def _groups(gm: nn.Module) -> dict[int, tuple[nn.Parameter, list[tuple[str, DynOPool]]]]:
     found: dict[int, tuple[nn.Parameter, list]] = {}
     for name, m in gm.named_modules():
@@ -96,7 +92,7 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
         with torch.no_grad(), quiet():
             out = gm(x)
     except Exception as err:  # any forward failure is a validation finding, reported verbatim
-        return _one_line(err)
+        return f"{type(err).__name__}: {one_line(err, 160)}"
     got = output_spec(out)
     problem = spec.mismatch(got)
     if problem:
@@ -280,7 +276,7 @@ def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Para
         loss = sum((t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum() for t in outs)
         loss.backward()
     except Exception as err:  # the backward itself failing is a finding for every group
-        return [GroupFailure(g, f"backward fails: {_one_line(err)}", "gradient") for g in params]
+        return [GroupFailure(g, f"backward fails: {type(err).__name__}: {one_line(err, 160)}", "gradient") for g in params]
     finally:
         for p in frozen:
             p.requires_grad_(True)

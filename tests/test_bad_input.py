@@ -237,7 +237,7 @@ CASES = [
     Case("report-out-is-directory", ("report", "{in}/good.pt", "-f", "json", "-o", "."), ("directory",)),
     Case("report-figures-is-file", _report("good", "--figures", "out.json"), ("figures", "not a folder")),
     # checkpoint paths and files
-    Case("ckpt-missing", _report("missing"), ("not found", "missing.pt")),
+    Case("ckpt-missing", _report("missing"), ("does not exist", "missing.pt")),
     Case("ckpt-is-directory", ("report", "{in}", "-f", "json", "-o", "out.json"), ("not a file",)),
     Case("ckpt-empty", _report("empty"), ("empty",)),
     Case("ckpt-truncated-half", _report("truncated_half"), ("not a readable", "truncated")),

@@ -1,6 +1,7 @@
 """The budget: parsing, the penalty, fitting at convert time, the final projection."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from budget_models import MODELS, randomise_strides
 from dynopool_convert import build_model, convert
-from dynopool_convert.budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
+from dynopool_convert.budget import (
+    BudgetFit, BudgetProjection, budget_penalty, fit_to_budget, parse_budget, project_to_budget,
+)
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.errors import UnsupportedModelError, UserInputError
 from dynopool_convert.flops import count_flops
@@ -91,6 +94,12 @@ def test_resnet50_at_224_fits_4g_within_3_88_and_4_00():
     assert 4.11e9 < out["converted_flops"] < 4.2e9
     assert 3.88e9 <= out["final_flops"] <= 4.0e9
     assert out["final_flops"] == count_flops(model, (3, 224, 224))
+    # a typed result, also read as a mapping, and plain data for checkpoints
+    assert isinstance(out, BudgetFit) and out.method != "none" and out.final_flops == out["final_flops"]
+    data = out.as_dict()
+    assert json.loads(json.dumps(data)) == data and data["converted_flops"] == out.converted_flops
+    with pytest.raises(KeyError):
+        out["no_such_field"]
 
 
 # the projection must never leave a model over budget: random strides, several models,
@@ -113,7 +122,7 @@ def test_projection_always_ends_within_budget(name, seed):
         except UserInputError as err:  # only when even the minimum does not fit
             assert "minimum achievable" in str(err)
             continue
-        assert out["moved"]
+        assert isinstance(out, BudgetProjection) and out.moved and out["moved"]
         assert out["flops_before"] == current
         assert out["final_flops"] <= budget  # fvcore's count after the projection
 

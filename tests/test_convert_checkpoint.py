@@ -119,3 +119,19 @@ def test_input_sizes():
             parse_input_size(bad)
     assert default_input_size("timm:resnet18") == (3, 224, 224)
     assert default_input_size("torchvision:inception_v3") == (3, 299, 299)
+
+
+def test_checkpoint_extra_schema():
+    from types import SimpleNamespace
+
+    from dynopool_convert.checkpoint_extra import conversion_extra, original_flops, with_current_flops
+
+    fit = SimpleNamespace(final_flops=90, method="common", group_factors=[0.9],
+                          as_dict=lambda: {"final_flops": 90})
+    extra = conversion_extra(120, 100, fit, keep_fit=True)
+    assert extra == {"flops": {"original": 120, "converted": 100, "final": 90, "fit_method": "common",
+                               "group_factors": [0.9]}, "fit_to_budget": {"final_flops": 90}}
+    saved = with_current_flops(extra, 85)
+    assert saved["flops"]["current"] == 85 and saved["flops"]["original"] == 120 and "current" not in extra["flops"]
+    assert with_current_flops(None, 7) == {"flops": {"current": 7}}
+    assert original_flops(saved) == 120 and original_flops({"flops_original": 5}) == 5 and original_flops(None) is None

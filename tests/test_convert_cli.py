@@ -39,6 +39,15 @@ def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_one_channel_input_size_c_h_w(tmp_path, capsys, monkeypatch):
+    # the one size parser: C,H,W gives its own channels (a 1-channel model was refused before)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["convert", "dynopool_convert.training.zoo:small_cnn", "--input-size", "1,28,28",
+                           "--build-arg", "width=4", "--dry-run"], capsys)  # small_cnn takes 1 channel
+    assert code == 0, err
+    assert "FLOPs at 28x28" in out and "2 sites converted" in out and "dry run" in out
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [

@@ -43,7 +43,8 @@ def test_learns_moves_strides_and_ends_within_budget(tiny_ckpt, tmp_path):
     ckpt, budget = tiny_ckpt
     out = tmp_path / "run"
     res = finetune(ckpt, out, trust_source=True, overrides={"data": DATA_LEARN, "train": {
-        "epochs": 3, "batch_size": 16, "lr": 0.05, "scale_lr": 0.05, "log_every": 2, "device": "cpu"}})
+        "epochs": 3, "batch_size": 16, "lr": 0.05, "scale_lr": 0.05, "log_every": 2, "device": "cpu",
+        "size_search": False}})  # the strides learn to the end (the size schedule: test_size_schedule.py)
     assert res.completed and res.steps == 24 and res.budget == budget
     hist = res.history
     assert hist[-1]["val_acc"] >= 0.75  # chance is 0.25
@@ -55,6 +56,7 @@ def test_learns_moves_strides_and_ends_within_budget(tiny_ckpt, tmp_path):
         loaded = load_checkpoint(out / name, trust_source=True)
         assert count_flops(loaded.model, SIZE) <= budget
         assert loaded.budget == budget
+        assert loaded.extra["flops"]["current"] == count_flops(loaded.model, SIZE)  # the one extra schema
     assert load_checkpoint(out / "last.pt", trust_source=True).training["progress"]["step"] == 24
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]

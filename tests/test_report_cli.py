@@ -64,7 +64,7 @@ def test_missing_checkpoint_exits_2_with_one_line(capsys, tmp_path):
     missing = tmp_path / "missing.pt"
     code, out, err = _run(["report", str(missing)], capsys)
     assert code == 2 and out == ""
-    assert err.splitlines() == [f"Error: checkpoint not found: {missing} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')"]
+    assert err.splitlines() == [f"Error: checkpoint '{missing}' does not exist (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')"]
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -88,3 +88,29 @@ def test_input_size_completion():
     assert merge_input_size(parse_input_size("48"), (3, 64, 64)) == (3, 48, 48)
     assert merge_input_size(parse_input_size("48x40"), (1, 64, 64)) == (1, 48, 40)
     assert merge_input_size(parse_input_size("3,48,40"), (1, 64, 64)) == (3, 48, 40)
+
+
+# One wording per problem across commands (issue 18), and choice errors without pydantic's "Value error,".
+
+
+def test_missing_checkpoint_has_one_wording(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    errors = []
+    for argv in (["report", str(missing)], ["finetune", str(missing), "--out", str(tmp_path / "run")]):
+        code, out, err = _run(argv, capsys)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, (argv, err)
+        errors.append(err.strip())
+    assert errors[0] == errors[1] == (
+        f"Error: checkpoint '{missing}' does not exist (give the path of a .pt file written by 'dynopool convert' "
+        f"or 'dynopool finetune')"
+    )
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["report", "x.pt", "--format", "pdf"], "Invalid value for '--format' / '-f': 'pdf' is not one of 'md', 'json'"),
+    (["convert", "resnet18", "--placement", "middle"], "Invalid value for '--placement': 'middle' is not one of"),
+    (["finetune", "--budget-mode", "x"], "Invalid value for '--budget-mode': 'x' is not one of"),
+])
+def test_choice_errors_read_plainly(argv, words, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == "" and words in err and "Value error" not in err

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich is imported when the command runs (start-up time)
+    from rich.table import Table
 
 
 class Placement(str, Enum):
@@ -21,6 +22,9 @@ class Aggregate(str, Enum):
     mean = "mean"
 
 
+#: the width of redirected output: a table takes its natural width, a line is never wrapped
+_UNWRAPPED = 100_000
+
 _STATUS_STYLE = {"converted": "green", "pinned": "cyan", "reverted": "yellow", "skipped": "dim"}
 
 
@@ -31,6 +35,8 @@ def _size(value: list[int] | None) -> str:
 def site_table(plan) -> tuple[Table, list[str]]:
     """A Rich table of the plan's sites (name, op, group, input -> output, status), and the
     numbered reasons its status column refers to (one line each, identical reasons once)."""
+    from rich.table import Table
+
     table = Table(title=f"DynOPool sites at input {_size(plan.input_size[1:])}", show_lines=False)
     table.add_column("site", overflow="fold")
     table.add_column("op", overflow="fold")
@@ -52,11 +58,28 @@ def site_table(plan) -> tuple[Table, list[str]]:
     return table, [f"[{i}] {reason}" for reason, i in reasons.items()]
 
 
+def _print_fit(console, fit, budget_flops: int) -> None:
+    """One line on how the converted model was fitted to its budget."""
+    from dynopool_convert.flops import format_flops
+
+    if fit.method == "none":
+        console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
+        return
+    from dynopool_convert.group_ids import by_group, format_by_group
+
+    factors = format_by_group(by_group(fit.group_factors, fit.groups), lambda f: f"{f:.4g}")
+    console.print(
+        f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
+        f"({fit.final_flops}) by lowering the scale factors ({fit.method}; r × {factors})"
+    )
+
+
 def convert(
     model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
-    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N or HxW (default: the model's own).")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N, HxW or C,H,W (e.g. 1,28,28 for one channel; default: the model's own).")] = None,
     placement: Annotated[Optional[Placement], typer.Option(help="exact: every op kept behind a learnable resize that is the identity at init (the converted model computes what the original did; default with --weights/--pretrained); before/after: DynOPool before or after each strided conv (made stride 1), pools become DynOPool (default without weights: before).")] = None,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
+    input_site: Annotated[bool, typer.Option("--input-site", help="Also learn the input resolution: a DynOPool site (input_resize) in front of the model, starting at stride 1, so that shrinking the input is one of the choices the budget and the size search weigh.")] = False,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
@@ -72,13 +95,18 @@ def convert(
     from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
+    from dynopool_convert.checkpoint_extra import conversion_extra
     from dynopool_convert.flops import count_flops, format_flops
+    from dynopool_convert.group_ids import by_group, format_by_group
 
     from dynopool_convert.files import check_output_path
     from dynopool_convert.weights import build_with_weights, default_placement
+    from rich.console import Console
 
     budget_flops = parse_budget(budget) if budget is not None else None
     console = Console()
+    if not console.is_terminal:  # redirected: whole lines (no 80-column wrap splitting site names)
+        console = Console(width=_UNWRAPPED)
     source = resolve_source(model)
     if not dry_run:  # a bad --out is refused before any work, not after it
         check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")
@@ -93,7 +121,7 @@ def convert(
     with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
         result = convert_model(
             net, size, placement=placement.value, aggregate=aggregate.value if aggregate else None,
-            include=include, exclude=exclude, patchify=patchify,
+            include=include, exclude=exclude, patchify=patchify, input_site=input_site,
         )
     fit = None
     with console.status("counting FLOPs" if budget_flops is None else f"fitting to {format_flops(budget_flops)} FLOPs"):
@@ -101,7 +129,7 @@ def convert(
             converted_flops = count_flops(result.model, size)
         else:
             fit = fit_to_budget(result.model, budget_flops, size, original_flops=original_flops)
-            converted_flops = fit["converted_flops"]
+            converted_flops = fit.converted_flops
     plan = result.plan
     table, reasons = site_table(plan)
     console.print(table)
@@ -122,25 +150,15 @@ def convert(
         f"converted {format_flops(converted_flops)} ({converted_flops})"
     )
     if fit is not None:
-        if fit["method"] == "none":
-            console.print(f"budget {format_flops(budget_flops)}: already within it, strides unchanged")
-        else:
-            console.print(
-                f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit['final_flops'])} "
-                f"({fit['final_flops']}) by lowering the scale factors ({fit['method']}; "
-                f"r x {', '.join(f'{f:.4g}' for f in fit['group_factors'])})"
-            )
+        _print_fit(console, fit, budget_flops)
     if origin is not None:
         console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {placement.value}")
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
-    flops = {"original": original_flops, "converted": converted_flops}
-    if fit is not None:
-        flops.update(final=fit["final_flops"], fit_method=fit["method"], group_factors=fit["group_factors"])
-    extra = {"flops": flops} if origin is None else {"flops": flops, "weights": origin}
     saved = save_checkpoint(
-        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops, extra=extra
+        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops,
+        extra=conversion_extra(original_flops, converted_flops, fit, weights=origin),
     )
     console.print(f"checkpoint: {saved}")

@@ -8,84 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from dynopool_convert.training import FinetuneResult, TrainCallbacks, finetune as run_finetune
-
 
 class BudgetMode(str, Enum):
     ceiling = "ceiling"
     target = "target"
-
-
-def _fmt_flops(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"
-
-
-def _step_text(row: dict[str, Any]) -> str:
-    budget = f"/{_fmt_flops(row['budget'])}" if row.get("budget") else ""
-    return (f"loss {row['loss']:.4f} acc {row['acc']:.3f} FLOPs {_fmt_flops(row['flops'])}{budget} "
-            f"{row['img_s']:.0f} img/s")
-
-
-def _epoch_text(row: dict[str, Any]) -> str:
-    r = " ".join(f"{rh:.3f}x{rw:.3f}" for rh, rw in row["r_saved"])
-    return (f"epoch {row['epoch']} step {row['step']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | saved FLOPs {_fmt_flops(row['flops'])}"
-            f"{'/' + _fmt_flops(row['budget']) if row.get('budget') else ''} | r {r} | {row['time_s']:.1f}s")
-
-
-class PlainLog(TrainCallbacks):
-    """One log line per logging step and per epoch (not a TTY)."""
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        typer.echo(f"finetune: {info['total_steps']} steps ({info['steps_per_epoch']}/epoch, {info['epochs']} epochs) "
-                   f"from step {info['start_step']} on {info['device']} x{info['world']}; "
-                   f"{info['train_size']} train / {info['val_size']} val images, {info['num_classes']} classes, "
-                   f"input {info['input_size']}, budget {_fmt_flops(info['budget'])}")
-
-    def on_step(self, row: dict[str, Any]) -> None:
-        typer.echo(f"step {row['step']} " + _step_text(row))
-
-    def on_epoch(self, row: dict[str, Any]) -> None:
-        typer.echo(_epoch_text(row))
-
-    def on_message(self, text: str) -> None:
-        typer.echo(text, err=True)
-
-
-class RichProgress(PlainLog):
-    """A Rich progress bar (step, loss, acc, FLOPs vs budget, img/s); epochs printed above it."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=self.console)
-        self.task = None
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        self.console.print(f"{info['total_steps']} steps on {info['device']} x{info['world']}, "
-                           f"{info['train_size']} train / {info['val_size']} val images, budget {_fmt_flops(info['budget'])}")
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"], stats="")
-
-    def on_step(self, row: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=row["step"], stats=_step_text(row))
-
-    def on_epoch(self, row: dict[str, Any]) -> None:
-        self.progress.console.print(_epoch_text(row))
-
-    def on_message(self, text: str) -> None:
-        self.progress.console.print(text)
-
-    def on_end(self, result: FinetuneResult) -> None:
-        self.progress.stop()
 
 
 def finetune(
@@ -100,6 +26,10 @@ def finetune(
     budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9); default the checkpoint's.")] = None,
     penalty_weight: Annotated[Optional[float], typer.Option(help="Weight (lambda) of the budget penalty.")] = None,
     budget_mode: Annotated[Optional[BudgetMode], typer.Option(help="ceiling: penalise FLOPs above the budget only (default); target: also pull a model that drifts under its budget back up to it.")] = None,
+    size_jitter: Annotated[Optional[int], typer.Option(min=0, help="While the strides learn, move every group's size by up to this many pixels each step (default 0: off; in our runs 1 pixel cost about 4 points of accuracy, docs/RESULTS.md §6), so the weights work at the neighbouring sizes.")] = None,
+    size_search: Annotated[Optional[bool], typer.Option("--size-search/--no-size-search", help="Choose the sizes by held-out accuracy once, then settle the weights at them (default on); --no-size-search: the strides learn to the end, as in the paper.")] = None,
+    settle: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="Fraction of the steps, at the end, trained at the searched sizes (default 0.3).")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Fraction of the training data held out for the size search (default 0.1, at most train.holdout_max = 5000 images); never the validation data.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (flags override it).")] = None,
@@ -114,7 +44,8 @@ def finetune(
     Multi-GPU / multi-process: torchrun --nproc_per_node N -m dynopool_cli finetune ...
     """
     train = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
-             "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every}
+             "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every,
+             "size_jitter": size_jitter, "size_search": size_search, "settle": settle, "holdout": holdout}
     overrides: dict[str, Any] = {"train": {k: v for k, v in train.items() if v is not None}}
     if budget is not None:
         overrides["budget"] = budget
@@ -122,6 +53,10 @@ def finetune(
         overrides["data"] = data
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    from dynopool_convert.training import finetune as run_finetune
+
+    from .finetune_progress import PlainLog, RichProgress, fmt_flops
+
     callbacks = RichProgress() if sys.stderr.isatty() else PlainLog()
     result = run_finetune(checkpoint, out, recipe=recipe, overrides=overrides, resume=resume, callbacks=callbacks,
                           trust_source=trust_source)
@@ -129,6 +64,6 @@ def finetune(
         return
     if result.completed:
         typer.echo(f"done: {result.steps} steps in {result.wall_s:.1f}s; best val acc {result.best_metric:.4f}; "
-                   f"saved FLOPs {_fmt_flops(result.final_flops)} (budget {_fmt_flops(result.budget)}); {out}/last.pt, {out}/best.pt")
+                   f"saved FLOPs {fmt_flops(result.final_flops)} (budget {fmt_flops(result.budget)}); {out}/last.pt, {out}/best.pt")
     else:
         typer.echo(f"stopped at step {result.steps}/{result.total_steps}; continue with --resume ({out}/last.pt)")

@@ -30,6 +30,9 @@ def report(
     trust_source: Annotated[
         bool, typer.Option("--trust-source", help="Allow a package.module:factory model source to be imported (runs its code).")
     ] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Terminal tables: every column (by default they fit 100 columns: no op, kind, r init, RF init).")
+    ] = False,
 ) -> None:
     """The learned shapes, receptive fields and FLOPs of a converted or fine-tuned checkpoint.
 
@@ -55,7 +58,7 @@ def report(
         for path in write_figures(data, figures):
             typer.echo(f"wrote {path}", err=True)
     if fmt is None and out is None and sys.stdout.isatty():
-        Console().print(to_rich(data))
+        Console().print(to_rich(data, wide=wide))
         return
     fmt = fmt or "md"
     if fmt == "html" and out is None and sys.stdout.isatty():

@@ -13,8 +13,10 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
-from ..dynopool import DynOPool, dynopool_modules, scale_parameters
+from ..checkpoint_extra import original_flops as extra_original_flops
+from ..dynopool import DynOPool, dynopool_modules
 from ..errors import UserInputError
+from ..group_ids import by_group, group_ids
 from .flops import count_flops, flops_by_module
 from .graph import ReportGraph, strides_set_to
 from .options import merge_input_size
@@ -169,7 +171,7 @@ def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) 
     """``training["history"]`` (or ``training["progress"]["history"]``) as plain data.
 
     Scale factors stored as lists in ``scale_parameters`` order (``r``, ``r_saved``) are keyed
-    by group id instead (``{"3": [r_h, r_w]}``), so that scripts need not know that order.
+    by group id instead (``{"3": [r_h, r_w]}``, in group order), so that scripts need not know that order.
     """
     if not training:
         return None
@@ -187,7 +189,7 @@ def _history(training: Mapping[str, Any] | None, group_order: list[int | None]) 
         for key in ("r", "r_saved", "strides"):
             value = row.get(key)
             if isinstance(value, list) and len(value) == len(group_order) and all(isinstance(v, list) for v in value):
-                row[key] = {str(g if g is not None else i): v for i, (g, v) in enumerate(zip(group_order, value))}
+                row[key] = by_group(value, group_order)
     return rows
 
 
@@ -208,38 +210,8 @@ def _accuracy(summary: Mapping[str, Any] | None, history: list[Mapping[str, Any]
     return out or None
 
 
-def build_report(
-    model: nn.Module,
-    plan_dict: Mapping[str, Any],
-    *,
-    source: str | None,
-    input_size: tuple[int, int, int] | list[int],
-    budget: int | None = None,
-    training: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    original_flops: int | None = None,
-    reference_input_size: tuple[int, int, int] | list[int] | None = None,
-) -> dict[str, Any]:
-    """The report of a converted ``model`` and its conversion plan, as plain data.
-
-    ``input_size`` (C, H, W) is the reference size at which sizes, receptive fields and FLOPs
-    are given. ``original_flops`` (the unconverted model's count) falls back to
-    ``extra["flops_original"]`` or ``extra["flops"]["original"]``; None when unknown.
-    ``reference_input_size`` is the size the budget is defined at (default ``input_size``):
-    ``within_budget`` is only given at that size.
-
-    >>> report = build_report(gm, plan.to_dict(), source="timm:resnet18", input_size=(3, 64, 64))
-    >>> report["sites"][0]["r"], report["flops"]["current"]
-    """
-    input_size = tuple(int(v) for v in input_size)
-    reference = input_size if reference_input_size is None else tuple(int(v) for v in reference_input_size)
-    if len(input_size) != 3 or min(input_size) < 1:
-        raise UserInputError(f"input size must be C,H,W with positive values, got {list(input_size)}")
-    graph = ReportGraph(model, input_size)
-    gm = graph.gm
-    pools = dict(dynopool_modules(gm))
-    plan_sites = list(plan_dict.get("sites", []))
-
+def _site_pools(gm: fx.GraphModule, pools: dict[str, DynOPool], plan_sites: list) -> tuple[dict, dict]:
+    """Site name -> its DynOPool module path (None: not converted), and the initial strides by module."""
     recorded = dict(gm.meta.get("dynopool_sites", {}))  # site -> module path, kept by the rewrite
     site_pool = {
         s["name"]: recorded[s["name"]] if recorded.get(s["name"]) in pools else _match_pool(s, list(pools))
@@ -252,48 +224,47 @@ def build_report(
         for s in plan_sites
         if site_pool[s["name"]] and s.get("stride_init") is not None
     }
-    shapes_now = graph.shapes
-    rf_now = receptive_fields(graph, shapes_now)
-    by_module = flops_by_module(gm, input_size)
-    flops_current = by_module.get("", 0)
-    moved = any(tuple(pools[name].stride_value) != tuple(s) for name, s in init_strides.items())
-    if moved:
-        shapes_init = graph.propagate(init_strides)
-        rf_init = receptive_fields(graph, shapes_init)
-        with strides_set_to(gm, init_strides):
-            flops_converted = count_flops(gm, input_size)
-    else:  # every stride is still at its initial value
-        shapes_init, rf_init, flops_converted = shapes_now, rf_now, flops_current
-    dependent = _dependent_nodes(graph, pools, shapes_now)
+    return site_pool, init_strides
 
+
+def _site_entry(s: Mapping[str, Any], pool_name: str | None, pool: DynOPool | None) -> dict[str, Any]:
+    """A site's report entry from its plan entry (sizes and fields filled in by the caller)."""
+    stride_init = s.get("stride_init")
+    return {
+        "name": s["name"],
+        "module": pool_name,
+        "op": s.get("op"),
+        "kind": s.get("kind"),
+        "status": s.get("status"),
+        "reason": s.get("reason") or None,
+        "group": s.get("group"),
+        "placement": s.get("placement"),
+        "aggregate": pool.aggregate if pool is not None else None,
+        "r": None,
+        "r_init": None if stride_init is None else [1.0 / v for v in _pair(stride_init)],
+        "stride": None,
+        "input_size": _plain(s.get("input_size")),
+        "output_size": _plain(s.get("output_size")),
+        "output_size_init": _plain(s.get("output_size")),
+        "receptive_field": None,
+        "receptive_field_init": None,
+        "flops_dependent": None,
+        "flops_dependent_share": None,
+    }
+
+
+def _site_entries(graph: ReportGraph, pools, plan_sites, site_pool, dependent, now, init, by_module):
+    """Every site's entry (``now``/``init``: node shapes and receptive fields at the present and
+    initial strides), the graph nodes each group's FLOPs depend on, and the groups' size multiples."""
+    (shapes_now, rf_now), (shapes_init, rf_init) = now, init
+    flops_current = by_module.get("", 0)
     sites: list[dict[str, Any]] = []
     group_nodes: dict[int, set[str]] = {}
     group_multiple: dict[int, list[int]] = {}  # groups whose sizes are rounded to a multiple
     for s in plan_sites:
         pool_name = site_pool[s["name"]]
         pool = pools.get(pool_name) if pool_name else None
-        stride_init = s.get("stride_init")
-        entry: dict[str, Any] = {
-            "name": s["name"],
-            "module": pool_name,
-            "op": s.get("op"),
-            "kind": s.get("kind"),
-            "status": s.get("status"),
-            "reason": s.get("reason") or None,
-            "group": s.get("group"),
-            "placement": s.get("placement"),
-            "aggregate": pool.aggregate if pool is not None else None,
-            "r": None,
-            "r_init": None if stride_init is None else [1.0 / v for v in _pair(stride_init)],
-            "stride": None,
-            "input_size": _plain(s.get("input_size")),
-            "output_size": _plain(s.get("output_size")),
-            "output_size_init": _plain(s.get("output_size")),
-            "receptive_field": None,
-            "receptive_field_init": None,
-            "flops_dependent": None,
-            "flops_dependent_share": None,
-        }
+        entry = _site_entry(s, pool_name, pool)
         if pool is not None:
             node = graph.pool_nodes[pool_name]
             src = node.args[0]
@@ -330,6 +301,11 @@ def build_report(
                 )
         sites.append(entry)
 
+    return sites, group_nodes, group_multiple
+
+
+def _group_entries(graph: ReportGraph, plan_dict, sites, group_nodes, group_multiple, by_module) -> list[dict[str, Any]]:
+    """One entry per group: its sites, status, present and initial r, FLOPs that depend on it."""
     groups = []
     declared = _plan_groups(plan_dict)
     for gid in sorted(set(declared) | {int(s["group"]) for s in sites if s["group"] is not None}):
@@ -347,13 +323,63 @@ def build_report(
             }
         )
 
+    return groups
+
+
+def build_report(
+    model: nn.Module,
+    plan_dict: Mapping[str, Any],
+    *,
+    source: str | None,
+    input_size: tuple[int, int, int] | list[int],
+    budget: int | None = None,
+    training: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    original_flops: int | None = None,
+    reference_input_size: tuple[int, int, int] | list[int] | None = None,
+) -> dict[str, Any]:
+    """The report of a converted ``model`` and its conversion plan, as plain data.
+
+    ``input_size`` (C, H, W) is the reference size at which sizes, receptive fields and FLOPs
+    are given. ``original_flops`` (the unconverted model's count) falls back to
+    ``extra["flops"]["original"]`` (or the older ``extra["flops_original"]``); None when unknown.
+    ``reference_input_size`` is the size the budget is defined at (default ``input_size``):
+    ``within_budget`` is only given at that size.
+
+    >>> report = build_report(gm, plan.to_dict(), source="timm:resnet18", input_size=(3, 64, 64))
+    >>> report["sites"][0]["r"], report["flops"]["current"]
+    """
+    input_size = tuple(int(v) for v in input_size)
+    reference = input_size if reference_input_size is None else tuple(int(v) for v in reference_input_size)
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise UserInputError(f"input size must be C,H,W with positive values, got {list(input_size)}")
+    graph = ReportGraph(model, input_size)
+    gm = graph.gm
+    pools = dict(dynopool_modules(gm))
+    plan_sites = list(plan_dict.get("sites", []))
+
+    site_pool, init_strides = _site_pools(gm, pools, plan_sites)
+    shapes_now = graph.shapes
+    rf_now = receptive_fields(graph, shapes_now)
+    by_module = flops_by_module(gm, input_size)
+    flops_current = by_module.get("", 0)
+    moved = any(tuple(pools[name].stride_value) != tuple(s) for name, s in init_strides.items())
+    if moved:
+        shapes_init = graph.propagate(init_strides)
+        rf_init = receptive_fields(graph, shapes_init)
+        with strides_set_to(gm, init_strides):
+            flops_converted = count_flops(gm, input_size)
+    else:  # every stride is still at its initial value
+        shapes_init, rf_init, flops_converted = shapes_now, rf_now, flops_current
+    dependent = _dependent_nodes(graph, pools, shapes_now)
+
+    now, init = (shapes_now, rf_now), (shapes_init, rf_init)
+    sites, group_nodes, group_multiple = _site_entries(graph, pools, plan_sites, site_pool, dependent, now, init, by_module)
+    groups = _group_entries(graph, plan_dict, sites, group_nodes, group_multiple, by_module)
     extra = extra or {}
     if original_flops is None:
-        original_flops = extra.get("flops_original")
-        if original_flops is None and isinstance(extra.get("flops"), Mapping):
-            original_flops = extra["flops"].get("original")
-    group_order = [next((m.group for m in pools.values() if m.stride is p), None) for p in scale_parameters(gm)]
-    history = _history(training, group_order)
+        original_flops = extra_original_flops(extra)
+    history = _history(training, group_ids(gm))
     summary = _training_summary(training)
     params = sum(p.numel() for p in gm.parameters())
     return {
@@ -365,12 +391,7 @@ def build_report(
         "params": int(params),
         "scale_parameters": len({id(p.stride) for p in pools.values()}),
         "budget": _budget_flops(budget),
-        "flops": {
-            "original": None if original_flops is None else int(original_flops),
-            "converted": int(flops_converted),
-            "current": int(flops_current),
-            "within_budget": None if _budget_flops(budget) is None or reference != input_size else bool(flops_current <= _budget_flops(budget)),
-        },
+        "flops": _flops_summary(original_flops, flops_converted, flops_current, budget if reference == input_size else None),
         "policy": _plain(plan_dict.get("policy")),
         "notes": [str(n) for n in plan_dict.get("notes") or []],
         "accuracy": _accuracy(summary, history),
@@ -381,6 +402,17 @@ def build_report(
         "stages": _stages(graph, sites, shapes_now, shapes_init),
         "approximate_receptive_fields": sorted(set(rf_now.approximate)),
         "extra": _plain({k: v for k, v in extra.items() if k not in ("flops_original",)}) or None,
+    }
+
+
+def _flops_summary(original: int | None, converted: int, current: int, budget: Any) -> dict[str, Any]:
+    """The report's FLOPs (``budget``: None where it does not apply, e.g. at another input size)."""
+    limit = _budget_flops(budget)
+    return {
+        "original": None if original is None else int(original),
+        "converted": int(converted),
+        "current": int(current),
+        "within_budget": None if limit is None else bool(current <= limit),
     }
 
 
@@ -420,19 +452,16 @@ def report_from_checkpoint(
     ``(S,)`` for a square (missing channels come from the checkpoint). ``trust_source`` lets a
     ``package.module:factory`` source be imported (see ``load_checkpoint``).
     """
-    path = Path(path)
-    if not path.exists():  # other problems (a folder, unreadable, corrupt): load_checkpoint says
-        raise UserInputError(f"checkpoint not found: {path} (give the path of a .pt file written by 'dynopool convert' or 'dynopool finetune')")
-    from ..checkpoint import load_checkpoint  # the convert helper's module
+    from ..checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(path, trust_source=trust_source)
+    ckpt = load_checkpoint(Path(path), trust_source=trust_source)  # a missing file: the same message as every command
     plan = ckpt.plan.to_dict() if hasattr(ckpt.plan, "to_dict") else dict(ckpt.plan)
     reference = tuple(int(v) for v in ckpt.input_size)
     size = merge_input_size(tuple(input_size), reference) if input_size is not None else reference
     if size[0] != reference[0]:  # the first layer's weights fix the channel count
         raise UserInputError(f"input size {','.join(map(str, size))} has {size[0]} channels; this model takes {reference[0]}")
     extra = dict(ckpt.extra or {})
-    original = extra.get("flops_original")
+    original = extra_original_flops(extra)
     if original is None or size != reference:
         original = _original_flops(ckpt.source, ckpt.build_args, size)
     return build_report(

@@ -13,10 +13,19 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
 from ..files import atomic_write_bytes, check_output_dir
+from .text import si, site_label
 
-__all__ = ["shapes_figure", "history_figure", "figures", "write_figures", "history_series"]
+__all__ = ["shapes_figure", "history_figure", "history_plot", "figures", "write_figures", "history_series", "CAPTIONS"]
+
+#: what each figure shows (the HTML report's captions), by file name
+CAPTIONS = {
+    "shapes.png": "Feature-map size (H×W) of every stage, drawn to scale: as converted (top) and as learned (bottom).",
+    "scale_factors.png": "Scale factors r = 1/stride of every group over training (r_h solid, r_w dashed), "
+                         "with the saved model's FLOPs against the budget and the accuracy.",
+}
 
 
 def _png(fig: Figure) -> bytes:
@@ -36,8 +45,9 @@ def shapes_figure(report: dict[str, Any]) -> bytes:
     widths = [max(s["size"][1], s["size_init"][1], 0.35 * widest) for s in stages]
     tallest = max(max(s["size"][0], s["size_init"][0]) for s in stages)
     total = sum(widths) + gap * (len(stages) - 1)
-    fig = Figure(figsize=(min(2.0 + 1.6 * len(stages), 16), 4.6))
+    fig = Figure(figsize=(min(2.0 + 1.6 * len(stages), 16), 4.6), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
+    labels = {s["name"]: site_label(s) for s in report.get("sites") or []}
     for ax, (label, key) in zip(axes, rows):
         x = 0.0
         for stage, slot in zip(stages, widths):
@@ -55,7 +65,7 @@ def shapes_figure(report: dict[str, Any]) -> bytes:
             side.set_visible(False)
     x = 0.0
     for stage, slot in zip(stages, widths):
-        axes[0].text(x + slot / 2, tallest * 1.04, str(stage["name"]), ha="center", va="bottom", fontsize=7, rotation=15)
+        axes[0].text(x + slot / 2, tallest * 1.04, labels.get(stage["name"], str(stage["name"])), ha="center", va="bottom", fontsize=7, rotation=15)
         x += slot + gap
     fig.suptitle(f"{report['model']}: feature-map sizes (H×W) at input {report['input_size'][1]}×{report['input_size'][2]}")
     return _png(fig)
@@ -92,11 +102,18 @@ def history_series(report: dict[str, Any]) -> dict[str, Any] | None:
 
 def history_figure(report: dict[str, Any]) -> bytes | None:
     """Scale factors (r_h solid, r_w dashed, per group), FLOPs and accuracy over training (PNG)."""
+    fig = history_plot(report)
+    return None if fig is None else _png(fig)
+
+
+def history_plot(report: dict[str, Any]) -> Figure | None:
+    """The figure of ``history_figure`` (None without a history of scale factors)."""
     series = history_series(report)
     if series is None:
         return None
     panels = 1 + (series["flops"] is not None) + bool(series["accuracy"])
-    fig = Figure(figsize=(7, 2.6 * panels))
+    # constrained layout: no blank band between the title and the first panel
+    fig = Figure(figsize=(7, 2.4 * panels), layout="constrained")
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     x = series["x"]
     ax = axes[0]
@@ -114,15 +131,18 @@ def history_figure(report: dict[str, Any]) -> bytes | None:
             axes[k].axhline(report["budget"], color="r", linestyle=":", label="budget")
             axes[k].legend(fontsize=7)
         axes[k].set_ylabel("FLOPs")
+        axes[k].yaxis.set_major_formatter(FuncFormatter(lambda v, _: si(v)))  # 5.04M, as in the tables
         k += 1
     if series["accuracy"]:
         for name, values in series["accuracy"].items():
             axes[k].plot(x, [v if isinstance(v, (int, float)) else float("nan") for v in values], label=name)
         axes[k].set_ylabel("accuracy")
         axes[k].legend(fontsize=7)
-    axes[-1].set_xlabel(series["xlabel"])
+    for ax in axes:  # every panel is read on its own: each gets its x axis labelled
+        ax.tick_params(labelbottom=True)
+        ax.set_xlabel(series["xlabel"])
     fig.suptitle(f"{report['model']}: scale factors over training")
-    return _png(fig)
+    return fig
 
 
 def figures(report: dict[str, Any]) -> dict[str, bytes]:

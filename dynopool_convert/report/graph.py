@@ -14,15 +14,21 @@ from torch import fx, nn
 
 from ..dynopool import DynOPool, dynopool_modules, dynopool_output_size
 from ..errors import UserInputError
+from ..op_registry import autowrap_functions, leaf_module_types
 
 __all__ = ["ReportGraph", "as_graph_module", "strides_set_to", "frozen_pools"]
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps DynOPool layers as leaves (their forward reads the stride value)."""
+    """fx tracer that keeps the op registry's modules as leaves (DynOPool's forward reads the
+    stride value; pools and convs are one node each) and its functions as single calls."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions()))
+        self._leaves = tuple(leaf_module_types())
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, DynOPool) or super().is_leaf_module(m, qualname)
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
 
 
 def as_graph_module(model: nn.Module) -> fx.GraphModule:

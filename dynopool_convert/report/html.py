@@ -7,6 +7,7 @@ from html import escape
 from typing import Any, Mapping, Sequence
 
 from . import text
+from .figures import CAPTIONS
 
 __all__ = ["to_html"]
 
@@ -18,6 +19,7 @@ th { background: #f0f4f8; }
 tr.dim td { color: #888; }
 figure { margin: 1em 0; }
 img { max-width: 100%; }
+figcaption { color: #555; font-size: 0.9em; }
 """
 
 
@@ -50,7 +52,8 @@ def to_html(report: dict[str, Any], figures: Mapping[str, bytes] | None = None) 
         parts.append("<h2>Figures</h2>")
     for name, png in (figures or {}).items():
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f'<figure><img alt="{escape(name)}" src="data:image/png;base64,{data}"><figcaption>{escape(name)}</figcaption></figure>')
+        caption = escape(CAPTIONS.get(name, name))
+        parts.append(f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>')
     body = "\n".join(parts)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'

@@ -6,7 +6,8 @@ reads a local window of ``k`` units with step ``t`` of its input gives
 
     rf' = rf + (k - 1) * jump,      jump' = jump * t
 
-Windows per operation (one handler per type, in the tables below):
+Windows per operation (each op kind's entry in ``op_registry.SPECS``; by default derived from
+the size geometry the cost model reads too):
 
 - convolution: ``k = (kernel - 1) * dilation + 1``, ``t = stride`` (padding does not matter);
 - max/avg pool: ``k = (kernel - 1) * dilation + 1``, ``t = stride``;
@@ -15,6 +16,7 @@ Windows per operation (one handler per type, in the tables below):
   included, over all cells (pixels with zero bilinear weight excluded). At ``s = 2`` on an even
   size that is 2 (exactly ``max_pool2d(2)``); for a fractional cell it is at most
   ``c / 2 + 2``: the reads span half the cell plus the interpolation support, not the cell;
+- DynResize (placement ``exact``): ``t = H / H'``; ``k`` = 2 (bilinear), 1 where the size is unchanged;
 - adaptive pools: ``k`` = widest bin, ``t = H / H'``;
 - interpolate / upsample: ``t = H / H'``; ``k`` = 1 (nearest), 2 (bilinear), 4 (bicubic);
 - ops with several spatial operands (add, mul, cat, ...): the maximum over the operands;
@@ -34,19 +36,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ..dynopool import DynOPool
-from ..dynresize import DynResize
+from ..op_registry import Window, module_window, window_of
 from .graph import ReportGraph
 
 __all__ = ["Field", "ReceptiveFields", "receptive_fields", "dynopool_read_span"]
-
-Window = tuple[tuple[float, float], tuple[float, float]]  # ((k_h, t_h), (k_w, t_w))
 
 
 @dataclass(frozen=True)
@@ -80,17 +76,6 @@ class ReceptiveFields:
     approximate: list[str] = field(default_factory=list)
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1]))
-    return (int(v), int(v))
-
-
-def _window(kernel, stride, dilation=1) -> Window:
-    k, t, d = _pair(kernel), _pair(stride if stride not in (None, ()) else kernel), _pair(dilation)
-    return (((k[0] - 1) * d[0] + 1, t[0]), ((k[1] - 1) * d[1] + 1, t[1]))
-
-
 def dynopool_read_span(size_in: int, size_out: int) -> int:
     """Widest run of input pixels one DynOPool cell reads along an axis (bilinear support included).
 
@@ -108,116 +93,6 @@ def dynopool_read_span(size_in: int, size_out: int) -> int:
     return widest
 
 
-def _resize_window(hw_in, hw_out, k: tuple[float, float]) -> Window:
-    return ((k[0], hw_in[0] / hw_out[0]), (k[1], hw_in[1] / hw_out[1]))
-
-
-def _adaptive_window(hw_in, hw_out) -> Window:
-    def widest_bin(n_in: int, n_out: int) -> int:
-        return max(math.ceil((i + 1) * n_in / n_out) - math.floor(i * n_in / n_out) for i in range(n_out))
-
-    return _resize_window(hw_in, hw_out, (widest_bin(hw_in[0], hw_out[0]), widest_bin(hw_in[1], hw_out[1])))
-
-
-def _interp_support(mode: str) -> float:
-    return {"nearest": 1, "nearest-exact": 1, "area": 1, "bilinear": 2, "bicubic": 4}.get(mode, 2)
-
-
-# -- handlers: (graph, node, module_or_None, hw_in, hw_out) -> Window ---------------------------
-ModuleHandler = Callable[[nn.Module, tuple[int, int], tuple[int, int]], Window]
-
-
-def _conv_module(m: nn.Conv2d, hw_in, hw_out) -> Window:
-    return _window(m.kernel_size, m.stride, m.dilation)
-
-
-def _maxpool_module(m: nn.MaxPool2d, hw_in, hw_out) -> Window:
-    return _window(m.kernel_size, m.stride, m.dilation)
-
-
-def _avgpool_module(m: nn.AvgPool2d, hw_in, hw_out) -> Window:
-    return _window(m.kernel_size, m.stride)
-
-
-def _dynopool_module(m: DynOPool, hw_in, hw_out) -> Window:
-    spans = (dynopool_read_span(hw_in[0], hw_out[0]), dynopool_read_span(hw_in[1], hw_out[1]))
-    return _resize_window(hw_in, hw_out, spans)
-
-
-def _adaptive_module(m: nn.Module, hw_in, hw_out) -> Window:
-    return _adaptive_window(hw_in, hw_out)
-
-
-def _dynresize_module(m: DynResize, hw_in, hw_out) -> Window:
-    """Bilinear, one sample per output pixel: one pixel read per axis where the size is unchanged."""
-    return _resize_window(hw_in, hw_out, tuple(1 if a == b else 2 for a, b in zip(hw_in, hw_out)))
-
-
-def _upsample_module(m: nn.Upsample, hw_in, hw_out) -> Window:
-    s = _interp_support(m.mode)
-    return _resize_window(hw_in, hw_out, (s, s))
-
-
-#: Module type -> handler (subclasses match too: timm's Conv2dSame, StdConv2d, ...).
-MODULE_HANDLERS: dict[type, ModuleHandler] = {
-    DynResize: _dynresize_module,  # before DynOPool: it is one
-    DynOPool: _dynopool_module,
-    nn.Conv2d: _conv_module,
-    nn.MaxPool2d: _maxpool_module,
-    nn.AvgPool2d: _avgpool_module,
-    nn.AdaptiveAvgPool2d: _adaptive_module,
-    nn.AdaptiveMaxPool2d: _adaptive_module,
-    nn.Upsample: _upsample_module,
-}
-
-
-def _arg(node: fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _conv_function(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:
-    weight = _arg(node, 1, "weight", None)
-    kshape = graph.shapes.get(weight.name) if isinstance(weight, fx.Node) else None
-    kernel = kshape[2:] if kshape else (1, 1)
-    return _window(kernel, _arg(node, 3, "stride", 1), _arg(node, 5, "dilation", 1))
-
-
-def _maxpool_function(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:
-    kernel = _arg(node, 1, "kernel_size", 1)
-    return _window(kernel, _arg(node, 2, "stride", None) or kernel, _arg(node, 4, "dilation", 1))
-
-
-def _avgpool_function(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:
-    kernel = _arg(node, 1, "kernel_size", 1)
-    return _window(kernel, _arg(node, 2, "stride", None) or kernel)
-
-
-def _adaptive_function(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:
-    return _adaptive_window(hw_in, hw_out)
-
-
-def _interpolate_function(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:
-    s = _interp_support(str(_arg(node, 3, "mode", "nearest")))
-    return _resize_window(hw_in, hw_out, (s, s))
-
-
-FunctionHandler = Callable[[ReportGraph, fx.Node, tuple[int, int], tuple[int, int]], Window]
-
-#: Function (call_function target) -> handler.
-FUNCTION_HANDLERS: dict[Callable, FunctionHandler] = {
-    F.conv2d: _conv_function,
-    torch.conv2d: _conv_function,
-    F.max_pool2d: _maxpool_function,
-    torch.max_pool2d: _maxpool_function,
-    F.avg_pool2d: _avgpool_function,
-    torch._C._nn.avg_pool2d: _avgpool_function,
-    F.adaptive_avg_pool2d: _adaptive_function,
-    F.adaptive_max_pool2d: _adaptive_function,
-    F.interpolate: _interpolate_function,
-}
-
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
@@ -226,13 +101,13 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _sequential_window(module: nn.Module) -> Window | None:
     """Compose the convolutions/pools inside an opaque leaf module, in registration order."""
-    inner = [m for m in module.modules() if m is not module and isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
-    if not inner:
+    windows = [module_window(m) for m in module.modules() if m is not module]
+    windows = [w for w in windows if w is not None]
+    if not windows:
         return None
     f = Field()
-    for m in inner:
-        handler = next(h for t, h in MODULE_HANDLERS.items() if isinstance(m, t))
-        f = f.through(handler(m, (1, 1), (1, 1)))
+    for w in windows:
+        f = f.through(w)
     return ((f.size[0], f.jump[0]), (f.size[1], f.jump[1]))
 
 
@@ -319,16 +194,10 @@ def receptive_fields(graph: ReportGraph, shapes: dict[str, tuple[int, ...] | Non
 
 
 def _window_of(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window | None:
-    if hw_in is None or hw_out is None:
+    """The op registry's window for ``node`` (arguments that are tensors read as their shapes)."""
+    if hw_in is None or hw_out is None or node.op not in ("call_module", "call_function"):
         return None
-    if node.op == "call_module":
-        module = graph.module_of(node)
-        for t, handler in MODULE_HANDLERS.items():
-            if isinstance(module, t):
-                return handler(module, hw_in, hw_out)
-    elif node.op == "call_function" and node.target in FUNCTION_HANDLERS:
-        return FUNCTION_HANDLERS[node.target](graph, node, hw_in, hw_out)
-    return None
+    return window_of(node, graph.gm, lambda a: graph.shapes.get(a.name) or a, hw_in, hw_out)
 
 
 def _fallback_window(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:

@@ -1,9 +1,13 @@
 """Shared wording of the human-readable formats (Markdown, Rich table, HTML): one place."""
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
-__all__ = ["si", "pair", "size", "rf", "summary_rows", "reasons", "site_rows", "group_rows", "history_rows", "SITE_COLUMNS", "GROUP_COLUMNS"]
+from ..group_ids import format_by_group
+
+__all__ = ["si", "pair", "size", "rf", "site_label", "summary_rows", "reasons", "site_rows", "group_rows", "history_rows",
+           "SITE_COLUMNS", "COMPACT_SITE_COLUMNS", "GROUP_COLUMNS"]
 
 
 def si(value: float | int | None, unit: str = "") -> str:
@@ -30,6 +34,16 @@ def size(values: Sequence[int] | None) -> str:
 
 def rf(values: Sequence[float] | None) -> str:
     return "-" if values is None else "×".join(f"{v:.4g}" for v in values)
+
+
+def site_label(site: dict[str, Any]) -> str:
+    """The site's name; a bare index (a layer of an ``nn.Sequential``: ``6``, ``features.4``)
+    gets its op's class, so that it reads as a layer: ``6 (MaxPool2d)``."""
+    name = str(site["name"])
+    if not re.fullmatch(r"(.*\.)?\d+", name) or not site.get("op"):
+        return name
+    op = re.match(r"[\w.]+", str(site["op"]))
+    return f"{name} ({op.group(0).split('.')[-1]})" if op else name
 
 
 def _metric(name: str, m: dict[str, Any]) -> str:
@@ -61,38 +75,54 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 SITE_COLUMNS = ["site", "op", "kind", "status", "group", "r (h, w)", "r init", "in → out", "RF (h×w)", "RF init", "FLOPs dep."]
+#: the columns that fit a 100-column terminal (``dynopool report --wide`` shows them all)
+COMPACT_SITE_COLUMNS = ["site", "status", "group", "r (h, w)", "in → out", "RF (h×w)", "FLOPs dep."]
 
 
-def site_rows(report: dict[str, Any]) -> list[list[str]]:
+def site_rows(report: dict[str, Any], columns: Sequence[str] = SITE_COLUMNS) -> list[list[str]]:
+    """One row per site, with ``columns`` (names from ``SITE_COLUMNS``)."""
+    picked = [SITE_COLUMNS.index(c) for c in columns]
     rows = []
     for s in report["sites"]:
         status = s["status"] or "-"
-        rows.append([
-            s["name"], str(s.get("op") or "-"), str(s.get("kind") or "-"), status,
+        row = [
+            site_label(s), str(s.get("op") or "-"), str(s.get("kind") or "-"), status,
             "-" if s.get("group") is None else str(s["group"]),
             pair(s["r"]), pair(s["r_init"]),
             f"{size(s['input_size'])} → {size(s['output_size'])}",
             rf(s["receptive_field"]), rf(s["receptive_field_init"]),
             si(s["flops_dependent"]) + ("" if s.get("flops_dependent_share") is None else f" ({s['flops_dependent_share']:.0%})"),
-        ])
+        ]
+        rows.append([row[i] for i in picked])
     return rows
 
 
 def reasons(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(site, status, reason) of every site that was not converted."""
-    return [(s["name"], s["status"], s["reason"] or "") for s in report["sites"] if s["status"] != "converted"]
+    return [(site_label(s), s["status"], s["reason"] or "") for s in report["sites"] if s["status"] != "converted"]
 
 
 GROUP_COLUMNS = ["group", "sites", "r (h, w)", "r init", "sizes in steps of", "FLOPs dep."]
 
 
 def group_rows(report: dict[str, Any]) -> list[list[str]]:
-    return [[str(g["id"]), ", ".join(g["sites"]), pair(g["r"]), pair(g["r_init"]), size(g.get("multiple")),
+    labels = {s["name"]: site_label(s) for s in report["sites"]}
+    return [[str(g["id"]), ", ".join(labels.get(n, n) for n in g["sites"]), pair(g["r"]), pair(g["r_init"]), size(g.get("multiple")),
              si(g["flops_dependent"])] for g in report["groups"]]
 
 
-def history_rows(report: dict[str, Any], limit: int = 20) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the history table (scalars only; at most ``limit`` evenly spaced rows)."""
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and ("flops" in key.lower() or key == "budget"):
+        return si(value)  # as everywhere else on the page: 5.04M
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def history_rows(report: dict[str, Any], limit: int = 20, compact: bool = False,
+                 sep: str = "; ") -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of the history table (scalars, and ``r`` per group in group order,
+    each labelled; at most ``limit`` evenly spaced rows). ``compact`` leaves out the columns
+    whose value is the same in every row (shown elsewhere: kind, budget); ``sep`` joins the
+    groups of one cell (a newline in a narrow terminal)."""
     history = report.get("history") or []
     if not isinstance(history, list) or not history:
         return [], []
@@ -100,10 +130,12 @@ def history_rows(report: dict[str, Any], limit: int = 20) -> tuple[list[str], li
     has_r = any(isinstance(h.get("r"), dict) for h in history if isinstance(h, dict))
     step = max(1, -(-len(history) // limit))
     picked = history[::step] if history[::step][-1] is history[-1] else history[::step] + [history[-1]]
+    if compact and len(picked) > 1:
+        columns = [c for c in columns if len({str(h.get(c)) for h in picked}) > 1]
     rows = []
     for h in picked:
-        row = [f"{h.get(c):.4g}" if isinstance(h.get(c), float) else str(h.get(c, "-")) for c in columns]
+        row = [_cell(c, h[c]) if c in h and h[c] is not None else "-" for c in columns]
         if has_r:
-            row.append("; ".join(f"{g}: {pair(v, 3)}" for g, v in (h.get("r") or {}).items()))
+            row.append(format_by_group(h.get("r") or {}, lambda v: pair(v, 3), sep=sep))
         rows.append(row)
-    return columns + (["r per group"] if has_r else []), rows
+    return columns + (["r (h, w)"] if has_r else []), rows

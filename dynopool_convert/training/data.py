@@ -32,6 +32,7 @@ __all__ = [
     "SeededDataset",
     "SkipUnreadable",
     "unreadable_files",
+    "carve_holdout",
 ]
 
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist_subset.npz"
@@ -332,10 +333,30 @@ def build_datasets(
     )
 
 
+def carve_holdout(data: Datasets, fraction: float, cap: int, seed: int) -> SeededDataset | None:
+    """Move a random ``fraction`` of the training images (at most ``cap``) out of ``data.train``
+    into a held-out split with the validation transform; None when too few images to split.
+
+    The split depends only on ``seed`` and the data, so a resumed run holds out the same images.
+    """
+    n = len(data.train)
+    k = min(int(round(fraction * n)), cap)
+    if k < 1 or n - k < 1:
+        return None
+    from torch.utils.data import Subset
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104_729)).tolist()
+    held, kept = sorted(order[:k]), sorted(order[k:])
+    train, val = data.train, data.val
+    data.train = SeededDataset(Subset(train.base, kept), train.transform, train.seed, train.channels)
+    data.train.full = train  # keeps SkipUnreadable reachable for warnings
+    return SeededDataset(Subset(train.base, held), val.transform, val.seed, val.channels)
+
+
 def unreadable_files(data: "Datasets") -> dict[str, list[str]]:
     """Per split, the image files skipped as unreadable so far (empty for in-memory datasets)."""
     out = {}
-    for split, ds in (("train", data.train), ("val", data.val)):
+    for split, ds in (("train", getattr(data.train, "full", data.train)), ("val", data.val)):
         base = getattr(ds, "base", None)
         if isinstance(base, SkipUnreadable):
             out[split] = base.unreadable()

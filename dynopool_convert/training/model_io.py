@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint_extra import conversion_extra
 from ..dynopool import scale_parameters
 from ..errors import UserInputError
-from . import upstream
 from ..weights import build_with_weights, default_placement
+from . import upstream
 from .recipes import FinetuneConfig
 
 __all__ = ["ModelBundle", "load_model", "project_copy", "save_model", "restore_raw_strides", "LAST", "BEST", "CONVERTED"]
@@ -52,21 +53,12 @@ def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | None) ->
     model, origin = build_with_weights(source, build_args, cfg.weights, cfg.pretrained)
     policy = {k: v for k, v in vars(cfg.convert).items() if v is not None}
     policy.setdefault("placement", default_placement(origin))
+    original = int(upstream.count_flops(model, input_size))
     result = upstream.convert(model, input_size=input_size, **policy)
-    extra: dict[str, Any] = {} if origin is None else {"weights": origin}
-    if budget is not None:
-        extra["fit_to_budget"] = _plain(upstream.fit_to_budget(result.model, budget, input_size))
+    fit = upstream.fit_to_budget(result.model, budget, input_size, original_flops=original) if budget is not None else None
+    converted = fit.converted_flops if fit is not None else int(upstream.count_flops(result.model, input_size))
+    extra = conversion_extra(original, converted, fit, keep_fit=True, weights=origin)
     return ModelBundle(result.model, result.plan, source, build_args, input_size, budget, None, extra)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value
 
 
 def load_model(cfg: FinetuneConfig, checkpoint: str | Path | None, out_dir: Path, resume: bool,
@@ -104,7 +96,7 @@ def project_copy(model: nn.Module, budget: int | None, input_size) -> tuple[nn.M
     projected = copy.deepcopy(model)
     info = None
     if budget is not None:
-        info = _plain(upstream.project_to_budget(projected, budget, input_size))
+        info = upstream.project_to_budget(projected, budget, input_size).as_dict()
     flops = int(upstream.count_flops(projected, input_size))
     if budget is not None and flops > budget:
         raise RuntimeError(f"budget projection failed: {flops} FLOPs > budget {budget} (a bug, please report)")

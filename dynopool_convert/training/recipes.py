@@ -51,6 +51,13 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | bf16 | off
     log_every: int = 20
     checkpoint_every: int | None = None  # also save last.pt every N steps (default: per epoch)
+    # the size schedule (training/size_control.py): jitter while learning, held-out search, settle
+    size_jitter: int = 0  # each step, move every group's size by up to this many pixels (default off: it cost 4 points, docs/RESULTS.md §6)
+    size_search: bool = True  # choose the sizes on held-out training data, then settle (False: learn to the end)
+    settle: float = 0.3  # fraction of the steps, at the end, trained with the searched sizes frozen
+    holdout: float = 0.1  # fraction of the training data held out for the size search ...
+    holdout_max: int = 5000  # ... at most this many images
+    size_refresh_every: int = 1  # sizes re-read from the strides every N steps, held in between (needs size_jitter 0)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class ConvertPolicy:
     aggregate: str | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
+    input_site: bool = False  # a learnable input resolution in front of the model
 
 
 @dataclass
@@ -153,11 +161,16 @@ def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -
     _update(cfg, data)
     if cfg.train.epochs is not None and cfg.train.steps is not None:
         raise UserInputError("give either train.epochs or train.steps, not both")
-    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every"):
+    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every", "holdout_max", "size_refresh_every"):
         value = getattr(cfg.train, key)
         if value is not None and value < 1:
             raise UserInputError(f"recipe key 'train.{key}' must be >= 1, got {value}")
     _check_ranges(cfg.train)
+    if cfg.train.size_jitter < 0:
+        raise UserInputError(f"recipe key 'train.size_jitter' must be >= 0 pixels, got {cfg.train.size_jitter}")
+    if cfg.train.size_refresh_every > 1 and cfg.train.size_jitter > 0:
+        raise UserInputError("train.size_refresh_every > 1 holds the sizes between refreshes, which size jitter "
+                             "changes every step: set train.size_jitter: 0 with it")
     if cfg.train.amp not in ("auto", "bf16", "off"):
         raise UserInputError(f"recipe key 'train.amp' must be auto, bf16 or off, got {cfg.train.amp!r}")
     if cfg.train.budget_mode not in ("ceiling", "target"):
@@ -170,6 +183,7 @@ _RANGES = {
     "lr": (0.0, math.inf, True), "scale_lr": (0.0, math.inf, False), "warmup_lr": (0.0, math.inf, False),
     "min_lr": (0.0, math.inf, False), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, False),
     "label_smoothing": (0.0, 1.0, False), "penalty_weight": (0.0, math.inf, False), "clip_grad": (0.0, math.inf, True),
+    "settle": (0.0, 0.9, False), "holdout": (0.0, 0.5, True),
 }
 
 

@@ -24,14 +24,18 @@ from torch.utils.data import DataLoader
 
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
+from ..group_ids import group_ids
 from . import upstream
-from .data import build_datasets, parse_data_spec, unreadable_files
+from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
 from .heads import adapt_head
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
+from ..checkpoint_extra import with_current_flops
+from .size_control import SizeControl
+from .sizes import SizeSchedule
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -106,7 +110,8 @@ class _StopFlag:
 #: train settings that the saved optimiser, scheduler and data position fix: a resumed run
 #: cannot change them (the restored state would silently override a new value)
 _FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
-                    "min_lr", "epochs", "steps", "batch_size")
+                    "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
+                    "holdout_max")
 
 
 def _check_resumable(saved: dict, wanted: dict, last: Path) -> None:
@@ -189,12 +194,17 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
+        # the search weighs sizes against FLOPs: without a budget the strides learn to the end
+        searching = t.size_search and self.budget is not None and bool(scale_parameters(bundle.model))
+        self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
         adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
+        learn = t.scale_lr > 0 and any(q.requires_grad for q in self.scales)
+        self.size_log = SizeSchedule(model, t.size_refresh_every, info.device, learn)
         self.ddp = model
         if info.enabled:
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -209,9 +219,15 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        self.cost = upstream.CostModel(model, bundle.input_size)
+        # only a budget needs the cost model: a model it refuses still fine-tunes without one,
+        # and with a budget the refusal comes here, before any step
+        self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
+        if self.cost is not None:
+            upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
+        self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
+                                 settle=t.settle, total_steps=self.total_steps, seed=t.seed)
         if resume:
             self._restore(bundle.training)
         self.saved_step = self.progress.step if resume else None  # step of the last checkpoint on disk
@@ -219,13 +235,14 @@ class _Run:
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
             "start_step": self.progress.step, "budget": self.budget, "device": str(info.device), "world": info.world,
             "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
-            "input_size": list(bundle.input_size),
+            "input_size": list(bundle.input_size), "groups": group_ids(model),
         })
         stop = _StopFlag(not info.enabled, self.cbs)
         try:
             completed = self._loop(stop, stop_after_steps)
         finally:
             stop.close()
+            self.size_log.close()
         return self._finish(completed)
 
     def _remove_stale_temp_files(self) -> None:
@@ -261,7 +278,9 @@ class _Run:
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
+        self.size_log.load_state(training.get("size_log"))
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
+        self.sizes.load_state(training.get("sizes"))
         rng = training["rng"]
         restore_rng(rng[self.info.rank] if isinstance(rng, list) else rng)
 
@@ -281,6 +300,9 @@ class _Run:
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
+                if self.sizes.search_due(p.step):
+                    with self.size_log.released():
+                        self._search_sizes()
                 row = self._step(images, labels)
                 n = labels.shape[0]
                 sums[0] += row["loss"] * n
@@ -312,24 +334,42 @@ class _Run:
         t, dev = self.t, self.info.device
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         self.ddp.train()
-        with _autocast(dev, t.amp):
-            logits = self.ddp(images)
-            task = self.criterion(logits.float(), labels)
-        flops = self.cost()
-        penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if self.budget is not None else torch.zeros(())
-        loss = task + t.penalty_weight * penalty.to(task.device)
-        self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.sizes.step(self.progress.step):  # jittered sizes while the strides learn
+            with _autocast(dev, t.amp):
+                logits = self.ddp(images)
+                task = self.criterion(logits.float(), labels)
+            flops = self.cost() if self.cost is not None else None
+            penalty = upstream.budget_penalty(flops, self.budget, t.budget_mode) if flops is not None else torch.zeros(())
+            loss = task + t.penalty_weight * penalty.to(task.device)
+            self._stop_if_diverged(f"the loss is {loss.item()}", not bool(torch.isfinite(loss.detach())))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if t.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.optimizer.step()
         clamp_strides_(self.model)
+        self.sizes.hold()
         self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
+        self.size_log.after_step(self.progress.step + 1, learning=not self.sizes.settled)
         self.scheduler.step_update(num_updates=self.progress.step + 1)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss.item(), "task_loss": task.item(), "penalty": float(penalty.detach()), "acc": acc.item(),
-                "flops": float(flops.detach())}
+                "flops": None if flops is None else float(flops.detach())}
+
+    def _search_sizes(self) -> None:
+        """The held-out size search (every rank runs it alike on the whole held-out split)."""
+        budget = self.budget
+        self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
+        result = self.sizes.search(
+            self.cost.flops, budget, self._holdout_losses,
+            lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
+        row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
+               **{k: v for k, v in result.items() if k != "evaluated"}}
+        self.rows.append(row)
+        self.cbs.on_message(
+            f"size search: kept {' / '.join(f'{h}x{w}' for h, w in result['sizes'])} (from the {result['start']} sizes, "
+            f"{result['evaluations']} allocations scored), held-out accuracy {result['accuracy']:.4f}, "
+            f"{result['flops']:,} FLOPs; the sizes are fixed from here on")
 
     def _stop_if_diverged(self, what: str, bad: bool) -> None:
         """Stop the run (every rank) when training produced NaN/inf; the files on disk stay as they were."""
@@ -357,6 +397,19 @@ class _Run:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
     # ------------------------------------------------------------------ epochs, saving
+    def _holdout_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image loss and correctness on the whole held-out split (every rank alike)."""
+        loader = DataLoader(self.holdout, batch_size=self.t.batch_size, shuffle=False, num_workers=self.t.workers)
+        self.model.eval()
+        losses, correct = [], []
+        with torch.no_grad(), _autocast(self.info.device, self.t.amp):
+            for images, labels in loader:
+                images, labels = images.to(self.info.device), labels.to(self.info.device)
+                logits = self.model(images).float()
+                losses.append(nn.functional.cross_entropy(logits, labels, reduction="none").cpu())
+                correct.append((logits.argmax(1) == labels).cpu())
+        return torch.cat(losses), torch.cat(correct)
+
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         data, info = self.data.val, self.info
         indices = list(range(info.rank, len(data), info.world))
@@ -382,7 +435,7 @@ class _Run:
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
             "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc, "flops": flops,
             "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
-            "time_s": round(seconds, 3), "projection": projection,
+            "time_s": round(seconds, 3), "projection": projection, "distinct_sizes": self.size_log.distinct,
         }
         self.rows.append(row)
         p.history.append(row)
@@ -412,6 +465,8 @@ class _Run:
             "rng": all_gather_objects(capture_rng(), self.info),
             "progress": self.progress.to_dict(),
             "raw_strides": [p.detach().cpu().clone() for p in scale_parameters(self.model)],
+            "sizes": self.sizes.state(),
+            "size_log": self.size_log.state(),
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
@@ -427,7 +482,7 @@ class _Run:
         model, flops = projected
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            extra = dict(self.bundle.extra or {}, flops=flops)
+            extra = with_current_flops(self.bundle.extra, flops)
             save_model(self.out_dir / LAST, self.bundle, model, training, extra)
             if is_best:
                 save_model(self.out_dir / BEST, self.bundle, model, training, extra)

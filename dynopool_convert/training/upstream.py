@@ -1,7 +1,7 @@
 """The one seam between fine-tuning and the rest of the library (conversion, checkpoint, budget)."""
 from __future__ import annotations
 
-from ..budget import budget_penalty, fit_to_budget, parse_budget, project_to_budget
+from ..budget import budget_penalty, check_reachable, fit_to_budget, parse_budget, project_to_budget
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..convert import convert
 from ..cost_model import CostModel
@@ -10,5 +10,5 @@ from ..models import build_model, resolve_source
 
 __all__ = [
     "load_checkpoint", "save_checkpoint", "convert", "build_model", "resolve_source", "count_flops",
-    "budget_penalty", "fit_to_budget", "parse_budget", "project_to_budget", "CostModel",
+    "budget_penalty", "check_reachable", "fit_to_budget", "parse_budget", "project_to_budget", "CostModel",
 ]

@@ -1,0 +1,201 @@
+"""Does learning the sizes pay? DynOPool variants against the fixed network and lower resolution.
+
+    python benchmarks/learning_study.py --variant stretch-V --methods fixed,dyn-paper,dyn --seeds 3
+    python benchmarks/learning_study.py --variant original --budget-frac 0.5 --methods fixed,lowres,dyn
+
+Data: Fashion-MNIST and the paper's variants (``toy_experiments.py``); a training subset of
+``--train-size`` images, a held-out split of ``--holdout`` further training images (for the size
+search; never the test split), the full 10k test split for the reported accuracy. All methods
+share the data, network (the small VGG), epochs, optimiser (AdamW, one-cycle) and augmentation.
+
+Methods: ``fixed`` (the network as is, at 28 px), ``lowres`` (the network on inputs resized to the
+largest size within the budget), ``dyn-paper`` (the three max-pools as DynOPool, strides learned
+by their straight-through gradient under the ceiling penalty: the paper's method and our old
+default) and ``dyn`` (dynopool's default: see ``--help`` of each knob), whose parts can be
+switched off for the ablation (``dyn:nojitter``, ``dyn:nosearch``, ``dyn:noinput``, ...).
+One JSON line per run goes to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toy_experiments import FASHION_DIR, VARIANTS, load_fashion_mnist, small_vgg
+
+from dynopool_convert import clamp_strides_, convert, scale_parameters
+from dynopool_convert.budget import budget_penalty, fit_to_budget, project_to_budget
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.flops import count_flops
+from dynopool_convert.training.group_sizes import GroupGeometry
+from dynopool_convert.training.size_control import SizeControl
+
+#: the dyn method's parts; "dyn:noX" switches part X off
+DYN_DEFAULTS = {"input": True, "jitter": 1, "search": True, "scale_lr": 0.01, "mode": "ceiling", "settle": 0.3}
+
+
+def dyn_options(method: str, args) -> dict:
+    opts = dict(DYN_DEFAULTS, scale_lr=args.scale_lr)
+    for flag in method.split(":")[1:]:
+        if flag == "nojitter":
+            opts["jitter"] = 0
+        elif flag == "nosearch":
+            opts["search"] = False
+        elif flag == "noinput":
+            opts["input"] = False
+        elif flag == "target":
+            opts["mode"] = "target"
+        elif flag == "frozen":
+            opts["scale_lr"] = 0.0
+        elif flag.startswith("jitter"):
+            opts["jitter"] = int(flag[6:])
+        elif flag.startswith("slr"):
+            opts["scale_lr"] = float(flag[3:])
+        else:
+            raise SystemExit(f"unknown dyn flag {flag!r}")
+    return opts
+
+
+def batches(data, idx, transform, gen, size, bs):
+    for i in range(0, len(idx), bs):
+        j = idx[i: i + bs]
+        x = transform(data["train_x"][j], gen)
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        yield x, data["train_y"][j]
+
+
+def accuracy(model, xs, ys, size, bs=1000) -> tuple[float, float]:
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(ys), bs):
+            x = xs[i: i + bs]
+            if x.shape[-1] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            out = model(x)
+            correct += (out.argmax(1) == ys[i: i + bs]).sum().item()
+            loss += F.cross_entropy(out, ys[i: i + bs], reduction="sum").item()
+    model.train()
+    return correct / len(ys), -loss / len(ys)
+
+
+def per_image(model, xs, ys, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image held-out loss and correctness."""
+    model.eval()
+    with torch.no_grad():
+        out = model(xs)
+    model.train()
+    return F.cross_entropy(out, ys, reduction="none"), out.argmax(1) == ys
+
+
+def run(variant: str, method: str, seed: int, data, args, budget: int, base_flops: int) -> dict:
+    torch.manual_seed(seed)
+    transform = VARIANTS[variant]
+    size = 28
+    model = small_vgg(width=args.width)
+    dyn = method.startswith("dyn")
+    opts = dyn_options(method, args) if method.startswith("dyn:") or method == "dyn" else {}
+    if method == "lowres":
+        while count_flops(small_vgg(width=args.width), (1, size, size)) > budget:
+            size -= 1
+    if dyn:
+        model = convert(model, input_size=(1, 28, 28), input_site=bool(opts.get("input", False))).model
+        fit_to_budget(model, budget, (1, 28, 28))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data["train_y"]), generator=g)
+    train_idx, hold_idx = perm[: args.train_size], perm[args.train_size: args.train_size + args.holdout]
+    hold_x = transform(data["train_x"][hold_idx], None)
+    hold_y = data["train_y"][hold_idx]
+    strides = scale_parameters(model)
+    ids = {id(p) for p in strides}
+    opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=args.lr, weight_decay=5e-4)
+    scale_lr = opts.get("scale_lr", args.scale_lr)
+    opt_s = torch.optim.Adam(strides, lr=scale_lr) if dyn and scale_lr > 0 else None
+    steps_per_epoch = math.ceil(args.train_size / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.1)
+    cost = CostModel(model, (1, 28, 28)) if dyn else None
+    # the trainer's size schedule (training/size_control.py), with the same knobs
+    sizes = SizeControl(model, (1, 28, 28), jitter=opts.get("jitter", 0), search=bool(opts.get("search")),
+                        settle=opts.get("settle", 0.3), total_steps=total, seed=seed) if dyn else None
+    mode = opts.get("mode", "ceiling")
+    searched, curve, step = None, [], 0
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(args.epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=g)]
+        for x, y in batches(data, order, transform, g, size, args.batch_size):
+            if sizes is not None and sizes.search_due(step):
+                searched = sizes.search(cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
+                                        lambda: project_to_budget(model, budget, (1, 28, 28), cost))
+                searched = dict(searched, evaluated=searched["evaluated"][:8])  # the starts and the first moves
+                opt_s = None  # settle: sizes held from here on
+            with sizes.step(step) if sizes is not None else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+                if opt_s is not None:
+                    loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
+                    opt_s.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            sched.step()
+            if opt_s is not None:
+                opt_s.step()
+                clamp_strides_(model)
+            if sizes is not None:
+                sizes.hold()
+            step += 1
+        if args.curve:
+            curve.append(round(accuracy(model, data["test_x_" + variant], data["test_y"], size)[0], 4))
+    if dyn:
+        project_to_budget(model, budget, (1, 28, 28))
+    acc = accuracy(model, data["test_x_" + variant], data["test_y"], size)[0]
+    flops = count_flops(model, (1, size, size))
+    sizes = GroupGeometry(model, (1, 28, 28)).measure()[1] if dyn else []
+    return {"variant": variant, "method": method, "seed": seed, "accuracy": acc, "flops": flops, "budget": budget,
+            "base_flops": base_flops, "input": size, "sizes": sizes, "search": searched, "curve": curve,
+            "seconds": round(time.perf_counter() - t0, 1), "epochs": args.epochs, "train_size": args.train_size,
+            "opts": opts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="stretch-V", choices=list(VARIANTS))
+    ap.add_argument("--methods", default="fixed,dyn-paper,dyn")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--budget-frac", type=float, default=1.0, help="budget as a fraction of the fixed network's FLOPs")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--train-size", type=int, default=10000)
+    ap.add_argument("--holdout", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--scale-lr", type=float, default=0.01)
+    ap.add_argument("--penalty-weight", type=float, default=5.0)
+    ap.add_argument("--curve", action="store_true", help="test accuracy after every epoch (plateau check)")
+    ap.add_argument("--data-dir", type=Path, default=FASHION_DIR)
+    ap.add_argument("--out", type=Path, default=Path("docs/results/learning_study.jsonl"))
+    args = ap.parse_args()
+    data = load_fashion_mnist(args.data_dir, torch.device("cpu"))
+    data["test_x_" + args.variant] = VARIANTS[args.variant](data["test_x"], None)
+    base = count_flops(small_vgg(width=args.width), (1, 28, 28))
+    budget = int(base * args.budget_frac)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for method in args.methods.split(","):
+            row = run(args.variant, method, seed, data, args, budget, base)
+            line = json.dumps(row)
+            print(line, flush=True)
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Tables for docs/RESULTS.md §6 from the JSON lines of learning_study.py and stride_gradient_study.py.
+
+    python benchmarks/summarise_learning.py docs/results/learning
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def methods_table(rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["budget"], r["method"]), []).append(r)
+    out = ["| data | budget | method | test accuracy % (mean ± std) | seeds | FLOPs (mean) | sizes after each site (seed 0) |",
+           "|---|---|---|---|---|---|---|"]
+    for (variant, budget, method), runs in groups.items():
+        accs = [100 * r["accuracy"] for r in runs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        sizes = " → ".join(f"{h}×{w}" for h, w in runs[0]["sizes"]) or f"input {runs[0]['input']}²"
+        out.append(f"| {variant} | {budget / 1e6:.2f}M | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                   f"{len(runs)} | {statistics.mean(r['flops'] for r in runs) / 1e6:.3f}M | {sizes} |")
+    return "\n".join(out)
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
+
+
+def gradient_table(rows: list[dict]) -> str:
+    out = ["| data | epoch | probes | sign agreement (predicted vs measured ΔL) | Pearson r | measured ΔL > 0 (size change hurts) | sizes (seed 0) |",
+           "|---|---|---|---|---|---|---|"]
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["variant"], r["epoch"]), []).append(r)
+    for (variant, epoch), runs in sorted(by.items()):
+        probes = [p for r in runs for p in r["probes"]]
+        pred, meas = [p["predicted"] for p in probes], [p["measured"] for p in probes]
+        agree = sum((a > 0) == (b > 0) for a, b in zip(pred, meas)) / max(len(probes), 1)
+        hurts = sum(b > 0 for b in meas) / max(len(probes), 1)
+        sizes = " → ".join(f"{h}×{w}" for h, w in runs[0]["sizes"])
+        out.append(f"| {variant} | {epoch} | {len(probes)} | {100 * agree:.0f}% | {_pearson(pred, meas):.2f} | "
+                   f"{100 * hurts:.0f}% | {sizes} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/learning")
+    study = [r for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name for r in _rows(p)]
+    if study:
+        print(methods_table(study))
+    grad = folder / "gradient_study.jsonl"
+    if grad.exists():
+        print()
+        print(gradient_table(_rows(grad)))
+
+
+if __name__ == "__main__":
+    main()

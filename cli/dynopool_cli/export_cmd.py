@@ -1,0 +1,53 @@
+"""``dynopool export``: load a checkpoint, freeze it, export it, check the file against PyTorch."""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+    pt2 = "pt2"
+    safetensors = "safetensors"
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by 'dynopool convert' or 'dynopool finetune'.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (opset 18, onnxruntime), torchscript (torch.jit), pt2 (torch.export) or safetensors (weights of the frozen model).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute part of the check's tolerance on the max abs difference from the PyTorch model.")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative part of the tolerance, times the largest |output| of the PyTorch model.")] = 1e-5,
+    trust_source: Annotated[
+        bool, typer.Option("--trust-source", help="Allow a package.module:factory model source to be imported (runs its code).")
+    ] = False,
+) -> None:
+    """Freeze the learned sizes (at the checkpoint's reference input size) and export the model.
+
+    The written file is loaded back in its own runtime (onnxruntime, torch.jit.load, torch.export.load, or a reloaded state dict) and compared with the PyTorch model on random inputs at the reference size; the max absolute difference is printed, and a difference above --atol + --rtol x max|output| exits with code 1. What each format keeps: docs/EXPORT.md.
+    """
+    from dynopool_convert.checkpoint import load_checkpoint
+    from dynopool_convert.export import export as run_export
+    from dynopool_convert.files import check_output_path
+
+    from rich.console import Console
+
+    check_output_path(out, f"{format.value} export", missing_parents_ok=True)
+    with Console(stderr=True).status(f"loading {checkpoint}, freezing and exporting to {format.value}"):  # TTY only
+        ckpt = load_checkpoint(checkpoint, trust_source=trust_source)
+        result = run_export(ckpt.model, format.value, out, ckpt.input_size)
+    c, h, w = result.input_size
+    opset = f", ONNX opset {result.opset}" if result.opset is not None else ""
+    typer.echo(f"wrote {result.path} ({format.value}{opset}; input N x {c} x {h} x {w}, batch dynamic)"
+               if format is not ExportFormat.safetensors else f"wrote {result.path} (safetensors: the frozen model's weights)")
+    typer.echo(f"max abs difference from the PyTorch model at {h}x{w}: {result.max_abs_diff:.3g} "
+               f"(frozen PyTorch model: {result.frozen_max_abs_diff:.3g}; outputs up to {result.output_max:.3g})")
+    tolerance = atol + rtol * result.output_max
+    if not result.max_abs_diff <= tolerance:
+        typer.echo(f"Error: the export differs from the PyTorch model by {result.max_abs_diff:.3g} > {tolerance:.3g} "
+                   f"(--atol {atol:g} + --rtol {rtol:g} x {result.output_max:.3g})", err=True)
+        sys.exit(1)

@@ -1,0 +1,178 @@
+"""Building the cost model (``cost_model.py``): one walk of the graph gives every node a size
+class, chosen among its candidate rules (``cost_rules.py``) by the two shape passes, and puts
+its fvcore FLOPs on the class they scale with. Package-internal."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from torch import fx
+
+from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom
+from .cost_rules import _TOKEN_KINDS, _check, _Class, _ClassTerm, _registry_rules, _ResizeTerm, _Rule, _token_rules
+from .cost_trace import _has_tensor, _is_shape_like, _shape_of, _shows, _spatial, _TensorInfo
+from .dynopool import DynOPool
+from .dynresize import DynResize
+from .errors import UnsupportedModelError
+from .flops import DYNRESIZE_FLOPS_PER_OUTPUT
+
+if TYPE_CHECKING:
+    from .cost_model import CostModel
+
+
+class _ClassBuilder:
+    """The classes, terms and constant of a cost model, built node by node."""
+
+    def __init__(self, owner: "CostModel", gm: fx.GraphModule, ref: dict, pert: dict, ref_strides, pert_strides,
+                 node_flops: dict[fx.Node, int]) -> None:
+        self.owner, self.gm, self.ref, self.pert, self.node_flops = owner, gm, ref, pert, node_flops
+        self.ref_strides = owner._clamp_all(ref_strides)
+        self.pert_strides = owner._clamp_all(pert_strides)
+        self.classes: list[_Class] = []
+        self.node_class: dict[fx.Node, _Class | None] = {}
+        self.sizes_ref: dict[int, tuple[int, int]] = {}
+        self.sizes_pert: dict[int, tuple[int, int]] = {}
+        self.terms: dict[int, _ClassTerm] = {}
+        self.opaque_terms: list[_Class] = []
+        self.resize_terms: list[_ResizeTerm] = []
+        self.fixed_cache: dict = {}
+        self.constant = 0.0
+        self.by_proportion = False  # set when a tensor follows a class by its element count only
+
+    def add_class(self, c: _Class, r: tuple[int, int], q: tuple[int, int]) -> _Class:
+        c.index = len(self.classes)
+        self.classes.append(c)
+        self.sizes_ref[c.index], self.sizes_pert[c.index] = r, q
+        return c
+
+    def area(self, c: _Class, sizes: dict[int, tuple[int, int]] | None = None) -> int:
+        h, w = (self.sizes_ref if sizes is None else sizes)[c.index]
+        return h * w
+
+    def run(self) -> "_ClassBuilder":
+        for n in self.gm.graph.nodes:
+            info_r = self.ref.get(n)
+            if n.op == "placeholder":
+                sp = _spatial(info_r)
+                self.node_class[n] = self.add_class(_Class("input", size=sp), sp, sp) if sp else None
+                continue
+            if n.op == "output":
+                continue
+            uniq = self._input_classes(n)
+            parent = uniq[0] if uniq else None
+            chosen = self._choose(n, self._rules(n, parent, uniq))
+            # shapes (x.shape, x.size(2), ...) carry their tensor's class too: F.interpolate(
+            # y, size=x.shape[-2:]) then follows x
+            self.node_class[n] = chosen.cls if _has_tensor(info_r) or _is_shape_like(info_r) else None
+            if chosen.kind == "inherit" and chosen.cls.kind != "const" and not _shows(info_r, self.sizes_ref[chosen.cls.index]):
+                self.by_proportion = True
+            self._attribute(n, chosen, parent, uniq)
+        return self
+
+    def _input_classes(self, n: fx.Node) -> list[_Class]:
+        """The classes of ``n``'s inputs, the largest spatial one (broadcasting) first, preferring growing ones."""
+        inputs = [self.node_class[a] for a in n.all_input_nodes if self.node_class.get(a) is not None]
+        inputs.sort(key=lambda c: (self.area(c, self.sizes_pert), self.area(c), c.kind != "const"), reverse=True)
+        uniq: list[_Class] = []
+        for c in inputs:
+            if c not in uniq:
+                uniq.append(c)
+        return uniq
+
+    def _rules(self, n: fx.Node, parent: _Class | None, uniq: list[_Class]) -> list[_Rule]:
+        """Candidate explanations of ``n``'s output size, in order of preference."""
+        rules: list[_Rule] = []
+        module = self.gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, DynOPool):
+            g = self.owner._group_of[id(module.stride)]
+            rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=module.multiple, base=module.base), "out"))
+        elif n.op in ("call_module", "call_function") and parent is not None:
+            rules += _registry_rules(n, self.gm, self.ref, parent)
+        probe_rule = None
+        if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
+            # a leaf we know nothing about (timm's ConvMlp or MobileViT block: data-dependent
+            # sizes inside): probe it, per input size
+            in_info = self.ref[n.all_input_nodes[0]] if n.all_input_nodes else None
+            if isinstance(in_info, _TensorInfo) and len(in_info.shape) == 4:
+                probe = _LeafProbe(module, in_info, self.gm)
+                probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
+        if probe_rule is not None and _plain_custom(module) and self.node_flops.get(n, 0):
+            rules.append(probe_rule)  # its FLOPs need not scale with its output size
+        rules += [_Rule("inherit", c, "in") for c in uniq]
+        if probe_rule is not None and probe_rule not in rules:
+            rules.append(probe_rule)
+        rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq, self.sizes_ref)
+        rules.append(_Rule("new", _Class("const"), "in"))
+        return rules
+
+    def _choose(self, n: fx.Node, rules: list[_Rule]) -> _Rule:
+        """The first rule both shape passes agree with (its new class added), or a loud refusal."""
+        info_r, info_p = self.ref.get(n), self.pert.get(n)
+        for rule in rules:
+            out = _check(rule, info_r, info_p, self.sizes_ref, self.sizes_pert, self.ref_strides, self.pert_strides)
+            if out is not None:
+                if rule.kind == "new":
+                    self.add_class(rule.cls, *out)
+                return rule
+        raise UnsupportedModelError(
+            f"the FLOPs budget does not support this model yet: its cost model cannot follow the size of "
+            f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
+            f"{_shape_of(info_r, others=True)} at the reference strides, "
+            f"{_shape_of(info_p, others=True)} at smaller strides (it follows spatial maps through "
+            f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
+            f"their attention maps; crops and other token counts are not modelled); "
+            f"convert and fine-tune without a budget"
+        )
+
+    def _attribute(self, n: fx.Node, chosen: _Rule, parent: _Class | None, uniq: list[_Class]) -> None:
+        """Put ``n``'s fvcore FLOPs on the class they scale with (or in the constant)."""
+        flops = self.node_flops.get(n, 0)
+        info_r = self.ref.get(n)
+        if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), DynResize) and isinstance(info_r, _TensorInfo):
+            # charged only where it resizes (the identity runs nothing): not one class's area
+            per_pixel = DYNRESIZE_FLOPS_PER_OUTPUT * math.prod(info_r.shape[:-2])
+            self.resize_terms.append(_ResizeTerm(chosen.cls, parent, float(per_pixel)))
+        elif chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
+            self.opaque_terms.append(chosen.cls)
+            self.constant -= chosen.cls.probe(*self.sizes_ref[parent.index])[1] - flops  # 0 if consistent
+        elif any(c.kind in _TOKEN_KINDS for c in [chosen.cls, *uniq]):
+            # the node's classes, or the square of its output's (attention inside one call)
+            square = _Class("pairs", chosen.cls)
+            square_sizes = square.predict(self.sizes_ref, self.ref_strides), square.predict(self.sizes_pert, self.pert_strides)
+            candidates = [(c, self.sizes_ref[c.index], self.sizes_pert[c.index]) for c in [chosen.cls, *uniq]]
+            on = self.owner._verified_flops_class(n, flops, [*candidates, (square, *square_sizes)])
+            if on is square:
+                self.add_class(square, *square_sizes)
+            if on is not None:
+                self._add_term(on, flops)
+        elif flops:
+            on = chosen.cls if chosen.flops_on == "out" or chosen.kind == "inherit" else parent
+            if on is None:
+                self.constant += flops
+                return
+            fixed = 0.0
+            if n in self.owner._mixed:  # e.g. timm's StdConv2d: conv (scales) + weight standardisation (fixed)
+                fixed = _fixed_part(self.gm, n, self.ref, flops, on_output=on is chosen.cls and chosen.kind != "inherit",
+                                    cache=self.fixed_cache)
+            self.constant += fixed
+            self._add_term(on, flops - fixed)
+
+    def _add_term(self, on: _Class, flops: float) -> None:
+        term = self.terms.setdefault(on.index, _ClassTerm(on))
+        term.coefficient += flops / self.area(on)
+
+    def attributed(self) -> float:
+        """The reference FLOPs the terms, probes and constant account for."""
+        total = self.constant + sum(t.coefficient * self.area(t.cls) for t in self.terms.values())
+        total += sum(t.flops(self.sizes_ref) for t in self.resize_terms)
+        return total + sum(c.probe(*self.sizes_ref[c.parent.index])[1] for c in self.opaque_terms)
+
+    def eval_classes(self, terms: list[_ClassTerm]) -> list[_Class]:
+        """The classes needed to evaluate the terms (ancestors included), in creation order."""
+        needed: set[int] = set()
+        for c0 in [t.cls for t in terms] + self.opaque_terms + [t.cls for t in self.resize_terms]:
+            c: Any = c0
+            while c is not None and c.index not in needed:
+                needed.add(c.index)
+                c = c.parent
+        return [c for c in self.classes if c.index in needed]

@@ -1,0 +1,199 @@
+"""fvcore probing for the cost model (``cost_model.py``): FLOPs per graph node at a stride
+setting, size-independent parts of module calls, and leaves run alone per input size.
+Package-internal."""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .cost_trace import _TensorInfo
+from .flops import _quiet, flop_analysis
+
+
+def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequence[int]) -> tuple[dict[fx.Node, int], int, set[fx.Node]]:
+    """fvcore FLOPs of each node at the reference strides, fvcore's total, and the module
+    calls that run several kinds of counted ops (their FLOPs may not all scale with size)."""
+    with flop_analysis(gm, input_size) as fa:
+        by_module = {k: int(v) for k, v in fa.by_module().items()}
+        by_op = fa.by_module_and_operator()
+    total = by_module.get("", 0)
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+    out: dict[fx.Node, int] = {}
+    mixed: set[fx.Node] = set()
+    inside = sum(v for k, v in by_module.items() if k and "." not in k)
+    for target, nodes in calls.items():
+        f = by_module.get(target, 0)
+        if not f:
+            continue
+        if len(nodes) == 1:
+            out[nodes[0]] = f
+        else:  # a module called several times: count each call on its own
+            for n in nodes:
+                out[n] = _isolated_flops(gm, n, ref)
+        if sum(1 for v in by_op.get(target, {}).values() if v) > 1:
+            mixed.update(nodes)
+    remainder = total - inside
+    if remainder > 0:  # ops at the top level of the graph (functional calls), heads last
+        for n in reversed(gm.graph.nodes):
+            if n.op == "call_function" and n.target in _NO_FLOPS_FUNCTIONS:
+                continue
+            if n.op == "call_method" and n.target in _NO_FLOPS_METHODS:
+                continue
+            if n.op in ("call_function", "call_method") and isinstance(ref.get(n), _TensorInfo):
+                f = _isolated_flops(gm, n, ref)
+                if f:
+                    out[n] = f
+                    remainder -= f
+                    if remainder <= 0:
+                        break
+    return out, total, mixed
+
+
+def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: int, on_output: bool,
+                cache: dict | None = None) -> float:
+    """The size-independent part ``a`` of a module call's FLOPs ``a + b * area``, from a second
+    isolated count with the spatial input 4 pixels larger on each axis (``cache``: by module
+    configuration and shapes, as FLOPs do not depend on weight values)."""
+    x = n.all_input_nodes[0] if len(n.all_input_nodes) == 1 else None
+    info = ref.get(x) if x is not None else None
+    out = ref.get(n)
+    if not (isinstance(info, _TensorInfo) and len(info.shape) == 4 and isinstance(out, _TensorInfo)):
+        return 0.0
+    module = gm.get_submodule(n.target)
+    key = (type(module), module.extra_repr(), info.shape, out.shape, flops, on_output)
+    if cache is not None and key in cache:
+        return cache[key]
+    big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
+    wrapper = _OneCall(module, (_SLOT,), {}, [])
+    wrapper.inner = module
+    f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype, device=_device(gm)),), gm)
+    shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, big.shape)
+    a1, a2 = shape1[-2] * shape1[-1], shape2[-2] * shape2[-1]
+    fixed = 0.0 if a1 == a2 else flops - (f2 - flops) / (a2 - a1) * a1
+    if cache is not None:
+        cache[key] = fixed
+    return fixed
+
+
+def _device(gm: nn.Module) -> torch.device:
+    param = next(gm.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _plain_custom(m: nn.Module) -> bool:
+    """A module class not derived from any torch.nn layer (timm's ``BatchNormAct2d`` or
+    ``StdConv2d`` are: their FLOPs follow their base layer's)."""
+    return not any(c.__module__.startswith("torch.nn") and c is not nn.Module for c in type(m).__mro__)
+
+
+def _is_torch_builtin(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.")
+
+
+class _LeafProbe:
+    """A leaf module run alone, per input size: (output (h, w), fvcore FLOPs), memoised.
+
+    For leaves whose output size no rule explains (data-dependent forwards that fx cannot
+    enter, such as timm's ``ConvMlp`` head). A new input size costs one small fvcore count
+    (milliseconds); sizes change rarely during training.
+    """
+
+    def __init__(self, module: nn.Module, in_info: _TensorInfo, gm: fx.GraphModule) -> None:
+        self.module, self.in_info, self.gm = module, in_info, gm
+        self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
+
+    def __call__(self, h: int, w: int) -> tuple[tuple[int, int], int]:
+        key = (max(1, h), max(1, w))
+        if key not in self.memo:
+            shape = (*self.in_info.shape[:-2], *key)
+            x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
+            wrapper = _OneCall(self.module, (_SLOT,), {}, [])
+            wrapper.inner = self.module
+            flops = _count_one(wrapper, (x,), self.gm)
+            out = wrapper.last_shape
+            self.memo[key] = ((out[-2], out[-1]) if len(out) == 4 else (1, 1), flops)
+        return self.memo[key]
+
+
+# top-level calls fvcore never counts (elementwise, activations, shape ops): skipped when
+# looking for the functional ops that carry FLOPs, only to save time
+_NO_FLOPS_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.getitem, operator.iadd,
+    getattr, torch.cat, torch.stack, torch.flatten, torch.add, torch.mul, torch.relu, torch.sigmoid,
+    torch.tanh, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.dropout, F.pad,
+}
+_NO_FLOPS_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "size", "chunk", "split",
+    "unsqueeze", "squeeze", "add", "mul", "sigmoid", "relu", "relu_", "add_", "mul_", "expand",
+}
+
+
+class _OneCall(nn.Module):
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, slots: list) -> None:
+        super().__init__()
+        self.fn, self.args_, self.kwargs_, self.slots = fn, args, kwargs, slots
+
+    def forward(self, *tensors: Tensor) -> Any:
+        values = iter(tensors)
+        args, kwargs = fx.node.map_aggregate((self.args_, self.kwargs_), lambda a: next(values) if a is _SLOT else a)
+        out = self.fn(*args, **kwargs)
+        if isinstance(out, Tensor):
+            self.last_shape = tuple(int(d) for d in out.shape)  # ints even while jit-traced
+        return out
+
+
+_SLOT = object()
+
+
+def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> int:
+    """fvcore's count of one node run alone on zero tensors of its recorded input shapes."""
+    tensors: list[Tensor] = []
+
+    def slot(a: fx.Node) -> Any:
+        info = ref.get(a)
+        if isinstance(info, _TensorInfo):
+            tensors.append(torch.zeros(info.shape, dtype=info.dtype, device=_device(gm)))
+            return _SLOT
+        return info
+
+    args = fx.node.map_arg(n.args, slot)
+    kwargs = fx.node.map_arg(n.kwargs, slot)
+    if n.op == "call_module":
+        fn: Callable = gm.get_submodule(n.target)
+    elif n.op == "call_method":
+        fn = _method_caller(n.target)
+    else:
+        fn = n.target
+    module = _OneCall(fn, args, kwargs, [])
+    if isinstance(fn, nn.Module):
+        module.inner = fn  # register so fvcore scopes it
+    return _count_one(module, tuple(tensors), gm)
+
+
+def _count_one(module: nn.Module, tensors: tuple, gm: fx.GraphModule) -> int:
+    from .flops import FlopCountAnalysis, _dynopool_as_one_op, set_handles
+
+    was_training = module.training
+    module.eval()
+    with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm):
+        fa = FlopCountAnalysis(module, tensors)
+        set_handles(fa)
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        total = int(fa.total())
+    module.train(was_training)
+    return total
+
+
+def _method_caller(name: str) -> Callable:
+    def call(self_, *args, **kwargs):
+        return getattr(self_, name)(*args, **kwargs)
+
+    return call

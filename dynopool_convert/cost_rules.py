@@ -1,0 +1,210 @@
+"""Size classes and the candidate rules that explain a node's output size (``cost_model.py``).
+
+A node's candidate rules come from the op registry (``op_registry.SPECS``: each op kind's size
+geometry), plus inheriting an input's class, token sequences and a fixed size; each is checked
+against the two shape passes. Package-internal.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import fx
+
+from .cost_trace import _flat, _inherits, _shape_of, _spatial, _TensorInfo
+from .dynopool import dynopool_output_size
+from .op_registry import Geometry, op_call, spec_for_node
+
+if TYPE_CHECKING:
+    from .cost_probe import _LeafProbe
+
+
+# --------------------------------------------------------------------------------------------
+# size classes
+
+
+@dataclass
+class _Class:
+    """One spatial size function; ``parent`` is None for the input and fixed sizes."""
+
+    kind: str  # input | const | dynopool | window | same | scale | opaque | tokens | pairs
+    parent: "_Class | None" = None
+    size: tuple[int, int] = (1, 1)  # const / input
+    group: int = -1  # dynopool: index into the group list
+    # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
+    # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w)
+    params: tuple = ()
+    index: int = -1
+    probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
+    base: tuple[float, float] = (1.0, 1.0)  # dynopool: output round(h * base / s) (DynResize)
+
+    def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
+        """Integer output size given the parent's integer size (``sizes`` by class index)."""
+        if self.kind in ("input", "const"):
+            return self.size
+        h, w = sizes[self.parent.index]
+        if self.kind == "dynopool":
+            s, m, b = strides[self.group], self.params or (1, 1), self.base
+            return dynopool_output_size(h, s[0] / b[0], m[0]), dynopool_output_size(w, s[1] / b[1], m[1])
+        if self.kind == "window":
+            return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
+        if self.kind == "same":
+            return max(1, -(-h // self.params[0])), max(1, -(-w // self.params[1]))
+        if self.kind == "scale":
+            return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
+        if self.kind == "opaque":
+            return self.probe(h, w)[0]
+        if self.kind == "tokens":
+            return h * w + self.params[0], 1
+        if self.kind == "pairs":
+            return h * w, h * w
+        raise AssertionError(self.kind)
+
+
+def _window_out(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """Output length of a conv/pool window op (``p`` is the total padding of the axis)."""
+    span = n + p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p // 2:  # PyTorch: the last window must start inside
+        out -= 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# candidate rules per node kind (a table, not an if/elif chain per caller)
+
+
+@dataclass
+class _Rule:
+    """A candidate explanation of a node's output size class."""
+
+    kind: str  # inherit | new
+    cls: _Class | None = None  # new: the class to create; inherit: the class to reuse
+    flops_on: str = "in"  # which class the node's FLOPs scale with: "in" or "out"
+
+
+def _keeps_size(wp: tuple) -> bool:
+    """A stride-1 window whose padding exactly offsets the kernel: output size = input size."""
+    return all(s == 1 and p == d * (k - 1) and not ceil for k, s, p, d, ceil in wp)
+
+
+def _registry_rules(n: fx.Node, gm: fx.GraphModule, ref: dict[fx.Node, Any], parent: _Class) -> list[_Rule]:
+    """Candidate rules from the op registry's geometry of ``n`` (none for an op it does not know)."""
+    spec = spec_for_node(n, gm)
+    if spec is None or spec.geometry is None:
+        return []
+
+    def value_of(a: fx.Node) -> Any:
+        info = ref.get(a)
+        return info.shape if isinstance(info, _TensorInfo) else info
+
+    return [r for g in spec.geometry(op_call(n, gm, value_of, spec)) if (r := _geometry_rule(g, parent)) is not None]
+
+
+def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
+    """The size class a registry geometry describes (None: it keeps the size, or is not static)."""
+    if g.kind == "fixed":
+        return _Rule("new", _Class("const"), g.flops_on)
+    if g.kind == "scale":
+        return _Rule("new", _Class("scale", parent, params=g.factor), g.flops_on)
+    if g.kind == "same":
+        return _Rule("new", _Class("same", parent, params=g.stride), g.flops_on)
+    if g.padding is None:
+        return None
+    wp = tuple((g.kernel[i], g.stride[i], g.padding[i], g.dilation[i], g.ceil) for i in range(2))
+    return None if _keeps_size(wp) else _Rule("new", _Class("window", parent, params=wp), g.flops_on)
+
+
+_TOKEN_KINDS = ("tokens", "pairs")
+
+
+def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref: dict[int, tuple[int, int]]) -> list[_Rule]:
+    """Token-sequence classes an output may start: ``h*w + e`` tokens of a parent class (class
+    or register tokens concatenated, ``e`` read off the one dim that changed between the two
+    passes; tokens sliced off: ``e < 0``) or ``(h*w)^2`` pairs (attention maps)."""
+    tensors_r = [v for v in _flat(info_r) if isinstance(v, _TensorInfo)]
+    tensors_p = [v for v in _flat(info_p) if isinstance(v, _TensorInfo)]
+    changed: list[int] = []
+    if tensors_r and tensors_p and len(tensors_r[0].shape) == len(tensors_p[0].shape):
+        changed = [d for d, (a, b) in enumerate(zip(tensors_r[0].shape, tensors_p[0].shape)) if a != b]
+    rules = []
+    for c in parents:
+        if len(changed) == 1:
+            h, w = sizes_ref[c.index]
+            extra = tensors_r[0].shape[changed[0]] - h * w
+            rules.append(_Rule("new", _Class("tokens", c, params=(extra,)), "out"))
+        rules.append(_Rule("new", _Class("pairs", c), "out"))
+    return rules
+
+
+#: derivatives of one size with respect to strides: {(group, axis): value}
+_Grad = dict[tuple[int, int], float]
+
+
+def _scaled_grad(d: _Grad, f: float) -> _Grad:
+    return {k: v * f for k, v in d.items()}
+
+
+def _combine(da: _Grad, fa: float, db: _Grad, fb: float) -> _Grad:
+    """``fa * da + fb * db``: the derivative of ``a * b`` is ``_combine(da, b, db, a)``."""
+    out = {k: v * fa for k, v in da.items()}
+    for k, v in db.items():
+        out[k] = out.get(k, 0.0) + v * fb
+    return out
+
+
+def _accumulate(grads: list[list[float]], d: _Grad) -> None:
+    for (g, axis), v in d.items():
+        grads[g][axis] += v
+
+
+@dataclass
+class _ClassTerm:
+    cls: _Class
+    coefficient: float = 0.0
+
+
+@dataclass
+class _ResizeTerm:
+    """A DynResize: ``per_pixel x h x w`` of its output class where that differs from its
+    input's size, 0 where it is the identity (as fvcore counts it, see flops.py)."""
+
+    cls: _Class
+    parent: _Class
+    per_pixel: float
+
+    def flops(self, sizes: dict[int, tuple[int, int]]) -> float:
+        h, w = sizes[self.cls.index]
+        return 0.0 if (h, w) == sizes[self.parent.index] else self.per_pixel * h * w
+
+
+@dataclass
+class _Evaluation:
+    flops: float
+    grads: list[tuple[float, float]] = field(default_factory=list)
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
+    """``None`` if ``rule`` contradicts an observation, else the new class's two sizes."""
+    if rule.kind == "inherit":
+        c = rule.cls
+        if _inherits(info_r, info_p, sizes_ref[c.index], sizes_pert[c.index]):
+            return ()
+        return None
+    c = rule.cls
+    if c.kind == "const":
+        if _shape_of(info_r) != _shape_of(info_p):
+            return None
+        sp = _spatial(info_r) or (1, 1)
+        c.size = sp
+        return sp, sp
+    r = c.predict(sizes_ref, strides_r)
+    p = c.predict(sizes_pert, strides_p)
+    if c.kind in _TOKEN_KINDS:
+        return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
+    if _spatial(info_r) != r or _spatial(info_p) != p:
+        return None
+    return r, p

@@ -1,0 +1,206 @@
+"""Export a frozen model to ONNX, TorchScript, ``torch.export`` (.pt2) or safetensors, and check it.
+
+``export(model, fmt, path, input_size)`` freezes the converted ``model`` at its reference input
+size, writes ``path`` and returns an ``ExportResult`` whose ``max_abs_diff`` is the largest
+difference between the written file, loaded back by its own runtime, and ``model`` itself
+(not the frozen copy) on random inputs at that size. What each format keeps: docs/EXPORT.md.
+
+- ``onnx``: ``torch.onnx.export(dynamo=True)`` at opset ``ONNX_OPSET``, one file, standard ops
+  only (the resizing sites are ``Resize`` + ``MaxPool``/``AveragePool``); checked in onnxruntime.
+- ``torchscript``: ``torch.jit.trace``; checked with ``torch.jit.load``.
+- ``pt2``: ``torch.export.export`` + ``torch.export.save``; checked with ``torch.export.load``.
+- ``safetensors``: the frozen model's state dict; checked by loading it into a frozen copy whose
+  tensors were overwritten.
+
+The batch dimension stays dynamic in the three graph formats; the spatial size is fixed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .convert import check_input_size
+from .errors import UserInputError
+from .files import atomic_write, check_output_path
+from .freeze import freeze, frozen_parts, reference_input_size
+
+__all__ = ["FORMATS", "ONNX_OPSET", "ExportResult", "check_format", "export", "export_frozen", "load_exported"]
+
+FORMATS = ("onnx", "torchscript", "pt2", "safetensors")
+#: ONNX opset of the exported files (Resize with half-pixel coordinates needs >= 11)
+ONNX_OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    """A written export and how far its output is from the converted PyTorch model."""
+
+    path: Path
+    format: str
+    input_size: tuple[int, int, int]
+    max_abs_diff: float
+    frozen_max_abs_diff: float
+    output_max: float  # largest |output| of the PyTorch model on the same inputs, for a relative reading
+    opset: int | None = None
+
+
+def _example(input_size: tuple[int, int, int], batch: int, seed: int, like: nn.Module) -> Tensor:
+    param = next(like.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' progress lines and tracer warnings stay off the user's terminal."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _batch_dynamic() -> tuple[dict[int, object]]:
+    return ({0: torch.export.Dim.AUTO},)
+
+
+def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+    torch.onnx.export(frozen, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET, external_data=False,
+                      dynamic_shapes=_batch_dynamic(), input_names=["input"], output_names=["output"], verbose=False)
+
+
+def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+    torch.jit.trace(frozen, example).save(str(tmp))
+
+
+def _write_pt2(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+    buffer = io.BytesIO()  # through a buffer: torch.export.save warns about a file not named *.pt2
+    torch.export.save(torch.export.export(frozen, (example,), dynamic_shapes=_batch_dynamic()), buffer)
+    tmp.write_bytes(buffer.getvalue())
+
+
+def _write_safetensors(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(frozen, str(tmp))
+
+
+_WRITERS: dict[str, Callable[[nn.Module, Tensor, Path], None]] = {
+    "onnx": _write_onnx, "torchscript": _write_torchscript, "pt2": _write_pt2, "safetensors": _write_safetensors,
+}
+
+
+def load_exported(fmt: str, path: str | Path, frozen: nn.Module | None = None) -> Callable[[Tensor], Tensor]:
+    """A function running the exported file in its own runtime (``safetensors`` needs ``frozen``,
+    the architecture its weights are loaded into: a copy with every tensor overwritten first)."""
+    path = str(path)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+    if fmt == "torchscript":
+        return torch.jit.load(path, map_location="cpu")
+    if fmt == "pt2":
+        return torch.export.load(path).module()
+    if fmt == "safetensors":
+        from safetensors.torch import load_model
+
+        if frozen is None:
+            raise ValueError("safetensors holds weights only: pass the frozen model to load them into")
+        blank = copy.deepcopy(frozen)
+        with torch.no_grad():  # what the file must bring back: the state dict (not the computed buffers)
+            for t in blank.state_dict().values():
+                t.fill_(float("nan") if t.is_floating_point() else 0)
+        load_model(blank, path)
+        return blank
+    raise ValueError(f"unknown export format {fmt!r}")
+
+
+def _max_diff(run: Callable[[Tensor], Tensor], reference: nn.Module, inputs: list[Tensor]) -> tuple[float, float]:
+    """Max abs difference of ``run`` from ``reference`` over ``inputs``, and max |reference output|."""
+    worst = scale = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            got, want = run(x), reference(x)
+            diff = float((got.float() - want.float()).abs().max())
+            worst = max(worst, diff if diff == diff else float("inf"))  # NaN: as far as it gets
+            scale = max(scale, float(want.float().abs().max()))
+    return worst, scale
+
+
+def _culprit(model: nn.Module, fmt: str, input_size: tuple[int, int, int]) -> str | None:
+    """The first frozen site that fails to export on its own, if one does."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (in_size, static) in frozen_parts(model, input_size).items():
+            x = torch.randn(2, 1, *in_size)  # one channel: a resize does not depend on the count
+            try:
+                with _quiet(), torch.no_grad():
+                    _WRITERS[fmt](static.eval(), x, Path(tmp) / "site")
+            except Exception as err:  # noqa: BLE001 - any exporter failure names this site
+                return f"site {name!r} ({type(static).__name__}) cannot be exported: {_one_line(err)}"
+    return None
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    return " ".join(str(err).split())[:limit]
+
+
+def check_format(fmt: str) -> None:
+    """UserInputError unless ``fmt`` is a format and the packages it needs are installed."""
+    if fmt not in FORMATS:
+        raise UserInputError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx":
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UserInputError(f"ONNX export needs {', '.join(missing)}: pip install 'dynopool[export]'")
+
+
+def export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> Path:
+    """Write the already frozen model ``frozen`` in format ``fmt`` to ``path`` (atomically)."""
+    check_format(fmt)
+    path = check_output_path(path, f"{fmt} export")
+    with _quiet(), torch.no_grad():
+        atomic_write(path, lambda tmp: _WRITERS[fmt](frozen, example, Path(tmp)))
+    return path
+
+
+def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[int] | None = None,
+           trials: int = 2, seed: int = 0) -> ExportResult:
+    """Freeze ``model`` at ``input_size`` (default: its reference size), write ``path`` in format
+    ``fmt``, load it back and compare with ``model`` on ``trials`` random batches of 2.
+
+    Raises ``UserInputError`` naming the site (or the exporter's message) when the format cannot
+    hold the model; the file is then not written.
+    """
+    check_format(fmt)
+    size = check_input_size(input_size) if input_size is not None else reference_input_size(model)
+    frozen = freeze(model, size)
+    example = _example(size, 2, seed, frozen)
+    try:
+        path = export_frozen(frozen, fmt, path, example)
+    except UserInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the exporters raise many types
+        site = _culprit(model, fmt, size)
+        why = site or f"{type(err).__name__}: {_one_line(err)}"
+        raise UserInputError(f"cannot export to {fmt}: {why}") from err
+    inputs = [_example(size, 3, seed + 1 + i, frozen) for i in range(trials)]  # another batch size than the example
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet():
+            diff, scale = _max_diff(load_exported(fmt, path, frozen), model, inputs)
+            frozen_diff, _ = _max_diff(frozen, model, inputs)
+    finally:
+        model.train(was_training)
+    return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None)

@@ -1,0 +1,89 @@
+"""Each tied group's output size at the reference input, and strides that give chosen sizes.
+
+Size jitter and the held-out size search both work in *pixels* (a group's output size), while
+the model learns *strides*. A group's sizes are read at its first site. A group's input size
+depends on the groups before it, so sizes are measured by running the model once (batch 1) and
+the strides for wanted sizes are found by a few such runs (one per dependent stage at most).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..dynopool import DynOPool, dynopool_modules, scale_parameters
+
+__all__ = ["GroupGeometry"]
+
+Pair = tuple[int, int]
+
+
+class GroupGeometry:
+    """Sizes and strides of the tied groups of a converted ``model`` at ``input_size``."""
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
+        self.model = model
+        self.input_size = tuple(int(v) for v in input_size)
+        self.params: list[nn.Parameter] = scale_parameters(model)
+        first: dict[int, DynOPool] = {}
+        for _, m in dynopool_modules(model):
+            first.setdefault(id(m.stride), m)
+        self.sites = [first[id(p)] for p in self.params]
+        self.bounds = [(1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0]) for m in self.sites]
+
+    def measure(self) -> tuple[list[Pair], list[Pair]]:
+        """Input and output size of every group's first site at the current strides."""
+        seen: dict[int, tuple[Pair, Pair]] = {}
+
+        def record(mod, args, out):
+            seen.setdefault(id(mod), (tuple(args[0].shape[-2:]), tuple(out.shape[-2:])))
+
+        hooks = [m.register_forward_hook(record) for m in self.sites]
+        was = self.model.training
+        ref = next(iter(self.model.parameters()), None)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, *self.input_size, device=ref.device if ref is not None else "cpu"))
+        finally:
+            self.model.train(was)
+            for h in hooks:
+                h.remove()
+        pairs = [seen.get(id(m), ((1, 1), (1, 1))) for m in self.sites]
+        return [tuple(int(v) for v in p[0]) for p in pairs], [tuple(int(v) for v in p[1]) for p in pairs]
+
+    def strides(self) -> list[tuple[float, float]]:
+        """Current strides, one ``(s_h, s_w)`` per group (one device-to-host copy)."""
+        if not self.params:
+            return []
+        values = torch.stack([p.detach().reshape(2).float() for p in self.params]).cpu().tolist()
+        return [(a, b) for a, b in values]
+
+    def set_strides(self, strides: Sequence[Sequence[float]]) -> None:
+        """Write ``strides`` into the groups' parameters (in place, no autograd)."""
+        with torch.no_grad():
+            for p, s in zip(self.params, strides):
+                p.copy_(torch.tensor([float(s[0]), float(s[1])], dtype=p.dtype, device=p.device).reshape(p.shape))
+
+    def sizes_at(self, strides: Sequence[Sequence[float]]) -> list[Pair]:
+        """Output sizes at ``strides`` (the current strides are restored)."""
+        saved = self.strides()
+        self.set_strides(strides)
+        try:
+            return self.measure()[1]
+        finally:
+            self.set_strides(saved)
+
+    def set_sizes(self, sizes: Sequence[Pair]) -> bool:
+        """Set strides that give ``sizes`` (``H / H'`` per axis, the input sizes following the
+        groups before); True when every group reached its size (bounds and multiples permitting)."""
+        sizes = [tuple(s) for s in sizes]
+        for _ in range(len(self.params) + 1):
+            ins, outs = self.measure()
+            if outs == sizes:
+                return True
+            strides = [(min(max(ih / max(oh, 1), lo), hi), min(max(iw / max(ow, 1), lo), hi))
+                       for (ih, iw), (oh, ow), (lo, hi) in zip(ins, sizes, self.bounds)]
+            self.set_strides(strides)
+        return self.measure()[1] == sizes

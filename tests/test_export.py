@@ -1,0 +1,216 @@
+"""Freezing the learned sizes and exporting (dynopool_convert.freeze / .export, ``dynopool export``)."""
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynopool_convert as dc
+from _convert_models import TinyNet
+from _export_models import ExportNet
+from dynopool_convert import DynOPool, UserInputError, convert, freeze, scale_parameters
+from dynopool_convert.export import FORMATS, ONNX_OPSET, export
+from dynopool_convert.flops import count_flops
+from dynopool_convert.frozen import FrozenAdaptiveAvg, FrozenResample, frozen_adaptive_avg
+from dynopool_convert.freeze import frozen_parts
+from dynopool_cli.app import main
+
+SIZE = (3, 32, 32)
+
+
+def _moved(width: int = 32, factor: float = 1.15) -> nn.Module:
+    """ExportNet converted at 32x32 with every learned stride moved by ``factor``."""
+    model = convert(ExportNet(width), input_size=SIZE).model.eval()
+    with torch.no_grad():
+        for p in scale_parameters(model):
+            p.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module")
+def moved() -> nn.Module:
+    return _moved()
+
+
+def _plain_fvcore(model: nn.Module, x: torch.Tensor) -> float:
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fa = FlopCountAnalysis(model, x)
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return fa.total()
+
+
+@pytest.mark.parametrize("stride, aggregate, multiple, size", [
+    (2.0, "max", 1, (16, 16)), (2.0, "mean", 1, (12, 20)), (1.7, "max", 1, (15, 16)), (2.6, "mean", 1, (30, 22)),
+    (0.5, "mean", 1, (7, 9)), (1.2, "max", (4, 2), (30, 30)), ((1.4, 3.1), "max", 1, (17, 40)),
+])
+def test_frozen_site_computes_dynopool_at_its_input_size(stride, aggregate, multiple, size):
+    pool = DynOPool(stride, aggregate=aggregate, multiple=multiple)
+    static = pool.frozen(size)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want, got = pool(x), static(x)
+    assert got.shape == want.shape and tuple(got.shape[-2:]) == pool.output_size(size)
+    if size[0] == 2 * got.shape[-2] and size[1] == 2 * got.shape[-1]:  # an exact 2x: the standard op, bit-exact
+        assert isinstance(static, nn.MaxPool2d if aggregate == "max" else nn.AvgPool2d)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert isinstance(static, FrozenResample) and not list(static.parameters())
+        # float rounding of the read positions only: DynOPool's cell H / H' comes out of the
+        # straight-through sum in float32, a few ulps from interpolate's own H / 2H'
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("in_size, out_size, kind", [
+    ((6, 6), (6, 6), nn.Identity), ((8, 12), (4, 3), nn.AvgPool2d), ((6, 7), (4, 4), FrozenAdaptiveAvg), ((3, 5), (4, 4), FrozenAdaptiveAvg),
+])
+def test_frozen_adaptive_avg_is_the_adaptive_pool(in_size, out_size, kind):
+    static = frozen_adaptive_avg(in_size, out_size)
+    x = torch.randn(2, 3, *in_size)
+    assert isinstance(static, kind)
+    torch.testing.assert_close(static(x), F.adaptive_avg_pool2d(x, out_size), rtol=0, atol=1e-6)
+
+
+def test_freeze_at_init_is_standard_pools_only_and_exact():
+    model = convert(TinyNet(), input_size=SIZE).model.eval()
+    frozen = freeze(model)
+    assert not any(isinstance(m, DynOPool) for m in frozen.modules())
+    kinds = {type(static).__name__ for _, static in frozen_parts(model).values()}
+    assert kinds == {"MaxPool2d", "AvgPool2d", "FrozenResample"}  # the 2x upsampling site is the one resize
+    assert {n for n, _ in frozen.named_parameters()} == {n for n, _ in model.named_parameters() if not n.endswith(".stride")}
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=0, atol=1e-6)
+    assert model.training is False and any(isinstance(m, DynOPool) for m in model.modules())  # left untouched
+
+
+def test_freeze_keeps_the_tied_group_the_pin_and_the_patchify_site(moved):
+    parts = frozen_parts(moved)
+    (stem_in, stem), (conv_in, conv), (short_in, short) = (parts[f"{n}_dynopool"] for n in ("stem", "conv", "shortcut"))
+    assert isinstance(stem, FrozenResample) and stem.aggregate == "mean" and stem_in == (32, 32)
+    assert all(v % 2 == 0 for v in stem.out_size)  # the patchify site keeps a multiple of the 2x2 patch
+    assert conv_in == short_in and conv.out_size == short.out_size != (7, 7)  # the tied branches stay equal
+    pin_in, pin = parts["pool_pin"]
+    assert pin_in == (conv.out_size[0], conv.out_size[1]) and isinstance(pin, FrozenAdaptiveAvg)
+    frozen = freeze(moved)
+    assert not [n for n, _ in frozen.named_parameters() if n.endswith("stride")]
+    x = torch.randn(3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), moved(x), rtol=0, atol=1e-5)
+
+
+def test_live_model_traces_and_plain_fvcore_counts_it_and_the_frozen_one(tmp_path):
+    model = _moved(width=128)  # convolutions dominate, as in real models: resizes are counted differently
+    x = torch.randn(1, *SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, x).save(str(tmp_path / "live.ts"))  # standard ops only: it serialises
+        traced = torch.jit.load(str(tmp_path / "live.ts"))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+    reported = count_flops(model, SIZE)  # what 'dynopool report' prints as the current FLOPs
+    live, frozen = _plain_fvcore(model, x), _plain_fvcore(freeze(model), x)
+    assert abs(live - reported) <= 0.01 * reported and abs(frozen - reported) <= 0.01 * reported, (live, frozen, reported)
+    assert model.get_submodule("conv_dynopool").stride.requires_grad  # tracing changed nothing
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_each_format_loads_back_and_matches(moved, fmt, tmp_path):
+    if fmt == "onnx":  # the optional extra '[export]' (installed by .ci/run)
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    result = export(moved, fmt, tmp_path / f"model.{fmt}")
+    assert result.path.is_file() and result.input_size == SIZE
+    assert result.max_abs_diff < 1e-5 and result.frozen_max_abs_diff < 1e-5
+    if fmt == "onnx":
+        import onnx
+
+        proto = onnx.load(str(result.path))
+        ops = {n.op_type for n in proto.graph.node}
+        assert {"Resize", "MaxPool", "Conv"} <= ops and {d.version for d in proto.opset_import if d.domain in ("", "ai.onnx")} == {ONNX_OPSET}
+        assert all(d.domain in ("", "ai.onnx") for d in proto.opset_import if d.version)  # standard ops only
+        assert not [n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
+
+
+class _Numpy(nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(x.detach().numpy()[..., ::2, ::2].copy())
+
+
+class _OpaqueSite(nn.Module):
+    """A learnable site whose static form cannot be traced (it leaves torch for numpy)."""
+
+    def frozen(self, in_size):
+        return _Numpy()
+
+    def forward(self, x):
+        return x[..., ::2, ::2]
+
+
+def test_export_refuses_naming_the_site(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _OpaqueSite(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(UserInputError, match=r"cannot export to pt2: site '1' \(_Numpy\) cannot be exported"):
+        export(model, "pt2", tmp_path / "m.pt2", SIZE)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(UserInputError, match="reference input size"):
+        freeze(model)  # a plain module does not record its reference size
+
+
+class _DeadBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.unused = DynOPool(2.0)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_freeze_refuses_a_site_that_does_not_run():
+    model = _DeadBranch()
+    with pytest.raises(UserInputError, match="cannot freeze site 'unused': it does not run"):
+        freeze(model, SIZE)
+
+
+def test_cli_exports_a_checkpoint_and_prints_the_difference(tmp_path, capsys):
+    source = "_export_models:export_net"
+    result = convert(dc.build_model(source, {}), input_size=SIZE)
+    with torch.no_grad():
+        for p in scale_parameters(result.model):
+            p.mul_(random.Random(0).uniform(0.8, 1.3))
+    ckpt = dc.save(tmp_path / "net.pt", result.model, result.plan, source, {}, SIZE)
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "net.ts"), "--trust-source"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 0, err
+    assert "input N x 3 x 32 x 32" in out and "max abs difference from the PyTorch model at 32x32" in out
+    diff = float(out.split("at 32x32: ")[1].split()[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated
+        assert diff < 1e-5 and torch.jit.load(str(tmp_path / "net.ts"))(torch.randn(2, *SIZE)).shape == (2, 5)
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "x.onnx")])  # untrusted source
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and err.count("\n") == 1 and "--trust-source" in err
+
+
+def test_the_check_sees_wrong_weights_and_nan(moved, tmp_path):
+    from safetensors.torch import save_model
+
+    from dynopool_convert.export import _max_diff, load_exported
+
+    frozen = freeze(moved)
+    x = [torch.randn(2, *SIZE)]
+    save_model(frozen, str(tmp_path / "ok.safetensors"))
+    assert _max_diff(load_exported("safetensors", tmp_path / "ok.safetensors", frozen), moved, x)[0] < 1e-5
+    with torch.no_grad():
+        frozen.get_submodule("fc").weight.mul_(2.0)
+    save_model(frozen, str(tmp_path / "bad.safetensors"))
+    assert _max_diff(load_exported("safetensors", tmp_path / "bad.safetensors", frozen), moved, x)[0] > 1e-2
+    assert _max_diff(lambda t: torch.full((2, 5), float("nan")), moved, x)[0] == float("inf")

@@ -1,0 +1,171 @@
+"""The size schedule of fine-tuning: group sizes, jitter, the held-out search, and the trainer's use of them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dynopool_convert import convert
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.training import finetune
+from dynopool_convert.training.group_sizes import GroupGeometry
+from dynopool_convert.training.size_jitter import SizeJitter
+from dynopool_convert.training.size_search import search_sizes
+from dynopool_convert.training.upstream import count_flops, load_checkpoint, save_checkpoint
+from dynopool_convert.training.zoo import small_cnn
+
+SIZE = (1, 28, 28)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+
+
+@pytest.fixture()
+def converted() -> nn.Module:
+    return convert(_net(), input_size=SIZE, input_site=True).model
+
+
+def test_input_site_is_a_group_at_stride_one(converted):
+    geo = GroupGeometry(converted, SIZE)
+    assert geo.strides() == [(1.0, 1.0), (2.0, 2.0), (2.0, 2.0)]
+    assert geo.measure() == ([(28, 28), (28, 28), (14, 14)], [(28, 28), (14, 14), (7, 7)])
+
+
+def test_set_sizes_follows_the_groups_before(converted):
+    geo = GroupGeometry(converted, SIZE)
+    assert geo.set_sizes([(20, 24), (9, 13), (5, 4)])
+    assert geo.measure()[1] == [(20, 24), (9, 13), (5, 4)]
+    assert not geo.set_sizes([(60, 60), (9, 13), (5, 4)])  # r would exceed its bound of 2
+
+
+def test_jitter_moves_sizes_within_pixels_and_restores_strides(converted):
+    geo = GroupGeometry(converted, SIZE)
+    jitter = SizeJitter(geo, pixels=1, seed=0)
+    before = [p.detach().clone() for p in geo.params]
+    base = geo.measure()[1]
+    moved = set()
+    for step in range(20):
+        with jitter.step(step):
+            sizes = geo.measure()[1]
+        moved.add(tuple(sizes))
+        # the input site moves by at most one pixel per axis (later groups follow the earlier ones)
+        assert all(abs(a - b) <= 1 for a, b in zip(sizes[0], base[0]))
+        assert all(torch.equal(p, q) for p, q in zip(geo.params, before))
+    assert len(moved) > 3
+
+
+def test_jitter_draws_depend_on_the_step_only(converted):
+    geo = GroupGeometry(converted, SIZE)
+    seen = []
+    for _ in range(2):
+        jitter = SizeJitter(geo, pixels=2, seed=5)
+        with jitter.step(7):
+            seen.append(geo.measure()[1])
+    assert seen[0] == seen[1]
+
+
+def test_search_finds_the_best_allocation_within_budget(converted):
+    geo = GroupGeometry(converted, SIZE)
+    cost = CostModel(converted, SIZE)
+    budget = int(cost.flops(geo.strides()))
+    target = [(24, 28), (16, 12), (8, 6)]  # a held-out score that peaks here, if affordable
+
+    noise = torch.randn(400, generator=torch.Generator().manual_seed(0))
+
+    def evaluate():  # per-image losses that grow with the distance to the target, plus per-image noise
+        sizes = geo.measure()[1]
+        distance = float(sum(abs(a - b) for s, t in zip(sizes, target) for a, b in zip(s, t)))
+        return distance + 0.5 * noise, torch.ones(400)
+
+    res = search_sizes(geo, cost.flops, budget, evaluate, geo.strides(), rounds=30, trades=40, seed=0)
+    assert res.flops <= budget and int(cost.flops(geo.strides())) == res.flops
+    assert geo.measure()[1] == res.sizes  # the model is left at the chosen sizes
+    assert res.loss < 8.0 - 1.0  # started 8 pixels away from the target
+    assert all(e["flops"] <= budget for e in res.evaluated)
+    assert count_flops(converted, SIZE) <= budget
+
+
+def test_search_keeps_the_initial_allocation_without_evidence(converted):
+    geo = GroupGeometry(converted, SIZE)
+    cost = CostModel(converted, SIZE)
+    initial = geo.strides()
+    budget = int(cost.flops(initial))
+    gen = torch.Generator().manual_seed(1)
+
+    def evaluate():  # pure noise: no allocation is really better
+        return torch.rand(300, generator=gen), torch.ones(300)
+
+    others = {"learned": [(1.2, 1.0), (2.5, 2.0), (2.0, 2.0)]}
+    res = search_sizes(geo, cost.flops, budget, evaluate, initial, others, rounds=4, seed=0)
+    assert res.start == "initial" and res.sizes == [(28, 28), (14, 14), (7, 7)]
+    assert len(res.evaluated) > 10  # it did look
+
+
+def test_paired_z_sees_a_consistent_small_gain():
+    from dynopool_convert.training.size_search import paired_z
+
+    base = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3
+    assert paired_z(base - 0.05, base) > 10  # the same images, every one a bit better
+    assert paired_z(base + 0.05, base) < -10
+    assert abs(paired_z(base, base)) == 0.0
+
+
+def test_finetune_searches_then_holds_the_sizes(tmp_path):
+    torch.manual_seed(0)
+    build = {"num_classes": 4, "in_chans": 3, "width": 4}
+    size = (3, 16, 16)
+    result = convert(small_cnn(**build), input_size=size)
+    budget = int(0.9 * count_flops(result.model, size))
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
+                    input_size=size, budget=budget)
+    out = tmp_path / "run"
+    res = finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
+        "steps": 10, "batch_size": 10, "scale_lr": 0.05, "device": "cpu", "log_every": 1}})
+    assert res.completed and res.steps == 10
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["kind"] == "search"]
+    assert len(search) == 1 and search[0]["step"] == 7 and search[0]["flops"] <= budget
+    # settled: every step after the search trains at the searched strides
+    after = [r["r"] for r in rows if r["kind"] == "step" and r["step"] > 7]
+    expected = [[round(1.0 / v, 6) for v in s] for s in search[0]["strides"]]
+    assert after and all(r == expected for r in after)
+    # 10 of the 100 training images were held out: 90 // 10 = 9 steps per epoch
+    assert [r["step"] for r in rows if r["kind"] == "epoch"][0] == 9
+    saved = load_checkpoint(out / "last.pt", trust_source=True)
+    assert count_flops(saved.model, size) <= budget
+    assert saved.training["sizes"]["result"]["sizes"] == search[0]["sizes"]
+
+
+def test_budget_fit_lowers_the_input_resolution_alone_first():
+    from dynopool_convert.budget import fit_to_budget
+
+    model = convert(_net(), input_size=SIZE, input_site=True).model
+    full = count_flops(model, SIZE)
+    fit = fit_to_budget(model, full // 2, SIZE)
+    assert fit.method == "input" and fit.final_flops <= full // 2
+    sizes = GroupGeometry(model, SIZE).measure()[1]
+    h = sizes[0][0]
+    assert h < 28 and sizes[1:] == [(round(h / 2), round(h / 2)), (round(round(h / 2) / 2),) * 2]
+    # every other group kept its stride
+    assert [tuple(p.detach().tolist()) for p in GroupGeometry(model, SIZE).params[1:]] == [(2.0, 2.0), (2.0, 2.0)]
+
+
+def test_search_starts_include_each_group_shrunk_alone(converted):
+    from dynopool_convert.training.size_control import SizeControl
+
+    cost = CostModel(converted, SIZE)
+    full = int(cost.flops(GroupGeometry(converted, SIZE).strides()))
+    control = SizeControl(converted, SIZE, jitter=0, search=True, settle=0.3, total_steps=10, seed=0)
+    starts = control._one_group_fits(cost.flops, full * 2 // 3)
+    assert set(starts) == {"only group 0 shrunk", "only group 1 shrunk"}  # the last group alone cannot get there
+    for strides in starts.values():
+        assert cost.flops(strides) <= full * 2 // 3
