@@ -103,7 +103,9 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
         handler = handler_for(cand.handler)
         old_target = node.target if node.op == "call_module" else None
         if (site.placement or placement) == "exact":
-            paths[site.name] = _insert_resize(gm, node, site.name, DynResize(
+            # the input site's module keeps the site's own name (budget.py finds it there)
+            wanted = site.name if cand.handler == "input_site" else f"{site.name}_dynopool"
+            paths[site.name] = _insert_resize(gm, node, wanted, DynResize(
                 params[site.group], base=stride_init[site.group], r_bounds=bounds[site.group], group=site.group,
                 multiple=multiples[site.group]))
             continue
@@ -129,9 +131,10 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
     return gm
 
 
-def _insert_resize(gm: fx.GraphModule, node: fx.Node, site_name: str, resize: DynResize) -> str:
-    """Placement ``exact``: the op stays as it is, ``resize`` goes in front of its first input."""
-    path = _free_path(gm, f"{site_name}_dynopool", node)
+def _insert_resize(gm: fx.GraphModule, node: fx.Node, wanted: str, resize: DynResize) -> str:
+    """Placement ``exact``: the op stays as it is, ``resize`` goes in front of its first input
+    (at module path ``wanted``, or a free variant of it)."""
+    path = _free_path(gm, wanted, node)
     gm.add_submodule(path, resize)
     with gm.graph.inserting_before(node):
         resized = gm.graph.call_module(path, (node.args[0] if node.args else node.kwargs["input"],))

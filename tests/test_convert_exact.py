@@ -119,3 +119,21 @@ def test_pools_under_exact_keep_their_op():
     assert [name for name, _ in dc.dynopool_modules(gm)] == ["maxpool_dynopool"]
     assert check_exact(model, (3, 32, 32), result).rel_diff == 0.0
 
+
+
+def test_input_site_under_exact_is_the_identity_and_the_budget_lowers_it_alone():
+    """``input_site=True`` with placement exact: a DynResize at stride 1 named ``input_resize``
+    (the identity at init), which the budget fit lowers alone first (method ``input``), as it
+    does the DynOPool input site."""
+    torch.manual_seed(0)
+    model = dc.build_model("timm:resnet18", {"num_classes": 3}).eval()
+    size = (3, 32, 32)
+    result = dc.convert(model, size, placement="exact", input_site=True)
+    site = dict(dc.dynopool_modules(result.model))["input_resize"]
+    assert isinstance(site, DynResize) and site.base == (1.0, 1.0) and site.stride_init == (1.0, 1.0)
+    assert check_exact(model, size, result).rel_diff == 0.0
+    original = dc.count_flops(model, size)
+    fit = dc.fit_to_budget(result.model, int(original * 0.6), size)
+    assert fit.method == "input" and fit.final_flops <= original * 0.6
+    assert CostModel(result.model, size).flops() == fit.final_flops
+    assert site.output_size((32, 32))[0] < 32
