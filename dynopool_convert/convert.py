@@ -355,7 +355,8 @@ def convert(
             ``"kind:pool"``, ``"kind:interpolate"`` on site kinds.
         validate: run the converted model at moved strides and revert groups that break.
         input_site: put a learnable input resolution in front of the model (site
-            ``input_resize``: DynOPool(mean) starting at stride 1), so that shrinking the input
+            ``input_resize``: DynOPool(mean) starting at stride 1; under ``exact`` a DynResize,
+            the identity at init), so that shrinking the input
             is one of the allocations the budget and the size search can choose.
 
     Returns a ``ConversionResult`` whose ``model`` holds one DynOPool per converted site (tied

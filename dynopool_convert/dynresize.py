@@ -152,13 +152,8 @@ class DynResize(DynOPool):
         out = self.output_size(tuple(in_size))
         return nn.Identity() if tuple(out) == tuple(in_size) else FrozenResize(out)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple, self.host_stride())
-        self.last_sizes = (tuple(x.shape[-2:]), tuple(y.shape[-2:]))  # for size statistics (trainer)
-        return y
+    def _resize(self, x: Tensor) -> Tensor:
+        return dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple, self.host_stride())
 
-    def extra_repr(self) -> str:
-        s_h, s_w = self.stride_value
-        group = "" if self.group is None else f", group={self.group}"
-        multiple = "" if self.multiple == (1, 1) else f", multiple={self.multiple}"
-        return f"stride=({s_h:.4g}, {s_w:.4g}), base=({self.base[0]:.4g}, {self.base[1]:.4g}){group}{multiple}"
+    def _repr_detail(self) -> str:
+        return f"base=({self.base[0]:.4g}, {self.base[1]:.4g})"
