@@ -14,17 +14,31 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: what each method of learning_study.py is (its flags switch parts of the default off or on)
+WHAT = {
+    "fixed": "the network as is",
+    "lowres": "the network on a lower input resolution",
+    "dyn-paper": "paper: gradient strides, ceiling penalty",
+    "dyn": "input site + jitter 1 px + gradient + search",
+    "dyn:noinput": "jitter 1 px + gradient + search",
+    "dyn:frozen": "input site + jitter 1 px + search",
+    "dyn:nojitter": "input site + gradient + search",
+    "dyn:frozen:nojitter": "**default**: input site + search",
+    "dyn:frozen:nojitter:nosearch": "input site, budget fit only",
+}
+
+
 def methods_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["budget"], r["method"]), []).append(r)
-    out = ["| data | budget | method | test accuracy % (mean ± std) | seeds | FLOPs (mean) | sizes after each site (seed 0) |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| data | budget | method | what | test accuracy % (mean ± std) | seeds | FLOPs (mean) | sizes after each site (seed 0) |",
+           "|---|---|---|---|---|---|---|---|"]
     for (variant, budget, method), runs in groups.items():
         accs = [100 * r["accuracy"] for r in runs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         sizes = " → ".join(f"{h}×{w}" for h, w in runs[0]["sizes"]) or f"input {runs[0]['input']}²"
-        out.append(f"| {variant} | {budget / 1e6:.2f}M | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+        out.append(f"| {variant} | {budget / 1e6:.2f}M | `{method}` | {WHAT.get(method, '')} | {statistics.mean(accs):.2f} ± {std:.2f} | "
                    f"{len(runs)} | {statistics.mean(r['flops'] for r in runs) / 1e6:.3f}M | {sizes} |")
     return "\n".join(out)
 

@@ -21,8 +21,8 @@ from .errors import UserInputError
 from .group_ids import group_ids
 from .flops import count_flops, format_flops
 
-__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "check_reachable", "BUDGET_FORMS",
-           "BudgetFit", "BudgetProjection"]
+__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "check_reachable", "BUDGET_FORMS", "BudgetFit",
+           "BudgetProjection"]
 
 #: The accepted forms, as shown in every error message.
 BUDGET_FORMS = "a positive number of FLOPs with an optional k/M/G/T unit and 'FLOPs' suffix, e.g. 4G, 4.1G, 500M, 750k, 4.1e9, 3000000, 4GFLOPs"
@@ -262,16 +262,6 @@ def _raise_impossible(model, budget, input_size, params, base, lowest) -> None:
     )
 
 
-def check_reachable(model: nn.Module, budget: int, input_size: Sequence[int], cost: CostModel) -> None:
-    """Raise ``UserInputError`` (as ``fit_to_budget`` would) when even every stride at its upper
-    bound does not fit ``budget``: a run that cannot end within it is refused before it starts."""
-    bounds = cost.bounds
-    lowest = [(hi, hi) for _, hi in bounds]
-    if cost.flops(lowest) > budget:
-        base = cost.clamp(cost.current_strides())
-        _raise_impossible(model, int(budget), tuple(input_size), cost.parameters, base, lowest)
-
-
 def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel) -> dict:
     """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
     params = cost.parameters
@@ -289,7 +279,9 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
             result.update(method="none", group_factors=[1.0] * len(base), final_flops=final,
                           strides=[list(s) for s in base], fvcore_checks=1)
             return result
-    check_reachable(model, budget, input_size, cost)
+    lowest = [(hi, hi) for _, hi in bounds]
+    if cost.flops(lowest) > budget:
+        _raise_impossible(model, budget, input_size, params, base, lowest)
     # below f_min every stride sits at its upper bound: the cost is the minimum there
     f_min = min(1.0, min(min(s_h, s_w) / hi for (s_h, s_w), (_, hi) in zip(base, bounds)))
     floor = 0.5 * f_min
@@ -321,6 +313,15 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
         factor = _largest_fitting_factor(cost, base, bounds, cost.flops(strides) - 1, floor, factor)
     result.update(factor=factor, method=method, group_factors=factors, final_flops=final, strides=[list(s) for s in strides], fvcore_checks=checks)
     return result
+
+
+def check_reachable(model: nn.Module, budget: int, input_size: Sequence[int], cost_model: CostModel) -> None:
+    """UserInputError (with the minimum achievable FLOPs) when ``budget`` cannot be met even with
+    every scale factor at its lower bound; checked before fine-tuning starts."""
+    lowest = [(hi, hi) for _, hi in cost_model.bounds]
+    if cost_model.flops(lowest) > budget:
+        base = cost_model.clamp(cost_model.current_strides())
+        _raise_impossible(model, int(budget), tuple(input_size), cost_model.parameters, base, lowest)
 
 
 def fit_to_budget(

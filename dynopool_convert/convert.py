@@ -228,8 +228,9 @@ def _revert(plan: Plan, gid: int, reason: str, status: str = "reverted") -> None
 def _pin_pass(analysis: Analysis, plan: Plan) -> None:
     """Settle the groups deepest first, each moved on its own with the groups after it settled.
 
-    A group whose one-pixel moves break the forward first tries output sizes rounded to a
-    multiple (the divisors of its reference size, smallest first: window and block sizes);
+    A group whose per-axis moves (``moves.axis_moves``) break the forward first tries output
+    sizes rounded to a multiple (the divisors of its reference size, smallest first: window and
+    block sizes);
     when none works it is pinned: its sites keep their ops behind an adaptive
     pool to their reference input size, so the layers after it see fixed shapes (windowed or
     relative-position attention, fixed token counts) and the groups before it can still move.

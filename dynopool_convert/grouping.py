@@ -3,40 +3,33 @@
 One union-find object, built once from the shape-annotated graph and queried by everyone
 (rewrite, validation, cost model, report). Every tensor carries the *origin* of its spatial
 size: the site that last resized it on its way from the input, traced through size-preserving
-ops. Where an elementwise op or a concat joins two spatial operands of different origins, those
-sites must keep equal output sizes and share one stride. Broadcast operands (a 1x1 map such as
-squeeze-excitation's gate) do not tie.
+ops, tuples (``split``, a leaf module's outputs) and ``getitem``. Where a node joins spatial
+operands of different origins (``joins.joined_operands``: elementwise ops and methods, ``cat`` and
+``stack`` of a list, ``expand_as``, ``einsum``/``matmul`` over spatial axes, leaf modules with
+several maps), those sites must keep equal output sizes and share one stride. Broadcast operands
+(a 1x1 map such as squeeze-excitation's gate) do not tie.
 """
 from __future__ import annotations
 
-import operator
-from typing import Any, Iterable
+from typing import Iterable
 
-import torch
 from torch import fx
 
-from ._helpers import node_hw
+from .joins import joined_operands, origin_source, spatial as _spatial
 from .pos_embed import resample_pos_embed
 from .sites import Candidate
 
-__all__ = ["TieGraph", "JOIN_TARGETS"]
-
-#: ops whose spatial operands must have equal sizes (elementwise with broadcasting, concat)
-JOIN_TARGETS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.concat, torch.stack,
-    torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul,
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "lerp",
-}
+__all__ = ["TieGraph"]
 
 INPUT = "<input>"
 CONST = "<constant>"
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Inputs that carry tensors: one tensor, or a tuple of them (``split``, a leaf module's outputs)."""
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return [n for n in found if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")]
+    return [n for n in found if n.meta.get("tensor_meta") is not None]
 
 
 class TieGraph:
@@ -94,7 +87,7 @@ class TieGraph:
                 origin[node.name] = CONST
                 continue
             if node.name in self._sites:
-                self._input_size[node.name] = node_hw(args[0]) if args else None
+                self._input_size[node.name] = _spatial(args[0]) if args else None
                 origin[node.name] = node.name
                 continue
             if node.name in self._unknown:
@@ -106,16 +99,22 @@ class TieGraph:
             if node.target is resample_pos_embed:  # sized by the grid it follows, not by the parameter
                 origin[node.name] = origin.get(node.args[1].name)
                 continue
-            out = node_hw(node)
-            if node.target in JOIN_TARGETS and out is not None:
-                joined = [a for a in args if node_hw(a) == out and origin.get(a.name) is not None]
-                if len(joined) >= 2:
-                    origin[node.name] = self._join(node, [origin[a.name] for a in joined])
-                    continue
+            out = _spatial(node)
+            joined = joined_operands(node, [a for a in args if origin.get(a.name) is not None])
+            if len(joined) >= 2:
+                origin[node.name] = self._join(node, [origin[a.name] for a in joined])
+                continue
+            if joined:  # the one full-size operand sizes the output, not a broadcast one before it
+                origin[node.name] = origin[joined[0].name]
+                continue
+            source = origin_source(node)
+            if source is not None:
+                origin[node.name] = origin.get(source.name)
+                continue
             first = next((a for a in args if origin.get(a.name) is not None), None)
             if first is None:
                 origin[node.name] = None
-            elif out == (1, 1) and node_hw(first) not in (None, (1, 1)):
+            elif out == (1, 1) and _spatial(first) not in (None, (1, 1)):
                 origin[node.name] = None  # global pooling: a broadcast operand from here on
             else:
                 origin[node.name] = origin[first.name]

@@ -1,11 +1,11 @@
 """Validation of a converted graph (DESIGN.md §2, "Validation").
 
-Runs the converted model at the reference size and with each tied group's stride moved so that
-its output size changes (one step smaller on both axes; one step larger along the height only,
-which also catches square-map assumptions). All groups are moved together first; only when that
-fails is each group moved on its own, to find which ones break. A group that breaks the forward, changes the output's non-spatial
-shape, or gets a missing or non-finite stride gradient is reported with the reason; ``convert``
-reverts it and validates again.
+Runs the converted model at the reference size, then with its strides moved the way training
+moves them (``moves``: each group on each axis by the larger of 30% of its stride and one
+output step, up and down; then a few seeded random moves of all groups at once within
+``[0.7, 1.4]`` of their strides, forward and backward). A group that breaks the forward,
+changes the output's non-spatial shape, or gets a missing or non-finite stride gradient is
+reported with the reason; ``convert`` rounds, pins or reverts it and validates again.
 """
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .dynopool import DynOPool, dynopool_output_size
+from .dynopool import DynOPool
 from .errors import one_line
+from .moves import axis_moves, joint_moves
 
-__all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe"]
+__all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe",
+           "joint_moves_problem"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def output_spec(out: Any) -> OutputSpec:
 class GroupFailure:
     group: int
     reason: str
-    kind: str = "forward"  # forward (a moved stride breaks it) | gradient | unreached
+    kind: str = "forward"  # forward (its own move breaks it) | joint (a joint move does) | gradient | unreached
 
 
 @dataclass
@@ -102,50 +104,100 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
     return ""
 
 
-def _moves(size_in: tuple[int, int], stride: tuple[float, float], bounds: tuple[float, float],
-           multiple: tuple[int, int] = (1, 1), base: tuple[float, float] = (1.0, 1.0)) -> list[tuple[str, tuple[float, float]]]:
-    """Strides that change the output size by one step (one pixel, or one ``multiple``):
-    smaller on both axes, larger along the height only (one move down, one up, and a
-    non-square map to catch square-size assumptions)."""
-    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
-
-    def target(size: int, s: float, delta: int, m: int, b: float) -> float | None:
-        out = dynopool_output_size(size, s / b, m) + delta * m
-        if out < 1:
-            return None
-        new = size / out * b
-        return new if lo <= new <= hi else None
-
-    moves = []
-    (h, w), (sh, sw) = size_in, stride
-    for label, dh, dw in (("smaller", -1, -1), ("taller", 1, 0)):
-        nh = target(h, sh, dh, multiple[0], base[0]) if dh else sh
-        nw = target(w, sw, dw, multiple[1], base[1]) if dw else sw
-        if nh is not None and nw is not None:
-            moves.append((label, (nh, nw)))
-    return moves
+def _group_moves(groups: dict, sizes: dict, gid: int) -> list[tuple[str, tuple[float, float]]]:
+    param, members = groups[gid]
+    pool = members[0][1]
+    return axis_moves(sizes[members[0][0]][0], pool.stride_value, pool.r_bounds, pool.multiple, pool.base)
 
 
-_LABELS = ("smaller", "taller")
-
-
-def _moved_run(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict, moves: dict, label: str, which: list[int]) -> str:
-    """Run with the groups in ``which`` moved by ``label`` (those that can move); restore after."""
+@contextlib.contextmanager
+def _strides_set(groups: dict, strides: dict[int, tuple[float, float]]):
+    """The groups' stride parameters set to ``strides`` (group -> stride), restored after."""
     saved = {}
     with torch.no_grad():
-        for gid in which:
-            if label in moves[gid]:
-                param = groups[gid][0]
-                saved[gid] = param.detach().clone()
-                param.copy_(torch.tensor(moves[gid][label], device=param.device))
-    if not saved:
-        return ""
+        for gid, stride in strides.items():
+            param = groups[gid][0]
+            saved[gid] = param.detach().clone()
+            param.copy_(torch.tensor(stride, dtype=param.dtype, device=param.device))
     try:
-        return _run(gm, example, spec)
+        yield
     finally:
         with torch.no_grad():
             for gid, value in saved.items():
                 groups[gid][0].copy_(value)
+
+
+def _moved_problem(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict, sizes: dict, gid: int) -> str:
+    """Why one of group ``gid``'s per-axis moves breaks the forward ("" if none does)."""
+    for label, stride in _group_moves(groups, sizes, gid):
+        with _strides_set(groups, {gid: stride}):
+            problem = _run(gm, example, spec)
+        if problem:
+            return f"{label} (stride {stride[0]:.3g}x{stride[1]:.3g}) breaks the forward: {problem}"
+    return ""
+
+
+def _joint_failures(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict) -> list[GroupFailure]:
+    """Run the random joint moves forward and backward. A forward failure is laid on the group
+    whose move, added to those of the groups before it, first breaks the forward."""
+    params = {g: p for g, (p, _) in groups.items()}
+    for k, move in enumerate(joint_moves(*_strides_and_bounds(groups))):
+        with _strides_set(groups, move):
+            problem, failures = _forward_backward(gm, example, spec, params)
+        for f in failures:
+            f.reason = f"at random joint move {k + 1}: {f.reason}"
+        if failures:
+            return failures
+        if not problem:
+            continue
+        moved: dict[int, tuple[float, float]] = {}
+        for gid in sorted(groups):
+            moved[gid] = move[gid]
+            with _strides_set(groups, moved):
+                culprit = _run(gm, example, spec)
+            if culprit:
+                others = ", ".join(str(g) for g in moved if g != gid) or "no other group"
+                stride = move[gid]
+                return [GroupFailure(gid, f"random joint move {k + 1} (stride {stride[0]:.3g}x{stride[1]:.3g}, with "
+                                          f"{others} moved) breaks the forward: {culprit}", "joint")]
+        return [GroupFailure(min(groups), f"random joint move {k + 1} breaks the forward: {problem}", "joint")]
+    return []
+
+
+def _strides_and_bounds(groups: dict) -> tuple[dict, dict]:
+    strides = {gid: members[0][1].stride_value for gid, (_, members) in groups.items()}
+    bounds = {gid: members[0][1].r_bounds for gid, (_, members) in groups.items()}
+    return strides, bounds
+
+
+def joint_moves_problem(gm: nn.Module, example: Tensor, n: int, seed: int, factors: tuple[float, float]) -> str:
+    """Why a random joint move (``n`` of them, each group and axis times a factor in
+    ``factors``) breaks ``gm``'s forward or backward at ``example``; "" when none does.
+    The property the zoo sweep checks after conversion."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        return _joint_problem(gm, example, n, seed, factors)
+    finally:
+        gm.train(was_training)
+
+
+def _joint_problem(gm: nn.Module, example: Tensor, n: int, seed: int, factors: tuple[float, float]) -> str:
+    spec = output_spec(_eval_forward(gm, example))
+    groups = _groups(gm)
+    params = {g: p for g, (p, _) in groups.items()}
+    for k, move in enumerate(joint_moves(*_strides_and_bounds(groups), n, seed, factors)):
+        with _strides_set(groups, move):
+            problem, failures = _forward_backward(gm, example, spec, params)
+        problem = problem or "; ".join(f"group {f.group}: {f.reason}" for f in failures)
+        if problem:
+            return f"joint move {k + 1}: {problem}"
+    return ""
+
+
+def _eval_forward(gm: nn.Module, example: Tensor) -> Any:
+    with torch.no_grad(), quiet():
+        return gm(example)
 
 
 def _size_hooks(gm: nn.Module, sizes: dict) -> list:
@@ -179,21 +231,16 @@ class GroupProbe:
         modules whose input size the moves changed."""
         if gid not in self.groups:
             return "the site is not reached by the forward pass", set()
-        param, members = self.groups[gid]
-        moves = {gid: dict(_moves(self.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds,
-                                  members[0][1].multiple, members[0][1].base))}
         seen: dict[str, set] = {name: set() for name in self._watch}
         handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen[name].add(tuple(args[0].shape[-2:])))
                    for name, m in self._watch.items()]
         try:
-            for label in _LABELS:
-                problem = _moved_run(self.gm, self.example, self.spec, {gid: (param, members)}, moves, label, [gid])
-                if problem:
-                    stride = moves[gid][label]
-                    return f"{label} output (stride {stride[0]:.3g}x{stride[1]:.3g}) breaks the forward: {problem}", set()
+            problem = _moved_problem(self.gm, self.example, self.spec, self.groups, self.sizes, gid)
         finally:
             for h in handles:
                 h.remove()
+        if problem:
+            return problem, set()
         return "", {name for name, shapes in seen.items() if shapes - {tuple(self._watch[name].output_size)}}
 
     def multiples(self, gid: int) -> list[tuple[int, int]]:
@@ -237,32 +284,21 @@ def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_on
             if members[0][0] not in report.sizes:
                 report.failures.append(GroupFailure(gid, "the site is not reached by the forward pass", "unreached"))
         reached = {g: v for g, v in groups.items() if v[1][0][0] in report.sizes}
-        moves = {
-            gid: dict(_moves(report.sizes[members[0][0]][0], tuple(param.detach().tolist()), members[0][1].r_bounds,
-                             members[0][1].multiple, members[0][1].base))
-            for gid, (param, members) in reached.items()
-        }
-        # every group moved at once first (cheap); one group at a time only when that fails
-        if any(_moved_run(gm, example, spec, reached, moves, label, list(reached)) for label in _LABELS):
-            for gid in reached:
-                for label in _LABELS:
-                    problem = _moved_run(gm, example, spec, reached, moves, label, [gid])
-                    if problem:
-                        stride = moves[gid][label]
-                        report.failures.append(GroupFailure(
-                            gid, f"{label} output (stride {stride[0]:.3g}x{stride[1]:.3g}) breaks the forward: {problem}"))
-                        break
-        failed = {f.group for f in report.failures}
-        report.failures += _gradient_failures(gm, example, {g: p for g, (p, _) in groups.items() if g not in failed})
+        for gid in reached:
+            problem = _moved_problem(gm, example, spec, reached, report.sizes, gid)
+            if problem:
+                report.failures.append(GroupFailure(gid, problem))
+        if not report.failures and reached:  # the joint moves also check the gradients
+            report.failures += _joint_failures(gm, example, spec, reached)
     finally:
         gm.train(was_training)
     return report
 
 
-def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Parameter]) -> list[GroupFailure]:
-    """Groups whose stride gets no gradient or a non-finite one from a random projection of the output."""
-    if not params:
-        return []
+def _forward_backward(gm: nn.Module, example: Tensor, spec: OutputSpec,
+                      params: dict[int, nn.Parameter]) -> tuple[str, list[GroupFailure]]:
+    """One forward and backward of a random projection of the output: why the forward fails
+    ("" if it does not), and the groups whose stride gets no gradient or a non-finite one."""
     strides = {id(p) for p in params.values()}
     frozen = [p for p in gm.parameters() if p.requires_grad and id(p) not in strides]
     for p in frozen:  # only the stride gradients are needed
@@ -270,13 +306,23 @@ def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Para
     for p in params.values():
         p.grad = None
     try:
-        with quiet():
-            outs = [t for t in _tensors(gm(example)) if t.is_floating_point()]
+        try:
+            with quiet():
+                out = gm(example)
+        except Exception as err:  # a forward failure is a finding, reported verbatim
+            return f"{type(err).__name__}: {one_line(err, 160)}", []
+        problem = spec.mismatch(output_spec(out))
+        outs = [t for t in _tensors(out) if t.is_floating_point()]
+        if not problem and not all(torch.isfinite(t).all() for t in outs):
+            problem = "the output is not finite"
+        if problem or not params:
+            return problem, []
         gen = torch.Generator().manual_seed(0)
         loss = sum((t * torch.randn(t.shape, generator=gen).to(t.device, t.dtype)).sum() for t in outs)
-        loss.backward()
-    except Exception as err:  # the backward itself failing is a finding for every group
-        return [GroupFailure(g, f"backward fails: {type(err).__name__}: {one_line(err, 160)}", "gradient") for g in params]
+        try:
+            loss.backward()
+        except Exception as err:  # the backward itself failing is a finding for every group
+            return "", [GroupFailure(g, f"backward fails: {type(err).__name__}: {one_line(err, 160)}", "gradient") for g in params]
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -288,4 +334,4 @@ def _gradient_failures(gm: nn.Module, example: Tensor, params: dict[int, nn.Para
             failures.append(GroupFailure(gid, f"the stride gradient is not finite ({p.grad.tolist()})", "gradient"))
         p.grad = None
     gm.zero_grad(set_to_none=True)
-    return failures
+    return "", failures

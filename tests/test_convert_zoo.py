@@ -81,9 +81,11 @@ def test_inception_concat_branches_tie():
     tied = [sorted(g) for g in groups.values() if len(g) > 1]
     assert sorted(["Mixed_6a.branch3x3.conv", "Mixed_6a.branch3x3dbl_3.conv", "Mixed_6a.max_pool2d"]) in tied
     assert sorted(["Mixed_7a.branch3x3_2.conv", "Mixed_7a.branch7x7x3_4.conv", "Mixed_7a.max_pool2d"]) in tied
-    # valid padding 3x3 s2 on 75: the conv gives 37, DynOPool round(75/2) = 38
+    # valid padding 3x3 s2 on 75: the conv gives 37, where DynOPool at stride 2 would give
+    # round(75/2) = 38; the group starts at stride 75/37 instead, so the sizes stay the original's
     site = r.plan.site("Conv2d_1a_3x3.conv")
-    assert site.output_size == [37, 37] and site.converted_size == [38, 38]
+    assert site.output_size == [37, 37] and site.converted_size == [37, 37]
+    assert site.stride_init == pytest.approx([75 / 37, 75 / 37])
 
 
 @pytest.mark.parametrize("source", ["timm:efficientnet_b0", "timm:mobilenetv3_small_050"])

@@ -22,7 +22,7 @@ def finetune(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps to train (instead of --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size per process.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the weights.")] = None,
-    scale_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the DynOPool strides.")] = None,
+    scale_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the DynOPool strides by their straight-through gradient (default 0: the sizes come from the budget fit and the held-out size search; in our runs gradient learning cost 1.5-2 points, docs/RESULTS.md section 6).")] = None,
     budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9); default the checkpoint's.")] = None,
     penalty_weight: Annotated[Optional[float], typer.Option(help="Weight (lambda) of the budget penalty.")] = None,
     budget_mode: Annotated[Optional[BudgetMode], typer.Option(help="ceiling: penalise FLOPs above the budget only (default); target: also pull a model that drifts under its budget back up to it.")] = None,

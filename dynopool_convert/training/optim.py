@@ -13,7 +13,8 @@ GROUP_NAMES = ("weights", "no_decay", "scales")
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Three groups: weights (decayed), biases/norms (no decay), DynOPool strides (own lr, no decay)."""
+    """Three groups: weights (decayed), biases/norms (no decay), DynOPool strides (own lr, no decay;
+    left out when ``scale_lr`` is 0, so that no warm-up or schedule moves them)."""
     scales = scale_parameters(model)
     scale_ids = {id(p) for p in scales}
     decay, no_decay = [], []
@@ -26,6 +27,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
         {"name": "scales", "params": scales, "weight_decay": 0.0, "lr": cfg.scale_lr},
     ]
+    if cfg.scale_lr <= 0:
+        groups.pop()
     return [g for g in groups if g["params"]]
 
 

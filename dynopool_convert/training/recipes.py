@@ -36,7 +36,8 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scale_lr: float = 0.02  # learning rate of the DynOPool strides (own group, no weight decay)
+    scale_lr: float = 0.0  # learning rate of the DynOPool strides by their gradient (default 0: the sizes come from the
+    # budget fit and the held-out size search; in our runs the gradient cost 1.5-2 points, docs/RESULTS.md §6)
     sched: str = "cosine"  # any timm.scheduler name
     warmup_steps: int | None = None  # default: 5% of the steps
     warmup_lr: float = 1e-5

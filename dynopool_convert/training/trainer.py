@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +33,9 @@ from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
 from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
+from .size_guard import SizeGuard
 from .sizes import SizeSchedule
+from .interrupt import StopFlag
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -84,27 +84,6 @@ def _autocast(device: torch.device, amp: str):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-class _StopFlag:
-    """First Ctrl-C: stop after the current step (saving last.pt); second: interrupt at once."""
-
-    def __init__(self, enabled: bool, callbacks: TrainCallbacks) -> None:
-        self.requested = False
-        self._old = None
-        self._callbacks = callbacks
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self._callbacks.on_message("interrupt: stopping after this step and saving last.pt (Ctrl-C again to abort)")
-
-    def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 #: train settings that the saved optimiser, scheduler and data position fix: a resumed run
@@ -222,7 +201,7 @@ class _Run:
         # only a budget needs the cost model: a model it refuses still fine-tunes without one,
         # and with a budget the refusal comes here, before any step
         self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
-        if self.cost is not None:
+        if self.cost is not None:  # an impossible budget is refused before the first step
             upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
@@ -237,7 +216,7 @@ class _Run:
             "train_size": len(data.train), "val_size": len(data.val), "num_classes": data.num_classes,
             "input_size": list(bundle.input_size), "groups": group_ids(model),
         })
-        stop = _StopFlag(not info.enabled, self.cbs)
+        stop = StopFlag(not info.enabled, self.cbs)
         try:
             completed = self._loop(stop, stop_after_steps)
         finally:
@@ -293,9 +272,10 @@ class _Run:
                           num_workers=t.workers, pin_memory=self.info.device.type == "cuda",
                           generator=torch.Generator())  # own generator: the global RNG stays untouched
 
-    def _loop(self, stop: _StopFlag, stop_after_steps: int | None) -> bool:
+    def _loop(self, stop: StopFlag, stop_after_steps: int | None) -> bool:
         t, p, info = self.t, self.progress, self.info
         done_here = 0
+        guard = SizeGuard(self.model, save=lambda: self._checkpoint(is_best=False))
         while p.step < self.total_steps:
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
@@ -303,7 +283,8 @@ class _Run:
                 if self.sizes.search_due(p.step):
                     with self.size_log.released():
                         self._search_sizes()
-                row = self._step(images, labels)
+                with guard.watch(p.step + 1):
+                    row = self._step(images, labels)
                 n = labels.shape[0]
                 sums[0] += row["loss"] * n
                 sums[1] += row["acc"] * n
@@ -325,7 +306,8 @@ class _Run:
                     self._checkpoint(is_best=False)
                 if interrupted:
                     return False
-            self._end_epoch(sums, time.perf_counter() - epoch_t0)
+            with guard.watch(p.step):
+                self._end_epoch(sums, time.perf_counter() - epoch_t0)
             if stop.requested or (stop_after_steps is not None and done_here >= stop_after_steps):
                 return p.step >= self.total_steps
         return True
