@@ -153,9 +153,27 @@ def run_one(source: str, size: int) -> dict:
         row.update(status="trace failed" if "cannot trace" in str(err) else "input error", reason=str(err))
     except Exception as err:  # a bug on our side or in the model: recorded, never fatal
         row.update(status="error", reason=f"{type(err).__name__}: {' '.join(str(err).split())}")
+    if row.get("status") in ("ok", "no learned group"):
+        row.update(_exact_row(source, row))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["reason"] = " ".join(str(row.get("reason", "")).split())[:300]
     return row
+
+
+def _exact_row(source: str, row: dict) -> dict:
+    """Placement ``exact`` on the same model (its random weights stand for loaded ones): outputs
+    at init within 1e-5 of the original's, FLOPs within 1%, at least one learned group."""
+    import dynopool_convert as dc
+    from dynopool_convert.exactness import check_exact
+
+    h, _, w = row["input"].partition("x")
+    args = _DYNAMIC if row.get("build_args") else {}
+    try:
+        report = check_exact(dc.build_model(source, args), (3, int(h), int(w or h)))
+    except Exception as err:  # recorded, never fatal
+        return {"exact": "error", "exact_reason": f"{type(err).__name__}: {' '.join(str(err).split())}"[:200]}
+    return {"exact": "ok" if report.ok else "differs", "exact_groups": report.groups,
+            "exact_rel": float(f"{report.rel_diff:.3g}"), "exact_flops": round(report.flops_ratio, 5)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,6 +312,12 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "--timeout 900`) with the earlier validation (every group's stride moved one output pixel down",
         "and up, all groups together first); rows whose worker died then (the out-of-memory killer,",
         "two large models at once on a 24 GiB machine) were rerun alone.",
+        "The `exact at init` column converts the same model again with placement `exact` (every op",
+        "kept behind a learnable resize that is the identity at init, the placement for trained",
+        "weights): `ok` means at least one learned group, outputs within 1e-5 (max |difference| /",
+        "max |output|, float32, random input, eval mode) and fvcore FLOPs within 1% of the original's.",
+        "It was measured on 2026-11-29 on an 11-model subset, before issue 19's validation (its rows",
+        "were merged into the rerun rows); it is empty for the other rows.",
         "",
         "## Totals",
         "",
@@ -337,17 +361,27 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
               "  `torch.stack`, now tie (before, one path moving alone broke the stack).",
               ]
     lines += ["", "## Models", "",
-              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | joint moves | status | reason | s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
+              "| model | family | input | sites | converted | groups | rounded | pinned | reverted | skipped | joint moves | status | exact at init | reason | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|"]
     for s, area, family in wanted:
         r = rows[s]
         reason = r.get("reason", "").replace("|", "\\|")
         lines.append(
             f"| {s}{' (' + r['build_args'] + ')' if r.get('build_args') else ''} | {family if area == 'timm' else area.split()[-1]} | {r.get('input', '')} | {r.get('sites', '')} | "
             f"{r.get('converted', '')} | {r.get('groups', '')} | {r.get('rounded', '')} | {r.get('pinned', '')} | {r.get('reverted', '')} | {r.get('skipped', '')} | "
-            f"{r.get('moves', '')} | {r['status']} | {reason} | {r.get('seconds', '')} |"
+            f"{r.get('moves', '')} | {r['status']} | {_exact_cell(r)} | {reason} | {r.get('seconds', '')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _exact_cell(r: dict) -> str:
+    """``ok`` or what differs (groups, max relative output difference, FLOPs ratio); empty if not run."""
+    if "exact" not in r:
+        return ""
+    if r["exact"] == "error":
+        return "error: " + r.get("exact_reason", "").replace("|", "\\|")[:80]
+    detail = f"{r['exact_groups']} groups, rel {r['exact_rel']:.1g}, FLOPs x{r['exact_flops']:.4g}"
+    return "ok" if r["exact"] == "ok" else f"differs ({detail})"
 
 
 def main() -> None:

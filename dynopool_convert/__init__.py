@@ -13,6 +13,7 @@ from .dynopool import (
     refresh_sizes,
     scale_parameters,
 )
+from .dynresize import DynResize
 from .errors import UserInputError
 from .plan import Plan
 from .convert import ConversionResult, apply_plan, convert
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DynOPool",
+    "DynResize",
     "dynopool2d",
     "dynopool_output_size",
     "dynopool_modules",

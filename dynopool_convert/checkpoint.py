@@ -90,34 +90,35 @@ _UNSAFE_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GL
 _UNPICKLER_DETAIL = re.compile(r"Unsupported operand \d+|Unsupported class [\w.]+")
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with its failures turned into one-line UserInputErrors."""
+def _torch_load(path: Path, what: str = "dynopool checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into one-line UserInputErrors
+    (``what`` the file should be, for the messages)."""
     name = str(path)
     try:
         if path.stat().st_size == 0:
-            raise UserInputError(f"{name!r} is empty, not a dynopool checkpoint")
+            raise UserInputError(f"{name!r} is empty, not a {what}")
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line on stderr only
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except UserInputError:
         raise
     except OSError as err:
-        raise UserInputError(f"cannot read checkpoint {name!r}: {err.strerror or err}") from err
+        raise UserInputError(f"cannot read {what.split()[-1]} {name!r}: {err.strerror or err}") from err
     except pickle.UnpicklingError as err:
         unsafe = _UNSAFE_GLOBAL.search(str(err))
         if unsafe:
             raise UserInputError(
                 f"refusing to load {name!r}: it references the Python object {unsafe.group(1) or unsafe.group(2)}, and unpickling it "
-                "could run code (dynopool loads checkpoints weights-only: tensors and plain data)"
+                "could run code (dynopool loads files weights-only: tensors and plain data)"
             ) from err
         detail = _UNPICKLER_DETAIL.search(str(err))
         raise UserInputError(
-            f"{name!r} is not a readable dynopool checkpoint (corrupt, or a pickle beyond tensors and plain data, "
+            f"{name!r} is not a readable {what} (corrupt, or a pickle beyond tensors and plain data, "
             f"which dynopool never loads: {detail.group(0) if detail else one_line(err, 160)})"
         ) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for truncated or foreign bytes
         raise UserInputError(
-            f"{name!r} is not a readable dynopool checkpoint (truncated or not a torch.save file: {type(err).__name__}: {one_line(err, 160)})"
+            f"{name!r} is not a readable {what} (truncated or not a torch.save file: {type(err).__name__}: {one_line(err, 160)})"
         ) from err
 
 

@@ -5,6 +5,7 @@
 ``fit_method``/``group_factors`` (after fitting to a budget at convert time), ``current`` (the
 weights saved by fine-tuning, after the budget projection). ``extra["fit_to_budget"]`` is
 ``BudgetFit.as_dict()`` when the trainer converted and fitted the model itself.
+``extra["weights"]`` is where the loaded weights came from (``weights.build_with_weights``).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any
 __all__ = ["conversion_extra", "with_current_flops", "original_flops"]
 
 
-def conversion_extra(original: int | None, converted: int, fit: Any = None, keep_fit: bool = False) -> dict[str, Any]:
+def conversion_extra(original: int | None, converted: int, fit: Any = None, keep_fit: bool = False,
+                     weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``extra`` for a freshly converted model (``fit``: a ``BudgetFit`` when fitted to a budget;
-    ``keep_fit`` also stores the whole fit result)."""
+    ``keep_fit`` also stores the whole fit result; ``weights``: the loaded weights' origin)."""
     flops: dict[str, Any] = {"original": original, "converted": converted}
     if fit is not None:
         flops.update(final=fit.final_flops, fit_method=fit.method, group_factors=fit.group_factors)
@@ -25,6 +27,8 @@ def conversion_extra(original: int | None, converted: int, fit: Any = None, keep
     extra: dict[str, Any] = {"flops": flops}
     if fit is not None and keep_fit:
         extra["fit_to_budget"] = fit.as_dict()
+    if weights is not None:
+        extra["weights"] = dict(weights)
     return extra
 
 

@@ -30,7 +30,7 @@ from .validate import GroupProbe, OutputSpec, ValidationReport, output_spec, qui
 
 __all__ = ["convert", "apply_plan", "ConversionResult", "Analysis", "analyse", "check_input_size"]
 
-PLACEMENTS = ("before", "after")
+PLACEMENTS = ("exact", "before", "after")
 AGGREGATES = ("max", "mean")
 
 
@@ -131,6 +131,22 @@ def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] |
     return next(iter(patches))
 
 
+def _exact_multiple(members: list[Candidate], nodes: dict[str, fx.Node]) -> list[int] | None:
+    """Placement ``exact``: a group of patchify convs (one patch) resizes to multiples of the
+    patch, so that no pixel is dropped at moved strides; only where the reference input is a
+    multiple already (the resize must stay the identity at init)."""
+    patches = {c.patch for c in members}
+    if len(patches) != 1 or None in patches:
+        return None
+    patch = next(iter(patches))
+    for c in members:
+        node = nodes[c.node]
+        size = node_hw(node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None)
+        if size is None or size[0] % patch[0] or size[1] % patch[1]:
+            return None
+    return list(patch)
+
+
 def _size_preserving_stride(members: list[Candidate], nodes: dict[str, fx.Node]) -> list[float]:
     """The group's initial stride: the op's stride, unless DynOPool's rounding would then give
     another output size than the op gave (``round(7 / 2) = 4`` where a 2x2 max-pool gives 3):
@@ -167,7 +183,10 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
     for gid, members in enumerate(ties.groups()):
         names = [by_node[m].name for m in members]
         patch = _patch_of_group([by_node[m] for m in members], policy)
-        if patch is None:
+        if policy["placement"] == "exact":  # the op keeps its stride: DynResize's base
+            groups.append(Group(gid, names, list(by_node[members[0]].stride),
+                                multiple=_exact_multiple([by_node[m] for m in members], nodes)))
+        elif patch is None:
             groups.append(Group(gid, names, _size_preserving_stride([by_node[m] for m in members], nodes)))
         else:  # DynOPool resizes the input to a multiple of the patch; the conv keeps its stride
             groups.append(Group(gid, names, [1.0, 1.0], multiple=list(patch)))
@@ -178,16 +197,20 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
         node = nodes[c.node]
         first_input = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         patch = patch_of.get(c.node)
-        aggregate = None if c.skip_reason else (policy["aggregate"] or ("mean" if patch else c.aggregate))
+        exact = policy["placement"] == "exact" and not c.skip_reason
+        aggregate = None if c.skip_reason or exact else (policy["aggregate"] or ("mean" if patch else c.aggregate))
+        placement = ("patchify" if patch else policy["placement"]) if c.kind == "conv" and not c.skip_reason else None
         site = Site(
             name=c.name, op=c.op, kind=c.kind, status="skipped" if c.skip_reason else "converted",
             reason=c.skip_reason, group=group_of.get(c.node),
-            placement=("patchify" if patch else policy["placement"]) if c.kind == "conv" and not c.skip_reason else None,
+            placement="exact" if exact else placement,
             aggregate=aggregate,
             stride_init=None if c.stride is None else ([1.0, 1.0] if patch else _group_stride(groups, group_of, c)),
             input_size=_as_list(node_hw(first_input)), output_size=_as_list(node_hw(node)),
         )
-        if site.status == "converted" and site.input_size:
+        if exact:
+            site.converted_size = site.output_size  # the op itself, on an unchanged input
+        elif site.status == "converted" and site.input_size:
             multiple = patch or (1, 1)
             site.converted_size = [dynopool_output_size(n, s, m) for n, s, m in zip(site.input_size, site.stride_init, multiple)]
         sites.append(site)
@@ -298,7 +321,7 @@ def _validate_plan(analysis: Analysis, plan: Plan) -> None:
 
 def _record_sizes(plan: Plan, gm: fx.GraphModule, report: ValidationReport) -> None:
     for name, path in site_module_paths(gm).items():
-        if path in report.sizes:
+        if path in report.sizes and plan.site(name).placement != "exact":  # exact: the op's own output
             plan.site(name).converted_size = list(report.sizes[path][1])
 
 
@@ -318,7 +341,11 @@ def convert(
     Args:
         model: any ``nn.Module`` torch.fx can trace with timm's leaf rules (left untouched).
         input_size: reference ``(C, H, W)``; shapes in the plan are given at this size.
-        placement: ``"before"`` (DynOPool then the stride-1 conv) or ``"after"`` for strided convs.
+        placement: ``"exact"``: every site keeps its op (strided conv or pool, upsampling) behind
+            a learnable resize (``DynResize``) that is the identity at the initial stride, so the
+            converted model computes what the original did, at the same FLOPs (for loaded weights);
+            ``"before"`` (DynOPool then the stride-1 conv) or ``"after"`` for strided convs, where
+            pools and upsamplings become DynOPool.
         patchify: under ``"before"``, a patchify conv (kernel == stride, no padding: ViT patch
             embeddings, ConvNeXt stems and downsamplers) keeps its stride behind a DynOPool that
             resizes its input to a multiple of the patch (placement ``"patchify"`` in the plan)
@@ -329,7 +356,8 @@ def convert(
             ``"kind:pool"``, ``"kind:interpolate"`` on site kinds.
         validate: run the converted model at moved strides and revert groups that break.
         input_site: put a learnable input resolution in front of the model (site
-            ``input_resize``: DynOPool(mean) starting at stride 1), so that shrinking the input
+            ``input_resize``: DynOPool(mean) starting at stride 1; under ``exact`` a DynResize,
+            the identity at init), so that shrinking the input
             is one of the allocations the budget and the size search can choose.
 
     Returns a ``ConversionResult`` whose ``model`` holds one DynOPool per converted site (tied

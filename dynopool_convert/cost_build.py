@@ -3,15 +3,18 @@ class, chosen among its candidate rules (``cost_rules.py``) by the two shape pas
 its fvcore FLOPs on the class they scale with. Package-internal."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
 from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom
-from .cost_rules import _TOKEN_KINDS, _check, _Class, _ClassTerm, _registry_rules, _Rule, _token_rules
+from .cost_rules import _TOKEN_KINDS, _check, _Class, _ClassTerm, _registry_rules, _ResizeTerm, _Rule, _token_rules
 from .cost_trace import _has_tensor, _is_shape_like, _shape_of, _shows, _spatial, _TensorInfo
 from .dynopool import DynOPool
+from .dynresize import DynResize
 from .errors import UnsupportedModelError
+from .flops import DYNRESIZE_FLOPS_PER_OUTPUT
 
 if TYPE_CHECKING:
     from .cost_model import CostModel
@@ -31,6 +34,7 @@ class _ClassBuilder:
         self.sizes_pert: dict[int, tuple[int, int]] = {}
         self.terms: dict[int, _ClassTerm] = {}
         self.opaque_terms: list[_Class] = []
+        self.resize_terms: list[_ResizeTerm] = []
         self.fixed_cache: dict = {}
         self.constant = 0.0
         self.by_proportion = False  # set when a tensor follows a class by its element count only
@@ -81,7 +85,7 @@ class _ClassBuilder:
         module = self.gm.get_submodule(n.target) if n.op == "call_module" else None
         if isinstance(module, DynOPool):
             g = self.owner._group_of[id(module.stride)]
-            rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=module.multiple), "out"))
+            rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=module.multiple, base=module.base), "out"))
         elif n.op in ("call_module", "call_function") and parent is not None:
             rules += _registry_rules(n, self.gm, self.ref, parent)
         probe_rule = None
@@ -123,7 +127,12 @@ class _ClassBuilder:
     def _attribute(self, n: fx.Node, chosen: _Rule, parent: _Class | None, uniq: list[_Class]) -> None:
         """Put ``n``'s fvcore FLOPs on the class they scale with (or in the constant)."""
         flops = self.node_flops.get(n, 0)
-        if chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
+        info_r = self.ref.get(n)
+        if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), DynResize) and isinstance(info_r, _TensorInfo):
+            # charged only where it resizes (the identity runs nothing): not one class's area
+            per_pixel = DYNRESIZE_FLOPS_PER_OUTPUT * math.prod(info_r.shape[:-2])
+            self.resize_terms.append(_ResizeTerm(chosen.cls, parent, float(per_pixel)))
+        elif chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
             self.opaque_terms.append(chosen.cls)
             self.constant -= chosen.cls.probe(*self.sizes_ref[parent.index])[1] - flops  # 0 if consistent
         elif any(c.kind in _TOKEN_KINDS for c in [chosen.cls, *uniq]):
@@ -155,12 +164,13 @@ class _ClassBuilder:
     def attributed(self) -> float:
         """The reference FLOPs the terms, probes and constant account for."""
         total = self.constant + sum(t.coefficient * self.area(t.cls) for t in self.terms.values())
+        total += sum(t.flops(self.sizes_ref) for t in self.resize_terms)
         return total + sum(c.probe(*self.sizes_ref[c.parent.index])[1] for c in self.opaque_terms)
 
     def eval_classes(self, terms: list[_ClassTerm]) -> list[_Class]:
         """The classes needed to evaluate the terms (ancestors included), in creation order."""
         needed: set[int] = set()
-        for c0 in [t.cls for t in terms] + self.opaque_terms:
+        for c0 in [t.cls for t in terms] + self.opaque_terms + [t.cls for t in self.resize_terms]:
             c: Any = c0
             while c is not None and c.index not in needed:
                 needed.add(c.index)

@@ -207,6 +207,7 @@ class CostModel:
         self._classes = b.classes
         self._terms = [b.terms[i] for i in sorted(b.terms)]
         self._opaque_terms = b.opaque_terms
+        self._resize_terms = b.resize_terms
         self._eval_classes = b.eval_classes(self._terms)
 
     def _verified_flops_class(self, n: fx.Node, flops: int,
@@ -268,14 +269,14 @@ class CostModel:
                 continue
             if c.kind == "dynopool":
                 s_h, s_w = strides[c.group]
-                fh, fw = 1.0 / s_h, 1.0 / s_w
+                fh, fw = c.base[0] / s_h, c.base[1] / s_w
                 dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
                 lo, hi = self._bounds[c.group]
                 # the stride is clamped to its bounds: no gradient outside them
                 if lo <= raw[c.group][0] <= hi:
-                    dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh
+                    dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh / c.base[0]
                 if lo <= raw[c.group][1] <= hi:
-                    dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw
+                    dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw / c.base[1]
                 cont[c.index] = (ph * fh, pw * fw)
             else:
                 if c.kind == "window":
@@ -297,6 +298,12 @@ class CostModel:
                 fh, fw = c.probe(h_in + 1, w_in)[1] - f, c.probe(h_in, w_in + 1)[1] - f
                 dh, dw = deriv[c.parent.index]
                 _accumulate(grads, _combine(dh, fh, dw, fw))
+        for r in self._resize_terms:
+            flops += r.flops(sizes)
+            if with_grad:  # straight-through, also at the identity (where the charge is 0)
+                h, w = sizes[r.cls.index]
+                dh, dw = deriv[r.cls.index]
+                _accumulate(grads, _combine(dh, r.per_pixel * w, dw, r.per_pixel * h))
         for t in self._terms:
             h, w = sizes[t.cls.index]
             flops += t.coefficient * h * w

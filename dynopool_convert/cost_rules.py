@@ -38,6 +38,7 @@ class _Class:
     params: tuple = ()
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
+    base: tuple[float, float] = (1.0, 1.0)  # dynopool: output round(h * base / s) (DynResize)
 
     def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
         """Integer output size given the parent's integer size (``sizes`` by class index)."""
@@ -45,8 +46,8 @@ class _Class:
             return self.size
         h, w = sizes[self.parent.index]
         if self.kind == "dynopool":
-            s, m = strides[self.group], self.params or (1, 1)
-            return dynopool_output_size(h, s[0], m[0]), dynopool_output_size(w, s[1], m[1])
+            s, m, b = strides[self.group], self.params or (1, 1), self.base
+            return dynopool_output_size(h, s[0] / b[0], m[0]), dynopool_output_size(w, s[1] / b[1], m[1])
         if self.kind == "window":
             return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
         if self.kind == "same":
@@ -163,6 +164,20 @@ def _accumulate(grads: list[list[float]], d: _Grad) -> None:
 class _ClassTerm:
     cls: _Class
     coefficient: float = 0.0
+
+
+@dataclass
+class _ResizeTerm:
+    """A DynResize: ``per_pixel x h x w`` of its output class where that differs from its
+    input's size, 0 where it is the identity (as fvcore counts it, see flops.py)."""
+
+    cls: _Class
+    parent: _Class
+    per_pixel: float
+
+    def flops(self, sizes: dict[int, tuple[int, int]]) -> float:
+        h, w = sizes[self.cls.index]
+        return 0.0 if (h, w) == sizes[self.parent.index] else self.per_pixel * h * w
 
 
 @dataclass

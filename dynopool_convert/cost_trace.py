@@ -79,8 +79,8 @@ class _Recorder(fx.Interpreter):
         if isinstance(m, DynOPool):  # only the shape matters; the stride is a real tensor
             x = args[0]
             s_h, s_w = self.strides[target]
-            h = dynopool_output_size(int(x.shape[-2]), s_h, m.multiple[0])
-            w = dynopool_output_size(int(x.shape[-1]), s_w, m.multiple[1])
+            h = dynopool_output_size(int(x.shape[-2]), s_h / m.base[0], m.multiple[0])
+            w = dynopool_output_size(int(x.shape[-1]), s_w / m.base[1], m.multiple[1])
             return x.new_empty((*x.shape[:-2], h, w))
         if isinstance(m, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
             return args[0]  # same shape; skips fake batch norm, which is slow

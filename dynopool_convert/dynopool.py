@@ -185,6 +185,9 @@ class DynOPool(nn.Module):
     torch.Size([1, 3, 4, 4])
     """
 
+    #: stride at which the site's output size equals its input size (``DynResize`` keeps the
+    #: op's stride after it: its base is that stride); output size = ``round(H * base / s)``
+    base: tuple[float, float] = (1.0, 1.0)
     # host copy of the raw stride and the (version, storage) of the parameter it was read from;
     # class-level defaults so that modules pickled before these existed still load
     _host: tuple[float, float] | None = None
@@ -272,16 +275,23 @@ class DynOPool(nn.Module):
         self._host = (float(values[0]), float(values[1]))
         self._host_key = _param_key(self.stride)
 
+    def _resize(self, x: Tensor) -> Tensor:
+        """The site's math (``DynResize`` overrides it)."""
+        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
+
     def forward(self, x: Tensor) -> Tensor:
-        y = dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
+        y = self._resize(x)
         self.last_sizes = (tuple(x.shape[-2:]), tuple(y.shape[-2:]))  # for size statistics (trainer)
         return y
+
+    def _repr_detail(self) -> str:
+        return f"aggregate={self.aggregate!r}"
 
     def extra_repr(self) -> str:
         s_h, s_w = self.stride_value
         group = "" if self.group is None else f", group={self.group}"
         multiple = "" if self.multiple == (1, 1) else f", multiple={self.multiple}"
-        return f"stride=({s_h:.4g}, {s_w:.4g}), aggregate={self.aggregate!r}{group}{multiple}"
+        return f"stride=({s_h:.4g}, {s_w:.4g}), {self._repr_detail()}{group}{multiple}"
 
 
 def _param_key(p: Tensor) -> tuple[int, int]:

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +57,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 from .dynopool import DynOPool, dynopool2d, dynopool_modules
+from .dynresize import DynResize, dynresize2d
 from .errors import UserInputError
 
 __all__ = [
@@ -66,6 +67,8 @@ __all__ = [
     "format_flops",
     "DYNOPOOL_FLOPS_PER_OUTPUT",
     "DYNOPOOL_OP",
+    "DYNRESIZE_FLOPS_PER_OUTPUT",
+    "DYNRESIZE_OP",
     "set_handles",
 ]
 
@@ -89,12 +92,40 @@ def _(x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, bac
     return torch.empty_like(x)  # shape not needed symbolically: counting runs on real tensors
 
 
-def _dynopool_handle(inputs: list[Any], outputs: list[Any]) -> int:
-    shape = get_shape(outputs[0])
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return DYNOPOOL_FLOPS_PER_OUTPUT * n
+#: FLOPs charged per DynResize output element, as fvcore counts ``upsample_bilinear2d`` (the
+#: op a frozen DynResize becomes); none where the size is unchanged (the identity runs nothing).
+DYNRESIZE_FLOPS_PER_OUTPUT: int = 4
+
+#: Name of the opaque op a DynResize site runs as while being counted.
+DYNRESIZE_OP = "dynopool_flops::resize"
+
+
+@torch.library.custom_op(DYNRESIZE_OP, mutates_args=())
+def _resize_for_counting(x: Tensor, stride: Tensor, b_h: float, b_w: float, r_min: float, r_max: float,
+                         m_h: int, m_w: int) -> Tensor:
+    """DynResize's forward as one op for the jit tracer (the value is the real output)."""
+    return dynresize2d(x, stride, (b_h, b_w), (r_min, r_max), (m_h, m_w)).clone()
+
+
+@_resize_for_counting.register_fake
+def _(x: Tensor, stride: Tensor, b_h: float, b_w: float, r_min: float, r_max: float, m_h: int, m_w: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _per_output(flops_per_element: int, identity_free: bool = False) -> Callable[[list[Any], list[Any]], int]:
+    def handle(inputs: list[Any], outputs: list[Any]) -> int:
+        shape = get_shape(outputs[0])
+        if identity_free and list(shape) == list(get_shape(inputs[0])):
+            return 0
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return flops_per_element * n
+
+    return handle
+
+
+_dynopool_handle = _per_output(DYNOPOOL_FLOPS_PER_OUTPUT)
 
 
 def _conv_mode_handle(inputs: list[Any], outputs: list[Any]) -> int:
@@ -114,6 +145,7 @@ def _attention_handle(inputs: list[Any], outputs: list[Any]) -> int:
 def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
     """Add this module's op handles (DynOPool, string-padded convolutions, fused attention) to ``fa``."""
     fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
+    fa.set_op_handle(DYNRESIZE_OP, _per_output(DYNRESIZE_FLOPS_PER_OUTPUT, identity_free=True))
     fa.set_op_handle("aten::_convolution_mode", _conv_mode_handle)
     fa.set_op_handle("aten::scaled_dot_product_attention", _attention_handle)
     return fa
@@ -121,6 +153,8 @@ def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
 
 def _counting_forward(self: DynOPool, x: Tensor) -> Tensor:
     r_min, r_max = self.r_bounds
+    if isinstance(self, DynResize):
+        return _resize_for_counting(x, self.stride, *self.base, r_min, r_max, *self.multiple)
     return _resample_for_counting(x, self.stride, self.aggregate, r_min, r_max, self.backend, *self.multiple)
 
 

@@ -36,30 +36,31 @@ def clamp_stride(s: float, bounds: tuple[float, float]) -> float:
     return min(max(s, 1.0 / bounds[1]), 1.0 / bounds[0])
 
 
-def _axis_target(size: int, s: float, bigger: bool, bounds: tuple[float, float], m: int) -> float | None:
+def _axis_target(size: int, s: float, bigger: bool, bounds: tuple[float, float], m: int, b: float = 1.0) -> float | None:
     """The stride that moves the output of an axis of ``size`` pixels to the end of
-    ``MOVE_RANGE`` or by one step of ``m``, whichever is further; None when the bounds leave no move."""
-    out = dynopool_output_size(size, s, m)
+    ``MOVE_RANGE`` or by one step of ``m``, whichever is further; None when the bounds leave no move.
+    ``b``: the site's base (``DynResize``: output ``round(size * b / s)``; DynOPool: 1)."""
+    out = dynopool_output_size(size, s / b, m)
     relative = s * (MOVE_RANGE[0] if bigger else MOVE_RANGE[1])
     step = out + m if bigger else out - m
-    one_step = size / step if step >= 1 else None
-    moved_rel = dynopool_output_size(size, clamp_stride(relative, bounds), m)
+    one_step = size / step * b if step >= 1 else None
+    moved_rel = dynopool_output_size(size, clamp_stride(relative, bounds) / b, m)
     if one_step is None or abs(moved_rel - out) >= m:
         target = relative
     else:
         target = one_step
     target = clamp_stride(target, bounds)
-    return target if dynopool_output_size(size, target, m) != out else None
+    return target if dynopool_output_size(size, target / b, m) != out else None
 
 
 def axis_moves(size_in: tuple[int, int], stride: Stride, bounds: tuple[float, float],
-               multiple: tuple[int, int] = (1, 1)) -> list[tuple[str, Stride]]:
+               multiple: tuple[int, int] = (1, 1), base: Stride = (1.0, 1.0)) -> list[tuple[str, Stride]]:
     """One group's per-axis moves: ``(label, stride)`` for smaller and larger outputs, height
-    then width, the other axis at its present stride."""
+    then width, the other axis at its present stride (``base``: the sites' base, ``DynResize``)."""
     moves = []
     for axis, name in ((0, "height"), (1, "width")):
         for bigger, word in ((False, "smaller"), (True, "larger")):
-            target = _axis_target(size_in[axis], stride[axis], bigger, bounds, multiple[axis])
+            target = _axis_target(size_in[axis], stride[axis], bigger, bounds, multiple[axis], base[axis])
             if target is not None:
                 moved = (target, stride[1]) if axis == 0 else (stride[0], target)
                 moves.append((f"{word} output {name}", moved))

@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from ._helpers import int_pair
 from .dynopool import DynOPool
+from .dynresize import DynResize
 from .input_site import InputSiteHandler, input_resize
 from .sites import (
     AdaptiveFunctionHandler,
@@ -180,6 +181,11 @@ def _dynopool_window(call: OpCall, hw_in: HW, hw_out: HW) -> Window:
     return resize_window(hw_in, hw_out, spans)
 
 
+def _dynresize_window(call: OpCall, hw_in: HW, hw_out: HW) -> Window:
+    """Bilinear, one sample per output pixel: one pixel read per axis where the size is unchanged."""
+    return resize_window(hw_in, hw_out, tuple(1 if a == b else 2 for a, b in zip(hw_in, hw_out)))
+
+
 def _weight_kernel(call: OpCall) -> tuple:
     w = call.arg("weight")
     return tuple(w[-2:]) if isinstance(w, (tuple, list)) and len(w) == 4 else (1, 1)
@@ -227,6 +233,8 @@ _PAD_MODULES = (nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.Replicati
 _ADAPTIVE_FUNCTIONS = {F.adaptive_avg_pool2d: "F.adaptive_avg_pool2d", F.adaptive_max_pool2d: "F.adaptive_max_pool2d"}
 
 SPECS: tuple[OpSpec, ...] = (
+    # placement exact: a resize in front of the kept op (a DynOPool subclass: before "dynopool")
+    OpSpec("dynresize", modules=(DynResize,), window=_dynresize_window),
     OpSpec("dynopool", modules=(DynOPool,), window=_dynopool_window),  # the cost model follows its group
     OpSpec("input_site", functions=(input_resize,), site=InputSiteHandler()),  # convert(input_site=True); identity
     OpSpec("conv", modules=(nn.Conv2d,), site=ConvHandler(), geometry=_module_geometry(_conv_module)),

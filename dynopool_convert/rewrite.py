@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .dynopool import R_MAX, R_MIN, DynOPool
+from .dynresize import DynResize
 from .plan import Plan
 from .sites import Candidate, handler_for
 
@@ -93,6 +94,7 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
     }
     bounds = {g.id: r_bounds_for(g.stride_init) for g in plan.converted_groups()}
     multiples = {g.id: tuple(g.multiple or (1, 1)) for g in plan.converted_groups()}
+    stride_init = {g.id: tuple(float(v) for v in g.stride_init) for g in plan.converted_groups()}
     placement = plan.policy.get("placement", "before")
     paths: dict[str, str] = {}
     for site in plan.converted_sites():
@@ -100,6 +102,13 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
         node = nodes[cand.node]
         handler = handler_for(cand.handler)
         old_target = node.target if node.op == "call_module" else None
+        if (site.placement or placement) == "exact":
+            # the input site's module keeps the site's own name (budget.py finds it there)
+            wanted = site.name if cand.handler == "input_site" else f"{site.name}_dynopool"
+            paths[site.name] = _insert_resize(gm, node, wanted, DynResize(
+                params[site.group], base=stride_init[site.group], r_bounds=bounds[site.group], group=site.group,
+                multiple=multiples[site.group]))
+            continue
         path = pool_path_for(gm, node, site.name, cand.kind)
         pool = DynOPool(params[site.group], aggregate=site.aggregate, r_bounds=bounds[site.group], group=site.group,
                         multiple=multiples[site.group])
@@ -120,6 +129,20 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
     gm.meta["dynopool_pins"] = pins  # site name -> path of the pool that holds its input size
     gm.meta["dynopool_input_size"] = list(plan.input_size)  # the reference (C, H, W), for freeze
     return gm
+
+
+def _insert_resize(gm: fx.GraphModule, node: fx.Node, wanted: str, resize: DynResize) -> str:
+    """Placement ``exact``: the op stays as it is, ``resize`` goes in front of its first input
+    (at module path ``wanted``, or a free variant of it)."""
+    path = _free_path(gm, wanted, node)
+    gm.add_submodule(path, resize)
+    with gm.graph.inserting_before(node):
+        resized = gm.graph.call_module(path, (node.args[0] if node.args else node.kwargs["input"],))
+    if node.args:
+        node.args = (resized, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, "input": resized}
+    return path
 
 
 def _pin(gm: fx.GraphModule, node: fx.Node, site_name: str, size: list[int] | None) -> str:

@@ -107,7 +107,7 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
 def _group_moves(groups: dict, sizes: dict, gid: int) -> list[tuple[str, tuple[float, float]]]:
     param, members = groups[gid]
     pool = members[0][1]
-    return axis_moves(sizes[members[0][0]][0], pool.stride_value, pool.r_bounds, pool.multiple)
+    return axis_moves(sizes[members[0][0]][0], pool.stride_value, pool.r_bounds, pool.multiple, pool.base)
 
 
 @contextlib.contextmanager

@@ -269,7 +269,10 @@ CASES = [
     Case("ft-data-missing-dir", _finetune("--data", "imagefolder:{in}/nodir"), ("not found",)),
     Case("ft-data-unknown-kind", _finetune("--data", "mnist:{in}"), ("unknown data spec", "imagefolder:DIR")),
     Case("ft-data-synthetic-option", _finetune("--data", "synthetic:classes=0"), ("synthetic", "positive")),
-    Case("ft-data-classes-mismatch", _finetune("--data", "imagefolder:{in}/images"), ("2 classes", "num_classes=2")),
+    # a class count that differs from the model's gets a fresh head (tests/test_heads.py); one that
+    # differs from an explicit --num-classes is refused
+    Case("ft-data-classes-mismatch", _finetune("--data", "imagefolder:{in}/images", "--num-classes", "3"),
+         ("--num-classes 3", "2 classes")),
     Case("ft-data-val-all-corrupt", _finetune("--data", "imagefolder:{in}/all_corrupt_val", ckpt="good2"), ("no readable image", "val")),
     Case("ft-recipe-unknown-key", _recipe("unknown_key"), ("unknown recipe key", "train.bogus")),
     Case("ft-recipe-top-level-typo", _recipe("top_level_typo"), ("unknown recipe key", "budgte")),

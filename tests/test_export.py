@@ -214,3 +214,29 @@ def test_the_check_sees_wrong_weights_and_nan(moved, tmp_path):
     save_model(frozen, str(tmp_path / "bad.safetensors"))
     assert _max_diff(load_exported("safetensors", tmp_path / "bad.safetensors", frozen), moved, x)[0] > 1e-2
     assert _max_diff(lambda t: torch.full((2, 5), float("nan")), moved, x)[0] == float("inf")
+
+
+def test_freeze_and_onnx_export_of_an_exact_conversion_at_moved_strides(tmp_path):
+    """Placement ``exact``: every DynResize freezes to a fixed bilinear resize (or the identity)
+    and the ONNX file computes what the converted model does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from dynopool_convert.dynresize import DynResize, FrozenResize
+
+    torch.manual_seed(0)
+    model = convert(ExportNet(8), input_size=SIZE, placement="exact").model.eval()
+    assert any(isinstance(m, DynResize) for m in model.modules())
+    with torch.no_grad():
+        for p in scale_parameters(model):
+            p.mul_(1.15)
+    frozen = freeze(model, SIZE)
+    assert not [m for m in frozen.modules() if isinstance(m, DynOPool)]  # DynResize is one too
+    assert any(isinstance(m, FrozenResize) for m in frozen.modules())  # the moved strides resize
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+    result = export(model, "onnx", tmp_path / "exact.onnx")
+    assert result.max_abs_diff < 1e-5 and result.frozen_max_abs_diff < 1e-5
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert {"Resize", "Conv"} <= ops

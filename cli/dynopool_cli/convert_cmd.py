@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # rich is imported when the command runs (start-up time)
 
 
 class Placement(str, Enum):
+    exact = "exact"
     before = "before"
     after = "after"
 
@@ -76,7 +77,7 @@ def _print_fit(console, fit, budget_flops: int) -> None:
 def convert(
     model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N, HxW or C,H,W (e.g. 1,28,28 for one channel; default: the model's own).")] = None,
-    placement: Annotated[Placement, typer.Option(help="DynOPool before or after each strided conv (made stride 1).")] = Placement.before,
+    placement: Annotated[Optional[Placement], typer.Option(help="exact: every op kept behind a learnable resize that is the identity at init (the converted model computes what the original did; default with --weights/--pretrained); before/after: DynOPool before or after each strided conv (made stride 1), pools become DynOPool (default without weights: before).")] = None,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
     input_site: Annotated[bool, typer.Option("--input-site", help="Also learn the input resolution: a DynOPool site (input_resize) in front of the model, starting at stride 1, so that shrinking the input is one of the choices the budget and the size search weigh.")] = False,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
@@ -86,9 +87,11 @@ def convert(
     build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable), e.g. num_classes=10, dynamic_img_size=true.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9: the converted model is fitted to it.")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Load this state dict first (.safetensors, .pt/.pth read weights-only; timm/torchvision key layouts, 'state_dict'/'model'/'module' wrappers).")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Load timm's/torchvision's own pretrained weights from the local cache (nothing is downloaded).")] = False,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
-    from dynopool_convert import build_model, convert as convert_model, resolve_source, save_checkpoint
+    from dynopool_convert import convert as convert_model, resolve_source, save_checkpoint
     from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
 
     from dynopool_convert.budget import fit_to_budget, parse_budget
@@ -97,6 +100,7 @@ def convert(
     from dynopool_convert.group_ids import by_group, format_by_group
 
     from dynopool_convert.files import check_output_path
+    from dynopool_convert.weights import build_with_weights, default_placement
     from rich.console import Console
 
     budget_flops = parse_budget(budget) if budget is not None else None
@@ -108,7 +112,9 @@ def convert(
         check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")
     build_args = parse_build_args(build_arg)
     with console.status(f"building {source}"):
-        net = build_model(source, build_args)
+        net, origin = build_with_weights(source, build_args, weights, pretrained)
+    if placement is None:
+        placement = Placement(default_placement(origin))
     size = parse_input_size(input_size) if input_size is not None else default_input_size(source, net)
     with console.status(f"counting FLOPs at {size[1]}x{size[2]}"):
         original_flops = count_flops(net, size)
@@ -145,12 +151,14 @@ def convert(
     )
     if fit is not None:
         _print_fit(console, fit, budget_flops)
+    if origin is not None:
+        console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {placement.value}")
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
     path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
     saved = save_checkpoint(
         path, result.model, plan, source, build_args, input_size=size, budget=budget_flops,
-        extra=conversion_extra(original_flops, converted_flops, fit),
+        extra=conversion_extra(original_flops, converted_flops, fit, weights=origin),
     )
     console.print(f"checkpoint: {saved}")

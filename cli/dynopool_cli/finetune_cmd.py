@@ -37,6 +37,7 @@ def finetune(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Data loader worker processes.")] = None,
     log_every: Annotated[Optional[int], typer.Option(min=1, help="Log every N steps.")] = None,
     trust_source: Annotated[bool, typer.Option("--trust-source", help="Allow importing the checkpoint's model source module.")] = False,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Classes of the data; a model with another class count gets a fresh classifier (timm's configured head, torchvision's last Linear). Default: the data's count, the head replaced when it differs.")] = None,
 ) -> None:
     """Fine-tune weights and scale factors under the FLOPs budget; write OUT/{last,best}.pt and metrics.jsonl.
 
@@ -50,6 +51,8 @@ def finetune(
         overrides["budget"] = budget
     if data is not None:
         overrides["data"] = data
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
     from dynopool_convert.training import finetune as run_finetune
 
     from .finetune_progress import PlainLog, RichProgress, fmt_flops

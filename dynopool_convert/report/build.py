@@ -78,6 +78,8 @@ def _match_pool(site: Mapping[str, Any], pools: list[str]) -> str | None:
 def _site_output_node(graph: ReportGraph, pool_node: fx.Node, placement: str) -> fx.Node:
     """The node whose output is the site's feature map (the conv after DynOPool for ``before``)."""
     users = list(pool_node.users)
+    if placement == "exact" and len(users) == 1:
+        return users[0]  # the op kept behind its DynResize
     if placement in ("before", "patchify") and len(users) == 1:
         user = users[0]
         if isinstance(graph.module_of(user), nn.Conv2d) or (user.op == "call_function" and user.target in _CONV_TARGETS):
@@ -266,15 +268,16 @@ def _site_entries(graph: ReportGraph, pools, plan_sites, site_pool, dependent, n
         if pool is not None:
             node = graph.pool_nodes[pool_name]
             src = node.args[0]
-            out_node = _site_output_node(graph, node, str(s.get("placement"))) if s.get("kind") == "conv" else node
+            placement = str(s.get("placement"))
+            out_node = _site_output_node(graph, node, placement) if s.get("kind") == "conv" or placement == "exact" else node
             r_h, r_w = pool.r
             affected = dependent[id(pool.stride)] & graph.descendants(node)
             entry.update(
                 r=[r_h, r_w],
                 stride=list(pool.stride_value),
                 input_size=_hw(shapes_now[src.name]),
-                output_size=_hw(shapes_now[node.name]),
-                output_size_init=_hw(shapes_init[node.name]),
+                output_size=_hw(shapes_now[out_node.name]),
+                output_size_init=_hw(shapes_init[out_node.name]),
                 receptive_field=_rf(rf_now.fields.get(out_node.name)),
                 receptive_field_init=_rf(rf_init.fields.get(out_node.name)),
                 flops_dependent=_node_flops(graph, by_module, affected),

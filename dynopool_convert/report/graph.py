@@ -89,7 +89,8 @@ def frozen_pools(model: nn.Module, strides: Mapping[str, tuple[float, float]] | 
             value = pool.stride_value if s is None else tuple(min(max(float(v), lo), hi) for v in s)
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, FixedResize(value, pool.multiple))
+            effective = (value[0] / pool.base[0], value[1] / pool.base[1])  # DynResize: H * base / s
+            setattr(parent, attr, FixedResize(effective, pool.multiple))
             swapped.append((parent, attr, pool))
         yield model
     finally:

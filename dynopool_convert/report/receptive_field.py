@@ -16,6 +16,7 @@ the size geometry the cost model reads too):
   included, over all cells (pixels with zero bilinear weight excluded). At ``s = 2`` on an even
   size that is 2 (exactly ``max_pool2d(2)``); for a fractional cell it is at most
   ``c / 2 + 2``: the reads span half the cell plus the interpolation support, not the cell;
+- DynResize (placement ``exact``): ``t = H / H'``; ``k`` = 2 (bilinear), 1 where the size is unchanged;
 - adaptive pools: ``k`` = widest bin, ``t = H / H'``;
 - interpolate / upsample: ``t = H / H'``; ``k`` = 1 (nearest), 2 (bilinear), 4 (bicubic);
 - ops with several spatial operands (add, mul, cat, ...): the maximum over the operands;

@@ -65,7 +65,7 @@ class TrainConfig:
 class ConvertPolicy:
     """Conversion policy used when the recipe names an unconverted model (``convert:`` section)."""
 
-    placement: str = "before"
+    placement: str | None = None  # default: exact with weights/pretrained, else before
     aggregate: str | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -78,6 +78,9 @@ class FinetuneConfig:
 
     model: str | None = None  # model source to build and convert when no checkpoint is given
     build_args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # a state dict file loaded into the model before converting it
+    pretrained: bool = False  # timm's/torchvision's own pretrained weights, from the local cache
+    num_classes: int | None = None  # the classifier's class count (replaced when it differs); default the data's
     input_size: list[int] | None = None  # (C, H, W) for a model converted here
     convert: ConvertPolicy = field(default_factory=ConvertPolicy)
     budget: str | None = None  # default: the checkpoint's budget

@@ -25,6 +25,7 @@ from ..errors import UserInputError
 from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
+from .heads import adapt_head
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
@@ -177,6 +178,7 @@ class _Run:
         self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
+        adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)

@@ -1,0 +1,94 @@
+"""Head replacement: fine-tune a model trained on other classes (a 1000-class ImageNet model on a
+4-class dataset) by replacing its classifier, as timm's ``reset_classifier`` does.
+
+The converted model is an fx GraphModule (timm's ``reset_classifier`` is gone), so the
+classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm sources, the last
+``nn.Linear`` for torchvision ones. It becomes a fresh layer of the same kind with the new class
+count, and the checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the
+model with the new head.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+
+__all__ = ["model_classes", "classifier_path", "replace_classifier", "adapt_head"]
+
+
+def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) -> int | None:
+    """The class count the model outputs (its last dim on one input), None if not N x classes."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, *input_size, device=device))
+    model.train(was)
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+
+
+def classifier_path(model: nn.Module, source: str) -> str | None:
+    """The qualified name of the classifier layer: timm's configured one, else the last Linear."""
+    names = dict(model.named_modules())
+    if source.startswith("timm:"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(source[5:])
+        wanted = getattr(cfg, "classifier", None) if cfg is not None else None
+        if isinstance(wanted, str) and isinstance(names.get(wanted), (nn.Linear, nn.Conv2d)):
+            return wanted
+        if isinstance(wanted, (tuple, list)):
+            return None  # several heads (distillation): no single classifier to replace
+    if not source.startswith(("timm:", "torchvision:")):
+        return None
+    linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _fresh(layer: nn.Module, num_classes: int) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
+    elif isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and layer.groups == 1:
+        new = nn.Conv2d(layer.in_channels, num_classes, 1, bias=layer.bias is not None)
+    else:
+        raise UserInputError(f"the classifier is a {type(layer).__name__}, which dynopool does not replace")
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
+    """Swap the classifier of ``model`` for a fresh one with ``num_classes`` outputs; its path."""
+    path = classifier_path(model, source)
+    if path is None:
+        raise UserInputError(
+            f"cannot replace the classifier of {source!r} (no single timm classifier or torchvision Linear found): "
+            f"convert it with num_classes={num_classes}"
+        )
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, _fresh(getattr(parent, attr), num_classes))
+    return path
+
+
+def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, device,
+               say: Callable[[str], None]) -> None:
+    """Give ``model`` ``data_classes`` outputs (``wanted``, when given, must agree with the data):
+    replace its classifier if its class count differs, say so in one line, and make the bundle's
+    ``build_args`` rebuild that head."""
+    if wanted is not None and wanted != data_classes:
+        raise UserInputError(f"--num-classes {wanted} but the data has {data_classes} classes")
+    have = model_classes(model, bundle.input_size, device)
+    if have is None or have == data_classes:
+        return
+    if not bundle.source.startswith(("timm:", "torchvision:")):
+        raise UserInputError(
+            f"the model outputs {have} classes but the data has {data_classes}: dynopool replaces the classifier of "
+            f"timm and torchvision models only; convert {bundle.source!r} with num_classes={data_classes}"
+        )
+    path = replace_classifier(model, bundle.source, data_classes)
+    if model_classes(model, bundle.input_size, device) != data_classes:
+        raise UserInputError(f"replacing {path!r} did not give {data_classes} outputs: convert the model with "
+                             f"num_classes={data_classes}")
+    bundle.build_args = {**(bundle.build_args or {}), "num_classes": data_classes}
+    say(f"head: {path} replaced ({have} -> {data_classes} classes, fresh weights)")

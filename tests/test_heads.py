@@ -1,0 +1,66 @@
+"""Head replacement: finetune a model trained on other classes (its classifier is replaced, said
+in one line; ``--num-classes`` makes it explicit; a clear refusal where no classifier is found)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynopool_convert as dc
+from dynopool_convert import UserInputError
+from dynopool_convert.training import finetune
+from dynopool_convert.training.heads import classifier_path, replace_classifier
+from dynopool_convert.training.trainer import TrainCallbacks
+
+DATA = "synthetic:classes=4,train=16,val=8"
+TRAIN = {"steps": 1, "batch_size": 8, "device": "cpu", "log_every": 1}
+
+
+class _Messages(TrainCallbacks):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def on_message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _converted(tmp_path, source: str, classes: int, size: int = 32):
+    model = dc.build_model(source, {"num_classes": classes})
+    result = dc.convert(model, (3, size, size), placement="exact")
+    return dc.save_checkpoint(tmp_path / "c.pt", result.model, result.plan, source, {"num_classes": classes}, (3, size, size))
+
+
+@pytest.mark.parametrize("source, head", [("timm:resnet18", "fc"), ("torchvision:mobilenet_v3_small", "classifier.3")])
+def test_finetune_replaces_a_head_with_another_class_count(tmp_path, source, head):
+    ckpt = _converted(tmp_path, source, classes=10)
+    before = dc.load(ckpt).get_submodule(head).weight.detach().clone()
+    said = _Messages()
+    res = finetune(ckpt, tmp_path / "run", callbacks=said, overrides={"data": DATA, "train": TRAIN})
+    assert res.completed
+    assert [line for line in said.lines if line.startswith("head:")] == [
+        f"head: {head} replaced (10 -> 4 classes, fresh weights)"]
+    saved = dc.load_checkpoint(tmp_path / "run" / "last.pt")  # rebuilt with the new head
+    assert saved.build_args["num_classes"] == 4 and saved.model.get_submodule(head).out_features == 4
+    assert saved.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    assert not torch.equal(saved.model.get_submodule(head).weight[:4], before[:4])
+    body = [k for k in saved.model.state_dict() if not k.startswith(head)]
+    assert body  # the rest of the model is what was fine-tuned from the checkpoint, not rebuilt
+
+
+def test_num_classes_must_agree_with_the_data(tmp_path):
+    ckpt = _converted(tmp_path, "timm:resnet18", classes=10)
+    with pytest.raises(UserInputError, match="--num-classes 7 but the data has 4 classes"):
+        finetune(ckpt, tmp_path / "run", overrides={"data": DATA, "num_classes": 7, "train": TRAIN})
+    res = finetune(ckpt, tmp_path / "run2", overrides={"data": DATA, "num_classes": 4, "train": TRAIN})
+    assert res.completed
+
+
+def test_refusals_where_no_single_classifier_is_found(tmp_path):
+    distilled = dc.build_model("timm:deit_tiny_distilled_patch16_224", {"num_classes": 3})
+    assert classifier_path(distilled, "timm:deit_tiny_distilled_patch16_224") is None  # two heads
+    with pytest.raises(UserInputError, match="cannot replace the classifier"):
+        replace_classifier(distilled, "timm:deit_tiny_distilled_patch16_224", 4)
+    source = "_convert_models:tiny_net"
+    result = dc.convert(dc.build_model(source, {"num_classes": 5}), input_size=(3, 32, 32))
+    path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 5}, (3, 32, 32))
+    with pytest.raises(UserInputError, match="timm and torchvision models only; convert .* with num_classes=4"):
+        finetune(path, tmp_path / "run", trust_source=True, overrides={"data": DATA, "train": TRAIN})
