@@ -185,7 +185,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON lines (default docs/results/learning/VARIANT.jsonl)")
     args = ap.parse_args()
     if args.out is None:
-        args.out = Path("docs/results/learning") / f"{args.variant if args.budget_frac == 1.0 else 'half-budget'}.jsonl"
+        name = args.variant if args.budget_frac == 1.0 else f"{args.variant}-{args.budget_frac:g}x"
+        args.out = Path("docs/results/learning") / f"{'half-budget' if name == 'original-0.5x' else name}.jsonl"
     data = load_fashion_mnist(args.data_dir, torch.device("cpu"))
     data["test_x_" + args.variant] = VARIANTS[args.variant](data["test_x"], None)
     base = count_flops(small_vgg(width=args.width), (1, 28, 28))
