@@ -20,22 +20,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checkpoint_extra import with_current_flops
 from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
-from .heads import adapt_head
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from .heads import adapt_head
+from .interrupt import StopFlag
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
-from ..checkpoint_extra import with_current_flops
 from .size_control import SizeControl
 from .size_guard import SizeGuard
 from .sizes import SizeSchedule
-from .interrupt import StopFlag
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
@@ -173,7 +173,7 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
-        # the search weighs sizes against FLOPs: without a budget the strides learn to the end
+        # the search weighs sizes against FLOPs: without a budget there is none
         searching = t.size_search and self.budget is not None and bool(scale_parameters(bundle.model))
         self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
         self.data = data
