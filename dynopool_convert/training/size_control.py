@@ -1,17 +1,21 @@
-"""How a fine-tuning run moves its sizes: jitter while learning, a held-out search, then settle.
+"""How a fine-tuning run chooses its sizes: a held-out search, then settling.
 
-The schedule (``train.size_jitter``, ``train.size_search``, ``train.settle``, ``train.holdout``):
+The schedule (``train.size_search``, ``train.settle``, ``train.holdout``; ``train.scale_lr`` and
+``train.size_jitter``, both 0 by default: docs/RESULTS.md §6):
 
-1. *Learning* (the first ``1 - settle`` of the steps): weights and strides train together; each
-   step every group's size is jittered by up to ``size_jitter`` pixels (``size_jitter.py``).
+1. *Training* (the first ``1 - settle`` of the steps): the weights train at the starting sizes
+   (the budget fit's); with ``scale_lr > 0`` the strides also learn by their gradient, and with
+   ``size_jitter > 0`` every group's size moves by up to that many pixels each step
+   (``size_jitter.py``).
 2. *Search* (once, at that step): the held-out split carved from the training data (never the
    validation data) compares size allocations within the budget: the run's initial one is kept
-   unless the learned one or a neighbour has a lower held-out loss by a clear margin (a paired
-   test over the same images; ``size_search.py``).
+   unless the learned one, a group shrunk alone into the budget or a neighbour has a lower
+   held-out loss in a paired one-sided test over the same images (``size_search.py``).
 3. *Settling* (the last ``settle`` of the steps): the strides are held at the chosen sizes and
-   the weights adapt to them without jitter.
+   the weights adapt to them.
 
-With ``size_search`` off, the strides learn (with jitter) until the end, as in the paper.
+With ``size_search`` off (or no budget), the strides keep whatever ``scale_lr`` does to the end,
+as in the paper.
 """
 from __future__ import annotations
 
