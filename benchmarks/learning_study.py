@@ -9,7 +9,7 @@ search; never the test split), the full 10k test split for the reported accuracy
 share the data, network (the small VGG), epochs, optimiser (AdamW, one-cycle) and augmentation.
 
 Methods: ``fixed`` (the network as is, at 28 px), ``lowres`` (the network on inputs resized to the
-largest size within the budget), ``dyn-paper`` (the three max-pools as DynOPool, strides learned
+largest size within the budget), ``resN`` (the network on N x N inputs, whatever the budget), ``dyn-paper`` (the three max-pools as DynOPool, strides learned
 by their straight-through gradient under the ceiling penalty: the paper's method and our old
 default) and ``dyn`` (dynopool's default: see ``--help`` of each knob), whose parts can be
 switched off for the ablation (``dyn:nojitter``, ``dyn:nosearch``, ``dyn:noinput``, ...).
@@ -105,6 +105,8 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     if method == "lowres":
         while count_flops(small_vgg(width=args.width), (1, size, size)) > budget:
             size -= 1
+    elif method.startswith("res"):  # the fixed network at a given input resolution, e.g. res20
+        size = int(method[3:])
     if dyn:
         model = convert(model, input_size=(1, 28, 28), input_site=bool(opts.get("input", False))).model
         fit_to_budget(model, budget, (1, 28, 28))

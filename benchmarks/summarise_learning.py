@@ -69,7 +69,8 @@ def gradient_table(rows: list[dict]) -> str:
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/learning")
-    study = [r for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name for r in _rows(p)]
+    study = [r for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name and "frontier" not in p.name
+             for r in _rows(p)]
     if study:
         print(methods_table(study))
     grad = folder / "gradient_study.jsonl"
