@@ -35,12 +35,13 @@ class SizeControl:
     """The size schedule of one run (see the module docstring)."""
 
     def __init__(self, model: nn.Module, input_size: Sequence[int], *, jitter: int, search: bool, settle: float,
-                 total_steps: int, seed: int, rounds: int = 4, alpha: float = 0.05) -> None:
+                 total_steps: int, seed: int, rounds: int = 4, alpha: float = 0.05, learning: bool = True) -> None:
         self.geometry = GroupGeometry(model, input_size)
         self.active = bool(self.geometry.params)
         self.jitter = SizeJitter(self.geometry, jitter if self.active else 0, seed)
         self.search_step = round(total_steps * (1.0 - settle)) if (search and self.active) else None
         self.rounds, self.seed, self.alpha = rounds, seed, alpha
+        self.learning = learning  # an optimiser moves the strides (else nothing needs holding)
         self.initial = self.geometry.strides()  # the run's starting allocation (the search's incumbent)
         self.original = [tuple(m.stride_init) for m in self.geometry.sites]  # the converted model's, before any fit
         self.result: dict[str, Any] | None = None  # the search's outcome once it ran
@@ -103,7 +104,7 @@ class SizeControl:
     def hold(self) -> None:
         """While settling, put the searched strides back after each optimiser step (whatever the
         optimiser's momentum would do to them; works the same under DDP)."""
-        if self.settled:
+        if self.settled and self.learning:
             self.geometry.set_strides(self.result["strides"])
 
     def state(self) -> dict[str, Any]:

@@ -209,7 +209,7 @@ class _Run:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
-                                 settle=t.settle, total_steps=self.total_steps, seed=t.seed)
+                                 settle=t.settle, total_steps=self.total_steps, seed=t.seed, learning=t.scale_lr > 0)
         if resume:
             self._restore(bundle.training)
         self.saved_step = self.progress.step if resume else None  # step of the last checkpoint on disk
