@@ -2,7 +2,6 @@
 (importable as ``_export_models:export_net``)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from dynopool_cli.app import main
+from dynopool_convert import checkpoint
 from dynopool_convert.report import render, report_from_checkpoint
 from dynopool_convert.report.flops import flops_by_module
 from dynopool_convert.report.schema import check_report
 
-checkpoint = pytest.importorskip("dynopool_convert.checkpoint", reason="needs the conversion pass (main)")
 
 SIZE = (3, 64, 64)
 

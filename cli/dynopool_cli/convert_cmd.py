@@ -97,7 +97,6 @@ def convert(
     from dynopool_convert.budget import fit_to_budget, parse_budget
     from dynopool_convert.checkpoint_extra import conversion_extra
     from dynopool_convert.flops import count_flops, format_flops
-    from dynopool_convert.group_ids import by_group, format_by_group
 
     from dynopool_convert.files import check_output_path
     from dynopool_convert.weights import build_with_weights, default_placement

@@ -18,7 +18,6 @@ from statistics import NormalDist
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 from .group_sizes import GroupGeometry
