@@ -37,7 +37,8 @@ from dynopool_convert.training.group_sizes import GroupGeometry
 from dynopool_convert.training.size_control import SizeControl
 
 #: the dyn method's parts; "dyn:noX" switches part X off
-DYN_DEFAULTS = {"input": True, "jitter": 1, "search": True, "scale_lr": 0.01, "mode": "ceiling", "settle": 0.3}
+DYN_DEFAULTS = {"input": True, "jitter": 1, "search": True, "scale_lr": 0.01, "mode": "ceiling", "settle": 0.3,
+                "placement": "before"}
 
 
 def dyn_options(method: str, args) -> dict:
@@ -53,6 +54,8 @@ def dyn_options(method: str, args) -> dict:
             opts["mode"] = "target"
         elif flag == "frozen":
             opts["scale_lr"] = 0.0
+        elif flag in ("exact", "before", "after"):
+            opts["placement"] = flag
         elif flag.startswith("jitter"):
             opts["jitter"] = int(flag[6:])
         elif flag.startswith("slr"):
@@ -62,13 +65,20 @@ def dyn_options(method: str, args) -> dict:
     return opts
 
 
-def batches(data, idx, transform, gen, size, bs):
-    for i in range(0, len(idx), bs):
-        j = idx[i: i + bs]
-        x = transform(data["train_x"][j], gen)
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        yield x, data["train_y"][j]
+def batches(data, pool: dict, transform, gen, size, bs):
+    """Endless shuffled epochs over ``pool["idx"]`` (read again at each epoch, so that the pool can
+    grow when the held-out images rejoin training); yields (epoch, x, y)."""
+    epoch = 0
+    while True:
+        idx = pool["idx"]
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        for i in range(0, len(order), bs):
+            j = order[i: i + bs]
+            x = transform(data["train_x"][j], gen)
+            if x.shape[-1] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            yield epoch, x, data["train_y"][j]
+        epoch += 1
 
 
 def accuracy(model, xs, ys, size, bs=1000) -> tuple[float, float]:
@@ -108,11 +118,19 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     elif method.startswith("res"):  # the fixed network at a given input resolution, e.g. res20
         size = int(method[3:])
     if dyn:
-        model = convert(model, input_size=(1, 28, 28), input_site=bool(opts.get("input", False))).model
+        model = convert(model, input_size=(1, 28, 28), input_site=bool(opts.get("input", False)),
+                        placement=opts.get("placement", "before")).model
         fit_to_budget(model, budget, (1, 28, 28))
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(data["train_y"]), generator=g)
-    train_idx, hold_idx = perm[: args.train_size], perm[args.train_size: args.train_size + args.holdout]
+    train_idx = perm[: args.train_size]
+    if args.holdout_mode == "extra":  # further training images, seen by no method's training
+        hold_idx = perm[args.train_size: args.train_size + args.holdout]
+    else:  # carved from the training images, as dynopool finetune does
+        hold_idx = train_idx[: args.holdout]
+    # what a method trains on: all training images, or (a method that searches) all but the held-out
+    searching = dyn and bool(opts.get("search"))
+    pool = {"idx": train_idx[args.holdout:] if searching and args.holdout_mode != "extra" else train_idx}
     hold_x = transform(data["train_x"][hold_idx], None)
     hold_y = data["train_y"][hold_idx]
     strides = scale_parameters(model)
@@ -131,30 +149,32 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     searched, curve, step = None, [], 0
     t0 = time.perf_counter()
     model.train()
-    for epoch in range(args.epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=g)]
-        for x, y in batches(data, order, transform, g, size, args.batch_size):
-            if sizes is not None and sizes.search_due(step):
-                searched = sizes.search(cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
-                                        lambda: project_to_budget(model, budget, (1, 28, 28), cost))
-                searched = dict(searched, evaluated=searched["evaluated"][:8])  # the starts and the first moves
-                opt_s = None  # settle: sizes held from here on
-            with sizes.step(step) if sizes is not None else contextlib.nullcontext():
-                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-                if opt_s is not None:
-                    loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
-                    opt_s.zero_grad(set_to_none=True)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-            sched.step()
+    for epoch, x, y in batches(data, pool, transform, g, size, args.batch_size):
+        if step == total:
+            break
+        if sizes is not None and sizes.search_due(step):
+            searched = sizes.search(cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
+                                    lambda: project_to_budget(model, budget, (1, 28, 28), cost))
+            searched = dict(searched, evaluated=searched["evaluated"][:8])  # the starts and the first moves
+            opt_s = None  # settle: sizes held from here on
+            if args.holdout_mode == "rejoin":  # the held-out images train again from the next epoch
+                pool["idx"] = train_idx
+        with sizes.step(step) if sizes is not None else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             if opt_s is not None:
-                opt_s.step()
-                clamp_strides_(model)
-            if sizes is not None:
-                sizes.hold()
-            step += 1
-        if args.curve:
+                loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
+                opt_s.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        sched.step()
+        if opt_s is not None:
+            opt_s.step()
+            clamp_strides_(model)
+        if sizes is not None:
+            sizes.hold()
+        step += 1
+        if args.curve and step % steps_per_epoch == 0:
             curve.append(round(accuracy(model, data["test_x_" + variant], data["test_y"], size)[0], 4))
     if dyn:
         project_to_budget(model, budget, (1, 28, 28))
@@ -164,7 +184,7 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     return {"variant": variant, "method": method, "seed": seed, "accuracy": acc, "flops": flops, "budget": budget,
             "base_flops": base_flops, "input": size, "sizes": sizes, "search": searched, "curve": curve,
             "seconds": round(time.perf_counter() - t0, 1), "epochs": args.epochs, "train_size": args.train_size,
-            "opts": opts}
+            "opts": opts, "holdout": args.holdout, "holdout_mode": args.holdout_mode if dyn else None}
 
 
 def main() -> None:
@@ -177,6 +197,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--holdout", type=int, default=1000)
+    ap.add_argument("--holdout-mode", default="extra", choices=["extra", "carve", "rejoin"],
+                    help="the search's held-out images: further images (extra), carved from the training "
+                         "images (carve: as dynopool finetune does), or carved and back in training once the "
+                         "sizes are chosen (rejoin). Training steps are the same for every method")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -46,6 +46,18 @@ def test_set_sizes_follows_the_groups_before(converted):
     assert not geo.set_sizes([(60, 60), (9, 13), (5, 4)])  # r would exceed its bound of 2
 
 
+def test_set_sizes_under_the_exact_placement():
+    """A DynResize resizes H -> H * s0 / s (its size is what the kept op reads): the strides for
+    wanted sizes carry its base s0, and the model's outputs follow."""
+    model = convert(_net(), input_size=SIZE, input_site=True, placement="exact").model
+    geo = GroupGeometry(model, SIZE)
+    assert geo.measure() == ([(28, 28), (28, 28), (14, 14)], [(28, 28), (28, 28), (14, 14)])
+    assert geo.set_sizes([(24, 26), (20, 25), (9, 11)])
+    assert geo.measure()[1] == [(24, 26), (20, 25), (9, 11)]
+    h, w = geo.strides()[1]
+    assert abs(h - 2.0 * 24 / 20) < 1e-5 and abs(w - 2.0 * 26 / 25) < 1e-5
+
+
 def test_jitter_moves_sizes_within_pixels_and_restores_strides(converted):
     geo = GroupGeometry(converted, SIZE)
     jitter = SizeJitter(geo, pixels=1, seed=0)

@@ -76,14 +76,16 @@ class GroupGeometry:
             self.set_strides(saved)
 
     def set_sizes(self, sizes: Sequence[Pair]) -> bool:
-        """Set strides that give ``sizes`` (``H / H'`` per axis, the input sizes following the
-        groups before); True when every group reached its size (bounds and multiples permitting)."""
+        """Set strides that give ``sizes`` (``s0 * H / H'`` per axis: ``s0`` is 1 for DynOPool and a
+        ``DynResize``'s base, since it resizes ``H -> H * s0 / s``; the input sizes follow the groups
+        before); True when every group reached its size (bounds and multiples permitting)."""
         sizes = [tuple(s) for s in sizes]
+        bases = [getattr(m, "base", (1.0, 1.0)) for m in self.sites]
         for _ in range(len(self.params) + 1):
             ins, outs = self.measure()
             if outs == sizes:
                 return True
-            strides = [(min(max(ih / max(oh, 1), lo), hi), min(max(iw / max(ow, 1), lo), hi))
-                       for (ih, iw), (oh, ow), (lo, hi) in zip(ins, sizes, self.bounds)]
+            strides = [(min(max(bh * ih / max(oh, 1), lo), hi), min(max(bw * iw / max(ow, 1), lo), hi))
+                       for (ih, iw), (oh, ow), (lo, hi), (bh, bw) in zip(ins, sizes, self.bounds, bases)]
             self.set_strides(strides)
         return self.measure()[1] == sizes
