@@ -98,6 +98,7 @@ def search_sizes(
     """
     rng = random.Random(seed)
     seen: dict[tuple, tuple[Tensor, Tensor] | None] = {}
+    evaluated_at: dict[tuple, list[tuple[float, float]]] = {}  # the strides each allocation was scored at
     log: list[dict] = []
 
     def measure(sizes: Sizes, origin: str) -> tuple[Tensor, Tensor] | None:
@@ -105,10 +106,11 @@ def search_sizes(
         if key not in seen:
             seen[key] = None
             if geometry.set_sizes(sizes):  # else a bound or multiple forbids it
-                flops = int(flops_of(geometry.strides()))
+                strides = geometry.strides()
+                flops = int(flops_of(strides))
                 if flops <= budget:
                     losses, correct = evaluate()
-                    seen[key] = (losses, correct)
+                    seen[key], evaluated_at[key] = (losses, correct), strides
                     log.append({"sizes": [list(s) for s in sizes], "flops": flops, "loss": float(losses.mean()),
                                 "accuracy": float(correct.float().mean()), "from": origin})
         return seen[key]
@@ -138,7 +140,7 @@ def search_sizes(
         if not found:
             break
         best_sizes, _, best = found
-    geometry.set_sizes(best_sizes)
-    strides = geometry.strides()
+    strides = evaluated_at[tuple(best_sizes)]  # exactly what was scored (and fits the budget)
+    geometry.set_strides(strides)
     return SearchResult(best_sizes, strides, float(best[0].mean()), float(best[1].float().mean()),
                         int(flops_of(strides)), start, log)
