@@ -10,6 +10,7 @@ from torch import nn
 from dynopool_convert import convert
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.training import finetune
+from dynopool_convert.training.trainer import TrainCallbacks
 from dynopool_convert.training.group_sizes import GroupGeometry
 from dynopool_convert.training.size_jitter import SizeJitter
 from dynopool_convert.training.size_search import search_sizes
@@ -181,3 +182,36 @@ def test_search_starts_include_each_group_shrunk_alone(converted):
     assert set(starts) == {"only group 0 shrunk", "only group 1 shrunk"}  # the last group alone cannot get there
     for strides in starts.values():
         assert cost.flops(strides) <= full * 2 // 3
+
+
+def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_path):
+    torch.manual_seed(0)
+    build = {"num_classes": 4, "in_chans": 3, "width": 4}
+    size = (3, 16, 16)
+    result = convert(small_cnn(**build), input_size=size)
+    budget = int(0.9 * count_flops(result.model, size))
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
+                    input_size=size, budget=budget)
+    ov = {"data": "synthetic:classes=4,train=100,val=16", "train": {
+        "steps": 50, "batch_size": 10, "device": "cpu", "log_every": 1}}
+    messages = []
+
+    class Say(TrainCallbacks):
+        def on_message(self, text):
+            messages.append(text)
+
+    full = finetune(ckpt, tmp_path / "a", trust_source=True, overrides=ov, callbacks=Say())
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "search"] == [35]  # epoch 3 (steps 28-36 on 90 images)
+    # 9 steps per epoch on the 90 kept images, 10 from epoch 4 on (all 100)
+    assert [r["step"] for r in rows if r["kind"] == "epoch"] == [9, 18, 27, 36, 46, 50]
+    assert any("10 held-out images train again from epoch 4" in m for m in messages)
+    # interrupted after the rejoin, mid-epoch, then resumed: the same run bit for bit
+    part = finetune(ckpt, tmp_path / "b", trust_source=True, overrides=ov, stop_after_steps=41)
+    assert not part.completed
+    rest = finetune(None, tmp_path / "b", resume=True, trust_source=True)
+    assert rest.completed and rest.strides == full.strides
+    sa = load_checkpoint(tmp_path / "a" / "last.pt", trust_source=True).model.state_dict()
+    sb = load_checkpoint(tmp_path / "b" / "last.pt", trust_source=True).model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -12,7 +12,8 @@ The schedule (``train.size_search``, ``train.settle``, ``train.holdout``; ``trai
    unless the learned one, a group shrunk alone into the budget or a neighbour has a lower
    held-out loss in a paired one-sided test over the same images (``size_search.py``).
 3. *Settling* (the last ``settle`` of the steps): the strides are held at the chosen sizes and
-   the weights adapt to them.
+   the weights adapt to them, on all the training images: the held-out ones have served their
+   one purpose and train again from the epoch after the search (``rejoin_epoch``).
 
 With ``size_search`` off (or no budget), the strides keep whatever ``scale_lr`` does to the end,
 as in the paper.
@@ -45,6 +46,7 @@ class SizeControl:
         self.initial = self.geometry.strides()  # the run's starting allocation (the search's incumbent)
         self.original = [tuple(m.stride_init) for m in self.geometry.sites]  # the converted model's, before any fit
         self.result: dict[str, Any] | None = None  # the search's outcome once it ran
+        self.rejoin_epoch: int | None = None  # the held-out images train again from this epoch on
 
     @property
     def settled(self) -> bool:
@@ -53,6 +55,10 @@ class SizeControl:
     def step(self, step: int) -> contextlib.AbstractContextManager:
         """Context for one training step's forward and backward (jittered while learning)."""
         return contextlib.nullcontext() if self.settled else self.jitter.step(step)
+
+    def rejoins(self, epoch: int) -> bool:
+        """Whether the held-out images are back in training at ``epoch``."""
+        return self.rejoin_epoch is not None and epoch >= self.rejoin_epoch
 
     def search_due(self, step: int) -> bool:
         return self.search_step is not None and not self.settled and step >= self.search_step
@@ -109,7 +115,7 @@ class SizeControl:
 
     def state(self) -> dict[str, Any]:
         return {"initial": [list(s) for s in self.initial], "jitter_sizes": [list(s) for s in self.jitter.sizes],
-                "result": self.result}
+                "result": self.result, "rejoin_epoch": self.rejoin_epoch}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if not state:
@@ -117,3 +123,4 @@ class SizeControl:
         self.initial = [tuple(s) for s in state["initial"]]
         self.jitter.sizes = [tuple(s) for s in state["jitter_sizes"]]
         self.result = state.get("result")
+        self.rejoin_epoch = state.get("rejoin_epoch")

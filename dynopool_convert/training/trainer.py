@@ -8,7 +8,6 @@ state; the strides as trained are kept in the state, so a resumed run continues 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -26,6 +25,7 @@ from ..errors import UserInputError
 from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
+from .evaluation import autocast, score
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .heads import adapt_head
 from .interrupt import StopFlag
@@ -76,14 +76,6 @@ class FinetuneResult:
 
 def _group_r(model: nn.Module) -> list[list[float]]:
     return [[round(1.0 / v, 6) for v in p.detach().cpu().tolist()] for p in scale_parameters(model)]
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 #: train settings that the saved optimiser, scheduler and data position fix: a resumed run
@@ -280,6 +272,7 @@ class _Run:
         done_here = 0
         guard = SizeGuard(self.model, save=lambda: self._checkpoint(is_best=False))
         while p.step < self.total_steps:
+            self._rejoin_holdout()
             epoch_t0, window_t0, window_imgs = time.perf_counter(), time.perf_counter(), 0
             sums = p.epoch_sums  # loss * n, correct, n over this epoch (this process), resumable
             for images, labels in self._loader(p.epoch):
@@ -320,7 +313,7 @@ class _Run:
         images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
         self.ddp.train()
         with self.sizes.step(self.progress.step):  # jittered sizes while the strides learn
-            with _autocast(dev, t.amp):
+            with autocast(dev, t.amp):
                 logits = self.ddp(images)
                 task = self.criterion(logits.float(), labels)
             flops = self.cost() if self.cost is not None else None
@@ -348,6 +341,7 @@ class _Run:
         result = self.sizes.search(
             self.cost.flops, budget, self._holdout_losses,
             lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
+        self.sizes.rejoin_epoch = self.progress.epoch + 1
         row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
                **{k: v for k, v in result.items() if k != "evaluated"}}
         self.rows.append(row)
@@ -355,6 +349,16 @@ class _Run:
             f"size search: kept {' / '.join(f'{h}x{w}' for h, w in result['sizes'])} (from the {result['start']} sizes, "
             f"{result['evaluations']} allocations scored), held-out accuracy {result['accuracy']:.4f}, "
             f"{result['flops']:,} FLOPs; the sizes are fixed from here on")
+
+    def _rejoin_holdout(self) -> None:
+        """From the epoch after the search, the held-out images train again (their one use is done)."""
+        full = getattr(self.data.train, "full", None)
+        if full is None or not self.sizes.rejoins(self.progress.epoch):
+            return
+        self.data.train = full
+        self.sampler = EpochSampler(len(full), self.t.seed, self.info.rank, self.info.world)
+        self.steps_per_epoch = len(self.sampler) // self.t.batch_size
+        self.cbs.on_message(f"the {len(self.holdout)} held-out images train again from epoch {self.progress.epoch}")
 
     def _stop_if_diverged(self, what: str, bad: bool) -> None:
         """Stop the run (every rank) when training produced NaN/inf; the files on disk stay as they were."""
@@ -384,31 +388,13 @@ class _Run:
     # ------------------------------------------------------------------ epochs, saving
     def _holdout_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image loss and correctness on the whole held-out split (every rank alike)."""
-        loader = DataLoader(self.holdout, batch_size=self.t.batch_size, shuffle=False, num_workers=self.t.workers)
-        self.model.eval()
-        losses, correct = [], []
-        with torch.no_grad(), _autocast(self.info.device, self.t.amp):
-            for images, labels in loader:
-                images, labels = images.to(self.info.device), labels.to(self.info.device)
-                logits = self.model(images).float()
-                losses.append(nn.functional.cross_entropy(logits, labels, reduction="none").cpu())
-                correct.append((logits.argmax(1) == labels).cpu())
-        return torch.cat(losses), torch.cat(correct)
+        return score(self.model, self.holdout, self.t.batch_size, self.t.workers, self.info.device, self.t.amp)
 
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
-        data, info = self.data.val, self.info
-        indices = list(range(info.rank, len(data), info.world))
-        loader = DataLoader(data, batch_size=self.t.batch_size, sampler=indices, num_workers=self.t.workers)
-        model.eval()
-        loss_sum = correct = count = 0.0
-        with torch.no_grad(), _autocast(info.device, self.t.amp):
-            for images, labels in loader:
-                images, labels = images.to(info.device), labels.to(info.device)
-                logits = model(images).float()
-                loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-                correct += (logits.argmax(1) == labels).sum().item()
-                count += labels.shape[0]
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+        info = self.info
+        losses, correct = score(model, self.data.val, self.t.batch_size, self.t.workers, info.device, self.t.amp,
+                                indices=list(range(info.rank, len(self.data.val), info.world)))
+        loss_sum, correct, count = all_reduce_sum([float(losses.double().sum()), float(correct.sum()), len(losses)], info)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     def _end_epoch(self, sums: list[float], seconds: float) -> None:
