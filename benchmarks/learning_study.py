@@ -138,6 +138,9 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=args.lr, weight_decay=5e-4)
     scale_lr = opts.get("scale_lr", args.scale_lr)
     opt_s = torch.optim.Adam(strides, lr=scale_lr) if dyn and scale_lr > 0 else None
+    if opt_s is None:  # not learned by gradient: no stride gradients (as dynopool finetune does)
+        for p in strides:
+            p.requires_grad_(False)
     steps_per_epoch = math.ceil(args.train_size / args.batch_size)
     total = args.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.1)
