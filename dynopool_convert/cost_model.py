@@ -41,7 +41,6 @@ classes and their candidate rules, from the op registry), ``cost_probe.py`` (fvc
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -51,9 +50,10 @@ from .annotated_graph import AnnotatedGraph
 from .cost_build import _ClassBuilder
 from .cost_probe import _node_flops
 from .cost_rules import _TOKEN_KINDS, _accumulate, _Class, _combine, _Evaluation, _Grad, _scaled_grad
-from .dynopool import DynOPool, scale_parameters
+from .dynopool import DynOPool
 from .errors import UnsupportedModelError, UserInputError
 from .flops import count_flops
+from .group_ids import stride_groups
 
 __all__ = ["CostModel"]
 
@@ -101,18 +101,15 @@ class CostModel:
             for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DynOPool)
         }
-        params: dict[int, nn.Parameter] = {}
-        for m in self._dynopools.values():
-            params.setdefault(id(m.stride), m.stride)
-        # in the order of scale_parameters(model): one per tied group
-        ordered = [p for p in scale_parameters(model) if id(p) in params]
-        ordered += [p for p in params.values() if all(p is not q for q in ordered)]
-        self.parameters: list[nn.Parameter] = ordered
+        # the groups the graph calls, in the order of scale_parameters(model): one per tied group
+        called = {id(m.stride) for m in self._dynopools.values()}
+        groups = stride_groups(model)
+        groups += [g for g in stride_groups(gm) if all(g.param is not h.param for h in groups)]
+        groups = [g for g in groups if id(g.param) in called]
+        self.parameters: list[nn.Parameter] = [g.param for g in groups]
         self._group_of = {id(p): i for i, p in enumerate(self.parameters)}
         # stride bounds per group (every site of a group shares them): [1/r_max, 1/r_min]
-        self._bounds = [(0.0, math.inf)] * len(self.parameters)
-        for m in self._dynopools.values():
-            self._bounds[self._group_of[id(m.stride)]] = (1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0])
+        self._bounds = [g.bounds for g in groups]
 
         ref = graph.reference
         ref_strides = self._current_strides()
