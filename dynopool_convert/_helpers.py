@@ -22,7 +22,7 @@ def int_pair(value: Any) -> tuple[int, int]:
 
 
 def node_hw(node: Any) -> tuple[int, int] | None:
-    """The spatial ``(h, w)`` of an fx node's N x C x H x W output (``ShapeProp``'s
+    """The spatial ``(h, w)`` of an fx node's N x C x H x W output (the annotated graph's
     ``tensor_meta``), None for anything else."""
     meta = None if node is None else node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape") or len(meta.shape) != 4:

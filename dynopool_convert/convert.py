@@ -13,9 +13,9 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ._helpers import node_hw
+from .annotated_graph import AnnotatedGraph
 from .dynopool import dynopool_output_size
 from .errors import UserInputError
 from .grouping import TieGraph
@@ -74,28 +74,24 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
     (with ``input_site``, a learnable input resolution in front: see ``input_site.py``)."""
     size = check_input_size(input_size)
     t = trace_model(model)
-    traced = t.graph_module
     if input_site:
-        insert_input_site(traced)
+        insert_input_site(t.graph_module)
     first = next(iter(model.parameters()), None)  # the example lives where the model does
     device, dtype = (first.device, first.dtype) if first is not None and first.is_floating_point() else ("cpu", torch.float32)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    was_training = traced.training
-    traced.eval()
     try:
-        with torch.no_grad(), quiet():
-            out = ShapeProp(traced).propagate(example)
+        with quiet():
+            graph = AnnotatedGraph(t, size, example=example)
     except Exception as err:  # the user's model failing at this size is a user-fixable problem
         msg = " ".join(str(err).split())[:200]
         raise UserInputError(
             f"the model fails on an input of size {list(size)} (before conversion): {type(err).__name__}: {msg}; try another --input-size"
         ) from err
-    finally:
-        traced.train(was_training)
-    candidates = find_candidates(traced, t.node_names)
+    traced = graph.gm
+    candidates = find_candidates(traced, graph.node_names)
     # before any rewrite, so that apply_plan replays them identically
-    notes = list(t.notes) + follow_flattens(traced, candidates) + follow_grids(traced, candidates)
-    return Analysis(traced, candidates, example, output_spec(out), notes)
+    notes = list(graph.notes) + follow_flattens(traced, candidates) + follow_grids(traced, candidates)
+    return Analysis(traced, candidates, example, output_spec(graph.output), notes)
 
 
 def _matches(cand: Candidate, patterns: Iterable[str]) -> bool:

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
+from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom
 from .cost_rules import _TOKEN_KINDS, _check, _Class, _ClassTerm, _registry_rules, _ResizeTerm, _Rule, _token_rules
-from .cost_trace import _has_tensor, _is_shape_like, _shape_of, _shows, _spatial, _TensorInfo
+from .cost_shapes import _has_tensor, _is_shape_like, _shape_of, _shows
 from .dynopool import DynOPool
 from .dynresize import DynResize
 from .errors import UnsupportedModelError
@@ -93,7 +94,7 @@ class _ClassBuilder:
             # a leaf we know nothing about (timm's ConvMlp or MobileViT block: data-dependent
             # sizes inside): probe it, per input size
             in_info = self.ref[n.all_input_nodes[0]] if n.all_input_nodes else None
-            if isinstance(in_info, _TensorInfo) and len(in_info.shape) == 4:
+            if isinstance(in_info, TensorInfo) and len(in_info.shape) == 4:
                 probe = _LeafProbe(module, in_info, self.gm)
                 probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
         if probe_rule is not None and _plain_custom(module) and self.node_flops.get(n, 0):
@@ -128,7 +129,7 @@ class _ClassBuilder:
         """Put ``n``'s fvcore FLOPs on the class they scale with (or in the constant)."""
         flops = self.node_flops.get(n, 0)
         info_r = self.ref.get(n)
-        if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), DynResize) and isinstance(info_r, _TensorInfo):
+        if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), DynResize) and isinstance(info_r, TensorInfo):
             # charged only where it resizes (the identity runs nothing): not one class's area
             per_pixel = DYNRESIZE_FLOPS_PER_OUTPUT * math.prod(info_r.shape[:-2])
             self.resize_terms.append(_ResizeTerm(chosen.cls, parent, float(per_pixel)))

@@ -33,28 +33,29 @@ every group's stride parameter. How:
    dw_cont`` (token counts alike: ``dL = w dh_cont + h dw_cont``, ``d(L^2) = 2 L dL``). One
    autograd node returns value and gradient.
 
-The code, along those seams: ``cost_trace.py`` (tracing, shape passes), ``cost_rules.py`` (size
+The code, along those seams: ``annotated_graph.py`` (the one trace and its shape passes, shared
+with conversion and the report), ``cost_shapes.py`` (how two passes are compared), ``cost_rules.py`` (size
 classes and their candidate rules, from the op registry), ``cost_probe.py`` (fvcore per node),
 ``cost_build.py`` (one walk of the graph), this module (the model and its evaluation).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, fx, nn
 
+from .annotated_graph import AnnotatedGraph
 from .cost_build import _ClassBuilder
 from .cost_probe import _node_flops
 from .cost_rules import _TOKEN_KINDS, _accumulate, _Class, _combine, _Evaluation, _Grad, _scaled_grad
-from .cost_trace import _shape_pass, trace_for_cost
-from .dynopool import DynOPool, scale_parameters
+from .dynopool import DynOPool
 from .errors import UnsupportedModelError, UserInputError
 from .flops import count_flops
+from .group_ids import stride_groups
 
-__all__ = ["CostModel", "trace_for_cost"]
+__all__ = ["CostModel"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,30 +94,28 @@ class CostModel:
 
     def __init__(self, model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> None:
         self.input_size = tuple(int(v) for v in input_size)
-        gm = trace_for_cost(model)
+        graph = AnnotatedGraph(model, self.input_size)  # the reference pass: at the present strides
+        gm = graph.gm
         self._dynopools: dict[str, DynOPool] = {
             n.target: gm.get_submodule(n.target)
             for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DynOPool)
         }
-        params: dict[int, nn.Parameter] = {}
-        for m in self._dynopools.values():
-            params.setdefault(id(m.stride), m.stride)
-        # in the order of scale_parameters(model): one per tied group
-        ordered = [p for p in scale_parameters(model) if id(p) in params]
-        ordered += [p for p in params.values() if all(p is not q for q in ordered)]
-        self.parameters: list[nn.Parameter] = ordered
+        # the groups the graph calls, in the order of scale_parameters(model): one per tied group
+        called = {id(m.stride) for m in self._dynopools.values()}
+        groups = stride_groups(model)
+        groups += [g for g in stride_groups(gm) if all(g.param is not h.param for h in groups)]
+        groups = [g for g in groups if id(g.param) in called]
+        self.parameters: list[nn.Parameter] = [g.param for g in groups]
         self._group_of = {id(p): i for i, p in enumerate(self.parameters)}
         # stride bounds per group (every site of a group shares them): [1/r_max, 1/r_min]
-        self._bounds = [(0.0, math.inf)] * len(self.parameters)
-        for m in self._dynopools.values():
-            self._bounds[self._group_of[id(m.stride)]] = (1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0])
+        self._bounds = [g.bounds for g in groups]
 
-        ref = _shape_pass(gm, self.input_size)
+        ref = graph.reference
         ref_strides = self._current_strides()
         with self._at_strides(self._clamp_all([(s_h * 0.7, s_w * 0.8) for s_h, s_w in ref_strides])):
             perturbed_strides = self._current_strides()  # as the parameters hold them (float32)
-            pert = _shape_pass(gm, self.input_size)
+            pert = graph.summaries()
         #: the strides the model had at build time, and fvcore's count there
         self.reference_strides = ref_strides
         node_flops, self.reference_flops, self._mixed = _node_flops(gm, ref, self.input_size)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .cost_trace import _TensorInfo
+from .annotated_graph import TensorInfo
 from .flops import _quiet, flop_analysis
 
 
@@ -47,7 +47,7 @@ def _node_flops(gm: fx.GraphModule, ref: dict[fx.Node, Any], input_size: Sequenc
                 continue
             if n.op == "call_method" and n.target in _NO_FLOPS_METHODS:
                 continue
-            if n.op in ("call_function", "call_method") and isinstance(ref.get(n), _TensorInfo):
+            if n.op in ("call_function", "call_method") and isinstance(ref.get(n), TensorInfo):
                 f = _isolated_flops(gm, n, ref)
                 if f:
                     out[n] = f
@@ -65,13 +65,13 @@ def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: 
     x = n.all_input_nodes[0] if len(n.all_input_nodes) == 1 else None
     info = ref.get(x) if x is not None else None
     out = ref.get(n)
-    if not (isinstance(info, _TensorInfo) and len(info.shape) == 4 and isinstance(out, _TensorInfo)):
+    if not (isinstance(info, TensorInfo) and len(info.shape) == 4 and isinstance(out, TensorInfo)):
         return 0.0
     module = gm.get_submodule(n.target)
     key = (type(module), module.extra_repr(), info.shape, out.shape, flops, on_output)
     if cache is not None and key in cache:
         return cache[key]
-    big = _TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
+    big = TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
     wrapper = _OneCall(module, (_SLOT,), {}, [])
     wrapper.inner = module
     f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype, device=_device(gm)),), gm)
@@ -106,7 +106,7 @@ class _LeafProbe:
     (milliseconds); sizes change rarely during training.
     """
 
-    def __init__(self, module: nn.Module, in_info: _TensorInfo, gm: fx.GraphModule) -> None:
+    def __init__(self, module: nn.Module, in_info: TensorInfo, gm: fx.GraphModule) -> None:
         self.module, self.in_info, self.gm = module, in_info, gm
         self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
 
@@ -159,7 +159,7 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
 
     def slot(a: fx.Node) -> Any:
         info = ref.get(a)
-        if isinstance(info, _TensorInfo):
+        if isinstance(info, TensorInfo):
             tensors.append(torch.zeros(info.shape, dtype=info.dtype, device=_device(gm)))
             return _SLOT
         return info

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
-from .cost_trace import _flat, _inherits, _shape_of, _spatial, _TensorInfo
+from .annotated_graph import TensorInfo, spatial as _spatial
+from .cost_shapes import _flat, _inherits, _shape_of
 from .dynopool import dynopool_output_size
 from .op_registry import Geometry, op_call, spec_for_node
 
@@ -98,7 +99,7 @@ def _registry_rules(n: fx.Node, gm: fx.GraphModule, ref: dict[fx.Node, Any], par
 
     def value_of(a: fx.Node) -> Any:
         info = ref.get(a)
-        return info.shape if isinstance(info, _TensorInfo) else info
+        return info.shape if isinstance(info, TensorInfo) else info
 
     return [r for g in spec.geometry(op_call(n, gm, value_of, spec)) if (r := _geometry_rule(g, parent)) is not None]
 
@@ -124,8 +125,8 @@ def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref:
     """Token-sequence classes an output may start: ``h*w + e`` tokens of a parent class (class
     or register tokens concatenated, ``e`` read off the one dim that changed between the two
     passes; tokens sliced off: ``e < 0``) or ``(h*w)^2`` pairs (attention maps)."""
-    tensors_r = [v for v in _flat(info_r) if isinstance(v, _TensorInfo)]
-    tensors_p = [v for v in _flat(info_p) if isinstance(v, _TensorInfo)]
+    tensors_r = [v for v in _flat(info_r) if isinstance(v, TensorInfo)]
+    tensors_p = [v for v in _flat(info_p) if isinstance(v, TensorInfo)]
     changed: list[int] = []
     if tensors_r and tensors_p and len(tensors_r[0].shape) == len(tensors_p[0].shape):
         changed = [d for d, (a, b) in enumerate(zip(tensors_r[0].shape, tensors_p[0].shape)) if a != b]

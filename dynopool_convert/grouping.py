@@ -1,13 +1,15 @@
 """Tie groups: which sites must keep equal output sizes (DESIGN.md §2, "Tying").
 
-One union-find object, built once from the shape-annotated graph and queried by everyone
-(rewrite, validation, cost model, report). Every tensor carries the *origin* of its spatial
-size: the site that last resized it on its way from the input, traced through size-preserving
-ops, tuples (``split``, a leaf module's outputs) and ``getitem``. Where a node joins spatial
-operands of different origins (``joins.joined_operands``: elementwise ops and methods, ``cat`` and
-``stack`` of a list, ``expand_as``, ``einsum``/``matmul`` over spatial axes, leaf modules with
-several maps), those sites must keep equal output sizes and share one stride. Broadcast operands
-(a 1x1 map such as squeeze-excitation's gate) do not tie.
+The conversion-time source of groups: one union-find object, built once from the annotated
+graph; ``convert`` numbers its groups (the plan's ids), ``rewrite`` gives each one stride
+parameter, and from then on ``group_ids.stride_groups`` reads them off the converted model.
+Every tensor carries the *origin* of its spatial size: the site that last resized it on its way
+from the input, traced through size-preserving ops, tuples (``split``, a leaf module's outputs)
+and ``getitem``. Where a node joins spatial operands of different origins
+(``joins.joined_operands``: elementwise ops and methods, ``cat`` and ``stack`` of a list,
+``expand_as``, ``einsum``/``matmul`` over spatial axes, leaf modules with several maps), those
+sites must keep equal output sizes and share one stride. Broadcast operands (a 1x1 map such as
+squeeze-excitation's gate) do not tie.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 class TieGraph:
-    """Union-find over convertible sites, built from a graph annotated by ``ShapeProp``.
+    """Union-find over convertible sites, built from the annotated graph (``tensor_meta``, ``annotated_graph.py``).
 
     >>> ties = TieGraph(gm, candidates)        # doctest: +SKIP
     >>> ties.groups()                          # [[site node names tied together], ...]

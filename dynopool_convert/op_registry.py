@@ -7,7 +7,7 @@ An ``OpSpec`` names the modules and/or functions it covers and holds
   a scale factor), read by the cost model (``cost_model.py``) to follow sizes in closed form;
 - ``window``: its receptive-field window (``report/receptive_field.py``); by default derived
   from ``geometry``;
-- ``leaf``/``autowrap``: every tracer keeps its modules as leaves and its functions as single
+- ``leaf``/``autowrap``: the tracer (``tracing.py``) keeps its modules as leaves and its functions as single
   calls, so that all passes see the same node.
 
 Adding an op kind is one entry in ``SPECS`` (docs/ARCHITECTURE.md). First match wins, in
@@ -316,12 +316,12 @@ def site_specs() -> Iterator[OpSpec]:
 
 
 def leaf_module_types() -> list[type]:
-    """Module classes every tracer keeps as leaves (their ops are single nodes)."""
+    """Module classes the tracer keeps as leaves (their ops are single nodes)."""
     return list(dict.fromkeys(t for s in SPECS if s.leaf for t in s.modules))
 
 
 def autowrap_functions() -> list[Callable]:
-    """Functions every tracer records as single calls instead of tracing into them."""
+    """Functions the tracer records as single calls instead of tracing into them."""
     return [f for s in SPECS if s.autowrap for f in s.functions]
 
 

@@ -16,7 +16,7 @@ site whose output is ``gh x gw`` at the reference input:
 * ``"chw"``: ``p.shape == (1, C, gh, gw)``;
 * ``"hwc"``: ``p.shape == (1, gh, gw, C)``.
 
-The pass is a pure function of the traced graph (shapes from ``ShapeProp``) and the candidate
+The pass is a pure function of the annotated graph (shapes from ``annotated_graph.py``) and the candidate
 sites, so ``apply_plan`` replays it exactly.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def follow_grids(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
     """Rewrite, in place, every add of a fixed position embedding to tokens derived from a
     candidate site so that the embedding follows the site's grid; returns one note per add.
 
-    ``gm`` must carry ``tensor_meta`` (``ShapeProp``) from the reference input."""
+    ``gm`` must carry ``tensor_meta`` (``AnnotatedGraph``) from the reference input."""
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = {nodes[c.node]: c for c in candidates if c.node in nodes and c.kind != "interpolate"}

@@ -6,7 +6,7 @@ size. Once that conv is a DynOPool site its grid moves with the learned stride a
 breaks. ``follow_flattens`` rewrites, on the traced graph and before any site is rewritten, every
 ``reshape``/``view`` of a site's 4-D output ``(N, C, gh, gw)`` into ``(N, C, gh * gw)`` as
 ``torch.flatten(x, 2)``: the same tensor at the reference size, and the right one at any other.
-A pure function of the traced graph (shapes from ``ShapeProp``) and the candidate sites, so
+A pure function of the annotated graph (``tensor_meta`` from ``annotated_graph.py``) and the candidate sites, so
 ``apply_plan`` replays it exactly.
 """
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Built on torchvision's ``NodePathTracer`` (node names are module paths, ``_N`` suffixes for
 repeated calls) with timm's notrace registries (``get_notrace_modules``/``get_notrace_functions``)
-and torchvision's default leaves (``torchvision.ops``). Every module a site handler rewrites is
-kept as a leaf too, so that e.g. timm's ``Conv2dSame`` shows up as one node.
+and torchvision's default leaves (``torchvision.ops``). The op registry's modules (every module
+a site handler rewrites, DynOPool) are kept as leaves too, so that e.g. timm's ``Conv2dSame``
+shows up as one node. The one tracer of the package: ``annotated_graph`` builds on it.
 """
 from __future__ import annotations
 
@@ -37,16 +38,16 @@ _TRACE_THROUGH = frozenset({"Conv2dNormActivation", "Conv3dNormActivation", "Squ
 
 
 def leaf_module_types() -> list[type]:
-    """Module classes fx must not enter: timm's notrace modules, torchvision ops, site modules."""
+    """Module classes fx must not enter: timm's notrace modules, torchvision ops, the op registry's."""
     from timm.layers import get_notrace_modules
 
-    from .sites import site_module_types
+    from .op_registry import leaf_module_types as registry_leaves
 
     ops = [
         obj for obj in vars(torchvision.ops).values()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__name__ not in _TRACE_THROUGH
     ]
-    return list(dict.fromkeys([*get_notrace_modules(), *ops, *site_module_types(), *_mode_dependent_modules()]))
+    return list(dict.fromkeys([*get_notrace_modules(), *ops, *registry_leaves(), *_mode_dependent_modules()]))
 
 
 def _mode_dependent_modules() -> list[type]:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from .dynopool import DynOPool
 from .errors import one_line
+from .group_ids import StrideGroup, stride_groups
 from .moves import axis_moves, joint_moves
 
 __all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe",
@@ -74,12 +75,9 @@ class ValidationReport:
         return not self.failures and not self.reference_error
 
 
-def _groups(gm: nn.Module) -> dict[int, tuple[nn.Parameter, list[tuple[str, DynOPool]]]]:
-    found: dict[int, tuple[nn.Parameter, list]] = {}
-    for name, m in gm.named_modules():
-        if isinstance(m, DynOPool):
-            found.setdefault(m.group, (m.stride, []))[1].append((name, m))
-    return found
+def _groups(gm: nn.Module) -> dict[int, StrideGroup]:
+    """The converted model's groups by plan id (a DynOPool built by hand: by its position)."""
+    return {g.id if g.id is not None else i: g for i, g in enumerate(stride_groups(gm))}
 
 
 def quiet():
@@ -104,19 +102,18 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
     return ""
 
 
-def _group_moves(groups: dict, sizes: dict, gid: int) -> list[tuple[str, tuple[float, float]]]:
-    param, members = groups[gid]
-    pool = members[0][1]
-    return axis_moves(sizes[members[0][0]][0], pool.stride_value, pool.r_bounds, pool.multiple, pool.base)
+def _group_moves(groups: dict[int, StrideGroup], sizes: dict, gid: int) -> list[tuple[str, tuple[float, float]]]:
+    pool = groups[gid].first
+    return axis_moves(sizes[groups[gid].path][0], pool.stride_value, pool.r_bounds, pool.multiple, pool.base)
 
 
 @contextlib.contextmanager
-def _strides_set(groups: dict, strides: dict[int, tuple[float, float]]):
+def _strides_set(groups: dict[int, StrideGroup], strides: dict[int, tuple[float, float]]):
     """The groups' stride parameters set to ``strides`` (group -> stride), restored after."""
     saved = {}
     with torch.no_grad():
         for gid, stride in strides.items():
-            param = groups[gid][0]
+            param = groups[gid].param
             saved[gid] = param.detach().clone()
             param.copy_(torch.tensor(stride, dtype=param.dtype, device=param.device))
     try:
@@ -124,7 +121,7 @@ def _strides_set(groups: dict, strides: dict[int, tuple[float, float]]):
     finally:
         with torch.no_grad():
             for gid, value in saved.items():
-                groups[gid][0].copy_(value)
+                groups[gid].param.copy_(value)
 
 
 def _moved_problem(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict, sizes: dict, gid: int) -> str:
@@ -140,7 +137,7 @@ def _moved_problem(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dic
 def _joint_failures(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict) -> list[GroupFailure]:
     """Run the random joint moves forward and backward. A forward failure is laid on the group
     whose move, added to those of the groups before it, first breaks the forward."""
-    params = {g: p for g, (p, _) in groups.items()}
+    params = {gid: g.param for gid, g in groups.items()}
     for k, move in enumerate(joint_moves(*_strides_and_bounds(groups))):
         with _strides_set(groups, move):
             problem, failures = _forward_backward(gm, example, spec, params)
@@ -164,9 +161,9 @@ def _joint_failures(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: di
     return []
 
 
-def _strides_and_bounds(groups: dict) -> tuple[dict, dict]:
-    strides = {gid: members[0][1].stride_value for gid, (_, members) in groups.items()}
-    bounds = {gid: members[0][1].r_bounds for gid, (_, members) in groups.items()}
+def _strides_and_bounds(groups: dict[int, StrideGroup]) -> tuple[dict, dict]:
+    strides = {gid: g.first.stride_value for gid, g in groups.items()}
+    bounds = {gid: g.first.r_bounds for gid, g in groups.items()}
     return strides, bounds
 
 
@@ -185,7 +182,7 @@ def joint_moves_problem(gm: nn.Module, example: Tensor, n: int, seed: int, facto
 def _joint_problem(gm: nn.Module, example: Tensor, n: int, seed: int, factors: tuple[float, float]) -> str:
     spec = output_spec(_eval_forward(gm, example))
     groups = _groups(gm)
-    params = {g: p for g, (p, _) in groups.items()}
+    params = {gid: g.param for gid, g in groups.items()}
     for k, move in enumerate(joint_moves(*_strides_and_bounds(groups), n, seed, factors)):
         with _strides_set(groups, move):
             problem, failures = _forward_backward(gm, example, spec, params)
@@ -223,7 +220,7 @@ class GroupProbe:
         self.reference_error = _run(gm, example, spec)
         for h in handles:
             h.remove()
-        self.groups = {g: v for g, v in _groups(gm).items() if v[1][0][0] in self.sizes}
+        self.groups = {gid: g for gid, g in _groups(gm).items() if g.path in self.sizes}
         self._watch = watch
 
     def problem(self, gid: int) -> tuple[str, set[str]]:
@@ -246,8 +243,8 @@ class GroupProbe:
     def multiples(self, gid: int) -> list[tuple[int, int]]:
         """Candidate multiples for group ``gid``: the divisors of its reference output size (both
         axes) that leave at least two steps and refine its present multiple, smallest first."""
-        pool = self.groups[gid][1][0][1]
-        out_h, out_w = self.sizes[self.groups[gid][1][0][0]][1]
+        pool = self.groups[gid].first
+        out_h, out_w = self.sizes[self.groups[gid].path][1]
         m_h, m_w = pool.multiple
         g_h, g_w = out_h // m_h, out_w // m_w  # in steps of the present multiple
         g = math.gcd(g_h, g_w)
@@ -255,7 +252,7 @@ class GroupProbe:
 
     def problem_with_multiple(self, gid: int, multiple: tuple[int, int]) -> tuple[str, set[str]]:
         """``problem`` with the group's output sizes rounded to ``multiple`` (restored after)."""
-        members = self.groups[gid][1]
+        members = self.groups[gid].sites
         saved = [m.multiple for _, m in members]
         for _, m in members:
             m.multiple = multiple
@@ -280,10 +277,10 @@ def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_on
         if report.reference_error or reference_only:
             return report
         groups = _groups(gm)
-        for gid, (_, members) in groups.items():
-            if members[0][0] not in report.sizes:
+        for gid, g in groups.items():
+            if g.path not in report.sizes:
                 report.failures.append(GroupFailure(gid, "the site is not reached by the forward pass", "unreached"))
-        reached = {g: v for g, v in groups.items() if v[1][0][0] in report.sizes}
+        reached = {gid: g for gid, g in groups.items() if g.path in report.sizes}
         for gid in reached:
             problem = _moved_problem(gm, example, spec, reached, report.sizes, gid)
             if problem:

@@ -91,15 +91,11 @@ def convert(
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Load timm's/torchvision's own pretrained weights from the local cache (nothing is downloaded).")] = False,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
-    from dynopool_convert import convert as convert_model, resolve_source, save_checkpoint
-    from dynopool_convert.models import default_input_size, model_label, parse_build_args, parse_input_size
-
-    from dynopool_convert.budget import fit_to_budget, parse_budget
-    from dynopool_convert.checkpoint_extra import conversion_extra
-    from dynopool_convert.flops import count_flops, format_flops
-
+    from dynopool_convert import resolve_source, save_checkpoint
+    from dynopool_convert.budget import parse_budget
+    from dynopool_convert.conversion import convert_source
     from dynopool_convert.files import check_output_path
-    from dynopool_convert.weights import build_with_weights, default_placement
+    from dynopool_convert.models import model_label, parse_build_args, parse_input_size
     from rich.console import Console
 
     budget_flops = parse_budget(budget) if budget is not None else None
@@ -107,29 +103,29 @@ def convert(
     if not console.is_terminal:  # redirected: whole lines (no 80-column wrap splitting site names)
         console = Console(width=_UNWRAPPED)
     source = resolve_source(model)
+    path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
     if not dry_run:  # a bad --out is refused before any work, not after it
-        check_output_path(out if out is not None else Path(f"{model_label(source)}-dynopool.pt"), "checkpoint")
-    build_args = parse_build_args(build_arg)
-    with console.status(f"building {source}"):
-        net, origin = build_with_weights(source, build_args, weights, pretrained)
-    if placement is None:
-        placement = Placement(default_placement(origin))
-    size = parse_input_size(input_size) if input_size is not None else default_input_size(source, net)
-    with console.status(f"counting FLOPs at {size[1]}x{size[2]}"):
-        original_flops = count_flops(net, size)
-    with console.status(f"tracing, converting and validating at {size[1]}x{size[2]}"):
-        result = convert_model(
-            net, size, placement=placement.value, aggregate=aggregate.value if aggregate else None,
-            include=include, exclude=exclude, patchify=patchify, input_site=input_site,
-        )
-    fit = None
-    with console.status("counting FLOPs" if budget_flops is None else f"fitting to {format_flops(budget_flops)} FLOPs"):
-        if budget_flops is None:
-            converted_flops = count_flops(result.model, size)
-        else:
-            fit = fit_to_budget(result.model, budget_flops, size, original_flops=original_flops)
-            converted_flops = fit.converted_flops
-    plan = result.plan
+        check_output_path(path, "checkpoint")
+    done = convert_source(
+        source, parse_build_args(build_arg), input_size=parse_input_size(input_size) if input_size is not None else None,
+        weights=weights, pretrained=pretrained, budget=budget_flops, progress=console.status,
+        placement=placement.value if placement else None, aggregate=aggregate.value if aggregate else None,
+        include=include, exclude=exclude, patchify=patchify, input_site=input_site,
+    )
+    _print_conversion(console, done, budget_flops)
+    if dry_run:
+        console.print("dry run: no checkpoint written")
+        return
+    saved = save_checkpoint(path, done.model, done.plan, done.source, done.build_args, input_size=done.input_size,
+                            budget=budget_flops, extra=done.extra)
+    console.print(f"checkpoint: {saved}")
+
+
+def _print_conversion(console, done, budget_flops: int | None) -> None:
+    """The site table, its reasons, the counts, notes, FLOPs, the budget fit and the weights."""
+    from dynopool_convert.flops import format_flops
+
+    plan, size = done.plan, done.input_size
     table, reasons = site_table(plan)
     console.print(table)
     for line in reasons:
@@ -144,20 +140,13 @@ def convert(
                       "after it keep fixed shapes while the groups before it learn[/]")
     for note in plan.notes:
         console.print(f"[dim]note: {note}[/]")
+    original, converted = done.original_flops, done.converted_flops
     console.print(
-        f"FLOPs at {size[1]}x{size[2]} (fvcore): original {format_flops(original_flops)} ({original_flops}), "
-        f"converted {format_flops(converted_flops)} ({converted_flops})"
+        f"FLOPs at {size[1]}x{size[2]} (fvcore): original {format_flops(original)} ({original}), "
+        f"converted {format_flops(converted)} ({converted})"
     )
-    if fit is not None:
-        _print_fit(console, fit, budget_flops)
+    if done.fit is not None:
+        _print_fit(console, done.fit, budget_flops)
+    origin = done.origin
     if origin is not None:
-        console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {placement.value}")
-    if dry_run:
-        console.print("dry run: no checkpoint written")
-        return
-    path = out if out is not None else Path(f"{model_label(source)}-dynopool.pt")
-    saved = save_checkpoint(
-        path, result.model, plan, source, build_args, input_size=size, budget=budget_flops,
-        extra=conversion_extra(original_flops, converted_flops, fit, weights=origin),
-    )
-    console.print(f"checkpoint: {saved}")
+        console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {done.placement}")

@@ -16,7 +16,7 @@ from torch import fx, nn
 from ..checkpoint_extra import original_flops as extra_original_flops
 from ..dynopool import DynOPool, dynopool_modules
 from ..errors import UserInputError
-from ..group_ids import by_group, group_ids
+from ..group_ids import by_group, group_ids, stride_groups
 from .flops import count_flops, flops_by_module
 from .graph import ReportGraph, strides_set_to
 from .options import merge_input_size
@@ -118,15 +118,12 @@ def _plan_groups(plan: Mapping[str, Any]) -> dict[int, tuple[list[str], str | No
     return out
 
 
-def _dependent_nodes(graph: ReportGraph, pools: dict[str, DynOPool], base: Mapping[str, Any]) -> dict[int, set[str]]:
-    """Per stride parameter (by id): the nodes whose input or output size moves with that stride."""
+def _dependent_nodes(graph: ReportGraph, base: Mapping[str, Any]) -> dict[int, set[str]]:
+    """Per group (by its stride parameter's id): the nodes whose input or output size moves with that stride."""
     changed: dict[int, set[str]] = {}
-    for name, pool in pools.items():
-        key = id(pool.stride)
-        if key in changed:
-            continue
-        s = pool.stride_value
-        lo, hi = 1.0 / pool.r_bounds[1], 1.0 / pool.r_bounds[0]
+    for group in stride_groups(graph.gm):
+        name, s = group.path, group.first.stride_value
+        lo, hi = group.bounds
         found: set[str] = set()
         node = graph.pool_nodes[name].name
         for factor in (1 / 1.5, 1.5):  # a step that enlarges the output; the other way at a bound
@@ -136,7 +133,7 @@ def _dependent_nodes(graph: ReportGraph, pools: dict[str, DynOPool], base: Mappi
             if node in found:
                 break
         # an op depends on the stride when its output or any of its inputs changes size
-        changed[key] = found | {n.name for n in graph.nodes if any(i.name in found for i in n.all_input_nodes)}
+        changed[id(group.param)] = found | {n.name for n in graph.nodes if any(i.name in found for i in n.all_input_nodes)}
     return changed
 
 
@@ -371,7 +368,7 @@ def build_report(
             flops_converted = count_flops(gm, input_size)
     else:  # every stride is still at its initial value
         shapes_init, rf_init, flops_converted = shapes_now, rf_now, flops_current
-    dependent = _dependent_nodes(graph, pools, shapes_now)
+    dependent = _dependent_nodes(graph, shapes_now)
 
     now, init = (shapes_now, rf_now), (shapes_init, rf_init)
     sites, group_nodes, group_multiple = _site_entries(graph, pools, plan_sites, site_pool, dependent, now, init, by_module)
@@ -389,7 +386,7 @@ def build_report(
         "input_size": list(input_size),
         "reference_input_size": list(reference),
         "params": int(params),
-        "scale_parameters": len({id(p.stride) for p in pools.values()}),
+        "scale_parameters": len(stride_groups(gm)),
         "budget": _budget_flops(budget),
         "flops": _flops_summary(original_flops, flops_converted, flops_current, budget if reference == input_size else None),
         "policy": _plain(plan_dict.get("policy")),

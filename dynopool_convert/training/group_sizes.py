@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..dynopool import DynOPool, dynopool_modules, scale_parameters
+from ..dynopool import DynOPool
+from ..group_ids import stride_groups
 
 __all__ = ["GroupGeometry"]
 
@@ -25,12 +26,10 @@ class GroupGeometry:
     def __init__(self, model: nn.Module, input_size: Sequence[int]) -> None:
         self.model = model
         self.input_size = tuple(int(v) for v in input_size)
-        self.params: list[nn.Parameter] = scale_parameters(model)
-        first: dict[int, DynOPool] = {}
-        for _, m in dynopool_modules(model):
-            first.setdefault(id(m.stride), m)
-        self.sites = [first[id(p)] for p in self.params]
-        self.bounds = [(1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0]) for m in self.sites]
+        groups = stride_groups(model)
+        self.params: list[nn.Parameter] = [g.param for g in groups]  # scale_parameters(model)
+        self.sites: list[DynOPool] = [g.first for g in groups]
+        self.bounds = [g.bounds for g in groups]
 
     def measure(self) -> tuple[list[Pair], list[Pair]]:
         """Input and output size of every group's first site at the current strides."""

@@ -9,10 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_extra import conversion_extra
 from ..dynopool import scale_parameters
 from ..errors import UserInputError
-from ..weights import build_with_weights, default_placement
 from . import upstream
 from .recipes import FinetuneConfig
 
@@ -47,18 +45,12 @@ def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | None) ->
     build_args = dict(cfg.build_args)
     if source.startswith(("timm:", "torchvision:", "dynopool_convert.")) and not (cfg.weights or cfg.pretrained):
         build_args.setdefault("num_classes", num_classes)  # with weights: their head, replaced if need be
-    input_size = tuple(cfg.input_size) if cfg.input_size else (3, 224, 224)
-    if len(input_size) != 3:
+    if cfg.input_size and len(cfg.input_size) != 3:
         raise UserInputError(f"recipe key 'input_size' must be [C, H, W], got {cfg.input_size}")
-    model, origin = build_with_weights(source, build_args, cfg.weights, cfg.pretrained)
     policy = {k: v for k, v in vars(cfg.convert).items() if v is not None}
-    policy.setdefault("placement", default_placement(origin))
-    original = int(upstream.count_flops(model, input_size))
-    result = upstream.convert(model, input_size=input_size, **policy)
-    fit = upstream.fit_to_budget(result.model, budget, input_size, original_flops=original) if budget is not None else None
-    converted = fit.converted_flops if fit is not None else int(upstream.count_flops(result.model, input_size))
-    extra = conversion_extra(original, converted, fit, keep_fit=True, weights=origin)
-    return ModelBundle(result.model, result.plan, source, build_args, input_size, budget, None, extra)
+    done = upstream.convert_source(source, build_args, input_size=cfg.input_size or None, weights=cfg.weights,
+                                   pretrained=cfg.pretrained, budget=budget, keep_fit=True, **policy)
+    return ModelBundle(done.model, done.plan, source, done.build_args, done.input_size, budget, None, done.extra)
 
 
 def load_model(cfg: FinetuneConfig, checkpoint: str | Path | None, out_dir: Path, resume: bool,

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..dynopool import DynOPool, dynopool_output_size
+from ..dynopool import DynOPool, dynopool_output_size, scale_parameters
 from ..errors import DynopoolError, UserInputError, one_line
 from ..moves import clamp_stride
 
@@ -41,7 +41,7 @@ class SizeGuard:
     def __init__(self, model: nn.Module, save: Callable[[], None]) -> None:
         self._save = save
         self._pools = [(name, m) for name, m in model.named_modules() if isinstance(m, DynOPool)]
-        self._params = list({id(m.stride): m.stride for _, m in self._pools}.values())
+        self._params = scale_parameters(model)  # one per group
         self._sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
         self._good: tuple[list[torch.Tensor], dict] | None = None
         for name, m in self._pools:

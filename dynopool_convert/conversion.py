@@ -1,0 +1,90 @@
+"""The one conversion entry point: a model source in, a converted model with its FLOPs and its
+checkpoint ``extra`` out. ``dynopool convert`` and ``finetune`` (when a recipe names an
+unconverted model) both call ``convert_source``, so that the default input size, the recorded
+FLOPs and the ``extra`` are worked out in one place.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import fx
+
+from .budget import BudgetFit, fit_to_budget
+from .checkpoint_extra import conversion_extra
+from .convert import ConversionResult, check_input_size, convert
+from .flops import count_flops, format_flops
+from .models import default_input_size, resolve_source
+from .plan import Plan
+from .weights import build_with_weights, default_placement
+
+__all__ = ["Conversion", "convert_source"]
+
+#: ``progress(message)``: a context manager around each step (the CLI's spinner)
+Progress = Callable[[str], AbstractContextManager]
+
+
+@dataclass
+class Conversion:
+    """A model source converted: the result and everything its checkpoint records."""
+
+    result: ConversionResult
+    source: str
+    build_args: dict[str, Any]
+    input_size: tuple[int, int, int]
+    placement: str
+    origin: dict[str, Any] | None  # where the loaded weights came from (None: none loaded)
+    original_flops: int
+    converted_flops: int  # right after conversion (before any budget fit)
+    fit: BudgetFit | None  # the fit to the budget, when one was given
+    extra: dict[str, Any]  # the checkpoint's ``extra`` (checkpoint_extra.py)
+
+    @property
+    def model(self) -> fx.GraphModule:
+        return self.result.model
+
+    @property
+    def plan(self) -> Plan:
+        return self.result.plan
+
+
+def convert_source(
+    source: str,
+    build_args: dict[str, Any] | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    budget: int | None = None,
+    keep_fit: bool = False,
+    progress: Progress | None = None,
+    **policy: Any,
+) -> Conversion:
+    """Build ``source`` (with ``weights``/``pretrained``), convert it with ``policy`` (the keyword
+    arguments of ``convert``; ``placement`` defaults to ``exact`` with weights, else ``before``)
+    at ``input_size`` (default: the model's own, ``models.default_input_size``), count its FLOPs
+    and fit it to ``budget`` (FLOPs) when given. ``keep_fit`` also stores the whole fit in ``extra``."""
+    step = progress or (lambda message: nullcontext())
+    source = resolve_source(source)
+    build_args = dict(build_args or {})
+    with step(f"building {source}"):
+        net, origin = build_with_weights(source, build_args, weights, pretrained)
+    placement = policy.pop("placement", None) or default_placement(origin)
+    size = check_input_size(input_size) if input_size is not None else default_input_size(source, net)
+    at = f"{size[1]}x{size[2]}"
+    with step(f"counting FLOPs at {at}"):
+        original = int(count_flops(net, size))
+    with step(f"tracing, converting and validating at {at}"):
+        result = convert(net, size, placement=placement, **policy)
+    fit = None
+    with step("counting FLOPs" if budget is None else f"fitting to {format_flops(budget)} FLOPs"):
+        if budget is None:
+            converted = int(count_flops(result.model, size))
+        else:
+            fit = fit_to_budget(result.model, budget, size, original_flops=original)
+            converted = fit.converted_flops
+    extra = conversion_extra(original, converted, fit, keep_fit=keep_fit, weights=origin)
+    return Conversion(result, source, build_args, size, placement, origin, original, converted, fit, extra)
