@@ -169,3 +169,39 @@ def test_search_starts_include_each_group_shrunk_alone(converted):
     assert set(starts) == {"only group 0 shrunk", "only group 1 shrunk"}  # the last group alone cannot get there
     for strides in starts.values():
         assert cost.flops(strides) <= full * 2 // 3
+
+
+def test_set_sizes_under_the_exact_placement():
+    """A DynResize site outputs H * s0 / s (not H / s): the strides for wanted sizes follow."""
+    model = convert(_net(), input_size=SIZE, placement="exact").model
+    geo = GroupGeometry(model, SIZE)
+    initial = geo.measure()[1]
+    assert initial == [(28, 28), (14, 14)]  # the resizes' outputs (the pools' inputs), identity at init
+    assert geo.set_sizes([(24, 20), (10, 9)])
+    assert geo.measure()[1] == [(24, 20), (10, 9)]
+    assert geo.set_sizes(initial) and geo.strides() == [(2.0, 2.0), (2.0, 2.0)]
+
+
+def test_finetune_exact_trains_and_saves_at_the_searched_sizes(tmp_path):
+    """Placement exact, the default schedule (no stride learning, held-out search): the sizes the
+    search keeps are the sizes trained after it and saved."""
+    torch.manual_seed(0)
+    build = {"num_classes": 4, "in_chans": 3, "width": 4}
+    size = (3, 16, 16)
+    result = convert(small_cnn(**build), input_size=size, placement="exact")
+    budget = count_flops(result.model, size)
+    initial = GroupGeometry(result.model, size).measure()[1]
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
+                    input_size=size, budget=budget)
+    out = tmp_path / "run"
+    finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
+        "steps": 10, "batch_size": 10, "device": "cpu", "log_every": 1}})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["kind"] == "search"]
+    assert len(search) == 1 and search[0]["evaluations"] > 1
+    saved = load_checkpoint(out / "last.pt", trust_source=True)
+    sizes = GroupGeometry(saved.model, size).measure()[1]
+    assert sizes == [tuple(s) for s in search[0]["sizes"]]
+    if search[0]["start"] == "initial" and sizes == initial:  # nothing moved: the converted strides, exactly
+        assert GroupGeometry(saved.model, size).strides() == [(2.0, 2.0), (2.0, 2.0)]

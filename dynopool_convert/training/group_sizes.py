@@ -31,6 +31,8 @@ class GroupGeometry:
             first.setdefault(id(m.stride), m)
         self.sites = [first[id(p)] for p in self.params]
         self.bounds = [(1.0 / m.r_bounds[1], 1.0 / m.r_bounds[0]) for m in self.sites]
+        # a DynResize (placement exact) outputs H * s0 / s, a DynOPool H / s: s0 = 1 for the latter
+        self.bases = [tuple(float(v) for v in getattr(m, "base", (1.0, 1.0))) for m in self.sites]
 
     def measure(self) -> tuple[list[Pair], list[Pair]]:
         """Input and output size of every group's first site at the current strides."""
@@ -76,14 +78,15 @@ class GroupGeometry:
             self.set_strides(saved)
 
     def set_sizes(self, sizes: Sequence[Pair]) -> bool:
-        """Set strides that give ``sizes`` (``H / H'`` per axis, the input sizes following the
-        groups before); True when every group reached its size (bounds and multiples permitting)."""
+        """Set strides that give ``sizes`` (``s0 * H / H'`` per axis, ``s0`` a DynResize's base
+        and 1 for a DynOPool, the input sizes following the groups before); True when every
+        group reached its size (bounds and multiples permitting)."""
         sizes = [tuple(s) for s in sizes]
         for _ in range(len(self.params) + 1):
             ins, outs = self.measure()
             if outs == sizes:
                 return True
-            strides = [(min(max(ih / max(oh, 1), lo), hi), min(max(iw / max(ow, 1), lo), hi))
-                       for (ih, iw), (oh, ow), (lo, hi) in zip(ins, sizes, self.bounds)]
+            strides = [(min(max(bh * ih / max(oh, 1), lo), hi), min(max(bw * iw / max(ow, 1), lo), hi))
+                       for (ih, iw), (oh, ow), (bh, bw), (lo, hi) in zip(ins, sizes, self.bases, self.bounds)]
             self.set_strides(strides)
         return self.measure()[1] == sizes
