@@ -99,7 +99,7 @@ def convert(
     from dynopool_convert.flops import count_flops, format_flops
 
     from dynopool_convert.files import check_output_path
-    from dynopool_convert.weights import build_with_weights, default_placement
+    from dynopool_convert.weights import build_with_weights, default_placement, weights_note
     from rich.console import Console
 
     budget_flops = parse_budget(budget) if budget is not None else None
@@ -152,6 +152,9 @@ def convert(
         _print_fit(console, fit, budget_flops)
     if origin is not None:
         console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {placement.value}")
+        note = weights_note(source, build_args, origin)
+        if note:
+            console.print(f"[dim]note: {note}[/]", highlight=False)
     if dry_run:
         console.print("dry run: no checkpoint written")
         return
