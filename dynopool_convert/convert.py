@@ -339,9 +339,12 @@ def convert(
         input_size: reference ``(C, H, W)``; shapes in the plan are given at this size.
         placement: ``"exact"``: every site keeps its op (strided conv or pool, upsampling) behind
             a learnable resize (``DynResize``) that is the identity at the initial stride, so the
-            converted model computes what the original did, at the same FLOPs (for loaded weights);
-            ``"before"`` (DynOPool then the stride-1 conv) or ``"after"`` for strided convs, where
-            pools and upsamplings become DynOPool.
+            converted model computes what the original did, at the same FLOPs (pass it for a
+            trained model); ``"before"`` (DynOPool then the stride-1 conv; the default here,
+            whatever the weights) or ``"after"`` for strided convs, where pools and upsamplings
+            become DynOPool. ``dynopool convert`` and recipes default to ``"exact"`` when they load
+            weights (``--weights``/``--pretrained``) and to ``"before"`` otherwise
+            (``weights.default_placement``); this function does not know where the weights came from.
         patchify: under ``"before"``, a patchify conv (kernel == stride, no padding: ViT patch
             embeddings, ConvNeXt stems and downsamplers) keeps its stride behind a DynOPool that
             resizes its input to a multiple of the patch (placement ``"patchify"`` in the plan)

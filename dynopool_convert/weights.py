@@ -26,13 +26,16 @@ from torch import Tensor, nn
 from .errors import UserInputError
 
 __all__ = ["read_state_dict", "load_weights_file", "load_state_dict_matching", "build_pretrained", "build_with_weights",
-           "default_placement", "file_sha256"]
+           "default_placement", "file_sha256", "weights_note"]
 
 #: keys under which training scripts nest the state dict (checked in this order, repeatedly)
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema", "net")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 #: names timm's model modules give their filters from original-repository layouts to timm's
-_TIMM_FILTERS = ("checkpoint_filter_fn", "_filter_fn", "filter_fn")
+_TIMM_FILTERS = ("checkpoint_filter_fn", "_filter_fn", "filter_fn", "_filter_torchvision_pretrained")
+#: build arguments torchvision's builders set when they load torchvision's own weights (its
+#: googlenet/inception_v3 builders: those weights expect ``transform_input=True``)
+_TORCHVISION_RELEASE_ARGS = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -101,6 +104,7 @@ def _layouts(state: dict[str, Tensor], model: nn.Module) -> list[dict[str, Tenso
                 found.append(stripped)
                 again = [s for p in _PREFIXES if (s := _strip(stripped, p)) is not None]
                 found += again
+    found += [remapped for candidate in list(found) if (remapped := _torchvision_remap(candidate, model)) is not None]
     if not type(model).__module__.startswith("timm."):
         return found
     module = sys.modules.get(type(model).__module__)
@@ -117,13 +121,68 @@ def _layouts(state: dict[str, Tensor], model: nn.Module) -> list[dict[str, Tenso
     return found
 
 
+def _torchvision_remap(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor] | None:
+    """torchvision's own key remapping of its older checkpoints (DenseNet's ``norm.1`` ->
+    ``norm1``, done by its loader ``densenet._load_state_dict``); None for other models."""
+    if type(model).__module__ != "torchvision.models.densenet":
+        return None
+    from torchvision.models import densenet
+
+    loader = getattr(densenet, "_load_state_dict", None)
+    if loader is None:  # another torchvision: its current layout only
+        return None
+    remapped: dict[str, Tensor] = {}
+
+    class _Weights:  # what the loader reads from a WeightsEnum
+        @staticmethod
+        def get_state_dict(**_: Any) -> dict[str, Tensor]:
+            return dict(state)
+
+    class _Into:  # what the loader loads into: keep the remapped dict
+        @staticmethod
+        def load_state_dict(remapped_state: dict[str, Tensor], *_: Any, **__: Any) -> None:
+            remapped.update(remapped_state)
+
+    loader(_Into(), _Weights(), progress=False)
+    return remapped
+
+
+def _torchvision_release(source: str, path: str | os.PathLike) -> str | None:
+    """The tag of torchvision's own weights for ``source`` when the file ``path`` is one of them
+    (its release files are named after their sha256's first hex digits), else None. Only
+    checked for the models whose builders set arguments for those weights."""
+    kind, _, name = source.partition(":")
+    if kind != "torchvision" or name not in _TORCHVISION_RELEASE_ARGS or not Path(path).is_file():
+        return None
+    import torchvision
+
+    digest = file_sha256(path)
+    for weights in torchvision.models.get_model_weights(name):
+        digits = os.path.basename(weights.url).rsplit("-", 1)[-1].split(".")[0].lower()
+        if len(digits) >= 8 and digest.startswith(digits):
+            return f"{source}.{weights.name}"
+    return None
+
+
+def _release_build_args(source: str, build_args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments torchvision's builder sets for its own weights (``transform_input`` of
+    googlenet/inception_v3) that ``build_args`` does not set; added to ``build_args`` in place
+    (so that a checkpoint rebuilds the same model) and returned."""
+    wanted = _TORCHVISION_RELEASE_ARGS.get(source.split(":", 1)[1], {}) if source.startswith("torchvision:") else {}
+    added = {k: v for k, v in wanted.items() if k not in build_args}
+    build_args.update(added)
+    return added
+
+
 def load_state_dict_matching(model: nn.Module, state: dict[str, Tensor], label: str, model_label: str) -> None:
     """Load ``state`` into ``model`` strictly, under the key layout that matches it best;
     UserInputError naming the first missing/unexpected key or the first wrong shape."""
     expected = model.state_dict()
     layouts = _layouts(state, model)
     best = max(layouts, key=lambda s: (len(expected.keys() & s.keys()), -len(s.keys() - expected.keys())))
-    missing = [k for k in expected if k not in best]
+    # files from before PyTorch 0.4.1 (torchvision's first releases) have no num_batches_tracked:
+    # batch norm's own loader fills it in, as it does for torchvision's builders
+    missing = [k for k in expected if k not in best and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in best if k not in expected]
     if missing or unexpected:
         parts = []
@@ -133,7 +192,7 @@ def load_state_dict_matching(model: nn.Module, state: dict[str, Tensor], label: 
             parts.append(f"unexpected {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
         raise UserInputError(f"{label} do not match {model_label}: {', '.join(parts)}")
     for key, value in expected.items():
-        if tuple(best[key].shape) != tuple(value.shape):
+        if key in best and tuple(best[key].shape) != tuple(value.shape):
             raise UserInputError(
                 f"{label} do not fit {model_label}: {key!r} has shape {list(best[key].shape)} in the file, "
                 f"{list(value.shape)} in the model (a different variant or class count? see --build-arg num_classes=...)"
@@ -151,12 +210,15 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, model_label: st
 
 def build_pretrained(source: str, build_args: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """``source`` built with its library's default pretrained weights, read from the local
-    cache only; returns the model and the weights' origin (tag, cached file and its sha256)."""
+    cache only; returns the model and the weights' origin (tag, cached file and its sha256).
+    torchvision's builder arguments for its weights are added to ``build_args`` (see
+    :func:`build_with_weights`)."""
     from .models import build_model, resolve_source
 
     source = resolve_source(source)
-    args = dict(build_args or {})
+    args = build_args if build_args is not None else {}
     kind, name = source.split(":", 1)
+    added: dict[str, Any] = {}
     if kind == "timm":
         file, tag = _timm_cached_file(name)
         model = build_model(source, args)
@@ -164,18 +226,27 @@ def build_pretrained(source: str, build_args: dict[str, Any] | None = None) -> t
         load_state_dict_matching(model, state, f"the pretrained weights {tag!r}", source)
     elif kind == "torchvision":
         file, tag = _torchvision_cached_file(name)
+        added = _release_build_args(source, args)
         model = build_model(source, args)
         load_state_dict_matching(model, read_state_dict(file), f"the pretrained weights {tag!r}", source)
     else:
         raise UserInputError(f"--pretrained needs a timm or torchvision model, not {source!r}: pass --weights FILE")
-    return model, {"pretrained": tag, "path": str(file), "sha256": file_sha256(file)}
+    origin = {"pretrained": tag, "path": str(file), "sha256": file_sha256(file)}
+    return model, {**origin, "build_args": added} if added else origin
 
 
 def build_with_weights(source: str, build_args: dict[str, Any] | None = None, weights: str | os.PathLike | None = None,
                        pretrained: bool = False) -> tuple[nn.Module, dict[str, Any] | None]:
     """Build ``source`` with random weights, the weights file ``weights``, or (``pretrained``)
     its library's cached pretrained weights; returns the model and the weights' origin (None
-    for random weights)."""
+    for random weights).
+
+    torchvision's own weights (``pretrained``, or a file with the hash of one of its releases)
+    get the build arguments torchvision's builder gives them (``transform_input=True`` for
+    googlenet/inception_v3) where ``build_args`` does not set them: they are added to
+    ``build_args`` in place and to the origin (``build_args``), so that a checkpoint rebuilds
+    the same model.
+    """
     from . import build_model  # the package's name, looked up at call time (as the CLI's is)
     from .models import resolve_source
 
@@ -183,10 +254,34 @@ def build_with_weights(source: str, build_args: dict[str, Any] | None = None, we
         raise UserInputError("give either --weights FILE or --pretrained, not both")
     if pretrained:
         return build_pretrained(source, build_args)
-    model = build_model(source, build_args)
     if weights is None:
-        return model, None
-    return model, load_weights_file(model, weights, resolve_source(source))
+        return build_model(source, build_args), None
+    resolved = resolve_source(source)
+    args = build_args if build_args is not None else {}
+    release = _torchvision_release(resolved, weights)
+    added = _release_build_args(resolved, args) if release else {}
+    model = build_model(source, args)
+    origin = load_weights_file(model, weights, resolved)
+    if release:
+        origin["release"] = release
+    return model, {**origin, "build_args": added} if added else origin
+
+
+def weights_note(source: str, build_args: dict[str, Any], origin: dict[str, Any] | None) -> str | None:
+    """One line on the build arguments that loaded weights depend on (torchvision's
+    ``transform_input``): set for torchvision's own weights, or left as built for a user's."""
+    if origin is None:
+        return None
+    if origin.get("build_args"):
+        added = ", ".join(f"{k}={v}" for k, v in origin["build_args"].items())
+        return f"built with {added}, as torchvision builds the model for its own weights"
+    name = source.split(":", 1)[1] if source.startswith("torchvision:") else None
+    unset = [k for k in _TORCHVISION_RELEASE_ARGS.get(name, {}) if k not in build_args]
+    if unset:
+        key = unset[0]
+        return (f"built with {key}=False (the builder's default); weights fine-tuned from torchvision's own "
+                f"expect {key}=True: --build-arg {key}=true")
+    return None
 
 
 def default_placement(origin: dict[str, Any] | None) -> str:

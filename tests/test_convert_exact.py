@@ -137,3 +137,29 @@ def test_input_site_under_exact_is_the_identity_and_the_budget_lowers_it_alone()
     assert fit.method == "input" and fit.final_flops <= original * 0.6
     assert CostModel(result.model, size).flops() == fit.final_flops
     assert site.output_size((32, 32))[0] < 32
+
+
+def test_finetuning_at_the_initial_sizes_is_the_original_s_fine_tuning(tmp_path):
+    """Without stride learning and size search (sizes held at the original's), fine-tuning an
+    ``exact`` model gives the weights that fine-tuning the unconverted model gives, bit for bit
+    (DynResize is the identity in training too: nothing but the sizes can differ)."""
+    from dynopool_convert.training import finetune
+    from dynopool_convert.training.zoo import small_cnn
+
+    build = {"num_classes": 4, "in_chans": 3, "width": 4}
+    size = (3, 16, 16)
+    runs = {}
+    for placement, include in (("exact", None), ("before", ["no-site-matches-this"])):
+        torch.manual_seed(0)
+        result = dc.convert(small_cnn(**build), input_size=size, placement=placement, include=include)
+        ckpt = tmp_path / f"{placement}.pt"
+        dc.save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn",
+                           build_args=build, input_size=size, budget=dc.count_flops(result.model, size))
+        finetune(ckpt, tmp_path / placement, trust_source=True, overrides={
+            "data": "synthetic:classes=4,train=40,val=8",
+            "train": {"steps": 4, "batch_size": 8, "device": "cpu", "size_search": False}})
+        runs[placement] = dc.load_checkpoint(tmp_path / placement / "last.pt", trust_source=True).model
+    assert len(dc.scale_parameters(runs["exact"])) == 2 and not dc.scale_parameters(runs["before"])
+    weights = [[p for p in m.parameters() if not any(p is s for s in dc.scale_parameters(m))] for m in runs.values()]
+    assert len(weights[0]) == len(weights[1])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -215,3 +215,28 @@ def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_pa
     sa = load_checkpoint(tmp_path / "a" / "last.pt", trust_source=True).model.state_dict()
     sb = load_checkpoint(tmp_path / "b" / "last.pt", trust_source=True).model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_finetune_exact_trains_and_saves_at_the_searched_sizes(tmp_path):
+    """Placement exact, the default schedule (no stride learning, held-out search): the sizes the
+    search keeps are the sizes trained after it and saved."""
+    torch.manual_seed(0)
+    build = {"num_classes": 4, "in_chans": 3, "width": 4}
+    size = (3, 16, 16)
+    result = convert(small_cnn(**build), input_size=size, placement="exact")
+    budget = count_flops(result.model, size)
+    initial = GroupGeometry(result.model, size).measure()[1]
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
+                    input_size=size, budget=budget)
+    out = tmp_path / "run"
+    finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
+        "steps": 10, "batch_size": 10, "device": "cpu", "log_every": 1}})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["kind"] == "search"]
+    assert len(search) == 1 and search[0]["evaluations"] > 1
+    saved = load_checkpoint(out / "last.pt", trust_source=True)
+    sizes = GroupGeometry(saved.model, size).measure()[1]
+    assert sizes == [tuple(s) for s in search[0]["sizes"]]
+    if search[0]["start"] == "initial" and sizes == initial:  # nothing moved: the converted strides, exactly
+        assert GroupGeometry(saved.model, size).strides() == [(2.0, 2.0), (2.0, 2.0)]

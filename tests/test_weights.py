@@ -169,3 +169,92 @@ def test_recipe_weights_convert_exactly_and_the_head_follows_the_data(trained, t
     with torch.no_grad():
         torch.testing.assert_close(converted.model.eval()(x), trained.eval()(x), rtol=0, atol=0)
     assert dc.load_checkpoint(tmp_path / "run" / "last.pt").build_args["num_classes"] == 4
+
+
+def _old_densenet_layout(state: dict) -> dict:
+    """DenseNet keys as torchvision's checkpoints before 0.3 name them (``norm.1`` for ``norm1``)."""
+    import re
+
+    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
+            if not k.endswith("num_batches_tracked")}  # nor did batch norm have this buffer then
+
+
+@pytest.mark.parametrize("source", ["torchvision:densenet121", "timm:densenet121"])
+def test_densenet_old_key_names_load(source, tmp_path):
+    """torchvision's (and timm's) own remapping of DenseNet's old key names is applied."""
+    torch.manual_seed(0)
+    reference = dc.build_model(source, ARGS)
+    old = _old_densenet_layout(reference.state_dict())
+    assert sum(".norm.1." in k for k in old) > 50 and "features.denseblock1.denselayer1.norm1.weight" not in old
+    torch.save({"state_dict": old}, tmp_path / "old.pth")
+    model, origin = build_with_weights(source, ARGS, weights=tmp_path / "old.pth")
+    assert set(model.state_dict()) == set(reference.state_dict())
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items()
+               if not k.endswith("num_batches_tracked"))
+    assert "build_args" not in origin
+
+
+def _googlenet_reference(**kwargs):
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.GoogLeNet(init_weights=False, **kwargs).eval()
+
+
+def test_torchvision_release_files_get_transform_input(tmp_path, monkeypatch):
+    """A file of torchvision's own googlenet weights (told by its hash, as torchvision names its
+    files) is built as torchvision builds it for them: transform_input=True; a user's file is not."""
+    import torchvision
+
+    reference = _googlenet_reference(transform_input=True)
+    path = tmp_path / "googlenet.pth"
+    torch.save(reference.state_dict(), path)
+    release = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+    mine: dict = {}
+    model, origin = build_with_weights("torchvision:googlenet", mine, weights=path)  # not a release: as built
+    assert model.transform_input is False and "transform_input" not in mine and "release" not in origin
+    monkeypatch.setattr(release.value, "url", f"https://download.pytorch.org/models/googlenet-{file_sha256(path)[:8]}.pth")
+    args = {"num_classes": 1000}
+    model, origin = build_with_weights("torchvision:googlenet", args, weights=path)
+    assert model.transform_input is True and args["transform_input"] is True
+    assert origin["release"] == "torchvision:googlenet.IMAGENET1K_V1" and origin["build_args"] == {"transform_input": True}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+    explicit = {"transform_input": False}  # the user's word stands
+    model, origin = build_with_weights("torchvision:googlenet", explicit, weights=path)
+    assert model.transform_input is False and "build_args" not in origin
+
+
+def test_cli_pretrained_googlenet_is_built_as_torchvision_builds_it(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reference = _googlenet_reference(transform_input=True)
+    cached = tmp_path / "checkpoints" / torchvision.models.GoogLeNet_Weights.DEFAULT.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir()
+    torch.save(reference.state_dict(), cached)
+    code, out, err = _cli(["convert", "torchvision:googlenet", "--pretrained", "--input-size", "64", "--out", "g.pt"], capsys)
+    assert code == 0, err
+    assert "built with transform_input=True" in out and "placement exact" in out
+    ck = dc.load_checkpoint(tmp_path / "g.pt")
+    assert ck.build_args["transform_input"] is True and ck.extra["weights"]["build_args"] == {"transform_input": True}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.model.eval()(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_release_build_args_follow_torchvision_builders():
+    """The arguments set for torchvision's own weights are those its builders set (no drift)."""
+    import inspect
+
+    import torchvision
+
+    from dynopool_convert.weights import _TORCHVISION_RELEASE_ARGS
+
+    assert set(_TORCHVISION_RELEASE_ARGS) == {"googlenet", "inception_v3"}
+    for name, args in _TORCHVISION_RELEASE_ARGS.items():
+        builder = inspect.getsource(getattr(torchvision.models, name))
+        assert all(f'_ovewrite_named_param(kwargs, "{k}", {v})' in builder for k, v in args.items())

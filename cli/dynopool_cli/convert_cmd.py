@@ -124,6 +124,7 @@ def convert(
 def _print_conversion(console, done, budget_flops: int | None) -> None:
     """The site table, its reasons, the counts, notes, FLOPs, the budget fit and the weights."""
     from dynopool_convert.flops import format_flops
+    from dynopool_convert.weights import weights_note
 
     plan, size = done.plan, done.input_size
     table, reasons = site_table(plan)
@@ -150,3 +151,6 @@ def _print_conversion(console, done, budget_flops: int | None) -> None:
     origin = done.origin
     if origin is not None:
         console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {done.placement}")
+        note = weights_note(done.source, done.build_args, origin)
+        if note:
+            console.print(f"[dim]note: {note}[/]", highlight=False)
