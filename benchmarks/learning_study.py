@@ -33,6 +33,7 @@ from dynopool_convert import clamp_strides_, convert, scale_parameters
 from dynopool_convert.budget import budget_penalty, fit_to_budget, project_to_budget
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.flops import count_flops
+from dynopool_convert.dynresize import DynResize
 from dynopool_convert.training.group_sizes import GroupGeometry
 from dynopool_convert.training.size_control import SizeControl
 
@@ -60,6 +61,10 @@ def dyn_options(method: str, args) -> dict:
             opts["jitter"] = int(flag[6:])
         elif flag.startswith("slr"):
             opts["scale_lr"] = float(flag[3:])
+        elif flag == "aa":  # exact placement: antialiased shrinks
+            opts["antialias"] = True
+        elif flag.startswith("settle"):  # the share of the steps trained after the search
+            opts["settle"] = float(flag[6:])
         else:
             raise SystemExit(f"unknown dyn flag {flag!r}")
     return opts
@@ -120,6 +125,9 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     if dyn:
         model = convert(model, input_size=(1, 28, 28), input_site=bool(opts.get("input", False)),
                         placement=opts.get("placement", "before")).model
+        for m in model.modules():
+            if isinstance(m, DynResize):
+                m.antialias = bool(opts.get("antialias", False))
         fit_to_budget(model, budget, (1, 28, 28))
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(data["train_y"]), generator=g)

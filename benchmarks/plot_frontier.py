@@ -1,7 +1,11 @@
 """Accuracy against FLOPs per data variant: the fixed network at several input resolutions (a
 curve) against dynopool's default at several budgets (docs/RESULTS.md §6.3).
 
-    python benchmarks/plot_frontier.py docs/results/learning OUT.png
+    python benchmarks/plot_frontier.py docs/results/learning OUT.png [DYN_METHOD]
+
+The fixed network's points are its runs at 28 px (``fixed``), at set resolutions (``resN``) and at
+the resolution that fits a budget (``lowres``); dynopool's are DYN_METHOD's runs (default
+``dyn:frozen:nojitter``), one point per budget.
 """
 from __future__ import annotations
 
@@ -11,17 +15,17 @@ import sys
 from pathlib import Path
 
 
-def _points(rows: list[dict], variant: str, dyn: bool) -> list[tuple[float, float, float]]:
+def _points(rows: list[dict], variant: str, dyn: bool, dyn_method: str) -> list[tuple[float, float, float]]:
     """(mean FLOPs, mean accuracy %, std) per (method, budget), sorted by FLOPs."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["variant"] != variant or r["method"].startswith("dyn") != dyn:
             continue
-        if not dyn and r["method"] not in ("fixed",) and not r["method"].startswith("res"):
+        if not dyn and r["method"] not in ("fixed", "lowres") and not r["method"].startswith("res"):
             continue
-        if dyn and r["method"] != "dyn:frozen:nojitter":
+        if dyn and r["method"] != dyn_method:
             continue
-        groups.setdefault((r["method"], r["budget"]), []).append(r)
+        groups.setdefault((r["method"], r["budget"], r["input"] if not dyn else None), []).append(r)
     out = []
     for runs in groups.values():
         accs = [100 * r["accuracy"] for r in runs]
@@ -32,6 +36,7 @@ def _points(rows: list[dict], variant: str, dyn: bool) -> list[tuple[float, floa
 
 def main() -> None:
     folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+    dyn_method = sys.argv[3] if len(sys.argv) > 3 else "dyn:frozen:nojitter"
     rows = [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name
             for line in p.read_text().splitlines() if line.strip()]
     import matplotlib
@@ -39,11 +44,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = ["stretch-V", "tile", "large"]
+    variants = [v for v in ("original", "stretch-V", "tile", "large") if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.4))
     for ax, variant in zip(axes, variants):
-        for dyn, style, label in ((False, "o-", "fixed network, input 16–28 px"), (True, "s", "dynopool default, budget 0.5/0.7/1.0×")):
-            pts = _points(rows, variant, dyn)
+        for dyn, style, label in ((False, "o-", "fixed network at lower input resolutions"), (True, "s", f"dynopool {dyn_method}, budget 0.5/0.7/1.0×")):
+            pts = _points(rows, variant, dyn, dyn_method)
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)

@@ -52,6 +52,7 @@ def dynresize2d(
     r_bounds: tuple[float, float] = (R_MIN, R_MAX),
     multiple: tuple[int, int] = (1, 1),
     host_stride: tuple[float, float] | None = None,
+    antialias: bool = False,
 ) -> Tensor:
     """Resize ``x`` (N x C x H x W) to ``round(H * base / stride)`` by bilinear sampling.
 
@@ -60,6 +61,9 @@ def dynresize2d(
     sample positions carry the straight-through gradient to ``stride`` (the same values as
     ``F.interpolate`` up to float rounding, and exactly ``x`` at equal sizes). ``host_stride``:
     the stride's value as Python floats, as for ``dynopool2d`` (default: read ``stride``).
+    ``antialias``: a shrink (either axis smaller) is filtered as ``F.interpolate(antialias=True)``
+    does (a triangle filter widened by the shrink ratio) instead of one sample per pixel; the
+    stride's gradient still comes from the bilinear sample positions.
     """
     if x.dim() != 4:
         raise ValueError(f"DynResize expects an N x C x H x W tensor, got shape {tuple(x.shape)}")
@@ -73,17 +77,23 @@ def dynresize2d(
     out_h = dynresize_output_size(h, s_h, base[0], multiple[0])
     out_w = dynresize_output_size(w, s_w, base[1], multiple[1])
     # a traced graph holds the frozen op (standard ops, no gradient to s), as for DynOPool
+    shrink = antialias and (out_h < h or out_w < w)
     if torch.jit.is_tracing() or not (torch.is_grad_enabled() and stride.requires_grad):
         if (out_h, out_w) == (h, w):
             return x
-        return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=shrink)
     # straight-through estimator: integer sizes forward, continuous H * s0 / s backward; positions
     # in float64, so that the samples sit where F.interpolate puts them (float32 is off by ~1e-6)
     s = s.to(torch.float64)
     cont_h, cont_w = h / (s[0] / base[0]), w / (s[1] / base[1])
     cell_h = h / (cont_h + (out_h - cont_h).detach())
     cell_w = w / (cont_w + (out_w - cont_w).detach())
-    return resample_bilinear(x, cell_h, cell_w, out_h, out_w)
+    if not shrink:
+        return resample_bilinear(x, cell_h, cell_w, out_h, out_w)
+    # the filtered values forward (their gradient to x), the sample positions' gradient to s
+    positions = resample_bilinear(x.detach(), cell_h, cell_w, out_h, out_w)
+    filtered = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    return filtered + (positions - positions.detach()).to(filtered.dtype)
 
 
 def resample_bilinear(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out_w: int) -> Tensor:
@@ -98,17 +108,20 @@ def resample_bilinear(x: Tensor, cell_h: Tensor, cell_w: Tensor, out_h: int, out
 
 
 class FrozenResize(nn.Module):
-    """A bilinear resize to a fixed size (Python ints): a frozen ``DynResize``."""
+    """A bilinear resize to a fixed size (Python ints): a frozen ``DynResize`` (``antialias``
+    filters a shrink, as the DynResize it froze did)."""
 
-    def __init__(self, size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int], antialias: bool = False) -> None:
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
+        self.antialias = bool(antialias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        shrink = self.antialias and (self.size[0] < x.shape[2] or self.size[1] < x.shape[3])
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=shrink)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}"
+        return f"size={self.size}" + (", antialias=True" if self.antialias else "")
 
 
 class DynResize(DynOPool):
@@ -119,6 +132,7 @@ class DynResize(DynOPool):
         base: ``s0``, the stride of the op after it (the group's initial stride).
         r_bounds, group, multiple: as for ``DynOPool`` (``multiple`` rounds this module's
             output size).
+        antialias: filter a shrink (``F.interpolate(antialias=True)``) instead of sampling it.
 
     >>> resize = DynResize(2.0, base=2.0)
     >>> x = torch.randn(1, 3, 7, 7)
@@ -133,8 +147,10 @@ class DynResize(DynOPool):
         r_bounds: tuple[float, float] = (R_MIN, R_MAX),
         group: int | None = None,
         multiple: int | tuple[int, int] = 1,
+        antialias: bool = False,
     ) -> None:
         super().__init__(stride, "mean", r_bounds, group, "reference", multiple)
+        self.antialias = bool(antialias)
         self.base = pair_of_floats(base)
         if min(self.base) <= 0:
             raise ValueError(f"base must be positive, got {base}")
@@ -150,10 +166,10 @@ class DynResize(DynOPool):
     def frozen(self, in_size: tuple[int, int]) -> nn.Module:
         """A static module with this resize's output size at ``in_size`` fixed as Python ints."""
         out = self.output_size(tuple(in_size))
-        return nn.Identity() if tuple(out) == tuple(in_size) else FrozenResize(out)
+        return nn.Identity() if tuple(out) == tuple(in_size) else FrozenResize(out, self.antialias)
 
     def _resize(self, x: Tensor) -> Tensor:
-        return dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple, self.host_stride())
+        return dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple, self.host_stride(), self.antialias)
 
     def _repr_detail(self) -> str:
         return f"base=({self.base[0]:.4g}, {self.base[1]:.4g})"

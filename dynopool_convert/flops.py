@@ -94,6 +94,8 @@ def _(x: Tensor, stride: Tensor, aggregate: str, r_min: float, r_max: float, bac
 
 #: FLOPs charged per DynResize output element, as fvcore counts ``upsample_bilinear2d`` (the
 #: op a frozen DynResize becomes); none where the size is unchanged (the identity runs nothing).
+#: An antialiased shrink (``DynResize(antialias=True)``, not the default) runs a filter about
+#: twice the shrink ratio wide per axis and is counted the same, as fvcore has no count for it.
 DYNRESIZE_FLOPS_PER_OUTPUT: int = 4
 
 #: Name of the opaque op a DynResize site runs as while being counted.
@@ -102,13 +104,14 @@ DYNRESIZE_OP = "dynopool_flops::resize"
 
 @torch.library.custom_op(DYNRESIZE_OP, mutates_args=())
 def _resize_for_counting(x: Tensor, stride: Tensor, b_h: float, b_w: float, r_min: float, r_max: float,
-                         m_h: int, m_w: int) -> Tensor:
+                         m_h: int, m_w: int, antialias: bool) -> Tensor:
     """DynResize's forward as one op for the jit tracer (the value is the real output)."""
-    return dynresize2d(x, stride, (b_h, b_w), (r_min, r_max), (m_h, m_w)).clone()
+    return dynresize2d(x, stride, (b_h, b_w), (r_min, r_max), (m_h, m_w), antialias=antialias).clone()
 
 
 @_resize_for_counting.register_fake
-def _(x: Tensor, stride: Tensor, b_h: float, b_w: float, r_min: float, r_max: float, m_h: int, m_w: int) -> Tensor:
+def _(x: Tensor, stride: Tensor, b_h: float, b_w: float, r_min: float, r_max: float, m_h: int, m_w: int,
+      antialias: bool) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -154,7 +157,7 @@ def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
 def _counting_forward(self: DynOPool, x: Tensor) -> Tensor:
     r_min, r_max = self.r_bounds
     if isinstance(self, DynResize):
-        return _resize_for_counting(x, self.stride, *self.base, r_min, r_max, *self.multiple)
+        return _resize_for_counting(x, self.stride, *self.base, r_min, r_max, *self.multiple, self.antialias)
     return _resample_for_counting(x, self.stride, self.aggregate, r_min, r_max, self.backend, *self.multiple)
 
 

@@ -59,6 +59,29 @@ def test_dynresize_gradients_input_position_and_straight_through_stride():
     assert s.grad.abs().min() > 0
 
 
+def test_antialiased_dynresize_filters_shrinks_and_is_still_the_identity_at_init():
+    x = torch.randn(2, 3, 20, 18, requires_grad=True)
+    assert torch.equal(DynResize(2.0, base=2.0, antialias=True)(x), x)
+    resize = DynResize(torch.nn.Parameter(torch.tensor([2.9, 1.5])), base=2.0, antialias=True)
+    h, w = resize.output_size((20, 18))
+    assert (h, w) == (14, 24)  # shrinks in height, grows in width: filtered as F.interpolate does
+    expected = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    out = resize(x)  # gradient path: the filtered values, the sample positions' stride gradient
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out, F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False))
+    out.square().sum().backward()
+    assert resize.stride.grad is not None and (resize.stride.grad != 0).all()
+    x_grad = x.grad.clone()
+    x.grad = None
+    expected.square().sum().backward()  # x's gradient is the filter's alone
+    torch.testing.assert_close(x_grad, x.grad)
+    frozen = resize.frozen((20, 18))
+    assert isinstance(frozen, FrozenResize) and frozen.antialias
+    torch.testing.assert_close(frozen(x), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(resize(x), expected, rtol=0, atol=0)
+
+
 # a representative set: residual (tied groups), depthwise/SE, patchify convs, concat branches
 MODELS = ["timm:resnet18", "torchvision:mobilenet_v3_small", "timm:convnext_atto", "torchvision:shufflenet_v2_x0_5"]
 
