@@ -25,6 +25,9 @@ WHAT = {
     "dyn:nojitter": "input site + gradient + search",
     "dyn:frozen:nojitter": "**default**: input site + search",
     "dyn:frozen:nojitter:nosearch": "input site, budget fit only",
+    "dyn:frozen:nojitter:exact": "placement exact: input site + search",
+    "dyn:frozen:nojitter:exact:aa": "placement exact, antialiased shrinks: input site + search",
+    "dyn:frozen:nojitter:exact:settle0.75": "placement exact, search at 25% of the steps",
 }
 
 

@@ -131,15 +131,23 @@ def test_paired_z_sees_a_consistent_small_gain():
     assert abs(paired_z(base, base)) == 0.0
 
 
-def test_finetune_searches_then_holds_the_sizes(tmp_path):
+TINY_SIZE = (3, 16, 16)
+
+
+def _tiny_checkpoint(tmp_path, budget_frac: float = 0.9, placement: str = "before"):
+    """A converted small_cnn (4 classes, width 4, 16 px) saved with ``budget_frac`` of its FLOPs."""
     torch.manual_seed(0)
     build = {"num_classes": 4, "in_chans": 3, "width": 4}
-    size = (3, 16, 16)
-    result = convert(small_cnn(**build), input_size=size)
-    budget = int(0.9 * count_flops(result.model, size))
+    result = convert(small_cnn(**build), input_size=TINY_SIZE, placement=placement)
+    budget = int(budget_frac * count_flops(result.model, TINY_SIZE))
     ckpt = tmp_path / "tiny.pt"
     save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
-                    input_size=size, budget=budget)
+                    input_size=TINY_SIZE, budget=budget)
+    return ckpt, result, budget
+
+
+def test_finetune_searches_then_holds_the_sizes(tmp_path):
+    ckpt, _, budget = _tiny_checkpoint(tmp_path)
     out = tmp_path / "run"
     res = finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
         "steps": 10, "batch_size": 10, "scale_lr": 0.05, "device": "cpu", "log_every": 1}})
@@ -154,7 +162,7 @@ def test_finetune_searches_then_holds_the_sizes(tmp_path):
     # 10 of the 100 training images were held out: 90 // 10 = 9 steps per epoch
     assert [r["step"] for r in rows if r["kind"] == "epoch"][0] == 9
     saved = load_checkpoint(out / "last.pt", trust_source=True)
-    assert count_flops(saved.model, size) <= budget
+    assert count_flops(saved.model, TINY_SIZE) <= budget
     assert saved.training["sizes"]["result"]["sizes"] == search[0]["sizes"]
 
 
@@ -185,14 +193,7 @@ def test_search_starts_include_each_group_shrunk_alone(converted):
 
 
 def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_path):
-    torch.manual_seed(0)
-    build = {"num_classes": 4, "in_chans": 3, "width": 4}
-    size = (3, 16, 16)
-    result = convert(small_cnn(**build), input_size=size)
-    budget = int(0.9 * count_flops(result.model, size))
-    ckpt = tmp_path / "tiny.pt"
-    save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
-                    input_size=size, budget=budget)
+    ckpt, _, _ = _tiny_checkpoint(tmp_path)
     ov = {"data": "synthetic:classes=4,train=100,val=16", "train": {
         "steps": 50, "batch_size": 10, "device": "cpu", "log_every": 1}}
     messages = []
@@ -220,15 +221,9 @@ def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_pa
 def test_finetune_exact_trains_and_saves_at_the_searched_sizes(tmp_path):
     """Placement exact, the default schedule (no stride learning, held-out search): the sizes the
     search keeps are the sizes trained after it and saved."""
-    torch.manual_seed(0)
-    build = {"num_classes": 4, "in_chans": 3, "width": 4}
-    size = (3, 16, 16)
-    result = convert(small_cnn(**build), input_size=size, placement="exact")
-    budget = count_flops(result.model, size)
+    ckpt, result, _ = _tiny_checkpoint(tmp_path, budget_frac=1.0, placement="exact")
+    size = TINY_SIZE
     initial = GroupGeometry(result.model, size).measure()[1]
-    ckpt = tmp_path / "tiny.pt"
-    save_checkpoint(ckpt, result.model, result.plan, "dynopool_convert.training.zoo:small_cnn", build_args=build,
-                    input_size=size, budget=budget)
     out = tmp_path / "run"
     finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
         "steps": 10, "batch_size": 10, "device": "cpu", "log_every": 1}})
