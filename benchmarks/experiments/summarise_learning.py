@@ -1,6 +1,6 @@
 """Tables for docs/RESULTS.md §6 from the JSON lines of learning_study.py and stride_gradient_study.py.
 
-    python benchmarks/summarise_learning.py docs/results/learning
+    python -m benchmarks.experiments.summarise_learning docs/results/learning
 """
 from __future__ import annotations
 

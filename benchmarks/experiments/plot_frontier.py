@@ -1,7 +1,7 @@
 """Accuracy against FLOPs per data variant: the fixed network at several input resolutions (a
 curve) against dynopool's default at several budgets (docs/RESULTS.md §6.3).
 
-    python benchmarks/plot_frontier.py docs/results/learning OUT.png
+    python -m benchmarks.experiments.plot_frontier docs/results/learning OUT.png
 """
 from __future__ import annotations
 
