@@ -44,7 +44,7 @@ def test_user_errors_still_exit_2_after_lazy_imports(tmp_path):
 
 
 def test_idle_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
-    # spinning threads lose ~5x on a loaded machine (benchmarks/thread_pools.py); OpenMP reads
+    # spinning threads lose ~5x on a loaded machine (benchmarks/speed/thread_pools.py); OpenMP reads
     # the policy when torch loads, which the CLI only does after main() has set it
     from dynopool_cli.threads import quiet_thread_pools
 

@@ -4,7 +4,7 @@ torch's OpenMP threads (and numba's) spin while they wait for work. When other p
 the cores, a spinning thread burns the time slice its partner needs, and every parallel region
 waits for a descheduled thread: on this project's 2-core machine under a load average of about
 13, the quick demo trained at 18 img/s with spinning threads and 85 img/s with sleeping ones
-(benchmarks/thread_pools.py, docs/BENCHMARKS.md).
+(benchmarks/speed/thread_pools.py, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 

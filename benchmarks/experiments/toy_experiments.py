@@ -1,8 +1,8 @@
 """The paper's toy experiments (Section 3) and the resolution baseline, on Fashion-MNIST.
 
     apt-get install dataset-fashion-mnist
-    python benchmarks/toy_experiments.py --study toy --out docs/results       # 7.1
-    python benchmarks/toy_experiments.py --study resolution --out docs/results  # 7.2
+    python -m benchmarks.experiments.toy_experiments --study toy --out docs/results       # 7.1
+    python -m benchmarks.experiments.toy_experiments --study resolution --out docs/results  # 7.2
 
 Study ``toy``: three variants of the data as the paper builds them from CIFAR-100, here from
 Fashion-MNIST (28 x 28): *stretch-V* (stretched 2x vertically, randomly cropped back to 28 x 28),

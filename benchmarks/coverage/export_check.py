@@ -1,7 +1,7 @@
 """Export a converted checkpoint to every format and report how close each file is to PyTorch.
 
     dynopool convert resnet50 --budget 4G --out resnet50-4G.pt
-    PYTHONPATH=.:cli python benchmarks/export_check.py resnet50-4G.pt --out exports/
+    python -m benchmarks.coverage.export_check resnet50-4G.pt --out exports/
 
 A freshly converted timm ResNet has its last batch norm of every block at zero (timm's
 ``zero_init_last``), so the residual branches, and the resize sites inside them, would not reach

@@ -9,9 +9,11 @@ replicated to RGB). torchvision's ViT is compared before its head, which starts 
 are random (no pretrained weights can be loaded here), so the figures
 show the size of the change, not an accuracy.
 
-    PYTHONPATH=.:cli python benchmarks/patchify_init.py
+    python -m benchmarks.experiments.patchify_init
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ def _inputs(size: int) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print("| model | input | patchify rule | plain `before` rule |")
     print("|---|---|---:|---:|")
     for source, args, size in MODELS:

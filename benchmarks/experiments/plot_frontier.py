@@ -1,7 +1,7 @@
 """Accuracy against FLOPs per data variant: the fixed network at several input resolutions (a
 curve) against dynopool's default at several budgets (docs/RESULTS.md §6.3).
 
-    python benchmarks/plot_frontier.py docs/results/learning OUT.png [DYN_METHOD]
+    python -m benchmarks.experiments.plot_frontier docs/results/learning OUT.png [--method DYN_METHOD]
 
 The fixed network's points are its runs at 28 px (``fixed``), at set resolutions (``resN``) and at
 the resolution that fits a budget (``lowres``); dynopool's are DYN_METHOD's runs (default
@@ -9,9 +9,9 @@ the resolution that fits a budget (``lowres``); dynopool's are DYN_METHOD's runs
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
@@ -35,8 +35,12 @@ def _points(rows: list[dict], variant: str, dyn: bool, dyn_method: str) -> list[
 
 
 def main() -> None:
-    folder, out = Path(sys.argv[1]), Path(sys.argv[2])
-    dyn_method = sys.argv[3] if len(sys.argv) > 3 else "dyn:frozen:nojitter"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, help="folder of learning_study.py's JSON lines (*.jsonl)")
+    ap.add_argument("out", type=Path, help="the figure (PNG)")
+    ap.add_argument("--method", default="dyn:frozen:nojitter", help="dynopool's method to plot")
+    args = ap.parse_args()
+    folder, out, dyn_method = args.folder, args.out, args.method
     rows = [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name
             for line in p.read_text().splitlines() if line.strip()]
     import matplotlib

@@ -1,6 +1,6 @@
 """Cost-model speed: one evaluation (value + backward) for a converted ResNet-50 at 224x224.
 
-    PYTHONPATH=. python benchmarks/cost_model_speed.py [--model resnet50] [--size 224] [--build-arg K=V ...]
+    python -m benchmarks.speed.cost_model_speed [--model resnet50] [--size 224] [--build-arg K=V ...]
 
 Prints the median time of ``CostModel()`` (value only), of value + ``backward()``, and, as the
 interleaved baseline, one ``torch.ones(2).sum().backward()`` (the cheapest autograd round trip)

@@ -1,12 +1,12 @@
 """Tables for docs/RESULTS.md §6 from the JSON lines of learning_study.py and stride_gradient_study.py.
 
-    python benchmarks/summarise_learning.py docs/results/learning
+    python -m benchmarks.experiments.summarise_learning docs/results/learning
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
@@ -71,7 +71,10 @@ def gradient_table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/learning")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, nargs="?", default=Path("docs/results/learning"),
+                    help="folder of learning_study.py's JSON lines (default docs/results/learning)")
+    folder = ap.parse_args().folder
     study = [r for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name and "frontier" not in p.name
              for r in _rows(p)]
     if study:

@@ -1,6 +1,6 @@
 """What does the straight-through stride gradient carry? (issue: make learning pay, item 1)
 
-    python benchmarks/stride_gradient_study.py --variants stretch-V,original --seeds 0,1 --epochs 4
+    python -m benchmarks.experiments.stride_gradient_study --variants stretch-V,original --seeds 0,1 --epochs 4
 
 Trains the small VGG converted to DynOPool (three max-pool sites) with the penalty off (no
 budget: only the task loss moves the strides) and, after every epoch, on a held-out split of
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toy_experiments import FASHION_DIR, VARIANTS, load_fashion_mnist, small_vgg
+from benchmarks.experiments.toy_experiments import FASHION_DIR, VARIANTS, load_fashion_mnist, small_vgg
 
 from dynopool_convert import clamp_strides_, convert, scale_parameters
 from dynopool_convert.training.group_sizes import GroupGeometry

@@ -1,7 +1,7 @@
 """Speed of the native-kernel DynOPool path (``backend="native"``) on CPU.
 
-    PYTHONPATH=.:cli python benchmarks/native_speed.py              # 2 threads, prints a Markdown table
-    PYTHONPATH=.:cli python benchmarks/native_speed.py --reps 5 --dtypes float32 bfloat16
+    python -m benchmarks.speed.native_speed              # 2 threads, prints a Markdown table
+    python -m benchmarks.speed.native_speed --reps 5 --dtypes float32 bfloat16
 
 Forward + backward (stride gradient included) of ``native``, ``reference`` (pure PyTorch),
 ``fast`` (the numba kernel, float32/float64 only) and ``F.max_pool2d(x, 2)``, interleaved: one
@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.speed.op_speed import _step  # the same timed forward+backward step
 from dynopool_convert import _fast_cpu, dynopool2d, dynopool_output_size
-from op_speed import _step  # the same timed forward+backward step (benchmarks/ is on sys.path)
 
 
 def bench(shape, stride: float, dtype: torch.dtype, channels_last: bool, reps: int, warmup: int, ref_reps: int) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Operator speed: forward+backward of DynOPool vs max_pool2d at the same shapes (issue 2, item 6).
 
-    PYTHONPATH=.:cli python benchmarks/op_speed.py             # 3 runs, prints, updates docs/BENCHMARKS.md
-    PYTHONPATH=.:cli python benchmarks/op_speed.py --no-write --runs 1
+    python -m benchmarks.speed.op_speed             # 3 runs, prints, updates docs/BENCHMARKS.md
+    python -m benchmarks.speed.op_speed --no-write --runs 1
 
 Every configuration times, interleaved in one loop (one call of each per round, rounds
 repeated ``--reps`` times after ``--warmup`` rounds; the whole table ``--runs`` times, since the
@@ -35,7 +35,7 @@ from dynopool_convert import dynopool2d, dynopool_output_size
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 28, 28)]
 STRIDES = [2.0, 1.7, 2.6]
-DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 SECTION = "## Operator speed"
 
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     for r, spread in summary:
         print(_format_row(r, spread))
     if not args.no_write:
-        cmd = "PYTHONPATH=.:cli python benchmarks/op_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python -m benchmarks.speed.op_speed " + " ".join(sys.argv[1:] if argv is None else argv)
         write_doc(summary, cmd.strip(), args.threads, args.reps, min(args.ref_reps, args.reps), args.runs, load + " -> " + " / ".join(f"{v:.1f}" for v in os.getloadavg()))
         print(f"updated {DOC}")
 

@@ -1,7 +1,7 @@
 """Does learning the sizes pay? DynOPool variants against the fixed network and lower resolution.
 
-    python benchmarks/learning_study.py --variant stretch-V --methods fixed,dyn-paper,dyn --seeds 3
-    python benchmarks/learning_study.py --variant original --budget-frac 0.5 --methods fixed,lowres,dyn
+    python -m benchmarks.experiments.learning_study --variant stretch-V --methods fixed,dyn-paper,dyn --seeds 3
+    python -m benchmarks.experiments.learning_study --variant original --budget-frac 0.5 --methods fixed,lowres,dyn
 
 Data: Fashion-MNIST and the paper's variants (``toy_experiments.py``); a training subset of
 ``--train-size`` images, a held-out split of ``--holdout`` further training images (for the size
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toy_experiments import FASHION_DIR, VARIANTS, load_fashion_mnist, small_vgg
+from benchmarks.experiments.toy_experiments import FASHION_DIR, VARIANTS, load_fashion_mnist, small_vgg
 
 from dynopool_convert import clamp_strides_, convert, scale_parameters
 from dynopool_convert.budget import budget_penalty, fit_to_budget, project_to_budget

@@ -4,7 +4,7 @@ Deterministic: a balanced subset (``--train-per-class`` from the training split,
 from the test split), picked with numpy's default_rng(seed) and stored sorted by index.
 
     apt-get install -y dataset-fashion-mnist
-    python benchmarks/make_bundled_subset.py /usr/share/datasets/fashion-mnist
+    python -m benchmarks.data.make_bundled_subset /usr/share/datasets/fashion-mnist
 """
 from __future__ import annotations
 

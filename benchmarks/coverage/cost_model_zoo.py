@@ -1,6 +1,6 @@
 """Cost model vs fvcore on real ``convert()`` outputs: max relative error, gradient signs.
 
-    PYTHONPATH=. python benchmarks/cost_model_zoo.py [--size 64] [--configs 3] [--relative]
+    python -m benchmarks.coverage.cost_model_zoo [--size 64] [--configs 3] [--relative]
         [--build-arg KEY=VALUE ...] [MODEL ...]
 
 For each model: convert at ``--size``, build the CostModel, then at ``--configs`` random

@@ -1,7 +1,7 @@
 """Training speed of the quick CPU demo under each thread-pool setting, on a (possibly loaded) machine.
 
-    python benchmarks/thread_pools.py                    # 60 steps per setting, 2 rounds, interleaved
-    python benchmarks/thread_pools.py --steps 40 --rounds 1 --settings default one-thread
+    python -m benchmarks.speed.thread_pools                    # 60 steps per setting, 2 rounds, interleaved
+    python -m benchmarks.speed.thread_pools --steps 40 --rounds 1 --settings default one-thread
 
 Each setting runs ``finetune`` on the quick demo's recipe (small CNN, bundled Fashion-MNIST,
 batch 64) for ``--steps`` steps in a fresh process with its environment:
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},

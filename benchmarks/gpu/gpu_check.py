@@ -1,7 +1,7 @@
 """GPU check of DynOPool in one command (issue 15): correctness, operator speed, train steps, toy VGG.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=.:cli python benchmarks/gpu_check.py --out gpu_check.md
-    PYTHONPATH=.:cli python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/g.md   # dry run, any machine
+    PYTHONUNBUFFERED=1 python -m benchmarks.gpu.gpu_check --out gpu_check.md
+    python -m benchmarks.gpu.gpu_check --device cpu --tiny --out /tmp/g.md   # dry run, any machine
     ... --only correctness,operator        # some sections only
 
 Sections (about 3 minutes on an H200; ``--tiny`` shrinks every size for a dry run on the CPU,
@@ -255,8 +255,7 @@ def resnet(device: torch.device, tiny: bool, out: dict, size_refresh_every: int)
 
 # ---------------------------------------------------------------------------------- toy VGG
 def vgg(device: torch.device, tiny: bool, out: dict) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from toy_experiments import small_vgg
+    from benchmarks.experiments.toy_experiments import small_vgg
 
     from dynopool_convert import clamp_strides_, convert, scale_parameters
     from dynopool_convert.training.sizes import SizeSchedule

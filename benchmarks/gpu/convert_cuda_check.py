@@ -1,10 +1,11 @@
 """Convert models that live on a GPU: validation, DynOPool strides, forward/backward and a
 checkpoint round trip on CUDA, compared with the same converted model on the CPU.
 
-    PYTHONPATH=.:cli python benchmarks/convert_cuda_check.py     # falls back to CPU without CUDA
+    python -m benchmarks.gpu.convert_cuda_check     # falls back to CPU without CUDA
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def check(source: str, size: int, device: str, dtype: torch.dtype = torch.float3
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}", flush=True)
     results = [check(s, n, device) for s, n in MODELS]

@@ -1,7 +1,7 @@
 """Inference speed of a frozen converted model against the original, CPU, PyTorch and onnxruntime.
 
     dynopool convert resnet50 --budget 4G --out resnet50-4G.pt
-    PYTHONPATH=.:cli python benchmarks/export_speed.py resnet50-4G.pt --threads 1 --reps 15
+    python -m benchmarks.speed.export_speed resnet50-4G.pt --threads 1 --reps 15
 
 Models (random weights: speed does not depend on their values), all in eval mode, batch
 ``--batch``, no gradient:

@@ -11,8 +11,8 @@ and where is it after short fine-tuning at the original's FLOPs?
    the saved (budget-projected) model, its groups' sizes, and the size search's choice. Placement
    ``none`` is the control: nothing converted, the original fine-tuned the same way.
 
-    PYTHONPATH=.:cli python benchmarks/weights_exact.py --model resnet18 --size 32 --epochs 10 \
-        --out /tmp/weights_exact --json benchmarks/results/weights_exact_resnet18.json
+    python -m benchmarks.experiments.weights_exact --model resnet18 --size 32 --epochs 10 \
+        --out /tmp/weights_exact --json docs/results/weights_exact/resnet18.json
     # only train (and save) the original:   --placements ""
     # fine-tune an original trained before: --trained /tmp/weights_exact/resnet18.safetensors
     # other fine-tuning settings (task-1 style diagnostics): --ft '{"scale_lr": 0.02, "size_search": false}'

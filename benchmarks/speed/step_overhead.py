@@ -1,7 +1,7 @@
 """Cost of conversion: a full training step of the converted model vs the original.
 
-    python benchmarks/step_overhead.py                      # ResNet-18 and ResNet-50, 224 px, batch 8, CPU
-    python benchmarks/step_overhead.py --models resnet18 --batch-size 4 --reps 10
+    python -m benchmarks.speed.step_overhead                      # ResNet-18 and ResNet-50, 224 px, batch 8, CPU
+    python -m benchmarks.speed.step_overhead --models resnet18 --batch-size 4 --reps 10
 
 For each model: forward + backward + optimiser step (SGD with momentum) of the original and of
 the converted model at its initial strides (equal FLOPs by fvcore, printed; the strides get their
@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -25,6 +26,8 @@ from torch import nn
 
 from dynopool_convert import convert, scale_parameters
 from dynopool_convert.flops import count_flops
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(name: str, converted: bool, size: int) -> nn.Module:
@@ -51,14 +54,14 @@ def training_memory_child(name: str, converted: bool, size: int, batch: int) -> 
     steps (``ru_maxrss``) minus its resident memory once the model and data are built."""
     code = (
         "import resource, torch, sys; sys.argv=['x'];"
-        "from benchmarks.step_overhead import build, make_optimizer, train_step;"
+        "from benchmarks.speed.step_overhead import build, make_optimizer, train_step;"
         f"m = build({name!r}, {converted}, {size}); opt = make_optimizer(m);"
         f"x = torch.randn({batch}, 3, {size}, {size}); y = torch.randint(0, 100, ({batch},));"
         "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize();"
         "[train_step(m, opt, x, y) for _ in range(3)];"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1])
 
 

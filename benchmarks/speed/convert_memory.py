@@ -1,14 +1,18 @@
 """Peak memory of a conversion: how much the resident set grows while ``convert`` runs,
 against the size of the model's parameters (one process per model, so peaks do not mix).
 
-    PYTHONPATH=.:cli python benchmarks/convert_memory.py timm:hrnet_w18_small:64 timm:efficientformer_l1:224
+    python -m benchmarks.speed.convert_memory timm:hrnet_w18_small:64 timm:efficientformer_l1:224
 """
 from __future__ import annotations
 
+import argparse
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def measure(source: str, size: int) -> str:
@@ -32,10 +36,14 @@ def main() -> None:
         source, size = sys.argv[2].rsplit(":", 1)
         print(measure(source, int(size)), flush=True)
         return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("specs", nargs="+", metavar="SOURCE:SIZE", help="a model source and its input size")
+    specs = ap.parse_args().specs
     print("| model | input | parameters MB | peak RSS growth MB | growth / parameters | convert s | groups |")
     print("|---|---|---|---|---|---|---|")
-    for spec in sys.argv[1:]:
-        out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    for spec in specs:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.speed.convert_memory", "--child", spec],
+                             capture_output=True, text=True, cwd=ROOT)
         print(out.stdout.strip() or f"| {spec} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)
 
 

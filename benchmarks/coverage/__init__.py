@@ -1,0 +1,1 @@
+"""Coverage sweeps over model zoos: conversion, cost model against fvcore, export."""

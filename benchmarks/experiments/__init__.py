@@ -1,0 +1,1 @@
+"""Learning experiments behind docs/RESULTS.md and their summaries and plots."""
