@@ -1,10 +1,10 @@
 """Accuracy against FLOPs per data variant: the fixed network at several input resolutions (a
 curve) against dynopool's default at several budgets (docs/RESULTS.md §6.3).
 
-    python -m benchmarks.experiments.plot_frontier docs/results/learning OUT.png [--method DYN_METHOD]
+    python -m benchmarks.experiments.plot_frontier docs/results/learning OUT.png [--method DYN_METHOD ...]
 
 The fixed network's points are its runs at 28 px (``fixed``), at set resolutions (``resN``) and at
-the resolution that fits a budget (``lowres``); dynopool's are DYN_METHOD's runs (default
+the resolution that fits a budget (``lowres``); dynopool's are each DYN_METHOD's runs (default
 ``dyn:frozen:nojitter``), one point per budget.
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="folder of learning_study.py's JSON lines (*.jsonl)")
     ap.add_argument("out", type=Path, help="the figure (PNG)")
-    ap.add_argument("--method", default="dyn:frozen:nojitter", help="dynopool's method to plot")
+    ap.add_argument("--method", action="append", help="dynopool's method to plot (repeatable; default dyn:frozen:nojitter)")
     args = ap.parse_args()
-    folder, out, dyn_method = args.folder, args.out, args.method
-    rows = [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name
+    folder, out, methods = args.folder, args.out, args.method or ["dyn:frozen:nojitter"]
+    rows = [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if not any(k in p.name for k in ("gradient", "plateau"))
             for line in p.read_text().splitlines() if line.strip()]
     import matplotlib
 
@@ -51,8 +51,10 @@ def main() -> None:
     variants = [v for v in ("original", "stretch-V", "tile", "large") if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.4))
     for ax, variant in zip(axes, variants):
-        for dyn, style, label in ((False, "o-", "fixed network at lower input resolutions"), (True, "s", f"dynopool {dyn_method}, budget 0.5/0.7/1.0×")):
-            pts = _points(rows, variant, dyn, dyn_method)
+        series = [(False, "", "o-", "fixed network at 16–28 px")]
+        series += [(True, m, "sdv^"[i % 4], f"dynopool {m}") for i, m in enumerate(methods)]
+        for dyn, method, style, label in series:
+            pts = _points(rows, variant, dyn, method)
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)

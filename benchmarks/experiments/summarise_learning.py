@@ -25,10 +25,14 @@ WHAT = {
     "dyn:nojitter": "input site + gradient + search",
     "dyn:frozen:nojitter": "**default**: input site + search",
     "dyn:frozen:nojitter:nosearch": "input site, budget fit only",
-    "dyn:frozen:nojitter:exact": "placement exact: input site + search",
+    "dyn:frozen:nojitter:exact": "placement exact (default with loaded weights): input site + search",
     "dyn:frozen:nojitter:exact:aa": "placement exact, antialiased shrinks: input site + search",
     "dyn:frozen:nojitter:exact:settle0.75": "placement exact, search at 25% of the steps",
 }
+
+
+def _what_res(method: str) -> str:
+    return f"the network on {method[3:]} px inputs" if method.startswith("res") else ""
 
 
 def methods_table(rows: list[dict]) -> str:
@@ -37,11 +41,11 @@ def methods_table(rows: list[dict]) -> str:
         groups.setdefault((r["variant"], r["budget"], r["method"]), []).append(r)
     out = ["| data | budget | method | what | test accuracy % (mean ± std) | seeds | FLOPs (mean) | sizes after each site (seed 0) |",
            "|---|---|---|---|---|---|---|---|"]
-    for (variant, budget, method), runs in groups.items():
+    for (variant, budget, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         accs = [100 * r["accuracy"] for r in runs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         sizes = " → ".join(f"{h}×{w}" for h, w in runs[0]["sizes"]) or f"input {runs[0]['input']}²"
-        out.append(f"| {variant} | {budget / 1e6:.2f}M | `{method}` | {WHAT.get(method, '')} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+        out.append(f"| {variant} | {budget / 1e6:.2f}M | `{method}` | {WHAT.get(method) or _what_res(method)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
                    f"{len(runs)} | {statistics.mean(r['flops'] for r in runs) / 1e6:.3f}M | {sizes} |")
     return "\n".join(out)
 
@@ -75,7 +79,7 @@ def main() -> None:
     ap.add_argument("folder", type=Path, nargs="?", default=Path("docs/results/learning"),
                     help="folder of learning_study.py's JSON lines (default docs/results/learning)")
     folder = ap.parse_args().folder
-    study = [r for p in sorted(folder.glob("*.jsonl")) if "gradient" not in p.name and "frontier" not in p.name
+    study = [r for p in sorted(folder.glob("*.jsonl")) if not any(k in p.name for k in ("gradient", "frontier", "plateau"))
              for r in _rows(p)]
     if study:
         print(methods_table(study))
