@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.experiments.toy_experiments import FASHION_DIR, VARIANTS, load_fashion_mnist, small_vgg
+from benchmarks.experiments.toy_experiments import (FASHION_DIR, VARIANTS, backward, load_fashion_mnist,
+                                                    optimiser_step, small_vgg)
 
-from dynopool_convert import clamp_strides_, convert, scale_parameters
+from dynopool_convert import convert, scale_parameters
 from dynopool_convert.budget import budget_penalty, fit_to_budget, project_to_budget
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.flops import count_flops
@@ -174,14 +175,8 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             if opt_s is not None:
                 loss = loss + args.penalty_weight * budget_penalty(cost(), budget, mode)
-                opt_s.zero_grad(set_to_none=True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-        sched.step()
-        if opt_s is not None:
-            opt_s.step()
-            clamp_strides_(model)
+            backward(loss, opt, opt_s)
+        optimiser_step(model, opt, sched, opt_s)
         if sizes is not None:
             sizes.hold()
         step += 1

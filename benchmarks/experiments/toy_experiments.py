@@ -181,18 +181,28 @@ def train(
             loss = F.cross_entropy(model(x), data["train_y"][idx], label_smoothing=0.1)
             if cost is not None:
                 loss = loss + args.penalty_weight * budget_penalty(cost(), budget)
-            opt.zero_grad(set_to_none=True)
-            if opt_s is not None:
-                opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if opt_s is not None:
-                opt_s.step()
-                clamp_strides_(model)
+            backward(loss, opt, opt_s)
+            optimiser_step(model, opt, sched, opt_s)
     if strides and budget:
         project_to_budget(model, budget, (1, input_size, input_size))
     return model
+
+
+def backward(loss: torch.Tensor, opt, opt_s) -> None:
+    """Zero the weights' (and the strides', when learned) gradients, then backpropagate ``loss``."""
+    opt.zero_grad(set_to_none=True)
+    if opt_s is not None:
+        opt_s.zero_grad(set_to_none=True)
+    loss.backward()
+
+
+def optimiser_step(model: nn.Module, opt, sched, opt_s) -> None:
+    """Step the weights, their schedule and (when learned) the strides, kept within bounds."""
+    opt.step()
+    sched.step()
+    if opt_s is not None:
+        opt_s.step()
+        clamp_strides_(model)
 
 
 def run_one(study: str, variant: str, method: str, seed: int, data: dict, args, budget: int | None,
