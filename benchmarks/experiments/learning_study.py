@@ -9,7 +9,7 @@ search; never the test split), the full 10k test split for the reported accuracy
 share the data, network (the small VGG), epochs, optimiser (AdamW, one-cycle) and augmentation.
 
 Methods: ``fixed`` (the network as is, at 28 px), ``lowres`` (the network on inputs resized to the
-largest size within the budget), ``resN`` (the network on N x N inputs, whatever the budget), ``dyn-paper`` (the three max-pools as DynOPool, strides learned
+largest size within the budget), ``resN``, ``resHxW`` (the network on N x N or H x W inputs, whatever the budget), ``dyn-paper`` (the three max-pools as DynOPool, strides learned
 by their straight-through gradient under the ceiling penalty: the paper's method and our old
 default) and ``dyn`` (dynopool's default: see ``--help`` of each knob), whose parts can be
 switched off for the ablation (``dyn:nojitter``, ``dyn:nosearch``, ``dyn:noinput``, ...).
@@ -71,6 +71,27 @@ def dyn_options(method: str, args) -> dict:
     return opts
 
 
+def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` at ``size`` (rows, columns), antialiased, as the fixed network's lower-resolution inputs."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def input_size(method: str, width: int, budget: int) -> tuple[int, int]:
+    """The fixed network's input: 28 px, the largest square within ``budget`` (``lowres``), or
+    ``resN`` / ``resHxW`` (rows x columns)."""
+    if method == "lowres":
+        side = 28
+        while count_flops(small_vgg(width=width), (1, side, side)) > budget:
+            side -= 1
+        return side, side
+    if method.startswith("res"):
+        h, _, w = method[3:].partition("x")
+        return int(h), int(w or h)
+    return 28, 28
+
+
 def batches(data, pool: dict, transform, gen, size, bs):
     """Endless shuffled epochs over ``pool["idx"]`` (read again at each epoch, so that the pool can
     grow when the held-out images rejoin training); yields (epoch, x, y)."""
@@ -80,10 +101,7 @@ def batches(data, pool: dict, transform, gen, size, bs):
         order = idx[torch.randperm(len(idx), generator=gen)]
         for i in range(0, len(order), bs):
             j = order[i: i + bs]
-            x = transform(data["train_x"][j], gen)
-            if x.shape[-1] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            yield epoch, x, data["train_y"][j]
+            yield epoch, resize_to(transform(data["train_x"][j], gen), size), data["train_y"][j]
         epoch += 1
 
 
@@ -92,10 +110,7 @@ def accuracy(model, xs, ys, size, bs=1000) -> tuple[float, float]:
     correct, loss = 0, 0.0
     with torch.no_grad():
         for i in range(0, len(ys), bs):
-            x = xs[i: i + bs]
-            if x.shape[-1] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            out = model(x)
+            out = model(resize_to(xs[i: i + bs], size))
             correct += (out.argmax(1) == ys[i: i + bs]).sum().item()
             loss += F.cross_entropy(out, ys[i: i + bs], reduction="sum").item()
     model.train()
@@ -114,15 +129,10 @@ def per_image(model, xs, ys, size) -> tuple[torch.Tensor, torch.Tensor]:
 def run(variant: str, method: str, seed: int, data, args, budget: int, base_flops: int) -> dict:
     torch.manual_seed(seed)
     transform = VARIANTS[variant]
-    size = 28
     model = small_vgg(width=args.width)
     dyn = method.startswith("dyn")
     opts = dyn_options(method, args) if method.startswith("dyn:") or method == "dyn" else {}
-    if method == "lowres":
-        while count_flops(small_vgg(width=args.width), (1, size, size)) > budget:
-            size -= 1
-    elif method.startswith("res"):  # the fixed network at a given input resolution, e.g. res20
-        size = int(method[3:])
+    size = input_size(method, args.width, budget)
     if dyn:
         model = convert(model, input_size=(1, 28, 28), input_site=bool(opts.get("input", False)),
                         placement=opts.get("placement", "before")).model
@@ -185,10 +195,10 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     if dyn:
         project_to_budget(model, budget, (1, 28, 28))
     acc = accuracy(model, data["test_x_" + variant], data["test_y"], size)[0]
-    flops = count_flops(model, (1, size, size))
+    flops = count_flops(model, (1, *size))
     sizes = GroupGeometry(model, (1, 28, 28)).measure()[1] if dyn else []
     return {"variant": variant, "method": method, "seed": seed, "accuracy": acc, "flops": flops, "budget": budget,
-            "base_flops": base_flops, "input": size, "sizes": sizes, "search": searched, "curve": curve,
+            "base_flops": base_flops, "input": size[0] if size[0] == size[1] else list(size), "sizes": sizes, "search": searched, "curve": curve,
             "seconds": round(time.perf_counter() - t0, 1), "epochs": args.epochs, "train_size": args.train_size,
             "opts": opts, "holdout": args.holdout, "holdout_mode": args.holdout_mode if dyn else None}
 
