@@ -23,6 +23,8 @@ def _points(rows: list[dict], variant: str, dyn: bool, dyn_method: str) -> list[
             continue
         if not dyn and r["method"] not in ("fixed", "lowres") and not r["method"].startswith("res"):
             continue
+        if not dyn and isinstance(r["input"], list):  # anisotropic inputs are not on the resolution curve
+            continue
         if dyn and r["method"] != dyn_method:
             continue
         groups.setdefault((r["method"], r["budget"], r["input"] if not dyn else None), []).append(r)

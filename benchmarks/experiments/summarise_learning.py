@@ -32,7 +32,10 @@ WHAT = {
 
 
 def _what_res(method: str) -> str:
-    return f"the network on {method[3:]} px inputs" if method.startswith("res") else ""
+    if not method.startswith("res"):
+        return ""
+    h, _, w = method[3:].partition("x")
+    return f"the network on {h}×{w} inputs (rows × columns)" if w else f"the network on {h} px inputs"
 
 
 def methods_table(rows: list[dict]) -> str:
@@ -44,7 +47,9 @@ def methods_table(rows: list[dict]) -> str:
     for (variant, budget, method), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         accs = [100 * r["accuracy"] for r in runs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        sizes = " → ".join(f"{h}×{w}" for h, w in runs[0]["sizes"]) or f"input {runs[0]['input']}²"
+        given = runs[0]["input"]
+        sizes = " → ".join(f"{h}×{w}" for h, w in runs[0]["sizes"]) or (
+            f"input {given[0]}×{given[1]}" if isinstance(given, list) else f"input {given}²")
         out.append(f"| {variant} | {budget / 1e6:.2f}M | `{method}` | {WHAT.get(method) or _what_res(method)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
                    f"{len(runs)} | {statistics.mean(r['flops'] for r in runs) / 1e6:.3f}M | {sizes} |")
     return "\n".join(out)
