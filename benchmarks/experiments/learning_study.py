@@ -12,7 +12,9 @@ Methods: ``fixed`` (the network as is, at 28 px), ``lowres`` (the network on inp
 largest size within the budget), ``resN``, ``resHxW`` (the network on N x N or H x W inputs, whatever the budget), ``dyn-paper`` (the three max-pools as DynOPool, strides learned
 by their straight-through gradient under the ceiling penalty: the paper's method and our old
 default) and ``dyn`` (dynopool's default: see ``--help`` of each knob), whose parts can be
-switched off for the ablation (``dyn:nojitter``, ``dyn:nosearch``, ``dyn:noinput``, ...).
+switched off for the ablation (``dyn:nojitter``, ``dyn:nosearch``, ``dyn:noinput``, ...), and
+``aspect`` (the fixed network trained on five input shapes within the budget in turn, the one of
+lowest held-out loss kept from 70% of the steps: a supernet over input aspect ratios).
 One JSON line per run goes to ``--out``.
 """
 from __future__ import annotations
@@ -92,6 +94,37 @@ def input_size(method: str, width: int, budget: int) -> tuple[int, int]:
     return 28, 28
 
 
+ASPECTS = (0.5, 2 / 3, 1.0, 1.5, 2.0)  # rows / columns
+
+
+def aspect_candidates(width: int, budget: int) -> list[tuple[int, int]]:
+    """For each aspect ratio (rows / columns) in ``ASPECTS``, the largest input within ``budget``."""
+    net, out = small_vgg(width=width), []
+    for a in ASPECTS:
+        side = 28.0
+        while side > 4:
+            h, w = max(1, round(side * a ** 0.5)), max(1, round(side / a ** 0.5))
+            if count_flops(net, (1, h, w)) <= budget:
+                out.append((h, w))
+                break
+            side -= 0.25
+    return out
+
+
+def recalibrate(model: torch.nn.Module, xs: list[torch.Tensor]) -> None:
+    """Batch-norm running statistics recomputed on ``xs`` (a cumulative average; weights untouched)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+
+
 def batches(data, pool: dict, transform, gen, size, bs):
     """Endless shuffled epochs over ``pool["idx"]`` (read again at each epoch, so that the pool can
     grow when the held-out images rejoin training); yields (epoch, x, y)."""
@@ -148,7 +181,7 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     else:  # carved from the training images, as dynopool finetune does
         hold_idx = train_idx[: args.holdout]
     # what a method trains on: all training images, or (a method that searches) all but the held-out
-    searching = dyn and bool(opts.get("search"))
+    searching = (dyn and bool(opts.get("search"))) or method == "aspect"
     pool = {"idx": train_idx[args.holdout:] if searching and args.holdout_mode != "extra" else train_idx}
     hold_x = transform(data["train_x"][hold_idx], None)
     hold_y = data["train_y"][hold_idx]
@@ -171,9 +204,26 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
     searched, curve, step = None, [], 0
     t0 = time.perf_counter()
     model.train()
-    for epoch, x, y in batches(data, pool, transform, g, size, args.batch_size):
+    aspects = aspect_candidates(args.width, budget) if method == "aspect" else []
+    aspect_search = int(0.7 * total)
+    for epoch, x, y in batches(data, pool, transform, g, size if not aspects else (28, 28), args.batch_size):
         if step == total:
             break
+        if aspects:  # the fixed network trained on every candidate shape in turn, then the best one
+            if step == aspect_search:
+                losses = {}
+                for c in aspects:  # batch-norm statistics of each shape first, as a supernet needs
+                    recalibrate(model, [resize_to(transform(data["train_x"][pool["idx"][i: i + 256]], None), c)
+                                        for i in range(0, 1024, 256)])
+                    losses[c] = per_image(model, resize_to(hold_x, c), hold_y, c)[0].mean().item()
+                size = min(losses, key=losses.get)
+                searched = {"sizes": [list(size)], "evaluated": [{"sizes": [list(c)], "loss": v} for c, v in losses.items()]}
+                aspects = [size]
+                recalibrate(model, [resize_to(transform(data["train_x"][pool["idx"][i: i + 256]], None), size)
+                                    for i in range(0, 1024, 256)])
+                if args.holdout_mode == "rejoin":
+                    pool["idx"] = train_idx
+            x = resize_to(x, aspects[step % len(aspects)])
         if sizes is not None and sizes.search_due(step):
             searched = sizes.search(cost.flops, budget, lambda: per_image(model, hold_x, hold_y, size),
                                     lambda: project_to_budget(model, budget, (1, 28, 28), cost))
