@@ -35,6 +35,7 @@ def _recipe(tmp_path, text: str) -> Path:
         ("train: {epochs: true}\n", "train.epochs"),
         ("augment: {crop_scale: [0.5]}\n", "augment.crop_scale"),
         ("convert: [before]\n", "convert"),
+        ("convert: {patchify: maybe}\n", "convert.patchify"),
         ("input_size: [3, x, 32]\n", "'input_size'"),
         ("train: {epochs: 2, steps: 5}\n", "train.epochs or train.steps"),
         ("train: {batch_size: 0}\n", "train.batch_size"),
@@ -45,6 +46,11 @@ def test_bad_recipes_name_the_key(tmp_path, text, key):
     with pytest.raises(UserInputError) as err:
         load_recipe(_recipe(tmp_path, text))
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recipe_convert_section_says_patchify(tmp_path):
+    assert merge_config(load_recipe(_recipe(tmp_path, "convert: {patchify: false}\n"))).convert.patchify is False
+    assert merge_config(load_recipe(_recipe(tmp_path, "convert: {input_site: true}\n"))).convert.patchify is None
 
 
 def test_flags_override_recipe_and_steps_replace_epochs(tmp_path):

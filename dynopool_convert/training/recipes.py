@@ -70,6 +70,7 @@ class ConvertPolicy:
     include: list[str] | None = None
     exclude: list[str] | None = None
     input_site: bool = False  # a learnable input resolution in front of the model
+    patchify: bool | None = None  # the patchify rule under placement before (default: on)
 
 
 @dataclass
