@@ -130,6 +130,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeded", default="none,exact", help="placements fine-tuned with every seed (others: the first)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/weights_exact"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--budget-frac", type=float, default=1.0,
+                    help="budget as a fraction of the original's FLOPs (fitted at conversion below 1)")
+    ap.add_argument("--input-site", action="store_true", help="convert with a learnable input resolution")
     ap.add_argument("--trained", type=Path, default=None,
                     help="weights of an original trained by an earlier run (skips the training)")
     return ap.parse_args()
@@ -173,6 +176,9 @@ def main() -> None:
                f"num_classes={data.num_classes}", "--input-size", str(args.size), "--weights", str(weights), "--out", str(ck)]
         # "none": the control, nothing converted (the original fine-tuned the same way)
         cmd += ["--include", "no-site-matches-this"] if placement == "none" else ["--placement", placement]
+        budget = int(args.budget_frac * original_flops)
+        cmd += ["--budget", str(budget)] if args.budget_frac < 1 else []
+        cmd += ["--input-site"] if args.input_site and placement != "none" else []
         subprocess.run(cmd, check=True, capture_output=True, cwd=args.out)
         converted = dc.load_checkpoint(ck)
         row = {"placement": placement, "groups": converted.plan.summary()["groups"],
@@ -185,7 +191,7 @@ def main() -> None:
             runs = []
             for seed in (seeds if placement in args.seeded.split(",") else seeds[:1]):
                 r = finetune_row(ck, args.out / f"{placement}_{fraction:g}_s{seed}", steps, seed, args,
-                                 original_flops, size, val)
+                                 budget, size, val)
                 runs.append(r)
                 log(f"{placement} after {fraction:g} epoch ({steps} steps, seed {seed}): acc {r['acc']:.4f}, "
                     f"FLOPs {r['flops'] / original_flops:.4f}x, sizes {r['sizes']}, at initial sizes "
@@ -194,7 +200,7 @@ def main() -> None:
         rows.append(row)
     summary = {"model": args.model, "size": args.size, "data": args.data, "epochs": args.epochs, "lr": args.lr,
                "opt": args.opt, "history": history, "original_acc": original_acc, "original_flops": original_flops,
-               "steps_per_epoch": steps_per_epoch, "ft_lr": args.ft_lr, "ft": json.loads(args.ft), "rows": rows}
+               "steps_per_epoch": steps_per_epoch, "budget_frac": args.budget_frac, "input_site": args.input_site, "ft_lr": args.ft_lr, "ft": json.loads(args.ft), "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     print_table(summary, fractions)
