@@ -27,7 +27,7 @@ class GroupGeometry:
         self.model = model
         self.input_size = tuple(int(v) for v in input_size)
         groups = stride_groups(model)
-        self.params: list[nn.Parameter] = [g.param for g in groups]  # scale_parameters(model)
+        self.params: list[nn.Parameter] = [g.param for g in groups]
         self.sites: list[DynOPool] = [g.first for g in groups]
         self.bounds = [g.bounds for g in groups]
 
