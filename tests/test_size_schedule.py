@@ -192,6 +192,25 @@ def test_search_starts_include_each_group_shrunk_alone(converted):
         assert cost.flops(strides) <= full * 2 // 3
 
 
+def test_a_model_over_its_budget_is_fitted_before_the_first_step(tmp_path):
+    """Strides not learned (the default): the checkpoint's model, over its budget, is fitted to it
+    first, so that every step trains within the budget (not only the steps after the search)."""
+    ckpt, _, budget = _tiny_checkpoint(tmp_path, budget_frac=0.7)
+    messages = []
+
+    class Say(TrainCallbacks):
+        def on_message(self, text):
+            messages.append(text)
+
+    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Say(), overrides={
+        "data": "synthetic:classes=4,train=100,val=16", "train": {"steps": 6, "batch_size": 10, "device": "cpu",
+                                                                   "log_every": 1}})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert len(steps) == 6 and all(r["flops"] <= budget for r in steps)
+    assert sum("over its budget: fitted to" in m for m in messages) == 1
+
+
 def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_path):
     ckpt, _, _ = _tiny_checkpoint(tmp_path)
     ov = {"data": "synthetic:classes=4,train=100,val=16", "train": {

@@ -198,6 +198,8 @@ class _Run:
         self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
         if self.cost is not None:  # an impossible budget is refused before the first step
             upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
+            if not resume and t.scale_lr <= 0:
+                self._fit_to_budget_first()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
@@ -349,6 +351,17 @@ class _Run:
             f"size search: kept {' / '.join(f'{h}x{w}' for h, w in result['sizes'])} (from the {result['start']} sizes, "
             f"{result['evaluations']} allocations scored), held-out accuracy {result['accuracy']:.4f}, "
             f"{result['flops']:,} FLOPs; the sizes are fixed from here on")
+
+    def _fit_to_budget_first(self) -> None:
+        """Strides not learned by gradient: nothing would bring a model over its budget into it
+        before the size search, so it is fitted first (``fit_to_budget``, as ``convert --budget``
+        does) and trains at sizes the budget allows from the first step."""
+        flops = self.cost.flops()
+        if flops <= self.budget:
+            return
+        fit = upstream.fit_to_budget(self.model, self.budget, self.bundle.input_size, self.cost)
+        self.cbs.on_message(f"the model ({flops:,} FLOPs) is over its budget: fitted to {fit.final_flops:,} FLOPs "
+                            f"({fit.method}) before the first step")
 
     def _rejoin_holdout(self) -> None:
         """From the epoch after the search, the held-out images train again (their one use is done)."""
