@@ -211,16 +211,15 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
             break
         if aspects:  # the fixed network trained on every candidate shape in turn, then the best one
             if step == aspect_search:
+                calibration = transform(data["train_x"][pool["idx"][:1024]], None).split(256)
                 losses = {}
                 for c in aspects:  # batch-norm statistics of each shape first, as a supernet needs
-                    recalibrate(model, [resize_to(transform(data["train_x"][pool["idx"][i: i + 256]], None), c)
-                                        for i in range(0, 1024, 256)])
+                    recalibrate(model, [resize_to(b, c) for b in calibration])
                     losses[c] = per_image(model, resize_to(hold_x, c), hold_y, c)[0].mean().item()
                 size = min(losses, key=losses.get)
                 searched = {"sizes": [list(size)], "evaluated": [{"sizes": [list(c)], "loss": v} for c, v in losses.items()]}
                 aspects = [size]
-                recalibrate(model, [resize_to(transform(data["train_x"][pool["idx"][i: i + 256]], None), size)
-                                    for i in range(0, 1024, 256)])
+                recalibrate(model, [resize_to(b, size) for b in calibration])
                 if args.holdout_mode == "rejoin":
                     pool["idx"] = train_idx
             x = resize_to(x, aspects[step % len(aspects)])
