@@ -117,6 +117,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--data", default="bundled", help="--data spec (bundled, fashion-mnist:DIR)")
+    ap.add_argument("--eval-data", default=None,
+                    help="score every model on this spec's validation split instead of --data's (e.g. "
+                         "fashion-mnist:DIR: its 10k test images, none of them in the bundled subset)")
     ap.add_argument("--epochs", type=int, default=12, help="epochs to train the original")
     ap.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the original's training")
     ap.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="the original's optimiser")
@@ -148,7 +151,8 @@ def main() -> None:
 
     size = (3, args.size, args.size)
     data = build_datasets(parse_data_spec(args.data), size, seed=0)
-    val = DataLoader(data.val, batch_size=256)
+    scored = data if args.eval_data is None else build_datasets(parse_data_spec(args.eval_data), size, seed=0)
+    val = DataLoader(scored.val, batch_size=256)
     build_args = {"num_classes": data.num_classes}
     if args.trained is not None:
         weights = args.trained
@@ -198,7 +202,7 @@ def main() -> None:
                     f"{r['acc_initial_sizes']}, search {r['search']} ({r['wall_s']:.0f}s)")
             row["runs"][f"{fraction:g}"] = runs
         rows.append(row)
-    summary = {"model": args.model, "size": args.size, "data": args.data, "epochs": args.epochs, "lr": args.lr,
+    summary = {"model": args.model, "size": args.size, "data": args.data, "eval_data": args.eval_data, "epochs": args.epochs, "lr": args.lr,
                "opt": args.opt, "history": history, "original_acc": original_acc, "original_flops": original_flops,
                "steps_per_epoch": steps_per_epoch, "budget_frac": args.budget_frac, "input_site": args.input_site, "ft_lr": args.ft_lr, "ft": json.loads(args.ft), "rows": rows}
     if args.json:
