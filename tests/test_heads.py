@@ -29,7 +29,8 @@ def _converted(tmp_path, source: str, classes: int, size: int = 32):
     return dc.save_checkpoint(tmp_path / "c.pt", result.model, result.plan, source, {"num_classes": classes}, (3, size, size))
 
 
-@pytest.mark.parametrize("source, head", [("timm:resnet18", "fc"), ("torchvision:mobilenet_v3_small", "classifier.3")])
+@pytest.mark.parametrize("source, head", [("timm:resnet18", "fc"), ("torchvision:mobilenet_v3_small", "classifier.3"),
+                                          ("timm:mobilenetv3_small_050", "classifier")])  # timm's Linear: traced through
 def test_finetune_replaces_a_head_with_another_class_count(tmp_path, source, head):
     ckpt = _converted(tmp_path, source, classes=10)
     before = dc.load(ckpt).get_submodule(head).weight.detach().clone()
@@ -39,7 +40,7 @@ def test_finetune_replaces_a_head_with_another_class_count(tmp_path, source, hea
     assert [line for line in said.lines if line.startswith("head:")] == [
         f"head: {head} replaced (10 -> 4 classes, fresh weights)"]
     saved = dc.load_checkpoint(tmp_path / "run" / "last.pt")  # rebuilt with the new head
-    assert saved.build_args["num_classes"] == 4 and saved.model.get_submodule(head).out_features == 4
+    assert saved.build_args["num_classes"] == 4 and saved.model.get_submodule(head).weight.shape[0] == 4
     assert saved.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     assert not torch.equal(saved.model.get_submodule(head).weight[:4], before[:4])
     body = [k for k in saved.model.state_dict() if not k.startswith(head)]

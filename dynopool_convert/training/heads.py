@@ -5,7 +5,9 @@ The converted model is an fx GraphModule (timm's ``reset_classifier`` is gone), 
 classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm sources, the last
 ``nn.Linear`` for torchvision ones. It becomes a fresh layer of the same kind with the new class
 count, and the checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the
-model with the new head.
+model with the new head. timm's own ``Linear`` (MobileNetV3, GhostNet, LCNet, ...) is traced
+through, not kept as a module: the graph reads its ``weight`` and ``bias`` by name
+(``F.linear``), so those two parameters are replaced in place instead.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def classifier_path(model: nn.Module, source: str) -> str | None:
 
         cfg = timm.models.get_pretrained_cfg(source[5:])
         wanted = getattr(cfg, "classifier", None) if cfg is not None else None
-        if isinstance(wanted, str) and isinstance(names.get(wanted), (nn.Linear, nn.Conv2d)):
+        if isinstance(wanted, str) and (isinstance(names.get(wanted), (nn.Linear, nn.Conv2d))
+                                         or _traced_linear(names.get(wanted))):
             return wanted
         if isinstance(wanted, (tuple, list)):
             return None  # several heads (distillation): no single classifier to replace
@@ -45,6 +48,13 @@ def classifier_path(model: nn.Module, source: str) -> str | None:
         return None
     linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
+
+
+def _traced_linear(layer: nn.Module | None) -> bool:
+    """A traced-through linear layer: a bare module holding a 2-d ``weight`` (and a ``bias``)."""
+    weight = getattr(layer, "weight", None)
+    return (layer is not None and type(layer) is nn.Module and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and not [n for n, _ in layer.named_children()])
 
 
 def _fresh(layer: nn.Module, num_classes: int) -> nn.Module:
@@ -67,7 +77,16 @@ def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
         )
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, _fresh(getattr(parent, attr), num_classes))
+    layer = getattr(parent, attr)
+    if _traced_linear(layer):
+        bias = getattr(layer, "bias", None)
+        new = nn.Linear(layer.weight.shape[1], num_classes, bias=bias is not None).to(
+            device=layer.weight.device, dtype=layer.weight.dtype)
+        layer.weight = new.weight
+        if bias is not None:
+            layer.bias = new.bias
+    else:
+        setattr(parent, attr, _fresh(layer, num_classes))
     return path
 
 
