@@ -30,7 +30,8 @@ def _converted(tmp_path, source: str, classes: int, size: int = 32):
 
 
 @pytest.mark.parametrize("source, head", [("timm:resnet18", "fc"), ("torchvision:mobilenet_v3_small", "classifier.3"),
-                                          ("timm:mobilenetv3_small_050", "classifier")])  # timm's Linear: traced through
+                                          ("timm:mobilenetv3_small_050", "classifier"),  # timm's Linear: traced through
+                                          ("torchvision:squeezenet1_1", "classifier.1")])  # a 1x1 conv
 def test_finetune_replaces_a_head_with_another_class_count(tmp_path, source, head):
     ckpt = _converted(tmp_path, source, classes=10)
     before = dc.load(ckpt).get_submodule(head).weight.detach().clone()

@@ -254,3 +254,30 @@ def test_finetune_exact_trains_and_saves_at_the_searched_sizes(tmp_path):
     assert sizes == [tuple(s) for s in search[0]["sizes"]]
     if search[0]["start"] == "initial" and sizes == initial:  # nothing moved: the converted strides, exactly
         assert GroupGeometry(saved.model, size).strides() == [(2.0, 2.0), (2.0, 2.0)]
+
+
+def test_sizes_that_break_the_forward_are_not_candidates():
+    """Under ``exact`` a kept 2x2 pool fed a 1x1 map fails (DenseNet's transitions at 64 px did,
+    inside finetune's search): set_sizes says False, and the search skips those allocations."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    size = (1, 8, 8)
+    model = convert(net, input_size=size, placement="exact").model
+    geo = GroupGeometry(model, size)
+    assert geo.measure()[1] == [(8, 8), (4, 4)]  # what each kept pool reads
+    assert not geo.set_sizes([(8, 8), (1, 1)])  # the second pool would read 1x1
+    assert geo.set_sizes([(8, 8), (2, 2)])
+    cost = CostModel(model, size)
+    noise = 0.01 * torch.randn(50, generator=torch.Generator().manual_seed(0))
+
+    def evaluate():  # a held-out score that prefers the smallest second map
+        h, w = geo.measure()[1][1]
+        return h + w + noise, torch.ones(50)
+
+    start = geo.strides()
+    res = search_sizes(geo, cost.flops, int(cost.flops(start)), evaluate, start, rounds=3, step_fraction=0.5,
+                       others={"too small": [(2.0, 2.0), (16.0, 16.0)]})
+    assert res.sizes == [(8, 8), (2, 2)]  # every smaller second map breaks the forward
+    assert model(torch.zeros(1, *size)).shape == (1, 3)  # left at sizes that run

@@ -77,14 +77,21 @@ class GroupGeometry:
     def set_sizes(self, sizes: Sequence[Pair]) -> bool:
         """Set strides that give ``sizes`` (``s0 * H / H'`` per axis: ``s0`` is 1 for DynOPool and a
         ``DynResize``'s base, since it resizes ``H -> H * s0 / s``; the input sizes follow the groups
-        before); True when every group reached its size (bounds and multiples permitting)."""
+        before); True when every group reached its size (bounds and multiples permitting), False
+        also when the forward breaks on the way (a kept 2x2 pool fed a 1x1 map, say: the strides
+        are then put back as they were)."""
         sizes = [tuple(s) for s in sizes]
+        saved = self.strides()
         bases = [getattr(m, "base", (1.0, 1.0)) for m in self.sites]
-        for _ in range(len(self.params) + 1):
-            ins, outs = self.measure()
-            if outs == sizes:
-                return True
-            strides = [(min(max(bh * ih / max(oh, 1), lo), hi), min(max(bw * iw / max(ow, 1), lo), hi))
-                       for (ih, iw), (oh, ow), (lo, hi), (bh, bw) in zip(ins, sizes, self.bounds, bases)]
-            self.set_strides(strides)
-        return self.measure()[1] == sizes
+        try:
+            for _ in range(len(self.params) + 1):
+                ins, outs = self.measure()
+                if outs == sizes:
+                    return True
+                strides = [(min(max(bh * ih / max(oh, 1), lo), hi), min(max(bw * iw / max(ow, 1), lo), hi))
+                           for (ih, iw), (oh, ow), (lo, hi), (bh, bw) in zip(ins, sizes, self.bounds, bases)]
+                self.set_strides(strides)
+            return self.measure()[1] == sizes
+        except RuntimeError:  # the ops after some group cannot run at these sizes
+            self.set_strides(saved)
+            return False

@@ -3,7 +3,7 @@
 
 The converted model is an fx GraphModule (timm's ``reset_classifier`` is gone), so the
 classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm sources, the last
-``nn.Linear`` for torchvision ones. It becomes a fresh layer of the same kind with the new class
+``nn.Linear`` (else 1x1 convolution) for torchvision ones. It becomes a fresh layer of the same kind with the new class
 count, and the checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the
 model with the new head. timm's own ``Linear`` (MobileNetV3, GhostNet, LCNet, ...) is traced
 through, not kept as a module: the graph reads its ``weight`` and ``bias`` by name
@@ -32,7 +32,8 @@ def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) ->
 
 
 def classifier_path(model: nn.Module, source: str) -> str | None:
-    """The qualified name of the classifier layer: timm's configured one, else the last Linear."""
+    """The qualified name of the classifier layer: timm's configured one, else the last Linear
+    (else the last 1x1 convolution)."""
     names = dict(model.named_modules())
     if source.startswith("timm:"):
         import timm
@@ -47,7 +48,12 @@ def classifier_path(model: nn.Module, source: str) -> str | None:
     if not source.startswith(("timm:", "torchvision:")):
         return None
     linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+    if linears:
+        return linears[-1]
+    # a fully convolutional classifier (SqueezeNet: a 1x1 conv, then global pooling)
+    pointwise = [name for name, m in names.items() if isinstance(m, nn.Conv2d)
+                 and tuple(m.kernel_size) == (1, 1) and m.groups == 1]
+    return pointwise[-1] if pointwise else None
 
 
 def _traced_linear(layer: nn.Module | None) -> bool:

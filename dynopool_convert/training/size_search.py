@@ -132,7 +132,13 @@ def search_sizes(
         threshold = NormalDist().inv_cdf(1.0 - alpha / ((rounds + 1) * len(scored)))
         return (sizes, origin, got) if z > threshold else None
 
-    found = better([(geometry.sizes_at(s), name) for name, s in (others or {}).items()])
+    starts = []
+    for name, s in (others or {}).items():
+        try:
+            starts.append((geometry.sizes_at(s), name))
+        except RuntimeError:  # the forward breaks at that allocation: not a candidate
+            log.append({"from": f"start:{name}", "error": "the forward breaks at these strides"})
+    found = better(starts)
     if found:
         best_sizes, start, best = found
     for r in range(rounds):
