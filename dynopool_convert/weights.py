@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,11 @@ def _unwrap(data: Any, path: Path) -> dict[str, Tensor]:
             f"{str(path)!r} holds no state dict (a mapping of parameter names to tensors, possibly under "
             f"{'/'.join(repr(k) for k in _WRAPPERS[:4])})"
         )
-    return dict(data)
+    state = OrderedDict(data)
+    metadata = getattr(data, "_metadata", None)  # torch.save keeps each module's version here
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    return state
 
 
 def _all_tensors(data: dict) -> bool:
@@ -197,7 +202,23 @@ def load_state_dict_matching(model: nn.Module, state: dict[str, Tensor], label: 
                 f"{label} do not fit {model_label}: {key!r} has shape {list(best[key].shape)} in the file, "
                 f"{list(value.shape)} in the model (a different variant or class count? see --build-arg num_classes=...)"
             )
-    model.load_state_dict(best, strict=True)
+    model.load_state_dict(_with_versions(best, state, expected), strict=True)
+
+
+def _with_versions(best: dict[str, Tensor], state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``best`` with the module versions ``load_state_dict`` hands each module's loader: the file's
+    own when its keys were used as they are, else (safetensors files, remapped keys) the model's,
+    as a file saved from this model would carry (torchvision's MNASNet refuses a load without),
+    except for modules some of whose keys the file lacks: they get none, as a file from before
+    their versions (batch norm then fills in ``num_batches_tracked``)."""
+    out = OrderedDict(best)
+    metadata = getattr(state, "_metadata", None) if best is state else None
+    if metadata is None:
+        metadata = OrderedDict((prefix, dict(meta)) for prefix, meta in getattr(expected, "_metadata", {}).items())
+        for key in expected.keys() - best.keys():
+            metadata.get(key.rpartition(".")[0], {}).pop("version", None)
+    out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike, model_label: str = "the model") -> dict[str, Any]:

@@ -258,3 +258,18 @@ def test_release_build_args_follow_torchvision_builders():
     for name, args in _TORCHVISION_RELEASE_ARGS.items():
         builder = inspect.getsource(getattr(torchvision.models, name))
         assert all(f'_ovewrite_named_param(kwargs, "{k}", {v})' in builder for k, v in args.items())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_modules_that_check_their_version_load_from_any_file(tmp_path, suffix):
+    """torchvision's MNASNet refuses a state dict without module versions; safetensors files carry
+    none, so the model's own are used (a ``.pt`` file keeps its own)."""
+    torch.manual_seed(0)
+    reference = dc.build_model("torchvision:mnasnet0_5", ARGS)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    else:
+        torch.save(reference.state_dict(), path)
+    model, _ = build_with_weights("torchvision:mnasnet0_5", ARGS, weights=path)
+    assert _same(model, reference)
