@@ -3,7 +3,8 @@
 ``export(model, fmt, path, input_size)`` freezes the converted ``model`` at its reference input
 size, writes ``path`` and returns an ``ExportResult`` whose ``max_abs_diff`` is the largest
 difference between the written file, loaded back by its own runtime, and ``model`` itself
-(not the frozen copy) on random inputs at that size. What each format keeps: docs/EXPORT.md.
+(not the frozen copy) on random inputs at that size, next to the distance of the file and of
+the model itself from the model run in float64 (``ExportResult.passes`` reads both). What each format keeps: docs/EXPORT.md.
 
 - ``onnx``: ``torch.onnx.export(dynamo=True)`` at opset ``ONNX_OPSET``, one file, standard ops
   only (the resizing sites are ``Resize`` + ``MaxPool``/``AveragePool``); checked in onnxruntime.
@@ -52,6 +53,24 @@ class ExportResult:
     frozen_max_abs_diff: float
     output_max: float  # largest |output| of the PyTorch model on the same inputs, for a relative reading
     opset: int | None = None
+    #: the file's and PyTorch float32's own max abs difference from the model run in float64 (None:
+    #: the model does not run in float64); deep networks differ from themselves by more than 1e-5
+    float64_max_abs_diff: float | None = None
+    float32_max_abs_diff: float | None = None
+
+    def tolerance(self, atol: float, rtol: float) -> float:
+        return atol + rtol * self.output_max
+
+    def passes(self, atol: float, rtol: float) -> bool:
+        """Within ``atol + rtol x max|output|`` of the PyTorch model, or, where float32 rounding
+        alone moves the output by more, no farther from the float64 result than that plus twice
+        PyTorch float32's own distance from it (the file is as exact as PyTorch is)."""
+        tolerance = self.tolerance(atol, rtol)
+        if self.max_abs_diff <= tolerance:
+            return True
+        if self.float64_max_abs_diff is None or self.float32_max_abs_diff is None:
+            return False
+        return self.float64_max_abs_diff <= tolerance + 2 * self.float32_max_abs_diff
 
 
 def _example(input_size: tuple[int, int, int], batch: int, seed: int, like: nn.Module) -> Tensor:
@@ -126,16 +145,34 @@ def load_exported(fmt: str, path: str | Path, frozen: nn.Module | None = None) -
     raise ValueError(f"unknown export format {fmt!r}")
 
 
-def _max_diff(run: Callable[[Tensor], Tensor], reference: nn.Module, inputs: list[Tensor]) -> tuple[float, float]:
-    """Max abs difference of ``run`` from ``reference`` over ``inputs``, and max |reference output|."""
-    worst = scale = 0.0
+def _outputs(run: Callable[[Tensor], Tensor], inputs: list[Tensor]) -> list[Tensor]:
     with torch.no_grad():
-        for x in inputs:
-            got, want = run(x), reference(x)
-            diff = float((got.float() - want.float()).abs().max())
-            worst = max(worst, diff if diff == diff else float("inf"))  # NaN: as far as it gets
-            scale = max(scale, float(want.float().abs().max()))
-    return worst, scale
+        return [run(x).double() for x in inputs]
+
+
+def _distance(got: list[Tensor], want: list[Tensor]) -> float:
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
+    return diff if diff == diff else float("inf")  # NaN: as far as it gets
+
+
+def _max_diff(run: Callable[[Tensor], Tensor], reference: Callable[[Tensor], Tensor], inputs: list[Tensor]) -> tuple[float, float]:
+    """Max abs difference of ``run`` from ``reference`` over ``inputs``, and max |reference output|."""
+    want = _outputs(reference, inputs)
+    return _distance(_outputs(run, inputs), want), max(float(w.abs().max()) for w in want)
+
+
+def _float64_copy(model: nn.Module, x: Tensor) -> nn.Module | None:
+    """``model`` in float64 (a copy), or None where it does not run so or is not float32."""
+    if x.dtype != torch.float32:
+        return None
+    try:
+        copy64 = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            if copy64(x.double()).dtype != torch.float64:  # it casts down somewhere: no float64 reading
+                return None
+    except Exception:  # noqa: BLE001 - a model without float64 support just gets no such reading
+        return None
+    return copy64
 
 
 def _culprit(model: nn.Module, fmt: str, input_size: tuple[int, int, int]) -> str | None:
@@ -197,10 +234,18 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     inputs = [_example(size, 3, seed + 1 + i, frozen) for i in range(trials)]  # another batch size than the example
     was_training = model.training
     model.eval()
+    diff64 = own64 = None
     try:
         with _quiet():
-            diff, scale = _max_diff(load_exported(fmt, path, frozen), model, inputs)
-            frozen_diff, _ = _max_diff(frozen, model, inputs)
+            got = _outputs(load_exported(fmt, path, frozen), inputs)
+            want = _outputs(model, inputs)
+            diff, scale = _distance(got, want), max(float(w.abs().max()) for w in want)
+            frozen_diff = _distance(_outputs(frozen, inputs), want)
+            exact = _float64_copy(model, inputs[0])
+            if exact is not None:
+                want64 = _outputs(lambda x: exact(x.double()), inputs)
+                diff64, own64 = _distance(got, want64), _distance(want, want64)
     finally:
         model.train(was_training)
-    return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None)
+    return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None,
+                        diff64, own64)
