@@ -21,26 +21,59 @@ from .errors import UserInputError
 from .group_ids import group_ids
 from .flops import count_flops, format_flops
 
-__all__ = ["parse_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "check_reachable", "BUDGET_FORMS", "BudgetFit",
+__all__ = ["parse_budget", "budget_fraction", "check_budget", "budget_penalty", "fit_to_budget", "project_to_budget", "check_reachable", "BUDGET_FORMS", "BudgetFit",
            "BudgetProjection"]
 
 #: The accepted forms, as shown in every error message.
-BUDGET_FORMS = "a positive number of FLOPs with an optional k/M/G/T unit and 'FLOPs' suffix, e.g. 4G, 4.1G, 500M, 750k, 4.1e9, 3000000, 4GFLOPs"
+BUDGET_FORMS = ("a positive number of FLOPs with an optional k/M/G/T unit and 'FLOPs' suffix, e.g. 4G, 4.1G, 500M, 750k, "
+                "4.1e9, 3000000, 4GFLOPs, or a share of the original model's FLOPs: 0.7x, 70%")
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_RELATIVE_RE = re.compile(r"(?P<num>\d+\.?\d*|\.\d+)(?P<unit>x|%)")  # lower-case x: '4X' stays a typo
 _BUDGET_RE = re.compile(r"(?P<num>(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(?P<unit>[kmgt]?)(?:flops?)?", re.IGNORECASE)
 
 
-def parse_budget(text: str | int) -> int:
+def budget_fraction(text: object) -> float | None:
+    """The share of the original model's FLOPs that a relative budget names (``0.7x``, ``70%``:
+    0.7), or None for any other text (an absolute budget, or one ``parse_budget`` refuses)."""
+    if not isinstance(text, str):
+        return None
+    match = _RELATIVE_RE.fullmatch(text.strip())
+    if match is None:
+        return None
+    return float(match["num"]) / (100.0 if match["unit"] == "%" else 1.0)
+
+
+def check_budget(text: str | int) -> None:
+    """``UserInputError`` unless ``parse_budget`` can read ``text`` (a share: once the original
+    model's FLOPs are known), so a bad budget is refused before any work."""
+    fraction = budget_fraction(text)
+    if fraction is None or fraction <= 0:
+        parse_budget(text, original=0)
+
+
+def parse_budget(text: str | int, original: int | None = None) -> int:
     """FLOPs (an int) from a budget string such as ``4G``, ``4.1G``, ``500M``, ``750k``,
-    ``4.1e9``, ``3000000`` or ``4GFLOPs`` (case-insensitive; ``M`` is mega).
+    ``4.1e9``, ``3000000`` or ``4GFLOPs`` (case-insensitive; ``M`` is mega), or a share of
+    ``original`` (the unconverted model's FLOPs) written ``0.7x`` or ``70%``.
 
-    Anything else (``4X``, ``-1G``, ``nanG``, ``inf``, ``4 G``, empty, zero) raises
-    ``UserInputError`` with the accepted forms.
+    Anything else (``4X``, ``-1G``, ``nanG``, ``inf``, ``4 G``, empty, zero, a share without
+    ``original``) raises ``UserInputError`` with the accepted forms.
 
-    >>> parse_budget("4.1G"), parse_budget("750k"), parse_budget("4GFLOPs")
-    (4100000000, 750000, 4000000000)
+    >>> parse_budget("4.1G"), parse_budget("750k"), parse_budget("4GFLOPs"), parse_budget("70%", original=1000)
+    (4100000000, 750000, 4000000000, 700)
     """
+    fraction = budget_fraction(text)
+    if fraction is not None:
+        if fraction <= 0:
+            raise UserInputError(f"invalid budget {text!r}: a share must be above 0; expected {BUDGET_FORMS}")
+        if original is None:
+            raise UserInputError(f"budget {text!r} is a share of the original model's FLOPs, which are not known here "
+                                 "(a checkpoint that does not record them): give FLOPs, e.g. 4G")
+        flops = round(fraction * original)
+        if flops < 1:
+            raise UserInputError(f"invalid budget {text!r}: it must be at least 1 FLOP; expected {BUDGET_FORMS}")
+        return flops
     if isinstance(text, bool):
         raise UserInputError(f"invalid budget {text!r}: expected {BUDGET_FORMS}")
     if isinstance(text, int):

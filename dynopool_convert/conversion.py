@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from torch import fx
 
-from .budget import BudgetFit, fit_to_budget
+from .budget import BudgetFit, fit_to_budget, parse_budget
 from .checkpoint_extra import conversion_extra
 from .convert import ConversionResult, check_input_size, convert
 from .flops import count_flops, format_flops
@@ -41,6 +41,7 @@ class Conversion:
     converted_flops: int  # right after conversion (before any budget fit)
     fit: BudgetFit | None  # the fit to the budget, when one was given
     extra: dict[str, Any]  # the checkpoint's ``extra`` (checkpoint_extra.py)
+    budget: int | None = None  # the budget in FLOPs (a relative one resolved against original_flops)
 
     @property
     def model(self) -> fx.GraphModule:
@@ -58,7 +59,7 @@ def convert_source(
     input_size: Sequence[int] | None = None,
     weights: str | Path | None = None,
     pretrained: bool = False,
-    budget: int | None = None,
+    budget: int | str | None = None,
     keep_fit: bool = False,
     progress: Progress | None = None,
     **policy: Any,
@@ -66,7 +67,8 @@ def convert_source(
     """Build ``source`` (with ``weights``/``pretrained``), convert it with ``policy`` (the keyword
     arguments of ``convert``; ``placement`` defaults to ``exact`` with weights, else ``before``)
     at ``input_size`` (default: the model's own, ``models.default_input_size``), count its FLOPs
-    and fit it to ``budget`` (FLOPs) when given. ``keep_fit`` also stores the whole fit in ``extra``."""
+    and fit it to ``budget`` (FLOPs, or a share of the original's: ``0.7x``, ``70%``) when given.
+    ``keep_fit`` also stores the whole fit in ``extra``."""
     step = progress or (lambda message: nullcontext())
     source = resolve_source(source)
     build_args = dict(build_args or {})
@@ -77,6 +79,7 @@ def convert_source(
     at = f"{size[1]}x{size[2]}"
     with step(f"counting FLOPs at {at}"):
         original = int(count_flops(net, size))
+    budget = parse_budget(budget, original) if budget is not None else None
     with step(f"tracing, converting and validating at {at}"):
         result = convert(net, size, placement=placement, **policy)
     fit = None
@@ -87,4 +90,4 @@ def convert_source(
             fit = fit_to_budget(result.model, budget, size, original_flops=original)
             converted = fit.converted_flops
     extra = conversion_extra(original, converted, fit, keep_fit=keep_fit, weights=origin)
-    return Conversion(result, source, build_args, size, placement, origin, original, converted, fit, extra)
+    return Conversion(result, source, build_args, size, placement, origin, original, converted, fit, extra, budget)

@@ -10,7 +10,8 @@ import torch
 from budget_models import MODELS, randomise_strides
 from dynopool_convert import build_model, convert
 from dynopool_convert.budget import (
-    BudgetFit, BudgetProjection, budget_penalty, fit_to_budget, parse_budget, project_to_budget,
+    BudgetFit, BudgetProjection, budget_fraction, budget_penalty, check_budget, fit_to_budget, parse_budget,
+    project_to_budget,
 )
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.errors import UnsupportedModelError, UserInputError
@@ -38,6 +39,27 @@ def test_parse_budget_refuses(text):
     message = str(err.value)
     assert "\n" not in message
     assert "4G, 4.1G, 500M, 750k, 4.1e9, 3000000, 4GFLOPs" in message
+
+
+@pytest.mark.parametrize("text, flops", [("0.7x", 700_000), ("70%", 700_000), ("1.5x", 1_500_000), (" .5x ", 500_000),
+                                         ("12.5%", 125_000), ("1x", 1_000_000)])
+def test_a_share_of_the_original_is_read_against_its_flops(text, flops):
+    assert parse_budget(text, original=1_000_000) == flops
+    check_budget(text)  # its form is fine before the count
+
+
+@pytest.mark.parametrize("text", ["0x", "0%", "0.0x"])
+def test_a_zero_share_is_refused_before_the_count(text):
+    with pytest.raises(UserInputError, match="share must be above 0"):
+        check_budget(text)
+
+
+def test_a_share_without_the_original_flops_is_refused():
+    with pytest.raises(UserInputError, match="share of the original model's FLOPs, which are not known"):
+        parse_budget("0.7x")
+    assert budget_fraction("4G") is None and budget_fraction("x") is None and budget_fraction("-1x") is None
+    with pytest.raises(UserInputError, match="at least 1 FLOP"):
+        parse_budget("0.1x", original=4)  # 0.4 FLOPs
 
 
 def test_penalty_is_zero_inside_and_smooth_outside():

@@ -35,7 +35,17 @@ def test_budget_fits_and_is_recorded(tmp_path, capsys):
     assert count_flops(ck.model, (3, 32, 32)) == flops["final"]
 
 
-@pytest.mark.parametrize("budget, words", [("4X", "4G, 4.1G, 500M"), ("-1G", "4G, 4.1G, 500M"), ("4 G", "e.g. 4G"),
+def test_a_share_of_the_original_is_fitted_and_recorded_in_flops(tmp_path, capsys):
+    path = tmp_path / "m.pt"
+    code, out, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", "60%", "--out", str(path)], capsys)
+    assert code == 0, err
+    ck = dc.load_checkpoint(path, trust_source=True)
+    original = ck.extra["flops"]["original"]
+    assert ck.budget == round(0.6 * original) and ck.extra["flops"]["final"] <= ck.budget
+    assert f"budget {dc.format_flops(ck.budget)}: fitted to" in out
+
+
+@pytest.mark.parametrize("budget, words", [("0x", "share must be above 0"), ("4X", "4G, 4.1G, 500M"), ("-1G", "4G, 4.1G, 500M"), ("4 G", "e.g. 4G"),
                                            ("", "e.g. 4G"), ("1k", "minimum achievable")])
 def test_bad_or_impossible_budget_exits_2_without_a_file(tmp_path, capsys, budget, words):
     path = tmp_path / "m.pt"

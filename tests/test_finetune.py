@@ -114,6 +114,7 @@ def test_cli_bad_input_exits_2(tiny_ckpt, tmp_path, capsys):
         ([str(ckpt), "--out", str(tmp_path / "x"), "--data", "mnist:/nope"], "unknown data spec"),
         ([str(ckpt), "--out", str(tmp_path / "y"), "--resume"], "nothing to resume"),
         ([str(ckpt), "--out", str(tmp_path / "z"), "--data", DATA, "--budget", "lots"], "budget"),
+        ([str(ckpt), "--out", str(tmp_path / "v"), "--data", DATA, "--budget", "70%"], "which are not known here"),
         (["--out", str(tmp_path / "w"), "--data", DATA], "CHECKPOINT"),
     ):
         with pytest.raises(SystemExit) as err:
@@ -134,6 +135,23 @@ def test_recipe_with_unconverted_model_converts_first(tmp_path):
     converted = load_checkpoint(tmp_path / "run" / "converted.pt", trust_source=True)
     assert count_flops(converted.model, SIZE) <= 100_000  # fitted to the budget at conversion
     assert count_flops(load_checkpoint(tmp_path / "run" / "last.pt", trust_source=True).model, SIZE) <= 100_000
+
+
+def test_a_budget_that_is_a_share_of_the_original_reads_its_flops(tmp_path):
+    """``budget: 50%`` in a recipe that converts first, then ``--budget 0.6x`` on its checkpoint:
+    both are shares of the unconverted model's FLOPs, which the checkpoint records."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {SOURCE}\nbuild_args: {{in_chans: 3, width: 4}}\ninput_size: [3, 16, 16]\nbudget: 50%\n"
+        f"data: '{DATA}'\ntrain: {{steps: 2, batch_size: 8, log_every: 1, device: cpu}}\n"
+    )
+    res = finetune(None, tmp_path / "run", recipe=recipe, trust_source=True)
+    converted = load_checkpoint(tmp_path / "run" / "converted.pt", trust_source=True)
+    original = converted.extra["flops"]["original"]
+    assert res.budget == converted.budget == round(0.5 * original) and res.final_flops <= res.budget
+    again = finetune(tmp_path / "run" / "last.pt", tmp_path / "again", trust_source=True, overrides={
+        "budget": "0.6x", "data": DATA, "train": {"steps": 1, "batch_size": 8, "device": "cpu"}})
+    assert again.budget == round(0.6 * original) and again.final_flops <= again.budget
 
 
 def test_bf16_autocast_on_cpu_runs(tiny_ckpt, tmp_path):

@@ -86,19 +86,20 @@ def convert(
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path (default: <model>-dynopool.pt in the current folder).")] = None,
     build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable), e.g. num_classes=10, dynamic_img_size=true.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
-    budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9: the converted model is fitted to it.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9, or a share of the original model's FLOPs: 0.7x, 70%. The converted model is fitted to it.")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Load this state dict first (.safetensors, .pt/.pth read weights-only; timm/torchvision key layouts, 'state_dict'/'model'/'module' wrappers).")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Load timm's/torchvision's own pretrained weights from the local cache (nothing is downloaded).")] = False,
 ) -> None:
     """Convert a model: every resizing op becomes a learnable DynOPool site; writes a checkpoint."""
     from dynopool_convert import resolve_source, save_checkpoint
-    from dynopool_convert.budget import parse_budget
+    from dynopool_convert.budget import check_budget
     from dynopool_convert.conversion import convert_source
     from dynopool_convert.files import check_output_path
     from dynopool_convert.models import model_label, parse_build_args, parse_input_size
     from rich.console import Console
 
-    budget_flops = parse_budget(budget) if budget is not None else None
+    if budget is not None:
+        check_budget(budget)  # before any work; a share (0.7x) is resolved once the original is counted
     console = Console()
     if not console.is_terminal:  # redirected: whole lines (no 80-column wrap splitting site names)
         console = Console(width=_UNWRAPPED)
@@ -108,10 +109,11 @@ def convert(
         check_output_path(path, "checkpoint")
     done = convert_source(
         source, parse_build_args(build_arg), input_size=parse_input_size(input_size) if input_size is not None else None,
-        weights=weights, pretrained=pretrained, budget=budget_flops, progress=console.status,
+        weights=weights, pretrained=pretrained, budget=budget, progress=console.status,
         placement=placement.value if placement else None, aggregate=aggregate.value if aggregate else None,
         include=include, exclude=exclude, patchify=patchify, input_site=input_site,
     )
+    budget_flops = done.budget
     _print_conversion(console, done, budget_flops)
     if dry_run:
         console.print("dry run: no checkpoint written")

@@ -39,7 +39,7 @@ def _from_checkpoint(path: Path, trust_source: bool) -> ModelBundle:
                        ck.budget, ck.training, ck.extra)
 
 
-def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | None) -> ModelBundle:
+def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | str | None) -> ModelBundle:
     """Build ``cfg.model`` and convert it with ``cfg.convert`` (then fit it to the budget)."""
     source = upstream.resolve_source(cfg.model)
     build_args = dict(cfg.build_args)
@@ -50,12 +50,13 @@ def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | None) ->
     policy = {k: v for k, v in vars(cfg.convert).items() if v is not None}
     done = upstream.convert_source(source, build_args, input_size=cfg.input_size or None, weights=cfg.weights,
                                    pretrained=cfg.pretrained, budget=budget, keep_fit=True, **policy)
-    return ModelBundle(done.model, done.plan, source, done.build_args, done.input_size, budget, None, done.extra)
+    return ModelBundle(done.model, done.plan, source, done.build_args, done.input_size, done.budget, None, done.extra)
 
 
 def load_model(cfg: FinetuneConfig, checkpoint: str | Path | None, out_dir: Path, resume: bool,
-               num_classes: int, budget: int | None, trust_source: bool = False) -> tuple[ModelBundle, bool]:
-    """The model to train and whether it was converted here (to be saved as ``converted.pt``)."""
+               num_classes: int, budget: int | str | None, trust_source: bool = False) -> tuple[ModelBundle, bool]:
+    """The model to train and whether it was converted here (to be saved as ``converted.pt``;
+    ``budget``, FLOPs or a share of the original's such as ``0.7x``, is its fit's)."""
     if resume:
         last = out_dir / LAST
         if not last.is_file():

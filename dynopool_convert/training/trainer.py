@@ -152,11 +152,16 @@ class _Run:
         if resume and info.is_main:
             self._remove_stale_temp_files()
         torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
-        budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None else None
+        if cfg.budget is not None:
+            upstream.check_budget(cfg.budget)
+        share = upstream.budget_fraction(cfg.budget) is not None  # 0.7x: known once the model's FLOPs are
+        budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None and not share else None
         spec = parse_data_spec(cfg.data)
         input_hint = tuple(cfg.input_size) if cfg.input_size else (3, 224, 224)
-        bundle, converted_here = load_model(cfg, checkpoint, self.out_dir, resume,
-                                            self._classes_for_convert(spec, input_hint), budget, trust_source)
+        bundle, converted_here = load_model(cfg, checkpoint, self.out_dir, resume, self._classes_for_convert(spec, input_hint),
+                                            cfg.budget if share else budget, trust_source)
+        if share:
+            budget = upstream.parse_budget(cfg.budget, upstream.original_flops(bundle.extra))
         self.bundle = bundle
         self.budget = budget if budget is not None else bundle.budget
         if self.budget is not None:
