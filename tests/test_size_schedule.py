@@ -215,15 +215,20 @@ def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_pa
     ckpt, _, _ = _tiny_checkpoint(tmp_path)
     ov = {"data": "synthetic:classes=4,train=100,val=16", "train": {
         "steps": 50, "batch_size": 10, "device": "cpu", "log_every": 1}}
-    messages = []
+    messages, scored = [], []
 
     class Say(TrainCallbacks):
         def on_message(self, text):
             messages.append(text)
 
+        def on_search(self, n):
+            scored.append(n)
+
     full = finetune(ckpt, tmp_path / "a", trust_source=True, overrides=ov, callbacks=Say())
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "search"] == [35]  # epoch 3 (steps 28-36 on 90 images)
+    search = next(r for r in rows if r["kind"] == "search")
+    assert scored == list(range(1, search["evaluations"] + 1)) and len(scored) > 1  # progress per allocation
     # 9 steps per epoch on the 90 kept images, 10 from epoch 4 on (all 100)
     assert [r["step"] for r in rows if r["kind"] == "epoch"] == [9, 18, 27, 36, 46, 50]
     assert any("10 held-out images train again from epoch 4" in m for m in messages)

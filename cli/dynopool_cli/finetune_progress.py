@@ -56,6 +56,10 @@ class PlainLog(TrainCallbacks):
     def on_message(self, text: str) -> None:
         typer.echo(text, err=True)
 
+    def on_search(self, scored: int) -> None:
+        if scored % 10 == 0:
+            typer.echo(f"size search: {scored} allocations scored", err=True)
+
 
 class RichProgress(PlainLog):
     """A Rich progress bar (step, loss, acc, FLOPs vs budget, img/s); epochs printed above it."""
@@ -84,6 +88,9 @@ class RichProgress(PlainLog):
 
     def on_message(self, text: str) -> None:
         self.progress.console.print(text)
+
+    def on_search(self, scored: int) -> None:
+        self.progress.update(self.task, stats=f"size search: {scored} allocations scored on held-out images")
 
     def on_end(self, result: FinetuneResult) -> None:
         self.progress.stop()

@@ -54,6 +54,7 @@ class TrainCallbacks:
     def on_step(self, row: dict[str, Any]) -> None: ...
     def on_epoch(self, row: dict[str, Any]) -> None: ...
     def on_message(self, text: str) -> None: ...
+    def on_search(self, scored: int) -> None: ...  # the size search scored its n-th allocation (it can take minutes)
     def on_end(self, result: "FinetuneResult") -> None: ...
 
 
@@ -345,8 +346,17 @@ class _Run:
         """The held-out size search (every rank runs it alike on the whole held-out split)."""
         budget = self.budget
         self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
+        scored = 0
+
+        def holdout_losses() -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal scored
+            losses = self._holdout_losses()
+            scored += 1
+            self.cbs.on_search(scored)
+            return losses
+
         result = self.sizes.search(
-            self.cost.flops, budget, self._holdout_losses,
+            self.cost.flops, budget, holdout_losses,
             lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
         self.sizes.rejoin_epoch = self.progress.epoch + 1
         row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
