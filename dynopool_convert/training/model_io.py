@@ -55,8 +55,14 @@ def _convert_first(cfg: FinetuneConfig, num_classes: int, budget: int | str | No
 
 def load_model(cfg: FinetuneConfig, checkpoint: str | Path | None, out_dir: Path, resume: bool,
                num_classes: int, budget: int | str | None, trust_source: bool = False) -> tuple[ModelBundle, bool]:
-    """The model to train and whether it was converted here (to be saved as ``converted.pt``;
-    ``budget``, FLOPs or a share of the original's such as ``0.7x``, is its fit's)."""
+    """The model to train and whether it was converted here (to be saved as ``converted.pt``).
+
+    ``budget`` (FLOPs, or a share of the original's such as ``0.7x``; None: the checkpoint's)
+    becomes ``bundle.budget``, read against the original FLOPs the checkpoint records."""
+    if budget is not None and (resume or checkpoint is not None):
+        bundle, converted_here = load_model(cfg, checkpoint, out_dir, resume, num_classes, None, trust_source)
+        bundle.budget = upstream.parse_budget(budget, upstream.original_flops(bundle.extra))
+        return bundle, converted_here
     if resume:
         last = out_dir / LAST
         if not last.is_file():

@@ -154,19 +154,12 @@ class _Run:
             self._remove_stale_temp_files()
         torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
         if cfg.budget is not None:
-            upstream.check_budget(cfg.budget)
-        share = upstream.budget_fraction(cfg.budget) is not None  # 0.7x: known once the model's FLOPs are
-        budget = upstream.parse_budget(cfg.budget) if cfg.budget is not None and not share else None
+            upstream.check_budget(cfg.budget)  # before any work (a share is resolved by load_model)
         spec = parse_data_spec(cfg.data)
         input_hint = tuple(cfg.input_size) if cfg.input_size else (3, 224, 224)
         bundle, converted_here = load_model(cfg, checkpoint, self.out_dir, resume, self._classes_for_convert(spec, input_hint),
-                                            cfg.budget if share else budget, trust_source)
-        if share:
-            budget = upstream.parse_budget(cfg.budget, upstream.original_flops(bundle.extra))
-        self.bundle = bundle
-        self.budget = budget if budget is not None else bundle.budget
-        if self.budget is not None:
-            bundle.budget = self.budget
+                                            cfg.budget, trust_source)
+        self.bundle, self.budget = bundle, bundle.budget
         if converted_here and info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
@@ -346,17 +339,9 @@ class _Run:
         """The held-out size search (every rank runs it alike on the whole held-out split)."""
         budget = self.budget
         self.cbs.on_message(f"size search on {len(self.holdout)} held-out training images (budget {budget:,} FLOPs)")
-        scored = 0
-
-        def holdout_losses() -> tuple[torch.Tensor, torch.Tensor]:
-            nonlocal scored
-            losses = self._holdout_losses()
-            scored += 1
-            self.cbs.on_search(scored)
-            return losses
-
+        self.scored = 0
         result = self.sizes.search(
-            self.cost.flops, budget, holdout_losses,
+            self.cost.flops, budget, self._holdout_losses,
             lambda: upstream.project_to_budget(self.model, budget, self.bundle.input_size, self.cost))
         self.sizes.rejoin_epoch = self.progress.epoch + 1
         row = {"kind": "search", "epoch": self.progress.epoch, "step": self.progress.step,
@@ -415,8 +400,12 @@ class _Run:
 
     # ------------------------------------------------------------------ epochs, saving
     def _holdout_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image loss and correctness on the whole held-out split (every rank alike)."""
-        return score(self.model, self.holdout, self.t.batch_size, self.t.workers, self.info.device, self.t.amp)
+        """Per-image loss and correctness on the whole held-out split (every rank alike): one
+        allocation scored by the size search, reported to the progress display."""
+        scored = score(self.model, self.holdout, self.t.batch_size, self.t.workers, self.info.device, self.t.amp)
+        self.scored += 1
+        self.cbs.on_search(self.scored)
+        return scored
 
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         info = self.info

@@ -1,7 +1,7 @@
 """The one seam between fine-tuning and the rest of the library (conversion, checkpoint, budget)."""
 from __future__ import annotations
 
-from ..budget import budget_fraction, budget_penalty, check_budget, check_reachable, fit_to_budget, parse_budget, project_to_budget
+from ..budget import budget_penalty, check_budget, check_reachable, fit_to_budget, parse_budget, project_to_budget
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..checkpoint_extra import original_flops
 from ..conversion import convert_source
@@ -12,6 +12,6 @@ from ..models import build_model, resolve_source
 
 __all__ = [
     "load_checkpoint", "save_checkpoint", "convert", "convert_source", "build_model", "resolve_source", "count_flops",
-    "budget_fraction", "budget_penalty", "check_budget", "check_reachable", "fit_to_budget", "parse_budget", "project_to_budget",
+    "budget_penalty", "check_budget", "check_reachable", "fit_to_budget", "parse_budget", "project_to_budget",
     "original_flops", "CostModel",
 ]
