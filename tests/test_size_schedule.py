@@ -11,6 +11,7 @@ from dynopool_convert import convert
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.training import finetune
 from dynopool_convert.training.trainer import TrainCallbacks
+from dynopool_convert.training.data import HOLDOUT_MIN, holdout_cap
 from dynopool_convert.training.group_sizes import GroupGeometry
 from dynopool_convert.training.size_jitter import SizeJitter
 from dynopool_convert.training.size_search import search_sizes
@@ -286,3 +287,22 @@ def test_sizes_that_break_the_forward_are_not_candidates():
                        others={"too small": [(2.0, 2.0), (16.0, 16.0)]})
     assert res.sizes == [(8, 8), (2, 2)]  # every smaller second map breaks the forward
     assert model(torch.zeros(1, *size)).shape == (1, 3)  # left at sizes that run
+
+
+def test_a_short_run_holds_out_no_more_than_it_trains_on(tmp_path):
+    """A run of a few steps holds out max(HOLDOUT_MIN, steps x batch) images, not 10% of a large
+    training set: the search scores every allocation on all of them."""
+    assert holdout_cap(5000, None, 64) == 5000
+    assert holdout_cap(5000, 3, 8) == HOLDOUT_MIN
+    assert holdout_cap(5000, 100, 32) == 3200
+    assert holdout_cap(1000, 100, 32) == 1000
+    ckpt, _, _ = _tiny_checkpoint(tmp_path)
+    messages = []
+
+    class Say(TrainCallbacks):
+        def on_message(self, text):
+            messages.append(text)
+
+    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Say(), overrides={
+        "data": "synthetic:classes=4,train=4000,val=16", "train": {"steps": 3, "batch_size": 4, "device": "cpu"}})
+    assert any(m.startswith(f"size search on {HOLDOUT_MIN} held-out training images") for m in messages), messages

@@ -29,7 +29,7 @@ def finetune(
     size_jitter: Annotated[Optional[int], typer.Option(min=0, help="While the strides learn, move every group's size by up to this many pixels each step (default 0: off; in our runs 1 pixel cost about 4 points of accuracy, docs/RESULTS.md §6), so the weights work at the neighbouring sizes.")] = None,
     size_search: Annotated[Optional[bool], typer.Option("--size-search/--no-size-search", help="Choose the sizes by held-out accuracy once, then settle the weights at them (default on); --no-size-search: the strides learn to the end, as in the paper.")] = None,
     settle: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="Fraction of the steps, at the end, trained at the searched sizes (default 0.3).")] = None,
-    holdout: Annotated[Optional[float], typer.Option(help="Fraction of the training data held out for the size search (default 0.1, at most train.holdout_max = 5000 images); never the validation data.")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Fraction of the training data held out for the size search (default 0.1, at most train.holdout_max = 5000 images, and with --steps at most steps x batch size, 256 at least); never the validation data.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (flags override it).")] = None,

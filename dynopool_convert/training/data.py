@@ -33,6 +33,7 @@ __all__ = [
     "SkipUnreadable",
     "unreadable_files",
     "carve_holdout",
+    "holdout_cap",
 ]
 
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist_subset.npz"
@@ -331,6 +332,18 @@ def build_datasets(
         len(classes),
         classes,
     )
+
+
+HOLDOUT_MIN = 256  # the held-out split of a run of a few steps: enough to tell a collapsed allocation apart
+
+
+def holdout_cap(holdout_max: int, steps: int | None, images_per_step: int) -> int:
+    """The most images to hold out: ``holdout_max``, and in a run given as ``steps`` no more than
+    it trains on (at least ``HOLDOUT_MIN``): the search scores every allocation on all of them,
+    and 5000 images scored some 50 times made a 3-step smoke run wait minutes."""
+    if steps is None:
+        return holdout_max
+    return min(holdout_max, max(HOLDOUT_MIN, steps * images_per_step))
 
 
 def carve_holdout(data: Datasets, fraction: float, cap: int, seed: int) -> SeededDataset | None:

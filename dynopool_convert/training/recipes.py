@@ -57,7 +57,7 @@ class TrainConfig:
     size_search: bool = True  # choose the sizes on held-out training data, then settle (False: learn to the end)
     settle: float = 0.3  # fraction of the steps, at the end, trained with the searched sizes frozen
     holdout: float = 0.1  # fraction of the training data held out for the size search ...
-    holdout_max: int = 5000  # ... at most this many images
+    holdout_max: int = 5000  # ... at most this many images (with `steps`: at most steps x batch, 256 at least)
     size_refresh_every: int = 1  # sizes re-read from the strides every N steps, held in between (needs size_jitter 0)
 
 

@@ -24,7 +24,7 @@ from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from ..group_ids import group_ids
 from . import upstream
-from .data import build_datasets, carve_holdout, parse_data_spec, unreadable_files
+from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_files
 from .evaluation import autocast, score
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .heads import adapt_head
@@ -166,7 +166,8 @@ class _Run:
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
         # the search weighs sizes against FLOPs: without a budget there is none
         searching = t.size_search and self.budget is not None and bool(scale_parameters(bundle.model))
-        self.holdout = carve_holdout(data, t.holdout, t.holdout_max, t.seed) if searching else None
+        cap = holdout_cap(t.holdout_max, t.steps, t.batch_size * info.world)
+        self.holdout = carve_holdout(data, t.holdout, cap, t.seed) if searching else None
         self.data = data
         model = bundle.model.to(info.device)
         adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
