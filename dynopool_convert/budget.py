@@ -207,19 +207,24 @@ def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, ma
 
     Rounding makes the cost a step function of the common factor, and on a network whose
     sizes halve exactly at every stage all sizes step down together (ResNet-50 at 224:
-    4.12G, then 3.63G: nothing in between). Step by step, each time the group whose next
-    level fits the budget with the least waste, else the one that buys the most FLOPs per
-    unit of log r given up. ``None`` if it does not reach the budget within ``max_steps``
-    steps or ``max_seconds`` (many groups, far over budget): the common factor is used then.
+    4.12G, then 3.63G: nothing in between). Each one-level move that lands within the budget is
+    a candidate, and the most expensive candidate is kept; the path goes on, as long as any move
+    stays over the budget, by the one that buys the most FLOPs per unit of log r given up.
+    (Taking the first move that fits ended RegNetY-200MF at 64 px at 0.65x for a 0.8x budget:
+    its last 2x2 map went to 1x1 in one move, where lowering the earlier maps a pixel at a time
+    reaches 0.80x.) ``None`` if no candidate is found within ``max_steps`` steps or
+    ``max_seconds`` (many groups, far over budget): the common factor is used then.
     """
     factors = [1.0] * len(base)
     current = cost.flops(_scaled(base, bounds, factors))
+    best: tuple[float, list[float]] | None = None  # the most expensive allocation within the budget
     deadline = time.perf_counter() + max_seconds
     for _ in range(max_steps):
         if current <= budget:
-            return factors
-        if time.perf_counter() > deadline:
-            return None
+            return factors if best is None or current > best[0] else best[1]
+        # every later candidate costs less than ``current``: none can beat the best found
+        if (best is not None and current <= best[0]) or time.perf_counter() > deadline:
+            break
         moves = []
         for g in range(len(base)):
             nxt = _next_level(cost, base, bounds, factors, g, current, floor)
@@ -227,11 +232,16 @@ def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, ma
                 f, c = nxt
                 moves.append((g, f, c, (current - c) / max(math.log(factors[g] / f), 1e-12)))
         if not moves:
-            return None
-        fitting = [m for m in moves if m[2] <= budget]
-        g, f, c, _ = max(fitting, key=lambda m: m[2]) if fitting else max(moves, key=lambda m: m[3])
+            break
+        for g, f, c, _ in moves:
+            if c <= budget and (best is None or c > best[0]):
+                best = (c, [f if i == g else x for i, x in enumerate(factors)])
+        above = [m for m in moves if m[2] > budget]
+        if not above:
+            break
+        g, f, c, _ = max(above, key=lambda m: m[3])
         factors[g], current = f, c
-    return None
+    return None if best is None else best[1]
 
 
 # lowering the input alone may give up at most this fraction of the budget more than the
@@ -239,21 +249,9 @@ def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, ma
 INPUT_FIRST_SLACK = 0.05
 
 
-def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int) -> list[float] | None:
-    """Per-group factors that lower only the input site's ``r`` (``convert(input_site=True)``)
-    to the largest value that fits, or None (no input site, or it cannot reach the budget alone).
-
-    Lowering every group's ``r`` by one factor compounds along the network (each group's size
-    is relative to its input): the last maps shrink most. Lowering the input alone is "lower the
-    input resolution", the simple alternative DynOPool must start from and then beat.
-    """
-    from .dynopool import dynopool_modules
-    from .input_site import INPUT_SITE
-
-    site = dict(dynopool_modules(model)).get(INPUT_SITE)
-    index = next((i for i, p in enumerate(cost.parameters) if site is not None and p is site.stride), None)
-    if index is None:
-        return None
+def _one_group_factors(cost: CostModel, base, bounds, budget: int, index: int) -> list[float] | None:
+    """Per-group factors that lower only group ``index``'s ``r`` to the largest value that fits,
+    or None when that group alone cannot reach the budget."""
     factors = [1.0] * len(base)
 
     def fits(f: float) -> bool:
@@ -269,6 +267,22 @@ def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, b
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     fits(lo)
     return list(factors)
+
+
+def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int) -> list[float] | None:
+    """Per-group factors that lower only the input site's ``r`` (``convert(input_site=True)``)
+    to the largest value that fits, or None (no input site, or it cannot reach the budget alone).
+
+    Lowering every group's ``r`` by one factor compounds along the network (each group's size
+    is relative to its input): the last maps shrink most. Lowering the input alone is "lower the
+    input resolution", the simple alternative DynOPool must start from and then beat.
+    """
+    from .dynopool import dynopool_modules
+    from .input_site import INPUT_SITE
+
+    site = dict(dynopool_modules(model)).get(INPUT_SITE)
+    index = next((i for i, p in enumerate(cost.parameters) if site is not None and p is site.stride), None)
+    return None if index is None else _one_group_factors(cost, base, bounds, budget, index)
 
 
 def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: float, hi: float) -> float:
@@ -325,9 +339,14 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
     floor = 0.5 * f_min
     factor = _largest_fitting_factor(cost, base, bounds, float(budget), floor, 1.0)
     factors, method = [factor] * len(base), "common"
-    greedy = _greedy_factors(cost, base, bounds, budget, floor)
-    if greedy is not None and cost.flops(_scaled(base, bounds, greedy)) > cost.flops(_scaled(base, bounds, factors)):
-        factors, method = greedy, "per-group"
+    # per group: the greedy path, and each group lowered alone (the greedy path can end on a
+    # cliff where every move drops far below the budget: RegNetY-200MF at 64 px, 0.65x for a
+    # 0.8x budget, where its stem alone reaches 0.79x)
+    per_group = [_greedy_factors(cost, base, bounds, budget, floor)]
+    per_group += [_one_group_factors(cost, base, bounds, budget, g) for g in range(len(base))]
+    for candidate in per_group:
+        if candidate is not None and cost.flops(_scaled(base, bounds, candidate)) > cost.flops(_scaled(base, bounds, factors)):
+            factors, method = candidate, "per-group"
     by_input = _input_resolution_factors(model, cost, base, bounds, budget)
     # a learnable input resolution: lower it alone first, unless its sizes are coarse steps that
     # give up much more of the budget (ResNet-18 at 32 px under 0.7x: 16 px costs 0.42x, 17 px

@@ -124,6 +124,17 @@ def test_resnet50_at_224_fits_4g_within_3_88_and_4_00():
         out["no_such_field"]
 
 
+def test_the_per_group_fit_does_not_stop_at_a_cliff():
+    """RegNetY-200MF at 64 px under 0.8x: the first move that fits took its last 2x2 map to 1x1
+    (0.65x); its stem map alone lowered reaches 0.79x, and so does the fit now."""
+    original = count_flops(build_model("timm:regnety_002"), (3, 64, 64))
+    model = convert(build_model("timm:regnety_002"), (3, 64, 64), placement="exact", validate=False).model
+    budget = int(0.8 * original)
+    out = fit_to_budget(model, budget, (3, 64, 64))
+    assert 0.78 * original <= out["final_flops"] <= budget
+    assert out["final_flops"] == count_flops(model, (3, 64, 64))
+
+
 # the projection must never leave a model over budget: random strides, several models,
 # budgets just below the current count (one FLOP, 0.1%, 1%, 10%, 40% below)
 BREAK = [("resnet18", 0), ("vgg_like", 1), ("two_branch", 2), ("tv_mobilenet_v3_small", 3)]
