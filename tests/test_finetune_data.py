@@ -70,6 +70,23 @@ def test_imagefolder_and_its_errors(tmp_path):
     assert ds.train[0][0].shape == (3, 8, 8) and ds.val[0][0].shape == (3, 8, 8)  # grey -> 3 channels
 
 
+def test_imagefolder_split_names_and_a_validation_split_lacking_classes(tmp_path):
+    """train/test (or valid, validation) layouts are read; a validation split without some
+    classes keeps the training split's label indices; one with a class of its own is refused."""
+    for c in ("ant", "bee", "cat"):
+        (tmp_path / "training" / c).mkdir(parents=True)
+        Image.new("RGB", (9, 9), (len(c), 2, 3)).save(tmp_path / "training" / c / "x.png")
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    Image.new("RGB", (9, 9), (9, 9, 9)).save(tmp_path / "test" / "cat" / "y.png")
+    ds = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    assert ds.class_names == ["ant", "bee", "cat"] and ds.num_classes == 3
+    assert ds.val[0][1] == 2  # "cat" is class 2 of training, not class 0 of the test folder alone
+    (tmp_path / "valid" / "dog").mkdir(parents=True)  # "valid" comes before "test"
+    Image.new("RGB", (9, 9), (9, 9, 9)).save(tmp_path / "valid" / "dog" / "z.png")
+    with pytest.raises(UserInputError, match="valid has classes that training lacks: dog"):
+        build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+
+
 def test_bad_specs_are_user_errors(tmp_path):
     for spec in ("mnist:/x", f"cifar10", "synthetic:classes=0", "imagefolder:/does/not/exist"):
         with pytest.raises(UserInputError):

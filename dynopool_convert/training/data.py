@@ -1,6 +1,6 @@
 """Datasets for fine-tuning: parse ``--data SPEC`` and build train/val datasets.
 
-Specs: ``imagefolder:DIR`` (DIR/train, DIR/val), ``cifar10:DIR``, ``cifar100:DIR`` (the python
+Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test), ``cifar10:DIR``, ``cifar100:DIR`` (the python
 pickle layout), ``fashion-mnist:DIR`` (IDX files, gzipped or not), ``synthetic`` (random
 learnable tensors) and ``bundled`` (the Fashion-MNIST subset shipped in the package; the
 default). Images are resized to the model's reference size and converted to its channel count
@@ -279,20 +279,42 @@ def _cifar(kind: str, root: Path):
         raise UserInputError(f"{kind} data not found in {root}: expected {root / cls.base_folder} (the python pickle batches)") from err
 
 
+TRAIN_SPLITS = ("train", "training")
+VAL_SPLITS = ("val", "valid", "validation", "test")  # the first found is the validation split
+
+
+def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
 def _imagefolder(root: Path):
+    """The train and validation ImageFolders of ``root``; the validation split may lack some of
+    the training classes (a small split), and its labels follow the training split's indices."""
     from torchvision.datasets import ImageFolder
 
+    train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
+    if train_dir is None or val_dir is None:
+        missing = "/".join(TRAIN_SPLITS if train_dir is None else VAL_SPLITS)
+        raise UserInputError(f"imagefolder:{root} needs {root}/{{{missing}}}/<class>/<images> "
+                             f"(a training split in {'/'.join(TRAIN_SPLITS)}, a validation split in {'/'.join(VAL_SPLITS)})")
     splits = []
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserInputError(f"imagefolder:{root} needs {root / split}/<class>/<images>")
+    for folder in (train_dir, val_dir):
         try:
-            splits.append(ImageFolder(str(root / split)))
+            splits.append(ImageFolder(str(folder)))
         except FileNotFoundError as err:
-            raise UserInputError(f"no images in {root / split}: {err}") from err
-    if splits[0].classes != splits[1].classes:
-        raise UserInputError(f"imagefolder:{root}: train and val have different class folders")
-    return splits[0], splits[1]
+            raise UserInputError(f"no images in {folder}: {err}") from err
+    train, val = splits
+    unknown = sorted(set(val.classes) - set(train.classes))
+    if unknown:
+        raise UserInputError(f"imagefolder:{root}: {val_dir.name} has classes that {train_dir.name} lacks: "
+                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    if val.class_to_idx != {c: train.class_to_idx[c] for c in val.classes}:
+        to_train = {i: train.class_to_idx[c] for c, i in val.class_to_idx.items()}
+        val.samples = [(path, to_train[i]) for path, i in val.samples]
+        val.targets = [i for _, i in val.samples]
+        val.imgs = val.samples
+        val.classes, val.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return train, val
 
 
 def build_datasets(
