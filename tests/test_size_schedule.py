@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from dynopool_convert import convert
+from dynopool_convert import build_model, convert
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.training import finetune
 from dynopool_convert.training.trainer import TrainCallbacks
 from dynopool_convert.training.data import HOLDOUT_MIN, holdout_cap
 from dynopool_convert.training.group_sizes import GroupGeometry
+from dynopool_convert.training.size_control import search_has_choices
 from dynopool_convert.training.size_jitter import SizeJitter
 from dynopool_convert.training.size_search import search_sizes
 from dynopool_convert.training.upstream import count_flops, load_checkpoint, save_checkpoint
@@ -306,3 +307,32 @@ def test_a_short_run_holds_out_no_more_than_it_trains_on(tmp_path):
     finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Say(), overrides={
         "data": "synthetic:classes=4,train=4000,val=16", "train": {"steps": 3, "batch_size": 4, "device": "cpu"}})
     assert any(m.startswith(f"size search on {HOLDOUT_MIN} held-out training images") for m in messages), messages
+
+
+def test_no_images_are_held_out_when_only_the_start_fits_the_budget(tmp_path):
+    """MobileNetV3 at 32 px, converted `exact`, at a budget equal to its FLOPs: every other
+    allocation pays for a resize that costs more than the pixels it saves, so the search would
+    score the start alone; the run holds out nothing and trains on every image."""
+    size, build = (3, 32, 32), {"num_classes": 4}
+    result = convert(build_model("timm:mobilenetv3_small_050", build), input_size=size, placement="exact")
+    budget = count_flops(result.model, size)
+    cost = CostModel(result.model, size)
+    assert not search_has_choices(result.model, size, cost.flops, budget)
+    assert search_has_choices(result.model, size, cost.flops, int(0.9 * budget))
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, result.model, result.plan, "timm:mobilenetv3_small_050", build_args=build, input_size=size,
+                    budget=budget)
+    messages, started = [], []
+
+    class Say(TrainCallbacks):
+        def on_message(self, text):
+            messages.append(text)
+
+        def on_start(self, info):
+            started.append(info)
+
+    finetune(ckpt, tmp_path / "run", callbacks=Say(), overrides={
+        "data": "synthetic:classes=4,train=40,val=8", "train": {"steps": 4, "batch_size": 10, "device": "cpu"}})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] == "search"] and started[0]["train_size"] == 40
+    assert any(m.startswith("no size search: no allocation but the starting one fits") for m in messages), messages

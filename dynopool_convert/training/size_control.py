@@ -17,19 +17,22 @@ The schedule (``train.size_search``, ``train.settle``, ``train.holdout``; ``trai
 
 With ``size_search`` off (or no budget), the strides keep whatever ``scale_lr`` does to the end,
 as in the paper.
+With the strides not learned and no allocation but the start within the budget
+(``search_has_choices``), the trainer skips the search and holds no images out.
 """
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
 from .group_sizes import GroupGeometry
 from .size_jitter import SizeJitter
-from .size_search import search_sizes
+from .size_search import STEP_FRACTION, candidate_moves, search_sizes
 
-__all__ = ["SizeControl"]
+__all__ = ["SizeControl", "search_has_choices"]
 
 
 class SizeControl:
@@ -83,6 +86,25 @@ class SizeControl:
         self.result = found.to_dict()
         return self.result
 
+    def has_choices(self, flops_of: Callable, budget: int, start: Sequence[tuple[float, float]] | None = None) -> bool:
+        """Whether the search could keep anything but ``start`` (default: the current strides),
+        the strides staying there until it runs: a group shrunk alone into the budget, or a
+        first-round move within it (every single and paired move: a superset of those it tries).
+        Under ``exact`` at a budget equal to the original's FLOPs there is none: a resize costs
+        more than the pixels it saves."""
+        current = self.geometry.strides()
+        start = [tuple(s) for s in start] if start is not None else current
+        try:
+            if flops_of(start) > budget or self._one_group_fits(flops_of, budget):
+                return True
+            self.geometry.set_strides(start)
+            for sizes in candidate_moves(self.geometry.sizes_at(start), STEP_FRACTION, None, random.Random(0)):
+                if self.geometry.set_sizes(sizes) and flops_of(self.geometry.strides()) <= budget:
+                    return True
+            return False
+        finally:
+            self.geometry.set_strides(current)
+
     def _one_group_fits(self, flops_of: Callable, budget: int) -> dict[str, list[tuple[float, float]]]:
         """Allocations that spend the budget by shrinking one group alone from the original sizes
         (its ``r`` times the largest factor that fits; the others at their original strides).
@@ -124,3 +146,10 @@ class SizeControl:
         self.jitter.sizes = [tuple(s) for s in state["jitter_sizes"]]
         self.result = state.get("result")
         self.rejoin_epoch = state.get("rejoin_epoch")
+
+
+def search_has_choices(model: nn.Module, input_size: Sequence[int], flops_of: Callable, budget: int,
+                       start: Sequence[tuple[float, float]] | None = None) -> bool:
+    """``SizeControl.has_choices`` for a model before its run's schedule exists."""
+    control = SizeControl(model, input_size, jitter=0, search=False, settle=0.0, total_steps=1, seed=0, learning=False)
+    return control.has_choices(flops_of, budget, start)

@@ -54,11 +54,16 @@ def paired_z(candidate: Tensor, incumbent: Tensor) -> float:
     return float(d.mean()) / se if se > 0 else (math.inf if float(d.mean()) > 0 else 0.0)
 
 
+STEP_FRACTION = 0.08  # a move changes a size by this share of it (at least one pixel)
+
+
 def _step(size: int, fraction: float) -> int:
     return max(1, round(fraction * size))
 
 
-def _moves(sizes: Sizes, fraction: float, trades: int, rng: random.Random) -> list[Sizes]:
+def candidate_moves(sizes: Sizes, fraction: float, trades: int | None, rng: random.Random) -> list[Sizes]:
+    """Every group axis moved one step up or down, then ``trades`` random pairs (one axis up,
+    another down; None: every pair, in order)."""
     axes = [(g, a) for g in range(len(sizes)) for a in (0, 1)]
 
     def moved(changes: list[tuple[int, int, int]]) -> Sizes | None:
@@ -71,8 +76,10 @@ def _moves(sizes: Sizes, fraction: float, trades: int, rng: random.Random) -> li
 
     singles = [moved([(g, a, sign)]) for g, a in axes for sign in (1, -1)]
     pairs = [(x, y) for x in axes for y in axes if x != y]
-    rng.shuffle(pairs)
-    traded = [moved([(gx, ax, 1), (gy, ay, -1)]) for (gx, ax), (gy, ay) in pairs[:trades]]
+    if trades is not None:
+        rng.shuffle(pairs)
+        pairs = pairs[:trades]
+    traded = [moved([(gx, ax, 1), (gy, ay, -1)]) for (gx, ax), (gy, ay) in pairs]
     return [m for m in singles + traded if m is not None]
 
 
@@ -84,7 +91,7 @@ def search_sizes(
     initial: Sequence[tuple[float, float]],
     others: dict[str, Sequence[tuple[float, float]]] | None = None,
     rounds: int = 4,
-    step_fraction: float = 0.08,
+    step_fraction: float = STEP_FRACTION,
     trades: int = 12,
     alpha: float = 0.05,
     seed: int = 0,
@@ -142,7 +149,7 @@ def search_sizes(
     if found:
         best_sizes, start, best = found
     for r in range(rounds):
-        found = better([(c, f"round {r + 1}") for c in _moves(best_sizes, step_fraction, trades, rng)])
+        found = better([(c, f"round {r + 1}") for c in candidate_moves(best_sizes, step_fraction, trades, rng)])
         if not found:
             break
         best_sizes, _, best = found

@@ -33,7 +33,7 @@ from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_mode
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, load_recipe, merge_config
 from .sampler import EpochSampler
-from .size_control import SizeControl
+from .size_control import SizeControl, search_has_choices
 from .size_guard import SizeGuard
 from .sizes import SizeSchedule
 from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
@@ -164,11 +164,6 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
-        # the search weighs sizes against FLOPs: without a budget there is none
-        searching = t.size_search and self.budget is not None and bool(scale_parameters(bundle.model))
-        cap = holdout_cap(t.holdout_max, t.steps, t.batch_size * info.world)
-        self.holdout = carve_holdout(data, t.holdout, cap, t.seed) if searching else None
-        self.data = data
         model = bundle.model.to(info.device)
         adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
         self._check_classes(model, data.num_classes)
@@ -179,6 +174,15 @@ class _Run:
                 p.requires_grad_(False)
         learn = t.scale_lr > 0 and any(q.requires_grad for q in self.scales)
         self.size_log = SizeSchedule(model, t.size_refresh_every, info.device, learn)
+        # only a budget needs the cost model: a model it refuses still fine-tunes without one,
+        # and with a budget the refusal comes here, before any step
+        self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
+        if self.cost is not None:  # an impossible budget is refused before the first step
+            upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
+            if not resume and t.scale_lr <= 0:
+                self._fit_to_budget_first()
+        self.holdout = self._carve_holdout(data, resume, bundle.training)
+        self.data = data
         self.ddp = model
         if info.enabled:
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -193,13 +197,6 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
-        # only a budget needs the cost model: a model it refuses still fine-tunes without one,
-        # and with a budget the refusal comes here, before any step
-        self.cost = upstream.CostModel(model, bundle.input_size) if self.budget is not None else None
-        if self.cost is not None:  # an impossible budget is refused before the first step
-            upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
-            if not resume and t.scale_lr <= 0:
-                self._fit_to_budget_first()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.progress = TrainProgress()
         self.sizes = SizeControl(model, bundle.input_size, jitter=t.size_jitter, search=self.holdout is not None,
@@ -352,6 +349,21 @@ class _Run:
             f"size search: kept {' / '.join(f'{h}x{w}' for h, w in result['sizes'])} (from the {result['start']} sizes, "
             f"{result['evaluations']} allocations scored), held-out accuracy {result['accuracy']:.4f}, "
             f"{result['flops']:,} FLOPs; the sizes are fixed from here on")
+
+    def _carve_holdout(self, data, resume: bool, training: dict | None):
+        """The size search's held-out split, or None: no budget (nothing to weigh sizes against),
+        no learnable sizes, or no allocation but the start within the budget (sizes not learned)."""
+        t = self.t
+        if not (t.size_search and self.budget is not None and self.scales):
+            return None
+        if t.scale_lr <= 0 and t.size_jitter == 0:
+            start = (training or {}).get("sizes", {}).get("initial") if resume else None
+            if not search_has_choices(self.model, self.bundle.input_size, self.cost.flops, self.budget, start):
+                self.cbs.on_message("no size search: no allocation but the starting one fits the budget, "
+                                    "so no training images are held out for it")
+                return None
+        cap = holdout_cap(t.holdout_max, t.steps, t.batch_size * self.info.world)
+        return carve_holdout(data, t.holdout, cap, t.seed)
 
     def _fit_to_budget_first(self) -> None:
         """Strides not learned by gradient: nothing would bring a model over its budget into it
