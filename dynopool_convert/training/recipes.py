@@ -22,7 +22,8 @@ import yaml
 from ..errors import UserInputError
 from .data import AugmentConfig
 
-__all__ = ["TrainConfig", "ConvertPolicy", "FinetuneConfig", "load_recipe", "config_from_dict", "merge_config"]
+__all__ = ["TrainConfig", "ConvertPolicy", "FinetuneConfig", "load_recipe", "config_from_dict", "merge_config",
+           "check_resumable"]
 
 
 @dataclass
@@ -224,3 +225,20 @@ def merge_config(*layers: dict[str, Any] | None) -> FinetuneConfig:
         if layer:
             cfg = config_from_dict(layer, base=cfg)
     return cfg
+
+
+#: train settings that the saved optimiser, scheduler and data position fix: a resumed run
+#: cannot change them (the restored state would silently override a new value)
+FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
+                   "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
+                   "holdout_max")
+
+
+def check_resumable(saved: dict, wanted: dict, last: Path) -> None:
+    """UserInputError when the run asks for a setting the resumed state fixes differently."""
+    for key in FIXED_ON_RESUME:
+        if key in saved and saved[key] != wanted.get(key):
+            raise UserInputError(
+                f"--resume continues the saved schedule, which has train.{key} = {saved[key]!r}, not {wanted.get(key)!r}: "
+                f"drop the change, or start a new run with {last} as its checkpoint and another --out"
+            )

@@ -31,7 +31,7 @@ from .heads import adapt_head
 from .interrupt import StopFlag
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
-from .recipes import FinetuneConfig, load_recipe, merge_config
+from .recipes import FinetuneConfig, check_resumable, load_recipe, merge_config
 from .sampler import EpochSampler
 from .size_control import SizeControl, search_has_choices
 from .size_guard import SizeGuard
@@ -77,23 +77,6 @@ class FinetuneResult:
 
 def _group_r(model: nn.Module) -> list[list[float]]:
     return [[round(1.0 / v, 6) for v in p.detach().cpu().tolist()] for p in scale_parameters(model)]
-
-
-#: train settings that the saved optimiser, scheduler and data position fix: a resumed run
-#: cannot change them (the restored state would silently override a new value)
-_FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
-                    "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
-                    "holdout_max")
-
-
-def _check_resumable(saved: dict, wanted: dict, last: Path) -> None:
-    """UserInputError when the run asks for a setting the resumed state fixes differently."""
-    for key in _FIXED_ON_RESUME:
-        if key in saved and saved[key] != wanted.get(key):
-            raise UserInputError(
-                f"--resume continues the saved schedule, which has train.{key} = {saved[key]!r}, not {wanted.get(key)!r}: "
-                f"drop the change, or start a new run with {last} as its checkpoint and another --out"
-            )
 
 
 def resolve_config(out_dir: Path, recipe: str | Path | None, overrides: dict | None, resume: bool,
@@ -247,7 +230,7 @@ class _Run:
     def _restore(self, training: dict) -> None:
         if training.get("world_size", 1) != self.info.world:
             raise UserInputError(f"--resume: last.pt was written by {training.get('world_size')} processes, this run has {self.info.world}")
-        _check_resumable(training.get("config", {}).get("train", {}), asdict(self.t), self.out_dir / LAST)
+        check_resumable(training.get("config", {}).get("train", {}), asdict(self.t), self.out_dir / LAST)
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
         self.progress = TrainProgress.from_dict(training["progress"])
