@@ -152,7 +152,7 @@ def test_finetune_searches_then_holds_the_sizes(tmp_path):
     ckpt, _, budget = _tiny_checkpoint(tmp_path)
     out = tmp_path / "run"
     res = finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
-        "steps": 10, "batch_size": 10, "scale_lr": 0.05, "device": "cpu", "log_every": 1}})
+        "steps": 10, "batch_size": 10, "scale_lr": 0.05, "device": "cpu", "log_every": 1, "size_search": True}})
     assert res.completed and res.steps == 10
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     search = [r for r in rows if r["kind"] == "search"]
@@ -216,7 +216,7 @@ def test_a_model_over_its_budget_is_fitted_before_the_first_step(tmp_path):
 def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_path):
     ckpt, _, _ = _tiny_checkpoint(tmp_path)
     ov = {"data": "synthetic:classes=4,train=100,val=16", "train": {
-        "steps": 50, "batch_size": 10, "device": "cpu", "log_every": 1}}
+        "steps": 50, "batch_size": 10, "device": "cpu", "log_every": 1, "size_search": True}}
     messages, scored = [], []
 
     class Say(TrainCallbacks):
@@ -252,7 +252,7 @@ def test_finetune_exact_trains_and_saves_at_the_searched_sizes(tmp_path):
     initial = GroupGeometry(result.model, size).measure()[1]
     out = tmp_path / "run"
     finetune(ckpt, out, trust_source=True, overrides={"data": "synthetic:classes=4,train=100,val=16", "train": {
-        "steps": 10, "batch_size": 10, "device": "cpu", "log_every": 1}})
+        "steps": 10, "batch_size": 10, "device": "cpu", "log_every": 1, "size_search": True}})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     search = [r for r in rows if r["kind"] == "search"]
     assert len(search) == 1 and search[0]["evaluations"] > 1
@@ -291,7 +291,7 @@ def test_sizes_that_break_the_forward_are_not_candidates():
 
 
 def test_a_short_run_holds_out_no_more_than_it_trains_on(tmp_path):
-    """A run of a few steps holds out max(HOLDOUT_MIN, steps x batch) images, not 10% of a large
+    """With the size search on, a run of a few steps holds out max(HOLDOUT_MIN, steps x batch) images, not 10% of a large
     training set: the search scores every allocation on all of them."""
     assert holdout_cap(5000, None, 64) == 5000
     assert holdout_cap(5000, 3, 8) == HOLDOUT_MIN
@@ -305,14 +305,14 @@ def test_a_short_run_holds_out_no_more_than_it_trains_on(tmp_path):
             messages.append(text)
 
     finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Say(), overrides={
-        "data": "synthetic:classes=4,train=4000,val=16", "train": {"steps": 3, "batch_size": 4, "device": "cpu"}})
+        "data": "synthetic:classes=4,train=4000,val=16", "train": {"steps": 3, "batch_size": 4, "device": "cpu", "size_search": True}})
     assert any(m.startswith(f"size search on {HOLDOUT_MIN} held-out training images") for m in messages), messages
 
 
 def test_no_images_are_held_out_when_only_the_start_fits_the_budget(tmp_path):
     """MobileNetV3 at 32 px, converted `exact`, at a budget equal to its FLOPs: every other
-    allocation pays for a resize that costs more than the pixels it saves, so the search would
-    score the start alone; the run holds out nothing and trains on every image."""
+    allocation pays for a resize that costs more than the pixels it saves, so the search (asked
+    for) would score the start alone; the run holds out nothing and trains on every image."""
     size, build = (3, 32, 32), {"num_classes": 4}
     result = convert(build_model("timm:mobilenetv3_small_050", build), input_size=size, placement="exact")
     budget = count_flops(result.model, size)
@@ -332,7 +332,26 @@ def test_no_images_are_held_out_when_only_the_start_fits_the_budget(tmp_path):
             started.append(info)
 
     finetune(ckpt, tmp_path / "run", callbacks=Say(), overrides={
-        "data": "synthetic:classes=4,train=40,val=8", "train": {"steps": 4, "batch_size": 10, "device": "cpu"}})
+        "data": "synthetic:classes=4,train=40,val=8", "train": {"steps": 4, "batch_size": 10, "device": "cpu", "size_search": True}})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r["kind"] == "search"] and started[0]["train_size"] == 40
     assert any(m.startswith("no size search: no allocation but the starting one fits") for m in messages), messages
+
+
+def test_by_default_no_images_are_held_out_and_the_fitted_sizes_train(tmp_path):
+    """The default schedule (docs/RESULTS.md §6.5): no search, no held-out split; the sizes the
+    budget fit gave are the sizes trained and saved."""
+    ckpt, result, budget = _tiny_checkpoint(tmp_path, budget_frac=0.8)
+    started = []
+
+    class Start(TrainCallbacks):
+        def on_start(self, info):
+            started.append(info)
+
+    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Start(), overrides={
+        "data": "synthetic:classes=4,train=100,val=16", "train": {"steps": 6, "batch_size": 10, "device": "cpu"}})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] == "search"] and started[0]["train_size"] == 100
+    sizes = {tuple(map(tuple, r["r"])) for r in rows if r["kind"] == "step"}
+    assert len(sizes) == 1  # held where the fit put them
+    assert all(r["flops"] <= budget for r in rows if r["kind"] == "step")

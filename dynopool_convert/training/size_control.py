@@ -1,7 +1,8 @@
-"""How a fine-tuning run chooses its sizes: a held-out search, then settling.
+"""How a fine-tuning run chooses its sizes: optionally a held-out search, then settling.
 
-The schedule (``train.size_search``, ``train.settle``, ``train.holdout``; ``train.scale_lr`` and
-``train.size_jitter``, both 0 by default: docs/RESULTS.md §6):
+By default (``train.size_search`` off, ``train.scale_lr`` and ``train.size_jitter`` 0: the
+measurements of docs/RESULTS.md §6) the sizes are the budget fit's and stay there. With
+``size_search`` on, the schedule (``train.settle``, ``train.holdout``) is:
 
 1. *Training* (the first ``1 - settle`` of the steps): the weights train at the starting sizes
    (the budget fit's); with ``scale_lr > 0`` the strides also learn by their gradient, and with
@@ -15,8 +16,8 @@ The schedule (``train.size_search``, ``train.settle``, ``train.holdout``; ``trai
    the weights adapt to them, on all the training images: the held-out ones have served their
    one purpose and train again from the epoch after the search (``rejoin_epoch``).
 
-With ``size_search`` off (or no budget), the strides keep whatever ``scale_lr`` does to the end,
-as in the paper.
+With ``size_search`` off (or no budget), the strides keep whatever ``scale_lr`` does to the end
+(with ``scale_lr > 0``, as in the paper; with 0, the sizes they start at).
 With the strides not learned and no allocation but the start within the budget
 (``search_has_choices``), the trainer skips the search and holds no images out.
 """
