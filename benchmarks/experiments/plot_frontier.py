@@ -1,7 +1,7 @@
 """Accuracy against FLOPs per data variant: the fixed network at several input resolutions (a
 curve) against dynopool's default at several budgets (docs/RESULTS.md §6.3).
 
-    python -m benchmarks.experiments.plot_frontier docs/results/learning OUT.png [--method DYN_METHOD ...]
+    python -m benchmarks.experiments.plot_frontier FOLDER [FOLDER ...] OUT.png [--method DYN_METHOD ...]
 
 The fixed network's points are its runs at 28 px (``fixed``), at set resolutions (``resN``) and at
 the resolution that fits a budget (``lowres``); dynopool's are each DYN_METHOD's runs (default
@@ -38,12 +38,13 @@ def _points(rows: list[dict], variant: str, dyn: bool, dyn_method: str) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path, help="folder of learning_study.py's JSON lines (*.jsonl)")
+    ap.add_argument("folders", type=Path, nargs="+", help="folders of learning_study.py's JSON lines (*.jsonl)")
     ap.add_argument("out", type=Path, help="the figure (PNG)")
     ap.add_argument("--method", action="append", help="dynopool's method to plot (repeatable; default dyn:frozen:nojitter)")
     args = ap.parse_args()
-    folder, out, methods = args.folder, args.out, args.method or ["dyn:frozen:nojitter"]
-    rows = [json.loads(line) for p in sorted(folder.glob("*.jsonl")) if not any(k in p.name for k in ("gradient", "plateau"))
+    out, methods = args.out, args.method or ["dyn:frozen:nojitter"]
+    paths = sorted(p for folder in args.folders for p in folder.glob("*.jsonl"))
+    rows = [json.loads(line) for p in paths if not any(k in p.name for k in ("gradient", "plateau"))
             for line in p.read_text().splitlines() if line.strip()]
     import matplotlib
 

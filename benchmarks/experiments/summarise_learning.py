@@ -23,9 +23,10 @@ WHAT = {
     "dyn:noinput": "jitter 1 px + gradient + search",
     "dyn:frozen": "input site + jitter 1 px + search",
     "dyn:nojitter": "input site + gradient + search",
-    "dyn:frozen:nojitter": "**default**: input site + search",
-    "dyn:frozen:nojitter:nosearch": "input site, budget fit only",
-    "dyn:frozen:nojitter:exact": "placement exact (default with loaded weights): input site + search",
+    "dyn:frozen:nojitter": "input site + search (the default until session 8)",
+    "dyn:frozen:nojitter:nosearch": "**default** (placement before): input site, budget fit only",
+    "dyn:frozen:nojitter:exact": "placement exact: input site + search (the default with weights until session 8)",
+    "dyn:frozen:nojitter:nosearch:exact": "**default with loaded weights** (placement exact): input site, budget fit only",
     "dyn:frozen:nojitter:exact:aa": "placement exact, antialiased shrinks: input site + search",
     "dyn:frozen:nojitter:exact:settle0.75": "placement exact, search at 25% of the steps",
 }
