@@ -136,6 +136,22 @@ def test_paired_z_sees_a_consistent_small_gain():
 TINY_SIZE = (3, 16, 16)
 
 
+class Recorder(TrainCallbacks):
+    """What a run reports: its messages, its start, the size search's progress."""
+
+    def __init__(self) -> None:
+        self.messages, self.started, self.scored = [], [], []
+
+    def on_message(self, text):
+        self.messages.append(text)
+
+    def on_start(self, info):
+        self.started.append(info)
+
+    def on_search(self, n):
+        self.scored.append(n)
+
+
 def _tiny_checkpoint(tmp_path, budget_frac: float = 0.9, placement: str = "before"):
     """A converted small_cnn (4 classes, width 4, 16 px) saved with ``budget_frac`` of its FLOPs."""
     torch.manual_seed(0)
@@ -198,42 +214,29 @@ def test_a_model_over_its_budget_is_fitted_before_the_first_step(tmp_path):
     """Strides not learned (the default): the checkpoint's model, over its budget, is fitted to it
     first, so that every step trains within the budget (not only the steps after the search)."""
     ckpt, _, budget = _tiny_checkpoint(tmp_path, budget_frac=0.7)
-    messages = []
-
-    class Say(TrainCallbacks):
-        def on_message(self, text):
-            messages.append(text)
-
-    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Say(), overrides={
+    rec = Recorder()
+    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=rec, overrides={
         "data": "synthetic:classes=4,train=100,val=16", "train": {"steps": 6, "batch_size": 10, "device": "cpu",
                                                                    "log_every": 1}})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "step"]
     assert len(steps) == 6 and all(r["flops"] <= budget for r in steps)
-    assert sum("over its budget: fitted to" in m for m in messages) == 1
+    assert sum("over its budget: fitted to" in m for m in rec.messages) == 1
 
 
 def test_held_out_images_train_again_after_the_search_and_resume_is_exact(tmp_path):
     ckpt, _, _ = _tiny_checkpoint(tmp_path)
     ov = {"data": "synthetic:classes=4,train=100,val=16", "train": {
         "steps": 50, "batch_size": 10, "device": "cpu", "log_every": 1, "size_search": True}}
-    messages, scored = [], []
-
-    class Say(TrainCallbacks):
-        def on_message(self, text):
-            messages.append(text)
-
-        def on_search(self, n):
-            scored.append(n)
-
-    full = finetune(ckpt, tmp_path / "a", trust_source=True, overrides=ov, callbacks=Say())
+    rec = Recorder()
+    full = finetune(ckpt, tmp_path / "a", trust_source=True, overrides=ov, callbacks=rec)
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "search"] == [35]  # epoch 3 (steps 28-36 on 90 images)
     search = next(r for r in rows if r["kind"] == "search")
-    assert scored == list(range(1, search["evaluations"] + 1)) and len(scored) > 1  # progress per allocation
+    assert rec.scored == list(range(1, search["evaluations"] + 1)) and len(rec.scored) > 1  # progress per allocation
     # 9 steps per epoch on the 90 kept images, 10 from epoch 4 on (all 100)
     assert [r["step"] for r in rows if r["kind"] == "epoch"] == [9, 18, 27, 36, 46, 50]
-    assert any("10 held-out images train again from epoch 4" in m for m in messages)
+    assert any("10 held-out images train again from epoch 4" in m for m in rec.messages)
     # interrupted after the rejoin, mid-epoch, then resumed: the same run bit for bit
     part = finetune(ckpt, tmp_path / "b", trust_source=True, overrides=ov, stop_after_steps=41)
     assert not part.completed
@@ -298,15 +301,10 @@ def test_a_short_run_holds_out_no_more_than_it_trains_on(tmp_path):
     assert holdout_cap(5000, 100, 32) == 3200
     assert holdout_cap(1000, 100, 32) == 1000
     ckpt, _, _ = _tiny_checkpoint(tmp_path)
-    messages = []
-
-    class Say(TrainCallbacks):
-        def on_message(self, text):
-            messages.append(text)
-
-    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Say(), overrides={
+    rec = Recorder()
+    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=rec, overrides={
         "data": "synthetic:classes=4,train=4000,val=16", "train": {"steps": 3, "batch_size": 4, "device": "cpu", "size_search": True}})
-    assert any(m.startswith(f"size search on {HOLDOUT_MIN} held-out training images") for m in messages), messages
+    assert any(m.startswith(f"size search on {HOLDOUT_MIN} held-out training images") for m in rec.messages), rec.messages
 
 
 def test_no_images_are_held_out_when_only_the_start_fits_the_budget(tmp_path):
@@ -322,36 +320,23 @@ def test_no_images_are_held_out_when_only_the_start_fits_the_budget(tmp_path):
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, result.model, result.plan, "timm:mobilenetv3_small_050", build_args=build, input_size=size,
                     budget=budget)
-    messages, started = [], []
-
-    class Say(TrainCallbacks):
-        def on_message(self, text):
-            messages.append(text)
-
-        def on_start(self, info):
-            started.append(info)
-
-    finetune(ckpt, tmp_path / "run", callbacks=Say(), overrides={
+    rec = Recorder()
+    finetune(ckpt, tmp_path / "run", callbacks=rec, overrides={
         "data": "synthetic:classes=4,train=40,val=8", "train": {"steps": 4, "batch_size": 10, "device": "cpu", "size_search": True}})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert not [r for r in rows if r["kind"] == "search"] and started[0]["train_size"] == 40
-    assert any(m.startswith("no size search: no allocation but the starting one fits") for m in messages), messages
+    assert not [r for r in rows if r["kind"] == "search"] and rec.started[0]["train_size"] == 40
+    assert any(m.startswith("no size search: no allocation but the starting one fits") for m in rec.messages), rec.messages
 
 
 def test_by_default_no_images_are_held_out_and_the_fitted_sizes_train(tmp_path):
     """The default schedule (docs/RESULTS.md §6.5): no search, no held-out split; the sizes the
     budget fit gave are the sizes trained and saved."""
     ckpt, result, budget = _tiny_checkpoint(tmp_path, budget_frac=0.8)
-    started = []
-
-    class Start(TrainCallbacks):
-        def on_start(self, info):
-            started.append(info)
-
-    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=Start(), overrides={
+    rec = Recorder()
+    finetune(ckpt, tmp_path / "run", trust_source=True, callbacks=rec, overrides={
         "data": "synthetic:classes=4,train=100,val=16", "train": {"steps": 6, "batch_size": 10, "device": "cpu"}})
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert not [r for r in rows if r["kind"] == "search"] and started[0]["train_size"] == 100
+    assert not [r for r in rows if r["kind"] == "search"] and rec.started[0]["train_size"] == 100
     sizes = {tuple(map(tuple, r["r"])) for r in rows if r["kind"] == "step"}
     assert len(sizes) == 1  # held where the fit put them
     assert all(r["flops"] <= budget for r in rows if r["kind"] == "step")
