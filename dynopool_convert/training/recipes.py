@@ -55,7 +55,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # also save last.pt every N steps (default: per epoch)
     # the size schedule (training/size_control.py): jitter while learning, held-out search, settle
     size_jitter: int = 0  # each step, move every group's size by up to this many pixels (default off: it cost 4 points, docs/RESULTS.md §6)
-    size_search: bool = False  # choose the sizes on held-out training data, then settle (off: it kept the start in every run, docs/RESULTS.md §6.5)
+    # choose the sizes on held-out training data, then settle (off: it kept the start in every run, RESULTS §6.5)
+    size_search: bool = False
     settle: float = 0.3  # fraction of the steps, at the end, trained with the searched sizes frozen
     holdout: float = 0.1  # fraction of the training data held out for the size search ...
     holdout_max: int = 5000  # ... at most this many images (with `steps`: at most steps x batch, 256 at least)
