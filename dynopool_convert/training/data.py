@@ -1,9 +1,9 @@
 """Datasets for fine-tuning: parse ``--data SPEC`` and build train/val datasets.
 
 Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test),
-``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR`` (IDX files, gzipped or not), ``synthetic`` (random
-learnable tensors) and ``bundled`` (the Fashion-MNIST subset shipped in the package; the
-default). Images are resized to the model's reference size and converted to its channel count
+``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR`` (IDX files,
+gzipped or not), ``synthetic`` (random learnable tensors) and ``bundled`` (the Fashion-MNIST
+subset shipped in the package; the default). Images are resized to the model's reference size and converted to its channel count
 with timm's transforms. Augmentation randomness is seeded per (seed, epoch, sample), so a run
 is reproducible whatever the number of loader workers and wherever it resumes.
 """
