@@ -8,15 +8,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import struct
-import time
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
 import torch
 from torch import Tensor, nn
 
-from .cost_model import CostModel
+from .allocation import (feasible_floor, flops_path_factors, log_resolution, one_group_factors, resolution_path_factors,
+                         scaled)
+from .cost_model import INFEASIBLE, CostModel
 from .errors import UserInputError
 from .group_ids import group_ids
 from .flops import count_flops, format_flops
@@ -164,109 +164,31 @@ def _set_strides(params: Sequence[nn.Parameter], strides: Sequence[tuple[float, 
             p.copy_(torch.tensor(s, dtype=p.dtype, device=p.device).reshape(p.shape))
 
 
-def _f32(x: float) -> float:
-    """``x`` rounded to float32, the stride parameters' dtype: the cost model must see the
-    value the forward pass will read, or a size could round the other way at a boundary."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _scaled(base: Sequence[tuple[float, float]], bounds, factor: float | Sequence[float]) -> list[tuple[float, float]]:
-    """Strides when each group's r = 1/s is multiplied by ``factor`` (one for all, or one per
-    group), clamped to the bounds."""
-    factors = [factor] * len(base) if isinstance(factor, (int, float)) else list(factor)
-    out = []
-    for (s_h, s_w), (lo, hi), f in zip(base, bounds, factors):
-        out.append((_f32(min(max(s_h / f, lo), hi)), _f32(min(max(s_w / f, lo), hi))))
-    return out
-
-
-def _next_level(cost: CostModel, base, bounds, factors: list[float], g: int, level: float, floor: float) -> tuple[float, float] | None:
-    """Largest factor below ``factors[g]`` at which the cost drops under ``level`` (others
-    fixed), and that cost; ``None`` if group ``g`` cannot lower the cost any more."""
-    trial = list(factors)
-    trial[g] = floor
-    if cost.flops(_scaled(base, bounds, trial)) >= level:
-        return None
-    lo, hi = floor, factors[g]
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        trial[g] = mid
-        if cost.flops(_scaled(base, bounds, trial)) < level:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-9 * hi:
-            break
-    trial[g] = lo
-    return lo, cost.flops(_scaled(base, bounds, trial))
-
-
-def _greedy_factors(cost: CostModel, base, bounds, budget: int, floor: float, max_steps: int = 2000,
-                    max_seconds: float = 10.0) -> list[float] | None:
-    """Per-group factors found by lowering one group by one cost level at a time.
-
-    Rounding makes the cost a step function of the common factor, and on a network whose
-    sizes halve exactly at every stage all sizes step down together (ResNet-50 at 224:
-    4.12G, then 3.63G: nothing in between). Each one-level move that lands within the budget is
-    a candidate, and the most expensive candidate is kept; the path goes on, as long as any move
-    stays over the budget, by the one that buys the most FLOPs per unit of log r given up.
-    (Taking the first move that fits ended RegNetY-200MF at 64 px at 0.65x for a 0.8x budget:
-    its last 2x2 map went to 1x1 in one move, where lowering the earlier maps a pixel at a time
-    reaches 0.80x.) ``None`` if no candidate is found within ``max_steps`` steps or
-    ``max_seconds`` (many groups, far over budget): the common factor is used then.
-    """
-    factors = [1.0] * len(base)
-    current = cost.flops(_scaled(base, bounds, factors))
-    best: tuple[float, list[float]] | None = None  # the most expensive allocation within the budget
-    deadline = time.perf_counter() + max_seconds
-    for _ in range(max_steps):
-        if current <= budget:
-            return factors if best is None or current > best[0] else best[1]
-        # every later candidate costs less than ``current``: none can beat the best found
-        if (best is not None and current <= best[0]) or time.perf_counter() > deadline:
-            break
-        moves = []
-        for g in range(len(base)):
-            nxt = _next_level(cost, base, bounds, factors, g, current, floor)
-            if nxt is not None:
-                f, c = nxt
-                moves.append((g, f, c, (current - c) / max(math.log(factors[g] / f), 1e-12)))
-        if not moves:
-            break
-        for g, f, c, _ in moves:
-            if c <= budget and (best is None or c > best[0]):
-                best = (c, [f if i == g else x for i, x in enumerate(factors)])
-        above = [m for m in moves if m[2] > budget]
-        if not above:
-            break
-        g, f, c, _ = max(above, key=lambda m: m[3])
-        factors[g], current = f, c
-    return None if best is None else best[1]
-
-
 # lowering the input alone may give up at most this fraction of the budget more than the
 # plain fit (common or per-group factors) before the plain fit is taken instead
 INPUT_FIRST_SLACK = 0.05
 
 
-def _one_group_factors(cost: CostModel, base, bounds, budget: int, index: int) -> list[float] | None:
-    """Per-group factors that lower only group ``index``'s ``r`` to the largest value that fits,
-    or None when that group alone cannot reach the budget."""
-    factors = [1.0] * len(base)
+# the fit gives way to an allocation that keeps at least this much more resolution (the log of
+# the product of the maps' areas: one map's area twice as large) ...
+RESOLUTION_GAIN = math.log(2.0)
 
-    def fits(f: float) -> bool:
-        factors[index] = f
-        return cost.flops(_scaled(base, bounds, factors)) <= budget
 
-    floor = 1e-3  # far below any bound: the stride is clamped to its upper bound there
-    if not fits(floor):
-        return None
-    lo, hi = floor, 1.0
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    fits(lo)
-    return list(factors)
+def _keep_resolution(cost: CostModel, base, bounds, budget: int, floor: float, factors: list[float], method: str,
+                     others: list[list[float]]) -> tuple[list[float], str]:
+    """``factors`` (the allocation spending the most of the budget), or the one keeping the most
+    resolution (``allocation.log_resolution``) at a cost within ``INPUT_FIRST_SLACK`` of the
+    budget below it, when that keeps ``RESOLUTION_GAIN`` more. Spending the most FLOPs picks
+    among allocations of nearly equal cost by accident: the toy VGG at half budget ended at
+    25 -> 10 -> 3 -> 1 (its last map 1x1) and lost to the lower input resolution; 20 -> 9 -> 5 -> 3
+    costs as much and beat it (docs/RESULTS.md §6.6)."""
+    spent = cost.flops(scaled(base, bounds, factors))
+    kept = log_resolution(cost, scaled(base, bounds, factors))
+    found = resolution_path_factors(cost, base, bounds, budget, floor, [factors, *others],
+                                    min_flops=spent - INPUT_FIRST_SLACK * budget)
+    if found is not None and log_resolution(cost, scaled(base, bounds, found)) >= kept + RESOLUTION_GAIN:
+        return found, "resolution"
+    return factors, method
 
 
 def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int) -> list[float] | None:
@@ -282,7 +204,7 @@ def _input_resolution_factors(model: nn.Module, cost: CostModel, base, bounds, b
 
     site = dict(dynopool_modules(model)).get(INPUT_SITE)
     index = next((i for i, p in enumerate(cost.parameters) if site is not None and p is site.stride), None)
-    return None if index is None else _one_group_factors(cost, base, bounds, budget, index)
+    return None if index is None else one_group_factors(cost, base, bounds, budget, index)
 
 
 def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: float, hi: float) -> float:
@@ -290,7 +212,7 @@ def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: fl
     (``cost(lo) <= target`` is assumed; the cost is non-increasing as the factor drops)."""
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if cost.flops(_scaled(base, bounds, mid)) <= target:
+        if cost.flops(scaled(base, bounds, mid)) <= target:
             lo = mid
         else:
             hi = mid
@@ -299,22 +221,52 @@ def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: fl
     return lo
 
 
-def _raise_impossible(model, budget, input_size, params, base, lowest) -> None:
-    """Restore ``base`` and refuse, quoting fvcore's count at the minimum (every r at r_min)."""
+def _raise_impossible(model, budget, input_size, params, base, lowest, limited: bool = False) -> None:
+    """Restore ``base`` and refuse, quoting fvcore's count at the minimum (every r at r_min), or
+    (``limited``) at the smallest maps one factor for all reaches before some map empties."""
     _set_strides(params, lowest)
     try:
         minimum = count_flops(model, input_size)
     finally:
         _set_strides(params, base)
     h, w = input_size[-2:]
+    where = ("with every scale factor lowered by one factor until the next step would empty a map"
+             if limited else "with every scale factor at its lower bound")
     raise UserInputError(
         f"budget {format_flops(budget)} FLOPs ({budget}) cannot be met: the minimum achievable at {h}x{w} "
-        f"is {format_flops(minimum)} FLOPs ({minimum}), with every scale factor at its lower bound; "
-        f"give a budget of at least {minimum}"
+        f"is {format_flops(minimum)} FLOPs ({minimum}), {where}; give a budget of at least {minimum}"
     )
 
 
-def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel) -> dict:
+def _choose_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int, floor: float,
+                    common: list[float] | None, allocation: str) -> tuple[list[float] | None, str]:
+    """The allocation the fit takes, and its method: the most expensive within the budget of the
+    common factor (``common``, or None where it does not fit), the greedy path and each group
+    lowered alone (the greedy path can end on a cliff where every move drops far below the
+    budget: RegNetY-200MF at 64 px, 0.65x for a 0.8x budget, where its stem alone reaches
+    0.79x); the input lowered alone when it gives up little more; then (``allocation``
+    "resolution") an allocation that keeps much more resolution at nearly the same cost."""
+    factors, method = common, "common"
+    plain = cost.flops(scaled(base, bounds, common)) if common is not None else -1
+    per_group = [flops_path_factors(cost, base, bounds, budget, floor)]
+    per_group += [one_group_factors(cost, base, bounds, budget, g) for g in range(len(base))]
+    for candidate in filter(None, per_group):
+        flops = cost.flops(scaled(base, bounds, candidate))
+        if flops > plain:
+            factors, method, plain = candidate, "per-group", flops
+    by_input = _input_resolution_factors(model, cost, base, bounds, budget)
+    # a learnable input resolution: lower it alone first, unless its sizes are coarse steps that
+    # give up much more of the budget (ResNet-18 at 32 px under 0.7x: 16 px costs 0.42x, 17 px
+    # is just over; the common factor lands at 0.67x)
+    if by_input is not None and cost.flops(scaled(base, bounds, by_input)) >= plain - INPUT_FIRST_SLACK * budget:
+        factors, method = by_input, "input"
+    if allocation == "resolution" and factors is not None:
+        factors, method = _keep_resolution(cost, base, bounds, budget, floor, factors, method,
+                                           [c for c in [*per_group, by_input] if c is not None])
+    return factors, method
+
+
+def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel, allocation: str = "resolution") -> dict:
     """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
     params = cost.parameters
     bounds = cost.bounds
@@ -331,38 +283,28 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
             result.update(method="none", group_factors=[1.0] * len(base), final_flops=final,
                           strides=[list(s) for s in base], fvcore_checks=1)
             return result
-    lowest = [(hi, hi) for _, hi in bounds]
-    if cost.flops(lowest) > budget:
-        _raise_impossible(model, budget, input_size, params, base, lowest)
-    # below f_min every stride sits at its upper bound: the cost is the minimum there
+    # below f_min every stride sits at its upper bound: the cost is the minimum there, unless
+    # some map is empty before (the lowest feasible common factor is the floor then)
     f_min = min(1.0, min(min(s_h, s_w) / hi for (s_h, s_w), (_, hi) in zip(base, bounds)))
-    floor = 0.5 * f_min
-    factor = _largest_fitting_factor(cost, base, bounds, float(budget), floor, 1.0)
-    factors, method = [factor] * len(base), "common"
-    # per group: the greedy path, and each group lowered alone (the greedy path can end on a
-    # cliff where every move drops far below the budget: RegNetY-200MF at 64 px, 0.65x for a
-    # 0.8x budget, where its stem alone reaches 0.79x)
-    plain = cost.flops(_scaled(base, bounds, factors))
-    per_group = [_greedy_factors(cost, base, bounds, budget, floor)]
-    per_group += [_one_group_factors(cost, base, bounds, budget, g) for g in range(len(base))]
-    for candidate in filter(None, per_group):
-        flops = cost.flops(_scaled(base, bounds, candidate))
-        if flops > plain:
-            factors, method, plain = candidate, "per-group", flops
-    by_input = _input_resolution_factors(model, cost, base, bounds, budget)
-    # a learnable input resolution: lower it alone first, unless its sizes are coarse steps that
-    # give up much more of the budget (ResNet-18 at 32 px under 0.7x: 16 px costs 0.42x, 17 px
-    # is just over; the common factor lands at 0.67x)
-    if by_input is not None and cost.flops(_scaled(base, bounds, by_input)) >= plain - INPUT_FIRST_SLACK * budget:
-        factors, method = by_input, "input"
-    strides = _scaled(base, bounds, factors)
+    floor = feasible_floor(cost, base, bounds, [1.0] * len(base), -1, 0.5 * f_min)
+    limited = floor > 0.5 * f_min
+    lowest = scaled(base, bounds, floor) if limited else [(hi, hi) for _, hi in bounds]
+    common_fits = cost.flops(lowest) <= budget
+    if not common_fits and not limited:
+        _raise_impossible(model, budget, input_size, params, base, lowest)
+    factor = _largest_fitting_factor(cost, base, bounds, float(budget), floor, 1.0) if common_fits else floor
+    factors, method = _choose_factors(model, cost, base, bounds, budget, floor,
+                                      [factor] * len(base) if common_fits else None, allocation)
+    if factors is None:  # where maps empty, one factor for all cannot reach the budget; nor any group
+        _raise_impossible(model, budget, input_size, params, base, lowest, limited=True)
+    strides = scaled(base, bounds, factors)
     _set_strides(params, strides)
     final = count_flops(model, input_size)
     checks = 1
     while final > budget:
         # the count disagrees with the cost model (never seen): plain common scaling,
         # stepping down one cost level at a time until fvcore confirms
-        strides = _scaled(base, bounds, factor)
+        strides = scaled(base, bounds, factor)
         factors, method = [factor] * len(base), "common"
         _set_strides(params, strides)
         final = count_flops(model, input_size)
@@ -370,7 +312,7 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
         if final <= budget:
             break
         if factor <= floor:  # the cost model's minimum does not fit by fvcore's count
-            _raise_impossible(model, budget, input_size, params, base, lowest)
+            _raise_impossible(model, budget, input_size, params, base, lowest, limited)
         # the count disagrees with the cost model: step down to the next lower cost level
         factor = _largest_fitting_factor(cost, base, bounds, cost.flops(strides) - 1, floor, factor)
     result.update(factor=factor, method=method, group_factors=factors, final_flops=final, strides=[list(s) for s in strides], fvcore_checks=checks)
@@ -379,10 +321,11 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
 
 def check_reachable(model: nn.Module, budget: int, input_size: Sequence[int], cost_model: CostModel) -> None:
     """UserInputError (with the minimum achievable FLOPs) when ``budget`` cannot be met even with
-    every scale factor at its lower bound; checked before fine-tuning starts."""
+    every scale factor at its lower bound; checked before fine-tuning starts. (Where some map
+    empties first, the fit itself refuses what no allocation reaches.)"""
+    base = cost_model.clamp(cost_model.current_strides())
     lowest = [(hi, hi) for _, hi in cost_model.bounds]
-    if cost_model.flops(lowest) > budget:
-        base = cost_model.clamp(cost_model.current_strides())
+    if INFEASIBLE > cost_model.flops(lowest) > budget:
         _raise_impossible(model, int(budget), tuple(input_size), cost_model.parameters, base, lowest)
 
 
@@ -392,6 +335,7 @@ def fit_to_budget(
     input_size: Sequence[int] = (3, 224, 224),
     cost_model: CostModel | None = None,
     original_flops: int | None = None,
+    allocation: str = "resolution",
 ) -> BudgetFit:
     """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
 
@@ -408,7 +352,7 @@ def fit_to_budget(
     group id of each entry of ``group_factors`` and ``strides``) and the final ``strides`` per group.
     """
     cost = cost_model or CostModel(model, input_size)
-    out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation)
     start = out.pop("start_flops")
     return BudgetFit(**out, converted_flops=start, original_flops=original_flops)
 

@@ -75,6 +75,11 @@ class _CostFunction(torch.autograd.Function):
         return (None, None, *(grad_out * g for g in ctx.grads))
 
 
+#: what ``CostModel.flops`` gives at strides where some map would be empty (a kept 2x2 pool fed
+#: a 1x1 map under placement ``exact``): above any budget, so no fit lands there
+INFEASIBLE = 2 ** 62
+
+
 class CostModel:
     """FLOPs of ``model`` at ``input_size`` as a differentiable function of its strides.
 
@@ -312,9 +317,24 @@ class CostModel:
         return _Evaluation(flops, [tuple(g) for g in grads], sizes)
 
     def flops(self, strides: Sequence[Sequence[float]] | None = None) -> int:
-        """Exact FLOPs (int) at ``strides`` (one ``(s_h, s_w)`` per group; default: current)."""
+        """Exact FLOPs (int) at ``strides`` (one ``(s_h, s_w)`` per group; default: current);
+        ``INFEASIBLE`` where some map would be empty (the forward pass fails there)."""
         s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
-        return int(round(self._evaluate(s, with_grad=False).flops))
+        ev = self._evaluate(s, with_grad=False)
+        if any(h < 1 or w < 1 for h, w in ev.sizes.values()):
+            return INFEASIBLE
+        return int(round(ev.flops))
+
+    def group_sizes(self, strides: Sequence[Sequence[float]] | None = None) -> list[tuple[tuple[int, int], tuple[int, int]] | None]:
+        """Input and output size of each group's first site that any FLOPs depend on, at
+        ``strides`` (default: current); ``None`` for a group on whose sizes no FLOPs depend."""
+        s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
+        sizes = self._evaluate(s, with_grad=False).sizes
+        out: list[tuple[tuple[int, int], tuple[int, int]] | None] = [None] * len(self.parameters)
+        for c in self._eval_classes:
+            if c.kind == "dynopool" and out[c.group] is None:
+                out[c.group] = (sizes[c.parent.index], sizes[c.index])
+        return out
 
     def gradient(self, strides: Sequence[Sequence[float]] | None = None) -> list[tuple[float, float]]:
         """d FLOPs / d (s_h, s_w) per group (straight-through), as floats."""

@@ -68,9 +68,23 @@ def dyn_options(method: str, args) -> dict:
             opts["antialias"] = True
         elif flag.startswith("settle"):  # the share of the steps trained after the search
             opts["settle"] = float(flag[6:])
+        elif flag == "fitflops":  # the budget fit of session 8: the most FLOPs within the budget
+            opts["allocation"] = "flops"
+        elif flag.startswith("sizes"):  # pinned square sizes after each site, e.g. sizes22-10-4-3
+            opts["sizes"] = [int(v) for v in flag[5:].split("-")]
         else:
             raise SystemExit(f"unknown dyn flag {flag!r}")
     return opts
+
+
+def pin_sizes(model: torch.nn.Module, sides: list[int], budget: int) -> None:
+    """Set the groups' sizes to ``sides`` (square); refused if unreachable or over ``budget``."""
+    geo = GroupGeometry(model, (1, 28, 28))
+    if not geo.set_sizes([(s, s) for s in sides]):
+        raise SystemExit(f"sizes {sides} cannot be reached")
+    flops = count_flops(model, (1, 28, 28))
+    if flops > budget:
+        raise SystemExit(f"sizes {sides} cost {flops} FLOPs, over the budget {budget}")
 
 
 def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -172,7 +186,9 @@ def run(variant: str, method: str, seed: int, data, args, budget: int, base_flop
         for m in model.modules():
             if isinstance(m, DynResize):
                 m.antialias = bool(opts.get("antialias", False))
-        fit_to_budget(model, budget, (1, 28, 28))
+        fit_to_budget(model, budget, (1, 28, 28), allocation=opts.get("allocation", "resolution"))
+        if opts.get("sizes"):
+            pin_sizes(model, opts["sizes"], budget)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(data["train_y"]), generator=g)
     train_idx = perm[: args.train_size]
