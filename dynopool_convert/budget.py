@@ -170,8 +170,12 @@ INPUT_FIRST_SLACK = 0.05
 
 
 # the fit gives way to an allocation that keeps at least this much more resolution (the log of
-# the product of the maps' areas: one map's area twice as large) ...
+# the product of the maps' areas: as much as one map's area twice as large); below it the two
+# differ by a pixel here and there, and spending the most of the budget measured better
+# (placement exact at half budget on the toy VGG: 86.00% against 85.17%, docs/RESULTS.md §6.6)
 RESOLUTION_GAIN = math.log(2.0)
+#: the fit's rules for choosing among allocations (``fit_to_budget(allocation=...)``)
+ALLOCATIONS = ("resolution", "flops", "most-resolution")
 
 
 def _keep_resolution(cost: CostModel, base, bounds, budget: int, floor: float, factors: list[float], method: str,
@@ -260,6 +264,10 @@ def _choose_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int
     # is just over; the common factor lands at 0.67x)
     if by_input is not None and cost.flops(scaled(base, bounds, by_input)) >= plain - INPUT_FIRST_SLACK * budget:
         factors, method = by_input, "input"
+    if allocation == "most-resolution":  # the ablation of RESULTS §6.6: resolution alone decides
+        starts = [c for c in [common, *per_group, by_input] if c is not None]
+        found = resolution_path_factors(cost, base, bounds, budget, floor, starts, exchange_starts=3)
+        return (found, "resolution") if found is not None else (factors, method)
     if allocation == "resolution" and factors is not None:
         factors, method = _keep_resolution(cost, base, bounds, budget, floor, factors, method,
                                            [c for c in [*per_group, by_input] if c is not None])
@@ -340,17 +348,23 @@ def fit_to_budget(
     """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
 
     If the model is over budget: the largest common factor on every group's ``r`` that fits
-    (bisection on the cost model), and a per-group alternative (``_greedy_factors``: one group
-    one size step at a time) that is used when it lands closer below the budget -- rounding
-    can make common scaling jump far below it (ResNet-50 at 224: 4.12G, then 3.63G). The
-    result is confirmed with fvcore (stepping further down if ever needed). Raises
-    ``UserInputError`` with the minimum achievable FLOPs when even every stride at its upper
-    bound (``r = r_min``) does not fit. Returns a ``BudgetFit``: ``budget``, ``input_size``,
-    ``original_flops`` (as given), ``converted_flops`` (before fitting), ``final_flops`` (fvcore,
-    after), ``method`` (``none``/``common``/``per-group``/``input``), ``factor`` (the best common
+    (bisection on the cost model), and per-group alternatives (``allocation.py``: one group
+    one size step at a time, one group alone, the input alone) used when they land closer
+    below the budget -- rounding can make common scaling jump far below it (ResNet-50 at 224:
+    4.12G, then 3.63G). ``allocation``: ``"resolution"`` (default) then takes an allocation that
+    keeps ``RESOLUTION_GAIN`` more log-resolution at a cost within ``INPUT_FIRST_SLACK`` of the
+    budget below; ``"flops"`` does not (the fit until session 8); ``"most-resolution"`` takes the
+    allocation keeping the most resolution whatever it spends (an ablation). The result is
+    confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
+    the minimum achievable FLOPs when no allocation fits. Returns a ``BudgetFit``: ``budget``,
+    ``input_size``, ``original_flops`` (as given), ``converted_flops`` (before fitting),
+    ``final_flops`` (fvcore, after), ``method`` (``none``/``common``/``per-group``/``input``/
+    ``resolution``), ``factor`` (the best common
     multiplier of ``r``), ``group_factors`` (the multipliers applied, per group), ``groups`` (the
     group id of each entry of ``group_factors`` and ``strides``) and the final ``strides`` per group.
     """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     cost = cost_model or CostModel(model, input_size)
     out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation)
     start = out.pop("start_flops")

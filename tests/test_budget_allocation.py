@@ -103,3 +103,31 @@ def test_log_resolution_counts_every_map_alike():
     strides = cost.current_strides()
     sizes = [io[1] for io in cost.group_sizes(strides)]
     assert log_resolution(cost, strides) == pytest.approx(sum(math.log(h * w) for h, w in sizes))
+
+
+def test_no_allocation_empties_a_map():
+    """Placement exact keeps the 2x2 max-pools: at 0.3x the toy VGG's FLOPs an allocation feeding
+    one a 1x1 map made fvcore's count fail; such strides cost ``INFEASIBLE`` now, and the fit
+    lands within the budget on a model that runs."""
+    from dynopool_convert.cost_model import INFEASIBLE
+
+    model = converted("exact")
+    cost = CostModel(model, SIZE)
+    budget = int(dc.count_flops(toy_vgg(), SIZE) * 0.3)
+    assert cost.flops([(s_h * 16, s_w * 16) for s_h, s_w in cost.current_strides()]) == INFEASIBLE
+    for allocation in ("flops", "resolution"):
+        fitted = converted("exact")
+        fit = dc.fit_to_budget(fitted, budget, SIZE, allocation=allocation)
+        assert fit.final_flops == dc.count_flops(fitted, SIZE) <= budget
+        assert fitted(torch.zeros(2, *SIZE)).shape == (2, 10)
+
+
+def test_a_budget_no_allocation_reaches_is_refused_in_one_line():
+    with pytest.raises(dc.UserInputError) as err:
+        dc.fit_to_budget(converted("exact"), 1000, SIZE)
+    assert "cannot be met" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unknown_allocation_rule_is_refused():
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        dc.fit_to_budget(converted(), 10**6, SIZE, allocation="cheapest")

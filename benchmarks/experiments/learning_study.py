@@ -70,6 +70,8 @@ def dyn_options(method: str, args) -> dict:
             opts["settle"] = float(flag[6:])
         elif flag == "fitflops":  # the budget fit of session 8: the most FLOPs within the budget
             opts["allocation"] = "flops"
+        elif flag == "fitmostres":  # the allocation keeping the most resolution, whatever it spends
+            opts["allocation"] = "most-resolution"
         elif flag.startswith("sizes"):  # pinned square sizes after each site, e.g. sizes22-10-4-3
             opts["sizes"] = [int(v) for v in flag[5:].split("-")]
         else:
