@@ -37,6 +37,17 @@ def scaled(base: Sequence[tuple[float, float]], bounds, factor: float | Sequence
     return out
 
 
+def _edge(holds, lo: float, hi: float) -> tuple[float, float]:
+    """``[lo, hi]`` narrowed to ``TOLERANCE`` around where ``holds`` (true at ``lo``, false at
+    ``hi``) changes."""
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if holds(mid) else (lo, mid)
+        if hi - lo <= TOLERANCE * hi:
+            break
+    return lo, hi
+
+
 def feasible_floor(cost: CostModel, base, bounds, factors: list[float], g: int, floor: float) -> float:
     """``floor``, or the smallest factor of group ``g`` above it at which no map is empty (the
     others as in ``factors``, which must be feasible); ``g = -1``: one factor for all groups."""
@@ -48,14 +59,11 @@ def feasible_floor(cost: CostModel, base, bounds, factors: list[float], g: int, 
     put(floor)
     if cost.flops(scaled(base, bounds, trial)) < INFEASIBLE:
         return floor
-    lo, hi = floor, (max(factors) if g < 0 else factors[g])
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        put(mid)
-        lo, hi = (lo, mid) if cost.flops(scaled(base, bounds, trial)) < INFEASIBLE else (mid, hi)
-        if hi - lo <= TOLERANCE * hi:
-            break
-    return hi
+    def empties(f: float) -> bool:
+        put(f)
+        return cost.flops(scaled(base, bounds, trial)) >= INFEASIBLE
+
+    return _edge(empties, floor, max(factors) if g < 0 else factors[g])[1]
 
 
 def next_level(cost: CostModel, base, bounds, factors: list[float], g: int, level: float, floor: float) -> tuple[float, float] | None:
@@ -66,18 +74,12 @@ def next_level(cost: CostModel, base, bounds, factors: list[float], g: int, leve
     trial[g] = floor
     if cost.flops(scaled(base, bounds, trial)) >= level:
         return None
-    lo, hi = floor, factors[g]
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        trial[g] = mid
-        if cost.flops(scaled(base, bounds, trial)) < level:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= TOLERANCE * hi:
-            break
-    trial[g] = lo
-    return lo, cost.flops(scaled(base, bounds, trial))
+    def below(f: float) -> bool:
+        trial[g] = f
+        return cost.flops(scaled(base, bounds, trial)) < level
+
+    trial[g] = _edge(below, floor, factors[g])[0]
+    return trial[g], cost.flops(scaled(base, bounds, trial))
 
 
 def flops_path_factors(cost: CostModel, base, bounds, budget: int, floor: float, max_steps: int = 2000,
@@ -158,18 +160,12 @@ def _level_up(cost: CostModel, base, bounds, factors: list[float], g: int, level
     trial[g] = ceiling
     if factors[g] >= ceiling or cost.flops(scaled(base, bounds, trial)) <= level:
         return None
-    lo, hi = factors[g], ceiling
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        trial[g] = mid
-        if cost.flops(scaled(base, bounds, trial)) > level:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo <= TOLERANCE * hi:
-            break
-    trial[g] = hi
-    return hi, cost.flops(scaled(base, bounds, trial))
+    def within(f: float) -> bool:
+        trial[g] = f
+        return cost.flops(scaled(base, bounds, trial)) <= level
+
+    trial[g] = _edge(within, factors[g], ceiling)[1]
+    return trial[g], cost.flops(scaled(base, bounds, trial))
 
 
 class _ResolutionPath:

@@ -3,6 +3,8 @@ curve) against dynopool's default at several budgets (docs/RESULTS.md §6.3).
 
     python -m benchmarks.experiments.plot_frontier FOLDER [FOLDER ...] OUT.png [--method DYN_METHOD ...]
 
+A later FOLDER's runs of a variant, method and budget replace the earlier folders' runs of it.
+
 The fixed network's points are its runs at 28 px (``fixed``), at set resolutions (``resN``) and at
 the resolution that fits a budget (``lowres``); dynopool's are each DYN_METHOD's runs (default
 ``dyn:frozen:nojitter``), one point per budget.
@@ -36,6 +38,24 @@ def _points(rows: list[dict], variant: str, dyn: bool, dyn_method: str) -> list[
     return sorted(out)
 
 
+def _latest_rows(folders: list[Path]) -> list[dict]:
+    """The runs of every folder (``gradient``/``plateau`` files left out); where a later folder
+    has runs of the same variant, method and budget, they replace the earlier folders' (a rerun
+    of some cells under a changed default)."""
+    by_cell: dict[tuple, list[dict]] = {}
+    for folder in folders:
+        fresh: dict[tuple, list[dict]] = {}
+        for p in sorted(folder.glob("*.jsonl")):
+            if any(k in p.name for k in ("gradient", "plateau")):
+                continue
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    fresh.setdefault((r["variant"], r["method"], r["budget"]), []).append(r)
+        by_cell.update(fresh)
+    return [r for runs in by_cell.values() for r in runs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", type=Path, nargs="+", help="folders of learning_study.py's JSON lines (*.jsonl)")
@@ -43,9 +63,7 @@ def main() -> None:
     ap.add_argument("--method", action="append", help="dynopool's method to plot (repeatable; default dyn:frozen:nojitter)")
     args = ap.parse_args()
     out, methods = args.out, args.method or ["dyn:frozen:nojitter"]
-    paths = sorted(p for folder in args.folders for p in folder.glob("*.jsonl"))
-    rows = [json.loads(line) for p in paths if not any(k in p.name for k in ("gradient", "plateau"))
-            for line in p.read_text().splitlines() if line.strip()]
+    rows = _latest_rows(args.folders)
     import matplotlib
 
     matplotlib.use("Agg")
