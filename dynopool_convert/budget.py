@@ -380,8 +380,9 @@ def project_to_budget(
     """After training: make fvcore's count of ``model`` <= ``budget``, moving the strides least.
 
     Strides are first clamped into their bounds (as the forward pass uses them). If the model
-    is over budget, the scale factors are lowered as ``fit_to_budget`` does (the smallest
-    common reduction of every ``r``, or one group at a time when that gives up fewer FLOPs);
+    is over budget, the scale factors are lowered as ``fit_to_budget(allocation="flops")`` does
+    (the smallest common reduction of every ``r``, or one group at a time when that gives up
+    fewer FLOPs);
     the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
     Raises ``UserInputError`` if no strides within the bounds fit. Returns a
     ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
@@ -390,6 +391,8 @@ def project_to_budget(
     cost = cost_model or CostModel(model, input_size)
     base = cost.clamp(cost.current_strides())
     _set_strides(cost.parameters, base)
-    out = _fit_common_factor(model, int(budget), tuple(input_size), cost)
+    # the learned strides are the reference: no allocation is preferred for the resolution it
+    # keeps over the one spending the budget (that rule is for the sizes training starts from)
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation="flops")
     start = out.pop("start_flops")
     return BudgetProjection(**out, flops_before=start, moved=out["method"] != "none")
