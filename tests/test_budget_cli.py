@@ -53,3 +53,23 @@ def test_bad_or_impossible_budget_exits_2_without_a_file(tmp_path, capsys, budge
     assert code == 2
     assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fit_line_says_how_and_which_way_the_factors_moved():
+    """A fit that keeps resolution may raise some group's ``r`` while lowering others: the line
+    says "moving" then, and names the rule in words."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from dynopool_cli.convert_cmd import _print_fit
+
+    lines = []
+    for method, factors in (("resolution", [0.7, 1.25]), ("per-group", [0.9, 1.0])):
+        buf = io.StringIO()
+        fit = SimpleNamespace(method=method, group_factors=factors, groups=[0, 1], final_flops=900_000)
+        _print_fit(Console(file=buf, width=200), fit, 1_000_000)
+        lines.append(buf.getvalue())
+    assert "by moving the scale factors (per group, keeping resolution;" in lines[0]
+    assert "by lowering the scale factors (per group;" in lines[1]

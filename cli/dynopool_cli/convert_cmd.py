@@ -68,10 +68,17 @@ def _print_fit(console, fit, budget_flops: int) -> None:
     from dynopool_convert.group_ids import by_group, format_by_group
 
     factors = format_by_group(by_group(fit.group_factors, fit.groups), lambda f: f"{f:.4g}")
+    how = _FIT_METHODS.get(fit.method, fit.method)
+    verb = "lowering" if max(fit.group_factors) <= 1.0 else "moving"
     console.print(
         f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
-        f"({fit.final_flops}) by lowering the scale factors ({fit.method}; r × {factors})"
+        f"({fit.final_flops}) by {verb} the scale factors ({how}; r × {factors})"
     )
+
+
+#: the budget fit's methods, as the conversion's one line says them
+_FIT_METHODS = {"common": "one factor for every group", "per-group": "per group", "input": "the input alone",
+                "resolution": "per group, keeping resolution"}
 
 
 def convert(
