@@ -183,7 +183,7 @@ class _ResolutionPath:
     def _with(self, g: int, f: float) -> list[float]:
         return [f if i == g else x for i, x in enumerate(self.factors)]
 
-    def _admissible(self, factors: list[float]) -> bool:
+    def admissible(self, factors: list[float]) -> bool:
         """No map larger than the original's at the same site, and no site that shrank its input
         enlarging it: the fit moves resolution between the maps, it does not add any."""
         sizes = self.cost.group_sizes(scaled(self.base, self.bounds, factors))
@@ -225,7 +225,7 @@ class _ResolutionPath:
                 if g == fixed:
                     continue
                 up = _level_up(self.cost, self.base, self.bounds, self.factors, g, self.flops, self.ceilings[g])
-                if up is None or up[1] > self.budget or not self._admissible(self._with(g, up[0])):
+                if up is None or up[1] > self.budget or not self.admissible(self._with(g, up[0])):
                     continue
                 res = log_resolution(self.cost, scaled(self.base, self.bounds, self._with(g, up[0])))
                 if res > self.kept:
@@ -237,6 +237,7 @@ class _ResolutionPath:
             _, g, self.factors[g], self.flops, self.kept = best
 
     def set(self, factors: list[float]) -> None:
+        """Move to ``factors``, with their cost and resolution."""
         self.factors = list(factors)
         strides = scaled(self.base, self.bounds, self.factors)
         self.flops, self.kept = self.cost.flops(strides), log_resolution(self.cost, strides)
@@ -250,7 +251,7 @@ class _ResolutionPath:
             for move in ("up", "down"):
                 if move == "up":
                     nxt = _level_up(self.cost, self.base, self.bounds, self.factors, g, self.flops, self.ceilings[g])
-                    ok = nxt is not None and self._admissible(self._with(g, nxt[0]))
+                    ok = nxt is not None and self.admissible(self._with(g, nxt[0]))
                 else:
                     nxt = next_level(self.cost, self.base, self.bounds, self.factors, g, self.flops, self.floor)
                     ok = nxt is not None
@@ -289,7 +290,7 @@ def resolution_path_factors(cost: CostModel, base, bounds, budget: int, floor: f
     for start in [None, *starts]:
         if start is not None:
             path.set(start)
-            if path.flops > budget or not path._admissible(path.factors):
+            if path.flops > budget or not path.admissible(path.factors):
                 continue
         elif not path.descend():
             continue
