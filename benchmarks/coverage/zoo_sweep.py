@@ -183,8 +183,8 @@ class _Worker:
     """A child process that imports torch/timm once and converts the models it is given, one
     JSON line each; a model that takes longer than the timeout gets the child killed."""
 
-    def __init__(self, size: int) -> None:
-        cmd = [sys.executable, "-m", "benchmarks.coverage.zoo_sweep", "--serve", "--size", str(size)]
+    def __init__(self, size: int, module: str = "benchmarks.coverage.zoo_sweep", args: tuple[str, ...] = ()) -> None:
+        cmd = [sys.executable, "-m", module, "--serve", "--size", str(size), *args]
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=ROOT)
         self.lines: queue.Queue = queue.Queue()

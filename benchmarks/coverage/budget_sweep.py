@@ -1,0 +1,218 @@
+"""Budget sweep: ``dynopool convert MODEL --budget F`` on every model the coverage sweep
+converts, under each placement, checked by fvcore's count (docs/results/budget_sweep.md).
+
+    python -m benchmarks.coverage.budget_sweep                       # everything, resumable
+    python -m benchmarks.coverage.budget_sweep --only timm:resnet18 --fresh
+    python -m benchmarks.coverage.budget_sweep --render-only
+
+Each model of ``docs/results/zoo_sweep.jsonl`` whose status is ``ok`` is converted again at the
+same input size and build arguments, the way the CLI does it (``convert_source``: validation
+included, no weights), once per placement (``before``: the default without weights; ``exact``:
+the default with weights) and budget share (default 0.5x), and fitted to that budget. A cell is
+``ok`` when fvcore's count of the fitted model, made here independently of the fit, is within
+the budget and a forward pass gives finite outputs; ``refused`` when the conversion says one line
+(``UserInputError``: e.g. a budget its groups cannot reach), with that line as the reason;
+``over`` or ``error`` otherwise. Models run in worker subprocesses with a timeout each
+(``zoo_sweep``'s workers), results appended to a JSON-lines file (re-running resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.coverage.zoo_sweep import RESULTS as ZOO_RESULTS, ROOT, _Worker
+
+RESULTS = ROOT / "docs" / "results" / "budget_sweep.jsonl"
+TABLE = ROOT / "docs" / "results" / "budget_sweep.md"
+PLACEMENTS = ("before", "exact")
+MODULE = "benchmarks.coverage.budget_sweep"
+
+
+def zoo_rows() -> dict[str, dict]:
+    """The coverage sweep's latest row per model whose conversion was ``ok``."""
+    rows: dict[str, dict] = {}
+    for line in ZOO_RESULTS.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["source"]] = row
+    return {s: r for s, r in rows.items() if r.get("status") == "ok"}
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())[:240]
+
+
+def fit_cell(source: str, zoo: dict, placement: str, share: str) -> dict:
+    """Convert ``source`` as the CLI does with ``--budget share --placement placement`` and check
+    the fitted model: fvcore's count within the budget, a finite forward pass."""
+    import torch
+
+    import dynopool_convert as dc
+    from dynopool_convert.conversion import convert_source
+
+    h, _, w = zoo["input"].partition("x")
+    size = (3, int(h), int(w or h))
+    build_args = {"dynamic_img_size": True} if zoo.get("build_args") else {}
+    cell: dict = {"placement": placement, "share": share}
+    t0 = time.perf_counter()
+    try:
+        done = convert_source(source, build_args, input_size=size, budget=share, placement=placement)
+        model = done.model.eval()
+        counted = int(dc.count_flops(model, size))
+        with torch.no_grad():
+            out = model(torch.randn(2, *size))
+        out = out["out"] if isinstance(out, dict) else out
+        finite = bool(torch.isfinite(out).all())
+        fit = done.fit
+        cell.update(
+            groups=done.plan.summary()["groups"], budget=done.budget, original=done.original_flops,
+            counted=counted, ratio=round(counted / done.budget, 4), method=fit.method,
+            moving=any(f > 1 for f in fit.group_factors),
+            status="ok" if counted <= done.budget and finite else ("over" if counted > done.budget else "error"),
+            reason="" if finite else "non-finite outputs",
+        )
+    except dc.UserInputError as err:
+        cell.update(status="refused", reason=_one_line(err))
+    except Exception as err:  # a bug on our side or in the model: recorded, never fatal
+        cell.update(status="error", reason=_one_line(f"{type(err).__name__}: {err}"))
+    cell["seconds"] = round(time.perf_counter() - t0, 1)
+    return cell
+
+
+def run_one(source: str, shares: list[str]) -> dict:
+    """Every placement and budget share of one model."""
+    import torch
+
+    torch.set_num_threads(1)
+    zoo = zoo_rows()[source]
+    cells = [fit_cell(source, zoo, placement, share) for placement in PLACEMENTS for share in shares]
+    return {"source": source, "input": zoo["input"], "cells": cells,
+            "status": "ok" if all(c["status"] in ("ok", "refused") for c in cells) else "failed",
+            "seconds": round(sum(c["seconds"] for c in cells), 1)}
+
+
+def serve(shares: list[str]) -> None:
+    """Worker loop: one source per stdin line, one JSON row per stdout line."""
+    for line in sys.stdin:
+        source = line.strip()
+        if source:
+            print(json.dumps(run_one(source, shares)), flush=True)
+
+
+class _BudgetWorker(_Worker):
+    """``zoo_sweep``'s worker process, serving this module's rows."""
+
+    def __init__(self, shares: str) -> None:
+        super().__init__(0, MODULE, ("--budgets", shares))
+
+
+def sweep(sources: list[str], shares: str, timeout: float, workers: int) -> None:
+    done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    jobs: queue.Queue = queue.Queue()
+    for source in sources:
+        if source not in done:
+            jobs.put(source)
+    print(f"{jobs.qsize()} models to run ({len(done)} done already)", flush=True)
+    lock = threading.Lock()
+
+    def loop() -> None:
+        worker = _BudgetWorker(shares)
+        while True:
+            try:
+                source = jobs.get_nowait()
+            except queue.Empty:
+                break
+            row = worker.run(source, timeout)
+            if row["status"] == "timeout" or row.pop("dead", False):
+                worker.close()
+                worker = _BudgetWorker(shares)
+            with lock:
+                with RESULTS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                cells = " ".join(f"{c['placement']}@{c['share']}:{c['status']}" for c in row.get("cells", []))
+                print(f"{source:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
+        worker.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _cell_text(c: dict) -> str:
+    if c["status"] == "ok":
+        return f"ok {c['ratio']:.3f} {c['method']}{' moving' if c['moving'] else ''}"
+    return f"{c['status']}: {c.get('reason', '')}".replace("|", "\\|")
+
+
+def render(shares: list[str]) -> str:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    latest = {r["source"]: r for r in rows}
+    keys = [(p, s) for p in PLACEMENTS for s in shares]
+    counts = {k: {} for k in keys}
+    for row in latest.values():
+        for c in row.get("cells", []):
+            key = (c["placement"], c["share"])
+            if key in counts:
+                counts[key][c["status"]] = counts[key].get(c["status"], 0) + 1
+    broken = [r for r in latest.values() if "cells" not in r]
+    lines = [
+        "# Budget sweep", "",
+        "Generated by `python -m benchmarks.coverage.budget_sweep` (see its docstring): every model the",
+        "coverage sweep converts (`ok` in `zoo_sweep.jsonl`), converted again as `dynopool convert MODEL",
+        "--budget SHARE --placement P` does, at the coverage sweep's input size, random weights. A cell",
+        "reads `ok RATIO METHOD`: fvcore's count of the fitted model, made independently of the fit, over",
+        "the budget (≤ 1), and how the fit reached it (`moving`: some group's stride factor rose above 1).",
+        "`refused`: the conversion said one line and stopped (the reason given).", "",
+        "| placement @ budget | models | " + " | ".join(sorted({s for v in counts.values() for s in v})) + " |",
+    ]
+    statuses = sorted({s for v in counts.values() for s in v})
+    lines.append("|---|---:|" + "---:|" * len(statuses))
+    for (p, s), v in counts.items():
+        lines.append(f"| {p} @ {s} | {sum(v.values())} | " + " | ".join(str(v.get(k, 0)) for k in statuses) + " |")
+    if broken:
+        lines += ["", "Models whose worker gave no cells (timeout or crash): "
+                  + ", ".join(f"{r['source']} ({r['status']}: {r.get('reason', '')[:80]})" for r in broken)]
+    lines += ["", "| model | input | " + " | ".join(f"{p} @ {s}" for p, s in keys) + " | s |",
+              "|---|---|" + "---|" * len(keys) + "---:|"]
+    for source in sorted(latest):
+        row = latest[source]
+        by_key = {(c["placement"], c["share"]): c for c in row.get("cells", [])}
+        texts = [_cell_text(by_key[k]) if k in by_key else "" for k in keys]
+        lines.append(f"| {source} | {row.get('input', '')} | " + " | ".join(texts) + f" | {row.get('seconds', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="0.5x", help="comma-separated budget shares (default 0.5x)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model, all its cells (default 900)")
+    parser.add_argument("--workers", type=int, default=1, help="models run at once (default 1)")
+    parser.add_argument("--only", nargs="*", help="only these sources")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)  # passed to every worker by zoo_sweep's; unused here
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.budgets.split(","))
+        return
+    sources = sorted(zoo_rows())
+    if args.only:
+        sources = [s for s in sources if s in args.only]
+    if args.fresh and RESULTS.exists():
+        keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
+        RESULTS.write_text("".join(line + "\n" for line in keep))
+    if not args.render_only:
+        sweep(sources, args.budgets, args.timeout, args.workers)
+    TABLE.write_text(render(args.budgets.split(",")))
+    print(f"wrote {TABLE}")
+
+
+if __name__ == "__main__":
+    main()
