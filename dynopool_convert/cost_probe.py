@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .annotated_graph import TensorInfo
+from .errors import UnsupportedModelError
 from .flops import _quiet, flop_analysis
 
 
@@ -71,13 +72,29 @@ def _fixed_part(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any], flops: 
     key = (type(module), module.extra_repr(), info.shape, out.shape, flops, on_output)
     if cache is not None and key in cache:
         return cache[key]
-    big = TensorInfo((*info.shape[:2], info.shape[2] + 4, info.shape[3] + 4), info.dtype)
-    wrapper = _OneCall(module, (_SLOT,), {}, [])
-    wrapper.inner = module
-    f2 = _count_one(wrapper, (torch.zeros(big.shape, dtype=big.dtype, device=_device(gm)),), gm)
-    shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, big.shape)
-    a1, a2 = shape1[-2] * shape1[-1], shape2[-2] * shape2[-1]
-    fixed = 0.0 if a1 == a2 else flops - (f2 - flops) / (a2 - a1) * a1
+    # the spatial axes: N x C x H x W, else channels-last (N x H x W x C: Swin's blocks)
+    for axes in ((2, 3), (1, 2)):
+        big = list(info.shape)
+        big[axes[0]] += 4
+        big[axes[1]] += 4
+        wrapper = _OneCall(module, (_SLOT,), {}, [])
+        wrapper.inner = module
+        try:
+            f2 = _count_one(wrapper, (torch.zeros(big, dtype=info.dtype, device=_device(gm)),), gm)
+        except Exception:  # the module refuses this layout: try the other
+            continue
+        shape1, shape2 = (out.shape, wrapper.last_shape) if on_output else (info.shape, tuple(big))
+        if len(shape2) != len(shape1):
+            continue
+        a1, a2 = shape1[axes[0]] * shape1[axes[1]], shape2[axes[0]] * shape2[axes[1]]
+        fixed = 0.0 if a1 == a2 else flops - (f2 - flops) / (a2 - a1) * a1
+        break
+    else:
+        raise UnsupportedModelError(
+            f"the FLOPs budget does not support this model yet: its cost model cannot run {type(module).__name__} "
+            f"({n.name!r}) alone on a larger input of shape {info.shape} in either layout; convert and fine-tune "
+            f"without a budget"
+        )
     if cache is not None:
         cache[key] = fixed
     return fixed
@@ -96,6 +113,11 @@ def _plain_custom(m: nn.Module) -> bool:
 
 def _is_torch_builtin(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.")
+
+
+class ProbeFailed(RuntimeError):
+    """A leaf module could not run alone on the input the probe made for it (e.g. its input is
+    not N x C x H x W: Swin's channels-last blocks); the probe does not explain that node."""
 
 
 class _LeafProbe:
@@ -117,7 +139,10 @@ class _LeafProbe:
             x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
             wrapper = _OneCall(self.module, (_SLOT,), {}, [])
             wrapper.inner = self.module
-            flops = _count_one(wrapper, (x,), self.gm)
+            try:
+                flops = _count_one(wrapper, (x,), self.gm)
+            except Exception as err:  # the module's own code refused the made-up input
+                raise ProbeFailed(f"{type(self.module).__name__} cannot run alone on {shape}: {err}") from err
             out = wrapper.last_shape
             self.memo[key] = ((out[-2], out[-1]) if len(out) == 4 else (1, 1), flops)
         return self.memo[key]

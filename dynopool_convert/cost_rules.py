@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
+from .cost_probe import ProbeFailed
 from .cost_shapes import _flat, _inherits, _shape_of
 from .dynopool import dynopool_output_size
 from .op_registry import Geometry, op_call, spec_for_node
@@ -202,8 +203,11 @@ def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
         sp = _spatial(info_r) or (1, 1)
         c.size = sp
         return sp, sp
-    r = c.predict(sizes_ref, strides_r)
-    p = c.predict(sizes_pert, strides_p)
+    try:
+        r = c.predict(sizes_ref, strides_r)
+        p = c.predict(sizes_pert, strides_p)
+    except ProbeFailed:
+        return None
     if c.kind in _TOKEN_KINDS:
         return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
     if _spatial(info_r) != r or _spatial(info_p) != p:

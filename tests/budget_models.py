@@ -134,6 +134,36 @@ class StdConvSeg(nn.Module):
         return torch.nn.functional.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear")
 
 
+class ChannelsLastBlock(nn.Module):
+    """Swin-like block on an N x H x W x C tensor (LayerNorm + Linear: several counted ops),
+    with a shape check fx cannot trace, so it stays a leaf the cost model must run alone."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        if x.shape[-1] != self.fc.in_features:
+            raise ValueError(f"expected {self.fc.in_features} channels last, got {tuple(x.shape)}")
+        return x + self.fc(self.norm(x))
+
+
+class ChannelsLastNet(nn.Module):
+    """A pooled feature map permuted to channels-last for a leaf block (Swin, TinyViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = DynOPool(2.0)
+        self.block = ChannelsLastBlock(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.pool(self.stem(x)).permute(0, 2, 3, 1)
+        return self.head(self.block(y).mean((1, 2)))
+
+
 #: name -> builder of a converted stand-in (small variants, random weights)
 MODELS = {
     "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
@@ -147,6 +177,7 @@ MODELS = {
     "two_branch": TwoBranch,
     "convmlp_head": ConvMlpHead,
     "stdconv_seg": StdConvSeg,
+    "channels_last": ChannelsLastNet,
 }
 
 
