@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
-from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom
-from .cost_rules import _TOKEN_KINDS, _check, _Class, _ClassTerm, _registry_rules, _ResizeTerm, _Rule, _token_rules
-from .cost_shapes import _has_tensor, _is_shape_like, _shape_of, _shows
+from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom, function_call
+from .cost_rules import (_TOKEN_KINDS, _check, _Class, _ClassTerm, _pad_multiple_rules, _registry_rules, _ResizeTerm, _Rule,
+                         _downsample_rules, _own_function, _token_rules)
+from .cost_shapes import _has_tensor, _is_shape_like, _shape_of, _shows, _shows_both
 from .dynopool import DynOPool
 from .dynresize import DynResize
 from .errors import UnsupportedModelError
@@ -95,16 +96,43 @@ class _ClassBuilder:
             # sizes inside): probe it, per input size
             in_info = self.ref[n.all_input_nodes[0]] if n.all_input_nodes else None
             if isinstance(in_info, TensorInfo) and len(in_info.shape) == 4:
-                probe = _LeafProbe(module, in_info, self.gm)
+                probe = _LeafProbe(module, in_info, self.gm, self._channels_last(n.all_input_nodes[0], parent))
                 probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
+        if probe_rule is None and parent is not None and self.node_flops.get(n, 0):
+            probe_rule = self._function_probe_rule(n, parent, uniq)
+            if probe_rule is not None:
+                rules.append(probe_rule)  # its FLOPs need not scale with its output size
         if probe_rule is not None and _plain_custom(module) and self.node_flops.get(n, 0):
             rules.append(probe_rule)  # its FLOPs need not scale with its output size
+        if parent is not None:
+            for guess in (_pad_multiple_rules, _downsample_rules):
+                rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
         rules += [_Rule("inherit", c, "in") for c in uniq]
         if probe_rule is not None and probe_rule not in rules:
             rules.append(probe_rule)
         rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq, self.sizes_ref)
         rules.append(_Rule("new", _Class("const"), "in"))
         return rules
+
+    def _channels_last(self, a: fx.Node, c: _Class) -> bool:
+        """Whether ``a`` holds class ``c`` as N x H x W x C (Swin's layout), by both passes: at
+        one alone, C may equal H and W."""
+        r, p = self.ref.get(a), self.pert.get(a)
+        return not _shows_both(r, p, self.sizes_ref[c.index], self.sizes_pert[c.index], axes=(2,)) and _shows_both(
+            r, p, self.sizes_ref[c.index], self.sizes_pert[c.index], axes=(1,))
+
+    def _function_probe_rule(self, n: fx.Node, parent: _Class, uniq: list[_Class]) -> _Rule | None:
+        """A probe of a function fx does not enter (torchvision's ``shifted_window_attention``):
+        one map of a known class in, the other inputs fixed."""
+        if not _own_function(n) or sum(c.kind != "const" for c in uniq) != 1:
+            return None
+        size = self.sizes_ref[parent.index]
+        main = next((a for a in n.all_input_nodes if self.node_class.get(a) is parent), None)
+        in_info = self.ref.get(main)
+        if not (isinstance(in_info, TensorInfo) and len(in_info.shape) == 4 and size in (in_info.shape[1:3], in_info.shape[2:4])):
+            return None
+        probe = _LeafProbe(n.target, in_info, self.gm, self._channels_last(main, parent), function_call(n, main, self.ref, self.gm))
+        return _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
 
     def _choose(self, n: fx.Node, rules: list[_Rule]) -> _Rule:
         """The first rule both shape passes agree with (its new class added), or a loud refusal."""
@@ -121,7 +149,7 @@ class _ClassBuilder:
             f"{_shape_of(info_r, others=True)} at the reference strides, "
             f"{_shape_of(info_p, others=True)} at smaller strides (it follows spatial maps through "
             f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
-            f"their attention maps; crops and other token counts are not modelled); "
+            f"their attention maps, and pads to a multiple; crops and other token counts are not modelled); "
             f"convert and fine-tune without a budget"
         )
 

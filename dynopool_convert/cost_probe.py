@@ -115,36 +115,65 @@ def _is_torch_builtin(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.")
 
 
+def function_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], gm: fx.GraphModule) -> tuple[tuple, dict, list[Tensor | None]]:
+    """``n``'s call as ``_LeafProbe`` replays it: ``main`` probed, other tensors as zeros of
+    their recorded shapes, other values as recorded."""
+    tensors: list[Tensor | None] = []
+
+    def slot(a: fx.Node) -> Any:
+        info = ref.get(a)
+        if a is main:
+            tensors.append(None)
+            return _SLOT
+        if isinstance(info, TensorInfo):
+            tensors.append(torch.zeros(info.shape, dtype=info.dtype, device=_device(gm)))
+            return _SLOT
+        return info
+
+    return fx.node.map_arg(n.args, slot), fx.node.map_arg(n.kwargs, slot), tensors
+
+
 class ProbeFailed(RuntimeError):
     """A leaf module could not run alone on the input the probe made for it (e.g. its input is
     not N x C x H x W: Swin's channels-last blocks); the probe does not explain that node."""
 
 
 class _LeafProbe:
-    """A leaf module run alone, per input size: (output (h, w), fvcore FLOPs), memoised.
+    """A leaf module (or a function fx does not enter) run alone, per input size: (output
+    (h, w), fvcore FLOPs), memoised.
 
-    For leaves whose output size no rule explains (data-dependent forwards that fx cannot
-    enter, such as timm's ``ConvMlp`` head). A new input size costs one small fvcore count
+    For leaves whose output size or FLOPs no rule explains (data-dependent forwards that fx
+    cannot enter, such as timm's ``ConvMlp`` head, or torchvision's ``shifted_window_attention``,
+    whose FLOPs follow the windows its input is padded to). A new input size costs one small fvcore count
     (milliseconds); sizes change rarely during training.
     """
 
-    def __init__(self, module: nn.Module, in_info: TensorInfo, gm: fx.GraphModule) -> None:
+    def __init__(self, module: Callable, in_info: TensorInfo, gm: fx.GraphModule, channels_last: bool = False,
+                 call: tuple[tuple, dict, list[Tensor | None]] | None = None) -> None:
         self.module, self.in_info, self.gm = module, in_info, gm
+        self.channels_last = channels_last  # N x H x W x C in and out (Swin's blocks)
+        # a function's call: args and kwargs with _SLOT for each tensor, and those tensors
+        # (None: the probed input); a module is called with the probed input alone
+        self.call = call or ((_SLOT,), {}, [None])
         self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
 
     def __call__(self, h: int, w: int) -> tuple[tuple[int, int], int]:
         key = (max(1, h), max(1, w))
         if key not in self.memo:
-            shape = (*self.in_info.shape[:-2], *key)
+            n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last else 1]
+            shape = (n, *key, c) if self.channels_last else (*self.in_info.shape[:-2], *key)
             x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
-            wrapper = _OneCall(self.module, (_SLOT,), {}, [])
-            wrapper.inner = self.module
+            args, kwargs, tensors = self.call
+            wrapper = _OneCall(self.module, args, kwargs, [])
+            if isinstance(self.module, nn.Module):
+                wrapper.inner = self.module
             try:
-                flops = _count_one(wrapper, (x,), self.gm)
+                flops = _count_one(wrapper, tuple(x if t is None else t for t in tensors), self.gm)
             except Exception as err:  # the module's own code refused the made-up input
                 raise ProbeFailed(f"{type(self.module).__name__} cannot run alone on {shape}: {err}") from err
             out = wrapper.last_shape
-            self.memo[key] = ((out[-2], out[-1]) if len(out) == 4 else (1, 1), flops)
+            hw = (out[1], out[2]) if self.channels_last else (out[-2], out[-1])
+            self.memo[key] = (hw if len(out) == 4 else (1, 1), flops)
         return self.memo[key]
 
 

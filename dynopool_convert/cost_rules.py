@@ -7,15 +7,18 @@ against the two shape passes. Package-internal.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_probe import ProbeFailed
-from .cost_shapes import _flat, _inherits, _shape_of
+from .cost_shapes import _flat, _inherits, _shape_of, _shows_both
 from .dynopool import dynopool_output_size
 from .op_registry import Geometry, op_call, spec_for_node
 
@@ -31,16 +34,18 @@ if TYPE_CHECKING:
 class _Class:
     """One spatial size function; ``parent`` is None for the input and fixed sizes."""
 
-    kind: str  # input | const | dynopool | window | same | scale | opaque | tokens | pairs
+    kind: str  # input | const | dynopool | window | same | scale | multiple | opaque | tokens | pairs
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
     # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
+    # multiple: (m_h, m_w), padded up to a multiple (Swin's pad to its window or to even sizes);
     # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w)
     params: tuple = ()
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
     base: tuple[float, float] = (1.0, 1.0)  # dynopool: output round(h * base / s) (DynResize)
+    guessed: bool = False  # read off the two passes alone: the whole model is checked once more
 
     def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
         """Integer output size given the parent's integer size (``sizes`` by class index)."""
@@ -54,6 +59,8 @@ class _Class:
             return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
         if self.kind == "same":
             return max(1, -(-h // self.params[0])), max(1, -(-w // self.params[1]))
+        if self.kind == "multiple":
+            return -(-h // self.params[0]) * self.params[0], -(-w // self.params[1]) * self.params[1]
         if self.kind == "scale":
             return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
         if self.kind == "opaque":
@@ -120,6 +127,83 @@ def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
 
 
 _TOKEN_KINDS = ("tokens", "pairs")
+
+
+def _mod_constants(n: fx.Node, depth: int = 8) -> set[int]:
+    """Int divisors of the ``x % m`` calls that ``n``'s arguments are computed from (a pad to a
+    multiple of ``m``: ``(m - W % m) % m`` or ``W % 2``)."""
+    found: set[int] = set()
+    seen: set[fx.Node] = set()
+    frontier = list(n.all_input_nodes)[1:]  # the padded tensor itself does not count
+    for _ in range(depth):
+        nxt = []
+        for a in frontier:
+            if a in seen or a.op != "call_function":
+                continue
+            seen.add(a)
+            if a.target is operator.mod and len(a.args) == 2 and isinstance(a.args[1], int) and a.args[1] > 1:
+                found.add(a.args[1])
+            nxt += a.all_input_nodes
+        frontier = nxt
+    return found
+
+
+_REGROUPS = {"flatten", "reshape", "view", torch.flatten, torch.reshape}
+_BUILTIN_MODULES = ("torch", "operator", "_operator", "builtins", "math")
+
+
+def _own_function(n: fx.Node) -> bool:
+    """A call of a model's own function that fx does not enter (``torch.fx.wrap``)."""
+    if n.op != "call_function":
+        return False
+    return (getattr(n.target, "__module__", None) or "builtins").split(".")[0] not in _BUILTIN_MODULES
+
+
+def _downsample_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
+                      sizes_ref: dict[int, tuple[int, int]], sizes_pert: dict[int, tuple[int, int]]) -> list[_Rule]:
+    """A reshape, or a function fx does not enter, that folds ``k x k`` blocks of a map into
+    channels (Swin's patch merging: pad to even, view as ``(N, H/2, 2, W/2, 2, C)``, permute,
+    flatten; torchvision's ``_patch_merging_pad``): ``ceil(h / k)``, the smallest ``k`` both
+    passes agree with."""
+    if not (_own_function(n) or (n.op in ("call_method", "call_function") and n.target in _REGROUPS)):
+        return []
+    if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo) and len(info_r.shape) == len(info_p.shape) == 4):
+        return []
+    sizes = (sizes_ref[parent.index], sizes_pert[parent.index])
+    rules = []
+    for a in (2, 1):  # N x C x H x W, then channels-last
+        outs = (info_r.shape[a:a + 2], info_p.shape[a:a + 2])
+        k = []
+        for axis in (0, 1):
+            fits = [f for f in range(1, 9) if all(-(-s[axis] // f) == o[axis] for s, o in zip(sizes, outs))]
+            k.append(fits[0] if fits else None)
+        if None not in k and k != [1, 1]:
+            rules.append(_Rule("new", _Class("same", parent, params=tuple(k), guessed=True), "out"))
+    return rules
+
+
+def _pad_multiple_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
+                        sizes_ref: dict[int, tuple[int, int]], sizes_pert: dict[int, tuple[int, int]]) -> list[_Rule]:
+    """A ``F.pad`` whose amounts are computed at run time to reach a multiple of ``m`` per axis
+    (Swin's windows and patch merging): ``ceil(h / m) * m``, with ``m`` among the divisors its
+    amounts are computed with; checked against both passes (and, as a guessed rule, the whole
+    model against fvcore at a third setting)."""
+    if n.op != "call_function" or n.target is not F.pad:
+        return []
+    if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo) and len(info_r.shape) == len(info_p.shape) == 4):
+        return []
+    constants = sorted(_mod_constants(n), reverse=True)
+    (h_r, w_r), (h_p, w_p) = sizes_ref[parent.index], sizes_pert[parent.index]
+    rules = []
+    for a in (2, 1):  # N x C x H x W, then channels-last
+        out_r, out_p = info_r.shape[a:a + 2], info_p.shape[a:a + 2]
+        per_axis = []
+        for n_r, n_p, o_r, o_p in ((h_r, h_p, out_r[0], out_p[0]), (w_r, w_p, out_r[1], out_p[1])):
+            fits = [m for m in (*constants, 1) if -(-n_r // m) * m == o_r and -(-n_p // m) * m == o_p]
+            per_axis.append(fits[0] if fits else None)
+        if None not in per_axis and per_axis != [1, 1]:
+            rules.append(_Rule("new", _Class("multiple", parent, params=tuple(per_axis), guessed=True), "out"))
+    return rules
 
 
 def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref: dict[int, tuple[int, int]]) -> list[_Rule]:
@@ -210,6 +294,6 @@ def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
         return None
     if c.kind in _TOKEN_KINDS:
         return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
-    if _spatial(info_r) != r or _spatial(info_p) != p:
+    if not _shows_both(info_r, info_p, r, p):
         return None
     return r, p

@@ -50,12 +50,24 @@ def _shows(info: Any, size: tuple[int, int]) -> bool:
     )
 
 
+def _shows_both(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int],
+                axes: tuple[int, ...] = (2, 1)) -> bool:
+    """Whether one tensor observed at two strides has ``size_r``/``size_p`` as its spatial dims,
+    in one layout at both (``axes``: where H is; N x C x H x W: 2, channels-last: 1)."""
+    if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo)):
+        return False
+    if len(info_r.shape) != 4 or len(info_p.shape) != 4:
+        return False
+    return any(info_r.shape[a:a + 2] == size_r and info_p.shape[a:a + 2] == size_p for a in axes)
+
+
 def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int]) -> bool:
     """Whether an output observed at two strides follows a class of sizes ``size_r``/``size_p``.
 
     Each tensor must show the size (NCHW or NHWC) at both, or have a number of elements in
     proportion to the area (flattened tokens); each int (a shape) must not change or change
-    exactly as the class's height, width or area does (``ceil(h / p) * p`` does not: refused).
+    exactly as the class's height, width or area does (``ceil(h / p) * p`` does not: a pad to
+    that multiple is a class of its own, ``cost_rules._pad_multiple_rules``).
     """
     flat_r, flat_p = _flat(info_r), _flat(info_p)
     if len(flat_r) != len(flat_p):

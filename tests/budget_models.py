@@ -12,6 +12,7 @@ import random
 
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -164,6 +165,57 @@ class ChannelsLastNet(nn.Module):
         return self.head(self.block(y).mean((1, 2)))
 
 
+def window_attend(x: torch.Tensor, weight: torch.Tensor, window: int) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` in small: pad an N x H x W x C map to whole
+    windows, mix tokens within each window, crop back. Its FLOPs follow the windows."""
+    n, h, w, c = x.shape
+    y = F.pad(x, (0, 0, 0, (window - w % window) % window, 0, (window - h % window) % window))
+    hp, wp = y.shape[1], y.shape[2]
+    t = y.view(n, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+    t = (t @ t.transpose(1, 2)) @ t @ weight
+    t = t.view(n, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)
+    return t[:, :h, :w, :]
+
+
+torch.fx.wrap("window_attend")
+
+
+class WindowNet(nn.Module):
+    """Swin in small (timm's and torchvision's): channels-last stages with window attention
+    over a map padded at run time to whole windows, and patch merging (pad to even sizes, fold
+    2x2 blocks into channels). ``wrapped``: the attention is one call fx does not enter."""
+
+    def __init__(self, wrapped: bool = False) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = DynOPool(2.0)
+        self.mix = nn.Parameter(torch.randn(8, 8) * 0.1)
+        self.reduce = nn.Linear(32, 8)
+        self.head = nn.Linear(8, 4)
+
+    def attend(self, x: torch.Tensor, window: int = 3) -> torch.Tensor:
+        if self.wrapped:
+            return window_attend(x, self.mix, window)
+        n, h, w, c = x.shape
+        y = F.pad(x, (0, 0, 0, (window - w % window) % window, 0, (window - h % window) % window))
+        hp, wp = y.shape[1], y.shape[2]
+        t = y.view(n, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+        t = (t @ t.transpose(1, 2)) @ t @ self.mix
+        t = t.view(n, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)
+        return x + t[:, :h, :w, :]
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        y = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        y = y.reshape(n, y.shape[1] // 2, 2, y.shape[2] // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduce(y)
+
+    def forward(self, x):
+        y = self.attend(self.pool(self.stem(x)).permute(0, 2, 3, 1))
+        return self.head(self.attend(self.merge(y)).mean((1, 2)))
+
+
 #: name -> builder of a converted stand-in (small variants, random weights)
 MODELS = {
     "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
@@ -178,6 +230,8 @@ MODELS = {
     "convmlp_head": ConvMlpHead,
     "stdconv_seg": StdConvSeg,
     "channels_last": ChannelsLastNet,
+    "windows": WindowNet,
+    "windows_wrapped": lambda: WindowNet(wrapped=True),
 }
 
 

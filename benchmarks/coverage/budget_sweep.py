@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import sys
-import threading
 import time
-from pathlib import Path
 
-from benchmarks.coverage.zoo_sweep import RESULTS as ZOO_RESULTS, ROOT, _Worker
+from benchmarks.coverage.zoo_sweep import RESULTS as ZOO_RESULTS, ROOT, _Worker, append_row, run_workers
 
 RESULTS = ROOT / "docs" / "results" / "budget_sweep.jsonl"
 TABLE = ROOT / "docs" / "results" / "budget_sweep.md"
@@ -43,7 +40,7 @@ def zoo_rows() -> dict[str, dict]:
 
 
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())[:240]
+    return " ".join(str(text).split())[:2000]
 
 
 def fit_cell(source: str, zoo: dict, placement: str, share: str) -> dict:
@@ -112,42 +109,21 @@ class _BudgetWorker(_Worker):
 
 def sweep(sources: list[str], shares: str, timeout: float, workers: int) -> None:
     done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
-    jobs: queue.Queue = queue.Queue()
-    for source in sources:
-        if source not in done:
-            jobs.put(source)
-    print(f"{jobs.qsize()} models to run ({len(done)} done already)", flush=True)
-    lock = threading.Lock()
+    todo = [(source,) for source in sources if source not in done]
+    print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
 
-    def loop() -> None:
-        worker = _BudgetWorker(shares)
-        while True:
-            try:
-                source = jobs.get_nowait()
-            except queue.Empty:
-                break
-            row = worker.run(source, timeout)
-            if row["status"] == "timeout" or row.pop("dead", False):
-                worker.close()
-                worker = _BudgetWorker(shares)
-            with lock:
-                with RESULTS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                cells = " ".join(f"{c['placement']}@{c['share']}:{c['status']}" for c in row.get("cells", []))
-                print(f"{source:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
-        worker.close()
+    def record(job: tuple, row: dict) -> None:
+        append_row(RESULTS, row)
+        cells = " ".join(f"{c['placement']}@{c['share']}:{c['status']}" for c in row.get("cells", []))
+        print(f"{job[0]:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
 
-    threads = [threading.Thread(target=loop) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_workers(todo, lambda: _BudgetWorker(shares), timeout, workers, record)
 
 
 def _cell_text(c: dict) -> str:
     if c["status"] == "ok":
         return f"ok {c['ratio']:.3f} {c['method']}{' moving' if c['moving'] else ''}"
-    return f"{c['status']}: {c.get('reason', '')}".replace("|", "\\|")
+    return f"{c['status']}: {c.get('reason', '')[:240]}".replace("|", "\\|")
 
 
 def render(shares: list[str]) -> str:

@@ -21,6 +21,7 @@ import time
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,32 +228,28 @@ def serve(size: int) -> None:
             print(json.dumps(run_one(source, size)), flush=True)
 
 
-def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers: int) -> None:
-    done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
-    todo = [m for m in models if m[0] not in done]
-    print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    jobs: queue.Queue = queue.Queue()
-    for item in todo:
-        jobs.put(item)
+def run_workers(jobs: list[tuple], make_worker: Callable[[], "_Worker"], timeout: float, workers: int,
+                record: Callable[[tuple, dict], None]) -> None:
+    """Run each job (a tuple, its source first) in ``workers`` worker subprocesses at once, a
+    worker replaced after a timeout or a crash; ``record(job, row)`` runs under one lock."""
+    pending: queue.Queue = queue.Queue()
+    for job in jobs:
+        pending.put(job)
     lock = threading.Lock()
 
     def loop() -> None:
-        worker = _Worker(size)
+        worker = make_worker()
         while True:
             try:
-                source, area, family = jobs.get_nowait()
+                job = pending.get_nowait()
             except queue.Empty:
                 break
-            row = worker.run(source, timeout)
+            row = worker.run(job[0], timeout)
             if row["status"] == "timeout" or row.pop("dead", False):
                 worker.close()
-                worker = _Worker(size)
-            row.update(area=area, family=family)
+                worker = make_worker()
             with lock:
-                with RESULTS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{source:55} {row['status']:18} {row.get('groups', '-')!s:>3} groups {row['seconds']:>6}s  {row.get('reason', '')[:90]}", flush=True)
+                record(job, row)
         worker.close()
 
     threads = [threading.Thread(target=loop) for _ in range(workers)]
@@ -260,6 +257,26 @@ def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers
         t.start()
     for t in threads:
         t.join()
+
+
+def append_row(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers: int) -> None:
+    done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    todo = [m for m in models if m[0] not in done]
+    print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(job: tuple, row: dict) -> None:
+        source, area, family = job
+        row.update(area=area, family=family)
+        append_row(RESULTS, row)
+        print(f"{source:55} {row['status']:18} {row.get('groups', '-')!s:>3} groups {row['seconds']:>6}s  {row.get('reason', '')[:90]}", flush=True)
+
+    run_workers(todo, lambda: _Worker(size), timeout, workers, record)
 
 
 # ------------------------------------------------------------------------------------------
