@@ -169,10 +169,14 @@ def _downsample_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
         return []
     if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo) and len(info_r.shape) == len(info_p.shape) == 4):
         return []
+    if info_r.shape[0] != info_p.shape[0]:  # windows as a batch (Swin's partition), not a map
+        return []
     sizes = (sizes_ref[parent.index], sizes_pert[parent.index])
     rules = []
     for a in (2, 1):  # N x C x H x W, then channels-last
         outs = (info_r.shape[a:a + 2], info_p.shape[a:a + 2])
+        if outs[0] == outs[1]:  # a fixed window, not the map folded
+            continue
         k = []
         for axis in (0, 1):
             fits = [f for f in range(1, 9) if all(-(-s[axis] // f) == o[axis] for s, o in zip(sizes, outs))]

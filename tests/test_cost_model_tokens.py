@@ -73,6 +73,20 @@ def _torchvision_vit() -> nn.Module:
                                                 mlp_dim=64)
 
 
+def _timm_swin() -> nn.Module:
+    # windows of 3 on an 8x8 grid: padded to whole windows at run time, then patch merging
+    return timm.create_model("swin_tiny_patch4_window7_224", dynamic_img_size=True, img_size=32, window_size=3,
+                             depths=(1, 1), num_heads=(1, 2), embed_dim=16, num_classes=5)
+
+
+def _torchvision_swin() -> nn.Module:
+    # the architecture of swin_t, tiny (shifted_window_attention: one wrapped call)
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[3, 3],
+                           num_classes=5)
+
+
 # name -> (builder, input size, range of the patch group's stride for random draws). The patch
 # embeddings are patchify convs: their DynOPool resizes the image to a multiple of the patch and
 # starts at stride 1 (a 4x4 token grid at these sizes); 0.6-1.75 gives 2x2 to 7x7 grids.
@@ -81,6 +95,8 @@ MODELS = {
     "timm_vit_tiny": (_timm_vit, 64, (0.6, 1.75)),
     "timm_registers": (_timm_registers, 56, (0.6, 1.75)),
     "torchvision_vit": (_torchvision_vit, 32, (0.6, 1.75)),
+    "timm_swin": (_timm_swin, 32, (0.6, 1.75)),
+    "torchvision_swin": (_torchvision_swin, 32, (0.6, 1.75)),
 }
 
 
@@ -233,8 +249,9 @@ def test_total_check_allows_only_rounding(monkeypatch, gap, refused):
         assert CostModel(net, (3, 256, 256)).flops() == real(net, (3, 256, 256))
 
 
-def test_fit_and_project_hold_on_a_vit():
-    model, input_size = _converted("timm_vit_tiny")
+@pytest.mark.parametrize("name", ["timm_vit_tiny", "torchvision_swin"])
+def test_fit_and_project_hold_on_a_vit(name):
+    model, input_size = _converted(name)
     cost = CostModel(model, input_size)
     start = cost.reference_flops
     budget = int(start * 0.6)
