@@ -99,7 +99,7 @@ class _ClassBuilder:
                 probe = _LeafProbe(module, in_info, self.gm, self._channels_last(n.all_input_nodes[0], parent))
                 probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
         if probe_rule is None and parent is not None and self.node_flops.get(n, 0):
-            probe_rule = self._function_probe_rule(n, parent, uniq)
+            probe_rule = self._function_probe_rule(n, uniq)
             if probe_rule is not None:
                 rules.append(probe_rule)  # its FLOPs need not scale with its output size
         if probe_rule is not None and _plain_custom(module) and self.node_flops.get(n, 0):
@@ -121,18 +121,20 @@ class _ClassBuilder:
         return not _shows_both(r, p, self.sizes_ref[c.index], self.sizes_pert[c.index], axes=(2,)) and _shows_both(
             r, p, self.sizes_ref[c.index], self.sizes_pert[c.index], axes=(1,))
 
-    def _function_probe_rule(self, n: fx.Node, parent: _Class, uniq: list[_Class]) -> _Rule | None:
+    def _function_probe_rule(self, n: fx.Node, uniq: list[_Class]) -> _Rule | None:
         """A probe of a function fx does not enter (torchvision's ``shifted_window_attention``):
         one map of a known class in, the other inputs fixed."""
-        if not _own_function(n) or sum(c.kind != "const" for c in uniq) != 1:
+        moving = [c for c in uniq if c.kind != "const"]  # fixed inputs may look larger (a bias table)
+        if not _own_function(n) or len(moving) != 1:
             return None
-        size = self.sizes_ref[parent.index]
-        main = next((a for a in n.all_input_nodes if self.node_class.get(a) is parent), None)
+        cls = moving[0]
+        size = self.sizes_ref[cls.index]
+        main = next((a for a in n.all_input_nodes if self.node_class.get(a) is cls), None)
         in_info = self.ref.get(main)
         if not (isinstance(in_info, TensorInfo) and len(in_info.shape) == 4 and size in (in_info.shape[1:3], in_info.shape[2:4])):
             return None
-        probe = _LeafProbe(n.target, in_info, self.gm, self._channels_last(main, parent), function_call(n, main, self.ref, self.gm))
-        return _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
+        probe = _LeafProbe(n.target, in_info, self.gm, self._channels_last(main, cls), function_call(n, main, self.ref, self.gm))
+        return _Rule("new", _Class("opaque", cls, probe=probe), "opaque")
 
     def _choose(self, n: fx.Node, rules: list[_Rule]) -> _Rule:
         """The first rule both shape passes agree with (its new class added), or a loud refusal."""
@@ -163,7 +165,7 @@ class _ClassBuilder:
             self.resize_terms.append(_ResizeTerm(chosen.cls, parent, float(per_pixel)))
         elif chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
             self.opaque_terms.append(chosen.cls)
-            self.constant -= chosen.cls.probe(*self.sizes_ref[parent.index])[1] - flops  # 0 if consistent
+            self.constant -= chosen.cls.probe(*self.sizes_ref[chosen.cls.parent.index])[1] - flops  # 0 if consistent
         elif any(c.kind in _TOKEN_KINDS for c in [chosen.cls, *uniq]):
             # the node's classes, or the square of its output's (attention inside one call)
             square = _Class("pairs", chosen.cls)

@@ -87,6 +87,14 @@ def _torchvision_swin() -> nn.Module:
                            num_classes=5)
 
 
+def _torchvision_swin_v2() -> nn.Module:
+    # swin_v2_t's blocks: the attention call also takes a bias table larger than the late maps
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[8, 8],
+                           num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+
+
 # name -> (builder, input size, range of the patch group's stride for random draws). The patch
 # embeddings are patchify convs: their DynOPool resizes the image to a multiple of the patch and
 # starts at stride 1 (a 4x4 token grid at these sizes); 0.6-1.75 gives 2x2 to 7x7 grids.
@@ -97,6 +105,7 @@ MODELS = {
     "torchvision_vit": (_torchvision_vit, 32, (0.6, 1.75)),
     "timm_swin": (_timm_swin, 32, (0.6, 1.75)),
     "torchvision_swin": (_torchvision_swin, 32, (0.6, 1.75)),
+    "torchvision_swin_v2": (_torchvision_swin_v2, 32, (0.6, 1.75)),
 }
 
 
