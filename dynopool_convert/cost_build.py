@@ -4,8 +4,11 @@ its fvcore FLOPs on the class they scale with. Package-internal."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
@@ -20,6 +23,24 @@ from .flops import DYNRESIZE_FLOPS_PER_OUTPUT
 
 if TYPE_CHECKING:
     from .cost_model import CostModel
+
+
+def _learned(c: _Class | None) -> bool:
+    """Whether class ``c``'s size depends on a learned stride (a DynOPool among its sources)."""
+    stack, seen = [c], set()
+    while stack:
+        c = stack.pop()
+        if c is None or id(c) in seen:
+            continue
+        if c.kind == "dynopool":
+            return True
+        seen.add(id(c))
+        stack += [c.parent, c.other]
+    return False
+
+
+#: calls whose FLOPs may follow the product of two sequences' lengths (attention)
+_ATTENTION_OPS = {F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum, "matmul", "bmm"}
 
 
 class _ClassBuilder:
@@ -107,7 +128,19 @@ class _ClassBuilder:
         if parent is not None:
             for guess in (_pad_multiple_rules, _downsample_rules):
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
-        rules += [_Rule("inherit", c, "in") for c in uniq]
+        # an input class the output shows as a map first, then those it follows by element count
+        # (tokens reshaped back into a map: Twins, PiT)
+        shown = [c for c in uniq if _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])]
+        if not shown and _spatial(self.ref.get(n)) and not any(map(_learned, uniq)):
+            # a map made of inputs that do not move (tokens before the first learned group,
+            # reshaped into a map; they follow the image by element count): a fixed size of
+            # its own, not the image's
+            rules.append(_Rule("new", _Class("const"), "in"))
+        # where the two passes cannot tell (a window's attention plus a fixed bias table), the
+        # class a learned stride moves: the whole model's check at a third setting decides
+        first = {id(c): i for i, c in enumerate(shown)}
+        order = sorted(uniq, key=lambda c: (id(c) not in first, not _learned(c), first.get(id(c), 0)))
+        rules += [_Rule("inherit", c, "in") for c in order]
         if probe_rule is not None and probe_rule not in rules:
             rules.append(probe_rule)
         rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq, self.sizes_ref)
@@ -178,6 +211,12 @@ class _ClassBuilder:
                 self._add_term(on, flops)
         elif flops:
             on = chosen.cls if chosen.flops_on == "out" or chosen.kind == "inherit" else parent
+            several = len(uniq) > 1 or n.target in _ATTENTION_OPS
+            if on is not None and several and n not in self.owner._mixed and not self._follows(n, flops, on):
+                # several inputs (attention of queries over pooled keys and values: Twins, PVT):
+                # the FLOPs follow the one whose size moves them, or both (a cross class), by
+                # fvcore at both strides
+                on = next((c for c in uniq if self._follows(n, flops, c)), None) or self._cross(n, flops, uniq) or on
             if on is None:
                 self.constant += flops
                 return
@@ -187,6 +226,22 @@ class _ClassBuilder:
                                     cache=self.fixed_cache)
             self.constant += fixed
             self._add_term(on, flops - fixed)
+
+    def _follows(self, n: fx.Node, flops: int, c: _Class) -> bool:
+        """Whether ``n``'s FLOPs at the perturbed strides are in proportion to ``c``'s area."""
+        (h_r, w_r), (h_p, w_p) = self.sizes_ref[c.index], self.sizes_pert[c.index]
+        return flops * h_p * w_p == self.owner._perturbed_counts()[0].get(n, 0) * h_r * w_r
+
+    def _cross(self, n: fx.Node, flops: int, uniq: list[_Class]) -> _Class | None:
+        """A class of two inputs' areas together that ``n``'s FLOPs follow (added), or None."""
+        moving = [c for c in uniq if self.sizes_ref[c.index] != self.sizes_pert[c.index]]
+        for i, a in enumerate(moving):
+            for b in moving[i:]:  # b is a: a sequence over itself
+                c = _Class("cross", a, other=b, guessed=True)
+                r, p = c.predict(self.sizes_ref, self.ref_strides), c.predict(self.sizes_pert, self.pert_strides)
+                if flops * p[0] * p[1] == self.owner._perturbed_counts()[0].get(n, 0) * r[0] * r[1]:
+                    return self.add_class(c, r, p)
+        return None
 
     def _add_term(self, on: _Class, flops: float) -> None:
         term = self.terms.setdefault(on.index, _ClassTerm(on))
@@ -203,7 +258,10 @@ class _ClassBuilder:
         needed: set[int] = set()
         for c0 in [t.cls for t in terms] + self.opaque_terms + [t.cls for t in self.resize_terms]:
             c: Any = c0
-            while c is not None and c.index not in needed:
-                needed.add(c.index)
-                c = c.parent
+            stack = [c]
+            while stack:
+                c = stack.pop()
+                if c is not None and c.index not in needed:
+                    needed.add(c.index)
+                    stack += [c.parent, c.other]
         return [c for c in self.classes if c.index in needed]

@@ -261,6 +261,15 @@ class CostModel:
                 continue
             ph, pw = cont[c.parent.index]
             dh0, dw0 = deriv[c.parent.index]
+            if c.kind == "cross":  # (h * w, h2 * w2): each area by the product rule
+                areas, grads_ = [], []
+                for src in (c.parent, c.other):
+                    (h_in, w_in), (sh, sw), (dh_, dw_) = sizes[src.index], cont[src.index], deriv[src.index]
+                    areas.append(sh * sw)
+                    grads_.append(_combine(dh_, w_in, dw_, h_in))
+                cont[c.index] = (areas[0], areas[1])
+                deriv[c.index] = (grads_[0], grads_[1])
+                continue
             if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
                 h_in, w_in = sizes[c.parent.index]
                 n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)

@@ -34,18 +34,20 @@ if TYPE_CHECKING:
 class _Class:
     """One spatial size function; ``parent`` is None for the input and fixed sizes."""
 
-    kind: str  # input | const | dynopool | window | same | scale | multiple | opaque | tokens | pairs
+    kind: str  # input | const | dynopool | window | same | scale | multiple | opaque | tokens | pairs | cross
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
     # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
     # multiple: (m_h, m_w), padded up to a multiple (Swin's pad to its window or to even sizes);
-    # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w)
+    # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w);
+    # cross: size (h*w, h2*w2) of parent and ``other`` (attention of one sequence over another)
     params: tuple = ()
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
     base: tuple[float, float] = (1.0, 1.0)  # dynopool: output round(h * base / s) (DynResize)
     guessed: bool = False  # read off the two passes alone: the whole model is checked once more
+    other: "_Class | None" = None  # cross: the second sequence
 
     def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
         """Integer output size given the parent's integer size (``sizes`` by class index)."""
@@ -69,6 +71,9 @@ class _Class:
             return h * w + self.params[0], 1
         if self.kind == "pairs":
             return h * w, h * w
+        if self.kind == "cross":
+            h2, w2 = sizes[self.other.index]
+            return h * w, h2 * w2
         raise AssertionError(self.kind)
 
 
@@ -126,7 +131,7 @@ def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
     return None if _keeps_size(wp) else _Rule("new", _Class("window", parent, params=wp), g.flops_on)
 
 
-_TOKEN_KINDS = ("tokens", "pairs")
+_TOKEN_KINDS = ("tokens", "pairs", "cross")
 
 
 def _mod_constants(n: fx.Node, depth: int = 8) -> set[int]:

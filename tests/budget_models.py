@@ -216,6 +216,32 @@ class WindowNet(nn.Module):
         return self.head(self.attend(self.merge(y)).mean((1, 2)))
 
 
+class PooledKeys(nn.Module):
+    """PVT's and Twins' attention in small: queries from a map, keys and values from the same
+    map pooled by a second group (FLOPs follow both lengths), then plain self-attention.
+    ``fixed_queries``: the map is not learned (Twins' first blocks): only the keys move, and
+    they are pooled from the queries' tokens reshaped back into a map."""
+
+    def __init__(self, fixed_queries: bool = False) -> None:
+        super().__init__()
+        self.fixed_queries = fixed_queries
+        self.stem = nn.Conv2d(48 if fixed_queries else 3, 8, 1 if fixed_queries else 3, padding=0 if fixed_queries else 1)
+        self.pool = nn.Identity() if fixed_queries else DynOPool(2.0)
+        self.reduce = DynOPool(2.0)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if self.fixed_queries:  # a patch embedding the cost model follows by element count only
+            x = F.pixel_unshuffle(x, 4)
+        y = self.pool(self.stem(x))
+        n, c, h, w = y.shape
+        q = y.flatten(2).transpose(1, 2)
+        kv = self.reduce(q.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
+        t = F.scaled_dot_product_attention(q, kv, kv)
+        t = F.scaled_dot_product_attention(t, t, t)
+        return self.head(t.mean(1))
+
+
 #: name -> builder of a converted stand-in (small variants, random weights)
 MODELS = {
     "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
@@ -232,6 +258,8 @@ MODELS = {
     "channels_last": ChannelsLastNet,
     "windows": WindowNet,
     "windows_wrapped": lambda: WindowNet(wrapped=True),
+    "pooled_keys": PooledKeys,
+    "pooled_keys_fixed": lambda: PooledKeys(fixed_queries=True),
 }
 
 
