@@ -129,7 +129,7 @@ class _ClassBuilder:
             for guess in (_pad_multiple_rules, _downsample_rules):
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
         # an input class the output shows as a map first, then those it follows by element count
-        # (tokens reshaped back into a map: Twins, PiT)
+        # (tokens reshaped back into a map: Twins)
         shown = [c for c in uniq if _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])]
         if not shown and _spatial(self.ref.get(n)) and not any(map(_learned, uniq)):
             # a map made of inputs that do not move (tokens before the first learned group,
