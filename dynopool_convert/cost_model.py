@@ -244,6 +244,53 @@ class CostModel:
 
     # -- evaluation ----------------------------------------------------------------------
 
+    def _propagate(self, c: _Class, sizes: dict[int, tuple[int, int]], cont: dict[int, tuple[float, float]],
+                   deriv: dict[int, tuple[_Grad, _Grad]], strides: Sequence[tuple[float, float]],
+                   raw: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], tuple[_Grad, _Grad]]:
+        """Class ``c``'s continuous size and its derivatives by the strides, from its parents'."""
+        if c.kind in ("input", "const"):
+            return (float(c.size[0]), float(c.size[1])), ({}, {})
+        ph, pw = cont[c.parent.index]
+        dh0, dw0 = deriv[c.parent.index]
+        if c.kind == "cross":  # (h * w, h2 * w2): each area by the product rule
+            areas, grads = [], []
+            for src in (c.parent, c.other):
+                (h_in, w_in), (sh, sw), (dh_, dw_) = sizes[src.index], cont[src.index], deriv[src.index]
+                areas.append(sh * sw)
+                grads.append(_combine(dh_, w_in, dw_, h_in))
+            return (areas[0], areas[1]), (grads[0], grads[1])
+        if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
+            h_in, w_in = sizes[c.parent.index]
+            n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)
+            dn = _combine(dh0, w_in, dw0, h_in)
+            return ((n, 1.0), (dn, {})) if c.kind == "tokens" else ((n, n), (dn, dn))
+        if c.kind == "opaque":  # forward differences of the probed size function
+            h_in, w_in = sizes[c.parent.index]
+            out_h, out_w = sizes[c.index]
+            sh = c.probe(h_in + 1, w_in)[0][0] - out_h
+            sw = c.probe(h_in, w_in + 1)[0][1] - out_w
+            return (float(out_h), float(out_w)), (_scaled_grad(dh0, sh), _scaled_grad(dw0, sw))
+        if c.kind == "dynopool":
+            s_h, s_w = strides[c.group]
+            fh, fw = c.base[0] / s_h, c.base[1] / s_w
+            dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
+            lo, hi = self._bounds[c.group]
+            # the stride is clamped to its bounds: no gradient outside them
+            if lo <= raw[c.group][0] <= hi:
+                dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh / c.base[0]
+            if lo <= raw[c.group][1] <= hi:
+                dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw / c.base[1]
+            return (ph * fh, pw * fw), (dh, dw)
+        if c.kind == "window":
+            fh, fw = 1.0 / c.params[0][1], 1.0 / c.params[1][1]
+        elif c.kind == "same":
+            fh, fw = 1.0 / c.params[0], 1.0 / c.params[1]
+        elif c.kind == "multiple":  # padded: the size itself, up to less than a multiple
+            fh, fw = 1.0, 1.0
+        else:  # scale
+            fh, fw = c.params
+        return (ph * fh, pw * fw), (_scaled_grad(dh0, fh), _scaled_grad(dw0, fw))
+
     def _evaluate(self, strides: Sequence[tuple[float, float]], with_grad: bool = True) -> _Evaluation:
         n_groups = len(self.parameters)
         raw = list(strides)
@@ -255,59 +302,7 @@ class CostModel:
         deriv: dict[int, tuple[_Grad, _Grad]] = {}
         for c in self._eval_classes:
             sizes[c.index] = c.predict(sizes, strides)
-            if c.kind in ("input", "const"):
-                cont[c.index] = (float(c.size[0]), float(c.size[1]))
-                deriv[c.index] = ({}, {})
-                continue
-            ph, pw = cont[c.parent.index]
-            dh0, dw0 = deriv[c.parent.index]
-            if c.kind == "cross":  # (h * w, h2 * w2): each area by the product rule
-                areas, grads_ = [], []
-                for src in (c.parent, c.other):
-                    (h_in, w_in), (sh, sw), (dh_, dw_) = sizes[src.index], cont[src.index], deriv[src.index]
-                    areas.append(sh * sw)
-                    grads_.append(_combine(dh_, w_in, dw_, h_in))
-                cont[c.index] = (areas[0], areas[1])
-                deriv[c.index] = (grads_[0], grads_[1])
-                continue
-            if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
-                h_in, w_in = sizes[c.parent.index]
-                n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)
-                dn = _combine(dh0, w_in, dw0, h_in)
-                cont[c.index] = (n, 1.0) if c.kind == "tokens" else (n, n)
-                deriv[c.index] = (dn, {}) if c.kind == "tokens" else (dn, dn)
-                continue
-            if c.kind == "opaque":  # forward differences of the probed size function
-                h_in, w_in = sizes[c.parent.index]
-                out_h, out_w = sizes[c.index]
-                sh = c.probe(h_in + 1, w_in)[0][0] - out_h
-                sw = c.probe(h_in, w_in + 1)[0][1] - out_w
-                cont[c.index] = (float(out_h), float(out_w))
-                deriv[c.index] = (_scaled_grad(dh0, sh), _scaled_grad(dw0, sw))
-                continue
-            if c.kind == "dynopool":
-                s_h, s_w = strides[c.group]
-                fh, fw = c.base[0] / s_h, c.base[1] / s_w
-                dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
-                lo, hi = self._bounds[c.group]
-                # the stride is clamped to its bounds: no gradient outside them
-                if lo <= raw[c.group][0] <= hi:
-                    dh[(c.group, 0)] = dh.get((c.group, 0), 0.0) - ph * fh * fh / c.base[0]
-                if lo <= raw[c.group][1] <= hi:
-                    dw[(c.group, 1)] = dw.get((c.group, 1), 0.0) - pw * fw * fw / c.base[1]
-                cont[c.index] = (ph * fh, pw * fw)
-            else:
-                if c.kind == "window":
-                    fh, fw = 1.0 / c.params[0][1], 1.0 / c.params[1][1]
-                elif c.kind == "same":
-                    fh, fw = 1.0 / c.params[0], 1.0 / c.params[1]
-                elif c.kind == "multiple":  # padded: the size itself, up to less than a multiple
-                    fh, fw = 1.0, 1.0
-                else:  # scale
-                    fh, fw = c.params
-                dh, dw = _scaled_grad(dh0, fh), _scaled_grad(dw0, fw)
-                cont[c.index] = (ph * fh, pw * fw)
-            deriv[c.index] = (dh, dw)
+            cont[c.index], deriv[c.index] = self._propagate(c, sizes, cont, deriv, strides, raw)
         flops = self._constant
         grads = [[0.0, 0.0] for _ in range(n_groups)]
         for c in self._opaque_terms:
