@@ -18,7 +18,7 @@ from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_probe import ProbeFailed
-from .cost_shapes import _flat, _inherits, _shape_of, _shows_both
+from .cost_shapes import _flat, _inherits, _maps, _shape_of, _shows_both
 from .dynopool import dynopool_output_size
 from .op_registry import Geometry, op_call, spec_for_node
 
@@ -172,7 +172,7 @@ def _downsample_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
     passes agree with."""
     if not (_own_function(n) or (n.op in ("call_method", "call_function") and n.target in _REGROUPS)):
         return []
-    if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo) and len(info_r.shape) == len(info_p.shape) == 4):
+    if not _maps(info_r, info_p):
         return []
     if info_r.shape[0] != info_p.shape[0]:  # windows as a batch (Swin's partition), not a map
         return []
@@ -199,7 +199,7 @@ def _pad_multiple_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
     model against fvcore at a third setting)."""
     if n.op != "call_function" or n.target is not F.pad:
         return []
-    if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo) and len(info_r.shape) == len(info_p.shape) == 4):
+    if not _maps(info_r, info_p):
         return []
     constants = sorted(_mod_constants(n), reverse=True)
     (h_r, w_r), (h_p, w_p) = sizes_ref[parent.index], sizes_pert[parent.index]

@@ -50,13 +50,16 @@ def _shows(info: Any, size: tuple[int, int]) -> bool:
     )
 
 
+def _maps(info_r: Any, info_p: Any) -> bool:
+    """Whether one output observed at two strides is a 4-d tensor at both."""
+    return isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo) and len(info_r.shape) == len(info_p.shape) == 4
+
+
 def _shows_both(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int],
                 axes: tuple[int, ...] = (2, 1)) -> bool:
     """Whether one tensor observed at two strides has ``size_r``/``size_p`` as its spatial dims,
     in one layout at both (``axes``: where H is; N x C x H x W: 2, channels-last: 1)."""
-    if not (isinstance(info_r, TensorInfo) and isinstance(info_p, TensorInfo)):
-        return False
-    if len(info_r.shape) != 4 or len(info_p.shape) != 4:
+    if not _maps(info_r, info_p):
         return False
     return any(info_r.shape[a:a + 2] == size_r and info_p.shape[a:a + 2] == size_p for a in axes)
 
