@@ -30,6 +30,8 @@ def finetune(
     size_search: Annotated[Optional[bool], typer.Option("--size-search/--no-size-search", help="Choose the sizes once by held-out loss on training images set aside for it, then settle the weights at them (default off: in our runs it kept the starting sizes every time and the images set aside cost up to 0.5 points, docs/RESULTS.md section 6.5); off, the strides keep the budget fit's sizes, or learn to the end with --scale-lr > 0, as in the paper.")] = None,
     settle: Annotated[Optional[float], typer.Option(min=0.0, max=0.9, help="With --size-search: fraction of the steps, at the end, trained at the searched sizes (default 0.3).")] = None,
     holdout: Annotated[Optional[float], typer.Option(help="With --size-search: fraction of the training data held out for it (default 0.1, at most train.holdout_max = 5000 images, and with --steps at most steps x batch size, 256 at least); never the validation data.")] = None,
+    model_ema: Annotated[Optional[bool], typer.Option("--model-ema/--no-model-ema", help="Evaluate and save an exponential moving average of the weights (timm's ModelEmaV3, with its warm-up) instead of the last weights; the strides are not averaged (default off).")] = None,
+    model_ema_decay: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --model-ema: the average's decay once warmed up (default 0.9998).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (flags override it).")] = None,
@@ -45,7 +47,8 @@ def finetune(
     """
     train = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
              "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every,
-             "size_jitter": size_jitter, "size_search": size_search, "settle": settle, "holdout": holdout}
+             "size_jitter": size_jitter, "size_search": size_search, "settle": settle, "holdout": holdout,
+             "model_ema": model_ema, "model_ema_decay": model_ema_decay}
     overrides: dict[str, Any] = {"train": {k: v for k, v in train.items() if v is not None}}
     if budget is not None:
         overrides["budget"] = budget

@@ -32,6 +32,7 @@ __all__ = [
     "SeededDataset",
     "SkipUnreadable",
     "unreadable_files",
+    "unreadable_warnings",
     "carve_holdout",
     "holdout_cap",
 ]
@@ -396,3 +397,10 @@ def unreadable_files(data: "Datasets") -> dict[str, list[str]]:
         if isinstance(base, SkipUnreadable):
             out[split] = base.unreadable()
     return out
+
+
+def unreadable_warnings(data: "Datasets") -> list[str]:
+    """One warning line per split in which unreadable image files have been skipped so far."""
+    return [f"warning: skipped {len(paths)} unreadable image file(s) in {split} so far, "
+            f"each replaced by the next readable one (first: {paths[0]})"
+            for split, paths in unreadable_files(data).items() if paths]

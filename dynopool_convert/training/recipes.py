@@ -61,6 +61,10 @@ class TrainConfig:
     holdout: float = 0.1  # fraction of the training data held out for the size search ...
     holdout_max: int = 5000  # ... at most this many images (with `steps`: at most steps x batch, 256 at least)
     size_refresh_every: int = 1  # sizes re-read from the strides every N steps, held in between (needs size_jitter 0)
+    # evaluate and save an exponential moving average of the weights (timm's ModelEmaV3 with its warm-up; strides
+    # not averaged: training/weight_average.py)
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
 
 
 @dataclass
@@ -187,7 +191,7 @@ _RANGES = {
     "lr": (0.0, math.inf, True), "scale_lr": (0.0, math.inf, False), "warmup_lr": (0.0, math.inf, False),
     "min_lr": (0.0, math.inf, False), "momentum": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, False),
     "label_smoothing": (0.0, 1.0, False), "penalty_weight": (0.0, math.inf, False), "clip_grad": (0.0, math.inf, True),
-    "settle": (0.0, 0.9, False), "holdout": (0.0, 0.5, True),
+    "settle": (0.0, 0.9, False), "holdout": (0.0, 0.5, True), "model_ema_decay": (0.0, 1.0, False),
 }
 
 
@@ -232,7 +236,7 @@ def merge_config(*layers: dict[str, Any] | None) -> FinetuneConfig:
 #: cannot change them (the restored state would silently override a new value)
 FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
                    "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
-                   "holdout_max")
+                   "holdout_max", "model_ema", "model_ema_decay")
 
 
 def check_resumable(saved: dict, wanted: dict, last: Path) -> None:

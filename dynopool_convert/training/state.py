@@ -12,7 +12,7 @@ import torch
 
 from ..files import atomic_write_text  # the one atomic writer (fsync, keeps the file's mode)
 
-__all__ = ["TrainProgress", "capture_rng", "restore_rng", "atomic_write_text", "read_jsonl"]
+__all__ = ["TrainProgress", "capture_rng", "restore_rng", "atomic_write_text", "read_jsonl", "remove_stale_temp_files"]
 
 
 @dataclass
@@ -69,3 +69,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not Path(path).is_file():
         return []
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def remove_stale_temp_files(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Temporary files of atomic writes that a killed run left behind (``.last.pt.XXXX.tmp``)."""
+    for name in names:
+        for stale in out_dir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from ..dynopool import clamp_strides_, scale_parameters
 from ..errors import UserInputError
 from ..group_ids import group_ids
 from . import upstream
-from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_files
+from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_warnings
 from .evaluation import autocast, score
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from .heads import adapt_head
@@ -36,7 +36,8 @@ from .sampler import EpochSampler
 from .size_control import SizeControl, search_has_choices
 from .size_guard import SizeGuard
 from .sizes import SizeSchedule
-from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, restore_rng
+from .state import TrainProgress, atomic_write_text, capture_rng, read_jsonl, remove_stale_temp_files, restore_rng
+from .weight_average import WeightAverage
 
 __all__ = ["finetune", "FinetuneResult", "TrainCallbacks", "TrainingDiverged", "METRICS"]
 
@@ -134,7 +135,7 @@ class _Run:
                 f"{self.out_dir / LAST} exists from an earlier run: pass --resume to continue it, or choose another --out"
             )
         if resume and info.is_main:
-            self._remove_stale_temp_files()
+            remove_stale_temp_files(self.out_dir, (LAST, BEST, CONVERTED, METRICS))
         torch.manual_seed(t.seed)  # the same model on every rank (DDP also broadcasts rank 0's)
         if cfg.budget is not None:
             upstream.check_budget(cfg.budget)  # before any work (a share is resolved by load_model)
@@ -152,6 +153,7 @@ class _Run:
         self._check_classes(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
+        self.average = WeightAverage(model, t.model_ema_decay) if t.model_ema else None
         if t.scale_lr <= 0:  # not learned by gradient: no stride gradients (they would feed gradient clipping)
             for p in self.scales:
                 p.requires_grad_(False)
@@ -201,12 +203,6 @@ class _Run:
             self.size_log.close()
         return self._finish(completed)
 
-    def _remove_stale_temp_files(self) -> None:
-        """Temporary files of atomic writes that a killed run left behind (``.last.pt.XXXX.tmp``)."""
-        for name in (LAST, BEST, CONVERTED, METRICS):
-            for stale in self.out_dir.glob(f".{name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-
     def _classes_for_convert(self, spec, input_hint) -> int:
         """The data's class count, needed only to build a recipe's model (0 otherwise)."""
         if not self.cfg.model:
@@ -237,6 +233,8 @@ class _Run:
         self.size_log.load_state(training.get("size_log"))
         self.rows = [r for r in read_jsonl(self.out_dir / METRICS) if r.get("step", 0) <= self.progress.step]
         self.sizes.load_state(training.get("sizes"))
+        if self.average is not None:
+            self.average.restore(self.model, training["model_ema"])
         rng = training["rng"]
         restore_rng(rng[self.info.rank] if isinstance(rng, list) else rng)
 
@@ -308,6 +306,8 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.optimizer.step()
         clamp_strides_(self.model)
+        if self.average is not None:
+            self.average.update(self.model, self.progress.step + 1)
         self.sizes.hold()
         self._stop_if_diverged("the scale factors are NaN/inf", not all(bool(torch.isfinite(q).all()) for q in self.scales))
         self.size_log.after_step(self.progress.step + 1, learning=not self.sizes.settled)
@@ -413,7 +413,7 @@ class _Run:
     def _end_epoch(self, sums: list[float], seconds: float) -> None:
         p = self.progress
         loss_sum, correct, n = all_reduce_sum(sums, self.info)
-        projected, flops, projection = project_copy(self.model, self.budget, self.bundle.input_size)
+        projected, flops, projection = self._saved_copy()
         val_loss, val_acc = self._evaluate(projected)
         row = {
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
@@ -430,17 +430,16 @@ class _Run:
         p.step_in_epoch = 0
         p.epoch_sums = [0.0, 0.0, 0.0]
         self.cbs.on_epoch(row)
-        self._warn_unreadable()
+        for warning in unreadable_warnings(self.data):  # once per epoch while files are being skipped
+            self.cbs.on_message(warning)
         self._checkpoint(is_best=is_best, projected=(projected, flops))
 
-    def _warn_unreadable(self) -> None:
-        """One warning per epoch while unreadable image files are being skipped (see SkipUnreadable)."""
-        for split, paths in unreadable_files(self.data).items():
-            if paths:
-                self.cbs.on_message(
-                    f"warning: skipped {len(paths)} unreadable image file(s) in {split} so far, "
-                    f"each replaced by the next readable one (first: {paths[0]})"
-                )
+    def _saved_copy(self) -> tuple[nn.Module, int, dict | None]:
+        """What is evaluated and saved: a budget-projected copy, with the averaged weights under model_ema."""
+        projected, flops, projection = project_copy(self.model, self.budget, self.bundle.input_size)
+        if self.average is not None:
+            self.average.load_into(projected)
+        return projected, flops, projection
 
     def _training_state(self) -> dict[str, Any]:
         return {
@@ -454,6 +453,7 @@ class _Run:
             "config": self.cfg.to_dict(),
             "world_size": self.info.world,
             "total_steps": self.total_steps,
+            **({"model_ema": self.average.state(self.model)} if self.average is not None else {}),
         }
 
     def _checkpoint(self, is_best: bool, projected: tuple[nn.Module, int] | None = None) -> None:
@@ -462,7 +462,7 @@ class _Run:
         self._stop_if_diverged("the weights hold NaN/inf", not finite)  # never save a diverged model
         training = self._training_state()  # collective (RNG gather): every rank calls it
         if projected is None:
-            projected = project_copy(self.model, self.budget, self.bundle.input_size)[:2]
+            projected = self._saved_copy()[:2]
         model, flops = projected
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
