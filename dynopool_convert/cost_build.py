@@ -14,7 +14,7 @@ from torch import fx
 from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom, function_call
 from .cost_rules import (_TOKEN_KINDS, _check, _Class, _ClassTerm, _pad_multiple_rules, _registry_rules, _ResizeTerm, _Rule,
-                         _downsample_rules, _own_function, _token_rules)
+                         _downsample_rules, _own_function, _sequence_window_rules, _token_rules)
 from .cost_shapes import _has_tensor, _is_shape_like, _shape_of, _shows, _shows_both
 from .dynopool import DynOPool
 from .dynresize import DynResize
@@ -126,6 +126,7 @@ class _ClassBuilder:
         if probe_rule is not None and _plain_custom(module) and self.node_flops.get(n, 0):
             rules.append(probe_rule)  # its FLOPs need not scale with its output size
         if parent is not None:
+            rules += _sequence_window_rules(n, self.gm, self.ref, self.pert, parent, self.sizes_ref, self.sizes_pert)
             for guess in (_pad_multiple_rules, _downsample_rules):
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
         # an input class the output shows as a map first, then those it follows by element count
@@ -183,7 +184,7 @@ class _ClassBuilder:
             f"node {n.name!r} ({n.op} {getattr(n.target, '__name__', n.target)}): "
             f"{_shape_of(info_r, others=True)} at the reference strides, "
             f"{_shape_of(info_p, others=True)} at smaller strides (it follows spatial maps through "
-            f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens with "
+            f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens (or pooled as a sequence) with "
             f"their attention maps, and pads to a multiple; crops and other token counts are not modelled); "
             f"convert and fine-tune without a budget"
         )
@@ -204,9 +205,17 @@ class _ClassBuilder:
             square = _Class("pairs", chosen.cls)
             square_sizes = square.predict(self.sizes_ref, self.ref_strides), square.predict(self.sizes_pert, self.pert_strides)
             candidates = [(c, self.sizes_ref[c.index], self.sizes_pert[c.index]) for c in [chosen.cls, *uniq]]
-            on = self.owner._verified_flops_class(n, flops, [*candidates, (square, *square_sizes)])
-            if on is square:
-                self.add_class(square, *square_sizes)
+            try:
+                on = self.owner._verified_flops_class(n, flops, candidates)
+            except UnsupportedModelError:
+                # attention of one sequence over another (Next-ViT's pooled keys: h*w x floor(h*w/4),
+                # which two passes cannot tell from (h*w)^2 / 4 where both lengths divide), then
+                # of one over itself
+                on = self._cross(n, flops, uniq, distinct=True)
+                if on is None:
+                    on = self.owner._verified_flops_class(n, flops, [(square, *square_sizes)])
+                    if on is square:
+                        self.add_class(square, *square_sizes)
             if on is not None:
                 self._add_term(on, flops)
         elif flops:
@@ -232,15 +241,18 @@ class _ClassBuilder:
         (h_r, w_r), (h_p, w_p) = self.sizes_ref[c.index], self.sizes_pert[c.index]
         return flops * h_p * w_p == self.owner._perturbed_counts()[0].get(n, 0) * h_r * w_r
 
-    def _cross(self, n: fx.Node, flops: int, uniq: list[_Class]) -> _Class | None:
-        """A class of two inputs' areas together that ``n``'s FLOPs follow (added), or None."""
+    def _cross(self, n: fx.Node, flops: int, uniq: list[_Class], distinct: bool = False) -> _Class | None:
+        """A class of two inputs' areas together that ``n``'s FLOPs follow (added), or None:
+        two sequences first, then (unless ``distinct``) one over itself; guessed, so checked
+        at a third setting."""
         moving = [c for c in uniq if self.sizes_ref[c.index] != self.sizes_pert[c.index]]
-        for i, a in enumerate(moving):
-            for b in moving[i:]:  # b is a: a sequence over itself
-                c = _Class("cross", a, other=b, guessed=True)
-                r, p = c.predict(self.sizes_ref, self.ref_strides), c.predict(self.sizes_pert, self.pert_strides)
-                if flops * p[0] * p[1] == self.owner._perturbed_counts()[0].get(n, 0) * r[0] * r[1]:
-                    return self.add_class(c, r, p)
+        pairs = [(a, b) for i, a in enumerate(moving) for b in moving[i + 1:]]
+        pairs += [] if distinct else [(a, a) for a in moving]
+        for a, b in pairs:
+            c = _Class("cross", a, other=b, guessed=True)
+            r, p = c.predict(self.sizes_ref, self.ref_strides), c.predict(self.sizes_pert, self.pert_strides)
+            if flops * p[0] * p[1] == self.owner._perturbed_counts()[0].get(n, 0) * r[0] * r[1]:
+                return self.add_class(c, r, p)
         return None
 
     def _add_term(self, on: _Class, flops: float) -> None:

@@ -259,6 +259,10 @@ class CostModel:
                 areas.append(sh * sw)
                 grads.append(_combine(dh_, w_in, dw_, h_in))
             return (areas[0], areas[1]), (grads[0], grads[1])
+        if c.kind == "pooled":  # a 1-d window over h * w tokens: (h * w + p - d(k-1) - 1) / s + 1
+            h_in, w_in = sizes[c.parent.index]
+            k, stride, pad, dil, _ = c.params
+            return ((ph * pw + pad - dil * (k - 1) - 1) / stride + 1, 1.0), (_combine(dh0, w_in / stride, dw0, h_in / stride), {})
         if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
             h_in, w_in = sizes[c.parent.index]
             n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_probe import ProbeFailed
@@ -34,14 +34,15 @@ if TYPE_CHECKING:
 class _Class:
     """One spatial size function; ``parent`` is None for the input and fixed sizes."""
 
-    kind: str  # input | const | dynopool | window | same | scale | multiple | opaque | tokens | pairs | cross
+    kind: str  # input | const | dynopool | window | same | scale | multiple | opaque | tokens | pairs | cross | pooled
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
     # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
     # multiple: (m_h, m_w), padded up to a multiple (Swin's pad to its window or to even sizes);
     # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w);
-    # cross: size (h*w, h2*w2) of parent and ``other`` (attention of one sequence over another)
+    # cross: size (h*w, h2*w2) of parent and ``other`` (attention of one sequence over another);
+    # pooled: (k, s, p, d, ceil): a 1-d window over the parent's h*w tokens, size (L', 1)
     params: tuple = ()
     index: int = -1
     probe: "_LeafProbe | None" = None  # opaque: the leaf module, run alone per input size
@@ -74,6 +75,8 @@ class _Class:
         if self.kind == "cross":
             h2, w2 = sizes[self.other.index]
             return h * w, h2 * w2
+        if self.kind == "pooled":
+            return _window_out(h * w, *self.params), 1
         raise AssertionError(self.kind)
 
 
@@ -131,7 +134,10 @@ def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
     return None if _keeps_size(wp) else _Rule("new", _Class("window", parent, params=wp), g.flops_on)
 
 
-_TOKEN_KINDS = ("tokens", "pairs", "cross")
+_TOKEN_KINDS = ("tokens", "pairs", "cross", "pooled")
+
+#: 1-d window modules, which act on the last dim: over a token sequence (N, C, L)
+_SEQUENCE_WINDOWS = (nn.AvgPool1d, nn.MaxPool1d, nn.Conv1d)
 
 
 def _mod_constants(n: fx.Node, depth: int = 8) -> set[int]:
@@ -213,6 +219,30 @@ def _pad_multiple_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
         if None not in per_axis and per_axis != [1, 1]:
             rules.append(_Rule("new", _Class("multiple", parent, params=tuple(per_axis), guessed=True), "out"))
     return rules
+
+
+def _sequence_window_rules(n: fx.Node, gm: fx.GraphModule, ref: dict, pert: dict, parent: _Class,
+                           sizes_ref: dict[int, tuple[int, int]], sizes_pert: dict[int, tuple[int, int]]) -> list[_Rule]:
+    """A 1-d pool or convolution over a sequence of a class's ``h*w`` tokens laid out as
+    ``(N, C, h*w)`` (Next-ViT's spatial reduction: ``AvgPool1d(r*r)`` of the keys' tokens):
+    ``floor((h*w + 2p - d(k-1) - 1) / s) + 1`` tokens, when both passes show it."""
+    if n.op != "call_module" or not n.all_input_nodes:
+        return []
+    m = gm.get_submodule(n.target)
+    if not isinstance(m, _SEQUENCE_WINDOWS) or isinstance(getattr(m, "padding", 0), str):
+        return []
+    first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    params = (first(m.kernel_size), first(m.stride), 2 * first(m.padding), first(getattr(m, "dilation", 1)),
+              bool(getattr(m, "ceil_mode", False)))
+    cls = _Class("pooled", parent, params=params)
+    for info, out, sizes in ((ref.get(n.all_input_nodes[0]), ref.get(n), sizes_ref),
+                             (pert.get(n.all_input_nodes[0]), pert.get(n), sizes_pert)):
+        h, w = sizes[parent.index]
+        if not (isinstance(info, TensorInfo) and isinstance(out, TensorInfo) and len(info.shape) == len(out.shape) == 3):
+            return []
+        if info.shape[-1] != h * w or out.shape[-1] != cls.predict(sizes, ())[0]:
+            return []
+    return [_Rule("new", cls, "out")]
 
 
 def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref: dict[int, tuple[int, int]]) -> list[_Rule]:

@@ -220,14 +220,18 @@ class PooledKeys(nn.Module):
     """PVT's and Twins' attention in small: queries from a map, keys and values from the same
     map pooled by a second group (FLOPs follow both lengths), then plain self-attention.
     ``fixed_queries``: the map is not learned (Twins' first blocks): only the keys move, and
-    they are pooled from the queries' tokens reshaped back into a map."""
+    they are pooled from the queries' tokens reshaped back into a map. ``sequence_pool``:
+    Next-ViT's instead: the keys' tokens pooled as a sequence (``AvgPool1d(4)`` of the
+    ``h*w`` tokens, then ``BatchNorm1d``), not as a map."""
 
-    def __init__(self, fixed_queries: bool = False) -> None:
+    def __init__(self, fixed_queries: bool = False, sequence_pool: bool = False) -> None:
         super().__init__()
         self.fixed_queries = fixed_queries
+        self.sequence = nn.Sequential(nn.AvgPool1d(4, 4), nn.BatchNorm1d(8)) if sequence_pool else None
+        self.k = nn.Linear(8, 8)
         self.stem = nn.Conv2d(48 if fixed_queries else 3, 8, 1 if fixed_queries else 3, padding=0 if fixed_queries else 1)
         self.pool = nn.Identity() if fixed_queries else DynOPool(2.0)
-        self.reduce = DynOPool(2.0)
+        self.reduce = nn.Identity() if sequence_pool else DynOPool(2.0)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -236,7 +240,10 @@ class PooledKeys(nn.Module):
         y = self.pool(self.stem(x))
         n, c, h, w = y.shape
         q = y.flatten(2).transpose(1, 2)
-        kv = self.reduce(q.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
+        if self.sequence is not None:
+            kv = self.k(self.sequence(q.transpose(1, 2)).transpose(1, 2))
+        else:
+            kv = self.reduce(q.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
         t = F.scaled_dot_product_attention(q, kv, kv)
         t = F.scaled_dot_product_attention(t, t, t)
         return self.head(t.mean(1))
@@ -260,6 +267,7 @@ MODELS = {
     "windows_wrapped": lambda: WindowNet(wrapped=True),
     "pooled_keys": PooledKeys,
     "pooled_keys_fixed": lambda: PooledKeys(fixed_queries=True),
+    "pooled_keys_1d": lambda: PooledKeys(sequence_pool=True),
 }
 
 
