@@ -149,8 +149,12 @@ def one_group_factors(cost: CostModel, base, bounds, budget: int, index: int) ->
 def log_resolution(cost: CostModel, strides: Sequence[tuple[float, float]]) -> float:
     """Sum over the groups of ``log(h * w)`` of each group's output map at ``strides``: the log of
     the product of the maps' areas, so every map counts alike and crushing any one of them (a
-    last 3x3 map to 1x1) costs as much as halving the input's area."""
-    return sum(math.log(max(io[1][0] * io[1][1], 1)) for io in cost.group_sizes(strides) if io is not None)
+    last 3x3 map to 1x1) costs as much as halving the input's area; ``-inf`` where the model
+    cannot run."""
+    sizes = cost.group_sizes(strides)
+    if sizes is None:
+        return -math.inf
+    return sum(math.log(max(io[1][0] * io[1][1], 1)) for io in sizes if io is not None)
 
 
 def _level_up(cost: CostModel, base, bounds, factors: list[float], g: int, level: float, ceiling: float) -> tuple[float, float] | None:
@@ -187,6 +191,8 @@ class _ResolutionPath:
         """No map larger than the original's at the same site, and no site that shrank its input
         enlarging it: the fit moves resolution between the maps, it does not add any."""
         sizes = self.cost.group_sizes(scaled(self.base, self.bounds, factors))
+        if sizes is None:  # the model cannot run there
+            return False
         for now, then in zip(sizes, self.original):
             if now is None or then is None:
                 continue

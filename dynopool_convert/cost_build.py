@@ -35,7 +35,7 @@ def _learned(c: _Class | None) -> bool:
         if c.kind == "dynopool":
             return True
         seen.add(id(c))
-        stack += [c.parent, c.other]
+        stack += [c.parent, c.other, *c.others]
     return False
 
 
@@ -112,13 +112,8 @@ class _ClassBuilder:
         elif n.op in ("call_module", "call_function") and parent is not None:
             rules += _registry_rules(n, self.gm, self.ref, parent)
         probe_rule = None
-        if module is not None and parent is not None and not _is_torch_builtin(module) and len(uniq) == 1:
-            # a leaf we know nothing about (timm's ConvMlp or MobileViT block: data-dependent
-            # sizes inside): probe it, per input size
-            in_info = self.ref[n.all_input_nodes[0]] if n.all_input_nodes else None
-            if isinstance(in_info, TensorInfo) and len(in_info.shape) == 4:
-                probe = _LeafProbe(module, in_info, self.gm, self._channels_last(n.all_input_nodes[0], parent))
-                probe_rule = _Rule("new", _Class("opaque", parent, probe=probe), "opaque")
+        if module is not None and parent is not None and not _is_torch_builtin(module):
+            probe_rule = self._leaf_probe_rule(n, module, uniq)
         if probe_rule is None and parent is not None and self.node_flops.get(n, 0):
             probe_rule = self._function_probe_rule(n, uniq)
             if probe_rule is not None:
@@ -147,6 +142,26 @@ class _ClassBuilder:
         rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq, self.sizes_ref)
         rules.append(_Rule("new", _Class("const"), "in"))
         return rules
+
+    def _leaf_probe_rule(self, n: fx.Node, module: torch.nn.Module, uniq: list[_Class]) -> _Rule | None:
+        """A probe of a leaf we know nothing about (timm's ConvMlp or MobileViT block:
+        data-dependent sizes inside), per input size. With several inputs (MobileNetV5's
+        multi-scale fusion: maps of several sizes resized to the largest one's, then to a fixed
+        output size) it runs at every moving input's size (other tensors fixed at their
+        recorded shapes); a class of several inputs has the whole model checked once more."""
+        parent = uniq[0]
+        if len(uniq) == 1:
+            main = n.all_input_nodes[0] if n.all_input_nodes else None
+        else:
+            main = next((a for a in n.all_input_nodes if self.node_class.get(a) is parent), None)
+        in_info = self.ref.get(main) if main is not None else None
+        if not (isinstance(in_info, TensorInfo) and len(in_info.shape) == 4):
+            return None
+        others = [c for c in uniq[1:] if c.kind != "const"]
+        moving = {a: i for a in n.all_input_nodes for i, c in enumerate(others) if self.node_class.get(a) is c}
+        call = None if len(uniq) == 1 else function_call(n, main, self.ref, self.gm, moving)
+        probe = _LeafProbe(module, in_info, self.gm, self._channels_last(main, parent), call)
+        return _Rule("new", _Class("opaque", parent, probe=probe, guessed=len(uniq) > 1, others=tuple(others)), "opaque")
 
     def _channels_last(self, a: fx.Node, c: _Class) -> bool:
         """Whether ``a`` holds class ``c`` as N x H x W x C (Swin's layout), by both passes: at
@@ -199,7 +214,7 @@ class _ClassBuilder:
             self.resize_terms.append(_ResizeTerm(chosen.cls, parent, float(per_pixel)))
         elif chosen.flops_on == "opaque":  # FLOPs come from the probe, per input size
             self.opaque_terms.append(chosen.cls)
-            self.constant -= chosen.cls.probe(*self.sizes_ref[chosen.cls.parent.index])[1] - flops  # 0 if consistent
+            self.constant -= chosen.cls.probed(self.sizes_ref)[1] - flops  # 0 if consistent
         elif any(c.kind in _TOKEN_KINDS for c in [chosen.cls, *uniq]):
             # the node's classes, or the square of its output's (attention inside one call)
             square = _Class("pairs", chosen.cls)
@@ -263,7 +278,7 @@ class _ClassBuilder:
         """The reference FLOPs the terms, probes and constant account for."""
         total = self.constant + sum(t.coefficient * self.area(t.cls) for t in self.terms.values())
         total += sum(t.flops(self.sizes_ref) for t in self.resize_terms)
-        return total + sum(c.probe(*self.sizes_ref[c.parent.index])[1] for c in self.opaque_terms)
+        return total + sum(c.probed(self.sizes_ref)[1] for c in self.opaque_terms)
 
     def eval_classes(self, terms: list[_ClassTerm]) -> list[_Class]:
         """The classes needed to evaluate the terms (ancestors included), in creation order."""
@@ -275,5 +290,5 @@ class _ClassBuilder:
                 c = stack.pop()
                 if c is not None and c.index not in needed:
                     needed.add(c.index)
-                    stack += [c.parent, c.other]
+                    stack += [c.parent, c.other, *c.others]
         return [c for c in self.classes if c.index in needed]

@@ -48,7 +48,7 @@ from torch import Tensor, fx, nn
 
 from .annotated_graph import AnnotatedGraph
 from .cost_build import _ClassBuilder
-from .cost_probe import _node_flops
+from .cost_probe import ProbeFailed, _node_flops
 from .cost_rules import _TOKEN_KINDS, _accumulate, _Class, _combine, _Evaluation, _Grad, _scaled_grad
 from .dynopool import DynOPool
 from .errors import UnsupportedModelError, UserInputError
@@ -271,8 +271,8 @@ class CostModel:
         if c.kind == "opaque":  # forward differences of the probed size function
             h_in, w_in = sizes[c.parent.index]
             out_h, out_w = sizes[c.index]
-            sh = c.probe(h_in + 1, w_in)[0][0] - out_h
-            sw = c.probe(h_in, w_in + 1)[0][1] - out_w
+            sh = c.probed(sizes, dh=1)[0][0] - out_h
+            sw = c.probed(sizes, dw=1)[0][1] - out_w
             return (float(out_h), float(out_w)), (_scaled_grad(dh0, sh), _scaled_grad(dw0, sw))
         if c.kind == "dynopool":
             s_h, s_w = strides[c.group]
@@ -311,10 +311,10 @@ class CostModel:
         grads = [[0.0, 0.0] for _ in range(n_groups)]
         for c in self._opaque_terms:
             h_in, w_in = sizes[c.parent.index]
-            f = c.probe(h_in, w_in)[1]
+            f = c.probed(sizes)[1]
             flops += f
             if with_grad:
-                fh, fw = c.probe(h_in + 1, w_in)[1] - f, c.probe(h_in, w_in + 1)[1] - f
+                fh, fw = c.probed(sizes, dh=1)[1] - f, c.probed(sizes, dw=1)[1] - f
                 dh, dw = deriv[c.parent.index]
                 _accumulate(grads, _combine(dh, fh, dw, fw))
         for r in self._resize_terms:
@@ -333,18 +333,26 @@ class CostModel:
 
     def flops(self, strides: Sequence[Sequence[float]] | None = None) -> int:
         """Exact FLOPs (int) at ``strides`` (one ``(s_h, s_w)`` per group; default: current);
-        ``INFEASIBLE`` where some map would be empty (the forward pass fails there)."""
+        ``INFEASIBLE`` where some map would be empty, or a probed leaf cannot run at its inputs'
+        sizes (MobileNetV5's fusion of a smaller map with a larger one): the forward fails there."""
         s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
-        ev = self._evaluate(s, with_grad=False)
+        try:
+            ev = self._evaluate(s, with_grad=False)
+        except ProbeFailed:
+            return INFEASIBLE
         if any(h < 1 or w < 1 for h, w in ev.sizes.values()):
             return INFEASIBLE
         return int(round(ev.flops))
 
-    def group_sizes(self, strides: Sequence[Sequence[float]] | None = None) -> list[tuple[tuple[int, int], tuple[int, int]] | None]:
+    def group_sizes(self, strides: Sequence[Sequence[float]] | None = None) -> list[tuple[tuple[int, int], tuple[int, int]] | None] | None:
         """Input and output size of each group's first site that any FLOPs depend on, at
-        ``strides`` (default: current); ``None`` for a group on whose sizes no FLOPs depend."""
+        ``strides`` (default: current); ``None`` for a group on whose sizes no FLOPs depend;
+        ``None`` in all where a probed leaf cannot run (``flops`` says ``INFEASIBLE`` there)."""
         s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
-        sizes = self._evaluate(s, with_grad=False).sizes
+        try:
+            sizes = self._evaluate(s, with_grad=False).sizes
+        except ProbeFailed:
+            return None
         out: list[tuple[tuple[int, int], tuple[int, int]] | None] = [None] * len(self.parameters)
         for c in self._eval_classes:
             if c.kind == "dynopool" and out[c.group] is None:

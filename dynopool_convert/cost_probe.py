@@ -115,15 +115,20 @@ def _is_torch_builtin(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.")
 
 
-def function_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], gm: fx.GraphModule) -> tuple[tuple, dict, list[Tensor | None]]:
-    """``n``'s call as ``_LeafProbe`` replays it: ``main`` probed, other tensors as zeros of
+def function_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], gm: fx.GraphModule,
+                  moving: dict[fx.Node, int] | None = None) -> tuple[tuple, dict, list[Any]]:
+    """``n``'s call as ``_LeafProbe`` replays it: ``main`` probed, the ``moving`` inputs (node ->
+    index among the probe's other sizes) as maps of those sizes, other tensors as zeros of
     their recorded shapes, other values as recorded."""
-    tensors: list[Tensor | None] = []
+    tensors: list[Any] = []
 
     def slot(a: fx.Node) -> Any:
         info = ref.get(a)
         if a is main:
             tensors.append(None)
+            return _SLOT
+        if moving and a in moving and isinstance(info, TensorInfo) and len(info.shape) == 4:
+            tensors.append((moving[a], info))
             return _SLOT
         if isinstance(info, TensorInfo):
             tensors.append(torch.zeros(info.shape, dtype=info.dtype, device=_device(gm)))
@@ -157,24 +162,34 @@ class _LeafProbe:
         self.call = call or ((_SLOT,), {}, [None])
         self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
 
-    def __call__(self, h: int, w: int) -> tuple[tuple[int, int], int]:
-        key = (max(1, h), max(1, w))
+    def __call__(self, h: int, w: int, others: tuple = ()) -> tuple[tuple[int, int], int]:
+        key = (max(1, h), max(1, w), others)
         if key not in self.memo:
             n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last else 1]
-            shape = (n, *key, c) if self.channels_last else (*self.in_info.shape[:-2], *key)
+            shape = (n, *key[:2], c) if self.channels_last else (*self.in_info.shape[:-2], *key[:2])
             x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
             args, kwargs, tensors = self.call
             wrapper = _OneCall(self.module, args, kwargs, [])
             if isinstance(self.module, nn.Module):
                 wrapper.inner = self.module
             try:
-                flops = _count_one(wrapper, tuple(x if t is None else t for t in tensors), self.gm)
+                flops = _count_one(wrapper, tuple(self._input(t, x, others) for t in tensors), self.gm)
             except Exception as err:  # the module's own code refused the made-up input
                 raise ProbeFailed(f"{type(self.module).__name__} cannot run alone on {shape}: {err}") from err
             out = wrapper.last_shape
             hw = (out[1], out[2]) if self.channels_last else (out[-2], out[-1])
             self.memo[key] = (hw if len(out) == 4 else (1, 1), flops)
         return self.memo[key]
+
+    def _input(self, t: Any, x: Tensor, others: tuple) -> Tensor:
+        """One tensor of the replayed call: the probed map, a moving input at its size, or as recorded."""
+        if t is None:
+            return x
+        if isinstance(t, tuple):  # (index among the other sizes, its recorded TensorInfo), N x C x H x W
+            index, info = t
+            h, w = others[index] if index < len(others) else info.shape[-2:]
+            return torch.zeros((*info.shape[:-2], max(1, h), max(1, w)), dtype=info.dtype, device=_device(self.gm))
+        return t
 
 
 # top-level calls fvcore never counts (elementwise, activations, shape ops): skipped when

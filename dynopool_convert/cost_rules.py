@@ -49,6 +49,12 @@ class _Class:
     base: tuple[float, float] = (1.0, 1.0)  # dynopool: output round(h * base / s) (DynResize)
     guessed: bool = False  # read off the two passes alone: the whole model is checked once more
     other: "_Class | None" = None  # cross: the second sequence
+    others: tuple = ()  # opaque: the classes of the probed call's other moving inputs
+
+    def probed(self, sizes: dict[int, tuple[int, int]], dh: int = 0, dw: int = 0) -> tuple[tuple[int, int], int]:
+        """An opaque class's probe at its inputs' ``sizes`` (the parent's ``dh``/``dw`` larger)."""
+        h, w = sizes[self.parent.index]
+        return self.probe(h + dh, w + dw, tuple(sizes[o.index] for o in self.others))
 
     def predict(self, sizes: dict[int, tuple[int, int]], strides: Sequence[tuple[float, float]]) -> tuple[int, int]:
         """Integer output size given the parent's integer size (``sizes`` by class index)."""
@@ -67,7 +73,7 @@ class _Class:
         if self.kind == "scale":
             return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
         if self.kind == "opaque":
-            return self.probe(h, w)[0]
+            return self.probed(sizes)[0]
         if self.kind == "tokens":
             return h * w + self.params[0], 1
         if self.kind == "pairs":

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from timm.layers import register_notrace_module
+
 from dynopool_convert import DynOPool
 
 
@@ -249,6 +251,46 @@ class PooledKeys(nn.Module):
         return self.head(t.mean(1))
 
 
+@register_notrace_module
+class FuseToLargest(nn.Module):
+    """MobileNetV5's multi-scale fusion in small, a leaf fx does not enter (its input sizes pick
+    its branches): the smaller map resized to the first one's size, both concatenated, a 1x1
+    conv at that size, then resized to a fixed output size. It cannot run when the second map
+    is the larger."""
+
+    def __init__(self, chans: int, out_size: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(chans, 8, 1)
+        self.out_size = out_size
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        high = inputs[0].shape[-2:]
+        resized = [F.interpolate(x, size=high, mode="nearest") if x.shape[-2] < high[0] or x.shape[-1] < high[1] else x
+                   for x in inputs]
+        y = self.conv(torch.cat(resized, 1))
+        if tuple(high) != (self.out_size, self.out_size):
+            y = F.interpolate(y, size=(self.out_size, self.out_size), mode="bilinear")
+        return y
+
+
+class FusionNet(nn.Module):
+    """Two learned maps (the second pooled from the first) fused by :class:`FuseToLargest`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool1 = DynOPool(2.0)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool2 = DynOPool(2.0)
+        self.fuse = FuseToLargest(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.pool1(self.stem(x))
+        b = self.pool2(self.mid(a))
+        return self.head(self.fuse([a, b]).mean((2, 3)))
+
+
 #: name -> builder of a converted stand-in (small variants, random weights)
 MODELS = {
     "resnet18": lambda: dynopoolify(timm.create_model("resnet18", pretrained=False, num_classes=10)),
@@ -268,6 +310,7 @@ MODELS = {
     "pooled_keys": PooledKeys,
     "pooled_keys_fixed": lambda: PooledKeys(fixed_queries=True),
     "pooled_keys_1d": lambda: PooledKeys(sequence_pool=True),
+    "fusion": FusionNet,
 }
 
 

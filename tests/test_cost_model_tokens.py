@@ -290,3 +290,30 @@ def test_cli_budget_on_a_vit(capsys, monkeypatch):
     assert fitted is not None, out
     assert original * 0.5 < int(fitted.group(1)) <= budget
     assert "dry run: no checkpoint written" in out
+
+
+def test_a_leaf_of_several_moving_maps_is_probed_at_all_their_sizes():
+    """MobileNetV5's fusion (tests/budget_models.py: FusionNet): the leaf's FLOPs follow the
+    first map (a fixed output after it), its input sizes decide whether it runs at all."""
+    from budget_models import MODELS
+    from dynopool_convert.budget import INFEASIBLE
+
+    model = MODELS["fusion"]()
+    size = (3, 32, 32)
+    cost = CostModel(model, size)
+    assert cost.flops() == count_flops(model, size)
+    for strides in ([(1.3, 1.7), (1.1, 1.4)], [(2.6, 3.1), (1.0, 1.2)], [(0.9, 1.6), (2.4, 1.05)]):
+        for p, s in zip(cost.parameters, strides):
+            p.data.copy_(torch.tensor(s))
+        assert cost.flops() == count_flops(model, size), strides
+    # the second map larger than the first: the model cannot run there, and the cost model says so
+    for p, s in zip(cost.parameters, [(2.0, 2.0), (0.75, 0.75)]):
+        p.data.copy_(torch.tensor(s))
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(1, *size))
+    assert cost.flops() == INFEASIBLE and cost.group_sizes() is None
+    for p in cost.parameters:
+        p.data.fill_(2.0)
+    budget = int(0.95 * count_flops(model, size))  # the stem's conv at 32x32 is most of it
+    fit = fit_to_budget(model, budget, size, cost_model=cost)
+    assert count_flops(model, size) == fit.final_flops <= budget
