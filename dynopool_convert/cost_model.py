@@ -269,7 +269,6 @@ class CostModel:
             dn = _combine(dh0, w_in, dw0, h_in)
             return ((n, 1.0), (dn, {})) if c.kind == "tokens" else ((n, n), (dn, dn))
         if c.kind == "opaque":  # forward differences of the probed size function
-            h_in, w_in = sizes[c.parent.index]
             out_h, out_w = sizes[c.index]
             sh = c.probed(sizes, dh=1)[0][0] - out_h
             sw = c.probed(sizes, dw=1)[0][1] - out_w
@@ -310,7 +309,6 @@ class CostModel:
         flops = self._constant
         grads = [[0.0, 0.0] for _ in range(n_groups)]
         for c in self._opaque_terms:
-            h_in, w_in = sizes[c.parent.index]
             f = c.probed(sizes)[1]
             flops += f
             if with_grad:

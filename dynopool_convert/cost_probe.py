@@ -160,7 +160,7 @@ class _LeafProbe:
         # a function's call: args and kwargs with _SLOT for each tensor, and those tensors
         # (None: the probed input); a module is called with the probed input alone
         self.call = call or ((_SLOT,), {}, [None])
-        self.memo: dict[tuple[int, int], tuple[tuple[int, int], int]] = {}
+        self.memo: dict[tuple, tuple[tuple[int, int], int]] = {}  # (h, w, other inputs' sizes): (out h w, FLOPs)
 
     def __call__(self, h: int, w: int, others: tuple = ()) -> tuple[tuple[int, int], int]:
         key = (max(1, h), max(1, w), others)

@@ -90,3 +90,18 @@ def test_decay_outside_zero_one_is_refused(tiny_ckpt, tmp_path, decay):
     with pytest.raises(UserInputError, match="model_ema_decay"):
         finetune(ckpt, tmp_path / "x", trust_source=True,
                  overrides={"data": DATA, "train": {"steps": 1, "model_ema": True, "model_ema_decay": decay}})
+
+
+def test_cli_flags_reach_the_run(tiny_ckpt, tmp_path):
+    from dynopool_cli.app import main
+
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "cli"
+    try:
+        main(["finetune", str(ckpt), "--out", str(out), "--data", DATA, "--steps", "2", "--batch-size", "8",
+              "--device", "cpu", "--trust-source", "--model-ema", "--model-ema-decay", "0.5"])
+    except SystemExit as err:
+        assert err.code in (0, None)
+    train = load_checkpoint(out / "last.pt", trust_source=True).training
+    assert train["config"]["train"]["model_ema"] is True and train["config"]["train"]["model_ema_decay"] == 0.5
+    assert set(train["model_ema"]) == {"average", "trained"}
