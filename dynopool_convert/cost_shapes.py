@@ -67,10 +67,11 @@ def _shows_both(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple
 def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[int, int]) -> bool:
     """Whether an output observed at two strides follows a class of sizes ``size_r``/``size_p``.
 
-    Each tensor must show the size (NCHW or NHWC) at both, or have a number of elements in
-    proportion to the area (flattened tokens); each int (a shape) must not change or change
-    exactly as the class's height, width or area does (``ceil(h / p) * p`` does not: a pad to
-    that multiple is a class of its own, ``cost_rules._pad_multiple_rules``).
+    Each tensor must show the size (NCHW or NHWC) at both with its batch fixed, or have a
+    number of elements in proportion to the area (flattened tokens, windows as a batch); each
+    int (a shape) must not change or change exactly as the class's height or width does, or
+    in proportion to its area (``ceil(h / p) * p`` does not: a pad to that multiple is a class
+    of its own, ``cost_rules._pad_multiple_rules``).
     """
     flat_r, flat_p = _flat(info_r), _flat(info_p)
     if len(flat_r) != len(flat_p):
@@ -81,10 +82,13 @@ def _inherits(info_r: Any, info_p: Any, size_r: tuple[int, int], size_p: tuple[i
             shows = len(r.shape) == 4 and (
                 (r.shape[2:4] == size_r and p.shape[2:4] == size_p) or (r.shape[1:3] == size_r and p.shape[1:3] == size_p)
             )
-            if not shows and p.numel * a_r != r.numel * a_p:
+            # a tensor showing the size whose other dims move too (GCViT's global query repeated
+            # once per window: N*nW x 7 x 7 x C) follows the windows' map, not this size
+            if p.numel * a_r != r.numel * a_p and (not shows or r.shape[0] != p.shape[0]):
                 return False
         elif isinstance(r, int) and not isinstance(r, bool) and isinstance(p, int):
-            if r != p and (r, p) not in ((size_r[0], size_p[0]), (size_r[1], size_p[1]), (a_r, a_p)):
+            # a count in proportion to the area (N * number of windows) follows it too
+            if r != p and (r, p) not in ((size_r[0], size_p[0]), (size_r[1], size_p[1])) and r * a_p != p * a_r:
                 return False
         elif type(r) is not type(p):
             return False

@@ -317,3 +317,18 @@ def test_a_leaf_of_several_moving_maps_is_probed_at_all_their_sizes():
     budget = int(0.95 * count_flops(model, size))  # the stem's conv at 32x32 is most of it
     fit = fit_to_budget(model, budget, size, cost_model=cost)
     assert count_flops(model, size) == fit.final_flops <= budget
+
+
+def test_gcvit_query_repeated_per_window_is_followed():
+    """timm's GCViT repeats a global query once per window of the map (``repeat_interleave`` to
+    N * windows x 7 x 7 x C, then reshaped with that count): it follows the windows' map, not
+    the query's fixed size (refused before), and the budget fit holds by fvcore."""
+    size = (3, 64, 64)
+    torch.manual_seed(0)
+    # validated, as the CLI converts: the groups whose moves break the windows rounded or pinned
+    model = convert(timm.create_model("gcvit_xxtiny", img_size=64, num_classes=4), size).model
+    cost = CostModel(model, size)
+    assert cost.flops() == count_flops(model, size)
+    budget = int(0.8 * cost.reference_flops)
+    fit = fit_to_budget(model, budget, size, cost_model=cost)
+    assert count_flops(model, size) == fit.final_flops <= budget
