@@ -329,16 +329,21 @@ class CostModel:
                 _accumulate(grads, _combine(dh, t.coefficient * w, dw, t.coefficient * h))
         return _Evaluation(flops, [tuple(g) for g in grads], sizes)
 
+    def _evaluate_if_runnable(self, strides: Sequence[Sequence[float]] | None) -> _Evaluation | None:
+        """Sizes and FLOPs at ``strides`` (default: current), no gradient; None where a probed
+        leaf cannot run at its inputs' sizes."""
+        s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
+        try:
+            return self._evaluate(s, with_grad=False)
+        except ProbeFailed:
+            return None
+
     def flops(self, strides: Sequence[Sequence[float]] | None = None) -> int:
         """Exact FLOPs (int) at ``strides`` (one ``(s_h, s_w)`` per group; default: current);
         ``INFEASIBLE`` where some map would be empty, or a probed leaf cannot run at its inputs'
         sizes (MobileNetV5's fusion of a smaller map with a larger one): the forward fails there."""
-        s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
-        try:
-            ev = self._evaluate(s, with_grad=False)
-        except ProbeFailed:
-            return INFEASIBLE
-        if any(h < 1 or w < 1 for h, w in ev.sizes.values()):
+        ev = self._evaluate_if_runnable(strides)
+        if ev is None or any(h < 1 or w < 1 for h, w in ev.sizes.values()):
             return INFEASIBLE
         return int(round(ev.flops))
 
@@ -346,11 +351,10 @@ class CostModel:
         """Input and output size of each group's first site that any FLOPs depend on, at
         ``strides`` (default: current); ``None`` for a group on whose sizes no FLOPs depend;
         ``None`` in all where a probed leaf cannot run (``flops`` says ``INFEASIBLE`` there)."""
-        s = self._current_strides() if strides is None else [tuple(map(float, v)) for v in strides]
-        try:
-            sizes = self._evaluate(s, with_grad=False).sizes
-        except ProbeFailed:
+        ev = self._evaluate_if_runnable(strides)
+        if ev is None:
             return None
+        sizes = ev.sizes
         out: list[tuple[tuple[int, int], tuple[int, int]] | None] = [None] * len(self.parameters)
         for c in self._eval_classes:
             if c.kind == "dynopool" and out[c.group] is None:
