@@ -157,6 +157,23 @@ def log_resolution(cost: CostModel, strides: Sequence[tuple[float, float]]) -> f
     return sum(math.log(max(io[1][0] * io[1][1], 1)) for io in sizes if io is not None)
 
 
+def admissible(cost: CostModel, original, strides: Sequence[tuple[float, float]]) -> bool:
+    """No map larger than in ``original`` (``cost.group_sizes`` at the starting strides) at the
+    same site, and no site that shrank its input enlarging it: the fit moves resolution between
+    the maps, it does not add any. False where the model cannot run."""
+    sizes = cost.group_sizes(strides)
+    if sizes is None:
+        return False
+    for now, then in zip(sizes, original):
+        if now is None or then is None:
+            continue
+        (h_in, w_in), (h, w) = now
+        (h0_in, w0_in), (h0, w0) = then
+        if h > h0 or w > w0 or (h > h_in and h0 <= h0_in) or (w > w_in and w0 <= w0_in):
+            return False
+    return True
+
+
 def _level_up(cost: CostModel, base, bounds, factors: list[float], g: int, level: float, ceiling: float) -> tuple[float, float] | None:
     """Smallest factor in ``(factors[g], ceiling]`` at which the cost rises above ``level``
     (others fixed), and that cost; ``None`` if raising group ``g`` to ``ceiling`` does not."""
@@ -188,19 +205,8 @@ class _ResolutionPath:
         return [f if i == g else x for i, x in enumerate(self.factors)]
 
     def admissible(self, factors: list[float]) -> bool:
-        """No map larger than the original's at the same site, and no site that shrank its input
-        enlarging it: the fit moves resolution between the maps, it does not add any."""
-        sizes = self.cost.group_sizes(scaled(self.base, self.bounds, factors))
-        if sizes is None:  # the model cannot run there
-            return False
-        for now, then in zip(sizes, self.original):
-            if now is None or then is None:
-                continue
-            (h_in, w_in), (h, w) = now
-            (h0_in, w0_in), (h0, w0) = then
-            if h > h0 or w > w0 or (h > h_in and h0 <= h0_in) or (w > w_in and w0 <= w0_in):
-                return False
-        return True
+        """``admissible`` at these factors."""
+        return admissible(self.cost, self.original, scaled(self.base, self.bounds, factors))
 
     def descend(self, fixed: int = -1) -> bool:
         """Down one level at a time, by the move losing the least resolution per FLOP saved,

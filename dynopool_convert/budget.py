@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .allocation import (feasible_floor, flops_path_factors, log_resolution, one_group_factors, resolution_path_factors,
                          scaled)
+from .axis_fill import fill_axes
 from .cost_model import INFEASIBLE, CostModel
 from .errors import UserInputError
 from .group_ids import group_ids
@@ -106,6 +107,9 @@ class _BudgetResult:
     strides: list[list[float]]  # the final (s_h, s_w) per group
     fvcore_checks: int
     groups: list[int] = dataclasses.field(default_factory=list)  # the group id of each entry above
+    # one-axis moves (``axis_fill``) made after ``group_factors``: the strides are then not
+    # ``group_factors`` applied alike on both axes
+    axes_raised: int = 0
 
     def __getitem__(self, key: str):
         """Read as a mapping too (``fit["final_flops"]``), as the results once were."""
@@ -274,8 +278,10 @@ def _choose_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int
     return factors, method
 
 
-def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel, allocation: str = "resolution") -> dict:
-    """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``."""
+def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel, allocation: str = "resolution",
+                       fill: bool = True) -> dict:
+    """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``; then
+    (``fill``) raise single axes while the budget allows (``axis_fill``)."""
     params = cost.parameters
     bounds = cost.bounds
     base = cost.clamp(cost.current_strides())
@@ -305,7 +311,11 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
                                       [factor] * len(base) if common_fits else None, allocation)
     if factors is None:  # where maps empty, one factor for all cannot reach the budget; nor any group
         _raise_impossible(model, budget, input_size, params, base, lowest, limited=True)
-    strides = scaled(base, bounds, factors)
+    strides, raised = scaled(base, bounds, factors), 0
+    if fill:
+        # the input lowered alone stays the input alone (the simple alternative, RESULTS §6.2)
+        movable = [g for g, f in enumerate(factors) if f != 1.0] if method == "input" else None
+        strides, raised = fill_axes(cost, base, bounds, strides, budget, groups=movable)
     _set_strides(params, strides)
     final = count_flops(model, input_size)
     checks = 1
@@ -313,7 +323,7 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
         # the count disagrees with the cost model (never seen): plain common scaling,
         # stepping down one cost level at a time until fvcore confirms
         strides = scaled(base, bounds, factor)
-        factors, method = [factor] * len(base), "common"
+        factors, method, raised = [factor] * len(base), "common", 0
         _set_strides(params, strides)
         final = count_flops(model, input_size)
         checks += 1
@@ -323,7 +333,8 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
             _raise_impossible(model, budget, input_size, params, base, lowest, limited)
         # the count disagrees with the cost model: step down to the next lower cost level
         factor = _largest_fitting_factor(cost, base, bounds, cost.flops(strides) - 1, floor, factor)
-    result.update(factor=factor, method=method, group_factors=factors, final_flops=final, strides=[list(s) for s in strides], fvcore_checks=checks)
+    result.update(factor=factor, method=method, group_factors=factors, axes_raised=raised, final_flops=final,
+                  strides=[list(s) for s in strides], fvcore_checks=checks)
     return result
 
 
@@ -354,19 +365,23 @@ def fit_to_budget(
     4.12G, then 3.63G). ``allocation``: ``"resolution"`` (default) then takes an allocation that
     keeps ``RESOLUTION_GAIN`` more log-resolution at a cost within ``INPUT_FIRST_SLACK`` of the
     budget below; ``"flops"`` does not (the fit until session 8); ``"most-resolution"`` takes the
-    allocation keeping the most resolution whatever it spends (an ablation). The result is
-    confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
+    allocation keeping the most resolution whatever it spends (an ablation). Except under
+    ``"flops"``, one axis of one group at a time is then raised one pixel while the budget allows
+    (``axis_fill.fill_axes``; where a step on both axes falls far below the budget, as a ViT's
+    7x7 patch grid going to 4x4). The result is confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
     the minimum achievable FLOPs when no allocation fits. Returns a ``BudgetFit``: ``budget``,
     ``input_size``, ``original_flops`` (as given), ``converted_flops`` (before fitting),
     ``final_flops`` (fvcore, after), ``method`` (``none``/``common``/``per-group``/``input``/
     ``resolution``), ``factor`` (the best common
-    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group), ``groups`` (the
-    group id of each entry of ``group_factors`` and ``strides``) and the final ``strides`` per group.
+    multiplier of ``r``), ``group_factors`` (the multipliers applied, per group, on both axes),
+    ``axes_raised`` (the one-axis moves made after them), ``groups`` (the group id of each entry of
+    ``group_factors`` and ``strides``) and the final ``strides`` per group.
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     cost = cost_model or CostModel(model, input_size)
-    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation)
+    # "flops" stays the fit until session 8 (an ablation): without the axis fill
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation, fill=allocation != "flops")
     start = out.pop("start_flops")
     return BudgetFit(**out, converted_flops=start, original_flops=original_flops)
 
@@ -382,11 +397,11 @@ def project_to_budget(
     Strides are first clamped into their bounds (as the forward pass uses them). If the model
     is over budget, the scale factors are lowered as ``fit_to_budget(allocation="flops")`` does
     (the smallest common reduction of every ``r``, or one group at a time when that gives up
-    fewer FLOPs);
-    the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
+    fewer FLOPs), then single axes are raised back towards the learned sizes while the budget
+    allows (``axis_fill``); the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
     Raises ``UserInputError`` if no strides within the bounds fit. Returns a
     ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
-    ``group_factors``, ``groups``, ``moved`` and the final ``strides``.
+    ``group_factors``, ``axes_raised``, ``groups``, ``moved`` and the final ``strides``.
     """
     cost = cost_model or CostModel(model, input_size)
     base = cost.clamp(cost.current_strides())

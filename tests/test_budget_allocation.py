@@ -63,12 +63,15 @@ def test_half_budget_keeps_every_map_instead_of_crushing_the_last():
 @pytest.mark.parametrize("placement, frac", [("before", 0.7), ("before", 1.0), ("exact", 0.5), ("exact", 0.7)])
 def test_the_fit_keeps_the_most_expensive_allocation_when_resolution_barely_differs(placement, frac):
     """Where no allocation keeps ``RESOLUTION_GAIN`` more resolution, the fit is the one that
-    spends the most of the budget, as before (the allocations RESULTS §6.5 measured)."""
+    spends the most of the budget, as before (the allocations RESULTS §6.5 measured); the axis
+    fill after it only adds FLOPs within the budget (with no move, the strides are the same)."""
     budget = int(dc.count_flops(toy_vgg(), SIZE) * frac)
     a, b = converted(placement), converted(placement)
     old = dc.fit_to_budget(a, budget, SIZE, allocation="flops")
     new = dc.fit_to_budget(b, budget, SIZE)
-    assert new.method == old.method != "resolution" and new.strides == old.strides
+    assert new.method == old.method != "resolution" and new.group_factors == old.group_factors
+    assert old.axes_raised == 0 and old.final_flops <= new.final_flops <= budget
+    assert (new.strides == old.strides) == (new.axes_raised == 0)
 
 
 def test_the_resolution_path_moves_resolution_without_adding_any():

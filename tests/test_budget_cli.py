@@ -66,10 +66,12 @@ def test_the_fit_line_says_how_and_which_way_the_factors_moved():
     from dynopool_cli.convert_cmd import _print_fit
 
     lines = []
-    for method, factors in (("resolution", [0.7, 1.25]), ("per-group", [0.9, 1.0])):
+    for method, factors, raised in (("resolution", [0.7, 1.25], 0), ("per-group", [0.9, 1.0], 0), ("common", [0.8, 0.8], 3)):
         buf = io.StringIO()
-        fit = SimpleNamespace(method=method, group_factors=factors, groups=[0, 1], final_flops=900_000)
+        fit = SimpleNamespace(method=method, group_factors=factors, groups=[0, 1], final_flops=900_000, axes_raised=raised)
         _print_fit(Console(file=buf, width=200), fit, 1_000_000)
         lines.append(buf.getvalue())
     assert "by moving the scale factors (per group, keeping resolution;" in lines[0]
     assert "by lowering the scale factors (per group;" in lines[1]
+    assert "raised" not in lines[0] + lines[1]
+    assert lines[2].rstrip().endswith("group 1: 0.8), then 3 map sides raised one step alone")

@@ -70,9 +70,11 @@ def _print_fit(console, fit, budget_flops: int) -> None:
     factors = format_by_group(by_group(fit.group_factors, fit.groups), lambda f: f"{f:.4g}")
     how = _FIT_METHODS.get(fit.method, fit.method)
     verb = "lowering" if max(fit.group_factors) <= 1.0 else "moving"
+    raised = getattr(fit, "axes_raised", 0)
+    then = f", then {raised} map side{'s' if raised > 1 else ''} raised one step alone" if raised else ""
     console.print(
         f"budget {format_flops(budget_flops)}: fitted to {format_flops(fit.final_flops)} "
-        f"({fit.final_flops}) by {verb} the scale factors ({how}; r × {factors})"
+        f"({fit.final_flops}) by {verb} the scale factors ({how}; r × {factors}){then}"
     )
 
 

@@ -1,0 +1,64 @@
+"""The budget fit's axis fill (``axis_fill.fill_axes``): one side of one map raised at a time
+where a step on both sides falls far below the budget."""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+import dynopool_convert as dc
+from dynopool_convert.allocation import admissible, scaled
+from dynopool_convert.axis_fill import fill_axes
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.training.group_sizes import GroupGeometry
+
+SIZE = (3, 56, 56)
+
+
+def patch_grid() -> nn.Module:
+    """A patchify stem (8x8, stride 8: a 7x7 grid at 56 px) and 1x1 convs over the grid: the cost
+    is proportional to the grid's area, so 5x5 is just over half of 7x7 and 4x4 a third."""
+    return nn.Sequential(nn.Conv2d(3, 32, 8, stride=8), nn.ReLU(), nn.Conv2d(32, 64, 1), nn.ReLU(),
+                         nn.Conv2d(64, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_half_budget_on_a_coarse_grid_takes_a_rectangle():
+    """Under half the FLOPs (placement exact: the input resized to a multiple of the patch) the
+    square steps give a 4x4 grid (0.70 of the budget); the fill takes 5x4 or 4x5 (0.88), within
+    the budget by fvcore's count."""
+    original = dc.count_flops(patch_grid(), SIZE)
+    budget = original // 2
+    squares = dc.convert(patch_grid(), input_size=SIZE, placement="exact").model
+    square_fit = dc.fit_to_budget(squares, budget, SIZE, allocation="flops")  # no fill
+    model = dc.convert(patch_grid(), input_size=SIZE, placement="exact").model
+    fit = dc.fit_to_budget(model, budget, SIZE)
+    assert fit.axes_raised >= 1 and fit.final_flops == dc.count_flops(model, SIZE) <= budget
+    assert square_fit.final_flops < 0.75 * budget < 0.85 * budget < fit.final_flops
+    assert GroupGeometry(squares, SIZE).measure()[1] == [(32, 32)]
+    assert sorted(GroupGeometry(model, SIZE).measure()[1][0]) == [32, 40]
+    with torch.no_grad():
+        assert model(torch.randn(2, *SIZE)).shape == (2, 10)
+
+
+def test_the_fill_never_leaves_the_budget_or_enlarges_a_map():
+    """From random allocations within the budget: every filled allocation is within the budget,
+    costs at least as much, and keeps every map within its starting size."""
+    torch.manual_seed(0)
+    model = dc.convert(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                     nn.Flatten(), nn.Linear(16, 10)), input_size=(3, 40, 40)).model
+    cost = CostModel(model, (3, 40, 40))
+    base, bounds = cost.clamp(cost.current_strides()), cost.bounds
+    original = cost.group_sizes(scaled(base, bounds, 1.0))
+    rng = random.Random(0)
+    raised_any = False
+    for _ in range(8):
+        start = scaled(base, bounds, [rng.uniform(0.4, 1.0) for _ in base])
+        budget = int(cost.flops(start) * rng.uniform(1.0, 1.3))
+        filled, moves = fill_axes(cost, base, bounds, start, budget)
+        raised_any |= moves > 0
+        assert cost.flops(start) <= cost.flops(filled) <= budget
+        assert admissible(cost, original, filled)
+        assert (moves == 0) == ([tuple(s) for s in start] == filled)
+    assert raised_any
