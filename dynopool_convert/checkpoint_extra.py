@@ -2,7 +2,7 @@
 
 ``extra["flops"]`` is a mapping of fvcore counts at the checkpoint's ``input_size``:
 ``original`` (the model before conversion), ``converted`` (right after it), ``final`` and
-``fit_method``/``group_factors`` (after fitting to a budget at convert time), ``current`` (the
+``fit_method``/``group_factors``/``axes_raised`` (after fitting to a budget at convert time), ``current`` (the
 weights saved by fine-tuning, after the budget projection). ``extra["fit_to_budget"]`` is
 ``BudgetFit.as_dict()`` when the trainer converted and fitted the model itself.
 ``extra["weights"]`` is where the loaded weights came from (``weights.build_with_weights``).
@@ -24,6 +24,8 @@ def conversion_extra(original: int | None, converted: int, fit: Any = None, keep
         flops.update(final=fit.final_flops, fit_method=fit.method, group_factors=fit.group_factors)
         if getattr(fit, "groups", None) is not None:  # the group id of each factor
             flops["groups"] = fit.groups
+        if getattr(fit, "axes_raised", 0):  # one-axis moves after the factors (``axis_fill``)
+            flops["axes_raised"] = fit.axes_raised
     extra: dict[str, Any] = {"flops": flops}
     if fit is not None and keep_fit:
         extra["fit_to_budget"] = fit.as_dict()

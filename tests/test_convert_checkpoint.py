@@ -131,6 +131,8 @@ def test_checkpoint_extra_schema():
     extra = conversion_extra(120, 100, fit, keep_fit=True)
     assert extra == {"flops": {"original": 120, "converted": 100, "final": 90, "fit_method": "common",
                                "group_factors": [0.9]}, "fit_to_budget": {"final_flops": 90}}
+    fit.axes_raised = 2
+    assert conversion_extra(120, 100, fit)["flops"]["axes_raised"] == 2
     saved = with_current_flops(extra, 85)
     assert saved["flops"]["current"] == 85 and saved["flops"]["original"] == 120 and "current" not in extra["flops"]
     assert with_current_flops(None, 7) == {"flops": {"current": 7}}

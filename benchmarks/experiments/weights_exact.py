@@ -126,6 +126,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=0.1, help="one-cycle warm-up fraction of the original's training")
     ap.add_argument("--ft-lr", type=float, default=0.01, help="learning rate of the fine-tuning")
     ap.add_argument("--ft", default="{}", help="more train.* overrides of the fine-tuning (JSON)")
+    ap.add_argument("--build-args", default="{}",
+                    help='more builder arguments of the model (JSON), e.g. a small ViT: \'{"img_size": 32, "patch_size": 4}\'')
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--fractions", default="0.01,0.1,1", help="fine-tuning lengths in epochs")
     ap.add_argument("--placements", default="none,exact,before,after", help="none: the unconverted control")
@@ -153,7 +155,7 @@ def main() -> None:
     data = build_datasets(parse_data_spec(args.data), size, seed=0)
     scored = data if args.eval_data is None else build_datasets(parse_data_spec(args.eval_data), size, seed=0)
     val = DataLoader(scored.val, batch_size=256)
-    build_args = {"num_classes": data.num_classes}
+    build_args = {"num_classes": data.num_classes, **json.loads(args.build_args)}
     if args.trained is not None:
         weights = args.trained
         model, _ = build_with_weights(args.model, build_args, weights=weights)
@@ -176,8 +178,10 @@ def main() -> None:
     rows = []
     for placement in filter(None, args.placements.split(",")):
         ck = args.out / f"{placement}.pt"
-        cmd = [sys.executable, "-m", "dynopool_cli", "convert", args.model, "--build-arg",
-               f"num_classes={data.num_classes}", "--input-size", str(args.size), "--weights", str(weights), "--out", str(ck)]
+        cmd = [sys.executable, "-m", "dynopool_cli", "convert", args.model, "--input-size", str(args.size),
+               "--weights", str(weights), "--out", str(ck)]
+        for key, value in build_args.items():
+            cmd += ["--build-arg", f"{key}={json.dumps(value) if isinstance(value, bool) else value}"]
         # "none": the control, nothing converted (the original fine-tuned the same way)
         cmd += ["--include", "no-site-matches-this"] if placement == "none" else ["--placement", placement]
         budget = int(args.budget_frac * original_flops)
@@ -202,7 +206,7 @@ def main() -> None:
                     f"{r['acc_initial_sizes']}, search {r['search']} ({r['wall_s']:.0f}s)")
             row["runs"][f"{fraction:g}"] = runs
         rows.append(row)
-    summary = {"model": args.model, "size": args.size, "data": args.data, "eval_data": args.eval_data, "epochs": args.epochs, "lr": args.lr,
+    summary = {"model": args.model, "build_args": build_args, "size": args.size, "data": args.data, "eval_data": args.eval_data, "epochs": args.epochs, "lr": args.lr,
                "opt": args.opt, "history": history, "original_acc": original_acc, "original_flops": original_flops,
                "steps_per_epoch": steps_per_epoch, "budget_frac": args.budget_frac, "input_site": args.input_site, "ft_lr": args.ft_lr, "ft": json.loads(args.ft), "rows": rows}
     if args.json:
