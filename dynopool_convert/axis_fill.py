@@ -43,16 +43,22 @@ def fill_axes(cost: CostModel, base: Sequence[tuple[float, float]], bounds, stri
     time, by the move that regains the most resolution (``log_resolution``) per FLOP spent,
     while a move fits the budget and keeps every map within its size at ``base`` (``admissible``);
     and the number of moves made. Only ``groups`` (indices; default all) move. Stops after
-    ``max_seconds`` (many groups) with what it has."""
+    ``max_seconds`` (many groups, or a cost model that probes leaves at each new size) with the
+    best move of the candidates it scored."""
     original = cost.group_sizes(scaled(base, bounds, 1.0))
     strides = [tuple(s) for s in strides]
     flops, kept = cost.flops(strides), log_resolution(cost, strides)
     deadline = time.perf_counter() + max_seconds
     moves = 0
-    while time.perf_counter() < deadline:
+    late = False
+    while not late:
         best = None  # score, strides, cost, resolution
         for g in range(len(bounds)) if groups is None else groups:
             for axis in (0, 1):
+                # a new size can mean new probes of opaque leaves (MobileNetV5: seconds each)
+                late = late or time.perf_counter() > deadline
+                if late:
+                    break
                 up = _axis_level_up(cost, strides, g, axis, flops, bounds[g][0])
                 if up is None or up[1] > budget or not admissible(cost, original, up[0]):
                     continue

@@ -355,6 +355,7 @@ def fit_to_budget(
     cost_model: CostModel | None = None,
     original_flops: int | None = None,
     allocation: str = "resolution",
+    axis_fill: bool | None = None,
 ) -> BudgetFit:
     """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
 
@@ -365,10 +366,10 @@ def fit_to_budget(
     4.12G, then 3.63G). ``allocation``: ``"resolution"`` (default) then takes an allocation that
     keeps ``RESOLUTION_GAIN`` more log-resolution at a cost within ``INPUT_FIRST_SLACK`` of the
     budget below; ``"flops"`` does not (the fit until session 8); ``"most-resolution"`` takes the
-    allocation keeping the most resolution whatever it spends (an ablation). Except under
-    ``"flops"``, one axis of one group at a time is then raised one pixel while the budget allows
-    (``axis_fill.fill_axes``; where a step on both axes falls far below the budget, as a ViT's
-    7x7 patch grid going to 4x4). The result is confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
+    allocation keeping the most resolution whatever it spends (an ablation). ``axis_fill``
+    (default: except under ``"flops"``): one axis of one group at a time is then raised one
+    pixel while the budget allows (``axis_fill.fill_axes``; where a step on both axes falls far
+    below the budget, as a ViT's 7x7 patch grid going to 4x4). The result is confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
     the minimum achievable FLOPs when no allocation fits. Returns a ``BudgetFit``: ``budget``,
     ``input_size``, ``original_flops`` (as given), ``converted_flops`` (before fitting),
     ``final_flops`` (fvcore, after), ``method`` (``none``/``common``/``per-group``/``input``/
@@ -381,7 +382,8 @@ def fit_to_budget(
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     cost = cost_model or CostModel(model, input_size)
     # "flops" stays the fit until session 8 (an ablation): without the axis fill
-    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation, fill=allocation != "flops")
+    fill = allocation != "flops" if axis_fill is None else axis_fill
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation, fill=fill)
     start = out.pop("start_flops")
     return BudgetFit(**out, converted_flops=start, original_flops=original_flops)
 

@@ -62,3 +62,15 @@ def test_the_fill_never_leaves_the_budget_or_enlarges_a_map():
         assert admissible(cost, original, filled)
         assert (moves == 0) == ([tuple(s) for s in start] == filled)
     assert raised_any
+
+
+def test_the_fill_stops_at_its_time_limit():
+    """Past ``max_seconds`` no further candidate is scored (a cost model probing opaque leaves
+    can take seconds per new size): with no time at all, the start comes back unchanged."""
+    model = dc.convert(patch_grid(), input_size=SIZE, placement="exact").model
+    cost = CostModel(model, SIZE)
+    base, bounds = cost.clamp(cost.current_strides()), cost.bounds
+    start = scaled(base, bounds, 0.6)
+    budget = int(cost.flops(start) * 1.3)
+    assert fill_axes(cost, base, bounds, start, budget)[1] >= 1
+    assert fill_axes(cost, base, bounds, start, budget, max_seconds=0.0) == ([tuple(s) for s in start], 0)
