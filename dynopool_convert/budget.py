@@ -279,7 +279,7 @@ def _choose_factors(model: nn.Module, cost: CostModel, base, bounds, budget: int
 
 
 def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostModel, allocation: str = "resolution",
-                       fill: bool = True) -> dict:
+                       fill: bool = False) -> dict:
     """Scale every group's r by one factor <= 1 so that fvcore's count is <= ``budget``; then
     (``fill``) raise single axes while the budget allows (``axis_fill``)."""
     params = cost.parameters
@@ -355,7 +355,7 @@ def fit_to_budget(
     cost_model: CostModel | None = None,
     original_flops: int | None = None,
     allocation: str = "resolution",
-    axis_fill: bool | None = None,
+    axis_fill: bool = False,
 ) -> BudgetFit:
     """Fit a converted model into ``budget`` FLOPs by lowering the groups' scale factors ``r``.
 
@@ -367,9 +367,10 @@ def fit_to_budget(
     keeps ``RESOLUTION_GAIN`` more log-resolution at a cost within ``INPUT_FIRST_SLACK`` of the
     budget below; ``"flops"`` does not (the fit until session 8); ``"most-resolution"`` takes the
     allocation keeping the most resolution whatever it spends (an ablation). ``axis_fill``
-    (default: except under ``"flops"``): one axis of one group at a time is then raised one
-    pixel while the budget allows (``axis_fill.fill_axes``; where a step on both axes falls far
-    below the budget, as a ViT's 7x7 patch grid going to 4x4). The result is confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
+    (off by default): one axis of one group at a time is then raised one pixel while the budget
+    allows (``axis_fill.fill_axes``; where a step on both axes falls far below the budget, as a
+    ViT's 7x7 patch grid going to 4x4; on the one model measured the FLOPs it adds bought no
+    accuracy: docs/RESULTS.md §6.7). The result is confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
     the minimum achievable FLOPs when no allocation fits. Returns a ``BudgetFit``: ``budget``,
     ``input_size``, ``original_flops`` (as given), ``converted_flops`` (before fitting),
     ``final_flops`` (fvcore, after), ``method`` (``none``/``common``/``per-group``/``input``/
@@ -381,9 +382,7 @@ def fit_to_budget(
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     cost = cost_model or CostModel(model, input_size)
-    # "flops" stays the fit until session 8 (an ablation): without the axis fill
-    fill = allocation != "flops" if axis_fill is None else axis_fill
-    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation, fill=fill)
+    out = _fit_common_factor(model, int(budget), tuple(input_size), cost, allocation, fill=axis_fill)
     start = out.pop("start_flops")
     return BudgetFit(**out, converted_flops=start, original_flops=original_flops)
 
@@ -399,11 +398,10 @@ def project_to_budget(
     Strides are first clamped into their bounds (as the forward pass uses them). If the model
     is over budget, the scale factors are lowered as ``fit_to_budget(allocation="flops")`` does
     (the smallest common reduction of every ``r``, or one group at a time when that gives up
-    fewer FLOPs), then single axes are raised back towards the learned sizes while the budget
-    allows (``axis_fill``); the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
+    fewer FLOPs); the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
     Raises ``UserInputError`` if no strides within the bounds fit. Returns a
     ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
-    ``group_factors``, ``axes_raised``, ``groups``, ``moved`` and the final ``strides``.
+    ``group_factors``, ``axes_raised`` (0), ``groups``, ``moved`` and the final ``strides``.
     """
     cost = cost_model or CostModel(model, input_size)
     base = cost.clamp(cost.current_strides())

@@ -62,15 +62,15 @@ def convert_source(
     budget: int | str | None = None,
     keep_fit: bool = False,
     progress: Progress | None = None,
-    axis_fill: bool = True,
+    axis_fill: bool = False,
     **policy: Any,
 ) -> Conversion:
     """Build ``source`` (with ``weights``/``pretrained``), convert it with ``policy`` (the keyword
     arguments of ``convert``; ``placement`` defaults to ``exact`` with weights, else ``before``)
     at ``input_size`` (default: the model's own, ``models.default_input_size``), count its FLOPs
     and fit it to ``budget`` (FLOPs, or a share of the original's: ``0.7x``, ``70%``) when given.
-    ``keep_fit`` also stores the whole fit in ``extra``; ``axis_fill`` False keeps the fit's
-    maps scaled alike on both axes (``fit_to_budget``)."""
+    ``keep_fit`` also stores the whole fit in ``extra``; ``axis_fill``: the fit then raises single
+    sides of maps while the budget allows (``fit_to_budget``)."""
     step = progress or (lambda message: nullcontext())
     source = resolve_source(source)
     build_args = dict(build_args or {})

@@ -30,9 +30,9 @@ def test_half_budget_on_a_coarse_grid_takes_a_rectangle():
     original = dc.count_flops(patch_grid(), SIZE)
     budget = original // 2
     squares = dc.convert(patch_grid(), input_size=SIZE, placement="exact").model
-    square_fit = dc.fit_to_budget(squares, budget, SIZE, allocation="flops")  # no fill
+    square_fit = dc.fit_to_budget(squares, budget, SIZE)  # the default: no fill
     model = dc.convert(patch_grid(), input_size=SIZE, placement="exact").model
-    fit = dc.fit_to_budget(model, budget, SIZE)
+    fit = dc.fit_to_budget(model, budget, SIZE, axis_fill=True)
     assert fit.axes_raised >= 1 and fit.final_flops == dc.count_flops(model, SIZE) <= budget
     assert square_fit.final_flops < 0.75 * budget < 0.85 * budget < fit.final_flops
     assert GroupGeometry(squares, SIZE).measure()[1] == [(32, 32)]
@@ -74,3 +74,41 @@ def test_the_fill_stops_at_its_time_limit():
     budget = int(cost.flops(start) * 1.3)
     assert fill_axes(cost, base, bounds, start, budget)[1] >= 1
     assert fill_axes(cost, base, bounds, start, budget, max_seconds=0.0) == ([tuple(s) for s in start], 0)
+
+
+def _convert_cli(argv, capsys) -> tuple[int, str]:
+    import pytest
+
+    from dynopool_cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().out
+
+
+def test_convert_axis_fill_flag(tmp_path, capsys, monkeypatch):
+    """``dynopool convert --budget 0.5x``: a small ViT's 8x8 patch grid goes to 5x5 by default;
+    with ``--axis-fill`` one side more (6x5), the line says so and the checkpoint records it;
+    both within the budget by fvcore's count."""
+    monkeypatch.setenv("COLUMNS", "200")
+    vit = ["timm:vit_tiny_patch16_224", "--input-size", "32", "--placement", "exact", "--budget", "0.5x"]
+    for key, value in (("img_size", 32), ("patch_size", 4), ("depth", 1), ("embed_dim", 32), ("num_heads", 2),
+                       ("num_classes", 3), ("dynamic_img_size", "true")):
+        vit += ["--build-arg", f"{key}={value}"]
+    grids = {}
+    for flag in ([], ["--axis-fill"]):
+        out_path = tmp_path / f"vit{len(flag)}.pt"
+        code, out = _convert_cli(["convert", *vit, *flag, "--out", str(out_path)], capsys)
+        assert code == 0
+        ck = dc.load_checkpoint(out_path)
+        assert dc.count_flops(ck.model, (3, 32, 32)) <= ck.budget
+        grids[bool(flag)] = sorted(GroupGeometry(ck.model, (3, 32, 32)).measure()[1][0])
+        assert ("raised one step alone" in out) == bool(flag) == ("axes_raised" in ck.extra["flops"])
+    assert grids == {False: [20, 20], True: [20, 24]}
+
+
+def test_recipe_key_convert_axis_fill():
+    from dynopool_convert.training.recipes import config_from_dict
+
+    assert config_from_dict({"convert": {"axis_fill": True}}).convert.axis_fill is True
+    assert config_from_dict({}).convert.axis_fill is False

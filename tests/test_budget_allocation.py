@@ -63,15 +63,17 @@ def test_half_budget_keeps_every_map_instead_of_crushing_the_last():
 @pytest.mark.parametrize("placement, frac", [("before", 0.7), ("before", 1.0), ("exact", 0.5), ("exact", 0.7)])
 def test_the_fit_keeps_the_most_expensive_allocation_when_resolution_barely_differs(placement, frac):
     """Where no allocation keeps ``RESOLUTION_GAIN`` more resolution, the fit is the one that
-    spends the most of the budget, as before (the allocations RESULTS §6.5 measured); the axis
-    fill after it only adds FLOPs within the budget (with no move, the strides are the same)."""
+    spends the most of the budget, as before (the allocations RESULTS §6.5 measured); with
+    ``axis_fill`` the fill after it only adds FLOPs within the budget (no move: the same strides)."""
     budget = int(dc.count_flops(toy_vgg(), SIZE) * frac)
-    a, b = converted(placement), converted(placement)
+    a, b, c = converted(placement), converted(placement), converted(placement)
     old = dc.fit_to_budget(a, budget, SIZE, allocation="flops")
     new = dc.fit_to_budget(b, budget, SIZE)
-    assert new.method == old.method != "resolution" and new.group_factors == old.group_factors
-    assert old.axes_raised == 0 and old.final_flops <= new.final_flops <= budget
-    assert (new.strides == old.strides) == (new.axes_raised == 0)
+    assert new.method == old.method != "resolution" and new.strides == old.strides
+    filled = dc.fit_to_budget(c, budget, SIZE, axis_fill=True)
+    assert filled.method == new.method and filled.group_factors == new.group_factors
+    assert new.axes_raised == 0 and new.final_flops <= filled.final_flops <= budget
+    assert (filled.strides == new.strides) == (filled.axes_raised == 0)
 
 
 def test_the_resolution_path_moves_resolution_without_adding_any():

@@ -4,6 +4,7 @@ converts, under each placement, checked by fvcore's count (docs/results/budget_s
     python -m benchmarks.coverage.budget_sweep                       # everything, resumable
     python -m benchmarks.coverage.budget_sweep --only timm:resnet18 --fresh
     python -m benchmarks.coverage.budget_sweep --render-only
+    python -m benchmarks.coverage.budget_sweep --axis-fill         # converting with --axis-fill
 
 Each model of ``docs/results/zoo_sweep.jsonl`` whose status is ``ok`` is converted again at the
 same input size and build arguments, the way the CLI does it (``convert_source``: validation
@@ -21,11 +22,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.coverage.zoo_sweep import RESULTS as ZOO_RESULTS, ROOT, _Worker, append_row, run_workers
 
 RESULTS = ROOT / "docs" / "results" / "budget_sweep.jsonl"
 TABLE = ROOT / "docs" / "results" / "budget_sweep.md"
+# ``--axis-fill``: the same sweep converting with ``--axis-fill``, in files of its own
+FILL_RESULTS = ROOT / "docs" / "results" / "budget_sweep_axis_fill.jsonl"
+FILL_TABLE = ROOT / "docs" / "results" / "budget_sweep_axis_fill.md"
 PLACEMENTS = ("before", "exact")
 MODULE = "benchmarks.coverage.budget_sweep"
 
@@ -43,7 +48,7 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())[:2000]
 
 
-def fit_cell(source: str, zoo: dict, placement: str, share: str) -> dict:
+def fit_cell(source: str, zoo: dict, placement: str, share: str, axis_fill: bool = False) -> dict:
     """Convert ``source`` as the CLI does with ``--budget share --placement placement`` and check
     the fitted model: fvcore's count within the budget, a finite forward pass."""
     import torch
@@ -57,7 +62,7 @@ def fit_cell(source: str, zoo: dict, placement: str, share: str) -> dict:
     cell: dict = {"placement": placement, "share": share}
     t0 = time.perf_counter()
     try:
-        done = convert_source(source, build_args, input_size=size, budget=share, placement=placement)
+        done = convert_source(source, build_args, input_size=size, budget=share, placement=placement, axis_fill=axis_fill)
         model = done.model.eval()
         counted = int(dc.count_flops(model, size))
         with torch.no_grad():
@@ -80,44 +85,45 @@ def fit_cell(source: str, zoo: dict, placement: str, share: str) -> dict:
     return cell
 
 
-def run_one(source: str, shares: list[str]) -> dict:
+def run_one(source: str, shares: list[str], axis_fill: bool = False) -> dict:
     """Every placement and budget share of one model."""
     import torch
 
     torch.set_num_threads(1)
     zoo = zoo_rows()[source]
-    cells = [fit_cell(source, zoo, placement, share) for placement in PLACEMENTS for share in shares]
+    cells = [fit_cell(source, zoo, placement, share, axis_fill) for placement in PLACEMENTS for share in shares]
     return {"source": source, "input": zoo["input"], "cells": cells,
             "status": "ok" if all(c["status"] in ("ok", "refused") for c in cells) else "failed",
             "seconds": round(sum(c["seconds"] for c in cells), 1)}
 
 
-def serve(shares: list[str]) -> None:
+def serve(shares: list[str], axis_fill: bool = False) -> None:
     """Worker loop: one source per stdin line, one JSON row per stdout line."""
     for line in sys.stdin:
         source = line.strip()
         if source:
-            print(json.dumps(run_one(source, shares)), flush=True)
+            print(json.dumps(run_one(source, shares, axis_fill)), flush=True)
 
 
 class _BudgetWorker(_Worker):
     """``zoo_sweep``'s worker process, serving this module's rows."""
 
-    def __init__(self, shares: str) -> None:
-        super().__init__(0, MODULE, ("--budgets", shares))
+    def __init__(self, shares: str, axis_fill: bool = False) -> None:
+        super().__init__(0, MODULE, ("--budgets", shares, *(["--axis-fill"] if axis_fill else [])))
 
 
-def sweep(sources: list[str], shares: str, timeout: float, workers: int) -> None:
-    done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+def sweep(sources: list[str], shares: str, timeout: float, workers: int, axis_fill: bool = False) -> None:
+    results = FILL_RESULTS if axis_fill else RESULTS
+    done = {json.loads(line)["source"] for line in results.read_text().splitlines()} if results.exists() else set()
     todo = [(source,) for source in sources if source not in done]
     print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
 
     def record(job: tuple, row: dict) -> None:
-        append_row(RESULTS, row)
+        append_row(results, row)
         cells = " ".join(f"{c['placement']}@{c['share']}:{c['status']}" for c in row.get("cells", []))
         print(f"{job[0]:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
 
-    run_workers(todo, lambda: _BudgetWorker(shares), timeout, workers, record)
+    run_workers(todo, lambda: _BudgetWorker(shares, axis_fill), timeout, workers, record)
 
 
 def _cell_text(c: dict) -> str:
@@ -126,8 +132,8 @@ def _cell_text(c: dict) -> str:
     return f"{c['status']}: {c.get('reason', '')[:240]}".replace("|", "\\|")
 
 
-def render(shares: list[str]) -> str:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+def render(shares: list[str], results: Path = RESULTS) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     latest = {r["source"]: r for r in rows}
     keys = [(p, s) for p in PLACEMENTS for s in shares]
     counts = {k: {} for k in keys}
@@ -172,22 +178,27 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="only these sources")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
+    parser.add_argument("--axis-fill", action="store_true",
+                        help="convert with --axis-fill (results in budget_sweep_axis_fill.jsonl/.md)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)  # passed to every worker by zoo_sweep's; unused here
     args = parser.parse_args()
     if args.serve:
-        serve(args.budgets.split(","))
+        serve(args.budgets.split(","), args.axis_fill)
         return
+    results, table = (FILL_RESULTS, FILL_TABLE) if args.axis_fill else (RESULTS, TABLE)
     sources = sorted(zoo_rows())
     if args.only:
         sources = [s for s in sources if s in args.only]
-    if args.fresh and RESULTS.exists():
-        keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
-        RESULTS.write_text("".join(line + "\n" for line in keep))
+    if args.fresh and results.exists():
+        keep = [line for line in results.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
+        results.write_text("".join(line + "\n" for line in keep))
     if not args.render_only:
-        sweep(sources, args.budgets, args.timeout, args.workers)
-    TABLE.write_text(render(args.budgets.split(",")))
-    print(f"wrote {TABLE}")
+        sweep(sources, args.budgets, args.timeout, args.workers, args.axis_fill)
+    text = render(args.budgets.split(","), results)
+    table.write_text(text.replace("--budget SHARE --placement P` does", "--budget SHARE --placement P --axis-fill` does")
+                     if args.axis_fill else text)
+    print(f"wrote {table}")
 
 
 if __name__ == "__main__":

@@ -112,16 +112,6 @@ def finetune_row(ck: Path, run: Path, steps: int, seed: int, args, budget: int, 
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def square_conversion(args, placement: str, build_args: dict, weights: Path, budget: int, ck: Path) -> None:
-    """``dynopool convert`` as the CLI does it, fitted without the axis fill (``--square-fit``)."""
-    from dynopool_convert.conversion import convert_source
-
-    done = convert_source(args.model, dict(build_args), input_size=(3, args.size, args.size), weights=weights,
-                          budget=budget, placement=placement, input_site=args.input_site, axis_fill=False)
-    dc.save_checkpoint(ck, done.model, done.plan, done.source, done.build_args, input_size=done.input_size,
-                       budget=done.budget, extra=done.extra)
-
-
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet18")
@@ -148,8 +138,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--budget-frac", type=float, default=1.0,
                     help="budget as a fraction of the original's FLOPs (fitted at conversion below 1)")
     ap.add_argument("--input-site", action="store_true", help="convert with a learnable input resolution")
-    ap.add_argument("--square-fit", action="store_true",
-                    help="fit the budget without the axis fill (every map scaled alike on both axes; an ablation)")
+    ap.add_argument("--axis-fill", action="store_true", help="convert with --axis-fill (below budget 1)")
     ap.add_argument("--trained", type=Path, default=None,
                     help="weights of an original trained by an earlier run (skips the training)")
     return ap.parse_args()
@@ -199,10 +188,8 @@ def main() -> None:
         budget = int(args.budget_frac * original_flops)
         cmd += ["--budget", str(budget)] if args.budget_frac < 1 else []
         cmd += ["--input-site"] if args.input_site and placement != "none" else []
-        if args.square_fit and placement != "none" and args.budget_frac < 1:
-            square_conversion(args, placement, build_args, weights, budget, ck)
-        else:
-            subprocess.run(cmd, check=True, capture_output=True, cwd=args.out)
+        cmd += ["--axis-fill"] if args.axis_fill and placement != "none" else []
+        subprocess.run(cmd, check=True, capture_output=True, cwd=args.out)
         converted = dc.load_checkpoint(ck)
         row = {"placement": placement, "groups": converted.plan.summary()["groups"],
                "flops_init": dc.count_flops(converted.model, size), "acc_init": evaluate(converted.model, val),
@@ -223,7 +210,7 @@ def main() -> None:
         rows.append(row)
     summary = {"model": args.model, "build_args": build_args, "size": args.size, "data": args.data, "eval_data": args.eval_data, "epochs": args.epochs, "lr": args.lr,
                "opt": args.opt, "history": history, "original_acc": original_acc, "original_flops": original_flops,
-               "steps_per_epoch": steps_per_epoch, "budget_frac": args.budget_frac, "input_site": args.input_site, "square_fit": args.square_fit, "ft_lr": args.ft_lr, "ft": json.loads(args.ft), "rows": rows}
+               "steps_per_epoch": steps_per_epoch, "budget_frac": args.budget_frac, "input_site": args.input_site, "axis_fill": args.axis_fill, "ft_lr": args.ft_lr, "ft": json.loads(args.ft), "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     print_table(summary, fractions)

@@ -89,6 +89,7 @@ def convert(
     placement: Annotated[Optional[Placement], typer.Option(help="exact: every op kept behind a learnable resize that is the identity at init (the converted model computes what the original did; default with --weights/--pretrained); before/after: DynOPool before or after each strided conv (made stride 1), pools become DynOPool (default without weights: before). From scratch, before did better at a budget equal to the model's FLOPs and at 0.7 of it, exact at half of it (docs/RESULTS.md sections 6.5-6.6).")] = None,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,
     input_site: Annotated[bool, typer.Option("--input-site", help="Also learn the input resolution: a DynOPool site (input_resize) in front of the model, starting at stride 1, so that shrinking the input is one of the choices the budget and the size search weigh.")] = False,
+    axis_fill: Annotated[bool, typer.Option("--axis-fill", help="With --budget: after the fit (every map scaled alike on both axes), raise one side of one map at a time while the budget allows (a coarse grid: ViT-B/32 under 0.5x gets 5x4 patches instead of 4x4). Off by default: on the one model measured it spent 20% more FLOPs for no accuracy (docs/RESULTS.md section 6.7).")] = False,
     aggregate: Annotated[Optional[Aggregate], typer.Option(help="Aggregate of every site (default: max for convs and max pools, mean for avg pools and interpolations).")] = None,
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
@@ -120,7 +121,7 @@ def convert(
         source, parse_build_args(build_arg), input_size=parse_input_size(input_size) if input_size is not None else None,
         weights=weights, pretrained=pretrained, budget=budget, progress=console.status,
         placement=placement.value if placement else None, aggregate=aggregate.value if aggregate else None,
-        include=include, exclude=exclude, patchify=patchify, input_site=input_site,
+        include=include, exclude=exclude, patchify=patchify, input_site=input_site, axis_fill=axis_fill,
     )
     budget_flops = done.budget
     _print_conversion(console, done, budget_flops)

@@ -77,6 +77,7 @@ class ConvertPolicy:
     exclude: list[str] | None = None
     input_site: bool = False  # a learnable input resolution in front of the model
     patchify: bool | None = None  # the patchify rule under placement before (default: on)
+    axis_fill: bool = False  # the budget fit then raises single sides of maps while the budget allows
 
 
 @dataclass
