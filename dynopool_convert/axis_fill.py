@@ -1,5 +1,6 @@
-"""The budget fit's last step: one axis of one group at a time raised by one pixel while the
-budget allows (``budget.fit_to_budget``).
+"""The budget fit's optional last step (``fit_to_budget(axis_fill=True)``, ``dynopool convert
+--axis-fill``; off by default, docs/RESULTS.md §6.7): one axis of one group at a time raised by
+one pixel while the budget allows.
 
 The allocations of ``allocation.py`` multiply each group's ``r`` on both axes alike. Where one
 pixel is a large share of a map (a ViT's 7x7 patch grid at 224 px, or any map at 32-64 px),

@@ -370,8 +370,9 @@ def fit_to_budget(
     (off by default): one axis of one group at a time is then raised one pixel while the budget
     allows (``axis_fill.fill_axes``; where a step on both axes falls far below the budget, as a
     ViT's 7x7 patch grid going to 4x4; on the one model measured the FLOPs it adds bought no
-    accuracy: docs/RESULTS.md §6.7). The result is confirmed with fvcore (stepping further down if ever needed). Raises ``UserInputError`` with
-    the minimum achievable FLOPs when no allocation fits. Returns a ``BudgetFit``: ``budget``,
+    accuracy: docs/RESULTS.md §6.7). The result is confirmed with fvcore (stepping further down
+    if ever needed). Raises ``UserInputError`` with the minimum achievable FLOPs when no
+    allocation fits. Returns a ``BudgetFit``: ``budget``,
     ``input_size``, ``original_flops`` (as given), ``converted_flops`` (before fitting),
     ``final_flops`` (fvcore, after), ``method`` (``none``/``common``/``per-group``/``input``/
     ``resolution``), ``factor`` (the best common
@@ -398,7 +399,8 @@ def project_to_budget(
     Strides are first clamped into their bounds (as the forward pass uses them). If the model
     is over budget, the scale factors are lowered as ``fit_to_budget(allocation="flops")`` does
     (the smallest common reduction of every ``r``, or one group at a time when that gives up
-    fewer FLOPs); the result is confirmed by ``count_flops`` and the loop only ends on a confirmed count.
+    fewer FLOPs); the result is confirmed by ``count_flops`` and the loop only ends on a
+    confirmed count.
     Raises ``UserInputError`` if no strides within the bounds fit. Returns a
     ``BudgetProjection``: ``budget``, ``input_size``, ``flops_before``, ``final_flops``, ``method``, ``factor``,
     ``group_factors``, ``axes_raised`` (0), ``groups``, ``moved`` and the final ``strides``.

@@ -2,8 +2,8 @@
 
 ``extra["flops"]`` is a mapping of fvcore counts at the checkpoint's ``input_size``:
 ``original`` (the model before conversion), ``converted`` (right after it), ``final`` and
-``fit_method``/``group_factors``/``axes_raised`` (after fitting to a budget at convert time), ``current`` (the
-weights saved by fine-tuning, after the budget projection). ``extra["fit_to_budget"]`` is
+``fit_method``/``group_factors``/``axes_raised`` (after fitting to a budget at convert time),
+``current`` (the weights saved by fine-tuning, after the budget projection). ``extra["fit_to_budget"]`` is
 ``BudgetFit.as_dict()`` when the trainer converted and fitted the model itself.
 ``extra["weights"]`` is where the loaded weights came from (``weights.build_with_weights``).
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from torch import nn
 
@@ -77,8 +78,6 @@ def test_the_fill_stops_at_its_time_limit():
 
 
 def _convert_cli(argv, capsys) -> tuple[int, str]:
-    import pytest
-
     from dynopool_cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
