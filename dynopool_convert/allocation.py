@@ -151,7 +151,11 @@ def log_resolution(cost: CostModel, strides: Sequence[tuple[float, float]]) -> f
     the product of the maps' areas, so every map counts alike and crushing any one of them (a
     last 3x3 map to 1x1) costs as much as halving the input's area; ``-inf`` where the model
     cannot run."""
-    sizes = cost.group_sizes(strides)
+    return resolution_of(cost.group_sizes(strides))
+
+
+def resolution_of(sizes) -> float:
+    """``log_resolution`` of ``cost.group_sizes``'s result."""
     if sizes is None:
         return -math.inf
     return sum(math.log(max(io[1][0] * io[1][1], 1)) for io in sizes if io is not None)
@@ -161,7 +165,11 @@ def admissible(cost: CostModel, original, strides: Sequence[tuple[float, float]]
     """No map larger than in ``original`` (``cost.group_sizes`` at the starting strides) at the
     same site, and no site that shrank its input enlarging it: the fit moves resolution between
     the maps, it does not add any. False where the model cannot run."""
-    sizes = cost.group_sizes(strides)
+    return sizes_admissible(cost.group_sizes(strides), original)
+
+
+def sizes_admissible(sizes, original) -> bool:
+    """``admissible`` of ``cost.group_sizes``'s result."""
     if sizes is None:
         return False
     for now, then in zip(sizes, original):

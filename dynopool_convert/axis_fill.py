@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from .allocation import _edge, admissible, f32, log_resolution, scaled
+from .allocation import _edge, f32, log_resolution, resolution_of, scaled, sizes_admissible
 from .cost_model import CostModel
 
 __all__ = ["fill_axes"]
@@ -61,9 +61,12 @@ def fill_axes(cost: CostModel, base: Sequence[tuple[float, float]], bounds, stri
                 if late:
                     break
                 up = _axis_level_up(cost, strides, g, axis, flops, bounds[g][0])
-                if up is None or up[1] > budget or not admissible(cost, original, up[0]):
+                if up is None or up[1] > budget:
                     continue
-                res = log_resolution(cost, up[0])
+                sizes = cost.group_sizes(up[0])  # one evaluation for both checks
+                if not sizes_admissible(sizes, original):
+                    continue
+                res = resolution_of(sizes)
                 if res > kept:
                     score = (res - kept) / max(up[1] - flops, 1)
                     if best is None or score > best[0]:
