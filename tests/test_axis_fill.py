@@ -111,3 +111,38 @@ def test_recipe_key_convert_axis_fill():
 
     assert config_from_dict({"convert": {"axis_fill": True}}).convert.axis_fill is True
     assert config_from_dict({}).convert.axis_fill is False
+
+
+def test_finetune_refit_takes_the_recipes_axis_fill(tmp_path, capsys, monkeypatch):
+    """A checkpoint at its original FLOPs fine-tuned under ``--budget 0.5x``: the fit before the
+    first step gives the 8x8 grid 5x5 by default, 6x5 with the recipe's ``convert.axis_fill``
+    (the message says so), every step within the budget."""
+    from dynopool_convert.training import finetune
+    from dynopool_convert.training.trainer import TrainCallbacks
+
+    class Messages(TrainCallbacks):
+        def __init__(self) -> None:
+            self.messages: list[str] = []
+
+        def on_message(self, message: str) -> None:
+            self.messages.append(message)
+
+    monkeypatch.setenv("COLUMNS", "200")
+    vit = ["timm:vit_tiny_patch16_224", "--input-size", "32", "--placement", "exact"]
+    for key, value in (("img_size", 32), ("patch_size", 4), ("depth", 1), ("embed_dim", 32), ("num_heads", 2),
+                       ("num_classes", 3), ("dynamic_img_size", "true")):
+        vit += ["--build-arg", f"{key}={value}"]
+    ckpt = tmp_path / "vit.pt"
+    assert _convert_cli(["convert", *vit, "--out", str(ckpt)], capsys)[0] == 0
+    grids = {}
+    for fill in (False, True):
+        rec, out = Messages(), tmp_path / f"run{int(fill)}"
+        finetune(ckpt, out, trust_source=True, callbacks=rec, overrides={
+            "budget": "0.5x", "convert": {"axis_fill": fill}, "data": "synthetic:classes=3,train=20,val=6",
+            "train": {"steps": 2, "batch_size": 10, "device": "cpu", "log_every": 1}})
+        fitted = [m for m in rec.messages if "over its budget: fitted to" in m]
+        assert len(fitted) == 1 and ("raised one step alone" in fitted[0]) == fill
+        final = dc.load_checkpoint(out / "last.pt", trust_source=True)
+        assert dc.count_flops(final.model, (3, 32, 32)) <= final.budget
+        grids[fill] = sorted(GroupGeometry(final.model, (3, 32, 32)).measure()[1][0])
+    assert grids == {False: [20, 20], True: [20, 24]}

@@ -351,13 +351,17 @@ class _Run:
     def _fit_to_budget_first(self) -> None:
         """Strides not learned by gradient: nothing would bring a model over its budget into it
         before the size search, so it is fitted first (``fit_to_budget``, as ``convert --budget``
-        does) and trains at sizes the budget allows from the first step."""
+        does) and trains at sizes the budget allows from the first step. The axis fill runs when
+        the recipe asks for it (``convert.axis_fill``) or the checkpoint's own fit used it."""
         flops = self.cost.flops()
         if flops <= self.budget:
             return
-        fit = upstream.fit_to_budget(self.model, self.budget, self.bundle.input_size, self.cost)
+        counts = (self.bundle.extra or {}).get("flops") or {}
+        fill = bool(self.cfg.convert.axis_fill or counts.get("axes_raised"))
+        fit = upstream.fit_to_budget(self.model, self.budget, self.bundle.input_size, self.cost, axis_fill=fill)
+        raised = f", then {fit.axes_raised} map sides raised one step alone" if fit.axes_raised else ""
         self.cbs.on_message(f"the model ({flops:,} FLOPs) is over its budget: fitted to {fit.final_flops:,} FLOPs "
-                            f"({fit.method}) before the first step")
+                            f"({fit.method}{raised}) before the first step")
 
     def _rejoin_holdout(self) -> None:
         """From the epoch after the search, the held-out images train again (their one use is done)."""
