@@ -26,12 +26,16 @@ def _step_text(row: dict[str, Any]) -> str:
             f"{row['img_s']:.0f} img/s")
 
 
+def _val_count(row: dict[str, Any]) -> str:
+    return f" ({row['val_images']} images)" if row.get("val_images") is not None else ""
+
+
 def _epoch_text(row: dict[str, Any], groups: list[int | None] | None) -> str:
     """The epoch's line; the scale factors labelled by group id, in group order (as in the report)."""
     ids = groups if groups is not None and len(groups) == len(row["r_saved"]) else [None] * len(row["r_saved"])
     r = format_by_group(by_group(row["r_saved"], ids), lambda v: f"{v[0]:.3f}x{v[1]:.3f}")
     return (f"epoch {row['epoch']} step {row['step']}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | saved FLOPs {fmt_flops(row['flops'])}"
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{_val_count(row)} | saved FLOPs {fmt_flops(row['flops'])}"
             f"{'/' + fmt_flops(row['budget']) if row.get('budget') else ''} | r {r} | {row['time_s']:.1f}s")
 
 

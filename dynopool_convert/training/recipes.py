@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA when supported, off on CPU) | bf16 | off
     log_every: int = 20
+    val_limit: int | None = None  # validate on at most this many validation images (a fixed random sample; default all)
     checkpoint_every: int | None = None  # also save last.pt every N steps (default: per epoch)
     # the size schedule (training/size_control.py): jitter while learning, held-out search, settle
     size_jitter: int = 0  # each step, move every group's size by up to this many pixels (default off: it cost 4 points, docs/RESULTS.md §6)
@@ -170,7 +171,8 @@ def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -
     _update(cfg, data)
     if cfg.train.epochs is not None and cfg.train.steps is not None:
         raise UserInputError("give either train.epochs or train.steps, not both")
-    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every", "holdout_max", "size_refresh_every"):
+    for key in ("batch_size", "log_every", "epochs", "steps", "checkpoint_every", "holdout_max", "size_refresh_every",
+                "val_limit"):
         value = getattr(cfg.train, key)
         if value is not None and value < 1:
             raise UserInputError(f"recipe key 'train.{key}' must be >= 1, got {value}")

@@ -407,10 +407,19 @@ class _Run:
         self.cbs.on_search(self.scored)
         return scored
 
+    def _val_indices(self) -> list[int]:
+        """The validation images scored: all, or a fixed random sample of ``train.val_limit``
+        (seeded by ``train.seed``: the same images every epoch and after resuming), in order."""
+        n, limit = len(self.data.val), self.t.val_limit
+        if limit is None or limit >= n:
+            return list(range(n))
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(self.t.seed))[:limit]
+        return sorted(int(i) for i in sample)
+
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         info = self.info
         losses, correct = score(model, self.data.val, self.t.batch_size, self.t.workers, info.device, self.t.amp,
-                                indices=list(range(info.rank, len(self.data.val), info.world)))
+                                indices=self._val_indices()[info.rank::info.world])
         loss_sum, correct, count = all_reduce_sum([float(losses.double().sum()), float(correct.sum()), len(losses)], info)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
@@ -421,7 +430,8 @@ class _Run:
         val_loss, val_acc = self._evaluate(projected)
         row = {
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
-            "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc, "flops": flops,
+            "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc,
+            "val_images": len(self._val_indices()), "flops": flops,
             "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
             "time_s": round(seconds, 3), "projection": projection, "distinct_sizes": self.size_log.distinct,
         }
