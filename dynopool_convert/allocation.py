@@ -18,7 +18,7 @@ from .cost_model import INFEASIBLE, CostModel
 #: step in any factor (1/4096 at 4096 px), so no level is skipped
 TOLERANCE = 1e-7
 
-__all__ = ["scaled", "flops_path_factors", "resolution_path_factors", "one_group_factors", "log_resolution"]
+__all__ = ["scaled", "flops_path_factors", "resolution_path_factors", "one_group_factors", "log_resolution", "bisect_edge"]
 
 
 def f32(x: float) -> float:
@@ -37,7 +37,7 @@ def scaled(base: Sequence[tuple[float, float]], bounds, factor: float | Sequence
     return out
 
 
-def _edge(holds, lo: float, hi: float) -> tuple[float, float]:
+def bisect_edge(holds, lo: float, hi: float) -> tuple[float, float]:
     """``[lo, hi]`` narrowed to ``TOLERANCE`` around where ``holds`` (true at ``lo``, false at
     ``hi``) changes."""
     for _ in range(60):
@@ -63,7 +63,7 @@ def feasible_floor(cost: CostModel, base, bounds, factors: list[float], g: int, 
         put(f)
         return cost.flops(scaled(base, bounds, trial)) >= INFEASIBLE
 
-    return _edge(empties, floor, max(factors) if g < 0 else factors[g])[1]
+    return bisect_edge(empties, floor, max(factors) if g < 0 else factors[g])[1]
 
 
 def next_level(cost: CostModel, base, bounds, factors: list[float], g: int, level: float, floor: float) -> tuple[float, float] | None:
@@ -78,7 +78,7 @@ def next_level(cost: CostModel, base, bounds, factors: list[float], g: int, leve
         trial[g] = f
         return cost.flops(scaled(base, bounds, trial)) < level
 
-    trial[g] = _edge(below, floor, factors[g])[0]
+    trial[g] = bisect_edge(below, floor, factors[g])[0]
     return trial[g], cost.flops(scaled(base, bounds, trial))
 
 
@@ -193,7 +193,7 @@ def _level_up(cost: CostModel, base, bounds, factors: list[float], g: int, level
         trial[g] = f
         return cost.flops(scaled(base, bounds, trial)) <= level
 
-    trial[g] = _edge(within, factors[g], ceiling)[1]
+    trial[g] = bisect_edge(within, factors[g], ceiling)[1]
     return trial[g], cost.flops(scaled(base, bounds, trial))
 
 

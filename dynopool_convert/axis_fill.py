@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from .allocation import _edge, f32, log_resolution, resolution_of, scaled, sizes_admissible
+from .allocation import bisect_edge, f32, log_resolution, resolution_of, scaled, sizes_admissible
 from .cost_model import CostModel
 
 __all__ = ["fill_axes"]
@@ -33,7 +33,7 @@ def _axis_level_up(cost: CostModel, strides: list[tuple[float, float]], g: int, 
     ceiling = start / lowest
     if ceiling <= 1.0 or cost.flops(at(ceiling)) <= level:
         return None
-    trial = at(_edge(lambda x: cost.flops(at(x)) <= level, 1.0, ceiling)[1])
+    trial = at(bisect_edge(lambda x: cost.flops(at(x)) <= level, 1.0, ceiling)[1])
     return trial, cost.flops(trial)
 
 
