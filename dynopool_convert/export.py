@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from .convert import check_input_size
 from .errors import UserInputError
@@ -91,13 +92,26 @@ def _batch_dynamic() -> tuple[dict[int, object]]:
     return ({0: torch.export.Dim.AUTO},)
 
 
+def output_names(out: object) -> list[str]:
+    """ONNX output names for a model's output: ``output`` for one tensor, a dict's keys for a
+    dict of tensors (torchvision's segmentation models: ``out``, ``aux``), else ``output_<i>``
+    in the order of ``torch.utils._pytree``'s leaves (the order the exporters use)."""
+    leaves = tree_leaves(out)
+    if isinstance(out, Tensor):
+        return ["output"]
+    if isinstance(out, dict) and len(out) == len(leaves) and all(isinstance(k, str) for k in out):
+        return list(out)
+    return [f"output_{i}" for i in range(len(leaves))]
+
+
 def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+    names = output_names(frozen(example))
     torch.onnx.export(frozen, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET, external_data=False,
-                      dynamic_shapes=_batch_dynamic(), input_names=["input"], output_names=["output"], verbose=False)
+                      dynamic_shapes=_batch_dynamic(), input_names=["input"], output_names=names, verbose=False)
 
 
 def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
-    torch.jit.trace(frozen, example).save(str(tmp))
+    torch.jit.trace(frozen, example, strict=False).save(str(tmp))  # strict=False: dict and list outputs
 
 
 def _write_pt2(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
@@ -126,7 +140,12 @@ def load_exported(fmt: str, path: str | Path, frozen: nn.Module | None = None) -
 
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
+
+        def run(x: Tensor) -> Tensor | list[Tensor]:
+            outs = [torch.from_numpy(o) for o in session.run(None, {name: x.detach().cpu().numpy()})]
+            return outs[0] if len(outs) == 1 else outs  # several: in the order of the model's pytree leaves
+
+        return run
     if fmt == "torchscript":
         return torch.jit.load(path, map_location="cpu")
     if fmt == "pt2":
@@ -146,8 +165,10 @@ def load_exported(fmt: str, path: str | Path, frozen: nn.Module | None = None) -
 
 
 def _outputs(run: Callable[[Tensor], Tensor], inputs: list[Tensor]) -> list[Tensor]:
+    """Each input's output as one float64 vector: every tensor of a dict, tuple or list output,
+    flattened in pytree order and concatenated."""
     with torch.no_grad():
-        return [run(x).double() for x in inputs]
+        return [torch.cat([t.double().flatten() for t in tree_leaves(run(x))]) for x in inputs]
 
 
 def _distance(got: list[Tensor], want: list[Tensor]) -> float:
@@ -168,7 +189,7 @@ def _float64_copy(model: nn.Module, x: Tensor) -> nn.Module | None:
     try:
         copy64 = copy.deepcopy(model).double().eval()
         with torch.no_grad():
-            if copy64(x.double()).dtype != torch.float64:  # it casts down somewhere: no float64 reading
+            if any(t.dtype != torch.float64 for t in tree_leaves(copy64(x.double()))):  # it casts down somewhere
                 return None
     except Exception:  # noqa: BLE001 - a model without float64 support just gets no such reading
         return None

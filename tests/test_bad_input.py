@@ -153,6 +153,10 @@ def _write_finetune_inputs(folder: Path, files: dict[str, Path]) -> None:
     model = dc.build_model(SOURCE, {"num_classes": 2})
     result = dc.convert(model, input_size=(3, 32, 32), validate=False)
     files["good2"] = dc.save_checkpoint(folder / "good2.pt", result.model, result.plan, SOURCE, {"num_classes": 2}, (3, 32, 32))
+    seg = "torchvision:lraspp_mobilenet_v3_large"  # outputs a dict {"out": N x classes x H x W}
+    result = dc.convert(dc.build_model(seg, {"num_classes": 4}), input_size=(3, 32, 32), validate=False)
+    files["segmentation"] = dc.save_checkpoint(folder / "segmentation.pt", result.model, result.plan, seg,
+                                               {"num_classes": 4}, (3, 32, 32))
 
 
 # A module:factory source whose import leaves a marker and which rebuilds the same model.
@@ -284,6 +288,8 @@ CASES = [
     Case("ft-recipe-unknown-opt", _recipe("unknown_opt"), ("train.opt", "nosuchopt")),
     Case("ft-recipe-unknown-sched", _recipe("unknown_sched"), ("train.sched", "nosuchsched")),
     Case("ft-recipe-missing", _finetune("--recipe", "{in}/nope.yaml"), ("recipe not found",)),
+    Case("ft-segmentation-model", _finetune("--data", SYNTH, ckpt="segmentation"), ("image classifiers", "'out'")),
+    Case("ft-val-limit-zero", _finetune("--data", SYNTH, "--val-limit", "0"), ("--val-limit",)),
     Case("ft-lr-nan", _finetune("--data", SYNTH, "--lr", "nan"), ("train.lr", "finite")),
     Case("ft-lr-inf", _finetune("--data", SYNTH, "--lr", "inf"), ("train.lr", "finite")),
     Case("ft-scale-lr-negative", _finetune("--data", SYNTH, "--scale-lr", "-1"), ("train.scale_lr",)),

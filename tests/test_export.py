@@ -274,3 +274,48 @@ def test_freeze_and_onnx_export_of_an_exact_conversion_at_moved_strides(tmp_path
 
     ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
     assert {"Resize", "Conv"} <= ops
+
+
+class _TwoHeads(nn.Module):
+    """Segmentation-style outputs: a dict of two maps at different scales (as torchvision's
+    ``out``/``aux``), or the same as a tuple."""
+
+    def __init__(self, as_tuple: bool = False) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.out = nn.Conv2d(8, 4, 1)
+        self.aux = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.stem(x)))
+        out, aux = self.out(h), 10.0 * self.aux(h).mean((2, 3))
+        return (out, aux) if self.as_tuple else {"out": out, "aux": aux}
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_of_dict_and_tuple_outputs(as_tuple, fmt, tmp_path):
+    """Every output tensor is written, named (a dict's keys in ONNX) and compared, in order:
+    swapping two outputs of the file would be seen."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    from dynopool_convert.export import _max_diff, load_exported
+
+    torch.manual_seed(0)
+    model = convert(_TwoHeads(as_tuple), input_size=SIZE).model.eval()
+    with torch.no_grad():
+        scale_parameters(model)[0].mul_(1.2)
+    result = export(model, fmt, tmp_path / f"model.{fmt}")
+    assert result.max_abs_diff < 1e-5 and result.passes(1e-4, 1e-5) and result.float64_max_abs_diff < 1e-5
+    run = load_exported(fmt, result.path, freeze(model))
+    x = [torch.randn(3, *SIZE)]
+    swapped = (lambda t: list(reversed(list(model(t).values() if not as_tuple else model(t)))))
+    assert _max_diff(run, model, x)[0] < 1e-5 and _max_diff(swapped, model, x)[0] > 1.0
+    if fmt == "onnx":
+        import onnx
+
+        names = [o.name for o in onnx.load(str(result.path)).graph.output]
+        assert names == (["output_0", "output_1"] if as_tuple else ["out", "aux"])

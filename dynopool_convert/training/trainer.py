@@ -118,6 +118,15 @@ def finetune(
         cleanup(info)
 
 
+def _describe(out: Any) -> str:
+    """What a model returned, in a few words (for the classifier check's message)."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, dict):
+        return f"a dict with keys {', '.join(map(repr, list(out)[:4]))} (a segmentation or detection model?)"
+    return f"a {type(out).__name__}"
+
+
 class _Run:
     """One invocation of the loop (state shared by the small methods below)."""
 
@@ -217,7 +226,13 @@ class _Run:
         with torch.no_grad():
             out = model(torch.zeros(1, *self.bundle.input_size, device=self.info.device))
         model.train(was)
-        if out.dim() != 2 or out.shape[1] != num_classes:
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise UserInputError(
+                f"dynopool finetune trains image classifiers (outputs N x classes); this model outputs {_describe(out)}: "
+                f"train it in your own loop with dynopool_convert's CostModel, budget_penalty and project_to_budget "
+                f"(README, 'Compute budget')"
+            )
+        if out.shape[1] != num_classes:
             raise UserInputError(
                 f"the model outputs shape {tuple(out.shape)} but the data has {num_classes} classes: "
                 f"convert the model with num_classes={num_classes} (and its input channels = {self.bundle.input_size[0]})"
