@@ -17,7 +17,7 @@ from torch import Tensor, fx, nn
 from ._helpers import node_hw
 from .annotated_graph import AnnotatedGraph
 from .dynopool import dynopool_output_size
-from .errors import UserInputError
+from .errors import UserInputError, input_size_hint
 from .grouping import TieGraph
 from .input_site import insert_input_site
 from .pos_embed import follow_grids
@@ -85,7 +85,7 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
     except Exception as err:  # the user's model failing at this size is a user-fixable problem
         msg = " ".join(str(err).split())[:200]
         raise UserInputError(
-            f"the model fails on an input of size {list(size)} (before conversion): {type(err).__name__}: {msg}; try another --input-size"
+            f"the model fails on an input of size {list(size)} (before conversion): {type(err).__name__}: {msg}; {input_size_hint(msg, size)}"
         ) from err
     traced = graph.gm
     candidates = find_candidates(traced, graph.node_names)

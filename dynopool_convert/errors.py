@@ -1,7 +1,7 @@
 """Exceptions the library raises for problems the user can fix (the CLI maps them to exit 2)."""
 from __future__ import annotations
 
-__all__ = ["DynopoolError", "UserInputError", "UnsupportedModelError", "one_line"]
+__all__ = ["DynopoolError", "UserInputError", "UnsupportedModelError", "one_line", "input_size_hint"]
 
 
 class DynopoolError(Exception):
@@ -29,3 +29,15 @@ def one_line(value: object, limit: int | None = None) -> str:
     with ``...`` when longer: for messages that quote another error."""
     text = " ".join(str(value).split())
     return text if limit is None or len(text) <= limit else f"{text[:limit]}..."
+
+
+def input_size_hint(message: str, size) -> str:
+    """What to try when a model fails at an input size: a timm model built for another size
+    (its patch embedding asserts the size it was built for) takes ``img_size`` or
+    ``dynamic_img_size``; otherwise another ``--input-size``."""
+    if "doesn't match model" in message:
+        h, w = size[-2], size[-1]
+        img = h if h == w else f"[{h},{w}]"
+        return (f"the model was built for another input size: build it for this one (--build-arg img_size={img}) "
+                f"or for any (--build-arg dynamic_img_size=true), or give its own --input-size")
+    return "try another --input-size"

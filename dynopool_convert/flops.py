@@ -58,7 +58,7 @@ def __getattr__(name: str) -> Any:
 
 from .dynopool import DynOPool, dynopool2d, dynopool_modules
 from .dynresize import DynResize, dynresize2d
-from .errors import UserInputError
+from .errors import UserInputError, input_size_hint
 
 __all__ = [
     "count_flops",
@@ -224,7 +224,7 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
             except Exception as err:  # the model failing at the user's input size is user-fixable
                 msg = " ".join(str(err).split())[:200]
                 raise UserInputError(
-                    f"the model fails on an input of size {[c, h, w]}: {type(err).__name__}: {msg}; try another --input-size"
+                    f"the model fails on an input of size {[c, h, w]}: {type(err).__name__}: {msg}; {input_size_hint(msg, (c, h, w))}"
                 ) from err
             yield fa
     finally:
