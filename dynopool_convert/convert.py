@@ -21,6 +21,7 @@ from .errors import UserInputError, input_size_hint
 from .grouping import TieGraph
 from .input_site import insert_input_site
 from .pos_embed import follow_grids
+from .rel_pos import follow_rel_biases
 from .plan import Group, Plan, Site
 from .rewrite import pin_module_paths, rewrite, site_module_paths
 from .sites import Candidate, find_candidates
@@ -90,7 +91,8 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
     traced = graph.gm
     candidates = find_candidates(traced, graph.node_names)
     # before any rewrite, so that apply_plan replays them identically
-    notes = list(graph.notes) + follow_flattens(traced, candidates) + follow_grids(traced, candidates)
+    notes = (list(graph.notes) + follow_flattens(traced, candidates) + follow_grids(traced, candidates)
+             + follow_rel_biases(traced, candidates))
     return Analysis(traced, candidates, example, output_spec(graph.output), notes)
 
 

@@ -265,7 +265,7 @@ class CostModel:
             return ((ph * pw + pad - dil * (k - 1) - 1) / stride + 1, 1.0), (_combine(dh0, w_in / stride, dw0, h_in / stride), {})
         if c.kind in _TOKEN_KINDS:  # h * w (+ e): the product rule at the integer sizes, as for terms
             h_in, w_in = sizes[c.parent.index]
-            n = ph * pw + (c.params[0] if c.kind == "tokens" else 0)
+            n = ph * pw + (c.params[0] if c.kind in ("tokens", "pairs") and c.params else 0)
             dn = _combine(dh0, w_in, dw0, h_in)
             return ((n, 1.0), (dn, {})) if c.kind == "tokens" else ((n, n), (dn, dn))
         if c.kind == "opaque":  # forward differences of the probed size function

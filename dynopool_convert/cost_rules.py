@@ -40,7 +40,8 @@ class _Class:
     group: int = -1  # dynopool: index into the group list
     # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
     # multiple: (m_h, m_w), padded up to a multiple (Swin's pad to its window or to even sizes);
-    # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (h*w, h*w);
+    # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (L, L), L = h*w
+    # (+ extra, when params holds it: a relative-position bias over class and patch tokens);
     # cross: size (h*w, h2*w2) of parent and ``other`` (attention of one sequence over another);
     # pooled: (k, s, p, d, ceil): a 1-d window over the parent's h*w tokens, size (L', 1)
     params: tuple = ()
@@ -76,8 +77,9 @@ class _Class:
             return self.probed(sizes)[0]
         if self.kind == "tokens":
             return h * w + self.params[0], 1
-        if self.kind == "pairs":
-            return h * w, h * w
+        if self.kind == "pairs":  # (extra,): h*w + extra tokens a side (a class token's row and column)
+            n = h * w + (self.params[0] if self.params else 0)
+            return n, n
         if self.kind == "cross":
             h2, w2 = sizes[self.other.index]
             return h * w, h2 * w2
@@ -262,11 +264,15 @@ def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref:
         changed = [d for d, (a, b) in enumerate(zip(tensors_r[0].shape, tensors_p[0].shape)) if a != b]
     rules = []
     for c in parents:
+        h, w = sizes_ref[c.index]
         if len(changed) == 1:
-            h, w = sizes_ref[c.index]
             extra = tensors_r[0].shape[changed[0]] - h * w
             rules.append(_Rule("new", _Class("tokens", c, params=(extra,)), "out"))
         rules.append(_Rule("new", _Class("pairs", c), "out"))
+        if len(changed) == 2 and len({tensors_r[0].shape[d] for d in changed}) == 1:  # (L, L), L = h*w + extra
+            extra = tensors_r[0].shape[changed[0]] - h * w
+            if extra:
+                rules.append(_Rule("new", _Class("pairs", c, params=(extra,)), "out"))
     return rules
 
 

@@ -19,6 +19,7 @@ from torch import fx
 
 from .joins import joined_operands, origin_source, spatial as _spatial
 from .pos_embed import resample_pos_embed
+from .rel_pos import regrid_rel_bias
 from .sites import Candidate
 
 __all__ = ["TieGraph"]
@@ -98,7 +99,7 @@ class TieGraph:
             if node.name in self._fixed:
                 origin[node.name] = f"<fixed by {self._names[node.name]}>"
                 continue
-            if node.target is resample_pos_embed:  # sized by the grid it follows, not by the parameter
+            if node.target in (resample_pos_embed, regrid_rel_bias):  # sized by the grid it follows, not by the parameter
                 origin[node.name] = origin.get(node.args[1].name)
                 continue
             out = _spatial(node)

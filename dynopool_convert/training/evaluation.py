@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["autocast", "score"]
+__all__ = ["autocast", "score", "val_sample"]
 
 
 def autocast(device: torch.device, amp: str):
@@ -34,3 +34,12 @@ def score(model: nn.Module, data: Dataset, batch_size: int, workers: int, device
             losses.append(nn.functional.cross_entropy(logits, labels, reduction="none").cpu())
             correct.append((logits.argmax(1) == labels).cpu())
     return torch.cat(losses), torch.cat(correct)
+
+
+def val_sample(n: int, limit: int | None, seed: int) -> list[int]:
+    """The validation images scored: all ``n``, or a fixed random sample of ``limit`` of them
+    (seeded: the same images every epoch and after resuming), in order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    return sorted(int(i) for i in sample)

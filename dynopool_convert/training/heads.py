@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UserInputError
 
-__all__ = ["model_classes", "classifier_path", "replace_classifier", "adapt_head"]
+__all__ = ["model_classes", "classifier_path", "replace_classifier", "adapt_head", "check_classifier"]
 
 
 def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) -> int | None:
@@ -117,3 +117,32 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
                              f"num_classes={data_classes}")
     bundle.build_args = {**(bundle.build_args or {}), "num_classes": data_classes}
     say(f"head: {path} replaced ({have} -> {data_classes} classes, fresh weights)")
+
+
+def _describe(out: object) -> str:
+    """What a model returned, in a few words (for the classifier check's message)."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, dict):
+        return f"a dict with keys {', '.join(map(repr, list(out)[:4]))} (a segmentation or detection model?)"
+    return f"a {type(out).__name__}"
+
+
+def check_classifier(model: nn.Module, input_size: tuple[int, int, int], device, num_classes: int) -> None:
+    """UserInputError unless ``model`` outputs ``N x num_classes`` (fine-tuning trains classifiers)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, *input_size, device=device))
+    model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UserInputError(
+            f"dynopool finetune trains image classifiers (outputs N x classes); this model outputs {_describe(out)}: "
+            f"train it in your own loop with dynopool_convert's CostModel, budget_penalty and project_to_budget "
+            f"(README, 'Compute budget')"
+        )
+    if out.shape[1] != num_classes:
+        raise UserInputError(
+            f"the model outputs shape {tuple(out.shape)} but the data has {num_classes} classes: "
+            f"convert the model with num_classes={num_classes} (and its input channels = {input_size[0]})"
+        )

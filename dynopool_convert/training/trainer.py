@@ -25,9 +25,9 @@ from ..errors import UserInputError
 from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_warnings
-from .evaluation import autocast, score
+from .evaluation import autocast, score, val_sample
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from .heads import adapt_head
+from .heads import adapt_head, check_classifier
 from .interrupt import StopFlag
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
@@ -118,15 +118,6 @@ def finetune(
         cleanup(info)
 
 
-def _describe(out: Any) -> str:
-    """What a model returned, in a few words (for the classifier check's message)."""
-    if isinstance(out, torch.Tensor):
-        return f"a tensor of shape {tuple(out.shape)}"
-    if isinstance(out, dict):
-        return f"a dict with keys {', '.join(map(repr, list(out)[:4]))} (a segmentation or detection model?)"
-    return f"a {type(out).__name__}"
-
-
 class _Run:
     """One invocation of the loop (state shared by the small methods below)."""
 
@@ -159,7 +150,7 @@ class _Run:
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
         model = bundle.model.to(info.device)
         adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
-        self._check_classes(model, data.num_classes)
+        check_classifier(model, bundle.input_size, info.device, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
         self.average = WeightAverage(model, t.model_ema_decay) if t.model_ema else None
@@ -219,24 +210,6 @@ class _Run:
         if spec.kind == "synthetic":
             return spec.options.get("classes", 4)
         return build_datasets(spec, input_hint).num_classes
-
-    def _check_classes(self, model: nn.Module, num_classes: int) -> None:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros(1, *self.bundle.input_size, device=self.info.device))
-        model.train(was)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise UserInputError(
-                f"dynopool finetune trains image classifiers (outputs N x classes); this model outputs {_describe(out)}: "
-                f"train it in your own loop with dynopool_convert's CostModel, budget_penalty and project_to_budget "
-                f"(README, 'Compute budget')"
-            )
-        if out.shape[1] != num_classes:
-            raise UserInputError(
-                f"the model outputs shape {tuple(out.shape)} but the data has {num_classes} classes: "
-                f"convert the model with num_classes={num_classes} (and its input channels = {self.bundle.input_size[0]})"
-            )
 
     def _restore(self, training: dict) -> None:
         if training.get("world_size", 1) != self.info.world:
@@ -422,19 +395,10 @@ class _Run:
         self.cbs.on_search(self.scored)
         return scored
 
-    def _val_indices(self) -> list[int]:
-        """The validation images scored: all, or a fixed random sample of ``train.val_limit``
-        (seeded by ``train.seed``: the same images every epoch and after resuming), in order."""
-        n, limit = len(self.data.val), self.t.val_limit
-        if limit is None or limit >= n:
-            return list(range(n))
-        sample = torch.randperm(n, generator=torch.Generator().manual_seed(self.t.seed))[:limit]
-        return sorted(int(i) for i in sample)
-
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         info = self.info
         losses, correct = score(model, self.data.val, self.t.batch_size, self.t.workers, info.device, self.t.amp,
-                                indices=self._val_indices()[info.rank::info.world])
+                                indices=val_sample(len(self.data.val), self.t.val_limit, self.t.seed)[info.rank::info.world])
         loss_sum, correct, count = all_reduce_sum([float(losses.double().sum()), float(correct.sum()), len(losses)], info)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
@@ -446,7 +410,7 @@ class _Run:
         row = {
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
             "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc,
-            "val_images": len(self._val_indices()), "flops": flops,
+            "val_images": len(val_sample(len(self.data.val), self.t.val_limit, self.t.seed)), "flops": flops,
             "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
             "time_s": round(seconds, 3), "projection": projection, "distinct_sizes": self.size_log.distinct,
         }
