@@ -24,6 +24,7 @@ from __future__ import annotations
 import operator
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
@@ -37,25 +38,31 @@ _ADDS = (operator.add, torch.add, operator.iadd)
 
 
 @lru_cache(maxsize=64)
+def _pair_index_np(grid: tuple[int, int], ref_grid: tuple[int, int], prefix: int) -> tuple[np.ndarray, np.ndarray]:
+    # numpy, not torch: a cached tensor made while the shape passes run under FakeTensorMode
+    # would be a fake tensor, and leak into later real runs
+    (h, w), (rh, rw) = grid, ref_grid
+    y, x = np.divmod(np.arange(h * w), w)
+    dy = np.clip(y[:, None] - y[None, :], -(rh - 1), rh - 1)
+    dx = np.clip(x[:, None] - x[None, :], -(rw - 1), rw - 1)
+    n = prefix + h * w
+    rows = np.full((n, n), prefix, dtype=np.int64)  # prefix columns: any token's row
+    cols = np.full((n, n), prefix, dtype=np.int64)  # prefix rows: any token's column
+    rows[prefix:, prefix:] = prefix + np.maximum(dy, 0) * rw + np.maximum(dx, 0)
+    cols[prefix:, prefix:] = prefix + np.maximum(-dy, 0) * rw + np.maximum(-dx, 0)
+    rows[:prefix, :] = np.arange(prefix)[:, None]
+    cols[:, :prefix] = np.arange(prefix)[None, :]
+    rows.setflags(write=False)
+    cols.setflags(write=False)
+    return rows, cols
+
+
 def pair_index(grid: tuple[int, int], ref_grid: tuple[int, int], prefix: int) -> tuple[Tensor, Tensor]:
     """Row and column indices ``(L', L')`` into a reference bias ``(L, L)`` (``L = prefix +
     rh*rw``, ``L' = prefix + h*w``, tokens row-major after the prefix): each pair of the new grid
     maps to a reference pair with the same offset, clamped to the reference range."""
-    (h, w), (rh, rw) = grid, ref_grid
-    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    y, x = y.flatten(), x.flatten()
-    dy = (y[:, None] - y[None, :]).clamp(-(rh - 1), rh - 1)
-    dx = (x[:, None] - x[None, :]).clamp(-(rw - 1), rw - 1)
-    rows = prefix + dy.clamp(min=0) * rw + dx.clamp(min=0)
-    cols = prefix + (-dy).clamp(min=0) * rw + (-dx).clamp(min=0)
-    n = prefix + h * w
-    full_rows = torch.full((n, n), prefix, dtype=torch.long)  # prefix columns: any token's row
-    full_cols = torch.full((n, n), prefix, dtype=torch.long)  # prefix rows: any token's column
-    full_rows[prefix:, prefix:], full_cols[prefix:, prefix:] = rows, cols
-    p = torch.arange(prefix)
-    full_rows[:prefix, :] = p[:, None]
-    full_cols[:, :prefix] = p[None, :]
-    return full_rows, full_cols
+    rows, cols = _pair_index_np(tuple(grid), tuple(ref_grid), prefix)
+    return torch.tensor(rows), torch.tensor(cols)
 
 
 def regrid_rel_bias(bias: Tensor, grid: Tensor, ref_grid: tuple[int, int], prefix: int) -> Tensor:

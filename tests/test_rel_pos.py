@@ -109,3 +109,16 @@ def test_a_bias_that_is_not_relative_is_left_alone(zeros):
     result = dc.convert(_MixerBias(zeros), input_size=SIZE)
     assert not any("relative-position bias" in n for n in result.plan.notes)
     assert result.plan.summary()["groups"] == 0
+
+
+def test_coatnet_fits_a_budget_with_its_biases_following():
+    """timm's test CoAtNet: relative-position biases in its transformer stages follow their
+    grids (five learned groups, none pinned) and the model fits half its FLOPs by fvcore's
+    count. (The index tensors were once cached while the cost model's shape passes ran under
+    FakeTensorMode, and the fake tensors broke every later count.)"""
+    from dynopool_convert.conversion import convert_source
+
+    size = (3, 160, 160)
+    done = convert_source("timm:test_coatnet", {}, input_size=size, budget="0.5x", placement="before")
+    assert done.plan.summary()["groups"] == 5 and done.plan.summary()["pinned"] == 0
+    assert dc.count_flops(done.model, size) == done.fit.final_flops <= done.budget
