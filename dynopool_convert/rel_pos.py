@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from functools import lru_cache
+from itertools import takewhile
 
 import numpy as np
 import torch
@@ -141,6 +142,18 @@ def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
     return True
 
 
+def _source_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What the bias is made from, for the note: its table parameter, else the module computing
+    it (an MLP over the offsets), else the node."""
+    closure = _closure(node) | {node}
+    tables = sorted(n.target for n in closure if n.op == "get_attr" and _is_parameter(gm, n.target))
+    if tables:
+        return tables[0]
+    modules = [n.target.split(".") for n in closure if n.op == "call_module"]
+    common = [parts[0] for parts in takewhile(lambda parts: len(set(parts)) == 1, zip(*modules))]
+    return ".".join(common) or node.name
+
+
 def _is_relative(bias: Tensor, grid: tuple[int, int], prefix: int) -> bool:
     """Whether ``bias`` is a function of the token offsets alone (and its prefix rows and columns
     constant along the grid): exactly what a relative-position table gives."""
@@ -206,8 +219,7 @@ def follow_rel_biases(gm: fx.GraphModule, candidates: list[Candidate]) -> list[s
             call.meta = dict(node.meta)
             order[call] = order[user] - 0.5
             user.replace_input_with(node, call)
-            tables = sorted(n.target for n in _closure(node) if n.op == "get_attr" and _is_parameter(gm, n.target))
-            notes.append(f"relative-position bias {tables[0] if tables else node.name} -> {list(shape)} follows the grid of site "
+            notes.append(f"relative-position bias {_source_name(gm, node)} -> {list(shape)} follows the grid of site "
                          f"{sites[site_node].name} ({prefix} prefix tokens, {grid[0]}x{grid[1]} at the reference size)")
     if notes:
         gm.graph.lint()

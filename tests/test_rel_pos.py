@@ -81,6 +81,12 @@ def test_beit_learns_its_patch_grid_exact_at_init_within_budget():
     out = model(torch.randn(2, *SIZE))
     out.sum().backward()
     assert out.shape == (2, 5) and all(torch.isfinite(p.grad).all() for p in dc.scale_parameters(model))
+    from dynopool_convert.report.graph import ReportGraph
+    from dynopool_convert.report.receptive_field import receptive_fields
+
+    rf = receptive_fields(ReportGraph(model, SIZE))  # the biases read the grid's size, not its pixels
+    assert not [n for n in rf.approximate if n.startswith("regrid_rel_bias")]
+    assert all(rf.fields[n.name].size == (1.0, 1.0) for n in model.graph.nodes if n.name.startswith("regrid_rel_bias"))
     original = dc.count_flops(dc.build_model("timm:beit_base_patch16_224", BEIT), SIZE)
     fitted = dc.convert(dc.build_model("timm:beit_base_patch16_224", BEIT), input_size=SIZE).model
     fit = dc.fit_to_budget(fitted, original // 2, SIZE)

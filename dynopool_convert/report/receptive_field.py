@@ -40,7 +40,12 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from ..op_registry import Window, module_window, window_of
+from ..pos_embed import resample_pos_embed
+from ..rel_pos import regrid_rel_bias
 from .graph import ReportGraph
+
+#: functions that read only the size of their map argument
+_GRID_FOLLOWERS = (resample_pos_embed, regrid_rel_bias)
 
 __all__ = ["Field", "ReceptiveFields", "receptive_fields", "dynopool_read_span"]
 
@@ -154,7 +159,8 @@ def receptive_fields(graph: ReportGraph, shapes: dict[str, tuple[int, ...] | Non
     for node in graph.nodes:
         shape = shapes.get(node.name)
         inputs = [n for n in _tensor_inputs(node) if n.name in fields]
-        if node.op == "placeholder" or not inputs:
+        if node.op == "placeholder" or not inputs or node.target in _GRID_FOLLOWERS:
+            # (a grid follower's value is a parameter resampled to a map's size, not the map's pixels)
             fields[node.name] = Field()
             axes[node.name] = (2, 3) if shape is not None and len(shape) == 4 and node.op == "placeholder" else None
             continue
