@@ -72,8 +72,24 @@ def regrid_rel_bias(bias: Tensor, grid: Tensor, ref_grid: tuple[int, int], prefi
     size = (int(grid.shape[-2]), int(grid.shape[-1]))
     if size == tuple(ref_grid):
         return bias
-    rows, cols = pair_index(size, tuple(ref_grid), prefix)
-    return bias[..., rows.to(bias.device), cols.to(bias.device)]
+    rows, cols = _device_index(size, tuple(ref_grid), prefix, bias)
+    return bias[..., rows, cols]
+
+
+#: index tensors on their device (no host-to-device copy per call on a GPU), real tensors only
+_ON_DEVICE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _device_index(grid: tuple[int, int], ref_grid: tuple[int, int], prefix: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    from torch._subclasses.fake_tensor import is_fake
+
+    key = (grid, ref_grid, prefix, like.device)
+    if key in _ON_DEVICE:
+        return _ON_DEVICE[key]
+    rows, cols = (t.to(like.device) for t in pair_index(grid, ref_grid, prefix))
+    if not (is_fake(like) or is_fake(rows)) and len(_ON_DEVICE) < 256:  # a fake tensor must never be kept
+        _ON_DEVICE[key] = rows, cols
+    return rows, cols
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
