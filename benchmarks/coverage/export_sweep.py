@@ -113,8 +113,10 @@ def serve() -> None:
             print(json.dumps(run_one(source)), flush=True)
 
 
-def sweep(sources: list[str], timeout: float, workers: int) -> None:
+def sweep(sources: list[str], timeout: float, workers: int, again: bool = False) -> None:
     done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    if again:
+        done = set()
     todo = [(source,) for source in sources if source not in done]
     print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
 
@@ -178,6 +180,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="only these sources")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
+    parser.add_argument("--again", action="store_true",
+                        help="run the models even if done, appending their rows (the table reads each model's last)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)  # passed to every worker by zoo_sweep's; unused here
     args = parser.parse_args()
@@ -190,7 +194,7 @@ def main() -> None:
         if args.fresh and RESULTS.exists():
             keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
             RESULTS.write_text("".join(line + "\n" for line in keep))
-        sweep(sources, args.timeout, args.workers)
+        sweep(sources, args.timeout, args.workers, args.again)
     TABLE.write_text(render())
     print(f"wrote {TABLE}")
 
