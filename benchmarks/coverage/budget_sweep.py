@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.coverage.zoo_sweep import RESULTS as ZOO_RESULTS, ROOT, _Worker, append_row, run_workers
+from benchmarks.coverage.zoo_sweep import (RESULTS as ZOO_RESULTS, ROOT, _Worker, add_sweep_arguments, forget_rows,
+                                           sweep_cells)
 
 RESULTS = ROOT / "docs" / "results" / "budget_sweep.jsonl"
 TABLE = ROOT / "docs" / "results" / "budget_sweep.md"
@@ -113,17 +114,8 @@ class _BudgetWorker(_Worker):
 
 
 def sweep(sources: list[str], shares: str, timeout: float, workers: int, axis_fill: bool = False) -> None:
-    results = FILL_RESULTS if axis_fill else RESULTS
-    done = {json.loads(line)["source"] for line in results.read_text().splitlines()} if results.exists() else set()
-    todo = [(source,) for source in sources if source not in done]
-    print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
-
-    def record(job: tuple, row: dict) -> None:
-        append_row(results, row)
-        cells = " ".join(f"{c['placement']}@{c['share']}:{c['status']}" for c in row.get("cells", []))
-        print(f"{job[0]:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
-
-    run_workers(todo, lambda: _BudgetWorker(shares, axis_fill), timeout, workers, record)
+    sweep_cells(FILL_RESULTS if axis_fill else RESULTS, sources, lambda: _BudgetWorker(shares, axis_fill), timeout,
+                workers, lambda c: f"{c['placement']}@{c['share']}:{c['status']}")
 
 
 def _cell_text(c: dict) -> str:
@@ -173,15 +165,9 @@ def render(shares: list[str], results: Path = RESULTS) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="0.5x", help="comma-separated budget shares (default 0.5x)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per model, all its cells (default 900)")
-    parser.add_argument("--workers", type=int, default=1, help="models run at once (default 1)")
-    parser.add_argument("--only", nargs="*", help="only these sources")
-    parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
-    parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
     parser.add_argument("--axis-fill", action="store_true",
                         help="convert with --axis-fill (results in budget_sweep_axis_fill.jsonl/.md)")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--size", help=argparse.SUPPRESS)  # passed to every worker by zoo_sweep's; unused here
+    add_sweep_arguments(parser)
     args = parser.parse_args()
     if args.serve:
         serve(args.budgets.split(","), args.axis_fill)
@@ -190,9 +176,8 @@ def main() -> None:
     sources = sorted(zoo_rows())
     if args.only:
         sources = [s for s in sources if s in args.only]
-    if args.fresh and results.exists():
-        keep = [line for line in results.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
-        results.write_text("".join(line + "\n" for line in keep))
+    if args.fresh:
+        forget_rows(results, sources)
     if not args.render_only:
         sweep(sources, args.budgets, args.timeout, args.workers, args.axis_fill)
     text = render(args.budgets.split(","), results)

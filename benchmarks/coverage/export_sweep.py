@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.coverage.budget_sweep import zoo_rows
-from benchmarks.coverage.zoo_sweep import ROOT, _Worker, append_row, run_workers
+from benchmarks.coverage.zoo_sweep import ROOT, _Worker, add_sweep_arguments, forget_rows, sweep_cells
 
 RESULTS = ROOT / "docs" / "results" / "export_sweep.jsonl"
 TABLE = ROOT / "docs" / "results" / "export_sweep.md"
@@ -114,18 +114,8 @@ def serve() -> None:
 
 
 def sweep(sources: list[str], timeout: float, workers: int, again: bool = False) -> None:
-    done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
-    if again:
-        done = set()
-    todo = [(source,) for source in sources if source not in done]
-    print(f"{len(todo)} models to run ({len(done)} done already)", flush=True)
-
-    def record(job: tuple, row: dict) -> None:
-        append_row(RESULTS, row)
-        cells = " ".join(f"{c['placement']}/{c['format']}:{c['status']}" for c in row.get("cells", []))
-        print(f"{job[0]:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
-
-    run_workers(todo, lambda: _Worker(0, MODULE), timeout, workers, record)
+    sweep_cells(RESULTS, sources, lambda: _Worker(0, MODULE), timeout, workers,
+                lambda c: f"{c['placement']}/{c['format']}:{c['status']}", again)
 
 
 def _latest(results: Path) -> dict[str, dict]:
@@ -175,15 +165,9 @@ def render(results: Path = RESULTS) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per model, all its cells (default 900)")
-    parser.add_argument("--workers", type=int, default=1, help="models run at once (default 1)")
-    parser.add_argument("--only", nargs="*", help="only these sources")
-    parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
-    parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
+    add_sweep_arguments(parser)
     parser.add_argument("--again", action="store_true",
                         help="run the models even if done, appending their rows (the table reads each model's last)")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--size", help=argparse.SUPPRESS)  # passed to every worker by zoo_sweep's; unused here
     args = parser.parse_args()
     if args.serve:
         serve()
@@ -191,9 +175,8 @@ def main() -> None:
     if not args.render_only:
         zoo = zoo_rows()
         sources = args.only or sorted(zoo, key=lambda s: zoo[s].get("seconds", 0))  # quickest first
-        if args.fresh and RESULTS.exists():
-            keep = [line for line in RESULTS.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
-            RESULTS.write_text("".join(line + "\n" for line in keep))
+        if args.fresh:
+            forget_rows(RESULTS, sources)
         sweep(sources, args.timeout, args.workers, args.again)
     TABLE.write_text(render())
     print(f"wrote {TABLE}")

@@ -264,6 +264,40 @@ def append_row(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def sweep_cells(results: Path, sources: list[str], make_worker: Callable[[], "_Worker"], timeout: float, workers: int,
+                label: Callable[[dict], str], again: bool = False) -> None:
+    """The budget and export sweeps' loop: each source not in ``results`` yet (all with
+    ``again``) run in workers, its row appended and printed with ``label`` of each cell."""
+    done = {json.loads(line)["source"] for line in results.read_text().splitlines()} if results.exists() else set()
+    todo = [(source,) for source in sources if again or source not in done]
+    print(f"{len(todo)} models to run ({len(sources) - len(todo)} done already)", flush=True)
+
+    def record(job: tuple, row: dict) -> None:
+        append_row(results, row)
+        cells = " ".join(label(c) for c in row.get("cells", []))
+        print(f"{job[0]:50} {row['status']:8} {row['seconds']:>6}s  {cells or row.get('reason', '')[:100]}", flush=True)
+
+    run_workers(todo, make_worker, timeout, workers, record)
+
+
+def forget_rows(path: Path, sources: list[str]) -> None:
+    """Drop the rows of ``sources`` from a JSON-lines results file (``--fresh``)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if json.loads(line)["source"] not in set(sources)]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options the budget and export sweeps share (their workers serve rows as this one's)."""
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model, all its cells (default 900)")
+    parser.add_argument("--workers", type=int, default=1, help="models run at once (default 1)")
+    parser.add_argument("--only", nargs="*", help="only these sources")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results of the models run")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the table")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)  # passed to every worker by _Worker; unused there
+
+
 def sweep(models: list[tuple[str, str, str]], size: int, timeout: float, workers: int) -> None:
     done = {json.loads(line)["source"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
     todo = [m for m in models if m[0] not in done]
