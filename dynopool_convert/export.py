@@ -58,6 +58,7 @@ class ExportResult:
     #: the model does not run in float64); deep networks differ from themselves by more than 1e-5
     float64_max_abs_diff: float | None = None
     float32_max_abs_diff: float | None = None
+    note: str | None = None  # how the file was written, where not the usual way (ONNX: the TorchScript exporter)
 
     def tolerance(self, atol: float, rtol: float) -> float:
         return atol + rtol * self.output_max
@@ -104,10 +105,24 @@ def output_names(out: object) -> list[str]:
     return [f"output_{i}" for i in range(len(leaves))]
 
 
-def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> str | None:
+    """The dynamo exporter (torch.export + onnxscript); where it cannot translate an op
+    (onnxscript's attention takes 4-d queries only: Twins), the TorchScript-based exporter, said
+    in the returned note. Both write standard ops at ``ONNX_OPSET``."""
     names = output_names(frozen(example))
-    torch.onnx.export(frozen, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET, external_data=False,
-                      dynamic_shapes=_batch_dynamic(), input_names=["input"], output_names=names, verbose=False)
+    try:
+        torch.onnx.export(frozen, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET, external_data=False,
+                          dynamic_shapes=_batch_dynamic(), input_names=["input"], output_names=names, verbose=False)
+        return None
+    except Exception as err:  # noqa: BLE001 - any exporter failure: try the other exporter, else report this one
+        first = err
+    try:
+        axes = {name: {0: "batch"} for name in ["input", *names]}
+        torch.onnx.export(frozen, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["input"],
+                          output_names=names, dynamic_axes=axes)
+    except Exception:  # noqa: BLE001 - the dynamo exporter's message says more
+        raise first from None
+    return f"written by the TorchScript-based ONNX exporter (the dynamo exporter failed: {_one_line(first, 120)})"
 
 
 def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
@@ -126,7 +141,8 @@ def _write_safetensors(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
     save_model(frozen, str(tmp))
 
 
-_WRITERS: dict[str, Callable[[nn.Module, Tensor, Path], None]] = {
+#: each writes the file and may return a note on how (None: the usual way)
+_WRITERS: dict[str, Callable[[nn.Module, Tensor, Path], str | None]] = {
     "onnx": _write_onnx, "torchscript": _write_torchscript, "pt2": _write_pt2, "safetensors": _write_safetensors,
 }
 
@@ -225,11 +241,16 @@ def check_format(fmt: str) -> None:
 
 def export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> Path:
     """Write the already frozen model ``frozen`` in format ``fmt`` to ``path`` (atomically)."""
+    return _export_frozen(frozen, fmt, path, example)[0]
+
+
+def _export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> tuple[Path, str | None]:
     check_format(fmt)
     path = check_output_path(path, f"{fmt} export")
+    notes: list[str | None] = []
     with _quiet(), torch.no_grad():
-        atomic_write(path, lambda tmp: _WRITERS[fmt](frozen, example, Path(tmp)))
-    return path
+        atomic_write(path, lambda tmp: notes.append(_WRITERS[fmt](frozen, example, Path(tmp))))
+    return path, notes[0] if notes else None
 
 
 def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[int] | None = None,
@@ -245,7 +266,7 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     frozen = freeze(model, size)
     example = _example(size, 2, seed, frozen)
     try:
-        path = export_frozen(frozen, fmt, path, example)
+        path, note = _export_frozen(frozen, fmt, path, example)
     except UserInputError:
         raise
     except Exception as err:  # noqa: BLE001 - the exporters raise many types
@@ -269,4 +290,4 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     finally:
         model.train(was_training)
     return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None,
-                        diff64, own64)
+                        diff64, own64, note)

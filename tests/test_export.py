@@ -319,3 +319,32 @@ def test_export_of_dict_and_tuple_outputs(as_tuple, fmt, tmp_path):
 
         names = [o.name for o in onnx.load(str(result.path)).graph.output]
         assert names == (["output_0", "output_1"] if as_tuple else ["out", "aux"])
+
+
+class _FiveDimAttention(nn.Module):
+    """Attention over 5-d queries, keys and values (Twins' layout), which the dynamo ONNX
+    exporter cannot translate (onnxscript's attention takes 4-d inputs only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2)  # N x L x 8
+        q = t.reshape(t.shape[0], 1, t.shape[1], 2, 4).permute(0, 1, 3, 2, 4)  # N x 1 x 2 x L x 4
+        y = F.scaled_dot_product_attention(q, q, q).permute(0, 1, 3, 2, 4).reshape(t.shape)
+        return self.head(y.mean(1))
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = convert(_FiveDimAttention(), input_size=SIZE).model.eval()
+    with torch.no_grad():
+        scale_parameters(model)[0].mul_(1.25)
+    result = export(model, "onnx", tmp_path / "model.onnx")
+    assert result.note is not None and "TorchScript-based" in result.note
+    assert result.max_abs_diff < 1e-5 and result.passes(1e-4, 1e-5)
+    assert export(_moved(), "onnx", tmp_path / "plain.onnx").note is None  # the usual exporter

@@ -44,6 +44,8 @@ def export(
     opset = f", ONNX opset {result.opset}" if result.opset is not None else ""
     typer.echo(f"wrote {result.path} ({format.value}{opset}; input N x {c} x {h} x {w}, batch dynamic)"
                if format is not ExportFormat.safetensors else f"wrote {result.path} (safetensors: the frozen model's weights)")
+    if result.note:
+        typer.echo(f"note: {result.note}")
     typer.echo(f"max abs difference from the PyTorch model at {h}x{w}: {result.max_abs_diff:.3g} "
                f"(frozen PyTorch model: {result.frozen_max_abs_diff:.3g}; outputs up to {result.output_max:.3g})")
     if result.float64_max_abs_diff is not None:
