@@ -122,7 +122,16 @@ def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> str | None:
                           output_names=names, dynamic_axes=axes)
     except Exception:  # noqa: BLE001 - the dynamo exporter's message says more
         raise first from None
-    return f"written by the TorchScript-based ONNX exporter (the dynamo exporter failed: {_one_line(first, 120)})"
+    return f"written by the TorchScript-based ONNX exporter (the dynamo exporter failed: {_root_cause(first)})"
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error of a chain, in one line (the dynamo exporter wraps the real reason)."""
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {_one_line(err, 150)}"
 
 
 def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
