@@ -81,7 +81,7 @@ def export_cells(source: str, zoo: dict, placement: str, out: Path) -> list[dict
             cell.update(max_abs_diff=float(f"{res.max_abs_diff:.3g}"), output_max=float(f"{res.output_max:.3g}"),
                         float64_diff=res.float64_max_abs_diff and float(f"{res.float64_max_abs_diff:.3g}"),
                         float32_diff=res.float32_max_abs_diff and float(f"{res.float32_max_abs_diff:.3g}"),
-                        status="ok" if res.passes(ATOL, RTOL) else "differs")
+                        status="ok" if res.passes(ATOL, RTOL) else "differs", **({"note": res.note} if res.note else {}))
         except dc.UserInputError as err:
             cell.update(status="refused", reason=_one_line(err))
         except Exception as err:  # a bug on our side or in the exporter: recorded, never fatal
