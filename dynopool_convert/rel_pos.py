@@ -83,13 +83,17 @@ _ON_DEVICE: dict[tuple, tuple[Tensor, Tensor]] = {}
 def _device_index(grid: tuple[int, int], ref_grid: tuple[int, int], prefix: int, like: Tensor) -> tuple[Tensor, Tensor]:
     from torch._subclasses.fake_tensor import is_fake
 
+    if is_fake(like):  # shape passes: fresh tensors of the mode, never kept (nor real ones mixed in)
+        return tuple(t.to(like.device) for t in pair_index(grid, ref_grid, prefix))
     key = (grid, ref_grid, prefix, like.device)
-    if key in _ON_DEVICE:
-        return _ON_DEVICE[key]
-    rows, cols = (t.to(like.device) for t in pair_index(grid, ref_grid, prefix))
-    if not (is_fake(like) or is_fake(rows)) and len(_ON_DEVICE) < 256:  # a fake tensor must never be kept
-        _ON_DEVICE[key] = rows, cols
-    return rows, cols
+    if key not in _ON_DEVICE:
+        rows, cols = (t.to(like.device) for t in pair_index(grid, ref_grid, prefix))
+        if is_fake(rows):
+            return rows, cols
+        if len(_ON_DEVICE) < 256:
+            _ON_DEVICE[key] = rows, cols
+        return rows, cols
+    return _ON_DEVICE[key]
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
