@@ -29,11 +29,11 @@ from torch import Tensor, fx
 
 from .sites import Candidate
 
-__all__ = ["resample_pos_embed", "follow_grids", "MAX_PREFIX"]
+__all__ = ["resample_pos_embed", "follow_grids", "MAX_PREFIX", "ADDS", "node_shape", "ancestors"]
 
 #: prefix tokens (class, distillation, register tokens) a sequence position embedding may carry
 MAX_PREFIX = 8
-_ADDS = (operator.add, torch.add, operator.iadd)
+ADDS = (operator.add, torch.add, operator.iadd)
 
 
 def resample_pos_embed(pos: Tensor, grid: Tensor, layout: str, ref_size: tuple[int, int], num_prefix: int = 0) -> Tensor:
@@ -51,7 +51,8 @@ def resample_pos_embed(pos: Tensor, grid: Tensor, layout: str, ref_size: tuple[i
     return out if layout == "chw" else out.permute(0, 2, 3, 1)
 
 
-def _shape(node: object) -> tuple[int, ...] | None:
+def node_shape(node: object) -> tuple[int, ...] | None:
+    """A node's output shape from its ``tensor_meta`` (None for a non-tensor)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(int(v) for v in meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
@@ -64,7 +65,7 @@ def _param_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
     return tuple(value.shape)
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
+def ancestors(node: fx.Node) -> list[fx.Node]:
     """Every node ``node`` depends on."""
     seen: dict[fx.Node, None] = {}
     stack = [node]
@@ -103,7 +104,7 @@ def follow_grids(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
     sites = {nodes[c.node]: c for c in candidates if c.node in nodes and c.kind != "interpolate"}
     notes = []
     for add in list(gm.graph.nodes):
-        if add.op != "call_function" or add.target not in _ADDS or len(add.args) != 2:
+        if add.op != "call_function" or add.target not in ADDS or len(add.args) != 2:
             continue
         for i, param in enumerate(add.args):
             other = add.args[1 - i]
@@ -113,9 +114,9 @@ def follow_grids(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
             if pshape is None or len(pshape) not in (3, 4) or pshape[0] != 1:
                 continue
             found = None  # the nearest site upstream of the tokens whose grid the parameter fits
-            for node in sorted(_ancestors(other) + [other], key=order.__getitem__, reverse=True):
-                out = _shape(node)
-                match = _match(pshape, _shape(other), out[2:]) if node in sites and out is not None and len(out) == 4 else None
+            for node in sorted(ancestors(other) + [other], key=order.__getitem__, reverse=True):
+                out = node_shape(node)
+                match = _match(pshape, node_shape(other), out[2:]) if node in sites and out is not None and len(out) == 4 else None
                 if match is not None:
                     found = (node, out[2:], match)
                     break

@@ -21,7 +21,6 @@ replays it exactly.
 """
 from __future__ import annotations
 
-import operator
 from functools import lru_cache
 from itertools import takewhile
 
@@ -30,13 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .pos_embed import MAX_PREFIX
+from .pos_embed import ADDS, MAX_PREFIX, ancestors, node_shape
 from .sites import Candidate
 
 __all__ = ["regrid_rel_bias", "follow_rel_biases", "pair_index"]
-
-_ADDS = (operator.add, torch.add, operator.iadd)
-
 
 @lru_cache(maxsize=64)
 def _pair_index_np(grid: tuple[int, int], ref_grid: tuple[int, int], prefix: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,11 +92,6 @@ def _device_index(grid: tuple[int, int], ref_grid: tuple[int, int], prefix: int,
     return _ON_DEVICE[key]
 
 
-def _shape(node: object) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(int(v) for v in meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value depends on the model's input."""
     dependent: set[fx.Node] = set()
@@ -116,7 +107,8 @@ def _value(gm: fx.GraphModule, node: fx.Node) -> Tensor | None:
     relative by construction, not by the values it happens to hold (a zero-initialised one)."""
     env: dict[fx.Node, object] = {}
     g = torch.Generator().manual_seed(0)
-    todo = [n for n in gm.graph.nodes if n is node or n in _closure(node)]
+    needed = set(ancestors(node)) | {node}
+    todo = [n for n in gm.graph.nodes if n in needed]
     try:
         with torch.no_grad():
             for n in todo:
@@ -143,17 +135,6 @@ def _value(gm: fx.GraphModule, node: fx.Node) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def _closure(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
-
-
 def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
     try:
         gm.get_parameter(target)
@@ -165,7 +146,7 @@ def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
 def _source_name(gm: fx.GraphModule, node: fx.Node) -> str:
     """What the bias is made from, for the note: its table parameter, else the module computing
     it (an MLP over the offsets), else the node."""
-    closure = _closure(node) | {node}
+    closure = set(ancestors(node)) | {node}
     tables = sorted(n.target for n in closure if n.op == "get_attr" and _is_parameter(gm, n.target))
     if tables:
         return tables[0]
@@ -186,7 +167,7 @@ def _uses(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     attention mask."""
     out = []
     for user in node.users:
-        if user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 and node in user.args:
+        if user.op == "call_function" and user.target in ADDS and len(user.args) == 2 and node in user.args:
             other = user.args[1] if user.args[0] is node else user.args[0]
             if isinstance(other, fx.Node):
                 out.append((user, other))
@@ -199,8 +180,8 @@ def _uses(node: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
 def _grid_site(other: fx.Node, n_tokens: int, sites: dict[fx.Node, Candidate],
                order: dict[fx.Node, int]) -> tuple[fx.Node, tuple[int, int], int] | None:
     """The nearest site upstream of ``other`` whose grid (plus a few prefix tokens) is ``n_tokens``."""
-    for node in sorted(_closure(other) | {other}, key=order.__getitem__, reverse=True):
-        out = _shape(node)
+    for node in sorted(ancestors(other) + [other], key=order.__getitem__, reverse=True):
+        out = node_shape(node)
         if node in sites and out is not None and len(out) == 4:
             gh, gw = out[2:]
             if gh * gw > 1 and 0 <= n_tokens - gh * gw <= MAX_PREFIX:
@@ -221,7 +202,7 @@ def follow_rel_biases(gm: fx.GraphModule, candidates: list[Candidate]) -> list[s
     dependent = _input_dependent(gm)
     notes = []
     for node in list(gm.graph.nodes):
-        shape = _shape(node)
+        shape = node_shape(node)
         if node in dependent or shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
             continue
         for user, other in _uses(node):

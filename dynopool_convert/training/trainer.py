@@ -168,6 +168,7 @@ class _Run:
                 self._fit_to_budget_first()
         self.holdout = self._carve_holdout(data, resume, bundle.training)
         self.data = data
+        self.val_indices = val_sample(len(data.val), t.val_limit, t.seed)  # the images every validation scores
         self.ddp = model
         if info.enabled:
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -398,7 +399,7 @@ class _Run:
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         info = self.info
         losses, correct = score(model, self.data.val, self.t.batch_size, self.t.workers, info.device, self.t.amp,
-                                indices=val_sample(len(self.data.val), self.t.val_limit, self.t.seed)[info.rank::info.world])
+                                indices=self.val_indices[info.rank::info.world])
         loss_sum, correct, count = all_reduce_sum([float(losses.double().sum()), float(correct.sum()), len(losses)], info)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
@@ -410,7 +411,7 @@ class _Run:
         row = {
             "kind": "epoch", "epoch": p.epoch, "step": p.step, "train_loss": loss_sum / max(n, 1),
             "train_acc": correct / max(n, 1), "val_loss": val_loss, "val_acc": val_acc,
-            "val_images": len(val_sample(len(self.data.val), self.t.val_limit, self.t.seed)), "flops": flops,
+            "val_images": len(self.val_indices), "flops": flops,
             "budget": self.budget, "r": _group_r(self.model), "r_saved": _group_r(projected), "lr": self._lrs(),
             "time_s": round(seconds, 3), "projection": projection, "distinct_sizes": self.size_log.distinct,
         }
