@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
+from .cost_regions import Region
 from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom, function_call
 from .cost_rules import (_TOKEN_KINDS, _check, _Class, _ClassTerm, _pad_multiple_rules, _registry_rules, _ResizeTerm, _Rule,
                          _downsample_rules, _own_function, _sequence_window_rules, _token_rules)
@@ -47,8 +48,11 @@ class _ClassBuilder:
     """The classes, terms and constant of a cost model, built node by node."""
 
     def __init__(self, owner: "CostModel", gm: fx.GraphModule, ref: dict, pert: dict, ref_strides, pert_strides,
-                 node_flops: dict[fx.Node, int]) -> None:
+                 node_flops: dict[fx.Node, int], regions: list[Region] | None = None) -> None:
         self.owner, self.gm, self.ref, self.pert, self.node_flops = owner, gm, ref, pert, node_flops
+        self.regions = {r.exit: r for r in regions or []}  # probed whole (cost_regions.py), by exit node
+        self.inside = {n for r in self.regions.values() for n in r.nodes if n is not r.exit}
+        self.current: fx.Node | None = None  # the node being placed (the one a refusal is about)
         self.ref_strides = owner._clamp_all(ref_strides)
         self.pert_strides = owner._clamp_all(pert_strides)
         self.classes: list[_Class] = []
@@ -81,6 +85,13 @@ class _ClassBuilder:
                 continue
             if n.op == "output":
                 continue
+            self.current = n
+            if n in self.inside:  # a probed region's inner node: its exit accounts for it
+                self.node_class[n] = None
+                continue
+            if n in self.regions:
+                self._place_region(self.regions[n])
+                continue
             uniq = self._input_classes(n)
             parent = uniq[0] if uniq else None
             chosen = self._choose(n, self._rules(n, parent, uniq))
@@ -91,6 +102,21 @@ class _ClassBuilder:
                 self.by_proportion = True
             self._attribute(n, chosen, parent, uniq)
         return self
+
+    def _place_region(self, region: Region) -> None:
+        """A region's exit: an opaque class of its entry's, the region probed whole."""
+        parent = self.node_class.get(region.entry)
+        if parent is None:
+            raise UnsupportedModelError(
+                f"the FLOPs budget does not support this model yet: module {region.path!r} takes a map of no size "
+                f"its cost model knows; convert and fine-tune without a budget")
+        memo = self.owner._region_memos.setdefault(region.signature, {})
+        probe = _LeafProbe(region.module, self.ref[region.entry], self.gm, self._channels_last(region.entry, parent),
+                           memo=memo)
+        chosen = self._choose(region.exit, [_Rule("new", _Class("opaque", parent, probe=probe, guessed=True), "opaque")])
+        self.node_class[region.exit] = chosen.cls
+        self.opaque_terms.append(chosen.cls)
+        self.constant -= chosen.cls.probed(self.sizes_ref)[1] - region.flops(self.node_flops)
 
     def _input_classes(self, n: fx.Node) -> list[_Class]:
         """The classes of ``n``'s inputs, the largest spatial one (broadcasting) first, preferring growing ones."""
@@ -200,7 +226,8 @@ class _ClassBuilder:
             f"{_shape_of(info_r, others=True)} at the reference strides, "
             f"{_shape_of(info_p, others=True)} at smaller strides (it follows spatial maps through "
             f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens (or pooled as a sequence) with "
-            f"their attention maps, and pads to a multiple; crops and other token counts are not modelled); "
+            f"their attention maps, and pads to a multiple, and runs alone an enclosing module that takes one map to one "
+            f"map with no site inside; crops and other token counts are not modelled); "
             f"convert and fine-tune without a budget"
         )
 

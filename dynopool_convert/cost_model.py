@@ -48,6 +48,7 @@ from torch import Tensor, fx, nn
 
 from .annotated_graph import AnnotatedGraph
 from .cost_build import _ClassBuilder
+from .cost_regions import MAX_REGION_ROUNDS, Region, regions_for
 from .cost_probe import ProbeFailed, _node_flops
 from .cost_rules import _TOKEN_KINDS, _accumulate, _Class, _combine, _Evaluation, _Grad, _scaled_grad
 from .dynopool import DynOPool
@@ -209,7 +210,20 @@ class CostModel:
         return out
 
     def _build_classes(self, gm, ref, pert, ref_strides, pert_strides, node_flops) -> None:
-        b = _ClassBuilder(self, gm, ref, pert, ref_strides, pert_strides, node_flops).run()
+        regions: list[Region] = []
+        self._region_memos: dict[tuple, dict] = {}  # probes of equal regions, shared
+        for round_ in range(MAX_REGION_ROUNDS + 1):
+            b = _ClassBuilder(self, gm, ref, pert, ref_strides, pert_strides, node_flops, regions)
+            try:
+                b.run()
+                break
+            except UnsupportedModelError:
+                # no rule follows b.current: probe the module around it whole, then build again
+                found = regions_for(gm, b.current, ref, regions) if b.current is not None else []
+                if not found or round_ == MAX_REGION_ROUNDS:
+                    raise
+                regions += found
+        self.regions = [r.path for r in regions]
         self._by_proportion = b.by_proportion
         self.unattributed = int(round(self.reference_flops - b.attributed()))
         self._constant = b.constant + self.unattributed

@@ -154,13 +154,14 @@ class _LeafProbe:
     """
 
     def __init__(self, module: Callable, in_info: TensorInfo, gm: fx.GraphModule, channels_last: bool = False,
-                 call: tuple[tuple, dict, list[Tensor | None]] | None = None) -> None:
+                 call: tuple[tuple, dict, list[Tensor | None]] | None = None, memo: dict | None = None) -> None:
         self.module, self.in_info, self.gm = module, in_info, gm
         self.channels_last = channels_last  # N x H x W x C in and out (Swin's blocks)
         # a function's call: args and kwargs with _SLOT for each tensor, and those tensors
         # (None: the probed input); a module is called with the probed input alone
         self.call = call or ((_SLOT,), {}, [None])
-        self.memo: dict[tuple, tuple[tuple[int, int], int]] = {}  # (h, w, other inputs' sizes): (out h w, FLOPs)
+        # (h, w, other inputs' sizes): (out h w, FLOPs); shared by probes of identical modules
+        self.memo: dict[tuple, tuple[tuple[int, int], int]] = {} if memo is None else memo
 
     def __call__(self, h: int, w: int, others: tuple = ()) -> tuple[tuple[int, int], int]:
         key = (max(1, h), max(1, w), others)

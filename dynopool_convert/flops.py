@@ -18,7 +18,10 @@ convs with even kernels, e.g. a ViT's patch embedding) run as ``aten::_convoluti
 which fvcore does not count; a handle counts them as fvcore counts ``aten::_convolution``.
 ``F.scaled_dot_product_attention`` (the attention of timm's and torchvision's ViTs), which
 fvcore does not count either, is counted as the two matmuls it replaces, as fvcore counts
-explicit ``q @ k^T`` and ``attn @ v``: ``N x heads x L_q x L_k x (d + d_v)``.
+explicit ``q @ k^T`` and ``attn @ v``: ``N x heads x L_q x L_k x (d + d_v)``. Recurrent layers
+(``nn.LSTM``/``GRU``/``RNN`` and their cells: timm's Sequencer), which fvcore does not count
+either, count their weight matrices' multiply-adds at every step of every sequence, per
+direction and layer (their gates' elementwise work uncounted, as fvcore counts no elementwise op).
 
 >>> import torch.nn as nn
 >>> count_flops(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))  # 8*8 outputs * 8 channels * 27 MACs
@@ -28,9 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,12 +149,46 @@ def _attention_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * l_q * l_k * (d_qk + d_v)
 
 
+def _matrix_macs(values: Iterable[Any]) -> int:
+    """The elements of the 2-d tensors among ``values`` (weight matrices: one MAC each per step)."""
+    total = 0
+    for v in values:
+        shape = get_shape(v)
+        if shape is not None and len(shape) == 2:
+            total += int(shape[0]) * int(shape[1])
+    return total
+
+
+def _recurrent_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::lstm``/``gru``/``rnn_*``: every step of every sequence (the output's leading
+    dims, padded or packed) runs every direction's and layer's weight matrices (the weights
+    list: the one of 2-d tensors; the initial states are 3-d)."""
+    steps = math.prod(int(d) for d in get_shape(outputs[0])[:-1])
+    lists = [v.node().inputs() for v in inputs if v.node().kind() == "prim::ListConstruct"]
+    return steps * sum(_matrix_macs(values) for values in lists)
+
+
+def _recurrent_cell_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::lstm_cell``/``gru_cell``/``rnn_*_cell``: one step, ``w_ih`` and ``w_hh``."""
+    batch = math.prod(int(d) for d in get_shape(inputs[0])[:-1])
+    return batch * _matrix_macs(inputs[2:4])
+
+
+_RECURRENT_OPS = ("aten::lstm", "aten::gru", "aten::rnn_tanh", "aten::rnn_relu")
+_RECURRENT_CELL_OPS = ("aten::lstm_cell", "aten::gru_cell", "aten::rnn_tanh_cell", "aten::rnn_relu_cell")
+
+
 def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
-    """Add this module's op handles (DynOPool, string-padded convolutions, fused attention) to ``fa``."""
+    """Add this module's op handles (DynOPool, string-padded convolutions, fused attention,
+    recurrent layers) to ``fa``."""
     fa.set_op_handle(DYNOPOOL_OP, _dynopool_handle)
     fa.set_op_handle(DYNRESIZE_OP, _per_output(DYNRESIZE_FLOPS_PER_OUTPUT, identity_free=True))
     fa.set_op_handle("aten::_convolution_mode", _conv_mode_handle)
     fa.set_op_handle("aten::scaled_dot_product_attention", _attention_handle)
+    for op in _RECURRENT_OPS:
+        fa.set_op_handle(op, _recurrent_handle)
+    for op in _RECURRENT_CELL_OPS:
+        fa.set_op_handle(op, _recurrent_cell_handle)
     return fa
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
+import sys
 from functools import lru_cache
+from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -110,12 +113,27 @@ def _torchvision_model(name: str, args: dict[str, Any]) -> nn.Module:
     return builder(**kwargs)
 
 
+def _import_user_module(name: str) -> ModuleType:
+    """``name`` imported; where its top-level package is not found, from the working directory
+    too, as ``python -m`` would (a console script's path does not hold it), but never ahead of
+    installed packages."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != name.split(".")[0] or cwd in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
+
+
 def _factory_model(source: str, args: dict[str, Any]) -> nn.Module:
     module_name, attr = source.split(":", 1)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name)
     except ImportError as err:
-        raise UserInputError(f"cannot import {module_name!r} for model source {source!r}: {err}") from err
+        raise UserInputError(f"cannot import {module_name!r} for model source {source!r}: {err} (run from the "
+                             f"folder that holds it, or add that folder to PYTHONPATH)") from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserInputError(f"{module_name!r} has no callable {attr!r} (model source {source!r})")

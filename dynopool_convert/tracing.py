@@ -100,6 +100,8 @@ def _default_args(model: nn.Module) -> dict | None:
 
 #: how many module classes ``trace_model`` may turn into leaves to get past tracing failures
 MAX_AUTO_LEAVES = 8
+#: ``node.meta`` key of a traced node's qualified name (module path, then the op's name)
+QUALNAME = "qualname"
 
 
 def _failing_module(err: BaseException, root: nn.Module) -> nn.Module | None:
@@ -180,4 +182,6 @@ def trace_model(model: nn.Module) -> Traced:
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.train(was_training)
     node_names = {node.name: tracer.node_to_qualname.get(node, node.name) for node in graph.nodes}
+    for node in gm.graph.nodes:  # kept on the node: the cost model finds a node's modules by it
+        node.meta[QUALNAME] = node_names[node.name]
     return Traced(gm, node_names, notes)

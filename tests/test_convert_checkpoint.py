@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 import torch
@@ -101,6 +102,26 @@ def test_resolve_source():
         dc.resolve_source("torchvision:vgg1")
     with pytest.raises(UserInputError, match="package.module:factory"):
         dc.resolve_source("not a:source!")
+
+
+def test_a_factory_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    """``dynopool convert mynet:make`` run from the folder that holds mynet.py works, as with
+    ``python -m``: a console script's import path does not hold the working directory."""
+    name = "dynopool_test_local_net"
+    (tmp_path / f"{name}.py").write_text(
+        "from torch import nn\n\ndef make(width=4):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3, stride=2), nn.AdaptiveAvgPool2d(1))\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserInputError, match="run from the folder that holds it"):
+        dc.build_model(f"{name}:make")
+    monkeypatch.chdir(tmp_path)
+    model = dc.build_model(f"{name}:make", {"width": 5})
+    assert model[0].out_channels == 5
+    monkeypatch.delitem(sys.modules, name, raising=False)
 
 
 def test_build_model_never_downloads():

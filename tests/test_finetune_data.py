@@ -58,7 +58,7 @@ def test_fashion_mnist_idx_folder(tmp_path, gz):
 
 
 def test_imagefolder_and_its_errors(tmp_path):
-    with pytest.raises(UserInputError, match="val"):
+    with pytest.raises(UserInputError, match="no validation split .* two images to set one aside"):
         (tmp_path / "train" / "a").mkdir(parents=True)
         Image.new("L", (10, 12), 7).save(tmp_path / "train" / "a" / "x.png")
         build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
@@ -85,6 +85,30 @@ def test_imagefolder_split_names_and_a_validation_split_lacking_classes(tmp_path
     Image.new("RGB", (9, 9), (9, 9, 9)).save(tmp_path / "valid" / "dog" / "z.png")
     with pytest.raises(UserInputError, match="valid has classes that training lacks: dog"):
         build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+
+
+def _class_folders(root: Path, counts: dict[str, int]) -> None:
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (9, 9), (i, len(c), 3)).save(root / c / f"{i:02d}.png")
+
+
+@pytest.mark.parametrize("layout", ["flat", "train_only"])
+def test_imagefolder_without_a_validation_split_sets_a_tenth_of_each_class_aside(tmp_path, layout):
+    """root/<class>/ or root/train/<class>/ alone: 10% of each class (at least one where it has
+    two or more) validate, the same files every time, none of them trained on."""
+    train_root = tmp_path if layout == "flat" else tmp_path / "train"
+    _class_folders(train_root, {"ant": 20, "bee": 5, "cat": 1})
+    ds = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    val_files = [p for p, _ in ds.val.base.base.samples]
+    train_files = [p for p, _ in ds.train.base.base.samples]
+    assert [Path(p).parent.name for p in val_files] == ["ant", "ant", "bee"]  # cat's one image trains
+    assert len(train_files) == 26 - 3 and not set(val_files) & set(train_files)
+    assert [y for _, y in ds.val.base.base.samples] == [0, 0, 1] and ds.class_names == ["ant", "bee", "cat"]
+    assert len(ds.notes) == 1 and "3 of the 26 images" in ds.notes[0] and "no validation split" in ds.notes[0]
+    again = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8), seed=7)
+    assert [p for p, _ in again.val.base.base.samples] == val_files  # not the run's seed: resumable
 
 
 def test_bad_specs_are_user_errors(tmp_path):

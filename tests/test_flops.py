@@ -104,3 +104,39 @@ def test_fused_attention_counts_as_its_two_matmuls():
             block.attn.fused_attn = fused
         vit[fused] = count_flops(model, (3, 64, 64))
     assert vit[True] == vit[False]
+
+
+class _Rows(nn.Module):
+    """A recurrent layer run along every row of a map (timm's Sequencer)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        out, _ = self.layer(x.permute(0, 2, 3, 1).reshape(n * h, w, c))
+        return out
+
+
+@pytest.mark.parametrize("cls, gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_recurrent_layers_count_their_weight_matrices_at_every_step(cls, gates):
+    # 5 rows of 6 steps; two bidirectional layers of hidden size 4 over 3 channels: layer 1 reads
+    # 3 inputs, layer 2 the 8 outputs of both directions, each also its 4 hidden values
+    layer = cls(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+    per_step = 2 * gates * 4 * ((3 + 4) + (8 + 4))
+    assert count_flops(_Rows(layer), (3, 5, 6)) == 5 * 6 * per_step
+
+
+def test_recurrent_cells_count_one_step():
+    class Cells(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.gru = nn.LSTMCell(3, 4), nn.GRUCell(3, 4)
+
+        def forward(self, x):
+            v = x.flatten(2).amax(2)  # uncounted by fvcore
+            h, _ = self.lstm(v)
+            return self.gru(v) + h
+
+    assert count_flops(Cells(), (3, 5, 6)) == 4 * 4 * (3 + 4) + 3 * 4 * (3 + 4)

@@ -142,10 +142,28 @@ def test_adding_an_op_kind_is_one_entry(monkeypatch):
 
 
 def test_an_op_without_entry_is_still_refused_loudly():
-    class Crop(nn.Module):  # output size h - 3: no geometry explains it once the sizes move
+    class Cropped(nn.Module):  # output size h - 3 in the model's own forward: no geometry explains it
+        def __init__(self) -> None:
+            super().__init__()
+            self.down, self.conv = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.conv(self.down(x)[:, :, 3:, 3:] * 1.0)
+
+    converted = convert(Cropped(), SIZE, validate=False).model
+    with pytest.raises(UnsupportedModelError, match="cannot follow the size"):
+        CostModel(converted, SIZE)
+
+
+def test_an_op_without_entry_inside_its_own_module_is_probed_whole():
+    # the same crop inside a submodule that takes one map to one map: the cost model runs that
+    # module alone at every size (cost_regions.py) and stays exact
+    class Crop(nn.Module):
         def forward(self, x):
             return x[:, :, 3:, 3:] * 1.0
 
     converted = convert(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), Crop(), nn.Conv2d(4, 4, 3)), SIZE, validate=False).model
-    with pytest.raises(UnsupportedModelError, match="cannot follow the size"):
-        CostModel(converted, SIZE)
+    cost = CostModel(converted, SIZE)
+    assert cost.regions == ["1"]
+    randomise_strides(converted, random.Random(2), lo=0.7, hi=1.6)
+    assert cost.flops() == count_flops(converted, SIZE)

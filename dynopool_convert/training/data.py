@@ -1,6 +1,7 @@
 """Datasets for fine-tuning: parse ``--data SPEC`` and build train/val datasets.
 
-Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test),
+Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test; without a
+validation split, 10% of each class's training images; without either, DIR/<class>/ is the training data),
 ``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR`` (IDX files,
 gzipped or not), ``synthetic`` (random learnable tensors) and ``bundled`` (the Fashion-MNIST
 subset shipped in the package; the default). Images are resized to the model's reference size and converted to its channel count
@@ -248,6 +249,7 @@ class Datasets:
     val: SeededDataset
     num_classes: int
     class_names: list[str]
+    notes: list[str] = field(default_factory=list)  # said once when the run starts
 
 
 def _transforms(input_size: tuple[int, int, int], small: bool, aug: AugmentConfig):
@@ -288,33 +290,81 @@ def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def _imagefolder(root: Path):
-    """The train and validation ImageFolders of ``root``; the validation split may lack some of
-    the training classes (a small split), and its labels follow the training split's indices."""
+#: share of each class's training images set aside as validation where a folder has no validation split
+VAL_FROM_TRAIN = 0.1
+
+
+def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
+    """The train and validation ImageFolders of ``root``, and a note when the validation split was
+    made here; the validation split may lack some of the training classes (a small split), and
+    its labels follow the training split's indices.
+
+    Without a validation folder, ``VAL_FROM_TRAIN`` of each class's training images (at least one
+    of a class with two or more) become the validation split: always the same images (a fixed
+    draw over the sorted file list), so a resumed run scores the same ones. Without a training
+    folder either, ``root``'s own class folders are the training data."""
     from torchvision.datasets import ImageFolder
 
     train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
-    if train_dir is None or val_dir is None:
-        missing = "/".join(TRAIN_SPLITS if train_dir is None else VAL_SPLITS)
-        raise UserInputError(f"imagefolder:{root} needs {root}/{{{missing}}}/<class>/<images> "
-                             f"(a training split in {'/'.join(TRAIN_SPLITS)}, a validation split in {'/'.join(VAL_SPLITS)})")
+    if train_dir is None and val_dir is None and _has_class_folders(root):
+        train_dir = root
+    if train_dir is None:
+        raise UserInputError(f"imagefolder:{root} needs {root}/<class>/<images>, or a training split in "
+                             f"{'/'.join(TRAIN_SPLITS)} (and a validation split in {'/'.join(VAL_SPLITS)}, else "
+                             f"{VAL_FROM_TRAIN:.0%} of the training images are set aside)")
     splits = []
     for folder in (train_dir, val_dir):
         try:
-            splits.append(ImageFolder(str(folder)))
+            splits.append(None if folder is None else ImageFolder(str(folder)))
         except FileNotFoundError as err:
             raise UserInputError(f"no images in {folder}: {err}") from err
     train, val = splits
+    if val is None:
+        train, val = _split_off_validation(train)
+        if not val.samples:
+            raise UserInputError(f"imagefolder:{root} has no validation split ({'/'.join(VAL_SPLITS)}), and no class "
+                                 f"of its training images has two images to set one aside")
+        where = "its class folders" if train_dir == root else f"{train_dir.name}/"
+        return train, val, (f"note: imagefolder:{root} has no validation split: {len(val.samples)} of the "
+                            f"{len(train.samples) + len(val.samples)} images of {where} ({VAL_FROM_TRAIN:.0%} of each class) "
+                            f"are set aside to validate, the same ones every run")
     unknown = sorted(set(val.classes) - set(train.classes))
     if unknown:
         raise UserInputError(f"imagefolder:{root}: {val_dir.name} has classes that {train_dir.name} lacks: "
                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     if val.class_to_idx != {c: train.class_to_idx[c] for c in val.classes}:
-        to_train = {i: train.class_to_idx[c] for c, i in val.class_to_idx.items()}
-        val.samples = [(path, to_train[i]) for path, i in val.samples]
-        val.targets = [i for _, i in val.samples]
-        val.imgs = val.samples
+        _set_samples(val, [(path, train.class_to_idx[val.classes[i]]) for path, i in val.samples])
         val.classes, val.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return train, val, None
+
+
+def _has_class_folders(root: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+def _set_samples(folder: Any, samples: list[tuple[str, int]]) -> None:
+    folder.samples = folder.imgs = samples
+    folder.targets = [i for _, i in samples]
+
+
+def _split_off_validation(train: Any) -> tuple[Any, Any]:
+    """``train`` split in two ImageFolders by class (``VAL_FROM_TRAIN`` each, a fixed draw)."""
+    import copy
+
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in sorted(train.samples):
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(0)
+    kept, held = [], []
+    for label in sorted(by_class):
+        samples = by_class[label]
+        k = max(1, round(VAL_FROM_TRAIN * len(samples))) if len(samples) > 1 else 0
+        chosen = set(rng.sample(range(len(samples)), k))
+        kept += [s for i, s in enumerate(samples) if i not in chosen]
+        held += [s for i, s in enumerate(samples) if i in chosen]
+    val = copy.copy(train)
+    _set_samples(train, kept)
+    _set_samples(val, held)
     return train, val
 
 
@@ -324,6 +374,7 @@ def build_datasets(
     """Train/val datasets for ``spec`` producing tensors of ``input_size`` (C, H, W)."""
     aug = augment or AugmentConfig()
     channels = int(input_size[0])
+    notes: list[str] = []
     if spec.kind == "synthetic":
         classes = spec.options.get("classes", 4)
         train = SyntheticDataset(spec.options.get("train", 64), classes, tuple(input_size), seed=1234)
@@ -341,7 +392,8 @@ def build_datasets(
         train_base, val_base = _cifar(spec.kind, spec.path)
         classes, small = list(train_base.classes), True
     elif spec.kind == "imagefolder":
-        train_folder, val_folder = _imagefolder(spec.path)
+        train_folder, val_folder, note = _imagefolder(spec.path)
+        notes += [note] if note else []
         train_base, val_base = SkipUnreadable(train_folder, "train"), SkipUnreadable(val_folder, "val")
         classes, small = list(train_folder.classes), False
     else:  # parse_data_spec guards this
@@ -354,6 +406,7 @@ def build_datasets(
         SeededDataset(val_base, t_val, seed, channels),
         len(classes),
         classes,
+        notes,
     )
 
 

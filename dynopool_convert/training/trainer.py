@@ -148,6 +148,8 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
+        for note in data.notes if info.is_main else []:
+            self.cbs.on_message(note)
         model = bundle.model.to(info.device)
         adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
         check_classifier(model, bundle.input_size, info.device, data.num_classes)

@@ -1,0 +1,141 @@
+"""Module regions the cost model probes whole: its fallback where no rule follows a node.
+
+Where the cost model cannot follow a node's size (an LSTM over the rows of a map: timm's
+Sequencer; decomposed relative-position tables, one per axis: timm's SAM-ViT), the smallest
+module of the original model that encloses the node and maps one map to one map (N x C x H x W
+or N x H x W x C), holding no DynOPool site, is cut out of the graph (its nodes found by the
+qualified names the tracer gave them) and run alone per input size, as a leaf module is: its
+output size and fvcore FLOPs at each size come from the probe. The other instances of the same
+module (the same path up to its block indices) are cut out alike. A probed region is a guess
+read off the shape passes, so the whole model is checked against fvcore at a third setting.
+Package-internal.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from .annotated_graph import TensorInfo
+from .dynopool import DynOPool
+from .dynresize import DynResize
+from .tracing import QUALNAME
+
+#: at most this many rounds of finding regions after a refusal (each finds every instance of one module)
+MAX_REGION_ROUNDS = 6
+
+
+@dataclass(eq=False)
+class Region:
+    """One module's nodes: ``entry`` (outside) is the one map in, ``exit`` (inside) the one map out."""
+
+    path: str
+    nodes: set[fx.Node]
+    entry: fx.Node
+    exit: fx.Node
+    module: fx.GraphModule = field(repr=False)
+    #: what the region's size and FLOPs depend on: its code (the path left out), its modules'
+    #: and tensors' configurations and its input's shape; equal signatures share their probes
+    signature: tuple = field(repr=False, default=())
+    #: its ops in order, configurations left out: equal for the same code (a block of another stage)
+    structure: tuple = field(repr=False, default=())
+
+    def flops(self, node_flops: dict[fx.Node, int]) -> int:
+        """fvcore's FLOPs of the region's nodes at the reference strides."""
+        return sum(node_flops.get(n, 0) for n in self.nodes)
+
+
+def _qualname(n: fx.Node) -> str | None:
+    return n.meta.get(QUALNAME)
+
+
+def _enclosing_paths(n: fx.Node) -> list[str]:
+    """The module paths that hold ``n``, innermost first (a module call's own target first)."""
+    name = _qualname(n)
+    if not name:
+        return []
+    parts = name.split(".")
+    start = len(parts) if n.op == "call_module" else len(parts) - 1
+    return [".".join(parts[:i]) for i in range(start, 0, -1)]
+
+
+def _is_map(info: Any) -> bool:
+    return isinstance(info, TensorInfo) and len(info.shape) == 4
+
+
+def cut_region(gm: fx.GraphModule, path: str, ref: dict[fx.Node, Any]) -> Region | None:
+    """The region of module ``path``, or None where it is not one map in, one map out, or holds
+    a DynOPool site (or nodes the conversion added inside it)."""
+    members = [m for m in gm.graph.nodes if m.op not in ("placeholder", "output")
+               and (q := _qualname(m)) is not None and (q == path or q.startswith(path + "."))]
+    inside = set(members)
+    if not members or any(
+        m.op == "call_module" and isinstance(gm.get_submodule(m.target), (DynOPool, DynResize)) for m in members
+    ):
+        return None
+    entries = {a for m in members for a in m.all_input_nodes if a not in inside and a.op != "get_attr"}
+    exits = [m for m in members if m.op != "get_attr" and any(u not in inside for u in m.users)]
+    if len(entries) != 1 or len(exits) != 1:
+        return None
+    entry, exit_ = entries.pop(), exits[0]
+    if not (_is_map(ref.get(entry)) and _is_map(ref.get(exit_))):
+        return None
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {entry: graph.placeholder("x")}
+    for m in gm.graph.nodes:
+        needed = [a for a in m.all_input_nodes if a.op == "get_attr" and a not in env and a not in inside]
+        if m in inside:
+            for a in needed:
+                env[a] = graph.node_copy(a)
+            env[m] = graph.node_copy(m, lambda a: env[a])
+    graph.output(env[exit_])
+    module = fx.GraphModule(gm, graph, "Region")
+    return Region(path, inside, entry, exit_, module, *_signature(module, path, ref[entry]))
+
+
+def _signature(module: fx.GraphModule, path: str, entry: TensorInfo) -> tuple[tuple, tuple]:
+    """The region's signature and structure (``Region``'s fields)."""
+    def local(name: str) -> str:
+        return name.replace(path, "").replace(path.replace(".", "_"), "")
+
+    index = {n: i for i, n in enumerate(module.graph.nodes)}
+    parts, structure = [], []
+    for n in module.graph.nodes:
+        target = local(n.target) if isinstance(n.target, str) else getattr(n.target, "__qualname__", repr(n.target))
+        config: Any = None
+        if n.op == "call_module":
+            sub = module.get_submodule(n.target)
+            config = (type(sub).__qualname__, sub.extra_repr(), [(k, tuple(v.shape)) for k, v in sub.state_dict().items()])
+        elif n.op == "get_attr":
+            config = tuple(getattr(module.get_submodule(n.target.rpartition(".")[0]), n.target.rpartition(".")[2]).shape)
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: ("node", index[a]))
+        parts.append(repr((n.op, target, config, args)))
+        structure.append((n.op, target))
+    return (tuple(parts), tuple(entry.shape), str(entry.dtype)), tuple(structure)
+
+
+def _siblings(path: str, paths: set[str]) -> list[str]:
+    """``path`` and the paths that differ from it only in their numeric parts (other blocks, if
+    their code is the same)."""
+    pattern = re.compile(r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in path.split(".")))
+    return sorted({p for p in paths if pattern.fullmatch(p)} | {path})
+
+
+def regions_for(gm: fx.GraphModule, failed: fx.Node, ref: dict[fx.Node, Any], known: list[Region]) -> list[Region]:
+    """The regions to probe for a node the cost model could not follow: the innermost module
+    around it that can be cut out, with its siblings; empty when there is none."""
+    taken = {n for r in known for n in r.nodes}
+    for path in _enclosing_paths(failed):
+        region = cut_region(gm, path, ref)
+        if region is None or region.nodes & taken:
+            continue
+        prefixes = {p for n in gm.graph.nodes for p in _enclosing_paths(n)}
+        found = [region]
+        for other in _siblings(path, prefixes):
+            r = cut_region(gm, other, ref) if other != path else None
+            if r is not None and not r.nodes & taken and r.structure == region.structure:
+                found.append(r)
+        return found
+    return []
