@@ -211,8 +211,11 @@ def parse_input_size(text: str, channels: int = 3) -> tuple[int, int, int]:
 def parse_build_args(items: list[str] | None) -> dict[str, Any]:
     """``["num_classes=10", "dynamic_img_size=true"]`` -> ``{"num_classes": 10, "dynamic_img_size": True}``.
 
-    Values are read as YAML scalars (numbers, booleans, null, strings, ``[lists]``).
+    Values are read as YAML scalars (numbers, booleans, null, strings, ``[lists]``), and
+    ``(64, 96)`` as a tuple of Python literals.
     """
+    import ast
+
     import yaml
 
     args: dict[str, Any] = {}
@@ -223,6 +226,8 @@ def parse_build_args(items: list[str] | None) -> dict[str, Any]:
             raise UserInputError(f"build argument must be KEY=VALUE with a Python identifier as KEY, got {item!r}")
         try:
             args[key] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as err:
+            if isinstance(args[key], str) and value.strip().startswith("(") and value.strip().endswith(")"):
+                args[key] = ast.literal_eval(value.strip())
+        except (yaml.YAMLError, ValueError, SyntaxError) as err:
             raise UserInputError(f"cannot read the value of build argument {item!r}: {' '.join(str(err).split())}") from err
     return args

@@ -124,6 +124,15 @@ def test_a_factory_module_in_the_working_directory_is_found(tmp_path, monkeypatc
     monkeypatch.delitem(sys.modules, name, raising=False)
 
 
+def test_build_arguments_read_yaml_values_and_python_tuples():
+    from dynopool_convert.models import parse_build_args
+
+    assert parse_build_args(["num_classes=10", "dynamic_img_size=true", "img_size=(64, 96)", "drop=[1, 2]", "act=gelu"]) == {
+        "num_classes": 10, "dynamic_img_size": True, "img_size": (64, 96), "drop": [1, 2], "act": "gelu"}
+    with pytest.raises(UserInputError, match="cannot read the value of build argument 'img_size=\\(h, w\\)'"):
+        parse_build_args(["img_size=(h, w)"])
+
+
 def test_build_model_never_downloads():
     seg = dc.build_model("torchvision:deeplabv3_mobilenet_v3_large", {"num_classes": 3})
     assert type(seg).__name__ == "DeepLabV3"

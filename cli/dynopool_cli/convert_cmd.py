@@ -94,7 +94,7 @@ def convert(
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only convert sites matching this glob (repeatable; 'kind:conv|pool|interpolate' matches kinds).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave sites matching this glob alone (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint path (default: <model>-dynopool.pt in the current folder).")] = None,
-    build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable), e.g. num_classes=10, dynamic_img_size=true.")] = None,
+    build_arg: Annotated[Optional[list[str]], typer.Option("--build-arg", help="KEY=VALUE passed to the model builder (repeatable; YAML values, or a Python tuple), e.g. num_classes=10, dynamic_img_size=true, img_size=(64,96).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing.")] = False,
     budget: Annotated[Optional[str], typer.Option("--budget", help="FLOPs budget at the reference size (fvcore count), e.g. 4G, 500M, 4.1e9, or a share of the original model's FLOPs: 0.7x, 70%. The converted model is fitted to it.")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Load this state dict first (.safetensors, .pt/.pth read weights-only; timm/torchvision key layouts, 'state_dict'/'model'/'module' wrappers).")] = None,
