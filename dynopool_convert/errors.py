@@ -1,6 +1,8 @@
 """Exceptions the library raises for problems the user can fix (the CLI maps them to exit 2)."""
 from __future__ import annotations
 
+import re
+
 __all__ = ["DynopoolError", "UserInputError", "UnsupportedModelError", "one_line", "input_size_hint"]
 
 
@@ -40,4 +42,9 @@ def input_size_hint(message: str, size) -> str:
         img = h if h == w else f"[{h},{w}]"
         return (f"the model was built for another input size: build it for this one (--build-arg img_size={img}) "
                 f"or for any (--build-arg dynamic_img_size=true), or give its own --input-size")
+    channels = re.search(r"to have (\d+) channels, but got (\d+) channels", message)
+    if channels:
+        want, got = channels.groups()
+        return (f"the model takes {want} channels: give --input-size {want},{size[-2]},{size[-1]}, or build it for "
+                f"{got} (timm models: --build-arg in_chans={got})")
     return "try another --input-size"

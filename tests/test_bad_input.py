@@ -221,6 +221,7 @@ CASES = [
     Case("input-size-too-small", ("convert", "torchvision:squeezenet1_0", "--input-size", "8"), ("fails on an input", "--input-size")),
     Case("input-size-not-the-built-one", ("convert", "timm:deit_tiny_patch16_224", "--input-size", "64"),
          ("fails on an input", "--build-arg img_size=64", "dynamic_img_size=true")),
+    Case("input-size-channels", ("convert", SOURCE, "--input-size", "1,32,32"), ("takes 3 channels", "in_chans=1")),
     Case("input-size-not-patch-multiple", ("convert", "timm:test_vit", "--input-size", "24"), ("fails on an input", "patch size")),
     Case("report-input-size-abc", _report("good", "--input-size", "abc"), ("bad input size", "accepted")),
     Case("report-input-size-zero", _report("good", "--input-size", "0"), ("bad input size",)),
