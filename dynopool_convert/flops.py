@@ -62,7 +62,7 @@ def __getattr__(name: str) -> Any:
 
 from .dynopool import DynOPool, dynopool2d, dynopool_modules
 from .dynresize import DynResize, dynresize2d
-from .errors import UserInputError, input_size_hint
+from .errors import UnsupportedModelError, UserInputError, input_size_hint
 
 __all__ = [
     "count_flops",
@@ -260,13 +260,27 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
             try:
                 fa.total()  # run the trace while the patches are in place
             except Exception as err:  # the model failing at the user's input size is user-fixable
-                msg = " ".join(str(err).split())[:200]
-                raise UserInputError(
-                    f"the model fails on an input of size {[c, h, w]}: {type(err).__name__}: {msg}; {input_size_hint(msg, (c, h, w))}"
-                ) from err
+                _raise_for_failed_count(model, err, (c, h, w), torch.zeros(1, c, h, w, device=device, dtype=dtype))
             yield fa
     finally:
         model.train(was_training)
+
+
+def _raise_for_failed_count(model: nn.Module, err: Exception, size: tuple[int, int, int], x: Tensor) -> None:
+    """One line for a failed count: the model fails at this size (user-fixable), or, where the
+    model itself runs, fvcore's torch.jit trace of it fails (e.g. ``MaxUnpool2d`` given an
+    ``output_size`` read off a shape)."""
+    msg = " ".join(str(err).split())[:200]
+    try:
+        model(x)
+    except Exception:
+        raise UserInputError(
+            f"the model fails on an input of size {list(size)}: {type(err).__name__}: {msg}; {input_size_hint(msg, size)}"
+        ) from err
+    raise UnsupportedModelError(
+        f"fvcore cannot count this model's FLOPs (the model runs on an input of size {list(size)}, but fvcore's "
+        f"torch.jit trace of it fails: {type(err).__name__}: {msg}); dynopool counts FLOPs with fvcore only"
+    ) from err
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
