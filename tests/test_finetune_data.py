@@ -109,6 +109,10 @@ def test_imagefolder_without_a_validation_split_sets_a_tenth_of_each_class_aside
     assert len(ds.notes) == 1 and "3 of the 26 images" in ds.notes[0] and "no validation split" in ds.notes[0]
     again = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8), seed=7)
     assert [p for p, _ in again.val.base.base.samples] == val_files  # not the run's seed: resumable
+    if layout == "train_only":
+        (tmp_path / "train").rename(tmp_path / "Train")  # a split folder in capitals is not taken for a class
+        with pytest.raises(UserInputError, match="in lower case \\(found Train"):
+            build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
 
 
 def test_bad_specs_are_user_errors(tmp_path):

@@ -10,6 +10,7 @@ is reproducible whatever the number of loader workers and wherever it resumes.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import random
 from dataclasses import dataclass, field
@@ -307,6 +308,10 @@ def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
 
     train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
     if train_dir is None and val_dir is None and _has_class_folders(root):
+        splits_named = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in TRAIN_SPLITS + VAL_SPLITS]
+        if splits_named:  # "Train"/"Val": split folders, not classes
+            raise UserInputError(f"imagefolder:{root}: name its splits {'/'.join(TRAIN_SPLITS)} and {'/'.join(VAL_SPLITS)} "
+                                 f"in lower case (found {', '.join(sorted(splits_named))}; read as classes otherwise)")
         train_dir = root
     if train_dir is None:
         raise UserInputError(f"imagefolder:{root} needs {root}/<class>/<images>, or a training split in "
@@ -349,8 +354,6 @@ def _set_samples(folder: Any, samples: list[tuple[str, int]]) -> None:
 
 def _split_off_validation(train: Any) -> tuple[Any, Any]:
     """``train`` split in two ImageFolders by class (``VAL_FROM_TRAIN`` each, a fixed draw)."""
-    import copy
-
     by_class: dict[int, list[tuple[str, int]]] = {}
     for sample in sorted(train.samples):
         by_class.setdefault(sample[1], []).append(sample)
