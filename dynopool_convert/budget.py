@@ -297,6 +297,10 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
             result.update(method="none", group_factors=[1.0] * len(base), final_flops=final,
                           strides=[list(s) for s in base], fvcore_checks=1)
             return result
+    if not base:
+        raise UserInputError(
+            f"budget {format_flops(budget)} FLOPs ({budget}) cannot be met: the model has no learned group (no site "
+            f"to resize), so its {format_flops(start)} FLOPs ({start}) at {input_size[-2]}x{input_size[-1]} cannot move")
     # below f_min every stride sits at its upper bound: the cost is the minimum there, unless
     # some map is empty before (the lowest feasible common factor is the floor then)
     f_min = min(1.0, min(min(s_h, s_w) / hi for (s_h, s_w), (_, hi) in zip(base, bounds)))

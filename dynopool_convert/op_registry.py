@@ -42,6 +42,7 @@ from .sites import (
     UnsupportedStridedModuleHandler,
     UpsampleModuleHandler,
 )
+from .sites_conv_function import CONV_FUNCTIONS, CONV_PARAMS, ConvFunctionHandler
 
 __all__ = ["Geometry", "OpCall", "OpSpec", "SPECS", "Window", "spec_for", "spec_for_node", "op_call",
            "site_specs", "leaf_module_types", "autowrap_functions", "window_of"]
@@ -268,7 +269,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("interpolate_function", functions=(F.interpolate, F.upsample), params=("size", "scale_factor", "mode", "align_corners"),
            site=InterpolateFunctionHandler({F.interpolate: "F.interpolate", F.upsample: "F.upsample"}),
            geometry=lambda c: _interpolation(c.arg("size"), c.arg("scale_factor"), c.arg("mode", "nearest"))),
-    OpSpec("conv_function", functions=(F.conv2d, torch.conv2d), params=("weight", "bias", "stride", "padding", "dilation", "groups"),
+    OpSpec("conv_function", functions=CONV_FUNCTIONS, params=CONV_PARAMS, site=ConvFunctionHandler(),
            geometry=lambda c: window_geometry(_weight_kernel(c), c.arg("stride", 1), c.arg("padding", 0), c.arg("dilation", 1),
                                               flops_on="out")),
     OpSpec("pad_function", functions=(F.pad,), params=("pad", "mode", "value"), geometry=lambda c: _pad(c.arg("pad", ()))),
