@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 from budget_models import MODELS, randomise_strides
 from dynopool_convert import build_model, convert
@@ -181,3 +182,12 @@ def test_unsupported_model_is_refused_with_one_line():
         CostModel(model, (3, 32, 32))
     assert isinstance(info.value, UserInputError)
     assert "\n" not in str(info.value) and "without a budget" in str(info.value)
+
+
+def test_a_model_with_no_learned_group_is_refused_in_one_line():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1))  # nothing to resize
+    model = convert(net, (3, 16, 16), validate=False).model
+    flops = count_flops(model, (3, 16, 16))
+    with pytest.raises(UserInputError, match="has no learned group .* cannot move"):
+        fit_to_budget(model, flops // 2, (3, 16, 16))
+    assert fit_to_budget(model, flops, (3, 16, 16)).method == "none"
