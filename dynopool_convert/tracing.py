@@ -170,9 +170,14 @@ def trace_model(model: nn.Module) -> Traced:
                 msg = " ".join(str(err).split())[:200]
                 failing = _failing_module(err, model)
                 if failing is None or type(failing) in extra or _hides_sites(failing) or len(extra) >= MAX_AUTO_LEAVES:
+                    hint = ("register the module with timm.layers.register_notrace_module or the function with "
+                            "register_notrace_function" if failing is not None else
+                            "the model's own forward: move code that branches on tensor values or sizes into a "
+                            "submodule, which is then kept whole, or into a function registered with "
+                            "timm.layers.register_notrace_function")
                     raise UserInputError(
                         f"cannot trace {type(model).__name__} with torch.fx: {_culprit(err)} raised {type(err).__name__}: {msg}"
-                        " (register the module with timm.layers.register_notrace_module or the function with register_notrace_function)"
+                        f" ({hint})"
                     ) from err
                 extra.append(type(failing))
                 notes.append(f"traced {type(failing).__name__} as a leaf: tracing into it failed ({type(err).__name__}: {msg[:100]})")
