@@ -91,6 +91,19 @@ def export_cells(source: str, zoo: dict, placement: str, out: Path) -> list[dict
     return cells
 
 
+#: the exported files of one model live under a folder of this prefix (a worker killed for memory
+#: cannot remove its own: the next sweep does, before it starts)
+TMP_PREFIX = "dynopool-export-sweep-"
+
+
+def remove_leftovers() -> None:
+    """Remove the temporary folders of earlier sweeps' killed workers (models' files, GBs each)."""
+    import shutil
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_one(source: str) -> dict:
     """Every placement and format of one model."""
     import torch
@@ -98,7 +111,7 @@ def run_one(source: str) -> dict:
     torch.set_num_threads(1)
     zoo = zoo_rows()[source]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
         cells = [c for p in PLACEMENTS for c in export_cells(source, zoo, p, Path(tmp))]
     return {"source": source, "input": zoo["input"], "cells": cells,
             "status": "ok" if all(c["status"] == "ok" for c in cells) else "failed",
@@ -177,7 +190,9 @@ def main() -> None:
         sources = args.only or sorted(zoo, key=lambda s: zoo[s].get("seconds", 0))  # quickest first
         if args.fresh:
             forget_rows(RESULTS, sources)
+        remove_leftovers()
         sweep(sources, args.timeout, args.workers, args.again)
+        remove_leftovers()
     TABLE.write_text(render())
     print(f"wrote {TABLE}")
 
