@@ -219,10 +219,10 @@ class CostModel:
                 break
             except UnsupportedModelError:
                 # no rule follows b.current: probe the module around it whole, then build again
-                found = regions_for(gm, b.current, ref, regions) if b.current is not None else []
-                if not found or round_ == MAX_REGION_ROUNDS:
+                found = regions_for(gm, b.current, ref, regions) if b.current is not None else None
+                if found is None or round_ == MAX_REGION_ROUNDS:
                     raise
-                regions += found
+                regions = found
         self.regions = [r.path for r in regions]
         self._by_proportion = b.by_proportion
         self.unattributed = int(round(self.reference_flops - b.attributed()))

@@ -1,13 +1,14 @@
 """Module regions the cost model probes whole: its fallback where no rule follows a node.
 
 Where the cost model cannot follow a node's size (an LSTM over the rows of a map: timm's
-Sequencer; decomposed relative-position tables, one per axis: timm's SAM-ViT), the smallest
+Sequencer; decomposed relative-position tables, one per axis: timm's SAM-ViT), the outermost
 module of the original model that encloses the node and maps one map to one map (N x C x H x W
 or N x H x W x C), holding no DynOPool site, is cut out of the graph (its nodes found by the
 qualified names the tracer gave them) and run alone per input size, as a leaf module is: its
 output size and fvcore FLOPs at each size come from the probe. The other instances of the same
-module (the same path up to its block indices) are cut out alike. A probed region is a guess
-read off the shape passes, so the whole model is checked against fvcore at a third setting.
+module (the same path up to its block indices, the same code) are cut out alike. A probed region
+is a guess read off the shape passes, so the whole model is checked against fvcore at a third
+setting.
 Package-internal.
 """
 from __future__ import annotations
@@ -123,19 +124,29 @@ def _siblings(path: str, paths: set[str]) -> list[str]:
     return sorted({p for p in paths if pattern.fullmatch(p)} | {path})
 
 
-def regions_for(gm: fx.GraphModule, failed: fx.Node, ref: dict[fx.Node, Any], known: list[Region]) -> list[Region]:
-    """The regions to probe for a node the cost model could not follow: the innermost module
-    around it that can be cut out, with its siblings; empty when there is none."""
-    taken = {n for r in known for n in r.nodes}
-    for path in _enclosing_paths(failed):
-        region = cut_region(gm, path, ref)
-        if region is None or region.nodes & taken:
-            continue
-        prefixes = {p for n in gm.graph.nodes for p in _enclosing_paths(n)}
-        found = [region]
-        for other in _siblings(path, prefixes):
-            r = cut_region(gm, other, ref) if other != path else None
-            if r is not None and not r.nodes & taken and r.structure == region.structure:
-                found.append(r)
-        return found
-    return []
+def _conflicts(region: Region, known: list[Region]) -> bool:
+    """Whether ``region`` is one of ``known`` or cuts one of them in part (it may hold them whole)."""
+    return any(region.nodes == k.nodes or (region.nodes & k.nodes and not k.nodes <= region.nodes) for k in known)
+
+
+def regions_for(gm: fx.GraphModule, failed: fx.Node, ref: dict[fx.Node, Any], known: list[Region]) -> list[Region] | None:
+    """The regions to probe once the cost model could not follow ``failed``: ``known`` plus the
+    outermost module around it that can be cut out, with its siblings (known regions inside them
+    dropped); None when there is no such module."""
+    cuts = [r for r in (cut_region(gm, path, ref) for path in _enclosing_paths(failed)) if r is not None]
+    cuts = [r for r in cuts if not _conflicts(r, known)]
+    if not cuts:
+        return None
+    # the outermost: the more of the model a probe runs as it is, the less is left to rules
+    # read off two shape passes (SAM-ViT at 224 px: with its attention cut out alone, the block's
+    # window partition, whose batch of windows grows once the grid outgrows a window, was left
+    # to rules that cannot follow it; probed whole, the blocks run it)
+    region = cuts[-1]
+    prefixes = {p for n in gm.graph.nodes for p in _enclosing_paths(n)}
+    found = [region]
+    for other in _siblings(region.path, prefixes):
+        r = cut_region(gm, other, ref) if other != region.path else None
+        if r is not None and r.structure == region.structure and not _conflicts(r, known):
+            found.append(r)
+    covered = set().union(*(r.nodes for r in found))
+    return [k for k in known if not k.nodes <= covered] + found
