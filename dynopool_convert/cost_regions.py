@@ -85,12 +85,11 @@ def cut_region(gm: fx.GraphModule, path: str, ref: dict[fx.Node, Any]) -> Region
         return None
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {entry: graph.placeholder("x")}
-    for m in gm.graph.nodes:
-        needed = [a for a in m.all_input_nodes if a.op == "get_attr" and a not in env and a not in inside]
-        if m in inside:
-            for a in needed:
+    for m in members:  # in graph order
+        for a in m.all_input_nodes:
+            if a.op == "get_attr" and a not in env and a not in inside:  # a parameter read outside
                 env[a] = graph.node_copy(a)
-            env[m] = graph.node_copy(m, lambda a: env[a])
+        env[m] = graph.node_copy(m, lambda a: env[a])
     graph.output(env[exit_])
     module = fx.GraphModule(gm, graph, "Region")
     return Region(path, inside, entry, exit_, module, *_signature(module, path, ref[entry]))
@@ -98,8 +97,11 @@ def cut_region(gm: fx.GraphModule, path: str, ref: dict[fx.Node, Any]) -> Region
 
 def _signature(module: fx.GraphModule, path: str, entry: TensorInfo) -> tuple[tuple, tuple]:
     """The region's signature and structure (``Region``'s fields)."""
-    def local(name: str) -> str:
-        return name.replace(path, "").replace(path.replace(".", "_"), "")
+    def local(name: str) -> str:  # the name within the module (its path left out)
+        for prefix in (path + ".", path.replace(".", "_") + "_"):
+            if name.startswith(prefix):
+                return name[len(prefix):]
+        return name
 
     index = {n: i for i, n in enumerate(module.graph.nodes)}
     parts, structure = [], []
