@@ -8,19 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ._helpers import int_pair
 from .sites import Candidate, _as_stride, _bind, _fmt, _is_4d
 
 #: F.conv2d's arguments after ``input``, in order
 CONV_PARAMS = ("weight", "bias", "stride", "padding", "dilation", "groups")
 CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
-
-
-def _pair(value: Any, default: int) -> tuple[int, int]:
-    if value is None:
-        return default, default
-    if isinstance(value, (tuple, list)):
-        return (int(value[0]), int(value[-1]))
-    return int(value), int(value)
 
 
 def _kernel(weight: Any) -> tuple[int, int] | None:
@@ -44,10 +37,10 @@ class ConvFunctionHandler:
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         bound = _bind(node, CONV_PARAMS)
         stride, kernel = _as_stride(bound.get("stride", 1)), _kernel(bound.get("weight"))
-        padding, dilation = bound.get("padding", 0), _pair(bound.get("dilation"), 1)
+        padding, dilation = bound.get("padding", 0), int_pair(bound.get("dilation", 1))
         patch = None
         if kernel is not None and stride == tuple(map(float, kernel)) and dilation == (1, 1) \
-                and not isinstance(padding, str) and _pair(padding, 0) == (0, 0):
+                and not isinstance(padding, str) and int_pair(padding) == (0, 0):
             patch = kernel
         label = "F.conv2d" if node.target is F.conv2d else "torch.conv2d"
         op = f"{label}(k={_fmt(kernel or '?')}, s={_fmt(bound.get('stride'))}, p={_fmt(padding)})"
@@ -64,7 +57,7 @@ class ConvFunctionHandler:
         bound = _bind(node, CONV_PARAMS)
         x = node.args[0] if node.args else node.kwargs["input"]
         if placement != "patchify":
-            (kh, kw), (dh, dw) = _kernel(bound["weight"]), _pair(bound.get("dilation"), 1)
+            (kh, kw), (dh, dw) = _kernel(bound["weight"]), int_pair(bound.get("dilation", 1))
             padding: Any = (dh * (kh - 1) // 2, dw * (kw - 1) // 2) if kh % 2 and kw % 2 else "same"
             bound.update(stride=1, padding=padding)
         graph = gm.graph
