@@ -252,10 +252,16 @@ class _ClassBuilder:
             except UnsupportedModelError:
                 # attention of one sequence over another (Next-ViT's pooled keys: h*w x floor(h*w/4),
                 # which two passes cannot tell from (h*w)^2 / 4 where both lengths divide), then
-                # of one over itself
+                # of one over itself, then both in one call (nn.MultiheadAttention: projections
+                # per token, attention per pair)
                 on = self._cross(n, flops, uniq, distinct=True)
                 if on is None:
-                    on = self.owner._verified_flops_class(n, flops, [(square, *square_sizes)])
+                    try:
+                        on = self.owner._verified_flops_class(n, flops, [(square, *square_sizes)])
+                    except UnsupportedModelError:
+                        if not self._split_tokens_and_pairs(n, flops, chosen.cls, square, square_sizes):
+                            raise
+                        return
                     if on is square:
                         self.add_class(square, *square_sizes)
             if on is not None:
@@ -277,6 +283,27 @@ class _ClassBuilder:
                                     cache=self.fixed_cache)
             self.constant += fixed
             self._add_term(on, flops - fixed)
+
+    def _split_tokens_and_pairs(self, n: fx.Node, flops: int, tokens: _Class, square: _Class, square_sizes) -> bool:
+        """FLOPs ``a * L + b * L^2`` of one call (projections and attention), ``a`` and ``b``
+        solved from the two passes; the square class added, guessed (the whole model is checked
+        at a third setting). False where no such non-negative split exists."""
+        flops_p = self.owner._perturbed_counts()[0].get(n, 0)
+        (l_r, _), (l_p, _) = self.sizes_ref[tokens.index], self.sizes_pert[tokens.index]
+        (q_r, q_r2), (q_p, q_p2) = square_sizes
+        area_r, area_p, pairs_r, pairs_p = l_r * 1, l_p * 1, q_r * q_r2, q_p * q_p2
+        det = area_r * pairs_p - area_p * pairs_r
+        if det == 0 or tokens.kind not in _TOKEN_KINDS:
+            return False
+        a = (flops * pairs_p - flops_p * pairs_r) / det
+        b = (area_r * flops_p - area_p * flops) / det
+        if a < 0 or b < 0:
+            return False
+        square.guessed = True
+        self.add_class(square, *square_sizes)
+        self._add_term(tokens, a * area_r)
+        self._add_term(square, b * pairs_r)
+        return True
 
     def _follows(self, n: fx.Node, flops: int, c: _Class) -> bool:
         """Whether ``n``'s FLOPs at the perturbed strides are in proportion to ``c``'s area."""
