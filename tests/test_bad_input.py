@@ -274,7 +274,7 @@ CASES = [
     Case("ft-data-missing-split", _finetune("--data", "imagefolder:{in}/no_val", ckpt="good2"), ("val",)),
     Case("ft-data-no-images", _finetune("--data", "imagefolder:{in}/no_images", ckpt="good2"), ("no images",)),
     Case("ft-data-missing-dir", _finetune("--data", "imagefolder:{in}/nodir"), ("not found",)),
-    Case("ft-data-unknown-kind", _finetune("--data", "mnist:{in}"), ("unknown data spec", "imagefolder:DIR")),
+    Case("ft-data-unknown-kind", _finetune("--data", "imagenet:{in}"), ("unknown data spec", "imagefolder:DIR")),
     Case("ft-data-synthetic-option", _finetune("--data", "synthetic:classes=0"), ("synthetic", "positive")),
     # a class count that differs from the model's gets a fresh head (tests/test_heads.py); one that
     # differs from an explicit --num-classes is refused

@@ -111,7 +111,7 @@ def test_torchrun_two_cpu_processes(tiny_ckpt, tmp_path):
 def test_cli_bad_input_exits_2(tiny_ckpt, tmp_path, capsys):
     ckpt, _ = tiny_ckpt
     for argv, needle in (
-        ([str(ckpt), "--out", str(tmp_path / "x"), "--data", "mnist:/nope"], "unknown data spec"),
+        ([str(ckpt), "--out", str(tmp_path / "x"), "--data", "imagenet:/nope"], "unknown data spec"),
         ([str(ckpt), "--out", str(tmp_path / "y"), "--resume"], "nothing to resume"),
         ([str(ckpt), "--out", str(tmp_path / "z"), "--data", DATA, "--budget", "lots"], "budget"),
         ([str(ckpt), "--out", str(tmp_path / "v"), "--data", DATA, "--budget", "70%"], "which are not known here"),

@@ -57,6 +57,36 @@ def test_fashion_mnist_idx_folder(tmp_path, gz):
     assert read_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}").tolist() == [0, 1, 2, 3, 4, 5]
 
 
+def test_mnist_kinds_read_torchvision_and_mirror_layouts(tmp_path):
+    """mnist:/kmnist: read the same IDX format: torchvision's DIR/MNIST/raw, or a mirror's dotted names."""
+    rng = np.random.default_rng(1)
+    raw = tmp_path / "tv" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    flat = tmp_path / "mirror"
+    flat.mkdir()
+    for prefix, n in (("train", 10), ("t10k", 4)):
+        images, labels = rng.integers(0, 255, (n, 28, 28)), np.arange(n) % 10
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images, True)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels, True)
+        _write_idx(flat / f"{prefix}-images.idx3-ubyte", images, False)
+        _write_idx(flat / f"{prefix}-labels.idx1-ubyte", labels, False)
+    ds = build_datasets(parse_data_spec(f"mnist:{tmp_path / 'tv'}"), (1, 16, 16))
+    assert (len(ds.train), len(ds.val), ds.class_names[:3]) == (10, 4, ["0", "1", "2"])
+    ds = build_datasets(parse_data_spec(f"kmnist:{flat}"), (3, 16, 16))
+    assert ds.train[0][0].shape == (3, 16, 16) and ds.class_names[0] == "o"
+    with pytest.raises(UserInputError, match="KMNIST file train-images-idx3-ubyte"):
+        build_datasets(parse_data_spec(f"kmnist:{tmp_path}"), (1, 16, 16))
+
+
+def test_idx_labels_beyond_the_classes_are_refused(tmp_path):
+    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 28, 28)), False)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 26]), False)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((1, 28, 28)), False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0]), False)
+    with pytest.raises(UserInputError, match="labels in .* go up to 26; MNIST has 10 classes"):
+        build_datasets(parse_data_spec(f"mnist:{tmp_path}"), (1, 16, 16))
+
+
 def test_imagefolder_and_its_errors(tmp_path):
     with pytest.raises(UserInputError, match="no validation split .* two images to set one aside"):
         (tmp_path / "train" / "a").mkdir(parents=True)

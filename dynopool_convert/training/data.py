@@ -2,8 +2,8 @@
 
 Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test; without a
 validation split, 10% of each class's training images; without either, DIR/<class>/ is the training data),
-``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR`` (IDX files,
-gzipped or not), ``synthetic`` (random learnable tensors) and ``bundled`` (the Fashion-MNIST
+``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR``, ``mnist:DIR``,
+``kmnist:DIR`` (IDX files, gzipped or not), ``synthetic`` (random learnable tensors) and ``bundled`` (the Fashion-MNIST
 subset shipped in the package; the default). Images are resized to the model's reference size and converted to its channel count
 with timm's transforms. Augmentation randomness is seeded per (seed, epoch, sample), so a run
 is reproducible whatever the number of loader workers and wherever it resumes.
@@ -40,8 +40,15 @@ __all__ = [
 ]
 
 BUNDLED_PATH = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist_subset.npz"
-DATA_KINDS = ("imagefolder", "cifar10", "cifar100", "fashion-mnist", "synthetic", "bundled")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+#: the IDX (MNIST-format) datasets: kind -> (name, torchvision's folder, class names)
+IDX_DATASETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fashion-mnist": ("Fashion-MNIST", "FashionMNIST", FASHION_CLASSES),
+    "mnist": ("MNIST", "MNIST", tuple(str(d) for d in range(10))),
+    "kmnist": ("KMNIST", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+}
+DATA_KINDS = ("imagefolder", "cifar10", "cifar100", *IDX_DATASETS, "synthetic", "bundled")
+DATA_SPECS = "imagefolder:DIR, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, mnist:DIR, kmnist:DIR, synthetic or bundled"
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def parse_data_spec(spec: str | None) -> DataSpec:
         return DataSpec("synthetic", None, options)
     if kind not in DATA_KINDS or kind == "bundled":
         raise UserInputError(
-            f"unknown data spec {spec!r}: use imagefolder:DIR, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, synthetic or bundled"
+            f"unknown data spec {spec!r}: use {DATA_SPECS}"
         )
     if not rest:
         raise UserInputError(f"data spec {spec!r} needs a directory: {kind}:DIR")
@@ -111,24 +118,35 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
-def _find_idx(root: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        for candidate in (root / name, root / "raw" / name, root / "FashionMNIST" / "raw" / name):
-            if candidate.is_file():
-                return candidate
-    raise UserInputError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (expected the four IDX files)")
+def _find_idx(root: Path, stem: str, kind: str = "fashion-mnist") -> Path:
+    name, folder, _ = IDX_DATASETS[kind]
+    dotted = stem.replace("-idx", ".idx")  # the naming of some mirrors: train-images.idx3-ubyte
+    for base in (stem, dotted):
+        for file in (base, base + ".gz"):
+            for candidate in (root / file, root / "raw" / file, root / folder / "raw" / file):
+                if candidate.is_file():
+                    return candidate
+    raise UserInputError(f"{name} file {stem}[.gz] not found in {root} (expected the four IDX files)")
+
+
+def load_idx_dataset(root: Path, kind: str = "fashion-mnist") -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((train images, labels), (test images, labels)) from the IDX files of ``kind`` under ``root``."""
+    name, _, classes = IDX_DATASETS[kind]
+    splits = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte", kind))
+        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte", kind))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserInputError(f"{name} {prefix} files in {root} do not match (images {images.shape}, labels {labels.shape})")
+        if len(labels) and int(labels.max()) >= len(classes):
+            raise UserInputError(f"{name} {prefix} labels in {root} go up to {int(labels.max())}; {name} has {len(classes)} classes")
+        splits.append((images, labels))
+    return splits[0], splits[1]
 
 
 def load_fashion_mnist(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """((train images, labels), (test images, labels)) from the IDX files under ``root``."""
-    splits = []
-    for prefix in ("train", "t10k"):
-        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UserInputError(f"Fashion-MNIST {prefix} files in {root} do not match (images {images.shape}, labels {labels.shape})")
-        splits.append((images, labels))
-    return splits[0], splits[1]
+    """((train images, labels), (test images, labels)) from the Fashion-MNIST IDX files under ``root``."""
+    return load_idx_dataset(root, "fashion-mnist")
 
 
 def load_bundled() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -387,10 +405,10 @@ def build_datasets(
         flip = RandomHorizontalFlip(aug.hflip)
         return Datasets(SeededDataset(train, flip, seed, None), SeededDataset(val, None, seed, None), classes,
                         [f"class{i}" for i in range(classes)])
-    if spec.kind in ("bundled", "fashion-mnist"):
-        (xt, yt), (xv, yv) = load_bundled() if spec.kind == "bundled" else load_fashion_mnist(spec.path)
+    if spec.kind == "bundled" or spec.kind in IDX_DATASETS:
+        (xt, yt), (xv, yv) = load_bundled() if spec.kind == "bundled" else load_idx_dataset(spec.path, spec.kind)
         train_base, val_base = ArrayImageDataset(xt, yt), ArrayImageDataset(xv, yv)
-        classes, small = list(FASHION_CLASSES), True
+        classes, small = list(IDX_DATASETS.get(spec.kind, IDX_DATASETS["fashion-mnist"])[2]), True
     elif spec.kind in ("cifar10", "cifar100"):
         train_base, val_base = _cifar(spec.kind, spec.path)
         classes, small = list(train_base.classes), True
