@@ -227,7 +227,8 @@ class _ClassBuilder:
             f"{_shape_of(info_p, others=True)} at smaller strides (it follows spatial maps through "
             f"convolutions, pools and resizes, and token sequences of h*w plus a fixed number of tokens (or pooled as a sequence) with "
             f"their attention maps, and pads to a multiple, and runs alone an enclosing module that takes one map to one "
-            f"map with no site inside; crops and other token counts are not modelled); "
+            f"map with no site inside, or such a call in the model's own forward; an op joining several maps "
+            f"into a new size, and other token counts, are not modelled); "
             f"convert and fine-tune without a budget"
         )
 

@@ -3,7 +3,8 @@
 Where the cost model cannot follow a node's size (an LSTM over the rows of a map: timm's
 Sequencer; decomposed relative-position tables, one per axis: timm's SAM-ViT), the outermost
 module of the original model that encloses the node and maps one map to one map (N x C x H x W
-or N x H x W x C), holding no DynOPool site, is cut out of the graph (its nodes found by the
+or N x H x W x C), holding no DynOPool site (where there is none, the call alone, if it takes one
+map to one map: a crop in the model's own forward), is cut out of the graph (its nodes found by the
 qualified names the tracer gave them) and run alone per input size, as a leaf module is: its
 output size and fvcore FLOPs at each size come from the probe. The other instances of the same
 module (the same path up to its block indices, the same code) are cut out alike. A probed region
@@ -71,6 +72,18 @@ def cut_region(gm: fx.GraphModule, path: str, ref: dict[fx.Node, Any]) -> Region
     a DynOPool site (or nodes the conversion added inside it)."""
     members = [m for m in gm.graph.nodes if m.op not in ("placeholder", "output")
                and (q := _qualname(m)) is not None and (q == path or q.startswith(path + "."))]
+    return _cut(gm, path, members, ref)
+
+
+def node_region(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> Region | None:
+    """The region of one function or method call in the model's own forward (no module holds
+    it: a crop ``x[:, :, 3:, 3:]``), or None where it is not one map in, one map out."""
+    if n.op not in ("call_function", "call_method"):
+        return None
+    return _cut(gm, n.name, [n], ref)
+
+
+def _cut(gm: fx.GraphModule, path: str, members: list[fx.Node], ref: dict[fx.Node, Any]) -> Region | None:
     inside = set(members)
     if not members or any(
         m.op == "call_module" and isinstance(gm.get_submodule(m.target), (DynOPool, DynResize)) for m in members
@@ -137,8 +150,9 @@ def regions_for(gm: fx.GraphModule, failed: fx.Node, ref: dict[fx.Node, Any], kn
     dropped); None when there is no such module."""
     cuts = [r for r in (cut_region(gm, path, ref) for path in _enclosing_paths(failed)) if r is not None]
     cuts = [r for r in cuts if not _conflicts(r, known)]
-    if not cuts:
-        return None
+    if not cuts:  # no module around it can be cut out: the call alone, if it is one map to one map
+        alone = node_region(gm, failed, ref)
+        return None if alone is None or _conflicts(alone, known) else [*known, alone]
     # the outermost: the more of the model a probe runs as it is, the less is left to rules
     # read off two shape passes (SAM-ViT at 224 px: with its attention cut out alone, the block's
     # window partition, whose batch of windows grows once the grid outgrows a window, was left

@@ -141,8 +141,23 @@ def test_adding_an_op_kind_is_one_entry(monkeypatch):
     assert rf.fields["c2"].size == (11.0, 11.0) and not rf.approximate  # 3, then jump 4: 3 + 2 * 4
 
 
-def test_an_op_without_entry_is_still_refused_loudly():
-    class Cropped(nn.Module):  # output size h - 3 in the model's own forward: no geometry explains it
+def test_an_op_joining_maps_into_a_new_size_is_still_refused_loudly():
+    class Stacked(nn.Module):  # height h + 5 from two maps in the model's own forward: nothing explains it
+        def __init__(self) -> None:
+            super().__init__()
+            self.down, self.conv = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            y = self.down(x)
+            return self.conv(torch.cat([y, y[:, :, :5]], dim=2))
+
+    converted = convert(Stacked(), SIZE, validate=False).model
+    with pytest.raises(UnsupportedModelError, match="cannot follow the size of node 'cat'"):
+        CostModel(converted, SIZE)
+
+
+def test_an_op_without_entry_in_the_models_own_forward_is_probed_alone():
+    class Cropped(nn.Module):  # output size h - 3 in the model's own forward: no module holds it
         def __init__(self) -> None:
             super().__init__()
             self.down, self.conv = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 3)
@@ -151,8 +166,12 @@ def test_an_op_without_entry_is_still_refused_loudly():
             return self.conv(self.down(x)[:, :, 3:, 3:] * 1.0)
 
     converted = convert(Cropped(), SIZE, validate=False).model
-    with pytest.raises(UnsupportedModelError, match="cannot follow the size"):
-        CostModel(converted, SIZE)
+    cost = CostModel(converted, SIZE)
+    assert cost.regions == ["getitem"]
+    rng = random.Random(5)
+    for _ in range(4):
+        randomise_strides(converted, rng, lo=0.6, hi=1.8)
+        assert cost.flops() == count_flops(converted, SIZE)
 
 
 def test_an_op_without_entry_inside_its_own_module_is_probed_whole():
