@@ -226,9 +226,12 @@ def _revert(plan: Plan, gid: int, reason: str, status: str = "reverted") -> None
 def _pin_pass(analysis: Analysis, plan: Plan) -> None:
     """Settle the groups deepest first, each moved on its own with the groups after it settled.
 
-    A group whose per-axis moves (``moves.axis_moves``) break the forward first tries output
-    sizes rounded to a multiple (the divisors of its reference size, smallest first: window and
-    block sizes);
+    A group whose per-axis moves (``moves.axis_moves``) break the forward only where its outputs
+    grow is capped at its reference scale factor (``Group.r_max``: the layers after it crop a skip
+    connection to its size, or slice a table that does not grow); a capped group still learns
+    smaller maps, where a multiple would let them grow again by a step. Otherwise it first tries
+    output sizes rounded to a multiple (the divisors of its reference size, smallest first: window
+    and block sizes);
     when none works it is pinned: its sites keep their ops behind an adaptive
     pool to their reference input size, so the layers after it see fixed shapes (windowed or
     relative-position attention, fixed token counts) and the groups before it can still move.
@@ -253,6 +256,11 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
         if not problem:
             used |= reached
             continue
+        capped = _capped_problem(analysis, plan, group, problem)
+        if capped is not None:
+            used |= capped
+            probe = None  # the graph changed
+            continue
         rounded = False
         for multiple in probe.multiples(group.id):
             trouble, reached = probe.problem_with_multiple(group.id, multiple)
@@ -264,18 +272,38 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
                 for name in group.sites:
                     plan.site(name).reason = why
                 break
+        probe = None  # the graph changes either way
         if rounded:
-            probe = None  # the graph changed
             continue
         if not all(plan.site(name).input_size for name in group.sites):
             _revert(plan, group.id, problem)
         else:
             _revert(plan, group.id, problem, status="pinned")
             failures[group.id] = problem
-        probe = None  # the graph changed
     for gid, problem in failures.items():
         if not used & set(plan.groups[gid].sites):
             _revert(plan, gid, problem)
+
+
+def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) -> set[str] | None:
+    """Cap ``group``'s scale factor at its reference value when only its larger outputs break the
+    forward (the layers after it crop a skip connection to its size: the original U-Net), so that
+    it can still learn smaller maps; the watched pins its moves reach, or None (no cap) when a
+    smaller output breaks the forward too."""
+    if not problem.startswith("larger output"):
+        return None
+    group.r_max = max(1.0 / float(s) for s in group.stride_init)
+    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
+    watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
+    trouble, reached = GroupProbe(gm, analysis.example, analysis.spec, watch).problem(group.id)
+    if trouble:
+        group.r_max = None
+        return None
+    why = f"scale factor capped at its reference value {group.r_max:.4g} (maps no larger than the original's): without that, {problem}"
+    group.reason = why
+    for name in group.sites:
+        plan.site(name).reason = why
+    return reached
 
 
 def _solo_plan(plan: Plan, gid: int) -> Plan:

@@ -122,11 +122,30 @@ class _ClassBuilder:
         """The classes of ``n``'s inputs, the largest spatial one (broadcasting) first, preferring growing ones."""
         inputs = [self.node_class[a] for a in n.all_input_nodes if self.node_class.get(a) is not None]
         inputs.sort(key=lambda c: (self.area(c, self.sizes_pert), self.area(c), c.kind != "const"), reverse=True)
+        # then the maps its scalar inputs were read from (a crop of a skip to another map's size)
+        inputs += [self.node_class[a] for a in self._shape_sources(n) if self.node_class.get(a) is not None]
         uniq: list[_Class] = []
         for c in inputs:
             if c not in uniq:
                 uniq.append(c)
         return uniq
+
+    def _shape_sources(self, n: fx.Node) -> list[fx.Node]:
+        """The tensors whose sizes ``n``'s scalar inputs were computed from (``y.size(2) // 2``)."""
+        found: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+        todo = [a for a in n.all_input_nodes if not _has_tensor(self.ref.get(a))]
+        while todo:
+            a = todo.pop()
+            if a in seen:
+                continue
+            seen.add(a)
+            for b in a.all_input_nodes:
+                if isinstance(self.ref.get(b), TensorInfo):
+                    found.append(b)
+                elif not _has_tensor(self.ref.get(b)):
+                    todo.append(b)
+        return found
 
     def _rules(self, n: fx.Node, parent: _Class | None, uniq: list[_Class]) -> list[_Rule]:
         """Candidate explanations of ``n``'s output size, in order of preference."""

@@ -10,10 +10,12 @@ every group's stride parameter. How:
    class*: the model input, a DynOPool output (``round(h / s)``), a strided or padded
    window op left unconverted (``floor((h + p - d(k-1) - 1) / s) + 1``, ceil mode,
    or timm's dynamic "same" padding ``ceil(h / s)``), an unconverted ``interpolate`` by a
-   scale factor, or a fixed size (adaptive pools, global means, ``interpolate(size=...)``).
+   scale factor, a transposed convolution (``(h - 1) s - p + d(k-1) + output_padding + 1``),
+   or a fixed size (adaptive pools, global means, ``interpolate(size=...)``).
    Every other node inherits the class of its (largest) spatial input. Each node's rule is
    chosen from a short list of candidates and *verified* on two shape passes (at the
-   reference strides and at perturbed, smaller strides); a node no candidate explains makes
+   reference strides and at perturbed, smaller strides, or larger ones for a group whose bound
+   stops it there); a node no candidate explains makes
    the build fail loudly instead of giving a silently wrong cost.
    **Token sequences** (ViTs) are classes too: ``L = h x w + e`` tokens of a spatial class
    (class, register or distillation tokens concatenated: ``e > 0``; sliced off: ``e < 0``),
@@ -121,7 +123,7 @@ class CostModel:
 
         ref = graph.reference
         ref_strides = self._current_strides()
-        with self._at_strides(self._clamp_all([(s_h * 0.7, s_w * 0.8) for s_h, s_w in ref_strides])):
+        with self._at_strides(self._moved(ref_strides, (0.7, 0.8))):
             perturbed_strides = self._current_strides()  # as the parameters hold them (float32)
             pert = graph.summaries()
         #: the strides the model had at build time, and fvcore's count there
@@ -163,7 +165,7 @@ class CostModel:
         element count only), the whole model must also match fvcore at the perturbed strides
         (catches FLOPs that are zero at the reference, e.g. resampling) and at a third, unseen
         setting (catches sizes that fit both passes by chance, e.g. half of an even count)."""
-        third = self._clamp_all([(s_h * 0.55, s_w * 0.65) for s_h, s_w in self.reference_strides])
+        third = self._moved(self.reference_strides, (0.55, 0.65))
         with self._at_strides(third):
             third = self._current_strides()
             try:
@@ -251,6 +253,19 @@ class CostModel:
             f"convert and fine-tune without a budget"
         )
 
+    def _moved(self, strides: Sequence[tuple[float, float]], factors: tuple[float, float]) -> list[tuple[float, float]]:
+        """``strides`` times ``factors`` per axis (smaller: larger maps), divided by them instead
+        where a bound stops the move (a group capped at its reference scale factor), so that
+        every group moves in the shape passes."""
+        out = []
+        for pair, (lo, hi) in zip(strides, self._bounds):
+            moved = []
+            for s, f in zip(pair, factors):
+                t = min(max(s * f, lo), hi)
+                moved.append(t if abs(t - s) > 1e-6 * s else min(max(s / f, lo), hi))
+            out.append((moved[0], moved[1]))
+        return out
+
     def _clamp_all(self, strides: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
         return [
             (min(max(s[0], lo), hi), min(max(s[1], lo), hi)) for s, (lo, hi) in zip(strides, self._bounds)
@@ -302,6 +317,8 @@ class CostModel:
             fh, fw = 1.0 / c.params[0][1], 1.0 / c.params[1][1]
         elif c.kind == "same":
             fh, fw = 1.0 / c.params[0], 1.0 / c.params[1]
+        elif c.kind == "transposed":  # (n - 1) * s + const
+            fh, fw = float(c.params[0][1]), float(c.params[1][1])
         elif c.kind == "multiple":  # padded: the size itself, up to less than a multiple
             fh, fw = 1.0, 1.0
         else:  # scale

@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 class _Class:
     """One spatial size function; ``parent`` is None for the input and fixed sizes."""
 
-    kind: str  # input | const | dynopool | window | same | scale | multiple | opaque | tokens | pairs | cross | pooled
+    kind: str  # input | const | dynopool | window | same | transposed | scale | multiple | opaque | tokens | pairs | cross | pooled
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
-    # window: ((k, s, p, d, ceil) per axis); same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
+    # window: ((k, s, p, d, ceil) per axis); transposed: ((k, s, p, d, output_padding) per axis);
+    # same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
     # multiple: (m_h, m_w), padded up to a multiple (Swin's pad to its window or to even sizes);
     # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (L, L), L = h*w
     # (+ extra, when params holds it: a relative-position bias over class and patch tokens);
@@ -69,6 +70,8 @@ class _Class:
             return _window_out(h, *self.params[0]), _window_out(w, *self.params[1])
         if self.kind == "same":
             return max(1, -(-h // self.params[0])), max(1, -(-w // self.params[1]))
+        if self.kind == "transposed":
+            return _transposed_out(h, *self.params[0]), _transposed_out(w, *self.params[1])
         if self.kind == "multiple":
             return -(-h // self.params[0]) * self.params[0], -(-w // self.params[1]) * self.params[1]
         if self.kind == "scale":
@@ -86,6 +89,11 @@ class _Class:
         if self.kind == "pooled":
             return _window_out(h * w, *self.params), 1
         raise AssertionError(self.kind)
+
+
+def _transposed_out(n: int, k: int, s: int, p: int, d: int, output_padding: int) -> int:
+    """Output length of a transposed convolution (``p`` is the total padding of the axis)."""
+    return (n - 1) * s - p + d * (k - 1) + output_padding + 1
 
 
 def _window_out(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
@@ -136,6 +144,9 @@ def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
         return _Rule("new", _Class("scale", parent, params=g.factor), g.flops_on)
     if g.kind == "same":
         return _Rule("new", _Class("same", parent, params=g.stride), g.flops_on)
+    if g.kind == "transposed":
+        tp = tuple((g.kernel[i], g.stride[i], g.padding[i], g.dilation[i], int(g.factor[i])) for i in range(2))
+        return _Rule("new", _Class("transposed", parent, params=tp), g.flops_on)
     if g.padding is None:
         return None
     wp = tuple((g.kernel[i], g.stride[i], g.padding[i], g.dilation[i], g.ceil) for i in range(2))

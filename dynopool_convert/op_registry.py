@@ -60,7 +60,9 @@ class Geometry:
     (``padding`` is the total of both sides; None when not a static number, e.g. ``'same'``);
     ``same``: TF-"same" padding computed at run time, ``ceil(n / stride)``; ``fixed``: an output
     size that does not depend on the input (adaptive pools, ``interpolate(size=...)``);
-    ``scale``: ``floor(n * factor)``. ``flops_on``: whether fvcore's count of the op scales with
+    ``scale``: ``floor(n * factor)``; ``transposed``: a transposed convolution,
+    ``(n - 1) * stride - padding + dilation (kernel - 1) + output_padding + 1`` (``output_padding``
+    in ``factor``). ``flops_on``: whether fvcore's count of the op scales with
     its input (``in``) or output (``out``) area. ``support``: the input pixels one output pixel
     reads for resizes (None: adaptive bins).
     """
@@ -135,6 +137,9 @@ def window_geometry(kernel: Any, stride: Any, padding: Any = 0, dilation: Any = 
 
 def geometry_window(g: Geometry, hw_in: HW, hw_out: HW) -> Window:
     """The receptive-field window of a geometry at the given sizes."""
+    if g.kind == "transposed":  # an output pixel reads ceil(extent / stride) inputs, a step of 1/stride
+        return tuple((math.ceil(((g.kernel[i] - 1) * g.dilation[i] + 1) / g.stride[i]), 1.0 / g.stride[i])
+                     for i in range(2))  # type: ignore[return-value]
     if g.kind in ("window", "same"):
         return tuple(((g.kernel[i] - 1) * g.dilation[i] + 1, g.stride[i]) for i in range(2))  # type: ignore[return-value]
     if g.support is None:
@@ -210,6 +215,14 @@ def _conv_module(m: nn.Conv2d) -> list[Geometry]:
     return window_geometry(m.kernel_size, m.stride, m.padding, m.dilation, flops_on="out", same=True)
 
 
+def _conv_transpose_module(m: nn.ConvTranspose2d) -> list[Geometry]:
+    if isinstance(m.padding, str):
+        return []
+    # fvcore counts a transposed convolution on its input's area
+    return [Geometry("transposed", int_pair(m.kernel_size), int_pair(m.stride), tuple(2 * v for v in int_pair(m.padding)),
+                     int_pair(m.dilation), factor=tuple(float(v) for v in int_pair(m.output_padding)), flops_on="in")]
+
+
 def _pool_module(m: nn.Module) -> list[Geometry]:
     dilation = getattr(m, "dilation", 1) if not isinstance(m, nn.AvgPool2d) else 1
     return window_geometry(m.kernel_size, m.stride, getattr(m, "padding", 0), dilation, getattr(m, "ceil_mode", False),
@@ -239,7 +252,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("dynopool", modules=(DynOPool,), window=_dynopool_window),  # the cost model follows its group
     OpSpec("input_site", functions=(input_resize,), site=InputSiteHandler()),  # convert(input_site=True); identity
     OpSpec("conv", modules=(nn.Conv2d,), site=ConvHandler(), geometry=_module_geometry(_conv_module)),
-    OpSpec("conv_transpose", modules=(nn.ConvTranspose2d,), site=TransposedConvHandler()),
+    OpSpec("conv_transpose", modules=(nn.ConvTranspose2d,), site=TransposedConvHandler(),
+           geometry=_module_geometry(_conv_transpose_module)),
     OpSpec("max_pool", modules=(nn.MaxPool2d,), site=PoolModuleHandler("max"), geometry=_module_geometry(_pool_module)),
     OpSpec("avg_pool", modules=(nn.AvgPool2d,), site=PoolModuleHandler("mean"), geometry=_module_geometry(_pool_module)),
     OpSpec("lp_pool", modules=(nn.LPPool2d,), site=PoolModuleHandler("mean"), geometry=_module_geometry(_pool_module)),

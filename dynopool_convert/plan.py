@@ -16,8 +16,8 @@ from .errors import UserInputError
 __all__ = ["PLAN_FORMAT_VERSION", "Site", "Group", "Plan", "Status", "Kind"]
 
 #: Bumped whenever the meaning of a field changes; ``Plan.from_dict`` refuses newer versions.
-#: 2 added the ``pinned`` status and ``Group.multiple``.
-PLAN_FORMAT_VERSION: int = 2
+#: 2 added the ``pinned`` status and ``Group.multiple``; 3 added ``Group.r_max``.
+PLAN_FORMAT_VERSION: int = 3
 
 Status = Literal["converted", "pinned", "reverted", "skipped"]
 Kind = Literal["conv", "pool", "interpolate"]
@@ -70,6 +70,9 @@ class Group:
     status: str = "converted"
     reason: str = ""
     multiple: list[int] | None = None  # output sizes rounded to multiples of this (None: 1)
+    #: the largest scale factor r allowed (None: the default bounds); set where larger outputs
+    #: than the reference break the layers after the group (a crop to a skip's size)
+    r_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

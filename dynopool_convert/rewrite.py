@@ -22,11 +22,13 @@ from .sites import Candidate, handler_for
 __all__ = ["rewrite", "r_bounds_for", "pool_path_for", "site_module_paths", "pin_module_paths"]
 
 
-def r_bounds_for(stride: tuple[float, float] | list[float]) -> tuple[float, float]:
+def r_bounds_for(stride: tuple[float, float] | list[float], r_max: float | None = None) -> tuple[float, float]:
     """Bounds on r for a site starting at ``stride``: the defaults, widened to keep 2x room
-    around the initial value (e.g. a 4x upsampling, or a stride-32 patchify conv)."""
+    around the initial value (e.g. a 4x upsampling, or a stride-32 patchify conv); ``r_max``
+    (a group capped by validation) lowers the upper bound."""
     r_init = [1.0 / float(s) for s in stride]
-    return min(R_MIN, min(r_init) / 2.0), max(R_MAX, max(r_init) * 2.0)
+    lo, hi = min(R_MIN, min(r_init) / 2.0), max(R_MAX, max(r_init) * 2.0)
+    return (lo, hi) if r_max is None else (lo, min(hi, float(r_max)))
 
 
 def _free_path(gm: fx.GraphModule, wanted: str, node: fx.Node) -> str:
@@ -92,7 +94,7 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
         g.id: nn.Parameter(torch.tensor([float(v) for v in g.stride_init], dtype=torch.float32, device=device))
         for g in plan.converted_groups()
     }
-    bounds = {g.id: r_bounds_for(g.stride_init) for g in plan.converted_groups()}
+    bounds = {g.id: r_bounds_for(g.stride_init, g.r_max) for g in plan.converted_groups()}
     multiples = {g.id: tuple(g.multiple or (1, 1)) for g in plan.converted_groups()}
     stride_init = {g.id: tuple(float(v) for v in g.stride_init) for g in plan.converted_groups()}
     placement = plan.policy.get("placement", "before")

@@ -13,6 +13,7 @@ from _convert_models import HardCodedFlatten, WindowNet
 from dynopool_convert import DynOPool, Plan, apply_plan, convert, dynopool_modules, scale_parameters
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.flops import count_flops
+from dynopool_convert.plan import PLAN_FORMAT_VERSION
 from dynopool_convert.report import build_report
 from dynopool_convert.report.schema import check_report
 
@@ -134,6 +135,6 @@ def test_format_1_plans_still_load():
     plan = Plan.from_dict(old)
     assert plan.format_version == 1 and all(g.multiple is None for g in plan.groups)
     assert apply_plan(WindowNet(), plan)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-    newer = dict(old, format_version=3)
-    with pytest.raises(dc.UserInputError, match="format version 3"):
+    newer = dict(old, format_version=PLAN_FORMAT_VERSION + 1)
+    with pytest.raises(dc.UserInputError, match=f"format version {PLAN_FORMAT_VERSION + 1}"):
         Plan.from_dict(newer)

@@ -68,6 +68,7 @@ GROUP: dict[str, tuple[type, ...]] = {
     "r": (list, _OPT),
     "r_init": (list, _OPT),
     "multiple": (list, _OPT),
+    "r_max": (float, int, _OPT),
     "flops_dependent": (int, _OPT),
 }
 STAGE: dict[str, tuple[type, ...]] = {
