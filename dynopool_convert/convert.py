@@ -27,6 +27,7 @@ from .rewrite import pin_module_paths, rewrite, site_module_paths
 from .sites import Candidate, find_candidates
 from .token_grid import follow_flattens
 from .tracing import trace_model
+from .moves import CAP_AUDIT_MOVES, JOINT_MOVES, JOINT_MOVES_CAPPED
 from .validate import GroupProbe, OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
 
 __all__ = ["convert", "apply_plan", "ConversionResult", "Analysis", "analyse", "check_input_size"]
@@ -235,8 +236,25 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
     when none works it is pinned: its sites keep their ops behind an adaptive
     pool to their reference input size, so the layers after it see fixed shapes (windowed or
     relative-position attention, fixed token counts) and the groups before it can still move.
-    A pin that no kept group's move reaches is reverted to the plain op instead.
+    A pin that no kept group's move reaches is reverted to the plain op instead. The caps are
+    then audited with the groups before them moving too (``_audit_caps``); where one is refused,
+    the groups are settled again from the start without it.
     """
+    start = plan.to_dict()
+    refused: set[int] = set()  # groups whose cap the audit refused: settled as if uncapped
+    while True:
+        _settle(analysis, plan, refused)
+        audit = _audit_caps(analysis, plan)
+        if not audit:
+            return
+        refused |= audit
+        fresh = Plan.from_dict(start)
+        plan.sites, plan.groups = fresh.sites, fresh.groups
+
+
+def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
+    """One pass of ``_pin_pass``: every group moved on its own, deepest first (caps of the groups
+    in ``refused`` not tried)."""
     position = {n.name: i for i, n in enumerate(analysis.traced.graph.nodes)}
     node_of = {c.name: c.node for c in analysis.candidates}
     order = sorted(plan.converted_groups(), key=lambda g: max(position[node_of[s]] for s in g.sites), reverse=True)
@@ -256,7 +274,7 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
         if not problem:
             used |= reached
             continue
-        capped = _capped_problem(analysis, plan, group, problem)
+        capped = None if group.id in refused else _capped_problem(analysis, plan, group, problem)
         if capped is not None:
             used |= capped
             probe = None  # the graph changed
@@ -285,6 +303,20 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
             _revert(plan, gid, problem)
 
 
+def _audit_caps(analysis: Analysis, plan: Plan) -> set[int]:
+    """The capped groups that random joint moves of theirs with the uncapped groups break where
+    the same moves without theirs do not. A cap is probed with the groups after it settled; the
+    ones before it still move (timm's SAM2-Hiera: a shortcut pool the windowed attention's output
+    is cropped to, whose windows' count it must match once the patch grid moves too)."""
+    capped = [g.id for g in plan.converted_groups() if g.r_max is not None]
+    if not capped:
+        return set()
+    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
+    probe = GroupProbe(gm, analysis.example, analysis.spec, {})
+    free = {g.id for g in plan.converted_groups() if g.r_max is None}
+    return {gid for gid in capped if gid in probe.groups and probe.joint_problem(gid, CAP_AUDIT_MOVES, free)}
+
+
 def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) -> set[str] | None:
     """Cap ``group``'s scale factor at its reference value when only its larger outputs break the
     forward (the layers after it crop a skip connection to its size: the original U-Net), so that
@@ -295,11 +327,12 @@ def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) 
     group.r_max = max(1.0 / float(s) for s in group.stride_init)
     gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
     watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
-    trouble, reached = GroupProbe(gm, analysis.example, analysis.spec, watch).problem(group.id)
+    probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
+    trouble, reached = probe.problem(group.id)
     if trouble:
         group.r_max = None
         return None
-    why = f"scale factor capped at its reference value {group.r_max:.4g} (maps no larger than the original's): without that, {problem}"
+    why = f"scale factor capped at its reference value {group.r_max:.4g} (its outputs may shrink, not grow): without that, {problem}"
     group.reason = why
     for name in group.sites:
         plan.site(name).reason = why
@@ -320,7 +353,8 @@ def _validate_plan(analysis: Analysis, plan: Plan) -> None:
     pin_pass_done = False
     while True:
         gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
-        report = validate_graph(gm, analysis.example, analysis.spec)
+        capped = any(g.r_max is not None for g in plan.converted_groups())
+        report = validate_graph(gm, analysis.example, analysis.spec, joint=JOINT_MOVES_CAPPED if capped else JOINT_MOVES)
         if report.ok:
             _record_sizes(plan, gm, report)
             return

@@ -7,7 +7,8 @@ and all groups at once. Validation therefore tries, at the reference input size:
   0.7 (a larger output) and times 1.4 (a smaller one), or by one output step (one pixel, or
   one ``multiple``) where that moves the output further; clamped to the group's stride bounds
   (``axis_moves``);
-* ``JOINT_MOVES`` random moves of all groups together, every group and axis multiplied by its
+* ``JOINT_MOVES`` (``JOINT_MOVES_CAPPED`` where a group is capped) random moves of all groups
+  together, every group and axis multiplied by its
   own factor drawn uniformly from ``MOVE_RANGE`` with a fixed seed, so that a conversion is
   reproducible (``joint_moves``).
 
@@ -20,12 +21,18 @@ import random
 
 from .dynopool import dynopool_output_size
 
-__all__ = ["MOVE_RANGE", "JOINT_MOVES", "JOINT_SEED", "axis_moves", "joint_moves", "clamp_stride"]
+__all__ = ["MOVE_RANGE", "JOINT_MOVES", "JOINT_MOVES_CAPPED", "CAP_AUDIT_MOVES", "JOINT_SEED", "axis_moves", "joint_moves", "clamp_stride"]
 
 #: stride factors: per-axis moves go to both ends (-30%, +40%: the same distance in log scale),
 #: joint moves draw each group's and axis's factor from it
 MOVE_RANGE: tuple[float, float] = (0.7, 1.4)
 JOINT_MOVES: int = 3
+#: joint moves where a group is capped at its reference scale factor: its cap was probed with the
+#: groups after it settled, not with those before it (timm's SAM2-Hiera: a capped shortcut pool
+#: broke only when the patch embedding moved too)
+JOINT_MOVES_CAPPED: int = 12
+#: random joint moves a cap is audited with (forward only), its group's against the same without it
+CAP_AUDIT_MOVES: int = 32
 JOINT_SEED: int = 0
 
 Stride = tuple[float, float]

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 from .dynopool import DynOPool
 from .errors import one_line
 from .group_ids import StrideGroup, stride_groups
-from .moves import axis_moves, joint_moves
+from .moves import JOINT_MOVES, JOINT_SEED, axis_moves, joint_moves
 
 __all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe",
            "joint_moves_problem"]
@@ -134,11 +134,11 @@ def _moved_problem(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dic
     return ""
 
 
-def _joint_failures(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict) -> list[GroupFailure]:
-    """Run the random joint moves forward and backward. A forward failure is laid on the group
+def _joint_failures(gm: nn.Module, example: Tensor, spec: OutputSpec, groups: dict, n: int = JOINT_MOVES) -> list[GroupFailure]:
+    """Run ``n`` random joint moves forward and backward. A forward failure is laid on the group
     whose move, added to those of the groups before it, first breaks the forward."""
     params = {gid: g.param for gid, g in groups.items()}
-    for k, move in enumerate(joint_moves(*_strides_and_bounds(groups))):
+    for k, move in enumerate(joint_moves(*_strides_and_bounds(groups), n)):
         with _strides_set(groups, move):
             problem, failures = _forward_backward(gm, example, spec, params)
         for f in failures:
@@ -240,6 +240,22 @@ class GroupProbe:
             return problem, set()
         return "", {name for name, shapes in seen.items() if shapes - {tuple(self._watch[name].output_size)}}
 
+    def joint_problem(self, gid: int, n: int, moving: set[int]) -> str:
+        """Why one of ``n`` random joint moves of group ``gid`` and the ``moving`` groups (the
+        others where they are) breaks the forward where the same move without group ``gid``'s does
+        not ("" if none does): the moves group ``gid`` is to blame for."""
+        groups = {g: v for g, v in self.groups.items() if g == gid or g in moving}
+        for k, move in enumerate(joint_moves(*_strides_and_bounds(groups), n, seed=JOINT_SEED + 1)):
+            with _strides_set(self.groups, move):
+                problem = _run(self.gm, self.example, self.spec)
+            if not problem:
+                continue
+            with _strides_set(self.groups, {g: s for g, s in move.items() if g != gid}):
+                if not _run(self.gm, self.example, self.spec):
+                    stride = move[gid]
+                    return f"random joint move {k + 1} (stride {stride[0]:.3g}x{stride[1]:.3g}) breaks the forward: {problem}"
+        return ""
+
     def multiples(self, gid: int) -> list[tuple[int, int]]:
         """Candidate multiples for group ``gid``: the divisors of its reference output size (both
         axes) that leave at least two steps and refine its present multiple, smallest first."""
@@ -263,7 +279,8 @@ class GroupProbe:
                 m.multiple = value
 
 
-def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_only: bool = False) -> ValidationReport:
+def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_only: bool = False,
+             joint: int = JOINT_MOVES) -> ValidationReport:
     """Check ``gm`` (a converted model) at the reference input ``example`` and moved strides
     (only at the reference input with ``reference_only``)."""
     report = ValidationReport()
@@ -286,7 +303,7 @@ def validate(gm: fx.GraphModule, example: Tensor, spec: OutputSpec, reference_on
             if problem:
                 report.failures.append(GroupFailure(gid, problem))
         if not report.failures and reached:  # the joint moves also check the gradients
-            report.failures += _joint_failures(gm, example, spec, reached)
+            report.failures += _joint_failures(gm, example, spec, reached, joint)
     finally:
         gm.train(was_training)
     return report

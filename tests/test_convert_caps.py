@@ -3,6 +3,7 @@ original U-Net's crop of a skip to the upsampled map), and transposed convolutio
 model."""
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -127,3 +128,41 @@ def test_a_transposed_convolution_after_a_site_has_its_own_size_rule(output_padd
         assert cost.flops() == count_flops(model, size)
     fields = receptive_fields(ReportGraph(model, size))
     assert not fields.approximate
+
+
+class _SizeCheck(nn.Module):
+    """Kept whole by the tracer (a branch on sizes): ``b`` may not outgrow half of ``a``, and once
+    ``a`` moves from its reference size, ``b`` must be exactly half of it."""
+
+    def forward(self, a, b):
+        if b.size(2) > (a.size(2) + 1) // 2 or b.size(3) > (a.size(3) + 1) // 2:
+            raise RuntimeError("b outgrew a")
+        if a.size(2) != 16 and (b.size(2) < a.size(2) // 2 or b.size(3) < a.size(3) // 2):
+            raise RuntimeError("b no longer half of a")
+        return a[:, :, :b.size(2), :b.size(3)] + b
+
+
+class _CapBreaksJointly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool0, self.pool1 = nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(2)
+        self.check, self.head = _SizeCheck(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = self.pool0(self.stem(x))
+        return self.head(self.check(a, self.pool1(a)).mean((2, 3)))
+
+
+def test_a_cap_that_joint_moves_with_the_groups_before_it_break_is_refused(monkeypatch):
+    # pool1 alone: larger outputs break, smaller ones pass (a cap); moved with pool0, smaller ones
+    # break too: the audit refuses the cap, and the groups settle as they would without caps
+    convert_module = importlib.import_module("dynopool_convert.convert")  # the package's name is the function
+    audits = []
+    audit = convert_module._audit_caps
+    monkeypatch.setattr(convert_module, "_audit_caps", lambda a, p: audits.append(audit(a, p)) or audits[-1])
+    result = convert(_CapBreaksJointly(), (3, 32, 32))
+    assert audits[0] == {result.plan.site("pool1").group} and audits[-1] == set()
+    assert all(g.r_max is None for g in result.plan.groups)
+    monkeypatch.setattr(convert_module, "_capped_problem", lambda *args: None)
+    uncapped = convert(_CapBreaksJointly(), (3, 32, 32))
+    assert result.plan.to_dict() == uncapped.plan.to_dict()
