@@ -274,6 +274,31 @@ def test_total_check_allows_only_rounding(monkeypatch, gap, refused):
         assert CostModel(net, size).flops() == real(net, size)
 
 
+def test_a_build_whose_check_fails_is_built_again_from_larger_maps(monkeypatch):
+    """A rule that fits two shape passes by chance fails the check at a third setting (PVT-v2-B2
+    after a budget fit: keys pooled from a 3x3 grid, 1x1 in both passes); the cost model is then
+    built again from another pair of settings, and checked at a third one of its own."""
+    import dynopool_convert.cost_model as cost_model_module
+
+    checked: list[tuple[float, float]] = []
+    real = CostModel._check_totals
+
+    def first_fails(self, factors):
+        checked.append(factors)
+        if len(checked) == 1:
+            raise UnsupportedModelError("the FLOPs budget does not support this model yet: a rule fitted by chance")
+        real(self, factors)
+
+    monkeypatch.setattr(CostModel, "_check_totals", first_fails)
+    net = _OneCallAttention("attend")
+    size = (3, 64, 64)
+    cost = CostModel(net, size)
+    assert checked == [check for _, check in cost_model_module.PERTURBATIONS]
+    assert cost.flops() == count_flops(net, size)
+    randomise_strides(net, random.Random(4), lo=1.0, hi=3.0)
+    assert cost.flops() == count_flops(net, size)
+
+
 @pytest.mark.parametrize("name", ["timm_vit_tiny", "torchvision_swin"])
 def test_fit_and_project_hold_on_a_vit(name):
     model, input_size = _converted(name)
