@@ -329,6 +329,8 @@ def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) 
     watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
     probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
     trouble, reached = probe.problem(group.id)
+    # a cap lets a budget fit shrink the group far: its maps must still mean what they did
+    trouble = trouble or probe.shrink_problem(group.id)
     if trouble:
         group.r_max = None
         return None

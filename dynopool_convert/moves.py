@@ -21,7 +21,7 @@ import random
 
 from .dynopool import dynopool_output_size
 
-__all__ = ["MOVE_RANGE", "JOINT_MOVES", "JOINT_MOVES_CAPPED", "CAP_AUDIT_MOVES", "JOINT_SEED", "axis_moves", "joint_moves", "clamp_stride"]
+__all__ = ["MOVE_RANGE", "JOINT_MOVES", "JOINT_MOVES_CAPPED", "CAP_AUDIT_MOVES", "CAP_SHRINK", "JOINT_SEED", "axis_moves", "joint_moves", "clamp_stride"]
 
 #: stride factors: per-axis moves go to both ends (-30%, +40%: the same distance in log scale),
 #: joint moves draw each group's and axis's factor from it
@@ -33,6 +33,8 @@ JOINT_MOVES: int = 3
 JOINT_MOVES_CAPPED: int = 12
 #: random joint moves a cap is audited with (forward only), its group's against the same without it
 CAP_AUDIT_MOVES: int = 32
+#: a capped group's stride is also tried this many times its reference on both axes
+CAP_SHRINK: float = 2.0
 JOINT_SEED: int = 0
 
 Stride = tuple[float, float]

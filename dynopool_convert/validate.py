@@ -22,7 +22,8 @@ from torch.utils._pytree import tree_flatten
 from .dynopool import DynOPool
 from .errors import one_line
 from .group_ids import StrideGroup, stride_groups
-from .moves import JOINT_MOVES, JOINT_SEED, axis_moves, joint_moves
+from .broadcast_watch import ElementwiseShapes, broadcast_problem
+from .moves import CAP_SHRINK, JOINT_MOVES, JOINT_SEED, axis_moves, clamp_stride, joint_moves
 
 __all__ = ["quiet", "OutputSpec", "output_spec", "GroupFailure", "ValidationReport", "validate", "GroupProbe",
            "joint_moves_problem"]
@@ -239,6 +240,27 @@ class GroupProbe:
         if problem:
             return problem, set()
         return "", {name for name, shapes in seen.items() if shapes - {tuple(self._watch[name].output_size)}}
+
+    def shrink_problem(self, gid: int, depth: float = CAP_SHRINK) -> str:
+        """Why group ``gid``'s smaller outputs break the forward, or broadcast operands that were
+        equal at the reference (``broadcast_watch.py``): its per-axis shrinking moves, then its
+        stride times ``depth`` on both axes (a budget fit moves further than validation's
+        steps); "" if none does. The check a cap must pass."""
+        group = self.groups[gid]
+        pool = group.first
+        moves = [stride for label, stride in _group_moves(self.groups, self.sizes, gid) if label.startswith("smaller")]
+        moves.append(tuple(clamp_stride(s * depth, pool.r_bounds) for s in pool.stride_value))
+        reference = ElementwiseShapes()
+        with reference:
+            _run(self.gm, self.example, self.spec)
+        for stride in moves:
+            watch = ElementwiseShapes()
+            with _strides_set(self.groups, {gid: stride}), watch:
+                problem = _run(self.gm, self.example, self.spec)
+            problem = problem or broadcast_problem(reference.calls, watch.calls)
+            if problem:
+                return f"smaller output (stride {stride[0]:.3g}x{stride[1]:.3g}): {problem}"
+        return ""
 
     def joint_problem(self, gid: int, n: int, moving: set[int]) -> str:
         """Why one of ``n`` random joint moves of group ``gid`` and the ``moving`` groups (the

@@ -166,3 +166,37 @@ def test_a_cap_that_joint_moves_with_the_groups_before_it_break_is_refused(monke
     monkeypatch.setattr(convert_module, "_capped_problem", lambda *args: None)
     uncapped = convert(_CapBreaksJointly(), (3, 32, 32))
     assert result.plan.to_dict() == uncapped.plan.to_dict()
+
+
+class _BroadcastingBranch(nn.Module):
+    """pool1's 2x2 map is added to a fixed 2x2 branch: larger breaks the add, smaller (1x1)
+    broadcasts into it and runs (timm's HRNet fusing its branches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool0, self.pool1 = nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(4)
+        self.fixed, self.head = nn.AvgPool2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = self.pool0(self.stem(x))
+        return self.head((self.pool1(a) + self.fixed(a)).mean((2, 3)))
+
+
+def test_a_group_whose_smaller_maps_broadcast_is_not_capped():
+    result = convert(_BroadcastingBranch(), (3, 16, 16), exclude=["fixed"])
+    pool1 = result.plan.groups[result.plan.site("pool1").group]
+    assert pool1.r_max is None and pool1.status in ("pinned", "reverted")
+
+
+def test_broadcast_problem_compares_operands_call_by_call():
+    from dynopool_convert.broadcast_watch import ElementwiseShapes, broadcast_problem
+
+    def run(h: int) -> list:
+        with ElementwiseShapes() as watch:
+            a, b = torch.ones(1, 2, 2, 2), torch.ones(1, 2, h, h)
+            _ = (a * 2) + b
+            _ = a.add(torch.ones(1, 2, 1, 1))  # squeeze-excitation style: 1x1 at the reference too
+        return watch.calls
+
+    assert broadcast_problem(run(2), run(2)) == ""
+    assert broadcast_problem(run(2), run(1)) == "elementwise op 1 broadcasts operands equal at the reference: [1, 2, 2, 2] and [1, 2, 1, 1]"
