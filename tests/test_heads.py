@@ -61,6 +61,13 @@ def test_refusals_where_no_single_classifier_is_found(tmp_path):
     assert classifier_path(distilled, "timm:deit_tiny_distilled_patch16_224") is None  # two heads
     with pytest.raises(UserInputError, match="cannot replace the classifier"):
         replace_classifier(distilled, "timm:deit_tiny_distilled_patch16_224", 4)
+    # built without a classifier (timm's num_classes=0, as SAM2-Hiera comes): its last Linear
+    # is inside a block, not a classifier to replace
+    headless = dc.build_model("timm:resnet18", {"num_classes": 0})
+    assert classifier_path(headless, "timm:resnet18") is None
+    with pytest.raises(UserInputError, match="convert it with num_classes=4"):
+        replace_classifier(headless, "timm:resnet18", 4)
+    assert classifier_path(dc.build_model("timm:sam2_hiera_tiny"), "timm:sam2_hiera_tiny") is None
     source = "_convert_models:tiny_net"
     result = dc.convert(dc.build_model(source, {"num_classes": 5}), input_size=(3, 32, 32))
     path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 5}, (3, 32, 32))

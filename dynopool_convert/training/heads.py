@@ -45,6 +45,8 @@ def classifier_path(model: nn.Module, source: str) -> str | None:
             return wanted
         if isinstance(wanted, (tuple, list)):
             return None  # several heads (distillation): no single classifier to replace
+        if isinstance(wanted, str) and wanted in names:
+            return None  # built without a classifier (nn.Identity: timm's num_classes=0, SAM2-Hiera)
     if not source.startswith(("timm:", "torchvision:")):
         return None
     linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
@@ -112,7 +114,11 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
             f"timm and torchvision models only; convert {bundle.source!r} with num_classes={data_classes}"
         )
     path = replace_classifier(model, bundle.source, data_classes)
-    if model_classes(model, bundle.input_size, device) != data_classes:
+    try:
+        now = model_classes(model, bundle.input_size, device)
+    except RuntimeError:
+        now = None
+    if now != data_classes:
         raise UserInputError(f"replacing {path!r} did not give {data_classes} outputs: convert the model with "
                              f"num_classes={data_classes}")
     bundle.build_args = {**(bundle.build_args or {}), "num_classes": data_classes}
