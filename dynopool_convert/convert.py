@@ -20,6 +20,7 @@ from .dynopool import dynopool_output_size
 from .errors import UserInputError, input_size_hint
 from .grouping import TieGraph
 from .input_site import insert_input_site
+from .moves import CAP_AUDIT_MOVES, JOINT_MOVES, JOINT_MOVES_CAPPED
 from .pos_embed import follow_grids
 from .rel_pos import follow_rel_biases
 from .plan import Group, Plan, Site
@@ -27,7 +28,6 @@ from .rewrite import pin_module_paths, rewrite, site_module_paths
 from .sites import Candidate, find_candidates
 from .token_grid import follow_flattens
 from .tracing import trace_model
-from .moves import CAP_AUDIT_MOVES, JOINT_MOVES, JOINT_MOVES_CAPPED
 from .validate import GroupProbe, OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
 
 __all__ = ["convert", "apply_plan", "ConversionResult", "Analysis", "analyse", "check_input_size"]

@@ -87,7 +87,8 @@ TOTAL_TOLERANCE = 1e-6
 
 #: (shape pass, check) stride factors of each build: a rule read off two passes that fails the
 #: whole model's check at the third setting (two sizes that fit both passes by chance: PVT-v2's
-#: keys pooled from a grid of 3x3 tokens, 1x1 at both) is built again from larger maps
+#: keys pooled from a grid of 3x3 tokens, 1x1 at both) is built again from larger maps, and
+#: checked at every check setting so far (a rule that fits by chance must not get more chances)
 PERTURBATIONS: tuple[tuple[tuple[float, float], tuple[float, float]], ...] = (
     ((0.7, 0.8), (0.55, 0.65)),
     ((0.5, 0.6), (0.4, 0.45)),
@@ -136,7 +137,7 @@ class CostModel:
         self.reference_strides = ref_strides
         node_flops, self.reference_flops, self._mixed = _node_flops(gm, ref, self.input_size)
         self._gm, self._ref = gm, ref
-        for attempt, (pert_factors, check_factors) in enumerate(PERTURBATIONS):
+        for attempt, (pert_factors, _) in enumerate(PERTURBATIONS):
             with self._at_strides(self._moved(ref_strides, pert_factors)):
                 perturbed_strides = self._current_strides()  # as the parameters hold them (float32)
                 pert = graph.summaries()
@@ -148,8 +149,9 @@ class CostModel:
             # a guessed rule (token counts, a pad's multiple) is checked once more on the whole model
             if not (self._by_proportion or any(c.kind in _TOKEN_KINDS or c.guessed for c in self._classes)):
                 break
-            try:
-                self._check_totals(check_factors)
+            try:  # at every check setting so far: a rebuild must pass the one that failed too
+                for _, factors in PERTURBATIONS[:attempt + 1]:
+                    self._check_totals(factors)
                 break
             except UnsupportedModelError:
                 if attempt == len(PERTURBATIONS) - 1:
