@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end on one model, the way a user with trained weights goes:
 # random weights saved to .safetensors -> dynopool convert --weights (placement exact) ->
-# dynopool finetune 3 steps under 0.8x the original's FLOPs on Fashion-MNIST -> dynopool report ->
+# dynopool finetune 3 steps under 0.8x the original's FLOPs on Fashion-MNIST, validated on 500 images -> dynopool report ->
 # dynopool export --format onnx (checked in onnxruntime). One line: OK or FAIL <stage>: <last line>.
 #
 #   benchmarks/e2e/one_model.sh timm:regnety_002 64 [/usr/share/datasets/fashion-mnist] [OUT_ROOT]
@@ -20,7 +20,7 @@ save_file({k: v.contiguous() for k, v in m.state_dict().items()}, sys.argv[2])
 PY
 dynopool convert "$model" --weights "$d/w.safetensors" --input-size "$px" --out "$d/c.pt" > "$d/convert.log" 2>&1 \
     || { echo "FAIL convert: $(tail -1 "$d/convert.log")"; exit 1; }
-dynopool finetune "$d/c.pt" --budget 0.8x --data "fashion-mnist:$data" --steps 3 --batch-size 8 --out "$d/run" > "$d/ft.log" 2>&1 \
+dynopool finetune "$d/c.pt" --budget 0.8x --data "fashion-mnist:$data" --steps 3 --batch-size 8 --val-limit 500 --out "$d/run" > "$d/ft.log" 2>&1 \
     || { echo "FAIL finetune: $(tail -1 "$d/ft.log")"; exit 1; }
 dynopool report "$d/run/last.pt" > "$d/report.log" 2>&1 || { echo "FAIL report: $(tail -1 "$d/report.log")"; exit 1; }
 dynopool export "$d/run/last.pt" --format onnx --out "$d/m.onnx" > "$d/export.log" 2>&1 \
