@@ -145,6 +145,22 @@ def test_imagefolder_without_a_validation_split_sets_a_tenth_of_each_class_aside
             build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
 
 
+def test_imagefolder_ignores_hidden_and_macos_metadata_folders(tmp_path):
+    """Jupyter's .ipynb_checkpoints, .git and a zip's __MACOSX beside the classes are not classes
+    (torchvision's ImageFolder takes them for classes and fails: "no valid file")."""
+    for root in (tmp_path / "train", tmp_path / "val"):
+        _class_folders(root, {"ant": 2, "bee": 2})
+        for junk in (".ipynb_checkpoints", ".git", "__MACOSX"):
+            (root / junk).mkdir()
+    (tmp_path / "train" / "__MACOSX" / "._x.png").write_bytes(b"\0\5\0\7")
+    ds = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    assert ds.class_names == ["ant", "bee"] and len(ds.train) == 4 and len(ds.val) == 4
+    flat = tmp_path / "flat"
+    _class_folders(flat, {"ant": 3, "bee": 3})
+    (flat / ".ipynb_checkpoints").mkdir()
+    assert build_datasets(parse_data_spec(f"imagefolder:{flat}"), (3, 8, 8)).class_names == ["ant", "bee"]
+
+
 def test_bad_specs_are_user_errors(tmp_path):
     for spec in ("mnist:/x", f"cifar10", "synthetic:classes=0", "imagefolder:/does/not/exist"):
         with pytest.raises(UserInputError):

@@ -322,8 +322,6 @@ def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
     of a class with two or more) become the validation split: always the same images (a fixed
     draw over the sorted file list), so a resumed run scores the same ones. Without a training
     folder either, ``root``'s own class folders are the training data."""
-    from torchvision.datasets import ImageFolder
-
     train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
     if train_dir is None and val_dir is None and _has_class_folders(root):
         splits_named = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in TRAIN_SPLITS + VAL_SPLITS]
@@ -338,7 +336,7 @@ def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
     splits = []
     for folder in (train_dir, val_dir):
         try:
-            splits.append(None if folder is None else ImageFolder(str(folder)))
+            splits.append(None if folder is None else _ClassFolders(str(folder)))
         except FileNotFoundError as err:
             raise UserInputError(f"no images in {folder}: {err}") from err
     train, val = splits
@@ -361,8 +359,28 @@ def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
     return train, val, None
 
 
+def _is_class_folder(path: Path) -> bool:
+    """A folder that names a class: not hidden (``.ipynb_checkpoints``, ``.git``) nor macOS's
+    archive metadata (``__MACOSX``), which torchvision's ImageFolder would read as classes."""
+    return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
+
+
 def _has_class_folders(root: Path) -> bool:
-    return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    return any(_is_class_folder(p) for p in root.iterdir())
+
+
+def _ClassFolders(root: str) -> Any:
+    """torchvision's ImageFolder over ``root``'s class folders (``_is_class_folder``)."""
+    from torchvision.datasets import ImageFolder
+
+    class ClassFolders(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(p.name for p in Path(directory).iterdir() if _is_class_folder(p))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    return ClassFolders(root)
 
 
 def _set_samples(folder: Any, samples: list[tuple[str, int]]) -> None:
