@@ -196,13 +196,32 @@ def load_state_dict_matching(model: nn.Module, state: dict[str, Tensor], label: 
         if unexpected:
             parts.append(f"unexpected {unexpected[0]!r}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
         raise UserInputError(f"{label} do not match {model_label}: {', '.join(parts)}")
-    for key, value in expected.items():
-        if key in best and tuple(best[key].shape) != tuple(value.shape):
-            raise UserInputError(
-                f"{label} do not fit {model_label}: {key!r} has shape {list(best[key].shape)} in the file, "
-                f"{list(value.shape)} in the model (a different variant or class count? see --build-arg num_classes=...)"
-            )
+    wrong = [k for k, value in expected.items() if k in best and tuple(best[k].shape) != tuple(value.shape)]
+    if wrong:
+        key = wrong[0]
+        raise UserInputError(
+            f"{label} do not fit {model_label}: {key!r} has shape {list(best[key].shape)} in the file, "
+            f"{list(expected[key].shape)} in the model ({_shape_hint(model, {k: best[k] for k in wrong}, expected)})"
+        )
     model.load_state_dict(_with_versions(best, state, expected), strict=True)
+
+
+def _shape_hint(model: nn.Module, wrong: dict[str, Tensor], expected: dict[str, Tensor]) -> str:
+    """What a shape mismatch most likely means: where only the classifier differs (the model's last
+    Linear, or timm's ``get_classifier()``, in its rows alone), the class count to build it with."""
+    owners = {key.rsplit(".", 1)[0] for key in wrong}
+    rows = {int(t.shape[0]) if t.dim() else -1 for t in wrong.values()}
+    only_rows = all(t.dim() and tuple(t.shape[1:]) == tuple(expected[k].shape[1:]) for k, t in wrong.items())
+    whole = all(k in wrong for k in expected if k.rsplit(".", 1)[0] in owners)  # weight and bias alike
+    if len(owners) == 1 and len(rows) == 1 and only_rows and whole:
+        owner = model.get_submodule(owners.pop())
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        get = getattr(model, "get_classifier", None)
+        classifier = get() if callable(get) else (linears[-1] if linears else None)
+        if owner is classifier:
+            classes = rows.pop()
+            return f"its classifier has {classes} classes: add --build-arg num_classes={classes}"
+    return "a different variant or class count? see --build-arg num_classes=..."
 
 
 def _with_versions(best: dict[str, Tensor], state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -70,8 +70,22 @@ def test_bad_weights_files_are_one_line_errors(trained, tmp_path):
     shapes = dict(state)
     shapes["fc.weight"] = torch.zeros(10, 512)
     torch.save(shapes, tmp_path / "shapes.pt")
-    with pytest.raises(UserInputError, match=r"'fc.weight' has shape \[10, 512\] in the file, \[3, 512\] in the model"):
+    with pytest.raises(UserInputError, match=r"'fc.weight' has shape \[10, 512\] in the file, \[3, 512\] in the model "
+                                             r"\(a different variant"):
         load_weights_file(dc.build_model(SOURCE, ARGS), tmp_path / "shapes.pt")
+    shapes["fc.bias"] = torch.zeros(10)  # a whole classifier of 10 classes: the class count to build with
+    torch.save(shapes, tmp_path / "classes.pt")
+    with pytest.raises(UserInputError, match=r"its classifier has 10 classes: add --build-arg num_classes=10\)$"):
+        load_weights_file(dc.build_model(SOURCE, ARGS), tmp_path / "classes.pt")
+    tv = dc.build_model("torchvision:resnet18", {"num_classes": 3})  # no num_classes attribute: its last Linear
+    torch.save({k: (torch.zeros(7, *v.shape[1:]) if k.startswith("fc.") else v) for k, v in tv.state_dict().items()},
+               tmp_path / "tv.pt")
+    with pytest.raises(UserInputError, match=r"its classifier has 7 classes: add --build-arg num_classes=7\)$"):
+        load_weights_file(dc.build_model("torchvision:resnet18", {"num_classes": 3}), tmp_path / "tv.pt")
+    shapes["conv1.weight"] = torch.zeros(64, 3, 3, 3)  # not only the classifier: another variant
+    torch.save(shapes, tmp_path / "variant.pt")
+    with pytest.raises(UserInputError, match=r"'conv1.weight' .*\(a different variant"):
+        load_weights_file(dc.build_model(SOURCE, ARGS), tmp_path / "variant.pt")
     torch.save(trained, tmp_path / "pickled_model.pt")  # a whole pickled module: code, refused
     with pytest.raises(UserInputError, match="refusing to load .* could run code"):
         load_weights_file(dc.build_model(SOURCE, ARGS), tmp_path / "pickled_model.pt")
