@@ -3,7 +3,9 @@
 ``extra["flops"]`` is a mapping of fvcore counts at the checkpoint's ``input_size``:
 ``original`` (the model before conversion), ``converted`` (right after it), ``final`` and
 ``fit_method``/``group_factors``/``axes_raised`` (after fitting to a budget at convert time),
-``current`` (the weights saved by fine-tuning, after the budget projection). ``extra["fit_to_budget"]`` is
+``current`` (the weights saved by fine-tuning, after the budget projection). Once fine-tuning
+replaced the classifier, ``original`` is the original built with the new one, and
+``extra["head"]`` records ``classes`` (before, after) and ``original_flops`` (before, after). ``extra["fit_to_budget"]`` is
 ``BudgetFit.as_dict()`` when the trainer converted and fitted the model itself.
 ``extra["weights"]`` is where the loaded weights came from (``weights.build_with_weights``).
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["conversion_extra", "with_current_flops", "original_flops"]
+__all__ = ["conversion_extra", "with_current_flops", "with_new_head", "original_flops"]
 
 
 def conversion_extra(original: int | None, converted: int, fit: Any = None, keep_fit: bool = False,
@@ -39,6 +41,19 @@ def with_current_flops(extra: Mapping[str, Any] | None, flops: int) -> dict[str,
     out = dict(extra or {})
     counts = out.get("flops")
     out["flops"] = {**(counts if isinstance(counts, Mapping) else {}), "current": int(flops)}
+    return out
+
+
+def with_new_head(extra: Mapping[str, Any] | None, classes: tuple[int, int], before: int, after: int) -> dict[str, Any]:
+    """A copy of ``extra`` for a model whose classifier went from ``classes[0]`` to ``classes[1]``
+    classes: ``flops["original"]`` is ``after`` (the original built with the new classifier), and
+    ``head`` records both class counts and both originals (kept from a first replacement)."""
+    out = dict(extra or {})
+    counts = out.get("flops")
+    out["flops"] = {**(counts if isinstance(counts, Mapping) else {}), "original": int(after)}
+    first = out.get("head") if isinstance(out.get("head"), Mapping) else {}
+    out["head"] = {"classes": [first.get("classes", [classes[0]])[0], int(classes[1])],
+                   "original_flops": [first.get("original_flops", [before])[0], int(after)]}
     return out
 
 

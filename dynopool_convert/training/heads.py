@@ -99,15 +99,15 @@ def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
 
 
 def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, device,
-               say: Callable[[str], None]) -> None:
+               say: Callable[[str], None]) -> int | None:
     """Give ``model`` ``data_classes`` outputs (``wanted``, when given, must agree with the data):
     replace its classifier if its class count differs, say so in one line, and make the bundle's
-    ``build_args`` rebuild that head."""
+    ``build_args`` rebuild that head. Returns the class count it had when replaced, else None."""
     if wanted is not None and wanted != data_classes:
         raise UserInputError(f"--num-classes {wanted} but the data has {data_classes} classes")
     have = model_classes(model, bundle.input_size, device)
     if have is None or have == data_classes:
-        return
+        return None
     if not bundle.source.startswith(("timm:", "torchvision:")):
         raise UserInputError(
             f"the model outputs {have} classes but the data has {data_classes}: dynopool replaces the classifier of "
@@ -123,6 +123,7 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
                              f"num_classes={data_classes}")
     bundle.build_args = {**(bundle.build_args or {}), "num_classes": data_classes}
     say(f"head: {path} replaced ({have} -> {data_classes} classes, fresh weights)")
+    return have
 
 
 def _describe(out: object) -> str:

@@ -27,6 +27,7 @@ from . import upstream
 from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_warnings
 from .evaluation import autocast, score, val_sample
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from .head_budget import rebase_budget, reset_to_converted
 from .heads import adapt_head, check_classifier
 from .interrupt import StopFlag
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
@@ -151,7 +152,11 @@ class _Run:
         for note in data.notes if info.is_main else []:
             self.cbs.on_message(note)
         model = bundle.model.to(info.device)
-        adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
+        had = adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
+        # the original is compared with the new classifier too, and the budget follows it
+        if had is not None:
+            rebase_budget(bundle, cfg.budget, (had, data.num_classes), say=self.cbs.on_message)
+        self.budget = bundle.budget
         check_classifier(model, bundle.input_size, info.device, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
@@ -167,7 +172,8 @@ class _Run:
         if self.cost is not None:  # an impossible budget is refused before the first step
             upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
             if not resume and t.scale_lr <= 0:
-                self._fit_to_budget_first()
+                # sizes a convert-time fit chose for the old classifier are chosen again for the new budget
+                self._fit_to_budget_first(from_converted=had is not None and not bundle.training)
         self.holdout = self._carve_holdout(data, resume, bundle.training)
         self.data = data
         self.val_indices = val_sample(len(data.val), t.val_limit, t.seed)  # the images every validation scores
@@ -339,11 +345,19 @@ class _Run:
         cap = holdout_cap(t.holdout_max, t.steps, t.batch_size * self.info.world)
         return carve_holdout(data, t.holdout, cap, t.seed)
 
-    def _fit_to_budget_first(self) -> None:
+    def _fit_to_budget_first(self, from_converted: bool = False) -> None:
         """Strides not learned by gradient: nothing would bring a model over its budget into it
         before the size search, so it is fitted first (``fit_to_budget``, as ``convert --budget``
         does) and trains at sizes the budget allows from the first step. The axis fill runs when
-        the recipe asks for it (``convert.axis_fill``) or the checkpoint's own fit used it."""
+        the recipe asks for it (``convert.axis_fill``) or the checkpoint's own fit used it.
+        ``from_converted``: fitted from the converted model's strides (those before any fit), as
+        ``convert --budget`` would have fitted it, even where the model is within the budget."""
+        if from_converted:
+            reset_to_converted(self.model)
+            flops = self.cost.flops()
+            if flops <= self.budget:
+                self.cbs.on_message(f"sizes back to the converted model's: {flops:,} FLOPs, within the budget")
+                return
         flops = self.cost.flops()
         if flops <= self.budget:
             return
