@@ -229,9 +229,17 @@ def _largest_fitting_factor(cost: CostModel, base, bounds, target: float, lo: fl
     return lo
 
 
+def _no_group_error(budget: int, flops: int, input_size) -> UserInputError:
+    return UserInputError(
+        f"budget {format_flops(budget)} FLOPs ({budget}) cannot be met: the model has no learned group (no site "
+        f"to resize), so its {format_flops(flops)} FLOPs ({flops}) at {input_size[-2]}x{input_size[-1]} cannot move")
+
+
 def _raise_impossible(model, budget, input_size, params, base, lowest, limited: bool = False) -> None:
     """Restore ``base`` and refuse, quoting fvcore's count at the minimum (every r at r_min), or
     (``limited``) at the smallest maps one factor for all reaches before some map empties."""
+    if not params:  # nothing moves: "every scale factor at its lower bound" would say there is one
+        raise _no_group_error(budget, count_flops(model, input_size), input_size)
     _set_strides(params, lowest)
     try:
         minimum = count_flops(model, input_size)
@@ -298,9 +306,7 @@ def _fit_common_factor(model: nn.Module, budget: int, input_size, cost: CostMode
                           strides=[list(s) for s in base], fvcore_checks=1)
             return result
     if not base:
-        raise UserInputError(
-            f"budget {format_flops(budget)} FLOPs ({budget}) cannot be met: the model has no learned group (no site "
-            f"to resize), so its {format_flops(start)} FLOPs ({start}) at {input_size[-2]}x{input_size[-1]} cannot move")
+        raise _no_group_error(budget, start, input_size)
     # below f_min every stride sits at its upper bound: the cost is the minimum there, unless
     # some map is empty before (the lowest feasible common factor is the floor then)
     f_min = min(1.0, min(min(s_h, s_w) / hi for (s_h, s_w), (_, hi) in zip(base, bounds)))

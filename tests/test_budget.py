@@ -11,7 +11,7 @@ from torch import nn
 from budget_models import MODELS, randomise_strides
 from dynopool_convert import build_model, convert
 from dynopool_convert.budget import (
-    BudgetFit, BudgetProjection, budget_fraction, budget_penalty, check_budget, fit_to_budget, parse_budget,
+    BudgetFit, BudgetProjection, budget_fraction, budget_penalty, check_budget, check_reachable, fit_to_budget, parse_budget,
     project_to_budget,
 )
 from dynopool_convert.cost_model import CostModel
@@ -191,3 +191,6 @@ def test_a_model_with_no_learned_group_is_refused_in_one_line():
     with pytest.raises(UserInputError, match="has no learned group .* cannot move"):
         fit_to_budget(model, flops // 2, (3, 16, 16))
     assert fit_to_budget(model, flops, (3, 16, 16)).method == "none"
+    # the check before fine-tuning says the same (not "every scale factor at its lower bound")
+    with pytest.raises(UserInputError, match=f"has no learned group .* \\({flops}\\) at 16x16 cannot move"):
+        check_reachable(model, flops // 2, (3, 16, 16), CostModel(model, (3, 16, 16)))
