@@ -5,6 +5,7 @@ FLOPs and the ``extra`` are worked out in one place.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -81,9 +82,21 @@ def convert_source(
     at = f"{size[1]}x{size[2]}"
     with step(f"counting FLOPs at {at}"):
         original = int(count_flops(net, size))
-    budget = parse_budget(budget, original) if budget is not None else None
+    asked, budget = budget, parse_budget(budget, original) if budget is not None else None
     with step(f"tracing, converting and validating at {at}"):
         result = convert(net, size, placement=placement, **policy)
+    if _fixed_grid(source, net, build_args, result):
+        with step(f"converting again with dynamic_img_size=True at {at}"):
+            again_args = {**build_args, "dynamic_img_size": True}
+            again_net, again_origin = build_with_weights(source, again_args, weights, pretrained)
+            again = convert(again_net, size, placement=placement, **policy)
+        if again.plan.summary()["groups"]:
+            again.plan.notes.append(
+                "no learned group as built (its patch grid is fixed): built again with dynamic_img_size=True, "
+                "timm's option to accept any grid (--build-arg dynamic_img_size=false keeps the model as built)")
+            net, origin, result, build_args = again_net, again_origin, again, again_args
+            original = int(count_flops(net, size))
+            budget = parse_budget(asked, original) if asked is not None else None
     fit = None
     with step("counting FLOPs" if budget is None else f"fitting to {format_flops(budget)} FLOPs"):
         if budget is None:
@@ -93,3 +106,12 @@ def convert_source(
             converted = fit.converted_flops
     extra = conversion_extra(original, converted, fit, keep_fit=keep_fit, weights=origin)
     return Conversion(result, source, build_args, size, placement, origin, original, converted, fit, extra, budget)
+
+
+def _fixed_grid(source: str, net: Any, build_args: dict[str, Any], result: ConversionResult) -> bool:
+    """Whether a conversion with no learned group is worth one more try with ``dynamic_img_size``:
+    a timm model whose builder takes it (ViT, Eva, Swin: a fixed grid of patches, rotary tables or
+    windows breaks every move of the patch embedding) and that the user did not set."""
+    counts = result.plan.summary()
+    return (source.startswith("timm:") and "dynamic_img_size" not in build_args and counts["groups"] == 0
+            and counts["reverted"] > 0 and "dynamic_img_size" in inspect.signature(type(net).__init__).parameters)

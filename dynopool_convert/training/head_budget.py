@@ -28,7 +28,17 @@ from ..dynopool import dynopool_modules
 from ..checkpoint_extra import original_flops, with_new_head
 from . import upstream
 
-__all__ = ["rebase_budget", "reset_to_converted"]
+__all__ = ["after_new_head", "rebase_budget", "reset_to_converted"]
+
+
+def after_new_head(model: nn.Module, bundle: Any, budget_arg: str | int | None, classes: tuple[int, int],
+                   refit: bool, say: Callable[[str], None]) -> None:
+    """``rebase_budget``; then (``refit``: sizes a convert-time fit chose, not learned ones) every
+    stride back to the converted model's, for the trainer to fit into the new budget."""
+    rebase_budget(bundle, budget_arg, classes, say)
+    if refit:
+        reset_to_converted(model)
+        say("sizes back to the converted model's, to be fitted to the budget again")
 
 
 def rebase_budget(bundle: Any, budget_arg: str | int | None, classes: tuple[int, int],

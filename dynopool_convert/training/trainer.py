@@ -27,7 +27,7 @@ from . import upstream
 from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_warnings
 from .evaluation import autocast, score, val_sample
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from .head_budget import rebase_budget, reset_to_converted
+from .head_budget import after_new_head
 from .heads import adapt_head, check_classifier
 from .interrupt import StopFlag
 from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
@@ -152,12 +152,7 @@ class _Run:
         for note in data.notes if info.is_main else []:
             self.cbs.on_message(note)
         model = bundle.model.to(info.device)
-        had = adapt_head(model, bundle, data.num_classes, cfg.num_classes, device=info.device, say=self.cbs.on_message)
-        # the original is compared with the new classifier too, and the budget follows it
-        if had is not None:
-            rebase_budget(bundle, cfg.budget, (had, data.num_classes), say=self.cbs.on_message)
-        self.budget = bundle.budget
-        check_classifier(model, bundle.input_size, info.device, data.num_classes)
+        self._classifier(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
         self.average = WeightAverage(model, t.model_ema_decay) if t.model_ema else None
@@ -172,8 +167,7 @@ class _Run:
         if self.cost is not None:  # an impossible budget is refused before the first step
             upstream.check_reachable(model, self.budget, bundle.input_size, self.cost)
             if not resume and t.scale_lr <= 0:
-                # sizes a convert-time fit chose for the old classifier are chosen again for the new budget
-                self._fit_to_budget_first(from_converted=had is not None and not bundle.training)
+                self._fit_to_budget_first()
         self.holdout = self._carve_holdout(data, resume, bundle.training)
         self.data = data
         self.val_indices = val_sample(len(data.val), t.val_limit, t.seed)  # the images every validation scores
@@ -345,19 +339,22 @@ class _Run:
         cap = holdout_cap(t.holdout_max, t.steps, t.batch_size * self.info.world)
         return carve_holdout(data, t.holdout, cap, t.seed)
 
-    def _fit_to_budget_first(self, from_converted: bool = False) -> None:
+    def _classifier(self, model: nn.Module, classes: int) -> None:
+        """The data's class count (a new classifier where it differs); with a new one, the original
+        is counted again and the budget follows it, and sizes a convert-time fit chose for the old
+        one go back to the converted model's, to be fitted again (``head_budget.py``)."""
+        had = adapt_head(model, self.bundle, classes, self.cfg.num_classes, device=self.info.device, say=self.cbs.on_message)
+        if had is not None:
+            refit = self.t.scale_lr <= 0 and not self.bundle.training and self.bundle.budget is not None
+            after_new_head(model, self.bundle, self.cfg.budget, (had, classes), refit, say=self.cbs.on_message)
+        self.budget = self.bundle.budget
+        check_classifier(model, self.bundle.input_size, self.info.device, classes)
+
+    def _fit_to_budget_first(self) -> None:
         """Strides not learned by gradient: nothing would bring a model over its budget into it
         before the size search, so it is fitted first (``fit_to_budget``, as ``convert --budget``
         does) and trains at sizes the budget allows from the first step. The axis fill runs when
-        the recipe asks for it (``convert.axis_fill``) or the checkpoint's own fit used it.
-        ``from_converted``: fitted from the converted model's strides (those before any fit), as
-        ``convert --budget`` would have fitted it, even where the model is within the budget."""
-        if from_converted:
-            reset_to_converted(self.model)
-            flops = self.cost.flops()
-            if flops <= self.budget:
-                self.cbs.on_message(f"sizes back to the converted model's: {flops:,} FLOPs, within the budget")
-                return
+        the recipe asks for it (``convert.axis_fill``) or the checkpoint's own fit used it."""
         flops = self.cost.flops()
         if flops <= self.budget:
             return
