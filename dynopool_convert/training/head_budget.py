@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..budget import budget_fraction, format_flops
-from ..dynopool import dynopool_modules
 from ..checkpoint_extra import original_flops, with_new_head
+from ..dynopool import dynopool_modules
 from . import upstream
 
 __all__ = ["after_new_head", "rebase_budget", "reset_to_converted"]
