@@ -180,6 +180,11 @@ def _pad(pad: Any) -> list[Geometry]:
     return [Geometry("window", padding=(top + bottom, left + right))]
 
 
+#: the window of an op that moves no pixel relative to another (padding: the amounts, which Swin
+#: computes in its forward, only add border pixels)
+_KEEPS_FIELD: Window = ((1, 1.0), (1, 1.0))
+
+
 def _dynopool_window(call: OpCall, hw_in: HW, hw_out: HW) -> Window:
     from .report.receptive_field import dynopool_read_span
 
@@ -286,7 +291,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("conv_function", functions=CONV_FUNCTIONS, params=CONV_PARAMS, site=ConvFunctionHandler(),
            geometry=lambda c: window_geometry(_weight_kernel(c), c.arg("stride", 1), c.arg("padding", 0), c.arg("dilation", 1),
                                               flops_on="out")),
-    OpSpec("pad_function", functions=(F.pad,), params=("pad", "mode", "value"), geometry=lambda c: _pad(c.arg("pad", ()))),
+    OpSpec("pad_function", functions=(F.pad,), params=("pad", "mode", "value"), geometry=lambda c: _pad(c.arg("pad", ())),
+           window=lambda c, hw_in, hw_out: _KEEPS_FIELD),
     # last: any other leaf module with a stride > 1, listed as a site that is not converted
     OpSpec("unsupported", modules=(nn.Module,), site=UnsupportedStridedModuleHandler(), leaf=False),
 )

@@ -136,6 +136,29 @@ def test_functional_ops_and_unknown_resize():
     assert rf.approximate == ["pixel_unshuffle"]
 
 
+def test_padding_computed_in_the_forward_is_read_from_the_sizes():
+    """Swin pads each map to a multiple of its window with amounts computed from the map's size:
+    padding keeps the field whatever its amounts (it crashed the report)."""
+    class PadToMultiple(nn.Module):
+        def forward(self, x):
+            x = nn.functional.max_pool2d(x, 3, 2, 1)                  # 3 [2]
+            h, w = x.shape[-2:]
+            x = nn.functional.pad(x, (0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4))
+            return nn.functional.avg_pool2d(x, 4)                    # 3 + 3*2 = 9 [8]
+
+    for size in (30, 32):  # padded by 1, and by 0
+        rf = receptive_fields(ReportGraph(PadToMultiple(), (3, size, size)))
+        assert rf.fields["max_pool2d"].size == (3, 3) and rf.fields["avg_pool2d"].size == (9, 9)
+        assert rf.approximate == []
+
+    class KernelFromSize(nn.Module):
+        def forward(self, x):
+            return nn.functional.avg_pool2d(x, x.shape[-1] // 4)  # a kernel computed in the forward
+
+    rf = receptive_fields(ReportGraph(KernelFromSize(), (3, 32, 32)))  # no rule can read it: by the sizes
+    assert rf.fields["avg_pool2d"].size == (8, 8) and rf.approximate == ["avg_pool2d"]
+
+
 def test_resnet18_known_receptive_field():
     # torchvision ResNet-18: 7 -> 11 (maxpool) -> 43 (layer1) -> 99 -> 211 -> 435 (layer4)
     import torchvision

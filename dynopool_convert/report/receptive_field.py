@@ -203,7 +203,12 @@ def _window_of(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window | Non
     """The op registry's window for ``node`` (arguments that are tensors read as their shapes)."""
     if hw_in is None or hw_out is None or node.op not in ("call_module", "call_function"):
         return None
-    return window_of(node, graph.gm, lambda a: graph.shapes.get(a.name) or a, hw_in, hw_out)
+    try:
+        return window_of(node, graph.gm, lambda a: graph.shapes.get(a.name) or a, hw_in, hw_out)
+    except (TypeError, ValueError):
+        # an argument computed in the forward that the rule needs as a number (a pool's kernel
+        # read off the map's size): the sizes decide, as for ops no rule knows
+        return None
 
 
 def _fallback_window(graph: ReportGraph, node: fx.Node, hw_in, hw_out) -> Window:
