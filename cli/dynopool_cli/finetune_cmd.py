@@ -23,7 +23,7 @@ def finetune(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size per process.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate of the weights.")] = None,
     scale_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the DynOPool strides by their straight-through gradient (default 0: the sizes come from the budget fit; in our runs gradient learning cost 1.5-2 points, docs/RESULTS.md section 6).")] = None,
-    budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9, or a share of the original model's FLOPs: 0.7x, 70%); default the checkpoint's.")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="FLOPs budget (4G, 500M, 4.1e9, or a share of the original model's FLOPs: 0.7x, 70%); default the checkpoint's. Where the data's class count replaces the classifier, the original is counted with the new one and a share, or the checkpoint's budget, is of that count.")] = None,
     penalty_weight: Annotated[Optional[float], typer.Option(help="Weight (lambda) of the budget penalty.")] = None,
     budget_mode: Annotated[Optional[BudgetMode], typer.Option(help="ceiling: penalise FLOPs above the budget only (default); target: also pull a model that drifts under its budget back up to it.")] = None,
     size_jitter: Annotated[Optional[int], typer.Option(min=0, help="While the strides learn, move every group's size by up to this many pixels each step (default 0: off; in our runs 1 pixel cost about 4 points of accuracy, docs/RESULTS.md §6), so the weights work at the neighbouring sizes.")] = None,
