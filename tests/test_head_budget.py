@@ -3,26 +3,13 @@ budget, the recorded original FLOPs and the fitted sizes are those of a model co
 that class count from the start (``training/head_budget.py``)."""
 from __future__ import annotations
 
-import pytest
-import torch
-
 import dynopool_convert as dc
 from dynopool_convert.conversion import convert_source
 from dynopool_convert.training import finetune
-from dynopool_convert.training.trainer import TrainCallbacks
+from test_heads import DATA, TRAIN, _Messages
 
 # a model whose 1000-class classifier is a large share of its FLOPs at this size (about 30%)
 SOURCE, SIZE = "timm:mobilenetv3_small_050", (3, 48, 80)
-DATA = "synthetic:classes=4,train=16,val=8"
-TRAIN = {"steps": 1, "batch_size": 8, "device": "cpu", "log_every": 1}
-
-
-class _Messages(TrainCallbacks):
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def on_message(self, text: str) -> None:
-        self.lines.append(text)
 
 
 def _convert(tmp_path, name: str, classes: int, budget: str | None):
