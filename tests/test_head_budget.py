@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dynopool_convert as dc
 from dynopool_convert.conversion import convert_source
+from dynopool_convert.report.build import report_from_checkpoint
+from dynopool_convert.report.text import si, summary_rows
 from dynopool_convert.training import finetune
 from test_heads import DATA, TRAIN, _Messages
 
@@ -41,6 +43,8 @@ def test_a_share_from_convert_is_kept_and_sizes_are_fitted_as_if_converted_with_
     assert saved.extra["flops"]["current"] <= saved.budget
     line = next(text for text in said.lines if text.startswith("original with 4 classes"))
     assert "keeps its share" in line and f"({saved.budget:,})" in line
+    summary = dict(summary_rows(report_from_checkpoint(tmp_path / "run" / "last.pt")))
+    assert summary["FLOPs original"] == f"{si(original)} (with the 4-class classifier; {si(_original(1000))} with 1000 classes)"
 
 
 def test_a_share_given_to_finetune_is_of_the_original_with_the_new_classifier(tmp_path):

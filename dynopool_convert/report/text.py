@@ -50,6 +50,15 @@ def _metric(name: str, m: dict[str, Any]) -> str:
     return f"{name} {m['last']:.4g} (best {m['best']:.4g})"
 
 
+def _head_note(report: dict[str, Any]) -> str:
+    """Where fine-tuning replaced the classifier: the original's count with the one it had."""
+    head = (report.get("extra") or {}).get("head")
+    if not head or report["input_size"] != report.get("reference_input_size", report["input_size"]):
+        return ""
+    (before, after), (flops_before, _) = head["classes"], head["original_flops"]
+    return f" (with the {after}-class classifier; {si(flops_before)} with {before} classes)"
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows of the report's header."""
     flops = report["flops"]
@@ -63,7 +72,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("input size", size(report["input_size"])),
         ("parameters", f"{si(report['params'])} ({report['scale_parameters']} scale-factor groups)"),
         ("budget", si(budget) if budget is not None else "none"),
-        ("FLOPs original", si(flops.get("original"))),
+        ("FLOPs original", si(flops.get("original")) + _head_note(report)),
         ("FLOPs converted", si(flops.get("converted"))),
         ("FLOPs current", si(flops.get("current")) + status),
     ]
