@@ -336,7 +336,7 @@ def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
     splits = []
     for folder in (train_dir, val_dir):
         try:
-            splits.append(None if folder is None else _class_folders(str(folder)))
+            splits.append(None if folder is None else _image_folder(str(folder)))
         except FileNotFoundError as err:
             raise UserInputError(f"no images in {folder}: {err}") from err
     train, val = splits
@@ -369,7 +369,7 @@ def _has_class_folders(root: Path) -> bool:
     return any(_is_class_folder(p) for p in root.iterdir())
 
 
-def _class_folders(root: str) -> Any:
+def _image_folder(root: str) -> Any:
     """torchvision's ImageFolder over ``root``'s class folders (``_is_class_folder``)."""
     from torchvision.datasets import ImageFolder
 
