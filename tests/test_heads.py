@@ -8,7 +8,7 @@ import torch
 import dynopool_convert as dc
 from dynopool_convert import UserInputError
 from dynopool_convert.training import finetune
-from dynopool_convert.training.heads import classifier_path, replace_classifier
+from dynopool_convert.training.heads import classifier_paths, replace_classifier
 from dynopool_convert.training.trainer import TrainCallbacks
 
 DATA = "synthetic:classes=4,train=16,val=8"
@@ -48,6 +48,24 @@ def test_finetune_replaces_a_head_with_another_class_count(tmp_path, source, hea
     assert body  # the rest of the model is what was fine-tuned from the checkpoint, not rebuilt
 
 
+@pytest.mark.parametrize("source, args, heads", [
+    ("timm:deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 1}, ["head", "head_dist"]),  # averaged
+    ("timm:efficientvim_m1", {}, ["heads.0", "heads.1", "heads.2", "heads.3"]),  # weighed per stage
+])
+def test_several_classifier_heads_are_all_replaced(tmp_path, source, args, heads):
+    model = dc.build_model(source, {**args, "num_classes": 10})
+    assert classifier_paths(model, source) == heads
+    result = dc.convert(model, (3, 32, 32), placement="exact")
+    ckpt = dc.save_checkpoint(tmp_path / "c.pt", result.model, result.plan, source, {**args, "num_classes": 10}, (3, 32, 32))
+    said = _Messages()
+    assert finetune(ckpt, tmp_path / "run", callbacks=said, overrides={"data": DATA, "train": TRAIN}).completed
+    assert f"head: {', '.join(heads)} replaced (10 -> 4 classes, fresh weights)" in said.lines
+    saved = dc.load_checkpoint(tmp_path / "run" / "last.pt")  # rebuilt with 4 classes in every head
+    assert all(saved.model.get_submodule(h).weight.shape[0] == 4 for h in heads)
+    for mode in (True, False):  # one N x 4 output in training and in evaluation
+        assert saved.model.train(mode)(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
 def test_num_classes_must_agree_with_the_data(tmp_path):
     ckpt = _converted(tmp_path, "timm:resnet18", classes=10)
     with pytest.raises(UserInputError, match="--num-classes 7 but the data has 4 classes"):
@@ -57,17 +75,13 @@ def test_num_classes_must_agree_with_the_data(tmp_path):
 
 
 def test_refusals_where_no_single_classifier_is_found(tmp_path):
-    distilled = dc.build_model("timm:deit_tiny_distilled_patch16_224", {"num_classes": 3})
-    assert classifier_path(distilled, "timm:deit_tiny_distilled_patch16_224") is None  # two heads
-    with pytest.raises(UserInputError, match="cannot replace the classifier"):
-        replace_classifier(distilled, "timm:deit_tiny_distilled_patch16_224", 4)
     # built without a classifier (timm's num_classes=0, as SAM2-Hiera comes): its last Linear
     # is inside a block, not a classifier to replace
     headless = dc.build_model("timm:resnet18", {"num_classes": 0})
-    assert classifier_path(headless, "timm:resnet18") is None
+    assert classifier_paths(headless, "timm:resnet18") == []
     with pytest.raises(UserInputError, match="convert it with num_classes=4"):
         replace_classifier(headless, "timm:resnet18", 4)
-    assert classifier_path(dc.build_model("timm:sam2_hiera_tiny"), "timm:sam2_hiera_tiny") is None
+    assert classifier_paths(dc.build_model("timm:sam2_hiera_tiny"), "timm:sam2_hiera_tiny") == []
     source = "_convert_models:tiny_net"
     result = dc.convert(dc.build_model(source, {"num_classes": 5}), input_size=(3, 32, 32))
     path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 5}, (3, 32, 32))

@@ -2,7 +2,8 @@
 4-class dataset) by replacing its classifier, as timm's ``reset_classifier`` does.
 
 The converted model is an fx GraphModule (timm's ``reset_classifier`` is gone), so the
-classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm sources, the last
+classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm sources (every one
+of them where it names several: distillation heads), the last
 ``nn.Linear`` (else 1x1 convolution) for torchvision ones. It becomes a fresh layer of the same kind with the new class
 count, and the checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the
 model with the new head. timm's own ``Linear`` (MobileNetV3, GhostNet, LCNet, ...) is traced
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..errors import UserInputError
 
-__all__ = ["model_classes", "classifier_path", "replace_classifier", "adapt_head", "check_classifier"]
+__all__ = ["model_classes", "classifier_paths", "replace_classifier", "adapt_head", "check_classifier"]
 
 
 def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) -> int | None:
@@ -31,31 +32,35 @@ def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) ->
     return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
-def classifier_path(model: nn.Module, source: str) -> str | None:
-    """The qualified name of the classifier layer: timm's configured one, else the last Linear
-    (else the last 1x1 convolution)."""
+def classifier_paths(model: nn.Module, source: str) -> list[str]:
+    """The qualified names of the classifier layers: timm's configured one, or all of its several
+    (a distilled model's ``head`` and ``head_dist``, EfficientViM's per-stage ``heads``: the model
+    averages or weighs their outputs); else the last Linear (else the last 1x1 convolution).
+    Empty where there is none to replace."""
     names = dict(model.named_modules())
     if source.startswith("timm:"):
         import timm
 
         cfg = timm.models.get_pretrained_cfg(source[5:])
         wanted = getattr(cfg, "classifier", None) if cfg is not None else None
-        if isinstance(wanted, str) and (isinstance(names.get(wanted), (nn.Linear, nn.Conv2d))
-                                         or _traced_linear(names.get(wanted))):
-            return wanted
-        if isinstance(wanted, (tuple, list)):
-            return None  # several heads (distillation): no single classifier to replace
-        if isinstance(wanted, str) and wanted in names:
-            return None  # built without a classifier (nn.Identity: timm's num_classes=0, SAM2-Hiera)
+        several = list(wanted) if isinstance(wanted, (tuple, list)) else [wanted]
+        if all(isinstance(w, str) and _replaceable(names.get(w)) for w in several):
+            return several
+        if any(isinstance(w, str) and w in names for w in several):
+            return []  # built without a classifier (nn.Identity: timm's num_classes=0, SAM2-Hiera)
     if not source.startswith(("timm:", "torchvision:")):
-        return None
+        return []
     linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
     if linears:
-        return linears[-1]
+        return linears[-1:]
     # a fully convolutional classifier (SqueezeNet: a 1x1 conv, then global pooling)
     pointwise = [name for name, m in names.items() if isinstance(m, nn.Conv2d)
                  and tuple(m.kernel_size) == (1, 1) and m.groups == 1]
-    return pointwise[-1] if pointwise else None
+    return pointwise[-1:]
+
+
+def _replaceable(layer: nn.Module | None) -> bool:
+    return isinstance(layer, (nn.Linear, nn.Conv2d)) or _traced_linear(layer)
 
 
 def _traced_linear(layer: nn.Module | None) -> bool:
@@ -76,13 +81,20 @@ def _fresh(layer: nn.Module, num_classes: int) -> nn.Module:
 
 
 def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
-    """Swap the classifier of ``model`` for a fresh one with ``num_classes`` outputs; its path."""
-    path = classifier_path(model, source)
-    if path is None:
+    """Swap every classifier layer of ``model`` (``classifier_paths``) for a fresh one with
+    ``num_classes`` outputs; their paths, comma-separated."""
+    paths = classifier_paths(model, source)
+    if not paths:
         raise UserInputError(
-            f"cannot replace the classifier of {source!r} (no single timm classifier or torchvision Linear found): "
+            f"cannot replace the classifier of {source!r} (no timm classifier or torchvision Linear found): "
             f"convert it with num_classes={num_classes}"
         )
+    for path in paths:
+        _replace_one(model, path, num_classes)
+    return ", ".join(paths)
+
+
+def _replace_one(model: nn.Module, path: str, num_classes: int) -> None:
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = getattr(parent, attr)
@@ -95,7 +107,6 @@ def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
             layer.bias = new.bias
     else:
         setattr(parent, attr, _fresh(layer, num_classes))
-    return path
 
 
 def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, device,
