@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
 from .dynopool import DynOPool
@@ -81,10 +82,16 @@ def _groups(gm: nn.Module) -> dict[int, StrideGroup]:
     return {g.id if g.id is not None else i: g for i, g in enumerate(stride_groups(gm))}
 
 
+@contextlib.contextmanager
 def quiet():
-    """Silence fx's GraphModule, which prints the generated code's traceback to stderr before
-    re-raising: a failing forward is an expected finding here, reported in the plan."""
-    return contextlib.redirect_stderr(io.StringIO())
+    """Where a trial forward runs: fx's GraphModule silenced (it prints the generated code's
+    traceback to stderr before re-raising: a failing forward is an expected finding here,
+    reported in the plan), and attention on PyTorch's math kernel. The fused CPU kernel does not
+    check that keys and values have the same length: where a move gives them different maps
+    (MobileNetV4's attention, whose key and value each have a strided conv), it reads past its
+    buffers and the process dies (double free, segfault) instead of raising."""
+    with contextlib.redirect_stderr(io.StringIO()), sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
