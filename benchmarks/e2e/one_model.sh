@@ -16,7 +16,7 @@ import sys
 from safetensors.torch import save_file
 import dynopool_convert as dc
 m = dc.build_model(sys.argv[1], {})
-save_file({k: v.contiguous() for k, v in m.state_dict().items()}, sys.argv[2])
+save_file({k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}, sys.argv[2])  # clones: tied tensors (CoaT) are refused shared
 PY
 dynopool convert "$model" --weights "$d/w.safetensors" --input-size "$px" --out "$d/c.pt" > "$d/convert.log" 2>&1 \
     || { echo "FAIL convert: $(tail -1 "$d/convert.log")"; exit 1; }
