@@ -95,6 +95,19 @@ PERTURBATIONS: tuple[tuple[tuple[float, float], tuple[float, float]], ...] = (
 )
 
 
+def _one_pixel_up(c: _Class, sizes: dict) -> tuple:
+    """An opaque class's probe with its input one pixel taller, and one pixel wider (its forward
+    differences); None for a side where it cannot run there (halo attention takes multiples of its
+    block only): the caller then takes the proportional slope (size and FLOPs follow the side)."""
+    out = []
+    for dh, dw in ((1, 0), (0, 1)):
+        try:
+            out.append(c.probed(sizes, dh=dh, dw=dw))
+        except ProbeFailed:
+            out.append(None)
+    return out[0], out[1]
+
+
 class CostModel:
     """FLOPs of ``model`` at ``input_size`` as a differentiable function of its strides.
 
@@ -318,8 +331,9 @@ class CostModel:
             return ((n, 1.0), (dn, {})) if c.kind == "tokens" else ((n, n), (dn, dn))
         if c.kind == "opaque":  # forward differences of the probed size function
             out_h, out_w = sizes[c.index]
-            sh = c.probed(sizes, dh=1)[0][0] - out_h
-            sw = c.probed(sizes, dw=1)[0][1] - out_w
+            (in_h, in_w), (up_h, up_w) = sizes[c.parent.index], _one_pixel_up(c, sizes)
+            sh = up_h[0][0] - out_h if up_h else out_h / in_h
+            sw = up_w[0][1] - out_w if up_w else out_w / in_w
             return (float(out_h), float(out_w)), (_scaled_grad(dh0, sh), _scaled_grad(dw0, sw))
         if c.kind == "dynopool":
             s_h, s_w = strides[c.group]
@@ -362,7 +376,9 @@ class CostModel:
             f = c.probed(sizes)[1]
             flops += f
             if with_grad:
-                fh, fw = c.probed(sizes, dh=1)[1] - f, c.probed(sizes, dw=1)[1] - f
+                (h, w), (up_h, up_w) = sizes[c.parent.index], _one_pixel_up(c, sizes)
+                fh = up_h[1] - f if up_h else f / h
+                fw = up_w[1] - f if up_w else f / w
                 dh, dw = deriv[c.parent.index]
                 _accumulate(grads, _combine(dh, fh, dw, fw))
         for r in self._resize_terms:

@@ -374,3 +374,31 @@ def test_gcvit_query_repeated_per_window_is_followed():
     budget = int(0.8 * cost.reference_flops)
     fit = fit_to_budget(model, budget, size, cost_model=cost)
     assert count_flops(model, size) == fit.final_flops <= budget
+
+
+class _Blocks(nn.Module):
+    """Runs on maps whose sides are multiples of its block only (timm's halo attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-2] % 4 or x.shape[-1] % 4:
+            raise RuntimeError("the map is not a multiple of the block")
+        return self.conv(x)
+
+
+def test_a_leaf_that_runs_on_multiples_only_gets_proportional_slopes():
+    """Its forward differences (one pixel up) cannot run: the cost model took every evaluation
+    for infeasible and refused the budget (lamhalobotnet50ts_256). The sizes and FLOPs stay
+    fvcore's; the slope where it cannot run one pixel up is the proportional one."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), DynOPool(2.0, multiple=4), _Blocks(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    size = (3, 32, 32)
+    cost = CostModel(model, size)
+    for stride in ((2.0, 2.0), (1.5, 2.7), (3.1, 1.2)):
+        cost.parameters[0].data.copy_(torch.tensor(stride))
+        assert cost.flops() == count_flops(model, size), stride
+    (g_h, g_w), = cost.gradient([(2.0, 2.0)])
+    assert g_h < 0 and g_w < 0  # a larger stride, a smaller map, fewer FLOPs
