@@ -161,10 +161,12 @@ class _LeafProbe:
         # (None: the probed input); a module is called with the probed input alone
         self.call = call or ((_SLOT,), {}, [None])
         # (h, w, other inputs' sizes): (out h w, FLOPs); shared by probes of identical modules
-        self.memo: dict[tuple, tuple[tuple[int, int], int]] = {} if memo is None else memo
+        self.memo: dict[tuple, tuple[tuple[int, int], int] | ProbeFailed] = {} if memo is None else memo
 
     def __call__(self, h: int, w: int, others: tuple = ()) -> tuple[tuple[int, int], int]:
         key = (max(1, h), max(1, w), others)
+        if isinstance(self.memo.get(key), ProbeFailed):  # a failure is remembered too: it cost a forward
+            raise self.memo[key]
         if key not in self.memo:
             n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last else 1]
             shape = (n, *key[:2], c) if self.channels_last else (*self.in_info.shape[:-2], *key[:2])
@@ -176,7 +178,9 @@ class _LeafProbe:
             try:
                 flops = _count_one(wrapper, tuple(self._input(t, x, others) for t in tensors), self.gm)
             except Exception as err:  # the module's own code refused the made-up input
-                raise ProbeFailed(f"{type(self.module).__name__} cannot run alone on {shape}: {err}") from err
+                failed = ProbeFailed(f"{type(self.module).__name__} cannot run alone on {shape}: {err}")
+                self.memo[key] = failed
+                raise failed from err
             out = wrapper.last_shape
             hw = (out[1], out[2]) if self.channels_last else (out[-2], out[-1])
             self.memo[key] = (hw if len(out) == 4 else (1, 1), flops)

@@ -36,8 +36,7 @@ def after_new_head(model: nn.Module, bundle: Any, budget_arg: str | int | None, 
     """``rebase_budget``; then (``refit``: sizes a convert-time fit chose, not learned ones) every
     stride back to the converted model's, for the trainer to fit into the new budget."""
     rebase_budget(bundle, budget_arg, classes, say)
-    if refit:
-        reset_to_converted(model)
+    if refit and reset_to_converted(model):
         say("sizes back to the converted model's, to be fitted to the budget again")
 
 
@@ -77,10 +76,16 @@ def _share(budget: int, original: int) -> float:
     return budget / original
 
 
-def reset_to_converted(model: nn.Module) -> None:
+def reset_to_converted(model: nn.Module) -> bool:
     """Every DynOPool group's stride back to the converted model's (``stride_init``: before any
-    budget fit), so that a fit for a new budget starts where ``convert --budget`` starts."""
+    budget fit), so that a fit for a new budget starts where ``convert --budget`` starts;
+    whether any moved."""
+    moved = False
     with torch.no_grad():
         for _, module in dynopool_modules(model):
             p = module.stride
-            p.copy_(torch.tensor(module.stride_init, dtype=p.dtype, device=p.device).reshape(p.shape))
+            init = torch.tensor(module.stride_init, dtype=p.dtype, device=p.device).reshape(p.shape)
+            if not torch.equal(p, init):
+                p.copy_(init)
+                moved = True
+    return moved
