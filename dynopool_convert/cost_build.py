@@ -155,7 +155,7 @@ class _ClassBuilder:
             g = self.owner._group_of[id(module.stride)]
             rules.append(_Rule("new", _Class("dynopool", parent, group=g, params=module.multiple, base=module.base), "out"))
         elif n.op in ("call_module", "call_function") and parent is not None:
-            rules += _registry_rules(n, self.gm, self.ref, parent)
+            rules += _registry_rules(n, self.gm, self.ref, self.pert, parent)
         probe_rule = None
         if module is not None and parent is not None and not _is_torch_builtin(module):
             probe_rule = self._leaf_probe_rule(n, module, uniq)

@@ -10,7 +10,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,17 +123,26 @@ def _keeps_size(wp: tuple) -> bool:
     return all(s == 1 and p == d * (k - 1) and not ceil for k, s, p, d, ceil in wp)
 
 
-def _registry_rules(n: fx.Node, gm: fx.GraphModule, ref: dict[fx.Node, Any], parent: _Class) -> list[_Rule]:
-    """Candidate rules from the op registry's geometry of ``n`` (none for an op it does not know)."""
+def _registry_rules(n: fx.Node, gm: fx.GraphModule, ref: dict[fx.Node, Any], pert: dict[fx.Node, Any],
+                    parent: _Class) -> list[_Rule]:
+    """Candidate rules from the op registry's geometry of ``n`` (none for an op it does not know,
+    nor for a call whose kernel, stride or padding the forward computes from the sizes: a global
+    pool written ``F.avg_pool2d(x, x.shape[2:])`` reads as a 16-pixel window at 16 pixels and as
+    an 18-pixel one at 18, and a 16-pixel window fits both passes, then empties the map below 16)."""
     spec = spec_for_node(n, gm)
     if spec is None or spec.geometry is None:
         return []
 
-    def value_of(a: fx.Node) -> Any:
-        info = ref.get(a)
-        return info.shape if isinstance(info, TensorInfo) else info
+    def value_in(infos: dict[fx.Node, Any]) -> Callable[[fx.Node], Any]:
+        def value_of(a: fx.Node) -> Any:
+            info = infos.get(a)
+            return info.shape if isinstance(info, TensorInfo) else info
+        return value_of
 
-    return [r for g in spec.geometry(op_call(n, gm, value_of, spec)) if (r := _geometry_rule(g, parent)) is not None]
+    call = op_call(n, gm, value_in(ref), spec)
+    if call.args and call != op_call(n, gm, value_in(pert), spec):
+        return []
+    return [r for g in spec.geometry(call) if (r := _geometry_rule(g, parent)) is not None]
 
 
 def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:

@@ -21,6 +21,9 @@ import contextlib
 import copy
 import importlib.util
 import io
+import os
+import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -118,11 +121,27 @@ def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> str | None:
         first = err
     try:
         axes = {name: {0: "batch"} for name in ["input", *names]}
-        torch.onnx.export(frozen, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET, input_names=["input"],
-                          output_names=names, dynamic_axes=axes)
+        with _native_stdout_silenced():  # on failure it dumps the whole TorchScript graph there
+            torch.onnx.export(frozen, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["input"], output_names=names, dynamic_axes=axes)
     except Exception:  # noqa: BLE001 - the dynamo exporter's message says more
         raise first from None
     return f"written by the TorchScript-based ONNX exporter (the dynamo exporter failed: {_root_cause(first)})"
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """File descriptor 1 sent to /dev/null: C++ logging (``torch._C._jit_onnx_log``) writes
+    there directly, past ``sys.stdout``."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _root_cause(err: BaseException) -> str:
@@ -235,7 +254,7 @@ def _culprit(model: nn.Module, fmt: str, input_size: tuple[int, int, int]) -> st
 
 
 def _one_line(err: BaseException, limit: int = 200) -> str:
-    return " ".join(str(err).split())[:limit]
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())[:limit]  # without terminal colours
 
 
 def check_format(fmt: str) -> None:
@@ -280,8 +299,11 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
         raise
     except Exception as err:  # noqa: BLE001 - the exporters raise many types
         site = _culprit(model, fmt, size)
-        why = site or f"{type(err).__name__}: {_one_line(err)}"
-        raise UserInputError(f"cannot export to {fmt}: {why}") from err
+        # the dynamo ONNX exporter wraps the reason ("No ONNX function found for aten...") in
+        # a generic ConversionError
+        why = site or (_root_cause(err) if fmt == "onnx" else f"{type(err).__name__}: {_one_line(err)}")
+        others = ", ".join(f for f in FORMATS if f != fmt)
+        raise UserInputError(f"cannot export to {fmt}: {why} (other formats: {others})") from err
     inputs = [_example(size, 3, seed + 1 + i, frozen) for i in range(trials)]  # another batch size than the example
     was_training = model.training
     model.eval()

@@ -99,6 +99,24 @@ def vgg_like() -> nn.Module:
     return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, 10))
 
 
+class ShapeKernelPool(nn.Module):
+    """Pools whose kernel the forward reads off the map (``F.avg_pool2d(x, x.shape[2:])``, a
+    global pool written by hand; a 2-pixel max pool at the map's own stride): the kernel
+    follows the map, it is no fixed window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p1 = DynOPool(2.0)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.p1(self.c1(x))
+        x = F.max_pool2d(self.c2(x), kernel_size=2, stride=1, padding=x.shape[-1] // x.shape[-1])
+        return self.fc(F.avg_pool2d(x, x.shape[2:]).flatten(1))
+
+
 class ConvMlpHead(nn.Module):
     """timm's VGG head (a not-traceable leaf whose forward pads small inputs up to its
     kernel size: output max(h, k) - k + 1) after DynOPool sites, at toy widths."""
@@ -311,6 +329,7 @@ MODELS = {
     "pooled_keys_fixed": lambda: PooledKeys(fixed_queries=True),
     "pooled_keys_1d": lambda: PooledKeys(sequence_pool=True),
     "fusion": FusionNet,
+    "shape_kernel_pool": ShapeKernelPool,
 }
 
 

@@ -24,12 +24,12 @@ from dynopool_convert.flops import count_flops
 # (windows) or inside one wrapped function (windows_wrapped: torchvision's), attention of one
 # map's tokens over another's (pooled_keys: PVT's; pooled_keys_fixed: Twins' first blocks, fixed
 # queries reshaped back into a map and pooled; pooled_keys_1d: Next-ViT's, the tokens pooled as a
-# sequence by AvgPool1d)
+# sequence by AvgPool1d), pools whose kernel the forward reads off the map (shape_kernel_pool)
 EXACTNESS = [
     ("two_branch", 32), ("vgg_like", 32), ("resnet18", 32), ("efficientnet_b0", 32),
     ("mobilenetv3_small_100", 32), ("regnetx_002", 32), ("convnext_atto", 64), ("convmlp_head", 12),
     ("stdconv_seg", 32), ("channels_last", 32), ("windows", 32), ("windows_wrapped", 32),
-    ("pooled_keys", 32), ("pooled_keys_fixed", 32), ("pooled_keys_1d", 32),
+    ("pooled_keys", 32), ("pooled_keys_fixed", 32), ("pooled_keys_1d", 32), ("shape_kernel_pool", 32),
 ]
 
 
@@ -123,3 +123,16 @@ def test_one_evaluation_is_fast():
         times.append(time.perf_counter() - t)
     times.sort()
     assert times[len(times) // 2] < 5e-3  # median; the benchmark measures ~0.1 ms
+
+
+def test_pool_with_a_kernel_read_off_the_map_follows_smaller_maps():
+    # the reference pass reads F.avg_pool2d(x, x.shape[2:]) as a 17-pixel window: taken as a
+    # fixed window it fits the smaller-stride pass too (24 pixels, one output), then empties
+    # every map below 17 pixels, so no budget under the converted count could be met
+    model = MODELS["shape_kernel_pool"]()
+    cost = CostModel(model, (3, 32, 32))
+    for strides in ([(3.0, 3.0)], [(2.5, 3.5)], [(2.0, 4.0)]):
+        with torch.no_grad():
+            for p, s in zip(scale_parameters(model), strides):
+                p.copy_(torch.tensor(s))
+        assert cost.flops() == count_flops(model, (3, 32, 32)) < cost.reference_flops

@@ -196,6 +196,21 @@ def test_export_refuses_naming_the_site(tmp_path):
         freeze(model)  # a plain module does not record its reference size
 
 
+def test_onnx_refusal_names_the_op_without_dumping_the_graph(tmp_path, capfd):
+    pytest.importorskip("onnxscript")
+    # ONNX has no fractional max pool: both exporters fail; the TorchScript one also logged its
+    # whole graph from C++ onto the terminal, and the message was the dynamo exporter's wrapper
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.FractionalMaxPool2d(2, output_ratio=0.7)).eval()
+    with pytest.raises(UserInputError) as caught:
+        export(model, "onnx", tmp_path / "m.onnx", SIZE)
+    message = str(caught.value)
+    assert "fractional_max_pool2d" in message and "other formats: torchscript, pt2" in message
+    assert "\n" not in message and "\x1b" not in message
+    out, err = capfd.readouterr()
+    assert "graph(" not in out + err and "Torch IR" not in out + err
+    assert not list(tmp_path.iterdir())
+
+
 class _DeadBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ import torch
 import dynopool_convert as dc
 from dynopool_convert import UserInputError
 from dynopool_convert.training import finetune
-from dynopool_convert.training.heads import classifier_paths, replace_classifier
+from dynopool_convert.training.heads import check_classifier, classifier_paths, replace_classifier
 from dynopool_convert.training.trainer import TrainCallbacks
 
 DATA = "synthetic:classes=4,train=16,val=8"
@@ -87,3 +87,20 @@ def test_refusals_where_no_single_classifier_is_found(tmp_path):
     path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 5}, (3, 32, 32))
     with pytest.raises(UserInputError, match="timm and torchvision models only; convert .* with num_classes=4"):
         finetune(path, tmp_path / "run", trust_source=True, overrides={"data": DATA, "train": TRAIN})
+
+
+class _LogitsAndFeatures(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = self.conv(x)
+        return self.fc(f.mean((2, 3))), f
+
+
+def test_a_model_returning_logits_and_features_is_told_what_it_returns_and_what_to_do():
+    with pytest.raises(UserInputError, match=r"outputs a tuple of 2 \(shape \(1, 5\), shape \(1, 8, 7, 7\)\): "
+                                             r"convert a model whose forward returns the logits alone"):
+        check_classifier(_LogitsAndFeatures(), (3, 16, 16), "cpu", 5)

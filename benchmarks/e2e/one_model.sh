@@ -5,6 +5,7 @@
 # dynopool export --format onnx (checked in onnxruntime). One line: OK or FAIL <stage>: <last line>.
 #
 #   benchmarks/e2e/one_model.sh timm:regnety_002 64 [/usr/share/datasets/fashion-mnist] [OUT_ROOT]
+#   FT_ARGS="--scale-lr 0.01" benchmarks/e2e/one_model.sh timm:regnety_002 64x96   # extra finetune flags
 #
 # Used for the sweeps over models the issues do not name (closing notes of sessions 7 and 8).
 set -uo pipefail
@@ -20,7 +21,7 @@ save_file({k: v.detach().clone().contiguous() for k, v in m.state_dict().items()
 PY
 dynopool convert "$model" --weights "$d/w.safetensors" --input-size "$px" --out "$d/c.pt" > "$d/convert.log" 2>&1 \
     || { echo "FAIL convert: $(tail -1 "$d/convert.log")"; exit 1; }
-dynopool finetune "$d/c.pt" --budget 0.8x --data "fashion-mnist:$data" --steps 3 --batch-size 8 --val-limit 500 --out "$d/run" > "$d/ft.log" 2>&1 \
+dynopool finetune "$d/c.pt" --budget 0.8x --data "fashion-mnist:$data" --steps 3 --batch-size 8 --val-limit 500 ${FT_ARGS:-} --out "$d/run" > "$d/ft.log" 2>&1 \
     || { echo "FAIL finetune: $(tail -1 "$d/ft.log")"; exit 1; }
 dynopool report "$d/run/last.pt" > "$d/report.log" 2>&1 || { echo "FAIL report: $(tail -1 "$d/report.log")"; exit 1; }
 dynopool export "$d/run/last.pt" --format onnx --out "$d/m.onnx" > "$d/export.log" 2>&1 \

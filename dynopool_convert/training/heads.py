@@ -143,6 +143,9 @@ def _describe(out: object) -> str:
         return f"a tensor of shape {tuple(out.shape)}"
     if isinstance(out, dict):
         return f"a dict with keys {', '.join(map(repr, list(out)[:4]))} (a segmentation or detection model?)"
+    if isinstance(out, (tuple, list)):
+        parts = [f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in out[:4]]
+        return f"a {type(out).__name__} of {len(out)} ({', '.join(parts)}{', ...' if len(out) > 4 else ''})"
     return f"a {type(out).__name__}"
 
 
@@ -156,6 +159,7 @@ def check_classifier(model: nn.Module, input_size: tuple[int, int, int], device,
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UserInputError(
             f"dynopool finetune trains image classifiers (outputs N x classes); this model outputs {_describe(out)}: "
+            f"convert a model whose forward returns the logits alone (a factory that wraps yours), or "
             f"train it in your own loop with dynopool_convert's CostModel, budget_penalty and project_to_budget "
             f"(README, 'Compute budget')"
         )
