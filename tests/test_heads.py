@@ -74,14 +74,35 @@ def test_num_classes_must_agree_with_the_data(tmp_path):
     assert res.completed
 
 
+@pytest.mark.parametrize("source, args, head", [
+    ("timm:resnet18", {}, "fc"),
+    ("timm:eva02_tiny_patch14_224", {"img_size": 28, "depth": 1}, "head"),  # as MIM weights come
+])
+def test_a_model_built_without_a_classifier_gets_one(tmp_path, source, args, head):
+    # timm's num_classes=0 (self-supervised and MIM weights, SAM2-Hiera): the model outputs
+    # features, and the classifier slot timm names is an nn.Identity; it was refused
+    size = 28 if "eva" in source else 32
+    model = dc.build_model(source, {**args, "num_classes": 0})
+    assert classifier_paths(model, source) == [head]
+    result = dc.convert(model, (3, size, size), placement="exact")
+    original = dc.count_flops(model, (3, size, size))
+    ckpt = dc.save_checkpoint(tmp_path / "c.pt", result.model, result.plan, source, {**args, "num_classes": 0},
+                              (3, size, size), budget=original, extra={"flops": {"original": original}})
+    said = _Messages()
+    assert finetune(ckpt, tmp_path / "run", callbacks=said, overrides={"data": DATA, "train": TRAIN}).completed
+    features = model.num_features
+    assert (f"head: the model was built without a classifier (it outputs {features} features): {head} added, "
+            f"{features} -> 4 classes, fresh weights") in said.lines
+    assert any(line.startswith("original with 4 classes:") and "without a classifier)" in line for line in said.lines)
+    saved = dc.load_checkpoint(tmp_path / "run" / "last.pt")  # rebuilt with num_classes=4
+    assert saved.build_args["num_classes"] == 4 and saved.extra["head"]["classes"] == [0, 4]
+    assert saved.model.eval()(torch.zeros(2, 3, size, size)).shape == (2, 4)
+
+
 def test_refusals_where_no_single_classifier_is_found(tmp_path):
-    # built without a classifier (timm's num_classes=0, as SAM2-Hiera comes): its last Linear
-    # is inside a block, not a classifier to replace
     headless = dc.build_model("timm:resnet18", {"num_classes": 0})
-    assert classifier_paths(headless, "timm:resnet18") == []
-    with pytest.raises(UserInputError, match="convert it with num_classes=4"):
-        replace_classifier(headless, "timm:resnet18", 4)
-    assert classifier_paths(dc.build_model("timm:sam2_hiera_tiny"), "timm:sam2_hiera_tiny") == []
+    with pytest.raises(UserInputError, match="is no classifier"):
+        replace_classifier(headless, "timm:resnet18", 4)  # a slot to fill needs the feature count
     source = "_convert_models:tiny_net"
     result = dc.convert(dc.build_model(source, {"num_classes": 5}), input_size=(3, 32, 32))
     path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 5}, (3, 32, 32))

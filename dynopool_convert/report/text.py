@@ -56,7 +56,8 @@ def _head_note(report: dict[str, Any]) -> str:
     if not head or report["input_size"] != report.get("reference_input_size", report["input_size"]):
         return ""
     (before, after), (flops_before, _) = head["classes"], head["original_flops"]
-    return f" (with the {after}-class classifier; {si(flops_before)} with {before} classes)"
+    had = f"with {before} classes" if before else "without a classifier"
+    return f" (with the {after}-class classifier; {si(flops_before)} {had})"
 
 
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:

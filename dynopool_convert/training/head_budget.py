@@ -51,8 +51,8 @@ def rebase_budget(bundle: Any, budget_arg: str | int | None, classes: tuple[int,
     original = int(upstream.count_flops(upstream.build_model(bundle.source, bundle.build_args), bundle.input_size))
     bundle.extra = with_new_head(bundle.extra, classes, before, original)
     budget, old = bundle.budget, bundle.budget
-    line = (f"original with {classes[1]} classes: {format_flops(original)} FLOPs ({original:,}; "
-            f"{format_flops(before)} with {classes[0]})")
+    had = f"with {classes[0]}" if classes[0] else "without a classifier"
+    line = f"original with {classes[1]} classes: {format_flops(original)} FLOPs ({original:,}; {format_flops(before)} {had})"
     if budget_arg is not None and budget_fraction(budget_arg) is not None:
         budget = upstream.parse_budget(budget_arg, original)
         line += f"; budget {budget_arg} of it: {format_flops(budget)} ({budget:,})"

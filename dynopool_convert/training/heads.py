@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserInputError
 
-__all__ = ["model_classes", "classifier_paths", "replace_classifier", "adapt_head", "check_classifier"]
+__all__ = ["model_classes", "classifier_paths", "headless", "replace_classifier", "adapt_head", "check_classifier"]
 
 
 def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) -> int | None:
@@ -44,10 +44,10 @@ def classifier_paths(model: nn.Module, source: str) -> list[str]:
         cfg = timm.models.get_pretrained_cfg(source[5:])
         wanted = getattr(cfg, "classifier", None) if cfg is not None else None
         several = list(wanted) if isinstance(wanted, (tuple, list)) else [wanted]
-        if all(isinstance(w, str) and _replaceable(names.get(w)) for w in several):
-            return several
+        if all(isinstance(w, str) and (_replaceable(names.get(w)) or _absent(names.get(w))) for w in several):
+            return several  # nn.Identity where built without one (num_classes=0: MIM/self-supervised weights)
         if any(isinstance(w, str) and w in names for w in several):
-            return []  # built without a classifier (nn.Identity: timm's num_classes=0, SAM2-Hiera)
+            return []
     if not source.startswith(("timm:", "torchvision:")):
         return []
     linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
@@ -57,6 +57,18 @@ def classifier_paths(model: nn.Module, source: str) -> list[str]:
     pointwise = [name for name, m in names.items() if isinstance(m, nn.Conv2d)
                  and tuple(m.kernel_size) == (1, 1) and m.groups == 1]
     return pointwise[-1:]
+
+
+def _absent(layer: nn.Module | None) -> bool:
+    """timm's classifier slot of a model built with ``num_classes=0``."""
+    return type(layer) is nn.Identity
+
+
+def headless(model: nn.Module, source: str) -> bool:
+    """Whether ``model`` is a timm model built without a classifier (its configured classifier
+    an ``nn.Identity``: it outputs features)."""
+    names = dict(model.named_modules())
+    return any(_absent(names.get(p)) for p in classifier_paths(model, source))
 
 
 def _replaceable(layer: nn.Module | None) -> bool:
@@ -80,9 +92,10 @@ def _fresh(layer: nn.Module, num_classes: int) -> nn.Module:
     return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 
-def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
+def replace_classifier(model: nn.Module, source: str, num_classes: int, features: int | None = None) -> str:
     """Swap every classifier layer of ``model`` (``classifier_paths``) for a fresh one with
-    ``num_classes`` outputs; their paths, comma-separated."""
+    ``num_classes`` outputs (where built without one, a ``Linear`` from its ``features``
+    outputs); their paths, comma-separated."""
     paths = classifier_paths(model, source)
     if not paths:
         raise UserInputError(
@@ -90,15 +103,20 @@ def replace_classifier(model: nn.Module, source: str, num_classes: int) -> str:
             f"convert it with num_classes={num_classes}"
         )
     for path in paths:
-        _replace_one(model, path, num_classes)
+        _replace_one(model, path, num_classes, features)
     return ", ".join(paths)
 
 
-def _replace_one(model: nn.Module, path: str, num_classes: int) -> None:
+def _replace_one(model: nn.Module, path: str, num_classes: int, features: int | None) -> None:
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = getattr(parent, attr)
-    if _traced_linear(layer):
+    if _absent(layer):
+        like = next(model.parameters())
+        if features is None:
+            raise UserInputError(f"{path!r} is no classifier (an nn.Identity)")
+        setattr(parent, attr, nn.Linear(features, num_classes).to(device=like.device, dtype=like.dtype))
+    elif _traced_linear(layer):
         bias = getattr(layer, "bias", None)
         new = nn.Linear(layer.weight.shape[1], num_classes, bias=bias is not None).to(
             device=layer.weight.device, dtype=layer.weight.dtype)
@@ -124,7 +142,10 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
             f"the model outputs {have} classes but the data has {data_classes}: dynopool replaces the classifier of "
             f"timm and torchvision models only; convert {bundle.source!r} with num_classes={data_classes}"
         )
-    path = replace_classifier(model, bundle.source, data_classes)
+    features = have if headless(model, bundle.source) else None
+    if features is not None:
+        _check_rebuild(bundle, data_classes, features)
+    path = replace_classifier(model, bundle.source, data_classes, features)
     try:
         now = model_classes(model, bundle.input_size, device)
     except RuntimeError:
@@ -133,8 +154,27 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
         raise UserInputError(f"replacing {path!r} did not give {data_classes} outputs: convert the model with "
                              f"num_classes={data_classes}")
     bundle.build_args = {**(bundle.build_args or {}), "num_classes": data_classes}
+    if features is not None:
+        say(f"head: the model was built without a classifier (it outputs {features} features): {path} added, "
+            f"{features} -> {data_classes} classes, fresh weights")
+        return 0
     say(f"head: {path} replaced ({have} -> {data_classes} classes, fresh weights)")
     return have
+
+
+def _check_rebuild(bundle, classes: int, features: int) -> None:
+    """The model built with ``num_classes=classes`` (how its checkpoint is loaded) must be this one
+    with a ``Linear(features, classes)`` in each classifier slot (on the meta device: no weights)."""
+    from . import upstream
+
+    with torch.device("meta"):
+        rebuilt = upstream.build_model(bundle.source, {**(bundle.build_args or {}), "num_classes": classes})
+    names = dict(rebuilt.named_modules())
+    paths = classifier_paths(rebuilt, bundle.source)
+    if not paths or not all(isinstance(names.get(p), nn.Linear) and names[p].in_features == features for p in paths):
+        raise UserInputError(f"{bundle.source!r} was built without a classifier, and dynopool cannot add one that "
+                             f"{bundle.source} with num_classes={classes} would rebuild: convert it with "
+                             f"--build-arg num_classes={classes}")
 
 
 def _describe(out: object) -> str:
