@@ -103,11 +103,27 @@ def test_refusals_where_no_single_classifier_is_found(tmp_path):
     headless = dc.build_model("timm:resnet18", {"num_classes": 0})
     with pytest.raises(UserInputError, match="is no classifier"):
         replace_classifier(headless, "timm:resnet18", 4)  # a slot to fill needs the feature count
+    # a module:factory source that takes no num_classes: what would rebuild a 4-class model?
+    source = "_convert_models:HardCodedFlatten"
+    result = dc.convert(dc.build_model(source, {}), input_size=(3, 16, 16))
+    path = dc.save(tmp_path / "flat.pt", result.model, result.plan, source, {}, (3, 16, 16))
+    with pytest.raises(UserInputError, match=r"outputs 3 classes but the data has 4 classes, and "
+                                             r"'_convert_models:HardCodedFlatten' with num_classes=4 does not build"):
+        finetune(path, tmp_path / "run", trust_source=True, overrides={"data": DATA, "train": TRAIN})
+
+
+def test_a_module_factory_model_gets_a_new_classifier_where_its_factory_builds_one(tmp_path):
+    # trained on 5 classes, fine-tuned on 4: was refused ("timm and torchvision models only"),
+    # while convert with num_classes=4 refused the 5-class weights: no way through
     source = "_convert_models:tiny_net"
     result = dc.convert(dc.build_model(source, {"num_classes": 5}), input_size=(3, 32, 32))
     path = dc.save(tmp_path / "tiny.pt", result.model, result.plan, source, {"num_classes": 5}, (3, 32, 32))
-    with pytest.raises(UserInputError, match="timm and torchvision models only; convert .* with num_classes=4"):
-        finetune(path, tmp_path / "run", trust_source=True, overrides={"data": DATA, "train": TRAIN})
+    said = _Messages()
+    assert finetune(path, tmp_path / "run", trust_source=True, callbacks=said,
+                    overrides={"data": DATA, "train": TRAIN}).completed
+    assert "head: head replaced (5 -> 4 classes, fresh weights)" in said.lines
+    saved = dc.load_checkpoint(tmp_path / "run" / "last.pt", trust_source=True)
+    assert saved.build_args == {"num_classes": 4} and saved.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
 
 
 class _LogitsAndFeatures(torch.nn.Module):

@@ -5,6 +5,7 @@ from typing import Any
 
 import typer
 
+from dynopool_convert.flops import format_flops
 from dynopool_convert.group_ids import by_group, format_by_group
 from dynopool_convert.training import FinetuneResult, TrainCallbacks
 
@@ -12,12 +13,8 @@ __all__ = ["PlainLog", "RichProgress", "fmt_flops"]
 
 
 def fmt_flops(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"
+    """A FLOPs count as convert and report print it (``-`` for None)."""
+    return "-" if value is None else format_flops(value)
 
 
 def _step_text(row: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from ..flops import format_flops
 from ..group_ids import format_by_group
 
 __all__ = ["si", "pair", "size", "rf", "site_label", "summary_rows", "reasons", "site_rows", "group_rows", "history_rows",
@@ -11,13 +12,8 @@ __all__ = ["si", "pair", "size", "rf", "site_label", "summary_rows", "reasons", 
 
 
 def si(value: float | int | None, unit: str = "") -> str:
-    """``1234567 -> '1.23M'`` (``-`` for None)."""
-    if value is None:
-        return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{prefix}{unit}"
-    return f"{value:g}{unit}"
+    """``1234567 -> '1.23M'`` (``-`` for None), as every FLOPs count the CLI prints (``format_flops``)."""
+    return "-" if value is None else format_flops(value) + unit
 
 
 def pair(values: Sequence[float] | None, digits: int = 4) -> str:

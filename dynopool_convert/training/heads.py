@@ -3,8 +3,10 @@
 
 The converted model is an fx GraphModule (timm's ``reset_classifier`` is gone), so the
 classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm sources (every one
-of them where it names several: distillation heads), the last
-``nn.Linear`` (else 1x1 convolution) for torchvision ones. It becomes a fresh layer of the same kind with the new class
+of them where it names several: distillation heads; an ``nn.Identity`` there, a model built
+without one, gets a ``Linear`` from its features), the last ``nn.Linear`` (else 1x1
+convolution) for torchvision and ``module:factory`` ones (the latter, and the empty slot, only
+where the source built with the new ``num_classes`` has that layer: checked on the meta device). It becomes a fresh layer of the same kind with the new class
 count, and the checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the
 model with the new head. timm's own ``Linear`` (MobileNetV3, GhostNet, LCNet, ...) is traced
 through, not kept as a module: the graph reads its ``weight`` and ``bias`` by name
@@ -48,8 +50,6 @@ def classifier_paths(model: nn.Module, source: str) -> list[str]:
             return several  # nn.Identity where built without one (num_classes=0: MIM/self-supervised weights)
         if any(isinstance(w, str) and w in names for w in several):
             return []
-    if not source.startswith(("timm:", "torchvision:")):
-        return []
     linears = [name for name, m in names.items() if isinstance(m, nn.Linear)]
     if linears:
         return linears[-1:]
@@ -131,20 +131,18 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
                say: Callable[[str], None]) -> int | None:
     """Give ``model`` ``data_classes`` outputs (``wanted``, when given, must agree with the data):
     replace its classifier if its class count differs, say so in one line, and make the bundle's
-    ``build_args`` rebuild that head. Returns the class count it had when replaced, else None."""
+    ``build_args`` rebuild that head. Returns the class count it had when replaced (0: it had
+    none), else None."""
     if wanted is not None and wanted != data_classes:
         raise UserInputError(f"--num-classes {wanted} but the data has {data_classes} classes")
     have = model_classes(model, bundle.input_size, device)
     if have is None or have == data_classes:
         return None
-    if not bundle.source.startswith(("timm:", "torchvision:")):
-        raise UserInputError(
-            f"the model outputs {have} classes but the data has {data_classes}: dynopool replaces the classifier of "
-            f"timm and torchvision models only; convert {bundle.source!r} with num_classes={data_classes}"
-        )
     features = have if headless(model, bundle.source) else None
-    if features is not None:
-        _check_rebuild(bundle, data_classes, features)
+    paths = classifier_paths(model, bundle.source)
+    if features is not None or not bundle.source.startswith(("timm:", "torchvision:")):
+        # a slot timm leaves empty, or a module:factory source: what num_classes rebuilds is not known
+        _check_rebuild(model, bundle, paths, data_classes, have, features)
     path = replace_classifier(model, bundle.source, data_classes, features)
     try:
         now = model_classes(model, bundle.input_size, device)
@@ -162,19 +160,46 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
     return have
 
 
-def _check_rebuild(bundle, classes: int, features: int) -> None:
-    """The model built with ``num_classes=classes`` (how its checkpoint is loaded) must be this one
-    with a ``Linear(features, classes)`` in each classifier slot (on the meta device: no weights)."""
+def _inputs_of(layer: nn.Module | None) -> int | None:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels
+    return int(layer.weight.shape[1]) if _traced_linear(layer) else None
+
+
+def _outputs_of(layer: nn.Module | None) -> int | None:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels
+    return int(layer.weight.shape[0]) if _traced_linear(layer) else None
+
+
+def _check_rebuild(model: nn.Module, bundle, paths: list[str], classes: int, have: int, features: int | None) -> None:
+    """Where what ``num_classes`` rebuilds is not known (a timm model built without a classifier, a
+    ``module:factory`` source), the model built with ``num_classes=classes`` (as its checkpoint is
+    loaded; on the meta device: no weights) must hold, at each classifier path, a layer of this
+    one's inputs (``features`` where the slot is empty) with ``classes`` outputs."""
     from . import upstream
 
-    with torch.device("meta"):
-        rebuilt = upstream.build_model(bundle.source, {**(bundle.build_args or {}), "num_classes": classes})
-    names = dict(rebuilt.named_modules())
-    paths = classifier_paths(rebuilt, bundle.source)
-    if not paths or not all(isinstance(names.get(p), nn.Linear) and names[p].in_features == features for p in paths):
-        raise UserInputError(f"{bundle.source!r} was built without a classifier, and dynopool cannot add one that "
-                             f"{bundle.source} with num_classes={classes} would rebuild: convert it with "
-                             f"--build-arg num_classes={classes}")
+    source = bundle.source
+    names = dict(model.named_modules())
+    wanted = {p: features if features is not None else _inputs_of(names.get(p)) for p in paths}
+    try:
+        with torch.device("meta"):
+            rebuilt = dict(upstream.build_model(source, {**(bundle.build_args or {}), "num_classes": classes})
+                           .named_modules())
+    except Exception:  # noqa: BLE001 - a factory without num_classes, or one that cannot build on meta
+        rebuilt = {}
+    if paths and all(n is not None and _inputs_of(rebuilt.get(p)) == n and _outputs_of(rebuilt.get(p)) == classes
+                     for p, n in wanted.items()):
+        return
+    where = "was built without a classifier" if features is not None else f"outputs {have} classes"
+    raise UserInputError(
+        f"the model {where} but the data has {classes} classes, and {source!r} with num_classes={classes} does not "
+        f"build this model with a {classes}-class classifier in place of its last layer: convert it with "
+        f"--build-arg num_classes={classes}")
 
 
 def _describe(out: object) -> str:
