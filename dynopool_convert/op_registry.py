@@ -17,6 +17,7 @@ a function when it is one of ``functions``.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -38,7 +39,9 @@ from .sites import (
     PoolFunctionHandler,
     PoolModuleHandler,
     SiteHandler,
+    StridedSliceHandler,
     TransposedConvHandler,
+    slice_steps,
     UnsupportedStridedModuleHandler,
     UpsampleModuleHandler,
 )
@@ -180,6 +183,12 @@ def _pad(pad: Any) -> list[Geometry]:
     return [Geometry("window", padding=(top + bottom, left + right))]
 
 
+def _strided_slice(index: Any) -> list[Geometry]:
+    """``x[..., ::s_h, ::s_w]``: ``ceil(n / s)``, a one-pixel window at step ``s``."""
+    steps = slice_steps(index)
+    return [] if steps is None else [Geometry("window", (1, 1), steps, (0, 0))]
+
+
 #: the window of an op that moves no pixel relative to another (padding: the amounts, which Swin
 #: computes in its forward, only add border pixels)
 _KEEPS_FIELD: Window = ((1, 1.0), (1, 1.0))
@@ -291,6 +300,9 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("conv_function", functions=CONV_FUNCTIONS, params=CONV_PARAMS, site=ConvFunctionHandler(),
            geometry=lambda c: window_geometry(_weight_kernel(c), c.arg("stride", 1), c.arg("padding", 0), c.arg("dilation", 1),
                                               flops_on="out")),
+    # x[:, :, ::2, ::2]; any other indexing has no geometry here (the cost model's other rules)
+    OpSpec("strided_slice", functions=(operator.getitem,), params=("index",), site=StridedSliceHandler(),
+           geometry=lambda c: _strided_slice(c.arg("index"))),
     OpSpec("pad_function", functions=(F.pad,), params=("pad", "mode", "value"), geometry=lambda c: _pad(c.arg("pad", ())),
            window=lambda c, hw_in, hw_out: _KEEPS_FIELD),
     # last: any other leaf module with a stride > 1, listed as a site that is not converted

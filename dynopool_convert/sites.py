@@ -297,6 +297,46 @@ class PoolFunctionHandler:
         _retarget_to_pool(gm, node, pool_path)
 
 
+def slice_steps(index: Any) -> tuple[int, int] | None:
+    """``(step_h, step_w)`` of an index that subsamples the last two axes of an N x C x H x W
+    tensor and keeps everything else (``x[:, :, ::2, ::2]``, ``x[..., ::2, :]``: the shortcut of
+    the CIFAR ResNets' option A), else None."""
+    if not isinstance(index, tuple) or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if index.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (4 - len(index) + 1) + index[at + 1:]
+    if len(index) != 4:
+        return None
+    whole = [i.start in (None, 0) and i.stop is None for i in index]
+    steps = [1 if i.step is None else i.step for i in index]
+    if not all(whole) or not all(isinstance(v, int) and v >= 1 for v in steps) or steps[:2] != [1, 1]:
+        return None
+    return (steps[2], steps[3]) if max(steps[2:]) > 1 else None
+
+
+class StridedSliceHandler:
+    """Subsampling by slicing (``x[:, :, ::2, ::2]``): a window of one pixel at that step;
+    DynOPool replaces it, averaging by default."""
+
+    name = "strided_slice"
+    kind = "pool"
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        return (node.op == "call_function" and len(node.args) == 2 and isinstance(node.args[0], fx.Node)
+                and _is_4d(node.args[0]) and slice_steps(node.args[1]) is not None)
+
+    def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
+        step = slice_steps(node.args[1])
+        return Candidate(node.name, "", self.kind, f"x[..., ::{_fmt(step)}]" if len(set(step)) == 1
+                         else f"x[..., ::{step[0]}, ::{step[1]}]", self.name, (float(step[0]), float(step[1])), "mean")
+
+    def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
+        _retarget_to_pool(gm, node, pool_path)
+
+
 class AdaptiveFunctionHandler:
     """Functional adaptive pools: listed as skipped (``labels``: function -> its name)."""
 
