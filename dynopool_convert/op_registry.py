@@ -183,6 +183,16 @@ def _pad(pad: Any) -> list[Geometry]:
     return [Geometry("window", padding=(top + bottom, left + right))]
 
 
+def _shuffle(factor: Any, up: bool) -> list[Geometry]:
+    """``PixelShuffle(r)``: ``n * r`` (a scale); ``PixelUnshuffle(r)``: ``n / r``, defined on
+    multiples of ``r`` only (a window of ``r`` at step ``r``; validation rounds sizes there)."""
+    if not isinstance(factor, int):
+        return []
+    if up:
+        return [Geometry("scale", factor=(float(factor), float(factor)), support=1, flops_on="out")]
+    return [Geometry("window", (factor, factor), (factor, factor), (0, 0))]
+
+
 def _strided_slice(index: Any) -> list[Geometry]:
     """``x[..., ::s_h, ::s_w]``: ``ceil(n / s)``, a one-pixel window at step ``s``."""
     steps = slice_steps(index)
@@ -300,6 +310,14 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("conv_function", functions=CONV_FUNCTIONS, params=CONV_PARAMS, site=ConvFunctionHandler(),
            geometry=lambda c: window_geometry(_weight_kernel(c), c.arg("stride", 1), c.arg("padding", 0), c.arg("dilation", 1),
                                               flops_on="out")),
+    # channels to space and back: no resampling, so no site; sizes times or over the factor
+    OpSpec("pixel_shuffle", modules=(nn.PixelShuffle,), geometry=lambda c: _shuffle(c.module.upscale_factor, up=True)),
+    OpSpec("pixel_unshuffle", modules=(nn.PixelUnshuffle,),
+           geometry=lambda c: _shuffle(c.module.downscale_factor, up=False)),
+    OpSpec("pixel_shuffle_function", functions=(F.pixel_shuffle, torch.pixel_shuffle), params=("upscale_factor",),
+           geometry=lambda c: _shuffle(c.arg("upscale_factor"), up=True)),
+    OpSpec("pixel_unshuffle_function", functions=(F.pixel_unshuffle, torch.pixel_unshuffle), params=("downscale_factor",),
+           geometry=lambda c: _shuffle(c.arg("downscale_factor"), up=False)),
     # x[:, :, ::2, ::2]; any other indexing has no geometry here (the cost model's other rules)
     OpSpec("strided_slice", functions=(operator.getitem,), params=("index",), site=StridedSliceHandler(),
            geometry=lambda c: _strided_slice(c.arg("index"))),

@@ -117,6 +117,27 @@ class ShapeKernelPool(nn.Module):
         return self.fc(F.avg_pool2d(x, x.shape[2:]).flatten(1))
 
 
+class ShuffleNet(nn.Module):
+    """Space to channels and back (``PixelUnshuffle`` after a pool whose sizes are multiples of
+    its factor, ``PixelShuffle`` after a learned stride), as super-resolution nets do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.p1 = DynOPool(2.0, multiple=(2, 2))
+        self.down = nn.PixelUnshuffle(2)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.p2 = DynOPool(1.5)
+        self.c3 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c2(self.down(self.p1(self.c1(x))))
+        x = self.c4(F.pixel_shuffle(self.c3(self.p2(x)), 2))
+        return self.fc(x.mean((2, 3)))
+
+
 class ConvMlpHead(nn.Module):
     """timm's VGG head (a not-traceable leaf whose forward pads small inputs up to its
     kernel size: output max(h, k) - k + 1) after DynOPool sites, at toy widths."""
@@ -330,6 +351,7 @@ MODELS = {
     "pooled_keys_1d": lambda: PooledKeys(sequence_pool=True),
     "fusion": FusionNet,
     "shape_kernel_pool": ShapeKernelPool,
+    "shuffle": ShuffleNet,
 }
 
 
