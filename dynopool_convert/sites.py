@@ -298,9 +298,10 @@ class PoolFunctionHandler:
 
 
 def slice_steps(index: Any) -> tuple[int, int] | None:
-    """``(step_h, step_w)`` of an index that subsamples the last two axes of an N x C x H x W
-    tensor and keeps everything else (``x[:, :, ::2, ::2]``, ``x[..., ::2, :]``: the shortcut of
-    the CIFAR ResNets' option A), else None."""
+    """``(step_h, step_w)`` of an index that subsamples both last axes of an N x C x H x W tensor
+    and keeps everything else (``x[:, :, ::2, ::2]``, ``x[..., ::2, ::3]``: the shortcut of the
+    CIFAR ResNets' option A), else None. A step on one axis alone is no site: that is how rotary
+    embeddings split channels (``x[..., ::2]`` of N x heads x tokens x channels)."""
     if not isinstance(index, tuple) or not all(isinstance(i, slice) or i is Ellipsis for i in index):
         return None
     if index.count(Ellipsis) > 1:
@@ -314,7 +315,7 @@ def slice_steps(index: Any) -> tuple[int, int] | None:
     steps = [1 if i.step is None else i.step for i in index]
     if not all(whole) or not all(isinstance(v, int) and v >= 1 for v in steps) or steps[:2] != [1, 1]:
         return None
-    return (steps[2], steps[3]) if max(steps[2:]) > 1 else None
+    return (steps[2], steps[3]) if min(steps[2:]) > 1 else None
 
 
 class StridedSliceHandler:

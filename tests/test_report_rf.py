@@ -125,15 +125,17 @@ def test_functional_ops_and_unknown_resize():
             x = nn.functional.conv2d(x, self.w, stride=2, padding=2)    # 5 [2]
             x = nn.functional.max_pool2d(x, 3, 2, 1)                   # 5 + 2*2 = 9 [4]
             x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")  # 9 [2]
-            return nn.functional.pixel_unshuffle(x, 2)                 # unknown: k 2, t 2 -> 11 [4]
+            x = nn.functional.pixel_unshuffle(x, 2)                    # k 2, t 2 -> 11 [4]
+            return x[:, :, 1::2, 1::2]                                 # unknown: k 2, t 2 -> 15 [8]
 
     graph = ReportGraph(Functional(), (3, 32, 32))
     rf = receptive_fields(graph)
     assert rf.fields["conv2d"].size == (5, 5)
     assert rf.fields["max_pool2d"].size == (9, 9)
     assert rf.fields["interpolate"].size == (9, 9) and rf.fields["interpolate"].jump == (2, 2)
-    assert rf.fields["pixel_unshuffle"].size == (11, 11)
-    assert rf.approximate == ["pixel_unshuffle"]
+    assert rf.fields["pixel_unshuffle"].size == (11, 11) and rf.fields["pixel_unshuffle"].jump == (4, 4)
+    assert rf.fields["getitem"].size == (15, 15) and rf.fields["getitem"].jump == (8, 8)
+    assert rf.approximate == ["getitem"]  # an offset slice: read from the sizes
 
 
 def test_padding_computed_in_the_forward_is_read_from_the_sizes():
