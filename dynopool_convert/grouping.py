@@ -105,7 +105,9 @@ class TieGraph:
             out = _spatial(node)
             joined = joined_operands(node, [a for a in args if origin.get(a.name) is not None])
             if len(joined) >= 2:
-                origin[node.name] = self._join(node, [origin[a.name] for a in joined])
+                tied = self._join(node, [origin[a.name] for a in joined])
+                source = origin_source(node)  # attention joins keys and values; queries size the output
+                origin[node.name] = origin.get(source.name) if source is not None else tied
                 continue
             if joined:  # the one full-size operand sizes the output, not a broadcast one before it
                 origin[node.name] = origin[joined[0].name]

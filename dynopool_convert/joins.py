@@ -3,8 +3,8 @@
 One rule per kind of join, looked up in a first-match table, so that a new join pattern is one
 entry: elementwise ops with broadcasting (functions, ``Tensor`` methods, in-place methods),
 concatenation and stacking (operands in a list or tuple), ``x.expand_as(y)``-style ops sized by
-another tensor, ``einsum``/``matmul`` contracting spatial axes, and leaf modules called with
-several spatial tensors. ``grid_sample`` is not a join but takes its output size from its grid,
+another tensor, ``einsum``/``matmul`` contracting spatial axes, the keys and values of
+``scaled_dot_product_attention``, and leaf modules called with several spatial tensors. ``grid_sample`` is not a join but takes its output size from its grid,
 not from its input: ``origin_source`` says which operand sizes a node's output.
 
 A tensor's spatial size is its last two axes when it has at least four: ``(N, C, H, W)``, and
@@ -98,6 +98,19 @@ def _matmul_join(node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:
     return [a for a in operands if spatial(a) is not None] if len(operands) >= 2 else []
 
 
+def _attention_parts(node: fx.Node) -> list[object]:
+    """``(query, key, value)`` of a ``scaled_dot_product_attention`` call, by position or name."""
+    names = ("query", "key", "value")
+    return [node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in enumerate(names)]
+
+
+def _attention_join(node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:
+    # keys and values must have one length (queries need not: PVT's pooled keys); the output
+    # has the queries' (origin_source)
+    _, key, value = _attention_parts(node)
+    return [a for a in (key, value) if a in operands and spatial(a) is not None] if key is not value else []
+
+
 def _leaf_join(node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:
     # a module we cannot see into, called with several maps, is assumed to combine them
     return _broadcast_join(operands) if node.op == "call_module" else []
@@ -108,6 +121,7 @@ _RULES: list[tuple[Callable[[fx.Node], bool], Callable[[fx.Node, list[fx.Node]],
     (lambda n: n.op in ("call_function", "call_method") and _hashable(n.target) in ELEMENTWISE, lambda n, ops: _broadcast_join(ops)),
     (lambda n: n.target is torch.einsum, _einsum_join),
     (lambda n: n.op in ("call_function", "call_method") and _hashable(n.target) in MATMUL, _matmul_join),
+    (lambda n: n.target is F.scaled_dot_product_attention, _attention_join),
     (lambda n: n.op == "call_module", _leaf_join),
 ]
 
@@ -130,8 +144,11 @@ def joined_operands(node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:
 
 
 def origin_source(node: fx.Node) -> fx.Node | None:
-    """The operand that sizes ``node``'s output when it is not the first one (``grid_sample``:
-    the grid), else None."""
+    """The operand that sizes ``node``'s output where another does, or where the node joins
+    others (``grid_sample``: the grid; attention: the queries), else None."""
+    if node.target is F.scaled_dot_product_attention:
+        query = _attention_parts(node)[0]
+        return query if isinstance(query, fx.Node) else None
     if node.target is F.grid_sample:
         grid = node.kwargs.get("grid", node.args[1] if len(node.args) > 1 else None)
         return grid if isinstance(grid, fx.Node) else None
