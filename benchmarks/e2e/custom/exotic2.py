@@ -1,0 +1,80 @@
+# Hand-written test models for benchmarks/e2e/custom/run_all.sh.
+import torch, torch.nn as nn, torch.nn.functional as F
+
+
+class Base(nn.Module):
+    def __init__(self, num_classes=10, in_chans=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(in_chans, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def head(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class DynSizeInterp(Base):
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.interpolate(x, size=(x.shape[2] // 2, x.shape[3] // 2), mode='bilinear', align_corners=False)
+        x = F.relu(self.c2(x))
+        x = F.max_pool2d(x, 2)
+        return self.head(F.relu(self.c3(x)))
+
+
+class DynAdaptive(Base):
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.adaptive_avg_pool2d(x, (x.shape[2] // 2, x.shape[3] // 2))
+        x = F.relu(self.c2(x))
+        x = F.avg_pool2d(x, 2)
+        return self.head(F.relu(self.c3(x)))
+
+
+class SliceSub(Base):
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = x[:, :, ::2, ::2]
+        x = F.relu(self.c2(x))
+        x = F.max_pool2d(x, 2)
+        return self.head(F.relu(self.c3(x)))
+
+
+class ReshapePool(Base):
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 2, 2, w // 2, 2).mean((3, 5))
+        x = F.relu(self.c2(x))
+        x = F.max_pool2d(x, 2)
+        return self.head(F.relu(self.c3(x)))
+
+
+class ShuffleUp(Base):
+    def __init__(self, num_classes=10, in_chans=3):
+        super().__init__(num_classes, in_chans)
+        self.c2 = nn.Conv2d(16, 128, 3, stride=2, padding=1)
+        self.ps = nn.PixelShuffle(2)
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = self.ps(F.relu(self.c2(x)))  # 128 -> 32 channels, back to full size
+        x = F.max_pool2d(x, 2)
+        return self.head(F.relu(self.c3(x)))
+
+
+class PatchViT(nn.Module):
+    """patchify by reshape (no strided conv), learned pos embedding sized for the grid"""
+    def __init__(self, num_classes=10, in_chans=3, img=32, p=4, dim=32):
+        super().__init__()
+        self.p = p
+        self.proj = nn.Linear(p * p * in_chans, dim)
+        self.pos = nn.Parameter(torch.zeros(1, (img // p) ** 2, dim))
+        self.block = nn.TransformerEncoderLayer(dim, 2, 64, batch_first=True)
+        self.fc = nn.Linear(dim, num_classes)
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+        x = self.proj(x) + self.pos
+        return self.fc(self.block(x).mean(1))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# End to end on hand-written models no issue names (module:factory sources, as a user's own):
+# dynopool convert --budget B -> finetune 3 steps with learning strides on Fashion-MNIST ->
+# report -> ONNX export. One line per model: OK, or FAIL <stage>: <its one-line error>.
+#
+#   bash benchmarks/e2e/custom/run_all.sh [/usr/share/datasets/fashion-mnist] [OUT]
+#
+# Results (session 18) in docs/BENCHMARKS.md, "Hand-written models".
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+data=${1:-/usr/share/datasets/fashion-mnist}; root=${2:-/tmp/e2e_custom}
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+run() {  # module:factory input-size budget
+    local d="$root/${1//:/_}"; rm -rf "$d"; mkdir -p "$d"
+    dynopool convert "$1" --input-size "$2" --budget "$3" --out "$d/c.pt" > "$d/convert.log" 2>&1 \
+        || { echo "$1: FAIL convert: $(tail -1 "$d/convert.log")"; return; }
+    dynopool finetune "$d/c.pt" --trust-source --data "fashion-mnist:$data" --steps 3 --batch-size 8 \
+        --val-limit 200 --scale-lr 0.01 --out "$d/run" > "$d/ft.log" 2>&1 \
+        || { echo "$1: FAIL finetune: $(tail -1 "$d/ft.log")"; return; }
+    dynopool report "$d/run/last.pt" --trust-source > "$d/report.log" 2>&1 \
+        || { echo "$1: FAIL report: $(tail -1 "$d/report.log")"; return; }
+    dynopool export "$d/run/last.pt" --trust-source --format onnx --out "$d/m.onnx" > "$d/export.log" 2>&1 \
+        || { echo "$1: FAIL export: $(tail -1 "$d/export.log")"; return; }
+    echo "$1: OK $(grep -ho 'saved FLOPs [^;]*' "$d/ft.log" | tail -1) | $(grep -h 'max abs' "$d/export.log" | cut -c1-60)"
+}
+for m in Blur Unshuffle Odd FracPool; do run "exotic:$m" 32 0.7x; done
+run exotic:Hourglass 32 0.85x
+run exotic:Gray 1,32,32 0.7x
+for m in TupleOut Unpool; do run "exotic:$m" 32 0.7x; done
+for m in DynSizeInterp SliceSub ShuffleUp PatchViT; do run "exotic2:$m" 32 0.9x; done
+run cifar_resnet:resnet20 32 0.7x
+for m in ResNet18 ShuffleNetV2 DenseNet; do run "kuangliu:$m" 32 0.8x; done
