@@ -160,20 +160,11 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
     return have
 
 
-def _inputs_of(layer: nn.Module | None) -> int | None:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels
-    return int(layer.weight.shape[1]) if _traced_linear(layer) else None
-
-
-def _outputs_of(layer: nn.Module | None) -> int | None:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    if isinstance(layer, nn.Conv2d):
-        return layer.out_channels
-    return int(layer.weight.shape[0]) if _traced_linear(layer) else None
+def _io(layer: nn.Module | None) -> tuple[int, int] | None:
+    """(inputs, outputs) of a classifier layer: a Linear, a 1x1 conv or a traced-through linear."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)) or _traced_linear(layer):
+        return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+    return None
 
 
 def _check_rebuild(model: nn.Module, bundle, paths: list[str], classes: int, have: int, features: int | None) -> None:
@@ -185,15 +176,14 @@ def _check_rebuild(model: nn.Module, bundle, paths: list[str], classes: int, hav
 
     source = bundle.source
     names = dict(model.named_modules())
-    wanted = {p: features if features is not None else _inputs_of(names.get(p)) for p in paths}
+    wanted = {p: features if features is not None else (_io(names.get(p)) or (None,))[0] for p in paths}
     try:
         with torch.device("meta"):
             rebuilt = dict(upstream.build_model(source, {**(bundle.build_args or {}), "num_classes": classes})
                            .named_modules())
     except Exception:  # noqa: BLE001 - a factory without num_classes, or one that cannot build on meta
         rebuilt = {}
-    if paths and all(n is not None and _inputs_of(rebuilt.get(p)) == n and _outputs_of(rebuilt.get(p)) == classes
-                     for p, n in wanted.items()):
+    if paths and all(n is not None and _io(rebuilt.get(p)) == (n, classes) for p, n in wanted.items()):
         return
     where = "was built without a classifier" if features is not None else f"outputs {have} classes"
     raise UserInputError(
