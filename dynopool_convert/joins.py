@@ -4,8 +4,10 @@ One rule per kind of join, looked up in a first-match table, so that a new join 
 entry: elementwise ops with broadcasting (functions, ``Tensor`` methods, in-place methods),
 concatenation and stacking (operands in a list or tuple), ``x.expand_as(y)``-style ops sized by
 another tensor, ``einsum``/``matmul`` contracting spatial axes, the keys and values of
-``scaled_dot_product_attention``, and leaf modules called with several spatial tensors. ``grid_sample`` is not a join but takes its output size from its grid,
-not from its input: ``origin_source`` says which operand sizes a node's output.
+``scaled_dot_product_attention``, and leaf modules called with several spatial tensors.
+``grid_sample`` is not a join but takes its output size from its grid, not from its input, and
+attention's output has its queries' size: ``origin_source`` says which operand sizes a node's
+output.
 
 A tensor's spatial size is its last two axes when it has at least four: ``(N, C, H, W)``, and
 ``(N, k, C, H, W)`` for a stack of maps (``torch.stack(branches, dim=1)``).

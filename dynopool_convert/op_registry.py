@@ -41,9 +41,9 @@ from .sites import (
     SiteHandler,
     StridedSliceHandler,
     TransposedConvHandler,
-    slice_steps,
     UnsupportedStridedModuleHandler,
     UpsampleModuleHandler,
+    slice_steps,
 )
 from .sites_conv_function import CONV_FUNCTIONS, CONV_PARAMS, ConvFunctionHandler
 

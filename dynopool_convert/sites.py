@@ -331,8 +331,8 @@ class StridedSliceHandler:
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         step = slice_steps(node.args[1])
-        return Candidate(node.name, "", self.kind, f"x[..., ::{_fmt(step)}]" if len(set(step)) == 1
-                         else f"x[..., ::{step[0]}, ::{step[1]}]", self.name, (float(step[0]), float(step[1])), "mean")
+        return Candidate(node.name, "", self.kind, f"x[..., ::{step[0]}, ::{step[1]}]", self.name,
+                         (float(step[0]), float(step[1])), "mean")
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
         _retarget_to_pool(gm, node, pool_path)

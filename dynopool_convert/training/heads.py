@@ -6,9 +6,10 @@ classifier is found by name: timm's ``pretrained_cfg['classifier']`` for timm so
 of them where it names several: distillation heads; an ``nn.Identity`` there, a model built
 without one, gets a ``Linear`` from its features), the last ``nn.Linear`` (else 1x1
 convolution) for torchvision and ``module:factory`` ones (the latter, and the empty slot, only
-where the source built with the new ``num_classes`` has that layer: checked on the meta device). It becomes a fresh layer of the same kind with the new class
-count, and the checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the
-model with the new head. timm's own ``Linear`` (MobileNetV3, GhostNet, LCNet, ...) is traced
+where the source built with the new ``num_classes`` has that layer: checked on the meta
+device). It becomes a fresh layer of the same kind with the new class count, and the
+checkpoint's ``build_args['num_classes']`` follows, so that loading rebuilds the model with the
+new head. timm's own ``Linear`` (MobileNetV3, GhostNet, LCNet, ...) is traced
 through, not kept as a module: the graph reads its ``weight`` and ``bias`` by name
 (``F.linear``), so those two parameters are replaced in place instead.
 """
@@ -112,9 +113,9 @@ def _replace_one(model: nn.Module, path: str, num_classes: int, features: int | 
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = getattr(parent, attr)
     if _absent(layer):
-        like = next(model.parameters())
         if features is None:
             raise UserInputError(f"{path!r} is no classifier (an nn.Identity)")
+        like = next(model.parameters())
         setattr(parent, attr, nn.Linear(features, num_classes).to(device=like.device, dtype=like.dtype))
     elif _traced_linear(layer):
         bias = getattr(layer, "bias", None)
