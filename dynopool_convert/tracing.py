@@ -123,6 +123,20 @@ def _hides_sites(module: nn.Module) -> bool:
     return any(isinstance(m, types) and getattr(m, "stride", 1) not in (1, (1, 1), None) for m in module.modules())
 
 
+def _hidden_site_notes(model: nn.Module, leaves: list[type]) -> list[str]:
+    """One note per class kept as a leaf whose other instances hold strided ops: those ops stay
+    as they are, and the site table does not list them (the class was leafed for an instance
+    without any: PyramidNet's blocks branch on their channel counts)."""
+    notes = []
+    for cls in leaves:
+        hidden = [name for name, m in model.named_modules() if type(m) is cls and _hides_sites(m)]
+        if hidden:
+            shown = ", ".join(hidden[:4]) + (f" and {len(hidden) - 4} more" if len(hidden) > 4 else "")
+            notes.append(f"the strided ops inside {cls.__name__} ({shown}) stay as they are, not sites: "
+                         f"make its forward traceable (decide branches on sizes in __init__) for them to learn")
+    return notes
+
+
 def _root_class_modules(model: nn.Module) -> list[types.ModuleType]:
     """The Python modules that define the root's classes (torch's excepted).
 
@@ -180,7 +194,9 @@ def trace_model(model: nn.Module) -> Traced:
                         f" ({hint})"
                     ) from err
                 extra.append(type(failing))
-                notes.append(f"traced {type(failing).__name__} as a leaf: tracing into it failed ({type(err).__name__}: {msg[:100]})")
+                notes.append(f"traced {type(failing).__name__} as a leaf: tracing into it failed at {_culprit(err)} "
+                             f"({type(err).__name__}: {msg[:100]})")
+        notes += _hidden_site_notes(model, extra)
     finally:
         model.train(was_training)
     name = model.__class__.__name__

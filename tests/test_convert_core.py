@@ -258,7 +258,9 @@ def test_untraceable_model_names_the_culprit():
 def test_untraceable_submodule_without_sites_becomes_a_leaf():
     r = convert(NeedsAutoLeaf(), input_size=(3, 16, 16))
     assert r.plan.site("conv").status == "converted"
-    assert any("traced ShapeBranch as a leaf" in note for note in r.plan.notes)
+    assert any("traced ShapeBranch as a leaf: tracing into it failed at _convert_models.ShapeBranch.forward()"
+               in note for note in r.plan.notes)
+    assert not any("stay as they are" in note for note in r.plan.notes)
     replayed = apply_plan(NeedsAutoLeaf(), r.plan)
     assert replayed(torch.randn(1, 3, 14, 14)).shape == (1, 4)
 
@@ -276,3 +278,27 @@ def test_down_up_skip_is_not_tied_and_the_up_is_pinned():
     with torch.no_grad():
         stride.copy_(torch.tensor([3.0, 1.6]))
     assert r.model(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)
+
+
+class _ChannelBranch(nn.Module):
+    """PyramidNet's block: zero channels appended where the counts differ, decided in forward."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.down = nn.AvgPool2d(2) if stride > 1 else nn.Identity()
+
+    def forward(self, x):
+        out, short = self.conv(x), self.down(x)
+        if out.size(1) != short.size(1):
+            short = torch.cat([short, torch.zeros_like(out[:, : out.size(1) - short.size(1)])], 1)
+        return out + short
+
+
+def test_a_class_kept_as_a_leaf_says_which_strided_ops_it_hides():
+    # the first block (no strided op) fails to trace, so its class is kept whole: the strided
+    # conv and pool of the second were silently missing from the site table
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ChannelBranch(4, 6, 1), _ChannelBranch(6, 8, 2))
+    r = convert(model, input_size=(3, 16, 16))
+    assert any("traced _ChannelBranch as a leaf" in note for note in r.plan.notes)
+    assert "the strided ops inside _ChannelBranch (2) stay as they are, not sites" in " ".join(r.plan.notes)
