@@ -75,3 +75,17 @@ def test_the_fit_line_says_how_and_which_way_the_factors_moved():
     assert "by lowering the scale factors (per group;" in lines[1]
     assert "raised" not in lines[0] + lines[1]
     assert lines[2].rstrip().endswith("group 1: 0.8), then 3 map sides raised one step alone")
+
+
+def test_a_fit_that_crushes_a_map_points_to_the_input_site(tmp_path, capsys):
+    # at 0.2x the fit takes the first group to r x 0.22 (32 -> 7 px); lowering the input
+    # resolution, which --input-site allows, keeps more of every map
+    code, out, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", "0.2x", "--out", str(tmp_path / "a.pt")], capsys)
+    assert code == 0, err
+    assert "note: the fit shrinks some group's maps to under 33% of their size" in out and "--input-site" in out
+    code, out, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", "0.2x", "--input-site",
+                           "--out", str(tmp_path / "b.pt")], capsys)
+    assert code == 0, err
+    assert "note: the fit shrinks" not in out
+    code, out, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", "0.8x", "--out", str(tmp_path / "c.pt")], capsys)
+    assert code == 0 and "note: the fit shrinks" not in out

@@ -58,6 +58,11 @@ def site_table(plan) -> tuple[Table, list[str]]:
     return table, [f"[{i}] {reason}" for reason, i in reasons.items()]
 
 
+#: a group factor below this gets the --input-site hint (akamaster's ResNet-20 at 0.7x: its only
+#: free group down to 3x3 from 16x16, r × 0.22; with --input-site: the input at 23 px, that map 12x12)
+CRUSHED = 1 / 3
+
+
 def _print_fit(console, fit, budget_flops: int) -> None:
     """One line on how the converted model was fitted to its budget."""
     from dynopool_convert.flops import format_flops
@@ -160,6 +165,10 @@ def _print_conversion(console, done, budget_flops: int | None) -> None:
     )
     if done.fit is not None:
         _print_fit(console, done.fit, budget_flops)
+        if not plan.policy.get("input_site") and min(done.fit.group_factors, default=1.0) < CRUSHED:
+            console.print(f"[dim]note: the fit shrinks some group's maps to under {CRUSHED:.0%} of their size (r × "
+                          f"{min(done.fit.group_factors):.3g}); --input-site lets the input resolution move too, "
+                          f"which may keep more of every map[/]")
     origin = done.origin
     if origin is not None:
         console.print(f"weights: {origin.get('pretrained') or origin['path']} (sha256 {origin['sha256'][:12]}...), placement {done.placement}")
