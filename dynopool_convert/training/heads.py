@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UserInputError
 
-__all__ = ["model_classes", "classifier_paths", "headless", "replace_classifier", "adapt_head", "check_classifier"]
+__all__ = ["model_classes", "classifier_paths", "replace_classifier", "adapt_head", "check_classifier"]
 
 
 def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) -> int | None:
@@ -63,13 +63,6 @@ def classifier_paths(model: nn.Module, source: str) -> list[str]:
 def _absent(layer: nn.Module | None) -> bool:
     """timm's classifier slot of a model built with ``num_classes=0``."""
     return type(layer) is nn.Identity
-
-
-def headless(model: nn.Module, source: str) -> bool:
-    """Whether ``model`` is a timm model built without a classifier (its configured classifier
-    an ``nn.Identity``: it outputs features)."""
-    names = dict(model.named_modules())
-    return any(_absent(names.get(p)) for p in classifier_paths(model, source))
 
 
 def _replaceable(layer: nn.Module | None) -> bool:
@@ -139,8 +132,10 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
     have = model_classes(model, bundle.input_size, device)
     if have is None or have == data_classes:
         return None
-    features = have if headless(model, bundle.source) else None
     paths = classifier_paths(model, bundle.source)
+    names = dict(model.named_modules())
+    # built without a classifier (an nn.Identity where timm names it): it outputs its features
+    features = have if any(_absent(names.get(p)) for p in paths) else None
     if features is not None or not bundle.source.startswith(("timm:", "torchvision:")):
         # a slot timm leaves empty, or a module:factory source: what num_classes rebuilds is not known
         _check_rebuild(model, bundle, paths, data_classes, have, features)

@@ -3,6 +3,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 
 
 class Base(nn.Module):
+    """conv, ``down`` (the op under test), conv, ``pool``, conv, global mean, linear."""
+
     def __init__(self, num_classes=10, in_chans=3):
         super().__init__()
         self.c1 = nn.Conv2d(in_chans, 16, 3, padding=1)
@@ -10,45 +12,42 @@ class Base(nn.Module):
         self.c3 = nn.Conv2d(32, 32, 3, padding=1)
         self.fc = nn.Linear(32, num_classes)
 
+    def down(self, x):
+        raise NotImplementedError
+
+    def pool(self, x):
+        return F.max_pool2d(x, 2)
+
     def head(self, x):
         return self.fc(x.mean((2, 3)))
 
+    def forward(self, x):
+        x = F.relu(self.c2(self.down(F.relu(self.c1(x)))))
+        return self.head(F.relu(self.c3(self.pool(x))))
+
 
 class DynSizeInterp(Base):
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = F.interpolate(x, size=(x.shape[2] // 2, x.shape[3] // 2), mode='bilinear', align_corners=False)
-        x = F.relu(self.c2(x))
-        x = F.max_pool2d(x, 2)
-        return self.head(F.relu(self.c3(x)))
+    def down(self, x):
+        return F.interpolate(x, size=(x.shape[2] // 2, x.shape[3] // 2), mode='bilinear', align_corners=False)
 
 
 class DynAdaptive(Base):
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = F.adaptive_avg_pool2d(x, (x.shape[2] // 2, x.shape[3] // 2))
-        x = F.relu(self.c2(x))
-        x = F.avg_pool2d(x, 2)
-        return self.head(F.relu(self.c3(x)))
+    def down(self, x):
+        return F.adaptive_avg_pool2d(x, (x.shape[2] // 2, x.shape[3] // 2))
+
+    def pool(self, x):
+        return F.avg_pool2d(x, 2)
 
 
 class SliceSub(Base):
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = x[:, :, ::2, ::2]
-        x = F.relu(self.c2(x))
-        x = F.max_pool2d(x, 2)
-        return self.head(F.relu(self.c3(x)))
+    def down(self, x):
+        return x[:, :, ::2, ::2]
 
 
 class ReshapePool(Base):
-    def forward(self, x):
-        x = F.relu(self.c1(x))
+    def down(self, x):
         b, c, h, w = x.shape
-        x = x.view(b, c, h // 2, 2, w // 2, 2).mean((3, 5))
-        x = F.relu(self.c2(x))
-        x = F.max_pool2d(x, 2)
-        return self.head(F.relu(self.c3(x)))
+        return x.view(b, c, h // 2, 2, w // 2, 2).mean((3, 5))
 
 
 class ShuffleUp(Base):
