@@ -85,7 +85,7 @@ def pool_strides(model: nn.Module, strides: Mapping[str, Stride] | None = None) 
     for name, pool in pools:
         s = wanted.get(id(pool.stride))
         lo, hi = 1.0 / pool.r_bounds[1], 1.0 / pool.r_bounds[0]
-        out[name] = pool.stride_value if s is None else tuple(min(max(float(v), lo), hi) for v in s)
+        out[name] = pool.stride_value if s is None else tuple(min(max(v, lo), hi) for v in pool.effective_stride(s))
     return out
 
 

@@ -6,7 +6,8 @@ The allocations of ``allocation.py`` multiply each group's ``r`` on both axes al
 pixel is a large share of a map (a ViT's 7x7 patch grid at 224 px, or any map at 32-64 px),
 the next level down on both axes can fall far below the budget: ViT-B/32 under half its FLOPs
 went from 7x7 to 4x4 patches (0.68 of the budget), where 5x4 fits. DynOPool's scale factors
-are per axis; this fill spends what the square step left on the maps' other axis.
+are per axis; this fill spends what the square step left on the maps' other axis (a group whose
+axes share one stride, ``square``, moves on both).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def _axis_level_up(cost: CostModel, strides: list[tuple[float, float]], g: int, 
     def at(x: float) -> list[tuple[float, float]]:
         pair = list(strides[g])
         pair[axis] = f32(max(start / x, lowest))
+        if cost.square[g]:  # its axes share one stride
+            pair = [pair[axis]] * 2
         return [tuple(pair) if i == g else s for i, s in enumerate(strides)]
 
     ceiling = start / lowest
@@ -55,7 +58,7 @@ def fill_axes(cost: CostModel, base: Sequence[tuple[float, float]], bounds, stri
     while not late:
         best = None  # score, strides, cost, resolution
         for g in range(len(bounds)) if groups is None else groups:
-            for axis in (0, 1):
+            for axis in (0,) if cost.square[g] else (0, 1):
                 # a new size can mean new probes of opaque leaves (MobileNetV5: seconds each)
                 late = late or time.perf_counter() > deadline
                 if late:

@@ -232,7 +232,8 @@ def _pin_pass(analysis: Analysis, plan: Plan) -> None:
     connection to its size, or slice a table that does not grow); a capped group still learns
     smaller maps, where a multiple would let them grow again by a step. Otherwise it first tries
     output sizes rounded to a multiple (the divisors of its reference size, smallest first: window
-    and block sizes);
+    and block sizes), then one stride for both axes (``Group.square``: a layer after it reads one
+    axis's size for both, a square-only global pool or a token grid of side ``sqrt(N)``);
     when none works it is pinned: its sites keep their ops behind an adaptive
     pool to their reference input size, so the layers after it see fixed shapes (windowed or
     relative-position attention, fixed token counts) and the groups before it can still move.
@@ -293,6 +294,10 @@ def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
         probe = None  # the graph changes either way
         if rounded:
             continue
+        squared = _square_problem(analysis, plan, group, problem)
+        if squared is not None:
+            used |= squared
+            continue
         if not all(plan.site(name).input_size for name in group.sites):
             _revert(plan, group.id, problem)
         else:
@@ -335,6 +340,30 @@ def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) 
         group.r_max = None
         return None
     why = f"scale factor capped at its reference value {group.r_max:.4g} (its outputs may shrink, not grow): without that, {problem}"
+    group.reason = why
+    for name in group.sites:
+        plan.site(name).reason = why
+    return reached
+
+
+def _square_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) -> set[str] | None:
+    """Give ``group``'s axes one stride (``Group.square``) when its per-axis moves break the
+    forward but its moves on both axes alike do not (a layer after it reads one axis's size for
+    both: akamaster's CIFAR ResNets pool with ``F.avg_pool2d(out, out.size()[3])``); the watched
+    pins its moves reach, or None (not square) when that does not help or the group is not square
+    at the reference (unequal strides or a non-square input)."""
+    sizes = [plan.site(name).input_size for name in group.sites]
+    if group.stride_init[0] != group.stride_init[1] or not all(s and s[0] == s[1] for s in sizes):
+        return None
+    group.square = True
+    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
+    watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
+    probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
+    trouble, reached = probe.problem(group.id)
+    if trouble:
+        group.square = False
+        return None
+    why = f"both axes share one stride (its maps stay square): without that, {problem}"
     group.reason = why
     for name in group.sites:
         plan.site(name).reason = why

@@ -143,6 +143,8 @@ class CostModel:
         self._group_of = {id(p): i for i, p in enumerate(self.parameters)}
         # stride bounds per group (every site of a group shares them): [1/r_max, 1/r_min]
         self._bounds = [g.bounds for g in groups]
+        #: per group, whether its axes share one stride (DynOPool ``square``: the two values' mean)
+        self.square: list[bool] = [g.first.square for g in groups]
 
         ref = graph.reference
         ref_strides = self._current_strides()
@@ -238,10 +240,7 @@ class CostModel:
         if not self.parameters:
             return []
         values = torch.stack([p.detach().reshape(2) for p in self.parameters]).cpu().tolist()
-        out = []
-        for (s_h, s_w), (lo, hi) in zip(values, self._bounds):
-            out.append((min(max(s_h, lo), hi), min(max(s_w, lo), hi)))
-        return out
+        return self._clamp_all(values)
 
     def _build_classes(self, gm, ref, pert, ref_strides, pert_strides, node_flops) -> None:
         regions: list[Region] = []
@@ -298,10 +297,12 @@ class CostModel:
             out.append((moved[0], moved[1]))
         return out
 
-    def _clamp_all(self, strides: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-        return [
-            (min(max(s[0], lo), hi), min(max(s[1], lo), hi)) for s, (lo, hi) in zip(strides, self._bounds)
-        ]
+    def _clamp_all(self, strides: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
+        out = []
+        for s, (lo, hi), square in zip(strides, self._bounds, self.square):
+            s_h, s_w = ((s[0] + s[1]) / 2.0,) * 2 if square else (s[0], s[1])
+            out.append((min(max(s_h, lo), hi), min(max(s_w, lo), hi)))
+        return out
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -393,6 +394,9 @@ class CostModel:
             if with_grad:
                 dh, dw = deriv[t.cls.index]
                 _accumulate(grads, _combine(dh, t.coefficient * w, dw, t.coefficient * h))
+        for g, square in enumerate(self.square):  # each raw value moves both axes by half its change
+            if square:
+                grads[g] = [(grads[g][0] + grads[g][1]) / 2.0] * 2
         return _Evaluation(flops, [tuple(g) for g in grads], sizes)
 
     def _evaluate_if_runnable(self, strides: Sequence[Sequence[float]] | None) -> _Evaluation | None:

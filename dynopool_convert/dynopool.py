@@ -169,6 +169,9 @@ class DynOPool(nn.Module):
         group: id of the tied group this site belongs to (plain data, for reports).
         multiple: output sizes are rounded to multiples of this (an int or an ``(m_h, m_w)``
             pair; default 1), for layers after the site that need divisible sizes.
+        square: both axes run at one stride, the mean of the parameter's two values (a square
+            map stays square: layers after the site that read one axis's size for both, such as
+            ``F.avg_pool2d(x, x.size(3))`` or a token grid of side ``sqrt(N)``).
 
     Output sizes come from a host copy of the stride (Python floats, DESIGN.md §7), so a forward
     pass does not wait for the device. The copy is re-read (one device-to-host copy) when the
@@ -193,6 +196,7 @@ class DynOPool(nn.Module):
     _host: tuple[float, float] | None = None
     _host_key: tuple[int, int] | None = None
     hold_sizes: bool = False
+    square: bool = False
     last_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # (input, output) of the last forward
 
     def __init__(
@@ -203,6 +207,7 @@ class DynOPool(nn.Module):
         group: int | None = None,
         backend: Literal["auto", "reference", "fast", "native", "triton"] = "auto",
         multiple: int | tuple[int, int] = 1,
+        square: bool = False,
     ) -> None:
         super().__init__()
         if aggregate not in ("max", "mean"):
@@ -227,6 +232,19 @@ class DynOPool(nn.Module):
         self.group = group
         self.backend = backend
         self.multiple = _multiple_pair(multiple)
+        self.square = bool(square)
+
+    def effective_stride(self, values: list[float] | tuple[float, float]) -> tuple[float, float]:
+        """``values`` (a raw ``(s_h, s_w)``) as the site runs them: their mean on both axes when ``square``."""
+        s_h, s_w = float(values[0]), float(values[1])
+        if self.square:
+            s_h = s_w = (s_h + s_w) / 2.0
+        return s_h, s_w
+
+    def stride_tensor(self) -> Tensor:
+        """The stride parameter as the site runs it (differentiable): the two values' mean on both
+        axes when ``square``, else the parameter itself."""
+        return self.stride.mean().repeat(2) if self.square else self.stride
 
     @property
     def r(self) -> tuple[float, float]:
@@ -238,7 +256,7 @@ class DynOPool(nn.Module):
     def stride_value(self) -> tuple[float, float]:
         """Current stride ``(s_h, s_w)`` as floats, clamped to the bounds."""
         lo, hi = 1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0]
-        s_h, s_w = self.stride.detach().cpu().tolist()
+        s_h, s_w = self.effective_stride(self.stride.detach().cpu().tolist())
         return min(max(s_h, lo), hi), min(max(s_w, lo), hi)
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -255,7 +273,10 @@ class DynOPool(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Project the stride parameter back inside the bounds (call after optimiser steps)."""
+        """Project the stride parameter back inside the bounds (call after optimiser steps); a
+        ``square`` site's two values are set to their mean first."""
+        if self.square:
+            self.stride.copy_(self.stride.mean().expand_as(self.stride))
         self.stride.clamp_(1.0 / self.r_bounds[1], 1.0 / self.r_bounds[0])
 
     def host_stride(self) -> tuple[float, float]:
@@ -272,12 +293,12 @@ class DynOPool(nn.Module):
         return self._host  # type: ignore[return-value]
 
     def _set_host(self, values: list[float]) -> None:
-        self._host = (float(values[0]), float(values[1]))
+        self._host = self.effective_stride(values)
         self._host_key = _param_key(self.stride)
 
     def _resize(self, x: Tensor) -> Tensor:
         """The site's math (``DynResize`` overrides it)."""
-        return dynopool2d(x, self.stride, self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
+        return dynopool2d(x, self.stride_tensor(), self.aggregate, self.r_bounds, self.backend, self.multiple, self.host_stride())
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._resize(x)
@@ -291,7 +312,8 @@ class DynOPool(nn.Module):
         s_h, s_w = self.stride_value
         group = "" if self.group is None else f", group={self.group}"
         multiple = "" if self.multiple == (1, 1) else f", multiple={self.multiple}"
-        return f"stride=({s_h:.4g}, {s_w:.4g}), {self._repr_detail()}{group}{multiple}"
+        square = ", square=True" if self.square else ""
+        return f"stride=({s_h:.4g}, {s_w:.4g}), {self._repr_detail()}{group}{multiple}{square}"
 
 
 def _param_key(p: Tensor) -> tuple[int, int]:

@@ -130,7 +130,7 @@ class DynResize(DynOPool):
     Args:
         stride: initial stride ``s`` or a shared two-element ``nn.Parameter`` (tied groups).
         base: ``s0``, the stride of the op after it (the group's initial stride).
-        r_bounds, group, multiple: as for ``DynOPool`` (``multiple`` rounds this module's
+        r_bounds, group, multiple, square: as for ``DynOPool`` (``multiple`` rounds this module's
             output size).
         antialias: filter a shrink (``F.interpolate(antialias=True)``) instead of sampling it.
 
@@ -148,8 +148,9 @@ class DynResize(DynOPool):
         group: int | None = None,
         multiple: int | tuple[int, int] = 1,
         antialias: bool = False,
+        square: bool = False,
     ) -> None:
-        super().__init__(stride, "mean", r_bounds, group, "reference", multiple)
+        super().__init__(stride, "mean", r_bounds, group, "reference", multiple, square)
         self.antialias = bool(antialias)
         self.base = pair_of_floats(base)
         if min(self.base) <= 0:
@@ -169,7 +170,7 @@ class DynResize(DynOPool):
         return nn.Identity() if tuple(out) == tuple(in_size) else FrozenResize(out, self.antialias)
 
     def _resize(self, x: Tensor) -> Tensor:
-        return dynresize2d(x, self.stride, self.base, self.r_bounds, self.multiple, self.host_stride(), self.antialias)
+        return dynresize2d(x, self.stride_tensor(), self.base, self.r_bounds, self.multiple, self.host_stride(), self.antialias)
 
     def _repr_detail(self) -> str:
         return f"base=({self.base[0]:.4g}, {self.base[1]:.4g})"

@@ -195,8 +195,8 @@ def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
 def _counting_forward(self: DynOPool, x: Tensor) -> Tensor:
     r_min, r_max = self.r_bounds
     if isinstance(self, DynResize):
-        return _resize_for_counting(x, self.stride, *self.base, r_min, r_max, *self.multiple, self.antialias)
-    return _resample_for_counting(x, self.stride, self.aggregate, r_min, r_max, self.backend, *self.multiple)
+        return _resize_for_counting(x, self.stride_tensor(), *self.base, r_min, r_max, *self.multiple, self.antialias)
+    return _resample_for_counting(x, self.stride_tensor(), self.aggregate, r_min, r_max, self.backend, *self.multiple)
 
 
 @contextlib.contextmanager

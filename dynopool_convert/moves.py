@@ -63,10 +63,17 @@ def _axis_target(size: int, s: float, bigger: bool, bounds: tuple[float, float],
 
 
 def axis_moves(size_in: tuple[int, int], stride: Stride, bounds: tuple[float, float],
-               multiple: tuple[int, int] = (1, 1), base: Stride = (1.0, 1.0)) -> list[tuple[str, Stride]]:
+               multiple: tuple[int, int] = (1, 1), base: Stride = (1.0, 1.0), square: bool = False) -> list[tuple[str, Stride]]:
     """One group's per-axis moves: ``(label, stride)`` for smaller and larger outputs, height
-    then width, the other axis at its present stride (``base``: the sites' base, ``DynResize``)."""
+    then width, the other axis at its present stride (``base``: the sites' base, ``DynResize``);
+    a ``square`` group's axes share one stride: its moves are the height's, on both axes."""
     moves = []
+    if square:
+        for bigger, word in ((False, "smaller"), (True, "larger")):
+            target = _axis_target(size_in[0], stride[0], bigger, bounds, multiple[0], base[0])
+            if target is not None:
+                moves.append((f"{word} output (both axes)", (target, target)))
+        return moves
     for axis, name in ((0, "height"), (1, "width")):
         for bigger, word in ((False, "smaller"), (True, "larger")):
             target = _axis_target(size_in[axis], stride[axis], bigger, bounds, multiple[axis], base[axis])

@@ -16,8 +16,8 @@ from .errors import UserInputError
 __all__ = ["PLAN_FORMAT_VERSION", "Site", "Group", "Plan", "Status", "Kind"]
 
 #: Bumped whenever the meaning of a field changes; ``Plan.from_dict`` refuses newer versions.
-#: 2 added the ``pinned`` status and ``Group.multiple``; 3 added ``Group.r_max``.
-PLAN_FORMAT_VERSION: int = 3
+#: 2 added the ``pinned`` status and ``Group.multiple``; 3 added ``Group.r_max``; 4 ``Group.square``.
+PLAN_FORMAT_VERSION: int = 4
 
 Status = Literal["converted", "pinned", "reverted", "skipped"]
 Kind = Literal["conv", "pool", "interpolate"]
@@ -73,6 +73,9 @@ class Group:
     #: the largest scale factor r allowed (None: the default bounds); set where larger outputs
     #: than the reference break the layers after the group (a crop to a skip's size)
     r_max: float | None = None
+    #: both axes share one stride (DynOPool ``square``): set where the layers after the group
+    #: read one axis's size for both, so that moving one axis alone breaks them
+    square: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

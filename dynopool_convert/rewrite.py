@@ -96,6 +96,7 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
     }
     bounds = {g.id: r_bounds_for(g.stride_init, g.r_max) for g in plan.converted_groups()}
     multiples = {g.id: tuple(g.multiple or (1, 1)) for g in plan.converted_groups()}
+    square = {g.id: g.square for g in plan.converted_groups()}
     stride_init = {g.id: tuple(float(v) for v in g.stride_init) for g in plan.converted_groups()}
     placement = plan.policy.get("placement", "before")
     paths: dict[str, str] = {}
@@ -109,11 +110,11 @@ def rewrite(traced: fx.GraphModule, candidates: list[Candidate], plan: Plan, cop
             wanted = site.name if cand.handler == "input_site" else f"{site.name}_dynopool"
             paths[site.name] = _insert_resize(gm, node, wanted, DynResize(
                 params[site.group], base=stride_init[site.group], r_bounds=bounds[site.group], group=site.group,
-                multiple=multiples[site.group]))
+                multiple=multiples[site.group], square=square[site.group]))
             continue
         path = pool_path_for(gm, node, site.name, cand.kind)
         pool = DynOPool(params[site.group], aggregate=site.aggregate, r_bounds=bounds[site.group], group=site.group,
-                        multiple=multiples[site.group])
+                        multiple=multiples[site.group], square=square[site.group])
         if old_target == path:  # replace the pool module in place
             gm.delete_submodule(path)
         elif shared and cand.kind == "conv" and old_target is not None:

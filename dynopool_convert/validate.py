@@ -112,7 +112,7 @@ def _run(gm: nn.Module, x: Tensor, spec: OutputSpec) -> str:
 
 def _group_moves(groups: dict[int, StrideGroup], sizes: dict, gid: int) -> list[tuple[str, tuple[float, float]]]:
     pool = groups[gid].first
-    return axis_moves(sizes[groups[gid].path][0], pool.stride_value, pool.r_bounds, pool.multiple, pool.base)
+    return axis_moves(sizes[groups[gid].path][0], pool.stride_value, pool.r_bounds, pool.multiple, pool.base, pool.square)
 
 
 @contextlib.contextmanager

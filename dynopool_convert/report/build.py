@@ -305,8 +305,7 @@ def _group_entries(graph: ReportGraph, plan_dict, sites, group_nodes, group_mult
     """One entry per group: its sites, status, present and initial r, FLOPs that depend on it."""
     groups = []
     declared = _plan_groups(plan_dict)
-    caps = {int(g.get("id", i)): g.get("r_max") for i, g in enumerate(plan_dict.get("groups") or [])
-            if isinstance(g, Mapping)}
+    plan_groups = {int(g.get("id", i)): g for i, g in enumerate(plan_dict.get("groups") or []) if isinstance(g, Mapping)}
     for gid in sorted(set(declared) | {int(s["group"]) for s in sites if s["group"] is not None}):
         members, status = declared.get(gid) or ([s["name"] for s in sites if s["group"] == gid], None)
         live = [s for s in sites if s["name"] in members and s["r"] is not None]
@@ -318,7 +317,8 @@ def _group_entries(graph: ReportGraph, plan_dict, sites, group_nodes, group_mult
                 "r": live[0]["r"] if live else None,
                 "r_init": next((s["r_init"] for s in sites if s["name"] in members and s["r_init"]), None),
                 "multiple": group_multiple.get(gid),
-                "r_max": caps.get(gid),
+                "r_max": plan_groups.get(gid, {}).get("r_max"),
+                "square": bool(plan_groups.get(gid, {}).get("square", False)),
                 "flops_dependent": _node_flops(graph, by_module, group_nodes[gid]) if gid in group_nodes else None,
             }
         )

@@ -69,6 +69,7 @@ GROUP: dict[str, tuple[type, ...]] = {
     "r_init": (list, _OPT),
     "multiple": (list, _OPT),
     "r_max": (float, int, _OPT),
+    "square": (bool, _OPT),
     "flops_dependent": (int, _OPT),
 }
 STAGE: dict[str, tuple[type, ...]] = {

@@ -108,14 +108,14 @@ def reasons(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(site_label(s), s["status"], s["reason"] or "") for s in report["sites"] if s["status"] != "converted"]
 
 
-GROUP_COLUMNS = ["group", "sites", "r (h, w)", "r init", "r at most", "sizes in steps of", "FLOPs dep."]
+GROUP_COLUMNS = ["group", "sites", "r (h, w)", "r init", "r at most", "sizes in steps of", "one r (square)", "FLOPs dep."]
 
 
 def group_rows(report: dict[str, Any]) -> list[list[str]]:
     labels = {s["name"]: site_label(s) for s in report["sites"]}
     return [[str(g["id"]), ", ".join(labels.get(n, n) for n in g["sites"]), pair(g["r"]), pair(g["r_init"]),
              "-" if g.get("r_max") is None else f"{g['r_max']:.4g}", size(g.get("multiple")),
-             si(g["flops_dependent"])] for g in report["groups"]]
+             "yes" if g.get("square") else "-", si(g["flops_dependent"])] for g in report["groups"]]
 
 
 def _cell(key: str, value: Any) -> str:

@@ -105,7 +105,7 @@ class SizeGuard:
             else:
                 size_in = good_sizes[name][0]
                 old_out = tuple(dynopool_output_size(n, clamp_stride(float(s), m.r_bounds), k)
-                                for n, s, k in zip(size_in, old_stride.tolist(), m.multiple))
+                                for n, s, k in zip(size_in, m.effective_stride(old_stride.tolist()), m.multiple))
                 new_out = m.output_size(size_in)
             if new_out != old_out:
                 seen.add(m.group)
