@@ -18,7 +18,9 @@ convs with even kernels, e.g. a ViT's patch embedding) run as ``aten::_convoluti
 which fvcore does not count; a handle counts them as fvcore counts ``aten::_convolution``.
 ``F.scaled_dot_product_attention`` (the attention of timm's and torchvision's ViTs), which
 fvcore does not count either, is counted as the two matmuls it replaces, as fvcore counts
-explicit ``q @ k^T`` and ``attn @ v``: ``N x heads x L_q x L_k x (d + d_v)``. Recurrent layers
+explicit ``q @ k^T`` and ``attn @ v``: ``N x heads x L_q x L_k x (d + d_v)``. ``torch.einsum``
+of two operands is counted as fvcore counts it, exactly (fvcore's own count is rounded to four
+digits: ``_einsum_handle``). Recurrent layers
 (``nn.LSTM``/``GRU``/``RNN`` and their cells: timm's Sequencer), which fvcore does not count
 either, count their weight matrices' multiply-adds at every step of every sequence, per
 direction and layer (their gates' elementwise work uncounted, as fvcore counts no elementwise op).
@@ -149,6 +151,30 @@ def _attention_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * l_q * l_k * (d_qk + d_v)
 
 
+def _einsum_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::einsum`` contracting two operands (some index summed), as fvcore counts it but
+    exact: the product of every index's size (one multiply-add per term, as fvcore counts
+    ``abc,abd->acd``); for other contractions fvcore reads numpy's count off
+    ``np.einsum_path``'s printed report, rounded to four digits, which no size rule of the cost
+    model can follow. Other forms (one or three operands, an ellipsis, no summed index):
+    fvcore's own."""
+    from fvcore.nn.jit_handles import einsum_flop_jit
+
+    equation = str(inputs[0].toIValue()).replace(" ", "")
+    operands = list(inputs[1].node().inputs())
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if not _:  # implicit output: the indices that appear once
+        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    if len(operands) != 2 or len(terms) != 2 or "." in equation or not any(c not in rhs for c in lhs if c != ","):
+        return int(einsum_flop_jit(inputs, outputs))
+    sizes: dict[str, int] = {}
+    for term, value in zip(terms, operands):
+        for letter, size in zip(term, get_shape(value)):
+            sizes[letter] = int(size)
+    return math.prod(sizes.values())
+
+
 def _matrix_macs(values: Iterable[Any]) -> int:
     """The elements of the 2-d tensors among ``values`` (weight matrices: one MAC each per step)."""
     total = 0
@@ -185,6 +211,7 @@ def set_handles(fa: FlopCountAnalysis) -> FlopCountAnalysis:
     fa.set_op_handle(DYNRESIZE_OP, _per_output(DYNRESIZE_FLOPS_PER_OUTPUT, identity_free=True))
     fa.set_op_handle("aten::_convolution_mode", _conv_mode_handle)
     fa.set_op_handle("aten::scaled_dot_product_attention", _attention_handle)
+    fa.set_op_handle("aten::einsum", _einsum_handle)
     for op in _RECURRENT_OPS:
         fa.set_op_handle(op, _recurrent_handle)
     for op in _RECURRENT_CELL_OPS:

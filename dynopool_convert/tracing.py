@@ -47,7 +47,37 @@ def leaf_module_types() -> list[type]:
         obj for obj in vars(torchvision.ops).values()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__name__ not in _TRACE_THROUGH
     ]
-    return list(dict.fromkeys([*get_notrace_modules(), *ops, *registry_leaves(), *_mode_dependent_modules()]))
+    return list(dict.fromkeys([*get_notrace_modules(), *ops, *registry_leaves(), *_mode_dependent_modules(),
+                               *_einops_layers()]))
+
+
+def _einops():
+    """einops where it is installed (research code reshapes with it; fx cannot trace into it:
+    it asks its backend registry for the type of a Proxy), else None. Not a dependency."""
+    try:
+        import einops
+    except ImportError:
+        return None
+    return einops
+
+
+def _einops_functions() -> list:
+    """einops' tensor functions, recorded as single calls (a shape rearrangement the cost model
+    reads off its two passes, as it reads a reshape)."""
+    einops = _einops()
+    names = ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack")
+    return [getattr(einops, n) for n in names if einops is not None and callable(getattr(einops, n, None))]
+
+
+def _einops_layers() -> list[type]:
+    """einops' layer classes (``Rearrange``, ``Reduce``): leaves."""
+    if _einops() is None:
+        return []
+    try:
+        from einops.layers import torch as layers
+    except ImportError:
+        return []
+    return [cls for cls in (getattr(layers, "Rearrange", None), getattr(layers, "Reduce", None)) if isinstance(cls, type)]
 
 
 def _mode_dependent_modules() -> list[type]:
@@ -59,12 +89,12 @@ def _mode_dependent_modules() -> list[type]:
 
 
 def _notrace_functions() -> list:
-    """timm's notrace functions and the op registry's (e.g. timm's ``*_pool2d_same``: sites)."""
+    """timm's notrace functions, the op registry's (e.g. timm's ``*_pool2d_same``: sites) and einops'."""
     from timm.layers import get_notrace_functions
 
     from .op_registry import autowrap_functions
 
-    return list(dict.fromkeys([*get_notrace_functions(), *autowrap_functions()]))
+    return list(dict.fromkeys([*get_notrace_functions(), *autowrap_functions(), *_einops_functions()]))
 
 
 def _culprit(err: BaseException) -> str:
@@ -173,7 +203,7 @@ def trace_model(model: nn.Module) -> Traced:
             tracer = NodePathTracer(
                 leaf_modules=leaf_module_types() + extra,
                 autowrap_functions=_notrace_functions(),
-                autowrap_modules=(math, torchvision.ops),
+                autowrap_modules=(math, torchvision.ops, *[m for m in (_einops(),) if m is not None]),
             )
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]

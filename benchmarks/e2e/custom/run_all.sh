@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/e2e/custom/run_all.sh [/usr/share/datasets/fashion-mnist] [OUT]
 #
-# Results (session 18) in docs/BENCHMARKS.md, "Hand-written models".
+# Results (sessions 18, 19) in docs/BENCHMARKS.md, "Hand-written models".
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 data=${1:-/usr/share/datasets/fashion-mnist}; root=${2:-/tmp/e2e_custom}
@@ -30,3 +30,7 @@ for m in TupleOut Unpool; do run "exotic:$m" 32 0.7x; done
 for m in DynSizeInterp SliceSub ShuffleUp PatchViT; do run "exotic2:$m" 32 0.9x; done
 run cifar_resnet:resnet20 32 0.7x
 for m in ResNet18 ShuffleNetV2 DenseNet; do run "kuangliu:$m" 32 0.8x; done
+for m in GoogLeNet MobileNetV2 PreActResNet18 SENet18 VGG SimpleDLA; do run "kuangliu2:$m" 32 0.8x; done
+if python -c "import einops" 2>/dev/null; then  # vit-pytorch style models need einops (pip install einops)
+    for m in CCT CCTCls SimpleViT; do run "vitpytorch:$m" 32 0.8x; done
+fi
