@@ -264,9 +264,7 @@ def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
     probe = None
     for group in order:
         if probe is None:
-            gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
-            watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
-            probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
+            probe = _group_probe(analysis, plan)
             if probe.reference_error:
                 return
         if group.id not in probe.groups:
@@ -294,7 +292,7 @@ def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
         probe = None  # the graph changes either way
         if rounded:
             continue
-        squared = _square_problem(analysis, plan, group, problem)
+        squared = _square_problem(analysis, plan, group, problem, may_cap=group.id not in refused)
         if squared is not None:
             used |= squared
             continue
@@ -330,9 +328,7 @@ def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) 
     if not problem.startswith("larger output"):
         return None
     group.r_max = max(1.0 / float(s) for s in group.stride_init)
-    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
-    watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
-    probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
+    probe = _group_probe(analysis, plan)
     trouble, reached = probe.problem(group.id)
     # a cap lets a budget fit shrink the group far: its maps must still mean what they did
     trouble = trouble or probe.shrink_problem(group.id)
@@ -346,28 +342,42 @@ def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) 
     return reached
 
 
-def _square_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) -> set[str] | None:
+def _square_problem(analysis: Analysis, plan: Plan, group: Group, problem: str, may_cap: bool = True) -> set[str] | None:
     """Give ``group``'s axes one stride (``Group.square``) when its per-axis moves break the
     forward but its moves on both axes alike do not (a layer after it reads one axis's size for
-    both: akamaster's CIFAR ResNets pool with ``F.avg_pool2d(out, out.size()[3])``); the watched
-    pins its moves reach, or None (not square) when that does not help or the group is not square
-    at the reference (unequal strides or a non-square input)."""
+    both: akamaster's CIFAR ResNets pool with ``F.avg_pool2d(out, out.size()[3])``, an SE gate
+    with ``F.avg_pool2d(out, out.size(2))``), capped at its reference scale factor too where only
+    its larger outputs still break (``may_cap``); the watched pins its moves reach, or None (not
+    square) when that does not help or the group is not square at the reference (unequal strides
+    or a non-square input)."""
     sizes = [plan.site(name).input_size for name in group.sites]
     if group.stride_init[0] != group.stride_init[1] or not all(s and s[0] == s[1] for s in sizes):
         return None
     group.square = True
-    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
-    watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
-    probe = GroupProbe(gm, analysis.example, analysis.spec, watch)
+    probe = _group_probe(analysis, plan)
     trouble, reached = probe.problem(group.id)
+    if trouble.startswith("larger output") and may_cap:
+        group.r_max = max(1.0 / float(s) for s in group.stride_init)
+        probe = _group_probe(analysis, plan)
+        trouble, reached = probe.problem(group.id)
+        trouble = trouble or probe.shrink_problem(group.id)
     if trouble:
-        group.square = False
+        group.square, group.r_max = False, None
         return None
-    why = f"both axes share one stride (its maps stay square): without that, {problem}"
+    cap = "" if group.r_max is None else (f" and its scale factor is capped at its reference value {group.r_max:.4g} "
+                                          "(its outputs may shrink, not grow)")
+    why = f"both axes share one stride (its maps stay square){cap}: without that, {problem}"
     group.reason = why
     for name in group.sites:
         plan.site(name).reason = why
     return reached
+
+
+def _group_probe(analysis: Analysis, plan: Plan) -> GroupProbe:
+    """A probe of ``plan`` rewritten (sharing the traced model's weights), watching its pins."""
+    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
+    watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
+    return GroupProbe(gm, analysis.example, analysis.spec, watch)
 
 
 def _solo_plan(plan: Plan, gid: int) -> Plan:

@@ -53,7 +53,7 @@ from .cost_build import _ClassBuilder
 from .cost_regions import MAX_REGION_ROUNDS, Region, regions_for
 from .cost_probe import ProbeFailed, _node_flops
 from .cost_rules import _TOKEN_KINDS, _accumulate, _Class, _combine, _Evaluation, _Grad, _scaled_grad
-from .dynopool import DynOPool
+from .dynopool import DynOPool, square_mean
 from .errors import UnsupportedModelError, UserInputError
 from .flops import count_flops
 from .group_ids import stride_groups
@@ -300,7 +300,7 @@ class CostModel:
     def _clamp_all(self, strides: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
         out = []
         for s, (lo, hi), square in zip(strides, self._bounds, self.square):
-            s_h, s_w = ((s[0] + s[1]) / 2.0,) * 2 if square else (s[0], s[1])
+            s_h, s_w = (square_mean(s),) * 2 if square else (s[0], s[1])
             out.append((min(max(s_h, lo), hi), min(max(s_w, lo), hi)))
         return out
 

@@ -157,6 +157,12 @@ def dynopool2d(
     return resample_pool_reference(x, cell_h, cell_w, out_h, out_w, aggregate)
 
 
+def square_mean(values: list[float] | tuple[float, float], dtype: torch.dtype = torch.float32) -> float:
+    """The mean of a raw ``(s_h, s_w)`` as ``stride.mean()`` computes it in the parameter's dtype
+    (a float64 mean can round an output size the other way: 27 / 1.19999998 is 22.5000002)."""
+    return float(torch.tensor([float(values[0]), float(values[1])], dtype=dtype).mean())
+
+
 class DynOPool(nn.Module):
     """Learnable resizing layer (DynOPool) with a continuous per-axis stride.
 
@@ -236,10 +242,10 @@ class DynOPool(nn.Module):
 
     def effective_stride(self, values: list[float] | tuple[float, float]) -> tuple[float, float]:
         """``values`` (a raw ``(s_h, s_w)``) as the site runs them: their mean on both axes when ``square``."""
-        s_h, s_w = float(values[0]), float(values[1])
         if self.square:
-            s_h = s_w = (s_h + s_w) / 2.0
-        return s_h, s_w
+            s = square_mean(values, self.stride.dtype)
+            return s, s
+        return float(values[0]), float(values[1])
 
     def stride_tensor(self) -> Tensor:
         """The stride parameter as the site runs it (differentiable): the two values' mean on both
@@ -365,4 +371,4 @@ def refresh_sizes(model: nn.Module, hold: bool | None = None) -> None:
             m.hold_sizes = hold
 
 
-__all__ += ["dynopool_modules", "scale_parameters", "clamp_strides_", "refresh_sizes"]
+__all__ += ["dynopool_modules", "scale_parameters", "clamp_strides_", "refresh_sizes", "square_mean"]

@@ -57,19 +57,22 @@ class ExportResult:
     frozen_max_abs_diff: float
     output_max: float  # largest |output| of the PyTorch model on the same inputs, for a relative reading
     opset: int | None = None
-    #: the file's and PyTorch float32's own max abs difference from the model run in float64 (None:
-    #: the model does not run in float64); deep networks differ from themselves by more than 1e-5
+    #: the file's and the PyTorch model's own max abs difference from the model run in float64
+    #: (None: the model does not run in float64); deep networks differ from themselves by more
+    #: than 1e-5 in float32, and a float16 model by far more (``float32_max_abs_diff`` is the
+    #: model's own, in its ``precision``)
     float64_max_abs_diff: float | None = None
     float32_max_abs_diff: float | None = None
     note: str | None = None  # how the file was written, where not the usual way (ONNX: the TorchScript exporter)
+    precision: str = "float32"  # the model's (its parameters' floating dtype)
 
     def tolerance(self, atol: float, rtol: float) -> float:
         return atol + rtol * self.output_max
 
     def passes(self, atol: float, rtol: float) -> bool:
-        """Within ``atol + rtol x max|output|`` of the PyTorch model, or, where float32 rounding
-        alone moves the output by more, no farther from the float64 result than that plus twice
-        PyTorch float32's own distance from it (the file is as exact as PyTorch is)."""
+        """Within ``atol + rtol x max|output|`` of the PyTorch model, or, where rounding in the
+        model's precision alone moves the output by more, no farther from the float64 result than
+        that plus twice the PyTorch model's own distance from it (the file is as exact as PyTorch is)."""
         tolerance = self.tolerance(atol, rtol)
         if self.max_abs_diff <= tolerance:
             return True
@@ -227,8 +230,9 @@ def _max_diff(run: Callable[[Tensor], Tensor], reference: Callable[[Tensor], Ten
 
 
 def _float64_copy(model: nn.Module, x: Tensor) -> nn.Module | None:
-    """``model`` in float64 (a copy), or None where it does not run so or is not float32."""
-    if x.dtype != torch.float32:
+    """``model`` in float64 (a copy), or None where it does not run so or is not in float32,
+    float16 or bfloat16."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None
     try:
         copy64 = copy.deepcopy(model).double().eval()
@@ -321,4 +325,4 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     finally:
         model.train(was_training)
     return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None,
-                        diff64, own64, note)
+                        diff64, own64, note, str(inputs[0].dtype).removeprefix("torch."))

@@ -187,6 +187,20 @@ def test_export_of_a_model_without_a_float64_run_keeps_the_plain_check(tmp_path)
     assert result.max_abs_diff < 1e-5 and result.passes(1e-4, 1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_float16_model_is_checked_against_its_own_rounding(fmt, tmp_path):
+    """A model saved in half precision differs from its export by float16 rounding (1e-4 at
+    outputs of 0.2: over the default tolerance, which is float32's); it passes where the file is
+    as close to the model run in float64 as the model itself is."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _moved().half()
+    result = export(model, fmt, tmp_path / f"m.{fmt}", SIZE)
+    assert result.precision == "float16" and result.float32_max_abs_diff is not None
+    assert result.float32_max_abs_diff > 1e-5 and result.passes(1e-4, 1e-5)
+
+
 def test_export_refuses_naming_the_site(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _OpaqueSite(), nn.Conv2d(4, 2, 1))
     with pytest.raises(UserInputError, match=r"cannot export to pt2: site '1' \(_Numpy\) cannot be exported"):

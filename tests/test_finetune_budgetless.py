@@ -74,3 +74,32 @@ def test_with_a_budget_it_is_refused_before_training(attn_ckpt, tmp_path):
         finetune(attn_ckpt, tmp_path / "run", trust_source=True, callbacks=calls,
                  overrides={"data": DATA, "budget": "100K", "train": TRAIN})
     assert not calls.started and not (tmp_path / "run").exists()
+
+
+class _Messages(TrainCallbacks):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def on_message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def half_cnn(**build) -> nn.Module:
+    from dynopool_convert.training.zoo import small_cnn
+
+    return small_cnn(**build).half()
+
+
+def test_a_float16_model_fine_tunes_in_float32(tmp_path):
+    """A model built in half precision (a factory that returns ``.half()``) crashed on its first
+    batch (float32 images, float16 weights); it trains in float32, and says so."""
+    build = {"num_classes": 4, "in_chans": 3, "width": 4}
+    result = convert(half_cnn(**build), input_size=SIZE)
+    path = tmp_path / "half.pt"
+    save_checkpoint(path, result.model, result.plan, f"{__name__}:half_cnn", build_args=build, input_size=SIZE)
+    said = _Messages()
+    res = finetune(path, tmp_path / "run", callbacks=said, trust_source=True, overrides={"data": DATA, "train": TRAIN})
+    assert res.completed and any("float16: fine-tuned and saved in float32" in line for line in said.lines)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    weights = saved["state_dict"] if "state_dict" in saved else saved["model"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}

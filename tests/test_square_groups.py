@@ -199,3 +199,58 @@ def test_input_site_of_a_square_only_model_is_square_too():
     r = convert(SquarePoolResNet(), (3, 32, 32), input_site=True)
     assert r.plan.site("input_resize").status == "converted"
     assert all(g.square for g in r.plan.converted_groups())
+
+
+class SEBlock(nn.Module):
+    """kuangliu/pytorch-cifar's SENet block: the gate pools with a kernel read off the height."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.fc1, self.fc2 = nn.Conv2d(cout, 4, 1), nn.Conv2d(4, cout, 1)
+
+    def forward(self, x):
+        out = F.relu(self.conv(x))
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(F.avg_pool2d(out, out.size(2))))))
+        return F.relu(out * w + self.shortcut(x))
+
+
+class SENet(nn.Module):
+    """Two SE stages, then a pool of fixed kernel 4 before a linear layer (kuangliu's
+    ``F.avg_pool2d(out, 4)``: larger maps than the reference break it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.stages = nn.Sequential(SEBlock(8, 16, 2), SEBlock(16, 16, 2))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        out = F.avg_pool2d(self.stages(F.relu(self.stem(x))), 4)
+        return self.fc(out.view(out.size(0), -1))
+
+
+def test_a_group_that_needs_square_maps_and_a_cap_gets_both():
+    r = convert(SENet(), (3, 16, 16))
+    groups = {g.sites[0]: g for g in r.plan.groups}
+    for site in ("stages.0.conv", "stages.1.conv"):
+        g = groups[site]
+        assert g.status == "converted" and g.square and g.r_max == 0.5, (site, g)
+    assert not r.plan.pinned_sites()
+    cost = CostModel(r.model, (3, 16, 16))
+    with torch.no_grad():
+        for p, s in zip(scale_parameters(r.model), ([2.3, 2.9], [2.5, 3.3])):
+            p.copy_(torch.tensor(s))
+    assert cost.flops() == count_flops(r.model, (3, 16, 16))
+
+
+def test_square_sizes_agree_between_the_host_the_forward_and_the_count():
+    """The mean of float32 strides, taken in float64, can round a size the other way from the
+    mean the forward takes: (1.1, 1.3) in float32 average to 1.19999998 in float64, and 27 px
+    over it is 22.5000002 (23), where the float32 mean gives 22."""
+    pool = DynOPool((1.1, 1.3), aggregate="mean", square=True)
+    out = pool.output_size((27, 27))
+    assert tuple(pool(torch.randn(1, 1, 27, 27)).shape[-2:]) == out
+    net = nn.Sequential(pool, nn.Conv2d(1, 1, 1, bias=False))
+    assert count_flops(net, (1, 27, 27)) == count_flops(nn.Conv2d(1, 1, 1, bias=False), (1, *out)) + 20 * out[0] * out[1]

@@ -28,7 +28,7 @@ def export(
 ) -> None:
     """Freeze the learned sizes (at the checkpoint's reference input size) and export the model.
 
-    The written file is loaded back in its own runtime (onnxruntime, torch.jit.load, torch.export.load, or a reloaded state dict) and compared with the PyTorch model on random inputs at the reference size; the max absolute difference is printed, and a difference above --atol + --rtol x max|output| exits with code 1, unless float32 rounding explains it: the file is then compared with the model run in float64 and passes if it is no farther from it than that tolerance plus twice the PyTorch model's own float32 distance. What each format keeps: docs/EXPORT.md.
+    The written file is loaded back in its own runtime (onnxruntime, torch.jit.load, torch.export.load, or a reloaded state dict) and compared with the PyTorch model on random inputs at the reference size; the max absolute difference is printed, and a difference above --atol + --rtol x max|output| exits with code 1, unless rounding in the model's precision (float32, float16 or bfloat16) explains it: the file is then compared with the model run in float64 and passes if it is no farther from it than that tolerance plus twice the PyTorch model's own distance. What each format keeps: docs/EXPORT.md.
     """
     from dynopool_convert.checkpoint import load_checkpoint
     from dynopool_convert.export import export as run_export
@@ -50,10 +50,10 @@ def export(
                f"(frozen PyTorch model: {result.frozen_max_abs_diff:.3g}; outputs up to {result.output_max:.3g})")
     if result.float64_max_abs_diff is not None:
         typer.echo(f"from the model run in float64: {result.float64_max_abs_diff:.3g} "
-                   f"(the PyTorch model itself, in float32: {result.float32_max_abs_diff:.3g})")
+                   f"(the PyTorch model itself, in {result.precision}: {result.float32_max_abs_diff:.3g})")
     if not result.passes(atol, rtol):
         tolerance = result.tolerance(atol, rtol)
-        rounding = (f"; from float64 {result.float64_max_abs_diff:.3g} > {tolerance:.3g} + 2 x PyTorch float32's "
+        rounding = (f"; from float64 {result.float64_max_abs_diff:.3g} > {tolerance:.3g} + 2 x PyTorch {result.precision}'s "
                     f"{result.float32_max_abs_diff:.3g}" if result.float64_max_abs_diff is not None else "")
         typer.echo(f"Error: the export differs from the PyTorch model by {result.max_abs_diff:.3g} > {tolerance:.3g} "
                    f"(--atol {atol:g} + --rtol {rtol:g} x {result.output_max:.3g}){rounding}", err=True)

@@ -152,6 +152,13 @@ class _Run:
         for note in data.notes if info.is_main else []:
             self.cbs.on_message(note)
         model = bundle.model.to(info.device)
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                      if p.is_floating_point() and p.dtype != torch.float32})
+        if low:  # optimiser steps in half precision lose the updates; autocast (train.amp) is the mixed-precision path
+            model.float()
+            if info.is_main:
+                self.cbs.on_message(f"the model's weights are {', '.join(low)}: fine-tuned and saved in float32 "
+                                    "(train.amp runs bfloat16 autocast on CUDA)")
         self._classifier(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
