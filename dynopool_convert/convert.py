@@ -18,14 +18,16 @@ from ._helpers import node_hw
 from .annotated_graph import AnnotatedGraph
 from .dynopool import dynopool_output_size
 from .errors import UserInputError, input_size_hint
+from .group_limits import capped_problem, group_probe, square_problem
 from .grouping import TieGraph
 from .input_site import insert_input_site
 from .moves import CAP_AUDIT_MOVES, JOINT_MOVES, JOINT_MOVES_CAPPED
 from .pos_embed import follow_grids
 from .rel_pos import follow_rel_biases
 from .plan import Group, Plan, Site
-from .rewrite import pin_module_paths, rewrite, site_module_paths
+from .rewrite import rewrite, site_module_paths
 from .sites import Candidate, find_candidates
+from .skip_sizes import follow_skips
 from .token_grid import follow_flattens
 from .tracing import trace_model
 from .validate import GroupProbe, OutputSpec, ValidationReport, output_spec, quiet, validate as validate_graph
@@ -92,8 +94,8 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
     traced = graph.gm
     candidates = find_candidates(traced, graph.node_names)
     # before any rewrite, so that apply_plan replays them identically
-    notes = (list(graph.notes) + follow_flattens(traced, candidates) + follow_grids(traced, candidates)
-             + follow_rel_biases(traced, candidates))
+    notes = (list(graph.notes) + follow_skips(traced, candidates) + follow_flattens(traced, candidates)
+             + follow_grids(traced, candidates) + follow_rel_biases(traced, candidates))
     return Analysis(traced, candidates, example, output_spec(graph.output), notes)
 
 
@@ -264,7 +266,7 @@ def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
     probe = None
     for group in order:
         if probe is None:
-            probe = _group_probe(analysis, plan)
+            probe = group_probe(analysis, plan)
             if probe.reference_error:
                 return
         if group.id not in probe.groups:
@@ -273,7 +275,7 @@ def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
         if not problem:
             used |= reached
             continue
-        capped = None if group.id in refused else _capped_problem(analysis, plan, group, problem)
+        capped = None if group.id in refused else capped_problem(analysis, plan, group, problem)
         if capped is not None:
             used |= capped
             probe = None  # the graph changed
@@ -292,7 +294,7 @@ def _settle(analysis: Analysis, plan: Plan, refused: set[int]) -> None:
         probe = None  # the graph changes either way
         if rounded:
             continue
-        squared = _square_problem(analysis, plan, group, problem, may_cap=group.id not in refused)
+        squared = square_problem(analysis, plan, group, problem, may_cap=group.id not in refused)
         if squared is not None:
             used |= squared
             continue
@@ -318,66 +320,6 @@ def _audit_caps(analysis: Analysis, plan: Plan) -> set[int]:
     probe = GroupProbe(gm, analysis.example, analysis.spec, {})
     free = {g.id for g in plan.converted_groups() if g.r_max is None}
     return {gid for gid in capped if gid in probe.groups and probe.joint_problem(gid, CAP_AUDIT_MOVES, free)}
-
-
-def _capped_problem(analysis: Analysis, plan: Plan, group: Group, problem: str) -> set[str] | None:
-    """Cap ``group``'s scale factor at its reference value when only its larger outputs break the
-    forward (the layers after it crop a skip connection to its size: the original U-Net), so that
-    it can still learn smaller maps; the watched pins its moves reach, or None (no cap) when a
-    smaller output breaks the forward too."""
-    if not problem.startswith("larger output"):
-        return None
-    group.r_max = max(1.0 / float(s) for s in group.stride_init)
-    probe = _group_probe(analysis, plan)
-    trouble, reached = probe.problem(group.id)
-    # a cap lets a budget fit shrink the group far: its maps must still mean what they did
-    trouble = trouble or probe.shrink_problem(group.id)
-    if trouble:
-        group.r_max = None
-        return None
-    why = f"scale factor capped at its reference value {group.r_max:.4g} (its outputs may shrink, not grow): without that, {problem}"
-    group.reason = why
-    for name in group.sites:
-        plan.site(name).reason = why
-    return reached
-
-
-def _square_problem(analysis: Analysis, plan: Plan, group: Group, problem: str, may_cap: bool = True) -> set[str] | None:
-    """Give ``group``'s axes one stride (``Group.square``) when its per-axis moves break the
-    forward but its moves on both axes alike do not (a layer after it reads one axis's size for
-    both: akamaster's CIFAR ResNets pool with ``F.avg_pool2d(out, out.size()[3])``, an SE gate
-    with ``F.avg_pool2d(out, out.size(2))``), capped at its reference scale factor too where only
-    its larger outputs still break (``may_cap``); the watched pins its moves reach, or None (not
-    square) when that does not help or the group is not square at the reference (unequal strides
-    or a non-square input)."""
-    sizes = [plan.site(name).input_size for name in group.sites]
-    if group.stride_init[0] != group.stride_init[1] or not all(s and s[0] == s[1] for s in sizes):
-        return None
-    group.square = True
-    probe = _group_probe(analysis, plan)
-    trouble, reached = probe.problem(group.id)
-    if trouble.startswith("larger output") and may_cap:
-        group.r_max = max(1.0 / float(s) for s in group.stride_init)
-        probe = _group_probe(analysis, plan)
-        trouble, reached = probe.problem(group.id)
-        trouble = trouble or probe.shrink_problem(group.id)
-    if trouble:
-        group.square, group.r_max = False, None
-        return None
-    cap = "" if group.r_max is None else (f" and its scale factor is capped at its reference value {group.r_max:.4g} "
-                                          "(its outputs may shrink, not grow)")
-    why = f"both axes share one stride (its maps stay square){cap}: without that, {problem}"
-    group.reason = why
-    for name in group.sites:
-        plan.site(name).reason = why
-    return reached
-
-
-def _group_probe(analysis: Analysis, plan: Plan) -> GroupProbe:
-    """A probe of ``plan`` rewritten (sharing the traced model's weights), watching its pins."""
-    gm = rewrite(analysis.traced, analysis.candidates, plan, share_weights=True)
-    watch = {name: gm.get_submodule(path) for name, path in pin_module_paths(gm).items()}
-    return GroupProbe(gm, analysis.example, analysis.spec, watch)
 
 
 def _solo_plan(plan: Plan, gid: int) -> Plan:

@@ -163,7 +163,7 @@ def test_a_cap_that_joint_moves_with_the_groups_before_it_break_is_refused(monke
     result = convert(_CapBreaksJointly(), (3, 32, 32))
     assert audits[0] == {result.plan.site("pool1").group} and audits[-1] == set()
     assert all(g.r_max is None for g in result.plan.groups)
-    monkeypatch.setattr(convert_module, "_capped_problem", lambda *args: None)
+    monkeypatch.setattr(convert_module, "capped_problem", lambda *args: None)
     uncapped = convert(_CapBreaksJointly(), (3, 32, 32))
     assert result.plan.to_dict() == uncapped.plan.to_dict()
 

@@ -14,7 +14,7 @@ from ..errors import UserInputError
 from . import upstream
 from .recipes import FinetuneConfig
 
-__all__ = ["ModelBundle", "load_model", "project_copy", "save_model", "restore_raw_strides", "LAST", "BEST", "CONVERTED"]
+__all__ = ["ModelBundle", "load_model", "project_copy", "save_model", "restore_raw_strides", "as_float32", "LAST", "BEST", "CONVERTED"]
 
 LAST, BEST, CONVERTED = "last.pt", "best.pt", "converted.pt"
 
@@ -108,3 +108,16 @@ def save_model(path: Path, bundle: ModelBundle, model: nn.Module, training: dict
         path, model, bundle.plan, bundle.source, build_args=bundle.build_args, input_size=bundle.input_size,
         budget=bundle.budget, training=training, extra=extra,
     )
+
+
+def as_float32(model: nn.Module) -> str:
+    """Cast ``model`` to float32 in place where some weights are in another floating dtype (a
+    model built in half precision: optimiser steps in float16 lose small updates, and its
+    weights would meet float32 images); a note saying so, or "" when all were float32."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if p.is_floating_point() and p.dtype != torch.float32})
+    if not low:
+        return ""
+    model.float()
+    return (f"the model's weights are {', '.join(low)}: fine-tuned and saved in float32 "
+            "(train.amp runs bfloat16 autocast on CUDA)")

@@ -30,7 +30,7 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, 
 from .head_budget import after_new_head
 from .heads import adapt_head, check_classifier
 from .interrupt import StopFlag
-from .model_io import BEST, CONVERTED, LAST, load_model, project_copy, save_model
+from .model_io import BEST, CONVERTED, LAST, as_float32, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, check_resumable, load_recipe, merge_config
 from .sampler import EpochSampler
@@ -149,16 +149,10 @@ class _Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_model(self.out_dir / CONVERTED, bundle, bundle.model, None, bundle.extra)
         data = build_datasets(spec, bundle.input_size, seed=t.seed, augment=cfg.augment)
-        for note in data.notes if info.is_main else []:
-            self.cbs.on_message(note)
         model = bundle.model.to(info.device)
-        low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                      if p.is_floating_point() and p.dtype != torch.float32})
-        if low:  # optimiser steps in half precision lose the updates; autocast (train.amp) is the mixed-precision path
-            model.float()
-            if info.is_main:
-                self.cbs.on_message(f"the model's weights are {', '.join(low)}: fine-tuned and saved in float32 "
-                                    "(train.amp runs bfloat16 autocast on CUDA)")
+        cast = as_float32(model)  # a model built in half precision trains in float32
+        for note in [*data.notes, *([cast] if cast else [])] if info.is_main else []:
+            self.cbs.on_message(note)
         self._classifier(model, data.num_classes)
         self.model = model
         self.scales = scale_parameters(model)
