@@ -52,9 +52,11 @@ class TieGraph:
         self._unknown = {c.node for c in skipped if c.stride is None}
         self._parent = {name: name for name in self._sites}
         self._input_size: dict[str, tuple[int, int] | None] = {}
+        self._input_origin: dict[str, str | None] = {}  # site -> the origin of its input's size
         self.notes: list[str] = []
         self._names = {c.node: c.name for c in cands}
         self._build(gm)
+        self._tie_inputs()
 
     # union-find ---------------------------------------------------------------------
     def find(self, site: str) -> str:
@@ -91,6 +93,7 @@ class TieGraph:
                 continue
             if node.name in self._sites:
                 self._input_size[node.name] = _spatial(args[0]) if args else None
+                self._input_origin[node.name] = origin.get(args[0].name) if args else None
                 origin[node.name] = node.name
                 continue
             if node.name in self._unknown:
@@ -123,6 +126,25 @@ class TieGraph:
                 origin[node.name] = None  # global pooling: a broadcast operand from here on
             else:
                 origin[node.name] = origin[first.name]
+
+    def _tie_inputs(self) -> None:
+        """The sites of one group give equal outputs only from equal inputs, so the groups that
+        size their inputs are tied too, until nothing changes (HRNet adds a branch downsampled
+        by two chained convs to one downsampled by two others: the first convs of both chains
+        must move together, or the sums break by a rounding pixel)."""
+        changed = True
+        while changed:
+            changed = False
+            sources: dict[str, list[str]] = {}
+            for site, src in self._input_origin.items():
+                if src in self._sites:
+                    sources.setdefault(self.find(site), []).append(self.find(src))
+            for roots in sources.values():
+                head, *rest = dict.fromkeys(roots)
+                for r in rest:
+                    if self.find(r) != self.find(head) and self._compatible(head, r):
+                        self._union(head, r)
+                        changed = True
 
     def _join(self, node: fx.Node, origins: list[str]) -> str:
         roots = list(dict.fromkeys(self.find(o) for o in origins))

@@ -154,19 +154,4 @@ def origin_source(node: fx.Node) -> fx.Node | None:
     if node.target is F.grid_sample:
         grid = node.kwargs.get("grid", node.args[1] if len(node.args) > 1 else None)
         return grid if isinstance(grid, fx.Node) else None
-    if node.target in (F.interpolate, F.upsample) and isinstance(node.kwargs.get("size"), fx.Node):
-        return _shape_source(node.kwargs["size"])  # interpolation to another map's size (skip_sizes.py)
-    return None
-
-
-def _shape_source(size: fx.Node) -> fx.Node | None:
-    """The map whose shape ``size`` reads directly (``other.shape[-2:]``, ``other.size()[2:]``)."""
-    node = size
-    while node.op == "call_function" and node.target in (operator.getitem, getattr) or (
-            node.op == "call_method" and node.target == "size"):
-        if not node.args or not isinstance(node.args[0], fx.Node):
-            return None
-        node = node.args[0]
-        if spatial(node) is not None:
-            return node
     return None

@@ -18,6 +18,7 @@ from dynopool_convert import (
     dynopool_modules,
     scale_parameters,
 )
+from dynopool_convert.skip_sizes import SKIP_REASON
 
 
 def _groups_of(result) -> dict[str, int]:
@@ -265,15 +266,14 @@ def test_untraceable_submodule_without_sites_becomes_a_leaf():
     assert replayed(torch.randn(1, 3, 14, 14)).shape == (1, 4)
 
 
-def test_down_up_skip_is_not_tied_and_the_up_is_pinned():
+def test_down_up_skip_the_up_follows_the_skip_and_the_down_learns():
     r = convert(UNetLike(), input_size=(3, 16, 16))
     down, up = r.plan.site("down"), r.plan.site("up")
-    assert down.group != up.group  # strides 2 and 0.5 cannot be one parameter
-    assert any("joins the output of up with a tensor sized by <input>" in note for note in r.plan.notes)
-    # moving the up alone breaks the concat with the skip connection: it is pinned, and the down
-    # learns (the pin brings its output back to 8x8 before the upsampling)
-    assert up.status == "pinned" and "breaks the forward" in up.reason
-    assert down.status == "converted"
+    # the up's output is concatenated with the input: it interpolates to the input's size
+    # (skip_sizes.py) rather than being a site whose stride (1/2 of the down's) nothing could tie
+    # to the skip; it was pinned, its input brought back to 8x8, before
+    assert up.status == "skipped" and up.reason == SKIP_REASON
+    assert down.status == "converted" and not r.plan.pinned_sites()
     (stride,) = scale_parameters(r.model)
     with torch.no_grad():
         stride.copy_(torch.tensor([3.0, 1.6]))

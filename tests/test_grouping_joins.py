@@ -172,3 +172,32 @@ def test_timm_selective_kernel_branches_tie():
     tied = [sorted(g) for g in _strided_groups(r) if len(g) > 1]
     assert ["layer2.0.conv1.paths.0.conv", "layer2.0.conv1.paths.1.conv", "layer2.0.downsample.0"] in tied
     _survives_moves(r.model.eval(), torch.randn(1, 3, 64, 64))
+
+
+class _TwoChains(nn.Module):
+    """HRNet's fusion in small: two chains of two stride-2 convs from one map, summed. The last
+    convs are tied by the add; the first ones size their inputs, so they must move together too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.a1, self.a2 = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.b1, self.b_mid, self.b2 = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = self.a2(torch.relu(self.a1(x)))
+        b = self.b2(torch.relu(self.b_mid(torch.relu(self.b1(x)))))
+        return self.fc((a + b).mean((2, 3)))
+
+
+def test_the_groups_sizing_a_groups_inputs_are_tied_too():
+    r = convert(_TwoChains(), (3, 16, 16))
+    group = {s.name: s.group for s in r.plan.sites}
+    assert group["a1"] == group["b1"] and group["a2"] == group["b2"] and group["a1"] != group["a2"]
+    assert r.plan.summary()["converted"] == 4 and r.plan.summary()["pinned"] == 0
+    with torch.no_grad():
+        for p, s in zip(scale_parameters(r.model), ([2.7, 1.5], [1.6, 2.9])):
+            p.copy_(torch.tensor(s))
+    assert r.model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
