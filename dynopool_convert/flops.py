@@ -162,9 +162,9 @@ def _einsum_handle(inputs: list[Any], outputs: list[Any]) -> int:
 
     equation = str(inputs[0].toIValue()).replace(" ", "")
     operands = list(inputs[1].node().inputs())
-    lhs, _, rhs = equation.partition("->")
+    lhs, arrow, rhs = equation.partition("->")
     terms = lhs.split(",")
-    if not _:  # implicit output: the indices that appear once
+    if not arrow:  # implicit output: the indices that appear once
         rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
     if len(operands) != 2 or len(terms) != 2 or "." in equation or not any(c not in rhs for c in lhs if c != ","):
         return int(einsum_flop_jit(inputs, outputs))

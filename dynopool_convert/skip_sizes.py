@@ -83,8 +83,8 @@ def follow_skips(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
     followed: list[str] = []
     for node in list(gm.graph.nodes):
         cand = by_node.get(node.name)
-        if cand is None or cand.kind != "interpolate" or cand.stride is None or cand.skip_reason:
-            continue
+        if cand is None or cand.kind != "interpolate" or cand.stride is None or cand.skip_reason or max(cand.stride) >= 1:
+            continue  # upsamplings only: a downsampling is a site that ties to the branch it joins
         if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), nn.Upsample):
             continue
         partner = _partner(node, cand.stride)
