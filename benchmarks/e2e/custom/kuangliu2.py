@@ -5,6 +5,8 @@ kernel-size-8 stride-1 global pool, an SE gate pooled with ``F.avg_pool2d(out, o
 shortcuts, DLA's trees of concatenations."""
 import torch, torch.nn as nn, torch.nn.functional as F
 
+from kuangliu import BasicBlock  # DLA's block is the ResNet one
+
 
 def _cbr(cin, cout, k=1, s=1, p=0, groups=1):
     return [nn.Conv2d(cin, cout, k, s, p, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
@@ -214,32 +216,16 @@ class Tree(nn.Module):
         return self.root([out1, out2])
 
 
-class DLABlock(nn.Module):
-    def __init__(self, cin, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class SimpleDLA(nn.Module):
     def __init__(self, num_classes=10):
         super().__init__()
         self.base = nn.Sequential(*_cbr(3, 16, 3, 1, 1))
         self.layer1 = nn.Sequential(*_cbr(16, 16, 3, 1, 1))
         self.layer2 = nn.Sequential(*_cbr(16, 32, 3, 1, 1))
-        self.layer3 = Tree(DLABlock, 32, 64, level=1, stride=1)
-        self.layer4 = Tree(DLABlock, 64, 128, level=2, stride=2)
-        self.layer5 = Tree(DLABlock, 128, 256, level=2, stride=2)
-        self.layer6 = Tree(DLABlock, 256, 512, level=1, stride=2)
+        self.layer3 = Tree(BasicBlock, 32, 64, level=1, stride=1)
+        self.layer4 = Tree(BasicBlock, 64, 128, level=2, stride=2)
+        self.layer5 = Tree(BasicBlock, 128, 256, level=2, stride=2)
+        self.layer6 = Tree(BasicBlock, 256, 512, level=1, stride=2)
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x):
