@@ -77,6 +77,15 @@ def test_the_fit_line_says_how_and_which_way_the_factors_moved():
     assert lines[2].rstrip().endswith("group 1: 0.8), then 3 map sides raised one step alone")
 
 
+def test_a_factor_that_moved_never_reads_as_1():
+    """PNASNet at 64 px: a fit took 23% of its FLOPs by factors of 0.9999999 (maps at a rounding
+    half-point each drop a pixel); printed to 4 digits they read 'r × 1', as if nothing moved."""
+    from dynopool_cli.convert_cmd import format_factor
+
+    assert (format_factor(1.0), format_factor(0.71875), format_factor(1.25)) == ("1", "0.7188", "1.25")
+    assert format_factor(0.999999888241291) == "0.99999989"
+
+
 def test_a_fit_that_crushes_a_map_points_to_the_input_site(tmp_path, capsys):
     # at 0.2x the fit takes the first group to r x 0.22 (32 -> 7 px); lowering the input
     # resolution, which --input-site allows, keeps more of every map
