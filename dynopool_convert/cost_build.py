@@ -14,7 +14,7 @@ from torch import fx
 from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_regions import Region
 from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom, function_call
-from .cost_rules import (_TOKEN_KINDS, _check, _Class, _ClassTerm, _pad_multiple_rules, _registry_rules, _ResizeTerm, _Rule,
+from .cost_rules import (_TOKEN_KINDS, _check, _Class, _ClassTerm, _crop_multiple_rules, _pad_multiple_rules, _registry_rules, _ResizeTerm, _Rule,
                          _downsample_rules, _own_function, _sequence_window_rules, _token_rules)
 from .cost_shapes import _has_tensor, _is_shape_like, _shape_of, _shows, _shows_both
 from .dynopool import DynOPool
@@ -167,7 +167,7 @@ class _ClassBuilder:
             rules.append(probe_rule)  # its FLOPs need not scale with its output size
         if parent is not None:
             rules += _sequence_window_rules(n, self.gm, self.ref, self.pert, parent, self.sizes_ref, self.sizes_pert)
-            for guess in (_pad_multiple_rules, _downsample_rules):
+            for guess in (_pad_multiple_rules, _crop_multiple_rules, _downsample_rules):
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
         # an input class the output shows as a map first, then those it follows by element count
         # (tokens reshaped back into a map: Twins)

@@ -353,7 +353,7 @@ class CostModel:
             fh, fw = 1.0 / c.params[0], 1.0 / c.params[1]
         elif c.kind == "transposed":  # (n - 1) * s + const
             fh, fw = float(c.params[0][1]), float(c.params[1][1])
-        elif c.kind == "multiple":  # padded: the size itself, up to less than a multiple
+        elif c.kind in ("multiple", "crop"):  # padded or cropped: the size itself, up to less than a multiple
             fh, fw = 1.0, 1.0
         else:  # scale
             fh, fw = c.params

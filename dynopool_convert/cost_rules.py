@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 class _Class:
     """One spatial size function; ``parent`` is None for the input and fixed sizes."""
 
-    kind: str  # input | const | dynopool | window | same | transposed | scale | multiple | opaque | tokens | pairs | cross | pooled
+    kind: str  # input | const | dynopool | window | same | transposed | scale | multiple | crop | opaque | tokens | pairs | cross | pooled
     parent: "_Class | None" = None
     size: tuple[int, int] = (1, 1)  # const / input
     group: int = -1  # dynopool: index into the group list
     # window: ((k, s, p, d, ceil) per axis); transposed: ((k, s, p, d, output_padding) per axis);
     # same: (s_h, s_w); scale: (f_h, f_w); dynopool: multiple;
     # multiple: (m_h, m_w), padded up to a multiple (Swin's pad to its window or to even sizes);
+    # crop: (m_h, m_w), sliced down to a multiple (``x[:, :, :h // 2 * 2]``);
     # tokens: (extra,): a sequence of h*w + extra tokens, size (L, 1); pairs: size (L, L), L = h*w
     # (+ extra, when params holds it: a relative-position bias over class and patch tokens);
     # cross: size (h*w, h2*w2) of parent and ``other`` (attention of one sequence over another);
@@ -74,6 +75,8 @@ class _Class:
             return _transposed_out(h, *self.params[0]), _transposed_out(w, *self.params[1])
         if self.kind == "multiple":
             return -(-h // self.params[0]) * self.params[0], -(-w // self.params[1]) * self.params[1]
+        if self.kind == "crop":
+            return h // self.params[0] * self.params[0], w // self.params[1] * self.params[1]
         if self.kind == "scale":
             return int(math.floor(h * self.params[0])), int(math.floor(w * self.params[1]))
         if self.kind == "opaque":
@@ -168,9 +171,9 @@ _TOKEN_KINDS = ("tokens", "pairs", "cross", "pooled")
 _SEQUENCE_WINDOWS = (nn.AvgPool1d, nn.MaxPool1d, nn.Conv1d)
 
 
-def _mod_constants(n: fx.Node, depth: int = 8) -> set[int]:
-    """Int divisors of the ``x % m`` calls that ``n``'s arguments are computed from (a pad to a
-    multiple of ``m``: ``(m - W % m) % m`` or ``W % 2``)."""
+def _mod_constants(n: fx.Node, depth: int = 8, ops: tuple = (operator.mod,)) -> set[int]:
+    """Int divisors of the ``x % m`` calls (``ops``) that ``n``'s arguments are computed from (a
+    pad to a multiple of ``m``: ``(m - W % m) % m`` or ``W % 2``; a crop: ``W // 2 * 2``)."""
     found: set[int] = set()
     seen: set[fx.Node] = set()
     frontier = list(n.all_input_nodes)[1:]  # the padded tensor itself does not count
@@ -180,7 +183,7 @@ def _mod_constants(n: fx.Node, depth: int = 8) -> set[int]:
             if a in seen or a.op != "call_function":
                 continue
             seen.add(a)
-            if a.target is operator.mod and len(a.args) == 2 and isinstance(a.args[1], int) and a.args[1] > 1:
+            if a.target in ops and len(a.args) == 2 and isinstance(a.args[1], int) and a.args[1] > 1:
                 found.add(a.args[1])
             nxt += a.all_input_nodes
         frontier = nxt
@@ -247,6 +250,25 @@ def _pad_multiple_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
         if None not in per_axis and per_axis != [1, 1]:
             rules.append(_Rule("new", _Class("multiple", parent, params=tuple(per_axis), guessed=True), "out"))
     return rules
+
+
+def _crop_multiple_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
+                         sizes_ref: dict[int, tuple[int, int]], sizes_pert: dict[int, tuple[int, int]]) -> list[_Rule]:
+    """A slice of a map whose bounds are computed at run time to crop it to a multiple of ``m``
+    per axis (``x[:, :, :H // 2 * 2, :W // 2 * 2]`` before a 2x2 pool): ``floor(h / m) * m``, with
+    ``m`` among the divisors its bounds are computed with; checked like ``_pad_multiple_rules``."""
+    if n.op != "call_function" or n.target is not operator.getitem or not _maps(info_r, info_p):
+        return []
+    constants = sorted(_mod_constants(n, ops=(operator.floordiv, operator.mod)), reverse=True)
+    (h_r, w_r), (h_p, w_p) = sizes_ref[parent.index], sizes_pert[parent.index]
+    out_r, out_p = info_r.shape[2:4], info_p.shape[2:4]
+    per_axis = []
+    for n_r, n_p, o_r, o_p in ((h_r, h_p, out_r[0], out_p[0]), (w_r, w_p, out_r[1], out_p[1])):
+        fits = [m for m in (*constants, 1) if n_r // m * m == o_r and n_p // m * m == o_p]
+        per_axis.append(fits[0] if fits else None)
+    if None in per_axis or per_axis == [1, 1]:
+        return []
+    return [_Rule("new", _Class("crop", parent, params=tuple(per_axis), guessed=True), "out")]
 
 
 def _sequence_window_rules(n: fx.Node, gm: fx.GraphModule, ref: dict, pert: dict, parent: _Class,

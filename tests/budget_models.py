@@ -117,6 +117,24 @@ class ShapeKernelPool(nn.Module):
         return self.fc(F.avg_pool2d(x, x.shape[2:]).flatten(1))
 
 
+class CropEven(nn.Module):
+    """A map cropped to even sizes by slicing before a 2x2 pool (``x[:, :, :h // 2 * 2, :w // 2 * 2]``:
+    the bounds computed from the map's own size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p1 = DynOPool(2.0)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.p1(self.c1(x))
+        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+        x = F.max_pool2d(x[:, :, :h, :w], 2)
+        return self.fc(self.c2(x).mean((2, 3)))
+
+
 class ShuffleNet(nn.Module):
     """Space to channels and back (``PixelUnshuffle`` after a pool whose sizes are multiples of
     its factor, ``PixelShuffle`` after a learned stride), as super-resolution nets do."""
@@ -351,6 +369,7 @@ MODELS = {
     "pooled_keys_1d": lambda: PooledKeys(sequence_pool=True),
     "fusion": FusionNet,
     "shape_kernel_pool": ShapeKernelPool,
+    "crop_even": CropEven,
     "shuffle": ShuffleNet,
 }
 

@@ -24,13 +24,14 @@ from dynopool_convert.flops import count_flops
 # (windows) or inside one wrapped function (windows_wrapped: torchvision's), attention of one
 # map's tokens over another's (pooled_keys: PVT's; pooled_keys_fixed: Twins' first blocks, fixed
 # queries reshaped back into a map and pooled; pooled_keys_1d: Next-ViT's, the tokens pooled as a
-# sequence by AvgPool1d), pools whose kernel the forward reads off the map (shape_kernel_pool), pixel (un)shuffle (shuffle)
+# sequence by AvgPool1d), pools whose kernel the forward reads off the map (shape_kernel_pool), pixel (un)shuffle (shuffle),
+# a crop to even sizes by slicing with bounds read off the map (crop_even)
 EXACTNESS = [
     ("two_branch", 32), ("vgg_like", 32), ("resnet18", 32), ("efficientnet_b0", 32),
     ("mobilenetv3_small_100", 32), ("regnetx_002", 32), ("convnext_atto", 64), ("convmlp_head", 12),
     ("stdconv_seg", 32), ("channels_last", 32), ("windows", 32), ("windows_wrapped", 32),
     ("pooled_keys", 32), ("pooled_keys_fixed", 32), ("pooled_keys_1d", 32), ("shape_kernel_pool", 32),
-    ("shuffle", 32),
+    ("shuffle", 32), ("crop_even", 32),
 ]
 
 
