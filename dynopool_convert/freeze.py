@@ -5,6 +5,8 @@ input size each learnable site sees, and replaces every module that has a
 ``frozen(in_size) -> nn.Module`` method (DynOPool, and any other learnable resizing module that
 implements it) by the static module it returns. The adaptive average pools that hold pinned
 sites' input sizes are frozen too (identity, plain average pool, or exact averaging matmuls),
+and so are the model's own adaptive average and max pools to sizes other than 1x1 (modules or
+``F.adaptive_*_pool2d`` calls: an SPP head), which ONNX exports only where the sizes divide,
 so that nothing left depends on the input size at run time. The result traces, scripts with
 ``torch.jit.trace``, exports (ONNX, ``torch.export``) and counts with plain fvcore.
 """
@@ -14,11 +16,12 @@ import copy
 from typing import Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
 from .convert import check_input_size
 from .errors import UserInputError
-from .frozen import frozen_adaptive_avg
+from .frozen import frozen_adaptive_avg, frozen_adaptive_max
 
 __all__ = ["freeze", "frozen_parts", "frozen_sites", "reference_input_size"]
 
@@ -28,11 +31,48 @@ def _is_learnable_site(module: nn.Module) -> bool:
 
 
 def _is_size_holder(module: nn.Module) -> bool:
-    """An adaptive average pool to a size other than 1x1 (a pin): its kernel follows its input."""
-    if not isinstance(module, nn.AdaptiveAvgPool2d):
+    """An adaptive average or max pool to a size other than 1x1 (a pin, or the model's own: an
+    SPP head): its kernel follows its input, and ONNX exports it only where the sizes divide."""
+    if not isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or getattr(module, "return_indices", False):
         return False
     size = tuple(module.output_size) if isinstance(module.output_size, (tuple, list)) else (module.output_size,) * 2
     return None not in size and size != (1, 1)
+
+
+_ADAPTIVE_CALLS = {F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d}
+
+
+def _adaptive_calls_as_modules(gm: nn.Module) -> None:
+    """In a GraphModule, each call of ``F.adaptive_avg_pool2d``/``adaptive_max_pool2d`` with a
+    static output size becomes a call of the equal module (in place), so that ``frozen_parts``
+    finds and freezes it like the modules."""
+    if not isinstance(gm, fx.GraphModule):
+        return
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ADAPTIVE_CALLS:
+            continue
+        args = dict(zip(("input", "output_size", "return_indices"), node.args), **node.kwargs)
+        size, x = args.get("output_size"), args.get("input")
+        if args.get("return_indices") or not isinstance(x, fx.Node) or not (
+                isinstance(size, int) or (isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size))):
+            continue
+        if not _is_size_holder(_ADAPTIVE_CALLS[node.target](size)):  # a global pool exports as it is
+            continue
+        name = f"adaptive_pool_call_{count}"
+        while hasattr(gm, name):
+            count += 1
+            name = f"adaptive_pool_call_{count}"
+        gm.add_submodule(name, _ADAPTIVE_CALLS[node.target](size))
+        with gm.graph.inserting_before(node):
+            module_call = gm.graph.call_module(name, (x,))
+        module_call.meta = dict(node.meta)
+        node.replace_all_uses_with(module_call)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def frozen_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -104,7 +144,11 @@ def frozen_parts(model: nn.Module, input_size: Sequence[int] | None = None) -> d
             if _is_learnable_site(module):
                 raise UserInputError(f"cannot freeze site {name!r}: it does not run on an input of size {list(size)}")
             continue  # an unused pool keeps its op
-        static = module.frozen(sizes[name]) if _is_learnable_site(module) else frozen_adaptive_avg(sizes[name], _pair(module.output_size))
+        if _is_learnable_site(module):
+            static = module.frozen(sizes[name])
+        else:
+            freeze_pool = frozen_adaptive_max if isinstance(module, nn.AdaptiveMaxPool2d) else frozen_adaptive_avg
+            static = freeze_pool(sizes[name], _pair(module.output_size))
         parts[name] = (sizes[name], static)
     return parts
 
@@ -120,9 +164,10 @@ def freeze(model: nn.Module, input_size: Sequence[int] | None = None) -> nn.Modu
     remains. The frozen model computes the converted model's output at ``input_size`` (to float
     rounding) and keeps those sizes at any other input: export it for the reference size.
     """
-    parts = frozen_parts(model, input_size)
+    size = check_input_size(input_size) if input_size is not None else reference_input_size(model)
     frozen = copy.deepcopy(model)
-    for name, (_, static) in parts.items():
+    _adaptive_calls_as_modules(frozen)
+    for name, (_, static) in frozen_parts(frozen, size).items():
         _replace(frozen, name, static)
     return frozen.eval()
 

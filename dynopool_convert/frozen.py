@@ -6,7 +6,9 @@ max or average pool. Where the frozen size is an exact 2x (``H = 2 H'`` and ``W 
 resize is the identity and ``frozen_resample`` returns the plain ``nn.MaxPool2d(2)`` /
 ``nn.AvgPool2d(2)``. ``frozen_adaptive_avg`` does the same for the adaptive average pool
 that holds a pinned site's input size: an identity, a plain average pool, or two small
-averaging matrices (exact, standard ``MatMul`` ops) where the sizes do not divide.
+averaging matrices (exact, standard ``MatMul`` ops) where the sizes do not divide;
+``frozen_adaptive_max`` for the adaptive max pool: a plain max pool, or the max over each bin's
+rows then its columns (static slices) where they do not.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FrozenResample", "FrozenAdaptiveAvg", "frozen_resample", "frozen_adaptive_avg", "static_resample_pool"]
+__all__ = ["FrozenResample", "FrozenAdaptiveAvg", "FrozenAdaptiveMax", "frozen_resample", "frozen_adaptive_avg",
+           "frozen_adaptive_max", "static_resample_pool"]
 
 
 def static_resample_pool(x: Tensor, out_h: int, out_w: int, aggregate: str) -> Tensor:
@@ -48,11 +51,15 @@ def frozen_resample(in_size: tuple[int, int], out_size: tuple[int, int], aggrega
     return FrozenResample(out_size, aggregate, in_size)
 
 
+def _bins(n_in: int, n_out: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's bins: output ``i`` reads ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``."""
+    return [((i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+
 def _averaging_matrix(n_in: int, n_out: int) -> Tensor:
-    """Row ``i`` averages input ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))`` (adaptive pooling's bins)."""
+    """Row ``i`` averages input bin ``i`` (``_bins``)."""
     a = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    for i, (lo, hi) in enumerate(_bins(n_in, n_out)):
         a[i, lo:hi] = 1.0 / (hi - lo)
     return a
 
@@ -78,3 +85,28 @@ def frozen_adaptive_avg(in_size: tuple[int, int], out_size: tuple[int, int]) -> 
     if h % oh == 0 and w % ow == 0:
         return nn.AvgPool2d((h // oh, w // ow))
     return FrozenAdaptiveAvg((h, w), (oh, ow))
+
+
+class FrozenAdaptiveMax(nn.Module):
+    """``adaptive_max_pool2d`` from a fixed input size: the max over each bin's rows, then over
+    its columns (a rectangle's max, exactly), by static slices."""
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.rows = _bins(int(in_size[0]), int(out_size[0]))
+        self.cols = _bins(int(in_size[1]), int(out_size[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([x[..., lo:hi, :].amax(dim=-2, keepdim=True) for lo, hi in self.rows], dim=-2)
+        return torch.cat([x[..., lo:hi].amax(dim=-1, keepdim=True) for lo, hi in self.cols], dim=-1)
+
+
+def frozen_adaptive_max(in_size: tuple[int, int], out_size: tuple[int, int]) -> nn.Module:
+    """A static module equal to ``nn.AdaptiveMaxPool2d(out_size)`` on ``in_size`` inputs."""
+    h, w = int(in_size[0]), int(in_size[1])
+    oh, ow = int(out_size[0]), int(out_size[1])
+    if (h, w) == (oh, ow):
+        return nn.Identity()
+    if h % oh == 0 and w % ow == 0:
+        return nn.MaxPool2d((h // oh, w // ow))
+    return FrozenAdaptiveMax((h, w), (oh, ow))

@@ -187,6 +187,43 @@ def test_export_of_a_model_without_a_float64_run_keeps_the_plain_check(tmp_path)
     assert result.max_abs_diff < 1e-5 and result.passes(1e-4, 1e-5)
 
 
+class _SPP(nn.Module):
+    """A spatial-pyramid head: adaptive max and average pools to 4x4, 2x2 and 1x1, flattened
+    (the 4x4 pools of a learned 13x13 map do not divide: ONNX refused them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveMaxPool2d(4)
+        self.fc = nn.Linear(4 * (16 + 16 + 4 + 1), 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        feats = [self.pool(x), F.adaptive_avg_pool2d(x, 4), F.adaptive_max_pool2d(x, (2, 2)), F.adaptive_max_pool2d(x, 1)]
+        return self.fc(torch.cat([f.flatten(1) for f in feats], 1))
+
+
+@pytest.mark.parametrize("in_size, out_size", [((7, 9), (4, 2)), ((13, 6), (4, 4)), ((8, 8), (4, 4)), ((3, 3), (4, 4))])
+def test_frozen_adaptive_max_is_the_adaptive_pool(in_size, out_size):
+    from dynopool_convert.frozen import frozen_adaptive_max
+
+    x = torch.randn(2, 3, *in_size)
+    assert torch.equal(frozen_adaptive_max(in_size, out_size)(x), F.adaptive_max_pool2d(x, out_size))
+
+
+def test_the_models_own_adaptive_pools_are_frozen_and_export(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = convert(_SPP(), input_size=SIZE).model.eval()
+    with torch.no_grad():
+        scale_parameters(model)[0].copy_(torch.tensor([2.4, 2.4]))  # 32 -> 13x13: 4x4 bins do not divide
+    frozen = freeze(model, SIZE)
+    assert not any(isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)) for m in frozen.modules())
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-6)
+    result = export(model, "onnx", tmp_path / "spp.onnx", SIZE)
+    assert result.passes(1e-4, 1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_a_float16_model_is_checked_against_its_own_rounding(fmt, tmp_path):
     """A model saved in half precision differs from its export by float16 rounding (1e-4 at
