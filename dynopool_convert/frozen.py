@@ -76,15 +76,20 @@ class FrozenAdaptiveAvg(nn.Module):
         return torch.matmul(torch.matmul(self.rows.to(x.dtype), x), self.cols_t.to(x.dtype))
 
 
-def frozen_adaptive_avg(in_size: tuple[int, int], out_size: tuple[int, int]) -> nn.Module:
-    """A static module equal to ``nn.AdaptiveAvgPool2d(out_size)`` on ``in_size`` inputs."""
+def _frozen_adaptive(in_size: tuple[int, int], out_size: tuple[int, int], pool: type, general: type) -> nn.Module:
+    """``nn.Identity`` at equal sizes, ``pool(kernel)`` where they divide, else ``general``."""
     h, w = int(in_size[0]), int(in_size[1])
     oh, ow = int(out_size[0]), int(out_size[1])
     if (h, w) == (oh, ow):
         return nn.Identity()
     if h % oh == 0 and w % ow == 0:
-        return nn.AvgPool2d((h // oh, w // ow))
-    return FrozenAdaptiveAvg((h, w), (oh, ow))
+        return pool((h // oh, w // ow))
+    return general((h, w), (oh, ow))
+
+
+def frozen_adaptive_avg(in_size: tuple[int, int], out_size: tuple[int, int]) -> nn.Module:
+    """A static module equal to ``nn.AdaptiveAvgPool2d(out_size)`` on ``in_size`` inputs."""
+    return _frozen_adaptive(in_size, out_size, nn.AvgPool2d, FrozenAdaptiveAvg)
 
 
 class FrozenAdaptiveMax(nn.Module):
@@ -103,10 +108,4 @@ class FrozenAdaptiveMax(nn.Module):
 
 def frozen_adaptive_max(in_size: tuple[int, int], out_size: tuple[int, int]) -> nn.Module:
     """A static module equal to ``nn.AdaptiveMaxPool2d(out_size)`` on ``in_size`` inputs."""
-    h, w = int(in_size[0]), int(in_size[1])
-    oh, ow = int(out_size[0]), int(out_size[1])
-    if (h, w) == (oh, ow):
-        return nn.Identity()
-    if h % oh == 0 and w % ow == 0:
-        return nn.MaxPool2d((h // oh, w // ow))
-    return FrozenAdaptiveMax((h, w), (oh, ow))
+    return _frozen_adaptive(in_size, out_size, nn.MaxPool2d, FrozenAdaptiveMax)
