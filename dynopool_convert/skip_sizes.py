@@ -20,18 +20,13 @@ import operator
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .grouping import _tensor_args
 from .joins import joined_operands, spatial
-from .sites import Candidate
+from .sites import _INTERP_PARAMS, Candidate, _bind
 
 __all__ = ["follow_skips", "SKIP_REASON"]
 
 SKIP_REASON = "upsampling joined with a map of its size: follows that map's size"
-
-
-def _operands(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return [n for n in found if spatial(n) is not None]
 
 
 def _depends_on(node: fx.Node, ancestor: fx.Node, limit: int = 5000) -> bool:
@@ -58,7 +53,7 @@ def _partner(node: fx.Node, stride: tuple[float, float]) -> fx.Node | None:
         return None
     if any(abs(n / s - o) > 1e-9 for n, s, o in zip(size_in, stride, out)):
         return None
-    joined = joined_operands(users[0], _operands(users[0]))
+    joined = joined_operands(users[0], [a for a in _tensor_args(users[0]) if spatial(a) is not None])
     if node not in joined:
         return None
     return next((p for p in joined if p is not node and spatial(p) == out and not _depends_on(p, node)), None)
@@ -69,9 +64,7 @@ def _interpolation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, bool | None]
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         return m.mode, m.align_corners
-    names = ("input", "size", "scale_factor", "mode", "align_corners")
-    bound = dict(zip(names, node.args))
-    bound.update(node.kwargs)
+    bound = _bind(node, _INTERP_PARAMS)
     return bound.get("mode", "nearest"), bound.get("align_corners")
 
 
