@@ -22,11 +22,13 @@ from .group_limits import capped_problem, group_probe, square_problem
 from .grouping import TieGraph
 from .input_site import insert_input_site
 from .moves import CAP_AUDIT_MOVES, JOINT_MOVES, JOINT_MOVES_CAPPED
+from .patch_reshape import expose_patch_grids
 from .pos_embed import follow_grids
 from .rel_pos import follow_rel_biases
 from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
 from .sites import Candidate, find_candidates
+from .sites_unshuffle import UnshuffleHandler
 from .skip_sizes import follow_skips
 from .token_grid import follow_flattens
 from .tracing import trace_model
@@ -91,10 +93,14 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
         raise UserInputError(
             f"the model fails on an input of size {list(size)} (before conversion): {type(err).__name__}: {msg}; {input_size_hint(msg, size)}"
         ) from err
+    patch_notes = expose_patch_grids(graph.gm, graph.node_names)
+    if patch_notes:  # new nodes: their shapes, once more
+        with quiet():
+            graph = AnnotatedGraph(t, size, example=example)
     traced = graph.gm
     candidates = find_candidates(traced, graph.node_names)
     # before any rewrite, so that apply_plan replays them identically
-    notes = (list(graph.notes) + follow_skips(traced, candidates) + follow_flattens(traced, candidates)
+    notes = (list(graph.notes) + patch_notes + follow_skips(traced, candidates) + follow_flattens(traced, candidates)
              + follow_grids(traced, candidates) + follow_rel_biases(traced, candidates))
     return Analysis(traced, candidates, example, output_spec(graph.output), notes)
 
@@ -125,9 +131,13 @@ def _as_list(hw: tuple[int, int] | None) -> list[int] | None:
 
 def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] | None:
     """The common patch of a group made only of patchify convs (same kernel), under ``before``
-    with the patchify rule on."""
+    with the patchify rule on; under any placement for a group with a pixel unshuffle (it has
+    no stride-1 form: ``sites_unshuffle.py``)."""
     patches = {c.patch for c in members}
-    if policy["placement"] != "before" or not policy.get("patchify", True) or len(patches) != 1 or None in patches:
+    if len(patches) != 1 or None in patches:
+        return None
+    forced = any(c.handler == UnshuffleHandler.name for c in members)
+    if not forced and (policy["placement"] != "before" or not policy.get("patchify", True)):
         return None
     return next(iter(patches))
 
@@ -215,7 +225,12 @@ def _initial_plan(analysis: Analysis, ties: TieGraph, policy: dict) -> Plan:
             multiple = patch or (1, 1)
             site.converted_size = [dynopool_output_size(n, s, m) for n, s, m in zip(site.input_size, site.stride_init, multiple)]
         sites.append(site)
-    return Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=analysis.notes + list(ties.notes))
+    plan = Plan(sites, groups, policy, list(analysis.example.shape[1:]), notes=analysis.notes + list(ties.notes))
+    for group in groups:  # an unshuffle runs at its factor only: behind a pool at stride 1
+        if policy["placement"] != "exact" and group.multiple is None and any(
+                by_node[m].handler == UnshuffleHandler.name for m in ties.groups()[group.id]):
+            _revert(plan, group.id, "a pixel unshuffle tied to sites of another stride: it keeps its factor")
+    return plan
 
 
 def _revert(plan: Plan, gid: int, reason: str, status: str = "reverted") -> None:

@@ -26,6 +26,26 @@ if TYPE_CHECKING:
     from .cost_model import CostModel
 
 
+def _packs_output(n: fx.Node) -> bool:
+    """A namedtuple built only to be returned (``return Out(features, logits)``)."""
+    target = n.target
+    return (n.op == "call_function" and isinstance(target, type) and issubclass(target, tuple)
+            and hasattr(target, "_fields") and all(u.op == "output" for u in n.users))
+
+
+def _lineage(classes: list[_Class]) -> list[_Class]:
+    """The classes ``classes`` derive from, nearest first (not those among them): tokens cut
+    from an image by reshaping count the patch grid the image was rebuilt from (``patch_reshape.py``)."""
+    found: list[_Class] = []
+    for c in classes:
+        parent = c.parent
+        while parent is not None:
+            if parent not in classes and parent not in found:
+                found.append(parent)
+            parent = parent.parent
+    return found
+
+
 def _learned(c: _Class | None) -> bool:
     """Whether class ``c``'s size depends on a learned stride (a DynOPool among its sources)."""
     stack, seen = [c], set()
@@ -84,6 +104,9 @@ class _ClassBuilder:
                 self.node_class[n] = self.add_class(_Class("input", size=sp), sp, sp) if sp else None
                 continue
             if n.op == "output":
+                continue
+            if _packs_output(n):  # a namedtuple of the outputs: no arithmetic, no size of its own
+                self.node_class[n] = None
                 continue
             self.current = n
             if n in self.inside:  # a probed region's inner node: its exit accounts for it
@@ -177,6 +200,7 @@ class _ClassBuilder:
             # reshaped into a map; they follow the image by element count): a fixed size of
             # its own, not the image's
             rules.append(_Rule("new", _Class("const"), "in"))
+        rules += self._grid_tokens(n, uniq)
         # where the two passes cannot tell (a window's attention plus a fixed bias table), the
         # class a learned stride moves: the whole model's check at a third setting decides
         first = {id(c): i for i, c in enumerate(shown)}
@@ -184,9 +208,22 @@ class _ClassBuilder:
         rules += [_Rule("inherit", c, "in") for c in order]
         if probe_rule is not None and probe_rule not in rules:
             rules.append(probe_rule)
-        rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq, self.sizes_ref)
+        rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq + _lineage(uniq), self.sizes_ref)
         rules.append(_Rule("new", _Class("const"), "in"))
         return rules
+
+    def _grid_tokens(self, n: fx.Node, uniq: list[_Class]) -> list[_Rule]:
+        """Tokens ``(N, L, C)`` cut from an image rebuilt from a patch grid (``patch_reshape.py``):
+        ``L`` is no input's ``h*w`` but the grid's, at both passes. Before inheriting the image
+        by element count, which would take the attention over them for work per pixel."""
+        r, p = self.ref.get(n), self.pert.get(n)
+        if not (isinstance(r, TensorInfo) and isinstance(p, TensorInfo) and len(r.shape) == len(p.shape) == 3):
+            return []
+        counts = lambda c: (math.prod(self.sizes_ref[c.index]), math.prod(self.sizes_pert[c.index]))  # noqa: E731
+        if any(counts(c) == (r.shape[1], p.shape[1]) for c in uniq):
+            return []
+        return [_Rule("new", _Class("tokens", c, params=(0,)), "out") for c in _lineage(uniq)
+                if counts(c) == (r.shape[1], p.shape[1]) and c.kind != "const"][:1]
 
     def _leaf_probe_rule(self, n: fx.Node, module: torch.nn.Module, uniq: list[_Class]) -> _Rule | None:
         """A probe of a leaf we know nothing about (timm's ConvMlp or MobileViT block:

@@ -46,6 +46,7 @@ from .sites import (
     slice_steps,
 )
 from .sites_conv_function import CONV_FUNCTIONS, CONV_PARAMS, ConvFunctionHandler
+from .sites_unshuffle import UNSHUFFLE_FUNCTIONS, UnshuffleHandler
 
 __all__ = ["Geometry", "OpCall", "OpSpec", "SPECS", "Window", "spec_for", "spec_for_node", "op_call",
            "site_specs", "leaf_module_types", "autowrap_functions", "window_of"]
@@ -310,13 +311,14 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("conv_function", functions=CONV_FUNCTIONS, params=CONV_PARAMS, site=ConvFunctionHandler(),
            geometry=lambda c: window_geometry(_weight_kernel(c), c.arg("stride", 1), c.arg("padding", 0), c.arg("dilation", 1),
                                               flops_on="out")),
-    # channels to space and back: no resampling, so no site; sizes times or over the factor
+    # channels to space and back: sizes times or over the factor; space to depth is a patchify
+    # site (sites_unshuffle.py), depth to space no site (it adds no pixel of its own)
     OpSpec("pixel_shuffle", modules=(nn.PixelShuffle,), geometry=lambda c: _shuffle(c.module.upscale_factor, up=True)),
-    OpSpec("pixel_unshuffle", modules=(nn.PixelUnshuffle,),
+    OpSpec("pixel_unshuffle", modules=(nn.PixelUnshuffle,), site=UnshuffleHandler(),
            geometry=lambda c: _shuffle(c.module.downscale_factor, up=False)),
     OpSpec("pixel_shuffle_function", functions=(F.pixel_shuffle, torch.pixel_shuffle), params=("upscale_factor",),
            geometry=lambda c: _shuffle(c.arg("upscale_factor"), up=True)),
-    OpSpec("pixel_unshuffle_function", functions=(F.pixel_unshuffle, torch.pixel_unshuffle), params=("downscale_factor",),
+    OpSpec("pixel_unshuffle_function", functions=UNSHUFFLE_FUNCTIONS, params=("downscale_factor",), site=UnshuffleHandler(),
            geometry=lambda c: _shuffle(c.arg("downscale_factor"), up=False)),
     # x[:, :, ::2, ::2]; any other indexing has no geometry here (the cost model's other rules)
     OpSpec("strided_slice", functions=(operator.getitem,), params=("index",), site=StridedSliceHandler(),

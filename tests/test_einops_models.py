@@ -108,9 +108,15 @@ def test_cct_with_einops_converts_follows_its_position_embedding_and_its_budget(
 
 
 def test_a_rearrange_layer_is_kept_whole_and_the_stem_before_it_learns():
+    """The stem learns freely; the patches' grid is a site of its own (``patch_reshape.py``),
+    resizing the stem's map to a multiple of the patch (until then the stem was rounded to one)."""
     r = convert(StemThenPatches(), (3, 16, 16))
-    site = r.plan.site("stem")
-    assert site.status == "converted" and r.plan.groups[site.group].multiple == [2, 2]
+    stem, patches = r.plan.site("stem"), r.plan.site("patches_patches")
+    assert stem.status == patches.status == "converted" and stem.group != patches.group
+    assert r.plan.groups[patches.group].multiple == [2, 2]
+    x = torch.randn(1, 3, 16, 16)
+    tokens = {}
+    r.model.get_submodule("patches").register_forward_hook(lambda m, i, o: tokens.update(n=o.shape[1]))
     with torch.no_grad():
-        scale_parameters(r.model)[0].copy_(torch.tensor([2.7, 1.6]))
-    assert r.model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+        scale_parameters(r.model)[0].copy_(torch.tensor([2.7, 1.6]))  # stem: 6x10, so 3x5 patches
+        assert r.model(x).shape == (1, 10) and tokens["n"] == 3 * 5

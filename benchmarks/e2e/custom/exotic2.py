@@ -77,3 +77,21 @@ class PatchViT(nn.Module):
         x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
         x = self.proj(x) + self.pos
         return self.fc(self.block(x).mean(1))
+
+
+class SpaceToDepth(nn.Module):
+    """Downsampling by space to depth only: ``nn.PixelUnshuffle(2)``, then TResNet's
+    ``view``/``permute`` form of it (no strided conv or pool anywhere)."""
+    def __init__(self, num_classes=10, in_chans=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.s2d = nn.PixelUnshuffle(2)
+        self.c2 = nn.Conv2d(32, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(64, 32, 3, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.c2(self.s2d(F.relu(self.c1(x)))))
+        n, c, h, w = x.size()
+        x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, c * 4, h // 2, w // 2)
+        return self.fc(F.relu(self.c3(x)).mean((2, 3)))

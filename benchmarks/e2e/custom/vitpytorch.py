@@ -7,7 +7,7 @@ CCT (Compact Convolutional Transformer, cct.py): a conv tokenizer with a max poo
 sequence length added in place, attention written with einsum and ``rearrange``, sequence
 pooling. SimpleViT (simple_vit.py): patches by a ``Rearrange`` layer, a 2-D sine-cosine
 position embedding, a mean over the tokens (no resizing op: nothing to learn, said in one line).
-CCTCls: CCT with a class token by ``repeat``."""
+CCTCls: CCT with a class token by ``repeat``. ViT (vit.py) and MAEPatchify (MAE's ``patchify``): below."""
 import torch, torch.nn as nn, torch.nn.functional as F
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
@@ -119,3 +119,55 @@ class SimpleViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.linear_head(x.mean(dim=1))
+
+
+class ViT(nn.Module):
+    """vit.py: patches by ``Rearrange``, a class token by ``repeat``, a learned position
+    embedding added as ``x += self.pos_embedding[:, :(n + 1)]``, the class token's output."""
+    def __init__(self, image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=2, mlp_dim=128, pool="cls"):
+        super().__init__()
+        patch_dim = 3 * patch_size * patch_size
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size),
+            nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2 + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.ModuleList([EncoderLayer(dim, heads, mlp_dim) for _ in range(depth)])
+        self.pool = pool
+        self.mlp_head = nn.Linear(dim, num_classes)
+
+    def forward(self, img):
+        x = self.to_patch_embedding(img)
+        b, n, _ = x.shape
+        cls_tokens = repeat(self.cls_token, "1 1 d -> b 1 d", b=b)
+        x = torch.cat((cls_tokens, x), dim=1)
+        x += self.pos_embedding[:, :(n + 1)]
+        for blk in self.blocks:
+            x = blk(x)
+        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.mlp_head(x)
+
+
+class MAEPatchify(nn.Module):
+    """MAE's ``patchify``: ``reshape(N, C, h, p, w, p)``, ``einsum('nchpwq->nhwpqc')``, reshape to
+    tokens; a fixed 2-D sine-cosine table (a buffer) added to them."""
+    def __init__(self, image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=2):
+        super().__init__()
+        self.p = patch_size
+        self.embed = nn.Linear(3 * patch_size ** 2, dim)
+        self.register_buffer("pos", posemb_sincos_2d(image_size // patch_size, image_size // patch_size, dim)[None])
+        self.blocks = nn.ModuleList([EncoderLayer(dim, heads, 2 * dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, num_classes)
+
+    def patchify(self, imgs):
+        p = self.p
+        h, w = imgs.shape[2] // p, imgs.shape[3] // p
+        x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(imgs.shape[0], h * w, p * p * 3)
+
+    def forward(self, imgs):
+        x = self.embed(self.patchify(imgs)) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x.mean(1))

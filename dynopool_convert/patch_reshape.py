@@ -1,0 +1,144 @@
+"""Patchify by reshaping: give a hand-written ViT's token grid a site (DESIGN.md §2).
+
+Research code often cuts an image into patches without a strided conv: MAE's
+``x.reshape(N, C, h, p, w, p)`` (then a permute or einsum and a reshape to tokens),
+lucidrains/vit-pytorch's ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)``.
+Such a model has no resizing op, so nothing could learn. ``expose_patch_grids`` feeds each such
+reshape ``pixel_shuffle(pixel_unshuffle(x, p), p)`` instead of ``x``: the same tensor, bit for
+bit, through a 4-D map of the token grid (``N x C p^2 x H/p x W/p``). The unshuffle is a patchify
+site (``sites_unshuffle.py``): a DynOPool in front resizes the image to a multiple of ``p``, the
+grid moves with it, and a position embedding added to the tokens follows the unshuffle's grid
+(``pos_embed.py``). The reshape's own sizes must be read off the map (``h = H // p``; every read of
+the map's size is rewired to the image behind the shuffle) for a moved grid to pass; one with numbers written in breaks at moved strides and validation reverts it.
+Only blocks whose patch pixels and channels become one token's features are patches: a window
+partition (the same 6-D reshape, its windows then the batch and their pixels the tokens) is left
+alone.
+
+A pure function of the annotated graph (``tensor_meta``), so ``apply_plan`` replays it exactly.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ._helpers import node_hw
+from .pos_embed import node_shape
+
+__all__ = ["expose_patch_grids", "reshape_patch", "einops_patch"]
+
+_RESHAPES = ("reshape", "view")
+
+
+def reshape_patch(node: fx.Node) -> int | None:
+    """The patch of a reshape of an ``N x C x H x W`` map to ``(N, C, H/p, p, W/p, p)``, else None."""
+    is_reshape = (node.op == "call_method" and node.target in _RESHAPES) or (
+        node.op == "call_function" and node.target is torch.reshape)
+    x = node.args[0] if is_reshape and node.args else None
+    shape_in, shape_out = node_shape(x), node_shape(node)
+    if shape_in is None or shape_out is None or len(shape_in) != 4 or len(shape_out) != 6:
+        return None
+    n, c, h, w = shape_in
+    if shape_out[:2] != (n, c) or shape_out[2] * shape_out[3] != h or shape_out[4] * shape_out[5] != w:
+        return None
+    p = shape_out[3]
+    return p if p == shape_out[5] and p > 1 and _merges_patch_and_channels(node, p * p * c) else None
+
+
+_MOVES = ("permute", "transpose", "contiguous", "reshape", "view", "flatten")
+_MOVE_FUNCTIONS = (torch.permute, torch.transpose, torch.einsum, torch.reshape, torch.flatten)
+
+
+def _merges_patch_and_channels(node: fx.Node, features: int, depth: int = 4) -> bool:
+    """Whether the 6-D blocks become tokens of ``p * p * C`` features, or a map of ``p * p * C``
+    channels (TResNet's space to depth), by permutes, einsums and reshapes, as patches do; a
+    window partition (windows as batch, pixels as tokens) does not."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                moves = (u.op == "call_method" and u.target in _MOVES) or (u.op == "call_function" and u.target in _MOVE_FUNCTIONS)
+                if not moves:
+                    continue
+                shape = node_shape(u)
+                if shape is not None and len(shape) <= 4 and features in (shape[-1], shape[1]):  # tokens; space to depth
+                    return True
+                nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def _einops_pattern(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict[str, Any]] | None:
+    """(pattern, axis lengths) of an einops ``rearrange`` call or ``Rearrange`` layer."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module).__name__ == "Rearrange" and type(module).__module__.startswith("einops"):
+            return str(module.pattern), dict(module.axes_lengths)
+        return None
+    target = node.target if node.op == "call_function" else None
+    if getattr(target, "__name__", "") == "rearrange" and getattr(target, "__module__", "").startswith("einops"):
+        pattern = node.args[1] if len(node.args) > 1 else node.kwargs.get("pattern")
+        lengths = {k: v for k, v in node.kwargs.items() if k not in ("tensor", "pattern")}
+        return (pattern, lengths) if isinstance(pattern, str) else None
+    return None
+
+
+def einops_patch(node: fx.Node, gm: fx.GraphModule) -> int | None:
+    """The patch of ``rearrange(x, 'b c (h p1) (w p2) -> ...', p1=p, p2=p)`` on an
+    ``N x C x H x W`` map (the inner axis of each spatial group given, the outer one read off
+    the map), else None."""
+    found = _einops_pattern(node, gm)
+    if found is None or node_hw(node.args[0] if node.args else None) is None:
+        return None
+    pattern, lengths = found
+    left = re.findall(r"\([^)]*\)|\S+", pattern.split("->")[0])
+    if len(left) != 4:
+        return None
+    patches, inner = [], []
+    for group in left[2:]:
+        names = group.strip("()").split()
+        if not group.startswith("(") or len(names) != 2 or names[0] in lengths:
+            return None
+        patches.append(lengths.get(names[1]))
+        inner.append(names[1])
+    # the patch's pixels and the channels become one token's features: '-> b (h w) (p1 p2 c)'
+    right = [set(g.strip("()").split()) for g in re.findall(r"\([^)]*\)|\S+", pattern.split("->")[1])]
+    if not any({*inner, left[1]} <= g for g in right):
+        return None
+    p = patches[0]
+    return p if isinstance(p, int) and p > 1 and patches[1] == p else None
+
+
+def _reads_size(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.size(d)``."""
+    return (node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] == "shape") \
+        or (node.op == "call_method" and node.target == "size")
+
+
+def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[str]:
+    """Rewrite, in place, every patchify by reshape to read its input through an unshuffle and
+    a shuffle by the patch; the unshuffle nodes get qualified names in ``node_names``. Returns
+    one note per rewrite. ``gm`` must carry ``tensor_meta``."""
+    notes = []
+    for node in list(gm.graph.nodes):
+        p = reshape_patch(node) or einops_patch(node, gm)
+        if p is None:
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_after(x):
+            grid = gm.graph.call_function(F.pixel_unshuffle, (x, p))
+        with gm.graph.inserting_after(grid):
+            image = gm.graph.call_function(F.pixel_shuffle, (grid, p))
+        for user in [node, *filter(_reads_size, x.users)]:  # ``h = x.shape[2] // p``: the moved size
+            user.replace_input_with(x, image)
+        name = node_names.get(node.name, node.name)
+        node_names[grid.name] = f"{name}_patches"
+        notes.append(f"{name}: patchify by reshape (patch {p}) exposed as a pixel unshuffle, so that its token grid can learn")
+    if notes:
+        gm.graph.lint()
+        gm.recompile()
+    return notes
