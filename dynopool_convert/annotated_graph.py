@@ -53,6 +53,8 @@ def summarise(value: Any) -> Any:
     """Tensors as ``TensorInfo`` (inside lists and tuples too); other values as they are."""
     if isinstance(value, Tensor):
         return TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields one by one
+        return type(value)(*(summarise(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(summarise(v) for v in value)
     return value

@@ -143,9 +143,17 @@ def _registry_rules(n: fx.Node, gm: fx.GraphModule, ref: dict[fx.Node, Any], per
         return value_of
 
     call = op_call(n, gm, value_in(ref), spec)
-    if call.args and call != op_call(n, gm, value_in(pert), spec):
+    if call.args and _static_args(call) != _static_args(op_call(n, gm, value_in(pert), spec)):
         return []
     return [r for g in spec.geometry(call) if (r := _geometry_rule(g, parent)) is not None]
+
+
+#: tensor arguments that move with the map but that no geometry reads (an unpool's indices)
+_MAP_ARGS = ("indices",)
+
+
+def _static_args(call: Any) -> dict[str, Any]:
+    return {k: v for k, v in (call.args or {}).items() if k not in _MAP_ARGS}
 
 
 def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
@@ -366,6 +374,14 @@ class _Evaluation:
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
+def _with_indices(info: Any) -> Any:
+    """A max pool's ``(values, indices)`` pair (``return_indices=True``) as its values: both one size."""
+    if (isinstance(info, tuple) and len(info) == 2 and all(isinstance(t, TensorInfo) for t in info)
+            and info[0].shape == info[1].shape and info[1].dtype == torch.int64):
+        return info[0]
+    return info
+
+
 def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
     """``None`` if ``rule`` contradicts an observation, else the new class's two sizes."""
     if rule.kind == "inherit":
@@ -387,6 +403,7 @@ def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
         return None
     if c.kind in _TOKEN_KINDS:
         return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
+    info_r, info_p = _with_indices(info_r), _with_indices(info_p)
     if not _shows_both(info_r, info_p, r, p):
         return None
     return r, p

@@ -157,7 +157,11 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
-    torch.jit.trace(frozen, example, strict=False).save(str(tmp))  # strict=False: dict and list outputs
+    from .flops import _traceable_unpool  # torch's max-unpool size check fails under jit tracing
+
+    with _traceable_unpool():
+        traced = torch.jit.trace(frozen, example, strict=False)  # strict=False: dict and list outputs
+    traced.save(str(tmp))
 
 
 def _write_pt2(frozen: nn.Module, example: Tensor, tmp: Path) -> None:

@@ -269,6 +269,32 @@ def _no_mha_fast_path() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+def _traced_unpool_check(output_size: list[Any], dim: int) -> None:
+    """torch's own check of a max-unpool output size, on a size the tracer made a tensor."""
+    if int(output_size[dim]) < 0:
+        raise ValueError(f"max_unpooling: output_size must contain non-negative spatial dimensions, but got "
+                         f"output_size[{dim}]={int(output_size[dim])}")
+
+
+@contextlib.contextmanager
+def _traceable_unpool() -> Iterator[None]:
+    """``F.max_unpool*`` traceable while counting. Under torch.jit tracing (fvcore) sizes are
+    0-d tensors, and torch's ``_check_unpool_output_size`` hands ``size >= 0`` (a tensor) to
+    ``torch._check_value``, which raises TypeError for a non-bool: a torch bug that fails every
+    model with ``nn.MaxUnpool2d``. ``F._unpool_output_size`` looks the check up as a module
+    global at each call, so it is swapped for one that reads the size as an int."""
+    functional = torch.nn.functional
+    original = getattr(functional, "_check_unpool_output_size", None)
+    if original is None:  # a torch without the check
+        yield
+        return
+    functional._check_unpool_output_size = _traced_unpool_check
+    try:
+        yield
+    finally:
+        functional._check_unpool_output_size = original
+
+
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, int, int]:
     size = tuple(int(v) for v in input_size)
     if len(size) != 3 or min(size) < 1:
@@ -294,7 +320,7 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
     was_training = model.training
     model.eval()
     try:
-        with _quiet(), torch.no_grad(), _dynopool_as_one_op(model), _no_mha_fast_path():
+        with _quiet(), torch.no_grad(), _dynopool_as_one_op(model), _no_mha_fast_path(), _traceable_unpool():
             fa = _load_fvcore()(model, torch.zeros(1, c, h, w, device=device, dtype=dtype))
             set_handles(fa)
             fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -309,8 +335,8 @@ def flop_analysis(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -
 
 def _raise_for_failed_count(model: nn.Module, err: Exception, size: tuple[int, int, int], x: Tensor) -> None:
     """One line for a failed count: the model fails at this size (user-fixable), or, where the
-    model itself runs, fvcore's torch.jit trace of it fails (e.g. ``MaxUnpool2d`` given an
-    ``output_size`` read off a shape)."""
+    model itself runs, fvcore's torch.jit trace of it fails (an op whose Python wrapper does not
+    trace)."""
     msg = " ".join(str(err).split())[:200]
     try:
         model(x)

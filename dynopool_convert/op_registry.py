@@ -103,7 +103,7 @@ class OpSpec:
     name: str
     modules: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
-    params: tuple[str, ...] = ()  # functions: positional parameter names after the input
+    params: tuple[str, ...] = ()  # positional parameter names after the input (of a forward, for modules)
     site: SiteHandler | None = None
     geometry: Callable[[OpCall], list[Geometry]] | None = None
     window: Callable[[OpCall, HW, HW], Window | None] | None = None  # default: from geometry
@@ -192,6 +192,15 @@ def _shuffle(factor: Any, up: bool) -> list[Geometry]:
     if up:
         return [Geometry("scale", factor=(float(factor), float(factor)), support=1, flops_on="out")]
     return [Geometry("window", (factor, factor), (factor, factor), (0, 0))]
+
+
+def _unpool(kernel: Any, stride: Any, padding: Any, output_size: Any) -> list[Geometry]:
+    """``MaxUnpool2d``: ``(n - 1) s - 2 p + k`` (a transposed window); with an ``output_size``
+    (read off a map, as a rule) no geometry here: the size follows that map."""
+    if output_size is not None or not isinstance(kernel, (int, tuple, list)):
+        return []
+    k, p = int_pair(kernel), int_pair(padding or 0)
+    return [Geometry("transposed", k, int_pair(stride or kernel), (2 * p[0], 2 * p[1]), factor=(0.0, 0.0), flops_on="out")]
 
 
 def _strided_slice(index: Any) -> list[Geometry]:
@@ -320,6 +329,11 @@ SPECS: tuple[OpSpec, ...] = (
            geometry=lambda c: _shuffle(c.arg("upscale_factor"), up=True)),
     OpSpec("pixel_unshuffle_function", functions=UNSHUFFLE_FUNCTIONS, params=("downscale_factor",), site=UnshuffleHandler(),
            geometry=lambda c: _shuffle(c.arg("downscale_factor"), up=False)),
+    # upsampling to a max pool's indices (fvcore counts no FLOPs for it): a transposed window
+    OpSpec("max_unpool", modules=(nn.MaxUnpool2d,), params=("indices", "output_size"),
+           geometry=lambda c: _unpool(c.module.kernel_size, c.module.stride, c.module.padding, c.arg("output_size"))),
+    OpSpec("max_unpool_function", functions=(F.max_unpool2d,), params=("indices", "kernel_size", "stride", "padding", "output_size"),
+           geometry=lambda c: _unpool(c.arg("kernel_size"), c.arg("stride"), c.arg("padding", 0), c.arg("output_size"))),
     # x[:, :, ::2, ::2]; any other indexing has no geometry here (the cost model's other rules)
     OpSpec("strided_slice", functions=(operator.getitem,), params=("index",), site=StridedSliceHandler(),
            geometry=lambda c: _strided_slice(c.arg("index"))),
@@ -341,10 +355,10 @@ def spec_for(module: nn.Module | None = None, target: Any = None) -> OpSpec | No
 
 def op_call(node: fx.Node, gm: fx.GraphModule, value_of: Callable[[fx.Node], Any], spec: OpSpec) -> OpCall:
     """``node`` as an ``OpCall`` for ``spec`` (``value_of`` gives a node argument's value or shape)."""
-    if node.op == "call_module":
-        return OpCall(module=gm.get_submodule(node.target))
     bound = dict(zip(spec.params, node.args[1:]))
     bound.update({k: v for k, v in node.kwargs.items() if k != "input"})
+    if node.op == "call_module":  # a module's forward arguments too (MaxUnpool2d's output_size)
+        return OpCall(module=gm.get_submodule(node.target), args=fx.node.map_arg(bound, value_of) if spec.params else None)
     return OpCall(target=node.target, args=fx.node.map_arg(bound, value_of))
 
 

@@ -143,20 +143,15 @@ def test_recurrent_cells_count_one_step():
 
 
 def test_a_model_fvcore_cannot_trace_is_told_apart_from_a_bad_input_size():
-    class Unpool(nn.Module):  # MaxUnpool2d sized from a shape: runs, but its jit trace fails
-        def __init__(self) -> None:
-            super().__init__()
-            self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
-
+    class IntInOutput(nn.Module):  # runs, but torch.jit.trace refuses a plain int among the outputs
         def forward(self, x):
-            y, i = self.pool(x)
-            return self.unpool(y, i, output_size=x.shape[-2:])
+            return {"map": x * 2, "count": 3}
 
     from dynopool_convert.errors import UnsupportedModelError
 
-    assert Unpool()(torch.zeros(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+    assert IntInOutput()(torch.zeros(1, 3, 8, 8))["count"] == 3
     with pytest.raises(UnsupportedModelError, match="fvcore cannot count this model's FLOPs .* runs on an input"):
-        count_flops(Unpool(), (3, 8, 8))
+        count_flops(IntInOutput(), (3, 8, 8))
     with pytest.raises(UserInputError, match="the model fails on an input of size"):
         count_flops(nn.Conv2d(3, 4, 3), (1, 8, 8))
 

@@ -137,7 +137,10 @@ class _LogitsAndFeatures(torch.nn.Module):
         return self.fc(f.mean((2, 3))), f
 
 
-def test_a_model_returning_logits_and_features_is_told_what_it_returns_and_what_to_do():
-    with pytest.raises(UserInputError, match=r"outputs a tuple of 2 \(shape \(1, 5\), shape \(1, 8, 7, 7\)\): "
-                                             r"convert a model whose forward returns the logits alone"):
-        check_classifier(_LogitsAndFeatures(), (3, 16, 16), "cpu", 5)
+def test_a_model_returning_logits_and_features_trains_on_its_logits_or_is_told_what_to_do():
+    said: list[str] = []
+    assert check_classifier(_LogitsAndFeatures(), (3, 16, 16), "cpu", 5, say=said.append) == 0
+    assert said == ["the model returns a tuple of 2; training on output [0], shape (1, 5); --output selects another"]
+    with pytest.raises(UserInputError, match=r"returns a tuple of 2 \(shape \(1, 5\), shape \(1, 8, 7, 7\)\), "
+                                             r"none of it an N x 7 tensor: pass --output"):
+        check_classifier(_LogitsAndFeatures(), (3, 16, 16), "cpu", 7)

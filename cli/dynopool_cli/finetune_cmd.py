@@ -39,6 +39,7 @@ def finetune(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Data loader worker processes.")] = None,
     log_every: Annotated[Optional[int], typer.Option(min=1, help="Log every N steps.")] = None,
     val_limit: Annotated[Optional[int], typer.Option(min=1, help="Validate on at most N validation images, a fixed random sample (the same every epoch and after --resume; default all). For short runs on large validation sets; the epoch rows record val_images.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Which output the loss and accuracy read where the model's forward returns a tuple, list, namedtuple or dict: auto (default: a tensor output as is, else the first element that is N x classes; the run says which), an index (0, -1) or a dict key / namedtuple field name (logits).")] = None,
     trust_source: Annotated[bool, typer.Option("--trust-source", help="Allow importing the checkpoint's model source module.")] = False,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Classes of the data; a model with another class count gets a fresh classifier (timm's configured head, torchvision's last Linear). Default: the data's count, the head replaced when it differs.")] = None,
 ) -> None:
@@ -49,7 +50,8 @@ def finetune(
     train = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
              "penalty_weight": penalty_weight, "budget_mode": budget_mode.value if budget_mode else None, "seed": seed, "device": device, "workers": workers, "log_every": log_every,
              "size_jitter": size_jitter, "size_search": size_search, "settle": settle, "holdout": holdout,
-             "model_ema": model_ema, "model_ema_decay": model_ema_decay, "val_limit": val_limit}
+             "model_ema": model_ema, "model_ema_decay": model_ema_decay, "val_limit": val_limit,
+             "output": output}
     overrides: dict[str, Any] = {"train": {k: v for k, v in train.items() if v is not None}}
     if budget is not None:
         overrides["budget"] = budget

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..errors import UserInputError
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_gather_objects", "barrier", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "wrap_ddp", "all_reduce_sum", "all_gather_objects", "barrier", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local_rank, dev)
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, find_unused: bool = False) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel when several processes train, else itself.
+    ``find_unused``: parameters that do not reach the loss (an auxiliary head's) are allowed."""
+    if not info.enabled:
+        return module
+    device_ids = [info.device] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

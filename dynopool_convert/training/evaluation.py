@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .outputs import Key, select_logits
+
 __all__ = ["autocast", "score", "val_sample"]
 
 
@@ -21,16 +23,16 @@ def autocast(device: torch.device, amp: str):
 
 
 def score(model: nn.Module, data: Dataset, batch_size: int, workers: int, device: torch.device, amp: str,
-          indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          indices: Sequence[int] | None = None, output: Key = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image cross-entropy and correctness (on the CPU) of ``model`` in eval mode over ``data``
-    (or its ``indices``), in order."""
+    (or its ``indices``), in order; the logits are the output's element ``output`` (None: all of it)."""
     loader = DataLoader(data, batch_size=batch_size, sampler=indices, num_workers=workers)
     model.eval()
     losses, correct = [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)]
     with torch.no_grad(), autocast(device, amp):
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            logits = model(images).float()
+            logits = select_logits(model(images), output).float()
             losses.append(nn.functional.cross_entropy(logits, labels, reduction="none").cpu())
             correct.append((logits.argmax(1) == labels).cpu())
     return torch.cat(losses), torch.cat(correct)

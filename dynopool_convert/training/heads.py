@@ -21,18 +21,26 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
+from .outputs import AUTO, Key, describe, pick_classes, resolve_output
 
 __all__ = ["model_classes", "classifier_paths", "replace_classifier", "adapt_head", "check_classifier"]
 
 
-def model_classes(model: nn.Module, input_size: tuple[int, int, int], device) -> int | None:
-    """The class count the model outputs (its last dim on one input), None if not N x classes."""
+def _probe(model: nn.Module, input_size: tuple[int, int, int], device) -> object:
+    """The model's output on one zero input, in eval mode."""
     was = model.training
     model.eval()
     with torch.no_grad():
         out = model(torch.zeros(1, *input_size, device=device))
     model.train(was)
-    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    return out
+
+
+def model_classes(model: nn.Module, input_size: tuple[int, int, int], device, output: str = AUTO,
+                  prefer: tuple[int, ...] = ()) -> int | None:
+    """The class count the model outputs (the last dim of its logits, chosen by ``output``: see
+    ``outputs.pick_classes``) on one input, None if not N x classes."""
+    return pick_classes(_probe(model, input_size, device), output, prefer)
 
 
 def classifier_paths(model: nn.Module, source: str) -> list[str]:
@@ -122,18 +130,20 @@ def _replace_one(model: nn.Module, path: str, num_classes: int, features: int | 
 
 
 def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, device,
-               say: Callable[[str], None]) -> int | None:
+               say: Callable[[str], None], output: str = AUTO) -> int | None:
     """Give ``model`` ``data_classes`` outputs (``wanted``, when given, must agree with the data):
     replace its classifier if its class count differs, say so in one line, and make the bundle's
     ``build_args`` rebuild that head. Returns the class count it had when replaced (0: it had
     none), else None."""
     if wanted is not None and wanted != data_classes:
         raise UserInputError(f"--num-classes {wanted} but the data has {data_classes} classes")
-    have = model_classes(model, bundle.input_size, device)
-    if have is None or have == data_classes:
-        return None
     paths = classifier_paths(model, bundle.source)
     names = dict(model.named_modules())
+    # of several 2-D outputs, the data's width, else the classifier's (an embedding may come first)
+    prefer = (data_classes, *[io[1] for p in paths if (io := _io(names.get(p))) is not None][:1])
+    have = model_classes(model, bundle.input_size, device, output, prefer)
+    if have is None or have == data_classes:
+        return None
     # built without a classifier (an nn.Identity where timm names it): it outputs its features
     features = have if any(_absent(names.get(p)) for p in paths) else None
     if features is not None or not bundle.source.startswith(("timm:", "torchvision:")):
@@ -141,7 +151,7 @@ def adapt_head(model: nn.Module, bundle, data_classes: int, wanted: int | None, 
         _check_rebuild(model, bundle, paths, data_classes, have, features)
     path = replace_classifier(model, bundle.source, data_classes, features)
     try:
-        now = model_classes(model, bundle.input_size, device)
+        now = model_classes(model, bundle.input_size, device, output, (data_classes,))
     except RuntimeError:
         now = None
     if now != data_classes:
@@ -188,34 +198,28 @@ def _check_rebuild(model: nn.Module, bundle, paths: list[str], classes: int, hav
         f"--build-arg num_classes={classes}")
 
 
-def _describe(out: object) -> str:
-    """What a model returned, in a few words (for the classifier check's message)."""
-    if isinstance(out, torch.Tensor):
-        return f"a tensor of shape {tuple(out.shape)}"
-    if isinstance(out, dict):
-        return f"a dict with keys {', '.join(map(repr, list(out)[:4]))} (a segmentation or detection model?)"
-    if isinstance(out, (tuple, list)):
-        parts = [f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in out[:4]]
-        return f"a {type(out).__name__} of {len(out)} ({', '.join(parts)}{', ...' if len(out) > 4 else ''})"
-    return f"a {type(out).__name__}"
-
-
-def check_classifier(model: nn.Module, input_size: tuple[int, int, int], device, num_classes: int) -> None:
-    """UserInputError unless ``model`` outputs ``N x num_classes`` (fine-tuning trains classifiers)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.zeros(1, *input_size, device=device))
-    model.train(was)
+def check_classifier(model: nn.Module, input_size: tuple[int, int, int], device, num_classes: int,
+                     output: str = AUTO, say: Callable[[str], None] | None = None) -> Key:
+    """UserInputError unless ``model`` outputs ``N x num_classes`` logits (fine-tuning trains
+    classifiers), alone or as the element of a tuple/list/dict output that ``output`` selects.
+    Returns that element's key (None: the output itself); ``say`` is told which element it is."""
+    out = _probe(model, input_size, device)
+    if isinstance(out, (tuple, list, dict)):
+        key, line = resolve_output(out, output, num_classes)
+        if say is not None and line:
+            say(line)
+        return key
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UserInputError(
-            f"dynopool finetune trains image classifiers (outputs N x classes); this model outputs {_describe(out)}: "
+            f"dynopool finetune trains image classifiers (outputs N x classes); this model outputs {describe(out)}: "
             f"convert a model whose forward returns the logits alone (a factory that wraps yours), or "
             f"train it in your own loop with dynopool_convert's CostModel, budget_penalty and project_to_budget "
             f"(README, 'Compute budget')"
         )
+    resolve_output(out, output, num_classes)  # refuses an --output on a plain tensor
     if out.shape[1] != num_classes:
         raise UserInputError(
             f"the model outputs shape {tuple(out.shape)} but the data has {num_classes} classes: "
             f"convert the model with num_classes={num_classes} (and its input channels = {input_size[0]})"
         )
+    return None

@@ -21,6 +21,7 @@ import yaml
 
 from ..errors import UserInputError
 from .data import AugmentConfig
+from .outputs import normalize_output
 
 __all__ = ["TrainConfig", "ConvertPolicy", "FinetuneConfig", "load_recipe", "config_from_dict", "merge_config",
            "check_resumable"]
@@ -66,6 +67,8 @@ class TrainConfig:
     # not averaged: training/weight_average.py)
     model_ema: bool = False
     model_ema_decay: float = 0.9998
+    # which output the loss reads where forward returns a tuple/list/dict (training/outputs.py): auto | index | key
+    output: str | int = "auto"
 
 
 @dataclass
@@ -177,6 +180,7 @@ def config_from_dict(data: dict[str, Any], base: FinetuneConfig | None = None) -
         if value is not None and value < 1:
             raise UserInputError(f"recipe key 'train.{key}' must be >= 1, got {value}")
     _check_ranges(cfg.train)
+    cfg.train.output = normalize_output(cfg.train.output)  # a recipe's 0 and the flag's "0" alike
     if cfg.train.size_jitter < 0:
         raise UserInputError(f"recipe key 'train.size_jitter' must be >= 0 pixels, got {cfg.train.size_jitter}")
     if cfg.train.size_refresh_every > 1 and cfg.train.size_jitter > 0:
@@ -239,7 +243,7 @@ def merge_config(*layers: dict[str, Any] | None) -> FinetuneConfig:
 #: cannot change them (the restored state would silently override a new value)
 FIXED_ON_RESUME = ("opt", "lr", "momentum", "weight_decay", "scale_lr", "sched", "warmup_steps", "warmup_lr",
                    "min_lr", "epochs", "steps", "batch_size", "size_jitter", "size_search", "settle", "holdout",
-                   "holdout_max", "model_ema", "model_ema_decay")
+                   "holdout_max", "model_ema", "model_ema_decay", "output")
 
 
 def check_resumable(saved: dict, wanted: dict, last: Path) -> None:

@@ -26,10 +26,11 @@ from ..group_ids import group_ids
 from . import upstream
 from .data import build_datasets, carve_holdout, holdout_cap, parse_data_spec, unreadable_warnings
 from .evaluation import autocast, score, val_sample
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed, wrap_ddp
 from .head_budget import after_new_head
 from .heads import adapt_head, check_classifier
 from .interrupt import StopFlag
+from .outputs import logits_only
 from .model_io import BEST, CONVERTED, LAST, as_float32, load_model, project_copy, save_model
 from .optim import build_optimizer, build_scheduler
 from .recipes import FinetuneConfig, check_resumable, load_recipe, merge_config
@@ -172,10 +173,8 @@ class _Run:
         self.holdout = self._carve_holdout(data, resume, bundle.training)
         self.data = data
         self.val_indices = val_sample(len(data.val), t.val_limit, t.seed)  # the images every validation scores
-        self.ddp = model
-        if info.enabled:
-            device_ids = [info.device] if info.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # DDP sees only the logits: the other outputs' parameters may not reach the loss
+        self.ddp = wrap_ddp(logits_only(model, self.pick), info, find_unused=self.pick is not None)
         torch.manual_seed(t.seed + info.rank)  # dropout etc. differ between ranks
 
         self.sampler = EpochSampler(len(data.train), t.seed, info.rank, info.world)
@@ -344,12 +343,12 @@ class _Run:
         """The data's class count (a new classifier where it differs); with a new one, the original
         is counted again and the budget follows it, and sizes a convert-time fit chose for the old
         one go back to the converted model's, to be fitted again (``head_budget.py``)."""
-        had = adapt_head(model, self.bundle, classes, self.cfg.num_classes, device=self.info.device, say=self.cbs.on_message)
+        had = adapt_head(model, self.bundle, classes, self.cfg.num_classes, self.info.device, self.cbs.on_message, self.t.output)
         if had is not None:
             refit = self.t.scale_lr <= 0 and not self.bundle.training and self.bundle.budget is not None
             after_new_head(model, self.bundle, self.cfg.budget, (had, classes), refit, say=self.cbs.on_message)
         self.budget = self.bundle.budget
-        check_classifier(model, self.bundle.input_size, self.info.device, classes)
+        self.pick = check_classifier(model, self.bundle.input_size, self.info.device, classes, self.t.output, self.cbs.on_message)
 
     def _fit_to_budget_first(self) -> None:
         """Strides not learned by gradient: nothing would bring a model over its budget into it
@@ -405,7 +404,7 @@ class _Run:
     def _holdout_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image loss and correctness on the whole held-out split (every rank alike): one
         allocation scored by the size search, reported to the progress display."""
-        scored = score(self.model, self.holdout, self.t.batch_size, self.t.workers, self.info.device, self.t.amp)
+        scored = score(self.model, self.holdout, self.t.batch_size, self.t.workers, self.info.device, self.t.amp, output=self.pick)
         self.scored += 1
         self.cbs.on_search(self.scored)
         return scored
@@ -413,7 +412,7 @@ class _Run:
     def _evaluate(self, model: nn.Module) -> tuple[float, float]:
         info = self.info
         losses, correct = score(model, self.data.val, self.t.batch_size, self.t.workers, info.device, self.t.amp,
-                                indices=self.val_indices[info.rank::info.world])
+                                indices=self.val_indices[info.rank::info.world], output=self.pick)
         loss_sum, correct, count = all_reduce_sum([float(losses.double().sum()), float(correct.sum()), len(losses)], info)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
