@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
 import sys
 from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -54,7 +56,7 @@ def _unknown(name: str, where: str) -> UserInputError:
     hint = f"; close matches: {', '.join(close)}" if close else ""
     scope = f"{where} model" if pool is not None else "model (not in timm nor torchvision)"
     return UserInputError(
-        f"unknown {scope} {name!r}{hint} (accepted: NAME, timm:NAME, torchvision:NAME or package.module:factory)"
+        f"unknown {scope} {name!r}{hint} (accepted: NAME, timm:NAME, torchvision:NAME, package.module:factory or path/to/file.py:factory)"
     )
 
 
@@ -76,8 +78,14 @@ def resolve_source(name: str) -> str:
             raise _unknown(model, "torchvision")
         return name
     if ":" in name:
+        file, _, factory = name.rpartition(":")
+        if file.endswith(".py") and re.fullmatch(r"[A-Za-z_]\w*", factory):
+            path = Path(file).expanduser()
+            if not path.is_file():
+                raise UserInputError(f"model file not found: {path} (model source {name!r})")
+            return f"{path.resolve()}:{factory}"  # absolute: checkpoints load from any folder
         if not _FACTORY.match(name):
-            raise UserInputError(f"model source {name!r} is not of the form package.module:factory")
+            raise UserInputError(f"model source {name!r} is not of the form package.module:factory or path/to/file.py:factory")
         return name
     if _is_timm(name):
         return f"timm:{name}"
@@ -98,7 +106,7 @@ def is_trusted_source(source: str) -> bool:
 
 def model_label(source: str) -> str:
     """A short file-name-friendly label: ``timm:resnet50`` -> ``resnet50``."""
-    return re.sub(r"[^\w.-]+", "_", source.split(":", 1)[-1])
+    return re.sub(r"[^\w.-]+", "_", source.rsplit(":", 1)[-1])
 
 
 def _torchvision_model(name: str, args: dict[str, Any]) -> nn.Module:
@@ -127,13 +135,38 @@ def _import_user_module(name: str) -> ModuleType:
         return importlib.import_module(name)
 
 
-def _factory_model(source: str, args: dict[str, Any]) -> nn.Module:
-    module_name, attr = source.split(":", 1)
+def _import_file(path: str) -> ModuleType:
+    """The Python file at ``path`` imported as a module of its own (once per file: its classes
+    stay the same objects), with its folder on ``sys.path`` for its own imports."""
+    name = "dynopool_user_" + re.sub(r"\W", "_", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = str(Path(path).parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
-        module = _import_user_module(module_name)
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _factory_model(source: str, args: dict[str, Any]) -> nn.Module:
+    module_name, attr = source.rsplit(":", 1)
+    try:
+        module = _import_file(module_name) if module_name.endswith(".py") else _import_user_module(module_name)
     except ImportError as err:
         raise UserInputError(f"cannot import {module_name!r} for model source {source!r}: {err} (run from the "
                              f"folder that holds it, or add that folder to PYTHONPATH)") from err
+    except Exception as err:  # the user's file itself fails (a syntax error, a failing top-level line)
+        msg = " ".join(str(err).split())[:200]
+        raise UserInputError(f"importing {module_name!r} for model source {source!r} failed: {type(err).__name__}: {msg}") from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserInputError(f"{module_name!r} has no callable {attr!r} (model source {source!r})")

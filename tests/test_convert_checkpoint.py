@@ -124,6 +124,38 @@ def test_a_factory_module_in_the_working_directory_is_found(tmp_path, monkeypatc
     monkeypatch.delitem(sys.modules, name, raising=False)
 
 
+def test_a_model_file_path_is_a_source_that_loads_from_any_folder(tmp_path, monkeypatch):
+    """``dynopool convert nets/mynet.py:make``: the file is imported by its path (its folder on
+    the import path for its own imports), and the checkpoint names it absolutely."""
+    folder = tmp_path / "nets"
+    folder.mkdir()
+    (folder / "blocks.py").write_text("from torch import nn\n\ndef stem(w):\n    return nn.Conv2d(3, w, 3, stride=2)\n")
+    (folder / "mynet.py").write_text(
+        "from torch import nn\nfrom blocks import stem\n\ndef make(width=4):\n"
+        "    return nn.Sequential(stem(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3))\n")
+    (folder / "broken.py").write_text("def make(:\n")
+    monkeypatch.setattr("sys.path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    source = dc.resolve_source("nets/mynet.py:make")
+    assert source == f"{folder.resolve() / 'mynet.py'}:make"
+    model = dc.build_model(source, {"width": 5})
+    assert model[0].out_channels == 5
+    result = dc.convert(model, (3, 16, 16))
+    path = dc.save(tmp_path / "c.pt", result.model, result.plan, source, {"width": 5}, (3, 16, 16))
+    monkeypatch.chdir(folder.parent.parent)
+    with pytest.raises(UserInputError, match="imports and runs that Python code"):
+        dc.load_checkpoint(path)
+    loaded = dc.load_checkpoint(path, trust_source=True)
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(loaded.model.eval()(x), result.model.eval()(x))
+    with pytest.raises(UserInputError, match="model file not found"):
+        dc.resolve_source("nets/missing.py:make")
+    with pytest.raises(UserInputError, match="failed: SyntaxError"):
+        dc.build_model(str(folder / "broken.py") + ":make")
+    with pytest.raises(UserInputError, match="has no callable 'nope'"):
+        dc.build_model(f"{folder / 'mynet.py'}:nope")
+
+
 def test_build_arguments_read_yaml_values_and_python_tuples():
     from dynopool_convert.models import parse_build_args
 

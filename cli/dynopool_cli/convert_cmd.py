@@ -97,7 +97,7 @@ _FIT_METHODS = {"common": "one factor for every group", "per-group": "per group"
 
 
 def convert(
-    model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME or package.module:factory.")],
+    model: Annotated[str, typer.Argument(help="resnet50 (timm, then torchvision), timm:NAME, torchvision:NAME, package.module:factory or path/to/file.py:factory (your own model: a function or class that returns it, called with the --build-args).")],
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="Reference input size: N, HxW or C,H,W (e.g. 1,28,28 for one channel; default: the model's own).")] = None,
     placement: Annotated[Optional[Placement], typer.Option(help="exact: every op kept behind a learnable resize that is the identity at init (the converted model computes what the original did; default with --weights/--pretrained); before/after: DynOPool before or after each strided conv (made stride 1), pools become DynOPool (default without weights: before). From scratch, before did better at a budget equal to the model's FLOPs and at 0.7 of it, exact at half of it (docs/RESULTS.md sections 6.5-6.6).")] = None,
     patchify: Annotated[bool, typer.Option("--patchify/--no-patchify", help="With placement 'before', patchify convs (kernel == stride, no padding) keep their stride behind a DynOPool that resizes their input to a multiple of the patch.")] = True,

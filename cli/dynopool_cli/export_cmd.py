@@ -23,7 +23,7 @@ def export(
     atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute part of the check's tolerance on the max abs difference from the PyTorch model.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative part of the tolerance, times the largest |output| of the PyTorch model.")] = 1e-5,
     trust_source: Annotated[
-        bool, typer.Option("--trust-source", help="Allow a package.module:factory model source to be imported (runs its code).")
+        bool, typer.Option("--trust-source", help="Allow a package.module:factory or file.py:factory model source to be imported (runs its code).")
     ] = False,
 ) -> None:
     """Freeze the learned sizes (at the checkpoint's reference input size) and export the model.

@@ -28,7 +28,7 @@ def report(
     ] = None,
     figures: Annotated[Optional[Path], typer.Option("--figures", help="Also write the figures (PNG) into this directory.")] = None,
     trust_source: Annotated[
-        bool, typer.Option("--trust-source", help="Allow a package.module:factory model source to be imported (runs its code).")
+        bool, typer.Option("--trust-source", help="Allow a package.module:factory or file.py:factory model source to be imported (runs its code).")
     ] = False,
     wide: Annotated[
         bool, typer.Option("--wide", help="Terminal tables: every column (by default they fit 100 columns: no op, kind, r init, RF init).")

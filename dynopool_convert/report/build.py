@@ -384,7 +384,7 @@ def build_report(
     params = sum(p.numel() for p in gm.parameters())
     return {
         "format_version": FORMAT_VERSION,
-        "model": (source.split(":", 1)[-1] if source else type(model).__name__),
+        "model": (source.rsplit(":", 1)[-1] if source else type(model).__name__),
         "source": source,
         "input_size": list(input_size),
         "reference_input_size": list(reference),
