@@ -2,7 +2,8 @@
 
 Research code often cuts an image into patches without a strided conv: MAE's
 ``x.reshape(N, C, h, p, w, p)`` (then a permute or einsum and a reshape to tokens),
-lucidrains/vit-pytorch's ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)``.
+lucidrains/vit-pytorch's ``Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)', p1=p, p2=p)``,
+im2col's ``F.unfold(x, p, stride=p)``.
 Such a model has no resizing op, so nothing could learn. ``expose_patch_grids`` feeds each such
 reshape ``pixel_shuffle(pixel_unshuffle(x, p), p)`` instead of ``x``: the same tensor, bit for
 bit, through a 4-D map of the token grid (``N x C p^2 x H/p x W/p``). The unshuffle is a patchify
@@ -23,12 +24,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
-from ._helpers import node_hw
+from ._helpers import int_pair, node_hw
 from .pos_embed import node_shape
 
-__all__ = ["expose_patch_grids", "reshape_patch", "einops_patch"]
+__all__ = ["expose_patch_grids", "reshape_patch", "einops_patch", "unfold_patch"]
 
 _RESHAPES = ("reshape", "view")
 
@@ -119,13 +120,35 @@ def _reads_size(node: fx.Node) -> bool:
         or (node.op == "call_method" and node.target == "size")
 
 
+def unfold_patch(node: fx.Node, gm: fx.GraphModule) -> int | None:
+    """The patch of ``F.unfold(x, p, stride=p)`` / ``nn.Unfold(p, stride=p)`` (no padding or
+    dilation) on an ``N x C x H x W`` map (im2col patches: ``N x C p^2 x L``), else None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.Unfold):
+            return None
+        geometry = {k: getattr(module, k) for k in ("kernel_size", "dilation", "padding", "stride")}
+    elif node.op == "call_function" and node.target is F.unfold:
+        geometry = {"dilation": 1, "padding": 0, "stride": 1, **dict(zip(("kernel_size", "dilation", "padding", "stride"),
+                                                                         node.args[1:])), **node.kwargs}
+    else:
+        return None
+    try:
+        k, s = int_pair(geometry["kernel_size"]), int_pair(geometry["stride"])
+        plain = int_pair(geometry["padding"]) == (0, 0) and int_pair(geometry["dilation"]) == (1, 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    return k[0] if plain and k == s and k[0] == k[1] > 1 and node_hw(x) is not None else None
+
+
 def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[str]:
     """Rewrite, in place, every patchify by reshape to read its input through an unshuffle and
     a shuffle by the patch; the unshuffle nodes get qualified names in ``node_names``. Returns
     one note per rewrite. ``gm`` must carry ``tensor_meta``."""
     notes = []
     for node in list(gm.graph.nodes):
-        p = reshape_patch(node) or einops_patch(node, gm)
+        p = reshape_patch(node) or einops_patch(node, gm) or unfold_patch(node, gm)
         if p is None:
             continue
         x = node.args[0]

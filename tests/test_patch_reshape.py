@@ -190,3 +190,35 @@ def test_window_partitions_by_reshape_are_not_taken_for_patches():
         r = convert(model, (3, 32, 32))
         assert not [s.name for s in r.plan.sites if s.name.endswith("_patches")]
         assert not [n for n in r.plan.notes if "patchify by reshape" in n]
+
+
+class UnfoldViT(nn.Module):
+    """Patches by im2col: ``F.unfold(x, p, stride=p)`` (or ``nn.Unfold``), tokens by a transpose."""
+
+    def __init__(self, module: bool = False, size: int = 16, p: int = 4, dim: int = 16) -> None:
+        super().__init__()
+        self.unfold = nn.Unfold(p, stride=p) if module else None
+        self.p = p
+        self.proj = nn.Linear(3 * p * p, dim)
+        self.pos = nn.Parameter(torch.randn(1, (size // p) ** 2, dim))
+        self.fc = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        patches = self.unfold(x) if self.unfold is not None else F.unfold(x, self.p, stride=self.p)
+        t = self.proj(patches.transpose(1, 2)) + self.pos
+        return self.fc(((t @ t.transpose(1, 2)).softmax(-1) @ t).mean(1))
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_an_unfold_patchify_vit_learns_its_grid(module):
+    torch.manual_seed(0)
+    original = UnfoldViT(module).eval()
+    r = convert(original, (3, 16, 16))
+    site = next(s for s in r.plan.sites if s.name.endswith("_patches"))
+    assert site.status == "converted" and r.plan.groups[site.group].multiple == [4, 4]
+    assert any("position embedding pos [1, 16, 16] follows the grid" in n for n in r.plan.notes)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(convert(original, (3, 16, 16), placement="exact").model.eval()(x), original(x))
+    _set_strides(r.model, [(0.7, 1.3)])
+    assert r.model(x).shape == (2, 10)
+    _cost_model_is_fvcore(r.model, (3, 16, 16))
