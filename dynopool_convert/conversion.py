@@ -17,6 +17,7 @@ from torch import fx
 from .budget import BudgetFit, fit_to_budget, parse_budget
 from .checkpoint_extra import conversion_extra
 from .convert import ConversionResult, check_input_size, convert
+from .errors import UserInputError
 from .flops import count_flops, format_flops
 from .models import default_input_size, resolve_source
 from .plan import Plan
@@ -102,10 +103,23 @@ def convert_source(
         if budget is None:
             converted = int(count_flops(result.model, size))
         else:
-            fit = fit_to_budget(result.model, budget, size, original_flops=original, axis_fill=axis_fill)
+            try:
+                fit = fit_to_budget(result.model, budget, size, original_flops=original, axis_fill=axis_fill)
+            except UserInputError as err:
+                raise _with_input_site_hint(err, result, policy) from err
             converted = fit.converted_flops
     extra = conversion_extra(original, converted, fit, keep_fit=keep_fit, weights=origin)
     return Conversion(result, source, build_args, size, placement, origin, original, converted, fit, extra, budget)
+
+
+def _with_input_site_hint(err: UserInputError, result: ConversionResult, policy: dict[str, Any]) -> UserInputError:
+    """A budget refused for want of a learned group, where ops were pinned or reverted: the input
+    resolution may still learn (``--input-site``; pinned ops keep their input sizes)."""
+    held = [s for s in result.plan.sites if s.status in ("pinned", "reverted")]
+    if "no learned group" not in str(err) or policy.get("input_site") or not held:
+        return err
+    return UserInputError(f"{err}; with --input-site the input resolution may learn instead (ops that cannot "
+                          f"move, such as {held[0].name} here, are then pinned: their inputs resized back)")
 
 
 def _fixed_grid(source: str, net: Any, build_args: dict[str, Any], result: ConversionResult) -> bool:

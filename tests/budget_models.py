@@ -404,3 +404,20 @@ def finite_difference_signs(model: nn.Module, cost, input_size, eps: float = 1.3
             p.copy_(base)
         out.append((directional, up - down))
     return out
+
+
+class FlattenOnly(nn.Module):
+    """pytorch/examples' MNIST net in small: its only pool feeds a flatten into a Linear sized for
+    its output, so the pool is pinned and nothing else resizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.max_pool2d(torch.relu(self.conv(x)), 2), 1))
+
+
+def flatten_only() -> nn.Module:
+    return FlattenOnly()

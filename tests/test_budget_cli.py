@@ -98,3 +98,13 @@ def test_a_fit_that_crushes_a_map_points_to_the_input_site(tmp_path, capsys):
     assert "note: the fit shrinks" not in out
     code, out, err = _run(["convert", SOURCE, "--input-size", "32", "--budget", "0.8x", "--out", str(tmp_path / "c.pt")], capsys)
     assert code == 0 and "note: the fit shrinks" not in out
+
+
+def test_a_budget_without_learned_group_points_to_the_input_site(tmp_path, capsys):
+    argv = ["convert", "budget_models:flatten_only", "--input-size", "16", "--budget", "0.8x", "--out", str(tmp_path / "m.pt")]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "no learned group" in err and "with --input-site the input resolution may learn" in err
+    assert "max_pool2d here" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
+    code, out, err = _run([*argv, "--input-site"], capsys)
+    assert code == 0, err
+    assert "fitted to" in out and (tmp_path / "m.pt").exists()
