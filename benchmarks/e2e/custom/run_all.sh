@@ -29,6 +29,7 @@ run exotic:Gray 1,32,32 0.7x
 for m in TupleOut Unpool; do run "exotic:$m" 32 0.7x; done
 for m in DynSizeInterp SliceSub ShuffleUp PatchViT SpaceToDepth; do run "exotic2:$m" 32 0.9x; done
 run cifar_resnet:resnet20 32 0.7x
+run tutorials:STN 1,28,28 0.8x
 for m in ResNet18 ShuffleNetV2 DenseNet; do run "kuangliu:$m" 32 0.8x; done
 for m in GoogLeNet MobileNetV2 PreActResNet18 SENet18 VGG SimpleDLA; do run "kuangliu2:$m" 32 0.8x; done
 if python -c "import einops" 2>/dev/null; then  # vit-pytorch style models need einops (pip install einops)
