@@ -194,7 +194,11 @@ class _ClassBuilder:
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
         # an input class the output shows as a map first, then those it follows by element count
         # (tokens reshaped back into a map: Twins)
-        shown = [c for c in uniq if _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])]
+        shows = lambda c: _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])  # noqa: E731
+        shown = [c for c in uniq if shows(c)]
+        if not shown:  # tokens of a patch grid rebuilt into the grid's map (vit-pytorch's PiT pooling)
+            shown = [c for c in _lineage(uniq) if c.kind != "const" and shows(c)][:1]
+            uniq = uniq + shown
         if not shown and _spatial(self.ref.get(n)) and not any(map(_learned, uniq)):
             # a map made of inputs that do not move (tokens before the first learned group,
             # reshaped into a map; they follow the image by element count): a fixed size of

@@ -8,11 +8,13 @@ shows up as one node. The one tracer of the package: ``annotated_graph`` builds 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
 import types
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torchvision
 from torch import fx, nn
@@ -183,6 +185,40 @@ def _root_class_modules(model: nn.Module) -> list[types.ModuleType]:
     return found
 
 
+#: libraries whose code is traceable as it is (or kept whole by their notrace registries)
+_LIBRARIES = ("torch", "torchvision", "timm", "einops")
+#: builtins that fx refuses on a traced value, recorded as calls in the model's own code instead
+_SIZE_BUILTINS = ("int", "float", "len")
+
+
+@contextlib.contextmanager
+def _int_of_sizes(model: nn.Module) -> Iterator[None]:
+    """``int``, ``float`` and ``len`` of a traced value in the model's own code (not a library's)
+    recorded as calls, as ``torch.fx.wrap("int")`` in each of its modules would: vit-pytorch's PiT
+    rebuilds its token grid with ``h=int(sqrt(n))``, which fx refused ("int() argument must be
+    ... not 'Proxy'"); a module that defines such a name itself is left alone."""
+    from torch.fx import _symbolic_trace
+
+    table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)  # torch.fx.wrap's table
+    added = []
+    if isinstance(table, dict):
+        names = {type(m).__module__ for m in model.modules()} | {c.__module__ for c in type(model).__mro__}
+        for name in sorted(names):
+            module = sys.modules.get(name)
+            if module is None or name.split(".")[0] in _LIBRARIES:
+                continue
+            for builtin in _SIZE_BUILTINS:
+                key = (id(vars(module)), builtin)
+                if builtin not in vars(module) and key not in table:
+                    table[key] = vars(module)
+                    added.append(key)
+    try:
+        yield
+    finally:
+        for key in added:
+            table.pop(key, None)
+
+
 def trace_model(model: nn.Module) -> Traced:
     """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
 
@@ -208,7 +244,8 @@ def trace_model(model: nn.Module) -> Traced:
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
-                graph = tracer.trace(model, concrete_args=_default_args(model))
+                with _int_of_sizes(model):
+                    graph = tracer.trace(model, concrete_args=_default_args(model))
                 break
             except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
                 msg = " ".join(str(err).split())[:200]

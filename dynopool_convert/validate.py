@@ -251,12 +251,15 @@ class GroupProbe:
     def shrink_problem(self, gid: int, depth: float = CAP_SHRINK) -> str:
         """Why group ``gid``'s smaller outputs break the forward, or broadcast operands that were
         equal at the reference (``broadcast_watch.py``): its per-axis shrinking moves, then its
-        stride times ``depth`` on both axes (a budget fit moves further than validation's
-        steps); "" if none does. The check a cap must pass."""
+        stride times ``depth`` on both axes and on each alone (a budget fit or training moves
+        further than validation's steps); "" if none does. The check a cap must pass."""
         group = self.groups[gid]
         pool = group.first
         moves = [stride for label, stride in _group_moves(self.groups, self.sizes, gid) if label.startswith("smaller")]
-        moves.append(tuple(clamp_stride(s * depth, pool.r_bounds) for s in pool.stride_value))
+        deep = tuple(clamp_stride(s * depth, pool.r_bounds) for s in pool.stride_value)
+        # both axes, then each alone (a token grid rebuilt as a square of side int(sqrt(n)) fits
+        # one axis's one-step moves by chance: 6 x 8 tokens read as 6 rows, 4 x 8 as 5)
+        moves += [deep, (deep[0], pool.stride_value[1]), (pool.stride_value[0], deep[1])]
         reference = ElementwiseShapes()
         with reference:
             _run(self.gm, self.example, self.spec)

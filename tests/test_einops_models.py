@@ -5,6 +5,7 @@ now recorded as single calls and its layers kept whole; ``torch.einsum`` attenti
 exactly (fvcore rounds its einsum count to four digits), so the cost model follows it."""
 from __future__ import annotations
 
+import math
 import random
 
 import einops
@@ -120,3 +121,38 @@ def test_a_rearrange_layer_is_kept_whole_and_the_stem_before_it_learns():
     with torch.no_grad():
         scale_parameters(r.model)[0].copy_(torch.tensor([2.7, 1.6]))  # stem: 6x10, so 3x5 patches
         assert r.model(x).shape == (1, 10) and tokens["n"] == 3 * 5
+
+
+class SizeBuiltins(nn.Module):
+    """``len``, ``int`` and ``float`` of traced sizes in the model's own forward (fx refuses
+    them on a Proxy unless ``torch.fx.wrap``-ped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        side = int(math.sqrt(y.shape[2] * y.shape[3]))
+        scale = float(y.shape[-1]) / 8.0
+        return self.fc(y.reshape(len(y), 4, side * side).mean(-1) * scale)
+
+
+def test_int_float_and_len_of_sizes_are_recorded_in_the_models_own_code():
+    from dynopool_convert.tracing import trace_model
+    from torch.fx import _symbolic_trace
+
+    before = dict(_symbolic_trace._wrapped_fns_to_patch)
+    model = SizeBuiltins().eval()
+    r = convert(model, (3, 16, 16))
+    assert r.plan.site("conv").status == "converted"
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(r.model(x), model(x))
+    with torch.no_grad():  # 8 x 8 -> 6 x 6: the sizes are read at run time
+        scale_parameters(r.model)[0].fill_(16 / 6)
+        assert r.model(x).shape == (2, 10)
+    targets = {n.target for n in trace_model(model).graph_module.graph.nodes if n.op == "call_function"}
+    assert {int, float, len} <= targets
+    assert _symbolic_trace._wrapped_fns_to_patch == before  # nothing left patched after tracing
+    assert int("3") == 3 and float("2") == 2.0 and len([1]) == 1

@@ -5,12 +5,13 @@ its position embedding (a parameter, a buffer or a constant, sliced or cast) fol
 Until then such models had no site at all ("no learned group")."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from einops import repeat
+from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
 
@@ -222,3 +223,45 @@ def test_an_unfold_patchify_vit_learns_its_grid(module):
     _set_strides(r.model, [(0.7, 1.3)])
     assert r.model(x).shape == (2, 10)
     _cost_model_is_fvcore(r.model, (3, 16, 16))
+
+
+class SquareGridPool(nn.Module):
+    """vit-pytorch's PiT pooling: the patch tokens back to a square map of side
+    ``int(sqrt(n))`` (fx refused ``int`` of a traced value), a strided depthwise conv, tokens."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(dim, dim, 3, stride=2, padding=1, groups=dim)
+
+    def forward(self, x):
+        cls_token, tokens = x[:, :1], x[:, 1:]
+        grid = rearrange(tokens, "b (h w) c -> b c h w", h=int(math.sqrt(tokens.shape[1])))
+        return torch.cat((cls_token, self.down(grid).flatten(2).transpose(1, 2)), dim=1)
+
+
+class PiTLike(RearrangeViT):
+    def __init__(self) -> None:
+        super().__init__(size=32)
+        self.pool = SquareGridPool()
+
+    def forward(self, img):
+        x = self.patches(img)
+        b, n, _ = x.shape
+        x = torch.cat((repeat(self.cls_token, "1 1 d -> b 1 d", b=b), x), dim=1)
+        x = self.pool(x + self.pos_embedding[:, :(n + 1)])
+        attn = (x @ x.transpose(1, 2)).softmax(-1)
+        return self.fc(self.mix(attn @ x)[:, 0])
+
+
+def test_a_token_grid_rebuilt_by_int_sqrt_traces_learns_square_and_keeps_its_budget():
+    torch.manual_seed(0)
+    r = convert(PiTLike().eval(), (3, 32, 32))
+    patches, down = r.plan.site("patches.0_patches"), r.plan.site("pool.down")
+    assert patches.status == down.status == "converted"
+    assert r.plan.groups[patches.group].square  # one axis alone breaks it: 11 x 8 tokens read as 9 rows
+    assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    _cost_model_is_fvcore(r.model, (3, 32, 32))
+    budget = int(0.6 * count_flops(PiTLike(), (3, 32, 32)))
+    _set_strides(r.model, [(1.0, 1.0), (2.0, 2.0)])
+    fit = fit_to_budget(r.model, budget, (3, 32, 32), CostModel(r.model, (3, 32, 32)))
+    assert fit.final_flops <= budget and fit.final_flops == count_flops(r.model, (3, 32, 32))

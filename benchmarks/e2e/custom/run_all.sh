@@ -33,5 +33,5 @@ run tutorials:STN 1,28,28 0.8x
 for m in ResNet18 ShuffleNetV2 DenseNet; do run "kuangliu:$m" 32 0.8x; done
 for m in GoogLeNet MobileNetV2 PreActResNet18 SENet18 VGG SimpleDLA; do run "kuangliu2:$m" 32 0.8x; done
 if python -c "import einops" 2>/dev/null; then  # vit-pytorch style models need einops (pip install einops)
-    for m in CCT CCTCls SimpleViT ViT MAEPatchify; do run "vitpytorch:$m" 32 0.8x; done
+    for m in CCT CCTCls SimpleViT ViT MAEPatchify PiT; do run "vitpytorch:$m" 32 0.8x; done
 fi

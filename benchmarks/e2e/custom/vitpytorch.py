@@ -9,6 +9,7 @@ pooling. SimpleViT (simple_vit.py): patches by a ``Rearrange`` layer, a 2-D sine
 position embedding, a mean over the tokens (no resizing op: nothing to learn, said in one line).
 CCTCls: CCT with a class token by ``repeat``. ViT (vit.py) and MAEPatchify (MAE's ``patchify``): below."""
 import torch, torch.nn as nn, torch.nn.functional as F
+from math import sqrt
 from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 
@@ -171,3 +172,43 @@ class MAEPatchify(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(x.mean(1))
+
+
+class PitPool(nn.Module):
+    """pit.py's Pool: the class token through a Linear, the patch tokens back to a square map
+    (``int(sqrt(n))``), a strided depthwise conv, tokens again."""
+    def __init__(self, dim):
+        super().__init__()
+        self.downsample = nn.Sequential(nn.Conv2d(dim, dim, 3, stride=2, padding=1, groups=dim), nn.Conv2d(dim, 2 * dim, 1))
+        self.cls_ff = nn.Linear(dim, dim * 2)
+
+    def forward(self, x):
+        cls_token, tokens = x[:, :1], x[:, 1:]
+        cls_token = self.cls_ff(cls_token)
+        tokens = rearrange(tokens, "b (h w) c -> b c h w", h=int(sqrt(tokens.shape[1])))
+        tokens = rearrange(self.downsample(tokens), "b c h w -> b (h w) c")
+        return torch.cat((cls_token, tokens), dim=1)
+
+
+class PiT(nn.Module):
+    """pit.py in small: conv-free patches (``nn.Unfold(p, stride=p)``), a class token, a
+    position embedding, two stages joined by a ``PitPool``."""
+    def __init__(self, image_size=32, patch_size=4, num_classes=10, dim=32, heads=2):
+        super().__init__()
+        n = (image_size // patch_size) ** 2
+        self.to_patch_embedding = nn.Sequential(nn.Unfold(kernel_size=patch_size, stride=patch_size),
+                                                Rearrange("b c n -> b n c"), nn.Linear(3 * patch_size ** 2, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.stage1 = EncoderLayer(dim, heads, 2 * dim)
+        self.pool = PitPool(dim)
+        self.stage2 = EncoderLayer(2 * dim, heads, 4 * dim)
+        self.mlp_head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, img):
+        x = self.to_patch_embedding(img)
+        b, n, _ = x.shape
+        x = torch.cat((repeat(self.cls_token, "() n d -> b n d", b=b), x), dim=1)
+        x += self.pos_embedding[:, :n + 1]
+        x = self.stage2(self.pool(self.stage1(x)))
+        return self.mlp_head(x[:, 0])
