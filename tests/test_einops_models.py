@@ -143,7 +143,6 @@ def test_int_float_and_len_of_sizes_are_recorded_in_the_models_own_code():
     from dynopool_convert.tracing import trace_model
     from torch.fx import _symbolic_trace
 
-    before = dict(_symbolic_trace._wrapped_fns_to_patch)
     model = SizeBuiltins().eval()
     r = convert(model, (3, 16, 16))
     assert r.plan.site("conv").status == "converted"
@@ -154,5 +153,6 @@ def test_int_float_and_len_of_sizes_are_recorded_in_the_models_own_code():
         assert r.model(x).shape == (2, 10)
     targets = {n.target for n in trace_model(model).graph_module.graph.nodes if n.op == "call_function"}
     assert {int, float, len} <= targets
-    assert _symbolic_trace._wrapped_fns_to_patch == before  # nothing left patched after tracing
+    # the model's module is patched while tracing only (fx's generated code registers its own)
+    assert all(g is not globals() for g in _symbolic_trace._wrapped_fns_to_patch.values())
     assert int("3") == 3 and float("2") == 2.0 and len([1]) == 1
