@@ -29,9 +29,11 @@ from torch import fx, nn
 from ._helpers import int_pair, node_hw
 from .pos_embed import node_shape
 
-__all__ = ["expose_patch_grids", "reshape_patch", "einops_patch", "unfold_patch"]
+__all__ = ["expose_patch_grids", "reshape_patch", "einops_patch", "unfold_patch", "PATCHES_OF"]
 
 _RESHAPES = ("reshape", "view")
+#: node meta key of an exposed unshuffle: what cut the patches ("reshape", "rearrange", "unfold")
+PATCHES_OF = "dynopool_patches_of"
 
 
 def reshape_patch(node: fx.Node) -> int | None:
@@ -148,9 +150,11 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
     one note per rewrite. ``gm`` must carry ``tensor_meta``."""
     notes = []
     for node in list(gm.graph.nodes):
-        p = reshape_patch(node) or einops_patch(node, gm) or unfold_patch(node, gm)
-        if p is None:
+        found = [(p, how) for p, how in ((reshape_patch(node), "reshape"), (einops_patch(node, gm), "rearrange"),
+                                          (unfold_patch(node, gm), "unfold")) if p is not None]
+        if not found:
             continue
+        p, how = found[0]
         x = node.args[0]
         with gm.graph.inserting_after(x):
             grid = gm.graph.call_function(F.pixel_unshuffle, (x, p))
@@ -160,7 +164,8 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
             user.replace_input_with(x, image)
         name = node_names.get(node.name, node.name)
         node_names[grid.name] = f"{name}_patches"
-        notes.append(f"{name}: patchify by reshape (patch {p}) exposed as a pixel unshuffle, so that its token grid can learn")
+        grid.meta[PATCHES_OF] = how  # the site's label says what cut the patches
+        notes.append(f"{name}: patchify by {how} (patch {p}) exposed as a pixel unshuffle, so that its token grid can learn")
     if notes:
         gm.graph.lint()
         gm.recompile()

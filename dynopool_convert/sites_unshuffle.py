@@ -44,6 +44,8 @@ class UnshuffleHandler:
         r = unshuffle_factor(node, gm)
         static = isinstance(r, int) and not isinstance(r, bool)
         label = f"PixelUnshuffle({r})" if node.op == "call_module" else f"F.pixel_unshuffle(r={r})"
+        if node.meta.get("dynopool_patches_of"):  # exposed by patch_reshape.py: the user's own op named
+            label = f"patches of {r}x{r} by {node.meta['dynopool_patches_of']}"
         cand = Candidate(node.name, "", self.kind, label, self.name, (float(r), float(r)) if static else None, "mean",
                          patch=(r, r) if static else None)
         if not static:

@@ -133,6 +133,7 @@ def test_a_reshape_patchify_vit_learns_its_grid_and_its_budget_holds():
     r = convert(original, (3, 16, 16))
     site = r.plan.site("reshape_patches")
     assert site.status == "converted" and r.plan.groups[site.group].multiple == [4, 4]
+    assert site.op == "patches of 4x4 by reshape"
     assert any("patchify by reshape (patch 4)" in n for n in r.plan.notes)
     assert any("position embedding pos [1, 16, 16] follows the grid of site reshape_patches" in n for n in r.plan.notes)
     x = torch.randn(2, 3, 16, 16)
@@ -152,7 +153,7 @@ def test_a_rearrange_vit_learns_with_its_sliced_or_cast_position_table(table):
     original = RearrangeViT(table=table).eval()
     r = convert(original, (3, 16, 16))
     site = r.plan.site("patches.0_patches")
-    assert site.status == "converted"
+    assert site.status == "converted" and site.op == "patches of 4x4 by rearrange"
     prefix = 0 if table else 1
     assert any(f"follows the grid of site patches.0_patches (nc, {prefix} prefix tokens, 4x4" in n for n in r.plan.notes)
     x = torch.randn(2, 3, 16, 16)
@@ -190,7 +191,7 @@ def test_window_partitions_by_reshape_are_not_taken_for_patches():
     for model in (WindowNet(), EinopsWindows()):
         r = convert(model, (3, 32, 32))
         assert not [s.name for s in r.plan.sites if s.name.endswith("_patches")]
-        assert not [n for n in r.plan.notes if "patchify by reshape" in n]
+        assert not [n for n in r.plan.notes if "patchify by" in n]
 
 
 class UnfoldViT(nn.Module):
@@ -217,6 +218,7 @@ def test_an_unfold_patchify_vit_learns_its_grid(module):
     r = convert(original, (3, 16, 16))
     site = next(s for s in r.plan.sites if s.name.endswith("_patches"))
     assert site.status == "converted" and r.plan.groups[site.group].multiple == [4, 4]
+    assert site.op == "patches of 4x4 by unfold"
     assert any("position embedding pos [1, 16, 16] follows the grid" in n for n in r.plan.notes)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(convert(original, (3, 16, 16), placement="exact").model.eval()(x), original(x))
