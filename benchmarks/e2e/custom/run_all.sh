@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/e2e/custom/run_all.sh [/usr/share/datasets/fashion-mnist] [OUT]
 #
-# Results (sessions 18, 19) in docs/BENCHMARKS.md, "Hand-written models".
+# Results (sessions 18, 19, 20) in docs/BENCHMARKS.md, "Hand-written models".
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 data=${1:-/usr/share/datasets/fashion-mnist}; root=${2:-/tmp/e2e_custom}
