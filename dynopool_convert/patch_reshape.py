@@ -9,8 +9,10 @@ reshape ``pixel_shuffle(pixel_unshuffle(x, p), p)`` instead of ``x``: the same t
 bit, through a 4-D map of the token grid (``N x C p^2 x H/p x W/p``). The unshuffle is a patchify
 site (``sites_unshuffle.py``): a DynOPool in front resizes the image to a multiple of ``p``, the
 grid moves with it, and a position embedding added to the tokens follows the unshuffle's grid
-(``pos_embed.py``). The reshape's own sizes must be read off the map (``h = H // p``; every read of
-the map's size is rewired to the image behind the shuffle) for a moved grid to pass; one with numbers written in breaks at moved strides and validation reverts it.
+(``pos_embed.py``). The reshape's own sizes must be read off the map (``h = H // p``; the reads
+that feed the patches are rewired to the image behind the shuffle, others, such as an output
+upsampled back to the input's size, keep reading the input) for a moved grid to pass; one with
+numbers written in breaks at moved strides and validation reverts it.
 Only blocks whose patch pixels and channels become one token's features are patches: a window
 partition (the same 6-D reshape, its windows then the batch and their pixels the tokens) is left
 alone.
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._helpers import int_pair, node_hw
-from .pos_embed import node_shape
+from .pos_embed import ancestors, node_shape
 
 __all__ = ["expose_patch_grids", "reshape_patch", "einops_patch", "unfold_patch", "PATCHES_OF"]
 
@@ -59,20 +61,21 @@ def _merges_patch_and_channels(node: fx.Node, features: int, depth: int = 4) -> 
     """Whether the 6-D blocks become tokens of ``p * p * C`` features, or a map of ``p * p * C``
     channels (TResNet's space to depth), by permutes, einsums and reshapes, as patches do; a
     window partition (windows as batch, pixels as tokens) does not."""
-    frontier = [node]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                moves = (u.op == "call_method" and u.target in _MOVES) or (u.op == "call_function" and u.target in _MOVE_FUNCTIONS)
-                if not moves:
-                    continue
-                shape = node_shape(u)
-                if shape is not None and len(shape) <= 4 and features in (shape[-1], shape[1]):  # tokens; space to depth
-                    return True
-                nxt.append(u)
-        frontier = nxt
+    for u in _moves_after(node, depth):
+        shape = node_shape(u)
+        if shape is not None and len(shape) <= 4 and features in (shape[-1], shape[1]):  # tokens; space to depth
+            return True
     return False
+
+
+def _moves_after(node: fx.Node, depth: int = 4) -> list[fx.Node]:
+    """The permutes, einsums and reshapes that follow ``node`` (up to ``depth`` of them in a row)."""
+    found, frontier = [], [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users
+                    if (u.op == "call_method" and u.target in _MOVES) or (u.op == "call_function" and u.target in _MOVE_FUNCTIONS)]
+        found += frontier
+    return found
 
 
 def _einops_pattern(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict[str, Any]] | None:
@@ -160,7 +163,10 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
             grid = gm.graph.call_function(F.pixel_unshuffle, (x, p))
         with gm.graph.inserting_after(grid):
             image = gm.graph.call_function(F.pixel_shuffle, (grid, p))
-        for user in [node, *filter(_reads_size, x.users)]:  # ``h = x.shape[2] // p``: the moved size
+        # the patches' own size arithmetic (``h = x.shape[2] // p``) reads the moved size; other
+        # reads of x's size (an output upsampled back to the input's) keep reading x
+        upstream = {a for n in [node, *_moves_after(node)] for a in ancestors(n)}
+        for user in [node, *(u for u in x.users if _reads_size(u) and u in upstream)]:
             user.replace_input_with(x, image)
         name = node_names.get(node.name, node.name)
         node_names[grid.name] = f"{name}_patches"

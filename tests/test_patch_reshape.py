@@ -267,3 +267,23 @@ def test_a_token_grid_rebuilt_by_int_sqrt_traces_learns_square_and_keeps_its_bud
     _set_strides(r.model, [(1.0, 1.0), (2.0, 2.0)])
     fit = fit_to_budget(r.model, budget, (3, 32, 32), CostModel(r.model, (3, 32, 32)))
     assert fit.final_flops <= budget and fit.final_flops == count_flops(r.model, (3, 32, 32))
+
+
+class DenseReshapeViT(ReshapeViT):
+    """Patches by reshape, then a dense head upsampled back to the input's size (SETR-style):
+    that size read must stay the input's."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+        t = self.proj(t) + self.pos
+        grid = t.transpose(1, 2).reshape(b, t.shape[2], h // p, w // p)
+        return F.interpolate(grid, size=x.shape[-2:], mode="bilinear")
+
+
+def test_only_the_size_reads_that_feed_the_patches_follow_the_moved_grid():
+    r = convert(DenseReshapeViT().eval(), (3, 16, 16))
+    assert r.plan.site("reshape_patches").status == "converted"
+    _set_strides(r.model, [(0.7, 1.3)])  # patches of a 24 x 12 image: a 6 x 3 grid, upsampled to 16 x 16
+    assert r.model(torch.randn(2, 3, 16, 16)).shape == (2, 16, 16, 16)
