@@ -253,11 +253,11 @@ def _isolated_flops(gm: fx.GraphModule, n: fx.Node, ref: dict[fx.Node, Any]) -> 
 
 
 def _count_one(module: nn.Module, tensors: tuple, gm: fx.GraphModule) -> int:
-    from .flops import FlopCountAnalysis, _dynopool_as_one_op, set_handles
+    from .flops import FlopCountAnalysis, _dynopool_as_one_op, _traceable_unpool, set_handles
 
     was_training = module.training
     module.eval()
-    with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm):
+    with _quiet(), torch.no_grad(), _dynopool_as_one_op(gm), _traceable_unpool():
         fa = FlopCountAnalysis(module, tensors)
         set_handles(fa)
         fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")

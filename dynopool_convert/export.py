@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 
 from .convert import check_input_size
 from .errors import UserInputError
+from .flops import _traceable_unpool
 from .files import atomic_write, check_output_path
 from .freeze import freeze, frozen_parts, reference_input_size
 
@@ -124,7 +125,7 @@ def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> str | None:
         first = err
     try:
         axes = {name: {0: "batch"} for name in ["input", *names]}
-        with _native_stdout_silenced():  # on failure it dumps the whole TorchScript graph there
+        with _native_stdout_silenced(), _traceable_unpool():  # on failure it dumps the whole TorchScript graph there
             torch.onnx.export(frozen, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["input"], output_names=names, dynamic_axes=axes)
     except Exception:  # noqa: BLE001 - the dynamo exporter's message says more
@@ -157,9 +158,7 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
-    from .flops import _traceable_unpool  # torch's max-unpool size check fails under jit tracing
-
-    with _traceable_unpool():
+    with _traceable_unpool():  # torch's max-unpool size check fails under jit tracing
         traced = torch.jit.trace(frozen, example, strict=False)  # strict=False: dict and list outputs
     traced.save(str(tmp))
 

@@ -8,6 +8,7 @@ otherwise).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -138,7 +139,7 @@ def _import_user_module(name: str) -> ModuleType:
 def _import_file(path: str) -> ModuleType:
     """The Python file at ``path`` imported as a module of its own (once per file: its classes
     stay the same objects), with its folder on ``sys.path`` for its own imports."""
-    name = "dynopool_user_" + re.sub(r"\W", "_", path)
+    name = "dynopool_user_" + hashlib.sha1(path.encode()).hexdigest()[:16]  # one module per file
     if name in sys.modules:
         return sys.modules[name]
     folder = str(Path(path).parent)

@@ -72,8 +72,7 @@ def _moves_after(node: fx.Node, depth: int = 4) -> list[fx.Node]:
     """The permutes, einsums and reshapes that follow ``node`` (up to ``depth`` of them in a row)."""
     found, frontier = [], [node]
     for _ in range(depth):
-        frontier = [u for n in frontier for u in n.users
-                    if (u.op == "call_method" and u.target in _MOVES) or (u.op == "call_function" and u.target in _MOVE_FUNCTIONS)]
+        frontier = [u for n in frontier for u in n.users if _is_move(u)]
         found += frontier
     return found
 
@@ -143,8 +142,44 @@ def unfold_patch(node: fx.Node, gm: fx.GraphModule) -> int | None:
         plain = int_pair(geometry["padding"]) == (0, 0) and int_pair(geometry["dilation"]) == (1, 1)
     except (KeyError, TypeError, ValueError):
         return None
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    return k[0] if plain and k == s and k[0] == k[1] > 1 and node_hw(x) is not None else None
+    hw = node_hw(node.args[0] if node.args else node.kwargs.get("input"))
+    # an unfold drops the pixels past the last whole patch; an unshuffle takes whole patches only
+    return k[0] if plain and k == s and k[0] == k[1] > 1 and hw is not None and hw[0] % k[0] == hw[1] % k[0] == 0 else None
+
+
+def _is_move(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _MOVES) or (n.op == "call_function" and n.target in _MOVE_FUNCTIONS)
+
+
+def _follow_image_sizes(gm: fx.GraphModule, x: fx.Node, image: fx.Node) -> None:
+    """The size arithmetic of the reshapes of what the patches became (``h = x.shape[2] // p``
+    for the patches, their tokens back to a map) reads ``image``'s size, through a copy of it on
+    ``image``; other uses of the same values (an output upsampled back to ``(H, W)`` of one
+    ``B, C, H, W = x.shape``) keep reading ``x``."""
+    after, frontier = set(), [image]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u not in after:
+                after.add(u)
+                frontier.append(u)
+    chain = [n for n in gm.graph.nodes if n in after and _is_move(n)]
+    upstream = {a for n in chain for a in ancestors(n)}
+    arithmetic: set[fx.Node] = set()
+    frontier = [u for u in x.users if _reads_size(u) and u in upstream]
+    while frontier:
+        n = frontier.pop()
+        if n not in arithmetic:
+            arithmetic.add(n)
+            frontier += [u for u in n.users if u in upstream and node_shape(u) is None]
+    copies: dict[fx.Node, fx.Node] = {}
+    for n in [n for n in gm.graph.nodes if n in arithmetic]:
+        with gm.graph.inserting_after(n):
+            copies[n] = gm.graph.node_copy(n, lambda a: image if a is x else copies.get(a, a))
+    for n in chain:
+        for a in n.all_input_nodes:
+            if a in copies:
+                n.replace_input_with(a, copies[a])
 
 
 def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[str]:
@@ -163,11 +198,8 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
             grid = gm.graph.call_function(F.pixel_unshuffle, (x, p))
         with gm.graph.inserting_after(grid):
             image = gm.graph.call_function(F.pixel_shuffle, (grid, p))
-        # the patches' own size arithmetic (``h = x.shape[2] // p``) reads the moved size; other
-        # reads of x's size (an output upsampled back to the input's) keep reading x
-        upstream = {a for n in [node, *_moves_after(node)] for a in ancestors(n)}
-        for user in [node, *(u for u in x.users if _reads_size(u) and u in upstream)]:
-            user.replace_input_with(x, image)
+        node.replace_input_with(x, image)
+        _follow_image_sizes(gm, x, image)
         name = node_names.get(node.name, node.name)
         node_names[grid.name] = f"{name}_patches"
         grid.meta[PATCHES_OF] = how  # the site's label says what cut the patches

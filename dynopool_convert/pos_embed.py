@@ -157,6 +157,8 @@ def follow_grids(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
             site_node, grid, (layout, prefix) = found
             user = first_user or add  # the table is resampled before any slice or cast of it
             if order[user] < order[site_node]:
+                notes.append(f"position embedding {param.target} {list(pshape)} is cast or sliced before site "
+                             f"{sites[site_node].name} runs: it does not follow that grid")
                 continue
             with gm.graph.inserting_before(user):
                 call = gm.graph.call_function(resample_pos_embed, (param, site_node, layout, tuple(grid), prefix))

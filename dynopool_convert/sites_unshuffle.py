@@ -3,7 +3,7 @@
 An unshuffle by ``r`` is a patchify convolution with fixed weights: each ``r x r`` patch becomes
 one pixel of ``r * r`` times the channels. It has no stride-1 form, so whatever the placement it
 is converted as a patchify conv is: a DynOPool in front resizes its input to a multiple of ``r``
-(starting at stride 1, the identity), and the op keeps its factor. Where ``patchify.py`` exposes
+(starting at stride 1), and the op keeps its factor. Where ``patch_reshape.py`` exposes
 a ViT's patchify-by-reshape as an unshuffle, this is the site that learns its token grid.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -189,6 +190,8 @@ def _root_class_modules(model: nn.Module) -> list[types.ModuleType]:
 _LIBRARIES = ("torch", "torchvision", "timm", "einops")
 #: builtins that fx refuses on a traced value, recorded as calls in the model's own code instead
 _SIZE_BUILTINS = ("int", "float", "len")
+#: fx's refusals of them ("int() argument must be ... not 'Proxy'", "'len' is not supported ...")
+_SIZE_BUILTIN_REFUSALS = re.compile(r"(int|float)\(\) argument must be .*not 'Proxy'|'len' is not supported")
 
 
 @contextlib.contextmanager
@@ -196,7 +199,8 @@ def _int_of_sizes(model: nn.Module) -> Iterator[None]:
     """``int``, ``float`` and ``len`` of a traced value in the model's own code (not a library's)
     recorded as calls, as ``torch.fx.wrap("int")`` in each of its modules would: vit-pytorch's PiT
     rebuilds its token grid with ``h=int(sqrt(n))``, which fx refused ("int() argument must be
-    ... not 'Proxy'"); a module that defines such a name itself is left alone."""
+    ... not 'Proxy'"); a module that defines such a name itself is left alone. Only after a trace
+    failed so: while wrapped, ``int`` is no type (``isinstance(k, int)`` would raise)."""
     from torch.fx import _symbolic_trace
 
     table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)  # torch.fx.wrap's table
@@ -235,6 +239,7 @@ def trace_model(model: nn.Module) -> Traced:
     was_training = model.training
     model.eval()
     try:
+        builtins_wrapped = False
         while True:
             tracer = NodePathTracer(
                 leaf_modules=leaf_module_types() + extra,
@@ -244,11 +249,14 @@ def trace_model(model: nn.Module) -> Traced:
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
-                with _int_of_sizes(model):
+                with _int_of_sizes(model) if builtins_wrapped else contextlib.nullcontext():
                     graph = tracer.trace(model, concrete_args=_default_args(model))
                 break
             except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
                 msg = " ".join(str(err).split())[:200]
+                if not builtins_wrapped and _SIZE_BUILTIN_REFUSALS.search(msg):
+                    builtins_wrapped = True  # only then: wrapped, they are no types (isinstance(k, int))
+                    continue
                 failing = _failing_module(err, model)
                 if failing is None or type(failing) in extra or _hides_sites(failing) or len(extra) >= MAX_AUTO_LEAVES:
                     hint = ("register the module with timm.layers.register_notrace_module or the function with "

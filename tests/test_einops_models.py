@@ -12,6 +12,7 @@ import einops
 import torch
 from einops import rearrange
 from einops.layers.torch import Rearrange
+import torch.nn.functional as F
 from torch import nn
 
 from dynopool_convert import convert, scale_parameters
@@ -156,3 +157,22 @@ def test_int_float_and_len_of_sizes_are_recorded_in_the_models_own_code():
     # the model's module is patched while tracing only (fx's generated code registers its own)
     assert all(g is not globals() for g in _symbolic_trace._wrapped_fns_to_patch.values())
     assert int("3") == 3 and float("2") == 2.0 and len([1]) == 1
+
+
+class IsInstanceInForward(nn.Module):
+    """``isinstance(k, int)`` in the model's own forward: ``int`` stays a type (it is wrapped only
+    after a trace failed on ``int`` of a traced value)."""
+
+    def __init__(self, k=2) -> None:
+        super().__init__()
+        self.k = k
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        k = self.k if isinstance(self.k, int) else self.k[0]
+        return F.max_pool2d(self.conv(x), k).mean((2, 3))
+
+
+def test_isinstance_of_int_in_the_models_own_code_still_traces():
+    r = convert(IsInstanceInForward(), (3, 16, 16))
+    assert r.plan.site("conv").status == "converted"

@@ -137,3 +137,26 @@ def test_a_default_size_unpool_between_learned_strides_is_followed_by_the_cost_m
             for p in scale_parameters(result.model):
                 p.copy_(torch.empty_like(p).uniform_(1.1, 2.9, generator=gen))
         assert round(float(cost().detach())) == count_flops(result.model, (3, 32, 32))
+
+
+class FunctionalAround(nn.Module):
+    """Functional convs (FLOPs outside any module: the cost model counts such calls alone) around
+    a functional pool/unpool pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w0 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1)
+        self.w1 = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, i = F.max_pool2d(F.conv2d(x, self.w0, stride=2, padding=1), 2, return_indices=True)
+        return F.conv2d(F.max_unpool2d(y, i, 2), self.w1, stride=2, padding=1).mean((2, 3))
+
+
+def test_unpool_among_calls_counted_alone():
+    result = dc.convert(FunctionalAround(), (3, 32, 32))
+    cost = dc.CostModel(result.model, (3, 32, 32))
+    with torch.no_grad():
+        for p in scale_parameters(result.model):
+            p.copy_(torch.tensor([1.7, 2.3]))
+    assert round(float(cost().detach())) == count_flops(result.model, (3, 32, 32))

@@ -287,3 +287,28 @@ def test_only_the_size_reads_that_feed_the_patches_follow_the_moved_grid():
     assert r.plan.site("reshape_patches").status == "converted"
     _set_strides(r.model, [(0.7, 1.3)])  # patches of a 24 x 12 image: a 6 x 3 grid, upsampled to 16 x 16
     assert r.model(torch.randn(2, 3, 16, 16)).shape == (2, 16, 16, 16)
+
+
+class SharedSizeRead(ReshapeViT):
+    """One ``B, C, H, W = x.shape`` read feeds the patches, the tokens back to a map and the
+    output's size: only the reshapes follow the moved grid."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+        t = self.proj(t) + self.pos
+        grid = t.transpose(1, 2).reshape(b, t.shape[2], h // p, w // p)
+        return F.interpolate(grid, size=(h, w), mode="bilinear")
+
+
+def test_a_size_read_shared_by_the_patches_and_the_output_size_is_split():
+    r = convert(SharedSizeRead().eval(), (3, 16, 16))
+    assert r.plan.site("reshape_patches").status == "converted"
+    _set_strides(r.model, [(0.7, 1.3)])
+    assert r.model(torch.randn(2, 3, 16, 16)).shape == (2, 16, 16, 16)
+
+
+def test_an_unfold_that_drops_pixels_is_not_taken_for_patches():
+    r = convert(UnfoldViT(size=16).eval(), (3, 18, 18))  # 4x4 patches of an 18 px image: 2 px dropped
+    assert not [s for s in r.plan.sites if s.name.endswith("_patches")]
