@@ -190,7 +190,7 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
     for node in list(gm.graph.nodes):
         found = [(p, how) for p, how in ((reshape_patch(node), "reshape"), (einops_patch(node, gm), "rearrange"),
                                           (unfold_patch(node, gm), "unfold")) if p is not None]
-        if not found:
+        if not found or not node.args:  # (F.unfold(input=x, ...): left as it is)
             continue
         p, how = found[0]
         x = node.args[0]
