@@ -270,8 +270,13 @@ def test_a_token_grid_rebuilt_by_int_sqrt_traces_learns_square_and_keeps_its_bud
 
 
 class DenseReshapeViT(ReshapeViT):
-    """Patches by reshape, then a dense head upsampled back to the input's size (SETR-style):
-    that size read must stay the input's."""
+    """Patches by reshape, then a dense head upsampled back to the input's size (SETR-style),
+    read off the input again or (``shared``) from the one ``B, C, H, W = x.shape`` read that also
+    feeds the patches and the tokens back to a map: only the reshapes follow the moved grid."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -279,33 +284,14 @@ class DenseReshapeViT(ReshapeViT):
         t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
         t = self.proj(t) + self.pos
         grid = t.transpose(1, 2).reshape(b, t.shape[2], h // p, w // p)
-        return F.interpolate(grid, size=x.shape[-2:], mode="bilinear")
+        return F.interpolate(grid, size=(h, w) if self.shared else x.shape[-2:], mode="bilinear")
 
 
-def test_only_the_size_reads_that_feed_the_patches_follow_the_moved_grid():
-    r = convert(DenseReshapeViT().eval(), (3, 16, 16))
+@pytest.mark.parametrize("shared", [False, True])
+def test_only_the_size_reads_that_feed_the_patches_follow_the_moved_grid(shared):
+    r = convert(DenseReshapeViT(shared).eval(), (3, 16, 16))
     assert r.plan.site("reshape_patches").status == "converted"
     _set_strides(r.model, [(0.7, 1.3)])  # patches of a 24 x 12 image: a 6 x 3 grid, upsampled to 16 x 16
-    assert r.model(torch.randn(2, 3, 16, 16)).shape == (2, 16, 16, 16)
-
-
-class SharedSizeRead(ReshapeViT):
-    """One ``B, C, H, W = x.shape`` read feeds the patches, the tokens back to a map and the
-    output's size: only the reshapes follow the moved grid."""
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        p = self.p
-        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-        t = self.proj(t) + self.pos
-        grid = t.transpose(1, 2).reshape(b, t.shape[2], h // p, w // p)
-        return F.interpolate(grid, size=(h, w), mode="bilinear")
-
-
-def test_a_size_read_shared_by_the_patches_and_the_output_size_is_split():
-    r = convert(SharedSizeRead().eval(), (3, 16, 16))
-    assert r.plan.site("reshape_patches").status == "converted"
-    _set_strides(r.model, [(0.7, 1.3)])
     assert r.model(torch.randn(2, 3, 16, 16)).shape == (2, 16, 16, 16)
 
 
