@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .patch_reshape import PATCHES_OF
 from .sites import Candidate, _bind, _is_4d, _module
 
 __all__ = ["UnshuffleHandler", "UNSHUFFLE_FUNCTIONS", "unshuffle_factor"]
@@ -44,8 +45,8 @@ class UnshuffleHandler:
         r = unshuffle_factor(node, gm)
         static = isinstance(r, int) and not isinstance(r, bool)
         label = f"PixelUnshuffle({r})" if node.op == "call_module" else f"F.pixel_unshuffle(r={r})"
-        if node.meta.get("dynopool_patches_of"):  # exposed by patch_reshape.py: the user's own op named
-            label = f"patches of {r}x{r} by {node.meta['dynopool_patches_of']}"
+        if node.meta.get(PATCHES_OF):  # exposed by patch_reshape.py: the user's own op named
+            label = f"patches of {r}x{r} by {node.meta[PATCHES_OF]}"
         cand = Candidate(node.name, "", self.kind, label, self.name, (float(r), float(r)) if static else None, "mean",
                          patch=(r, r) if static else None)
         if not static:
