@@ -116,7 +116,7 @@ def _with_input_site_hint(err: UserInputError, result: ConversionResult, policy:
     """A budget refused for want of a learned group, where ops were pinned or reverted: the input
     resolution may still learn (``--input-site``; pinned ops keep their input sizes)."""
     held = [s for s in result.plan.sites if s.status in ("pinned", "reverted")]
-    if "no learned group" not in str(err) or policy.get("input_site") or not held:
+    if result.plan.summary()["groups"] or policy.get("input_site") or not held:
         return err
     return UserInputError(f"{err}; with --input-site the input resolution may learn instead (ops that cannot "
                           f"move, such as {held[0].name} here, are then pinned: their inputs resized back)")

@@ -196,15 +196,16 @@ class _ClassBuilder:
         # (tokens reshaped back into a map: Twins)
         shows = lambda c: _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])  # noqa: E731
         shown = [c for c in uniq if shows(c)]
+        lineage = _lineage(uniq)  # the classes the inputs derive from (once: a walk of parents)
         if not shown:  # tokens of a patch grid rebuilt into the grid's map (vit-pytorch's PiT pooling)
-            shown = [c for c in _lineage(uniq) if c.kind != "const" and shows(c)][:1]
-            uniq = uniq + shown
+            shown = [c for c in lineage if c.kind != "const" and shows(c)][:1]
+            uniq, lineage = uniq + shown, [c for c in lineage if c not in shown]
         if not shown and _spatial(self.ref.get(n)) and not any(map(_learned, uniq)):
             # a map made of inputs that do not move (tokens before the first learned group,
             # reshaped into a map; they follow the image by element count): a fixed size of
             # its own, not the image's
             rules.append(_Rule("new", _Class("const"), "in"))
-        rules += self._grid_tokens(n, uniq)
+        rules += self._grid_tokens(n, uniq, lineage)
         # where the two passes cannot tell (a window's attention plus a fixed bias table), the
         # class a learned stride moves: the whole model's check at a third setting decides
         first = {id(c): i for i, c in enumerate(shown)}
@@ -212,11 +213,11 @@ class _ClassBuilder:
         rules += [_Rule("inherit", c, "in") for c in order]
         if probe_rule is not None and probe_rule not in rules:
             rules.append(probe_rule)
-        rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq + _lineage(uniq), self.sizes_ref)
+        rules += _token_rules(self.ref.get(n), self.pert.get(n), uniq + lineage, self.sizes_ref)
         rules.append(_Rule("new", _Class("const"), "in"))
         return rules
 
-    def _grid_tokens(self, n: fx.Node, uniq: list[_Class]) -> list[_Rule]:
+    def _grid_tokens(self, n: fx.Node, uniq: list[_Class], lineage: list[_Class]) -> list[_Rule]:
         """Tokens ``(N, L, C)`` cut from an image rebuilt from a patch grid (``patch_reshape.py``):
         ``L`` is no input's ``h*w`` but the grid's, at both passes. Before inheriting the image
         by element count, which would take the attention over them for work per pixel."""
@@ -226,7 +227,7 @@ class _ClassBuilder:
         counts = lambda c: (math.prod(self.sizes_ref[c.index]), math.prod(self.sizes_pert[c.index]))  # noqa: E731
         if any(counts(c) == (r.shape[1], p.shape[1]) for c in uniq):
             return []
-        return [_Rule("new", _Class("tokens", c, params=(0,)), "out") for c in _lineage(uniq)
+        return [_Rule("new", _Class("tokens", c, params=(0,)), "out") for c in lineage
                 if counts(c) == (r.shape[1], p.shape[1]) and c.kind != "const"][:1]
 
     def _leaf_probe_rule(self, n: fx.Node, module: torch.nn.Module, uniq: list[_Class]) -> _Rule | None:
