@@ -339,6 +339,13 @@ class _ClassBuilder:
             if on is None:
                 self.constant += flops
                 return
+            if self._leaf_on_tokens(n, on) and not self._follows(n, flops, on):
+                # a leaf over the tokens of a map (ConViT's gated attention: projections per
+                # token, attention and position scores per pair)
+                square = _Class("pairs", on)
+                square_sizes = square.predict(self.sizes_ref, self.ref_strides), square.predict(self.sizes_pert, self.pert_strides)
+                if self._split_tokens_and_pairs(n, flops, on, square, square_sizes):
+                    return
             fixed = 0.0
             if n in self.owner._mixed:  # e.g. timm's StdConv2d: conv (scales) + weight standardisation (fixed)
                 fixed = _fixed_part(self.gm, n, self.ref, flops, on_output=on is chosen.cls and chosen.kind != "inherit",
@@ -351,11 +358,11 @@ class _ClassBuilder:
         solved from the two passes; the square class added, guessed (the whole model is checked
         at a third setting). False where no such non-negative split exists."""
         flops_p = self.owner._perturbed_counts()[0].get(n, 0)
-        (l_r, _), (l_p, _) = self.sizes_ref[tokens.index], self.sizes_pert[tokens.index]
+        area_r, area_p = self.area(tokens), math.prod(self.sizes_pert[tokens.index])  # a token class is (L, 1)
         (q_r, q_r2), (q_p, q_p2) = square_sizes
-        area_r, area_p, pairs_r, pairs_p = l_r * 1, l_p * 1, q_r * q_r2, q_p * q_p2
+        pairs_r, pairs_p = q_r * q_r2, q_p * q_p2
         det = area_r * pairs_p - area_p * pairs_r
-        if det == 0 or tokens.kind not in _TOKEN_KINDS:
+        if det == 0:
             return False
         a = (flops * pairs_p - flops_p * pairs_r) / det
         b = (area_r * flops_p - area_p * flops) / det
@@ -366,6 +373,15 @@ class _ClassBuilder:
         self._add_term(tokens, a * area_r)
         self._add_term(square, b * pairs_r)
         return True
+
+    def _leaf_on_tokens(self, n: fx.Node, c: _Class) -> bool:
+        """Whether ``n`` is a custom module fx does not enter that takes tokens ``(N, L, C)``,
+        ``L`` being class ``c``'s area at both passes (its FLOPs need not scale with ``L``)."""
+        if n.op != "call_module" or _is_torch_builtin(self.gm.get_submodule(n.target)) or not n.all_input_nodes:
+            return False
+        r, p = self.ref.get(n.all_input_nodes[0]), self.pert.get(n.all_input_nodes[0])
+        return (isinstance(r, TensorInfo) and isinstance(p, TensorInfo) and len(r.shape) == len(p.shape) == 3
+                and (r.shape[1], p.shape[1]) == (math.prod(self.sizes_ref[c.index]), math.prod(self.sizes_pert[c.index])))
 
     def _follows(self, n: fx.Node, flops: int, c: _Class) -> bool:
         """Whether ``n``'s FLOPs at the perturbed strides are in proportion to ``c``'s area."""

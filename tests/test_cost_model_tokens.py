@@ -95,11 +95,51 @@ def _torchvision_swin_v2() -> nn.Module:
                            num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
 
 
+class GatedAttention(nn.Module):
+    """ConViT's gated positional attention, in short: a position table of ``(1, L, L, 3)`` is
+    rebuilt when the token count changes (control flow fx cannot trace: the module stays whole),
+    projected per pair, and mixed with ``q @ k^T``; FLOPs ``a * L + b * L^2``."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.v = nn.Linear(dim, dim)
+        self.pos_proj = nn.Linear(3, heads)
+        self.register_buffer("rel", torch.zeros(1, 1, 1, 3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        if self.rel.shape[1] != length:
+            i = torch.arange(length, dtype=x.dtype, device=x.device)
+            d = i[None, :] - i[:, None]
+            self.rel = torch.stack([d, d.abs(), d * d], -1)[None]
+        q, k = self.qk(x).reshape(n, length, 2, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        pos = self.pos_proj(self.rel.expand(n, -1, -1, -1)).permute(0, 3, 1, 2).softmax(-1)
+        attn = 0.5 * (q @ k.transpose(-2, -1)).softmax(-1) + 0.5 * pos
+        v = self.v(x).reshape(n, length, self.heads, dim // self.heads).transpose(1, 2)
+        return x + (attn @ v).transpose(1, 2).reshape(n, length, dim)
+
+
+class GatedViT(nn.Module):
+    """Patch embedding, then a leaf of attention over the tokens (no class token)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.attn = GatedAttention(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
 # name -> (builder, input size, range of the patch group's stride for random draws). The patch
 # embeddings are patchify convs: their DynOPool resizes the image to a multiple of the patch and
 # starts at stride 1 (a 4x4 token grid at these sizes); 0.6-1.75 gives 2x2 to 7x7 grids.
 MODELS = {
     "tiny_vit": (TinyViT, 32, (0.6, 1.75)),
+    "gated_attention_leaf": (GatedViT, 32, (0.6, 1.75)),
     "timm_vit_tiny": (_timm_vit, 64, (0.6, 1.75)),
     "timm_registers": (_timm_registers, 56, (0.6, 1.75)),
     "torchvision_vit": (_torchvision_vit, 32, (0.6, 1.75)),
