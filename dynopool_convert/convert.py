@@ -27,6 +27,7 @@ from .pos_embed import follow_grids
 from .rel_pos import follow_rel_biases
 from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
+from .site_sizes import follow_site_sizes
 from .sites import Candidate, find_candidates
 from .sites_unshuffle import UnshuffleHandler
 from .skip_sizes import follow_skips
@@ -101,7 +102,7 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
     candidates = find_candidates(traced, graph.node_names)
     # before any rewrite, so that apply_plan replays them identically
     notes = (list(graph.notes) + patch_notes + follow_skips(traced, candidates) + follow_flattens(traced, candidates)
-             + follow_grids(traced, candidates) + follow_rel_biases(traced, candidates))
+             + follow_grids(traced, candidates) + follow_rel_biases(traced, candidates) + follow_site_sizes(traced, candidates))
     return Analysis(traced, candidates, example, output_spec(graph.output), notes)
 
 

@@ -13,7 +13,7 @@ from torch import fx
 
 from .annotated_graph import TensorInfo, spatial as _spatial
 from .cost_regions import Region
-from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom, function_call
+from .cost_probe import _fixed_part, _is_torch_builtin, _LeafProbe, _plain_custom, function_call, token_call
 from .cost_rules import (_TOKEN_KINDS, _check, _Class, _ClassTerm, _crop_multiple_rules, _pad_multiple_rules, _registry_rules, _ResizeTerm, _Rule,
                          _downsample_rules, _own_function, _sequence_window_rules, _token_rules)
 from .cost_shapes import _has_tensor, _is_shape_like, _shape_of, _shows, _shows_both
@@ -242,6 +242,13 @@ class _ClassBuilder:
         else:
             main = next((a for a in n.all_input_nodes if self.node_class.get(a) is parent), None)
         in_info = self.ref.get(main) if main is not None else None
+        if isinstance(in_info, TensorInfo) and len(in_info.shape) == 3 and len(uniq) == 1:
+            found = token_call(n, main, self.ref, self.pert, self.sizes_ref[parent.index], self.sizes_pert[parent.index], self.gm)
+            if found is None:
+                return None
+            call, ambiguous = found
+            probe = _LeafProbe(module, in_info, self.gm, call=call, tokens=True)
+            return _Rule("new", _Class("opaque", parent, probe=probe, guessed=ambiguous), "opaque")
         if not (isinstance(in_info, TensorInfo) and len(in_info.shape) == 4):
             return None
         others = [c for c in uniq[1:] if c.kind != "const"]

@@ -138,6 +138,43 @@ def function_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], gm: fx.Gra
     return fx.node.map_arg(n.args, slot), fx.node.map_arg(n.kwargs, slot), tensors
 
 
+def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx.Node, Any], size_r: tuple[int, int],
+               size_p: tuple[int, int], gm: fx.GraphModule) -> tuple[tuple[tuple, dict, list[Any]], bool] | None:
+    """``n``'s call as a token ``_LeafProbe`` replays it (``main``: ``N x (h * w) x C`` of a
+    grid of sizes ``size_r``/``size_p`` at the two passes; ints moving as its height or width
+    become ``GRID_H``/``GRID_W``; other tensors as recorded), and whether the height and width
+    moved alike (which is which is then a guess), or None where something else moves."""
+    (h_r, w_r), (h_p, w_p) = size_r, size_p
+    r, p = ref.get(main), pert.get(main)
+    if not (isinstance(p, TensorInfo) and len(p.shape) == 3 and (r.shape[1], p.shape[1]) == (h_r * w_r, h_p * w_p)):
+        return None
+    tensors: list[Any] = []
+    unknown, grid = [], []
+
+    def slot(a: fx.Node) -> Any:
+        info_r, info_p = ref.get(a), pert.get(a)
+        if a is main:
+            tensors.append(None)
+            return _SLOT
+        if isinstance(info_r, TensorInfo):
+            if not isinstance(info_p, TensorInfo) or info_p.shape != info_r.shape:
+                unknown.append(a)
+            tensors.append(torch.zeros(info_r.shape, dtype=info_r.dtype, device=_device(gm)))
+            return _SLOT
+        if isinstance(info_r, int) and info_r != info_p:
+            side = GRID_H if (info_r, info_p) == (h_r, h_p) else GRID_W if (info_r, info_p) == (w_r, w_p) else None
+            (grid if side is not None else unknown).append(a)
+            return side
+        return info_r
+
+    call = fx.node.map_arg(n.args, slot), fx.node.map_arg(n.kwargs, slot), tensors
+    return None if unknown else (call, bool(grid) and (h_r, h_p) == (w_r, w_p))
+
+
+#: the height and width of a token leaf's grid among its call's arguments (``_LeafProbe``'s ``tokens``)
+GRID_H, GRID_W = object(), object()
+
+
 class ProbeFailed(RuntimeError):
     """A leaf module could not run alone on the input the probe made for it (e.g. its input is
     not N x C x H x W: Swin's channels-last blocks); the probe does not explain that node."""
@@ -154,9 +191,13 @@ class _LeafProbe:
     """
 
     def __init__(self, module: Callable, in_info: TensorInfo, gm: fx.GraphModule, channels_last: bool = False,
-                 call: tuple[tuple, dict, list[Tensor | None]] | None = None, memo: dict | None = None) -> None:
+                 call: tuple[tuple, dict, list[Tensor | None]] | None = None, memo: dict | None = None,
+                 tokens: bool = False) -> None:
         self.module, self.in_info, self.gm = module, in_info, gm
         self.channels_last = channels_last  # N x H x W x C in and out (Swin's blocks)
+        # N x (h * w) x C in, the grid's h and w as GRID_H / GRID_W among the call's arguments
+        # (Twins' window attention: ``attn(x, (H, W))``); an output of h * w tokens is the grid's
+        self.tokens = tokens
         # a function's call: args and kwargs with _SLOT for each tensor, and those tensors
         # (None: the probed input); a module is called with the probed input alone
         self.call = call or ((_SLOT,), {}, [None])
@@ -168,10 +209,14 @@ class _LeafProbe:
         if isinstance(self.memo.get(key), ProbeFailed):  # a failure is remembered too: it cost a forward
             raise self.memo[key]
         if key not in self.memo:
-            n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last else 1]
+            n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last or self.tokens else 1]
             shape = (n, *key[:2], c) if self.channels_last else (*self.in_info.shape[:-2], *key[:2])
+            if self.tokens:
+                shape = (n, key[0] * key[1], c)
             x = torch.zeros(shape, dtype=self.in_info.dtype, device=_device(self.gm))
             args, kwargs, tensors = self.call
+            if self.tokens:
+                args, kwargs = fx.node.map_aggregate((args, kwargs), lambda a: key[0] if a is GRID_H else key[1] if a is GRID_W else a)
             wrapper = _OneCall(self.module, args, kwargs, [])
             if isinstance(self.module, nn.Module):
                 wrapper.inner = self.module
@@ -183,6 +228,8 @@ class _LeafProbe:
                 raise failed from err
             out = wrapper.last_shape
             hw = (out[1], out[2]) if self.channels_last else (out[-2], out[-1])
+            if self.tokens and len(out) == 3 and out[1] == key[0] * key[1]:
+                hw, out = key[:2], (*out, 0)
             self.memo[key] = (hw if len(out) == 4 else (1, 1), flops)
         return self.memo[key]
 

@@ -401,7 +401,7 @@ def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
         p = c.predict(sizes_pert, strides_p)
     except ProbeFailed:
         return None
-    if c.kind in _TOKEN_KINDS:
+    if c.kind in _TOKEN_KINDS or (c.kind == "opaque" and c.probe.tokens):  # (a leaf over a grid's tokens)
         return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
     info_r, info_p = _with_indices(info_r), _with_indices(info_p)
     if not _shows_both(info_r, info_p, r, p):

@@ -1,0 +1,136 @@
+"""Grid sizes computed from a site's input, read from its output instead.
+
+Research code often derives a patch embedding's grid from the image it was given: PVT's and
+Twins' ``B, C, H, W = x.shape; x = self.proj(x) ...; return x, (H // p, W // p)``, the sizes
+then reshaping tokens back into a map. Once ``proj`` is a site its output moves with the
+learned stride and those reshapes break (the group was reverted). ``follow_site_sizes``
+rewrites, on the traced graph and before any site is rewritten, every ``H // s`` of a site's
+input size ``H`` on a spatial axis, ``s`` the site's stride on that axis, whose value is the
+site's output size at the reference: what runs after the site reads the site's output size
+instead (the same number at the reference, the right one at any other). Arithmetic on it
+computed before the site (``n = H * W``) is copied after the site for those later uses; uses
+before the site keep the input's value. A pure function of the annotated graph and the
+candidates, so ``apply_plan`` replays it exactly.
+"""
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from ._helpers import node_hw
+from .sites import Candidate
+
+__all__ = ["follow_site_sizes"]
+
+
+def _spatial_axis(index: object, rank: int) -> int | None:
+    """Axis 2 or 3 of a 4-D tensor named by an int index (negative ones too)."""
+    if not isinstance(index, int) or not -rank <= index < rank:
+        return None
+    axis = index % rank
+    return axis if axis in (2, 3) else None
+
+
+def _size_axis(node: fx.Node, x: fx.Node) -> int | None:
+    """The spatial axis whose size ``node`` reads off ``x`` (``x.shape[2]``, ``x.size(-1)``,
+    ``x.size()[3]``, ``x.shape[-2:][0]``, one name of ``B, C, H, W = x.shape``), else None."""
+    if node.op == "call_method" and node.target == "size" and node.args and node.args[0] is x:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return _spatial_axis(dim, 4)
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return None
+    whole, index = node.args[0], node.args[1]
+    axes = _shape_axes(whole, x)
+    if axes is None or not isinstance(index, int) or not -len(axes) <= index < len(axes):
+        return None
+    axis = axes[index]
+    return axis if axis in (2, 3) else None
+
+
+def _shape_axes(node: fx.Node, x: fx.Node) -> list[int] | None:
+    """The axes of ``x`` a shape tuple holds: ``x.shape``/``x.size()`` all four, a slice of them."""
+    if node.op == "call_function" and node.target is getattr and node.args[0] is x and node.args[1] == "shape":
+        return [0, 1, 2, 3]
+    if node.op == "call_method" and node.target == "size" and node.args[0] is x and len(node.args) == 1 and not node.kwargs:
+        return [0, 1, 2, 3]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+            and isinstance(node.args[1], slice):
+        inner = _shape_axes(node.args[0], x)
+        return None if inner is None else inner[node.args[1]]
+    return None
+
+
+def _is_size_arithmetic(node: fx.Node) -> bool:
+    """An int computed from sizes (no tensor: the annotated graph records none for it)."""
+    return node.op == "call_function" and node.meta.get("tensor_meta") is None and node.target is not getattr
+
+
+def _grid_sizes(site: fx.Node, cand: Candidate) -> list[tuple[fx.Node, int]]:
+    """The ``H // s`` nodes of ``site``'s input size that name its output size, with their axis."""
+    x = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
+    hw_in, hw_out = node_hw(x), node_hw(site)
+    if x is None or hw_in is None or hw_out is None or cand.stride is None:
+        return []
+    reads, frontier = [], list(x.users)  # x.shape, then its items and slices
+    while frontier:
+        n = frontier.pop()
+        if n.op in ("call_function", "call_method") and n.target in (getattr, operator.getitem, "size") \
+                and n.meta.get("tensor_meta") is None and n not in reads:
+            reads.append(n)
+            frontier += n.users
+    found = []
+    for read in reads:
+        axis = _size_axis(read, x)
+        if axis is None:
+            continue
+        stride, size_in, size_out = cand.stride[axis - 2], hw_in[axis - 2], hw_out[axis - 2]
+        for u in read.users:
+            if u.op == "call_function" and u.target is operator.floordiv and u.args[0] is read \
+                    and isinstance(u.args[1], int) and u.args[1] == stride and size_in // u.args[1] == size_out:
+                found.append((u, axis))
+    return found
+
+
+def _redirect(gm: fx.GraphModule, site: fx.Node, grids: list[tuple[fx.Node, int]], order: dict[fx.Node, int]) -> None:
+    """Uses of the ``grids`` (and of arithmetic on them computed before ``site``: ``H * W``)
+    after ``site`` read ``site``'s output size on each one's axis."""
+    derived, frontier = [], [g for g, _ in grids]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u in derived or u not in order or not _is_size_arithmetic(u):
+                continue
+            derived.append(u)
+            frontier.append(u)
+    with gm.graph.inserting_after(site):
+        last = shape = gm.graph.call_function(getattr, (site, "shape"))
+    copies: dict[fx.Node, fx.Node] = {}
+    for grid, axis in grids:
+        with gm.graph.inserting_after(last):
+            last = copies[grid] = gm.graph.call_function(operator.getitem, (shape, axis))
+    for n in sorted(derived, key=order.__getitem__):
+        if order[n] < order[site] and n not in copies:
+            with gm.graph.inserting_after(last):
+                last = copies[n] = gm.graph.node_copy(n, lambda a: copies.get(a, a))
+    for user in [u for u in order if order[u] > order[site]]:
+        for a in user.all_input_nodes:
+            if a in copies:
+                user.replace_input_with(a, copies[a])
+
+
+def follow_site_sizes(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
+    """Rewrite, in place, the grid sizes computed from a site's input (``H // s``) to read the
+    site's output where they are used after it; one note per site. ``gm`` must carry
+    ``tensor_meta``."""
+    sites = {c.node: c for c in candidates if c.kind in ("conv", "pool") and not c.skip_reason}
+    notes = []
+    for site in [n for n in gm.graph.nodes if n.name in sites]:
+        grids = _grid_sizes(site, sites[site.name])
+        if grids:
+            _redirect(gm, site, grids, {n: i for i, n in enumerate(gm.graph.nodes)})
+            notes.append(f"the grid size computed from site {sites[site.name].name}'s input (size // stride) follows its output")
+    if notes:
+        gm.graph.lint()
+        gm.recompile()
+    return notes
