@@ -323,6 +323,11 @@ def _token_rules(info_r: Any, info_p: Any, parents: Sequence[_Class], sizes_ref:
             extra = tensors_r[0].shape[changed[0]] - h * w
             if extra:
                 rules.append(_Rule("new", _Class("pairs", c, params=(extra,)), "out"))
+    if len(changed) == 2:  # (L1, L2): queries of one grid over keys of another (PVT's reduced keys, unfused)
+        area = lambda c: sizes_ref[c.index][0] * sizes_ref[c.index][1]  # noqa: E731
+        l1, l2 = (tensors_r[0].shape[d] for d in changed)
+        rules += [_Rule("new", _Class("cross", a, other=b, guessed=True), "out")
+                  for a in parents if area(a) == l1 for b in parents if b is not a and area(b) == l2]
     return rules
 
 

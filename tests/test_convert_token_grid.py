@@ -38,6 +38,10 @@ def test_vit_reshape_follows_the_grid_and_learns():
 
 
 def test_without_the_pass_the_group_is_reverted(monkeypatch):
+    # torchvision's n_h = h // p also reads the conv's output since site_sizes.py: either pass
+    # alone keeps the group; without both it is reverted
+    monkeypatch.setattr(convert_module, "follow_site_sizes", lambda gm, candidates: [])
+    assert convert(_tiny_vit(), input_size=(3, 32, 32)).plan.summary()["groups"] == 1
     monkeypatch.setattr(convert_module, "follow_flattens", lambda gm, candidates: [])
     result = convert(_tiny_vit(), input_size=(3, 32, 32))
     assert result.plan.summary()["groups"] == 0

@@ -2,7 +2,8 @@
 embeddings return ``(H // p, W // p)`` of the image they were given, and the blocks after them
 reshape tokens with those sizes. Such a site's group was reverted ("breaks the forward"); now
 those sizes read the site's output, the group learns, and the cost model follows the window
-attention that takes the sizes as an argument (a leaf over the grid's tokens, probed)."""
+attention that takes the sizes as an argument (a leaf over the grid's tokens, probed), and
+queries of one grid over keys of another (PVT's spatial reduction, attention unfused)."""
 from __future__ import annotations
 
 import random
@@ -140,3 +141,37 @@ def test_sizes_that_are_not_the_sites_output_are_left_alone():
     r = convert(OtherDivisor().eval(), (3, 16, 16))
     assert r.plan.site("proj").status == "converted"
     assert not any("follows its output" in n for n in r.plan.notes)
+
+
+class ReducedKeys(nn.Module):
+    """PVT's spatial-reduction attention, unfused: ``q @ k^T`` is ``(h * w) x (h' * w')``, the
+    keys' grid shrunk by a strided conv (a site of its own)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = PatchEmbed(3, dim, 4)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.sr = nn.Conv2d(dim, dim, 2, stride=2)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, (h, w) = self.embed(x)
+        b, n, c = x.shape
+        keys = self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+        k, v = self.kv(keys).chunk(2, -1)
+        attn = (self.q(x) @ k.transpose(1, 2)).softmax(-1)
+        return self.head((attn @ v).mean(1))
+
+
+def test_the_cost_model_follows_queries_over_keys_of_another_grid():
+    torch.manual_seed(0)
+    model = convert(ReducedKeys().eval(), (3, 32, 32), validate=False).model
+    assert len(scale_parameters(model)) == 2
+    cost, rng = CostModel(model, (3, 32, 32)), random.Random(2)
+    seen = set()
+    for _ in range(4):
+        _set_strides(model, [(rng.uniform(0.6, 1.6), rng.uniform(0.6, 1.6)) for _ in range(2)])
+        expected = count_flops(model, (3, 32, 32))
+        assert cost.flops() == expected
+        seen.add(expected)
+    assert len(seen) > 2
