@@ -80,12 +80,12 @@ def analyse(model: nn.Module, input_size: Sequence[int], input_site: bool = Fals
     """Trace ``model``, propagate shapes at ``input_size`` (batch 1, eval mode), find the sites
     (with ``input_site``, a learnable input resolution in front: see ``input_site.py``)."""
     size = check_input_size(input_size)
-    t = trace_model(model)
-    if input_site:
-        insert_input_site(t.graph_module)
     first = next(iter(model.parameters()), None)  # the example lives where the model does
     device, dtype = (first.device, first.dtype) if first is not None and first.is_floating_point() else ("cpu", torch.float32)
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    t = trace_model(model, example)
+    if input_site:
+        insert_input_site(t.graph_module)
     try:
         with quiet():
             graph = AnnotatedGraph(t, size, example=example)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torchvision
-from torch import fx, nn
+from torch import Tensor, fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import UserInputError
+from .size_branches import CONTROL_FLOW_REFUSAL, BranchingTracer
 
 __all__ = ["Traced", "trace_model", "leaf_module_types"]
 
@@ -223,7 +224,7 @@ def _int_of_sizes(model: nn.Module) -> Iterator[None]:
             table.pop(key, None)
 
 
-def trace_model(model: nn.Module) -> Traced:
+def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
     """Trace ``model`` (in eval mode, then restored) into a GraphModule sharing its submodules.
 
     Python branches on ``self.training`` inside traced-through code are frozen at their eval
@@ -232,6 +233,10 @@ def trace_model(model: nn.Module) -> Traced:
     that module's class is kept as a leaf and tracing is tried again (``Traced.notes`` says
     which); the same happens on every replay, so plans stay valid.
 
+    With ``example`` (an input of the reference size), an ``if`` on traced sizes that fx refused
+    in the model's own forward or in a module holding a resizing op is taken as the example
+    takes it (``size_branches.py``; one note per branch).
+
     Raises ``UserInputError`` naming the module or function that could not be traced.
     """
     extra: list[type] = []
@@ -239,13 +244,11 @@ def trace_model(model: nn.Module) -> Traced:
     was_training = model.training
     model.eval()
     try:
-        builtins_wrapped = False
+        builtins_wrapped = branching = False
         while True:
-            tracer = NodePathTracer(
-                leaf_modules=leaf_module_types() + extra,
-                autowrap_functions=_notrace_functions(),
-                autowrap_modules=(math, torchvision.ops, *[m for m in (_einops(),) if m is not None]),
-            )
+            options = dict(leaf_modules=leaf_module_types() + extra, autowrap_functions=_notrace_functions(),
+                           autowrap_modules=(math, torchvision.ops, *[m for m in (_einops(),) if m is not None]))
+            tracer = BranchingTracer(**options, example=example) if branching else NodePathTracer(**options)
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
@@ -258,6 +261,10 @@ def trace_model(model: nn.Module) -> Traced:
                     builtins_wrapped = True  # only then: wrapped, they are no types (isinstance(k, int))
                     continue
                 failing = _failing_module(err, model)
+                if (not branching and example is not None and CONTROL_FLOW_REFUSAL in msg
+                        and (failing is None or _hides_sites(failing))):
+                    branching = True  # only then: a branch taken at one size is a constraint
+                    continue
                 if failing is None or type(failing) in extra or _hides_sites(failing) or len(extra) >= MAX_AUTO_LEAVES:
                     hint = ("register the module with timm.layers.register_notrace_module or the function with "
                             "register_notrace_function" if failing is not None else
@@ -272,6 +279,8 @@ def trace_model(model: nn.Module) -> Traced:
                 notes.append(f"traced {type(failing).__name__} as a leaf: tracing into it failed at {_culprit(err)} "
                              f"({type(err).__name__}: {msg[:100]})")
         notes += _hidden_site_notes(model, extra)
+        if branching:
+            notes += [f"traced with a branch on sizes fixed: {b}" for b in tracer.branches]
     finally:
         model.train(was_training)
     name = model.__class__.__name__

@@ -133,3 +133,43 @@ class TwinsSVT(nn.Module):
             if i < len(self.embeds) - 1:
                 x = x.reshape(b, *size, -1).permute(0, 3, 1, 2).contiguous()
         return self.head(self.norm(x).mean(1))
+
+
+class PaddedPatchEmbed(PatchEmbed):
+    """The Swin paper code's patch embedding: pads the image to whole patches first."""
+
+    def forward(self, x):
+        _, _, h, w = x.size()
+        if w % self.patch != 0:
+            x = F.pad(x, (0, self.patch - w % self.patch))
+        if h % self.patch != 0:
+            x = F.pad(x, (0, 0, 0, self.patch - h % self.patch))
+        return super().forward(x)
+
+
+class PVTv1Code(PVT):
+    """PVT v1 as its code runs: a stage's position table is interpolated to the grid in the
+    model's own forward unless the grid is the one it was made for (``if H * W == ...``), the
+    patch embeddings pad to whole patches. fx cannot trace either branch; dynopool takes them
+    as at the reference size (a note per branch)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3) -> None:
+        super().__init__(num_classes, in_chans)
+        self.embeds[0] = PaddedPatchEmbed(in_chans, 32, 4)
+        self.grids = (8, 4, 2)
+
+    def _pos(self, i, h, w):
+        g = self.grids[i]
+        if h * w == g * g:
+            return self.pos[i]
+        table = self.pos[i].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        return F.interpolate(table, size=(h, w), mode="bilinear").flatten(2).transpose(1, 2)
+
+    def forward(self, x):
+        b = x.shape[0]
+        for i, (embed, block) in enumerate(zip(self.embeds, self.blocks)):
+            x, (h, w) = embed(x)
+            x = block(x + self._pos(i, h, w), h, w)
+            if i < len(self.blocks) - 1:
+                x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        return self.head(self.norm(x).mean(1))
