@@ -444,8 +444,8 @@ class UnsupportedStridedModuleHandler:
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         m = _module(gm, node)
-        return Candidate(node.name, "", self.kind, _desc(m), self.name,
-                         skip_reason=f"strided {type(m).__name__} has no site handler")
+        kind = "pool" if "pool" in type(m).__name__.lower() else self.kind  # (MaxUnpool2d is listed as a pool)
+        return Candidate(node.name, "", kind, _desc(m), self.name, skip_reason=f"strided {type(m).__name__} has no site handler")
 
     def apply(self, gm, node, pool_path, placement) -> None:  # pragma: no cover
         raise NotImplementedError

@@ -85,6 +85,22 @@ def test_the_pool_feeding_an_unpool_is_not_a_site_and_the_cost_model_follows_the
         assert round(float(cost().detach())) == count_flops(result.model, (3, 32, 32))
 
 
+class UnpoolModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, i = self.pool(self.c0(x))
+        return self.unpool(y, i).mean((2, 3))
+
+
+def test_a_skipped_unpool_module_is_listed_as_a_pool():
+    unpool = dc.convert(UnpoolModule(), (3, 16, 16)).plan.site("unpool")
+    assert unpool.status == "skipped" and unpool.kind == "pool" and "MaxUnpool2d has no site handler" in unpool.reason
+
+
 def test_convert_cli_with_a_budget(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["convert", f"{__name__}:unpool_net", "--input-size", "32", "--budget", "0.7x",
