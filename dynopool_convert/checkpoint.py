@@ -109,7 +109,8 @@ def _torch_load(path: Path, what: str = "dynopool checkpoint") -> Any:
         if unsafe:
             raise UserInputError(
                 f"refusing to load {name!r}: it references the Python object {unsafe.group(1) or unsafe.group(2)}, and unpickling it "
-                "could run code (dynopool loads files weights-only: tensors and plain data)"
+                "could run code (dynopool loads files weights-only: tensors and plain data; a whole model saved with "
+                "torch.save(model)? save torch.save(model.state_dict(), PATH) once, where the model is trusted, and give that file)"
             ) from err
         detail = _UNPICKLER_DETAIL.search(str(err))
         raise UserInputError(
