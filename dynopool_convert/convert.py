@@ -29,6 +29,7 @@ from .plan import Group, Plan, Site
 from .rewrite import rewrite, site_module_paths
 from .site_sizes import follow_site_sizes
 from .sites import Candidate, find_candidates
+from .sites_unfold import UnfoldHandler
 from .sites_unshuffle import UnshuffleHandler
 from .skip_sizes import follow_skips
 from .token_grid import follow_flattens
@@ -137,7 +138,7 @@ def _patch_of_group(members: list[Candidate], policy: dict) -> tuple[int, int] |
     patches = {c.patch for c in members}
     if len(patches) != 1 or None in patches:
         return None
-    forced = any(c.handler == UnshuffleHandler.name for c in members)
+    forced = any(c.handler in (UnshuffleHandler.name, UnfoldHandler.name) for c in members)
     if not forced and (policy["placement"] != "before" or not policy.get("patchify", True)):
         return None
     return next(iter(patches))

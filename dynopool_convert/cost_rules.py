@@ -53,6 +53,7 @@ class _Class:
     guessed: bool = False  # read off the two passes alone: the whole model is checked once more
     other: "_Class | None" = None  # cross: the second sequence
     others: tuple = ()  # opaque: the classes of the probed call's other moving inputs
+    flat: bool = False  # window: shown flattened (an unfold's N x C k^2 x L), followed by element count
 
     def probed(self, sizes: dict[int, tuple[int, int]], dh: int = 0, dw: int = 0) -> tuple[tuple[int, int], int]:
         """An opaque class's probe at its inputs' ``sizes`` (the parent's ``dh``/``dw`` larger)."""
@@ -170,7 +171,7 @@ def _geometry_rule(g: Geometry, parent: _Class) -> _Rule | None:
     if g.padding is None:
         return None
     wp = tuple((g.kernel[i], g.stride[i], g.padding[i], g.dilation[i], g.ceil) for i in range(2))
-    return None if _keeps_size(wp) else _Rule("new", _Class("window", parent, params=wp), g.flops_on)
+    return None if _keeps_size(wp) else _Rule("new", _Class("window", parent, params=wp, flat=g.flat), g.flops_on)
 
 
 _TOKEN_KINDS = ("tokens", "pairs", "cross", "pooled")
@@ -406,7 +407,7 @@ def _check(rule, info_r, info_p, sizes_ref, sizes_pert, strides_r, strides_p):
         p = c.predict(sizes_pert, strides_p)
     except ProbeFailed:
         return None
-    if c.kind in _TOKEN_KINDS or (c.kind == "opaque" and c.probe.tokens):  # (a leaf over a grid's tokens)
+    if c.kind in _TOKEN_KINDS or c.flat or (c.kind == "opaque" and c.probe.tokens):  # (a leaf over a grid's tokens)
         return (r, p) if min(r + p) > 0 and _inherits(info_r, info_p, r, p) else None
     info_r, info_p = _with_indices(info_r), _with_indices(info_p)
     if not _shows_both(info_r, info_p, r, p):

@@ -16,6 +16,7 @@ a function when it is one of ``functions``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .sites import (
     slice_steps,
 )
 from .sites_conv_function import CONV_FUNCTIONS, CONV_PARAMS, ConvFunctionHandler
+from .sites_unfold import UnfoldHandler
 from .sites_unshuffle import UNSHUFFLE_FUNCTIONS, UnshuffleHandler
 
 __all__ = ["Geometry", "OpCall", "OpSpec", "SPECS", "Window", "spec_for", "spec_for_node", "op_call",
@@ -80,6 +82,7 @@ class Geometry:
     factor: tuple[float, float] = (1.0, 1.0)
     support: float | None = None
     flops_on: str = "in"
+    flat: bool = False  # the output's grid flattened into one axis (an unfold's N x C k^2 x L)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,13 @@ def window_geometry(kernel: Any, stride: Any, padding: Any = 0, dilation: Any = 
     if same and max(s) > 1:
         out.append(Geometry("same", k, s, None, d, flops_on=flops_on))
     return out
+
+
+def _unfold(geometry: Any) -> list[Geometry]:
+    """An unfold's patch grid: a window (its output flattens it into the last axis)."""
+    get = (lambda k, d: getattr(geometry, k)) if isinstance(geometry, nn.Module) else (lambda k, d: geometry.get(k, d))
+    g = window_geometry(get("kernel_size", None), get("stride", 1), get("padding", 0), get("dilation", 1))[0]
+    return [dataclasses.replace(g, flat=True)]
 
 
 def geometry_window(g: Geometry, hw_in: HW, hw_out: HW) -> Window:
@@ -339,6 +349,9 @@ SPECS: tuple[OpSpec, ...] = (
            geometry=lambda c: _strided_slice(c.arg("index"))),
     OpSpec("pad_function", functions=(F.pad,), params=("pad", "mode", "value"), geometry=lambda c: _pad(c.arg("pad", ())),
            window=lambda c, hw_in, hw_out: _KEEPS_FIELD),
+    # T2T's soft split: overlapping patches every `stride` pixels, as tokens (sites_unfold.py)
+    OpSpec("unfold", modules=(nn.Unfold,), functions=(F.unfold,), params=("kernel_size", "dilation", "padding", "stride"),
+           site=UnfoldHandler(), geometry=lambda c: _unfold(c.module if c.module is not None else (c.args or {}))),
     # last: any other leaf module with a stride > 1, listed as a site that is not converted
     OpSpec("unsupported", modules=(nn.Module,), site=UnsupportedStridedModuleHandler(), leaf=False),
 )
