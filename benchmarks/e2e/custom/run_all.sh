@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/e2e/custom/run_all.sh [/usr/share/datasets/fashion-mnist] [OUT]
 #
-# Results (sessions 18, 19, 20) in docs/BENCHMARKS.md, "Hand-written models".
+# Results (sessions 18 to 21) in docs/BENCHMARKS.md, "Hand-written models".
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 data=${1:-/usr/share/datasets/fashion-mnist}; root=${2:-/tmp/e2e_custom}
@@ -28,6 +28,8 @@ run exotic:Hourglass 32 0.85x
 run exotic:Gray 1,32,32 0.7x
 for m in TupleOut Unpool; do run "exotic:$m" 32 0.7x; done
 for m in DynSizeInterp SliceSub ShuffleUp PatchViT SpaceToDepth; do run "exotic2:$m" 32 0.9x; done
+for m in PVT TwinsSVT PVTv1Code; do run "pvt:$m" 32 0.8x; done
+run softsplit:T2T 32 0.8x
 run cifar_resnet:resnet20 32 0.7x
 run tutorials:STN 1,28,28 0.8x
 for m in ResNet18 ShuffleNetV2 DenseNet; do run "kuangliu:$m" 32 0.8x; done
