@@ -162,9 +162,13 @@ def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx
             tensors.append(torch.zeros(info_r.shape, dtype=info_r.dtype, device=_device(gm)))
             return _SLOT
         if isinstance(info_r, int) and info_r != info_p:
-            side = GRID_H if (info_r, info_p) == (h_r, h_p) else GRID_W if (info_r, info_p) == (w_r, w_p) else None
+            sides = [g for g, pair in ((GRID_H, (h_r, h_p)), (GRID_W, (w_r, w_p))) if (info_r, info_p) == pair]
+            # both sides moved alike: the height first, then the width (``attn(x, (H, W))``)
+            side = sides[len(grid) % 2] if len(sides) == 2 else sides[0] if sides else None
             (grid if side is not None else unknown).append(a)
             return side
+        if info_r != info_p:  # something else that moves (a shape as one value): not replayed
+            unknown.append(a)
         return info_r
 
     call = fx.node.map_arg(n.args, slot), fx.node.map_arg(n.kwargs, slot), tensors

@@ -7,9 +7,9 @@ learned stride and those reshapes break (the group was reverted). ``follow_site_
 rewrites, on the traced graph and before any site is rewritten, every ``H // s`` of a site's
 input size ``H`` on a spatial axis, ``s`` the site's stride on that axis, whose value is the
 site's output size at the reference: what runs after the site reads the site's output size
-instead (the same number at the reference, the right one at any other). Arithmetic on it
-computed before the site (``n = H * W``) is copied after the site for those later uses; uses
-before the site keep the input's value. A pure function of the annotated graph and the
+instead (the same number at the reference, the right one at any other), where they are used
+by what reads the site's output (arithmetic on them, ``n = H * W``, is copied for those uses);
+other uses (a crop of the input, another site's grid) keep the input's value. A pure function of the annotated graph and the
 candidates, so ``apply_plan`` replays it exactly.
 """
 from __future__ import annotations
@@ -62,8 +62,20 @@ def _shape_axes(node: fx.Node, x: fx.Node) -> list[int] | None:
 
 
 def _is_size_arithmetic(node: fx.Node) -> bool:
-    """An int computed from sizes (no tensor: the annotated graph records none for it)."""
-    return node.op == "call_function" and node.meta.get("tensor_meta") is None and node.target is not getattr
+    """Pure arithmetic on ints (``operator``'s or ``math``'s: never an assert or a tensor op)."""
+    return node.op == "call_function" and node.meta.get("tensor_meta") is None \
+        and getattr(node.target, "__module__", None) in ("_operator", "operator", "math") and node.target is not operator.getitem
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node that reads ``node``'s value, directly or not."""
+    found, frontier = set(), [node]
+    while frontier:
+        for u in frontier.pop().users:
+            if u not in found:
+                found.add(u)
+                frontier.append(u)
+    return found
 
 
 def _grid_sizes(site: fx.Node, cand: Candidate) -> list[tuple[fx.Node, int]]:
@@ -92,43 +104,51 @@ def _grid_sizes(site: fx.Node, cand: Candidate) -> list[tuple[fx.Node, int]]:
     return found
 
 
-def _redirect(gm: fx.GraphModule, site: fx.Node, grids: list[tuple[fx.Node, int]], order: dict[fx.Node, int]) -> None:
-    """Uses of the ``grids`` (and of arithmetic on them computed before ``site``: ``H * W``)
-    after ``site`` read ``site``'s output size on each one's axis."""
+def _redirect(gm: fx.GraphModule, site: fx.Node, grids: list[tuple[fx.Node, int]], order: dict[fx.Node, int]) -> bool:
+    """The uses of the ``grids`` (and of arithmetic on them: ``H * W``) by what reads ``site``'s
+    output read ``site``'s output size on each one's axis; other uses (a crop of the input, the
+    grid of another site of the same input) keep the input's. False (and the graph as it was)
+    where nothing that reads the site's output uses them."""
     derived, frontier = [], [g for g, _ in grids]
     while frontier:
         n = frontier.pop()
         for u in n.users:
-            if u in derived or u not in order or not _is_size_arithmetic(u):
-                continue
-            derived.append(u)
-            frontier.append(u)
+            if u not in derived and u in order and _is_size_arithmetic(u):
+                derived.append(u)
+                frontier.append(u)
     with gm.graph.inserting_after(site):
         last = shape = gm.graph.call_function(getattr, (site, "shape"))
     copies: dict[fx.Node, fx.Node] = {}
     for grid, axis in grids:
         with gm.graph.inserting_after(last):
             last = copies[grid] = gm.graph.call_function(operator.getitem, (shape, axis))
-    for n in sorted(derived, key=order.__getitem__):
-        if order[n] < order[site] and n not in copies:
-            with gm.graph.inserting_after(last):
-                last = copies[n] = gm.graph.node_copy(n, lambda a: copies.get(a, a))
-    for user in [u for u in order if order[u] > order[site]]:
-        for a in user.all_input_nodes:
-            if a in copies:
-                user.replace_input_with(a, copies[a])
+    for n in sorted((d for d in derived if d not in copies), key=order.__getitem__):
+        before = order[n] < order[site]  # copied after the site; one computed after it, right after itself
+        with gm.graph.inserting_after(last if before else n):
+            copies[n] = gm.graph.node_copy(n, lambda a: copies.get(a, a))
+        last = copies[n] if before else last
+    redirected = False
+    for user in _descendants(site) & set(order):
+        if user not in copies:
+            for a in user.all_input_nodes:
+                if a in copies:
+                    user.replace_input_with(a, copies[a])
+                    redirected = True
+    if not redirected:
+        for n in [*reversed(list(copies.values())), shape]:
+            gm.graph.erase_node(n)
+    return redirected
 
 
 def follow_site_sizes(gm: fx.GraphModule, candidates: list[Candidate]) -> list[str]:
     """Rewrite, in place, the grid sizes computed from a site's input (``H // s``) to read the
-    site's output where they are used after it; one note per site. ``gm`` must carry
+    site's output where what reads that output uses them; one note per site. ``gm`` must carry
     ``tensor_meta``."""
     sites = {c.node: c for c in candidates if c.kind in ("conv", "pool") and not c.skip_reason}
     notes = []
     for site in [n for n in gm.graph.nodes if n.name in sites]:
         grids = _grid_sizes(site, sites[site.name])
-        if grids:
-            _redirect(gm, site, grids, {n: i for i, n in enumerate(gm.graph.nodes)})
+        if grids and _redirect(gm, site, grids, {n: i for i, n in enumerate(gm.graph.nodes)}):
             notes.append(f"the grid size computed from site {sites[site.name].name}'s input (size // stride) follows its output")
     if notes:
         gm.graph.lint()

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torchvision
 from torch import Tensor, fx, nn
+from torch.utils import _pytree as pytree
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import UserInputError
@@ -130,6 +131,28 @@ def _default_args(model: nn.Module) -> dict | None:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     concrete = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
     return concrete or None
+
+
+def _plain_arguments(graph: fx.Graph, concrete: dict | None) -> fx.Graph:
+    """``graph`` called with the input alone: fx flattens a default that is a container
+    (``out_indices=(0, 1)``) into placeholders whose generated signature does not compile
+    (SyntaxError); their uses take the traced values instead."""
+    if not concrete or not any(isinstance(v, (tuple, list, dict)) for v in concrete.values()):
+        return graph
+    leaves = pytree.tree_leaves(list(concrete.values()))
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    if len(leaves) != len(placeholders):
+        return graph
+    for node, value in zip(placeholders, leaves):
+        for user in list(node.users):
+            user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a: value if a is node else a)
+        graph.erase_node(node)
+    out_spec = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
+    output = next(n for n in graph.nodes if n.op == "output")
+    if out_spec is not None:  # the output, flattened for the pytree signature, as the model returns it
+        output.args = (pytree.tree_unflatten(list(output.args[0]), out_spec),)
+    graph._codegen = fx.graph.CodeGen()
+    return graph
 
 
 #: how many module classes ``trace_model`` may turn into leaves to get past tracing failures
@@ -248,12 +271,13 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
         while True:
             options = dict(leaf_modules=leaf_module_types() + extra, autowrap_functions=_notrace_functions(),
                            autowrap_modules=(math, torchvision.ops, *[m for m in (_einops(),) if m is not None]))
-            tracer = BranchingTracer(**options, example=example) if branching else NodePathTracer(**options)
+            tracer = (BranchingTracer(**options, example=example, may_fix=lambda m: m is model or _hides_sites(m))
+                      if branching else NodePathTracer(**options))
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
                 with _int_of_sizes(model) if builtins_wrapped else contextlib.nullcontext():
-                    graph = tracer.trace(model, concrete_args=_default_args(model))
+                    graph = _plain_arguments(tracer.trace(model, concrete_args=_default_args(model)), _default_args(model))
                 break
             except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
                 msg = " ".join(str(err).split())[:200]

@@ -175,3 +175,36 @@ def test_the_cost_model_follows_queries_over_keys_of_another_grid():
         assert cost.flops() == expected
         seen.add(expected)
     assert len(seen) > 2
+
+
+class InputUses(nn.Module):
+    """``H // 2`` of one input used three ways: to crop the input (keeps the input's size), to
+    reshape a stride-2 pool's tokens (follows the pool), next to a stride-2 conv of the same
+    input (another site, its own group), and in an assert on the input (never copied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 2, stride=2)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        torch._assert((h // 2) * 2 == h, "even sizes only")
+        crop = x[:, :, : h // 2, : w // 2].mean((2, 3))
+        pooled = self.pool(x).flatten(2).reshape(b, c, h // 2, w // 2)
+        return torch.cat([crop, pooled.mean((2, 3)), self.down(x).mean((2, 3))], 1)
+
+
+def test_only_what_reads_the_sites_output_follows_it():
+    torch.manual_seed(0)
+    r = convert(InputUses().eval(), (3, 16, 16))
+    assert r.plan.site("pool").status == r.plan.site("down").status == "converted"
+    assert r.plan.site("pool").group != r.plan.site("down").group
+    notes = [n for n in r.plan.notes if "follows its output" in n]
+    assert notes == ["the grid size computed from site pool's input (size // stride) follows its output"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        scale_parameters(r.model)[r.plan.site("pool").group].copy_(torch.tensor([2.7, 2.7]))  # 16 / 2.7 -> 6
+        scale_parameters(r.model)[r.plan.site("down").group].copy_(torch.tensor([1.4, 1.4]))
+    out = r.model.eval()(x)
+    torch.testing.assert_close(out[:, :3], x[:, :, :8, :8].mean((2, 3)))  # the crop of the input, as before

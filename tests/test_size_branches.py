@@ -130,3 +130,86 @@ def test_a_module_without_sites_that_branches_on_sizes_is_still_kept_whole():
     assert r.plan.site("pool").status == "converted"
     assert any("traced SizeGate as a leaf" in n for n in r.plan.notes)
     assert not any("branch on sizes fixed" in n for n in r.plan.notes)
+
+
+class DataShaped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        if (x > 0).nonzero().shape[0] > x.numel() // 2:  # a shape that counts values
+            x = -x
+        return self.conv(x)
+
+
+class BatchBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        if x.shape[0] == 1:  # the batch, not the image
+            y = y * 2
+        return y
+
+
+@pytest.mark.parametrize("model", [DataShaped, BatchBranch])
+def test_a_branch_on_counted_values_or_on_the_batch_is_still_refused(model):
+    with pytest.raises(UserInputError, match=f"cannot trace {model.__name__}"):
+        convert(model(), (3, 16, 16))
+
+
+class PadOdd(nn.Module):
+    """No site inside: kept whole, its branch runs at every size."""
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return x
+
+
+class RootBranchThenPad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.pad = PadOdd()
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x, out_indices=(0, 1)):
+        y = self.down(x)
+        if y.shape[-1] == 8:  # the root's own: taken as at the reference
+            y = y + 1
+        return self.pool(self.pad(y)).mean((2, 3)) * len(out_indices)
+
+
+def test_a_module_without_sites_stays_whole_after_the_roots_branch_is_taken():
+    torch.manual_seed(0)
+    original = RootBranchThenPad().eval()
+    r = convert(original, (3, 16, 16))
+    assert any("traced PadOdd as a leaf" in n for n in r.plan.notes)
+    assert [n for n in r.plan.notes if "branch on sizes fixed" in n][0].count("if y.shape[-1] == 8:") == 1
+    assert r.plan.site("down").status == r.plan.site("pool").status == "converted"
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(convert(original, (3, 16, 16), placement="exact").model.eval()(x), original(x))
+
+
+class ContainerDefaults(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x, out_indices=(0, 1), scales={"a": 2.0}):  # noqa: B006 (a default as research code writes it)
+        y = self.down(x)
+        return {"logits": y.mean((2, 3)) * len(out_indices) * scales["a"], "maps": [y]}
+
+
+def test_a_forward_with_container_defaults_traces_and_returns_what_the_model_returns():
+    # fx flattened the tuple into placeholders whose generated signature did not compile (SyntaxError)
+    model = ContainerDefaults().eval()
+    traced = trace_model(model).graph_module
+    x = torch.randn(1, 3, 16, 16)
+    out, ref = traced(x), model(x)
+    assert torch.equal(out["logits"], ref["logits"]) and torch.equal(out["maps"][0], ref["maps"][0])
+    assert convert(model, (3, 16, 16)).plan.site("down").status == "converted"
