@@ -58,6 +58,15 @@ def test_history_is_keyed_and_shown_in_group_order(renumbered):
     assert cell.startswith("group 0: ") and cell.index("group 1: ") < cell.index("group 2: ")
 
 
+def test_an_epochs_scale_factors_are_the_saved_models_as_its_flops_are():
+    # the epoch row's FLOPs are the budget-projected copy's: its r is shown, not the training model's
+    report = {"history": [{"kind": "step", "flops": 120, "r": {"0": [1.0, 1.0]}},
+                          {"kind": "epoch", "flops": 100, "r": {"0": [1.0, 1.0]}, "r_saved": {"0": [0.5, 0.5]}}]}
+    columns, rows = text.history_rows(report)
+    cells = [row[columns.index("r (h, w)")] for row in rows]
+    assert cells[0].startswith("group 0: 1") and cells[1].startswith("group 0: 0.5")
+
+
 def test_history_flops_formatted_like_the_rest(renumbered):
     md = render(renumbered, "md")
     history = md[md.index("## History"):]

@@ -127,7 +127,8 @@ def _cell(key: str, value: Any) -> str:
 def history_rows(report: dict[str, Any], limit: int = 20, compact: bool = False,
                  sep: str = "; ") -> tuple[list[str], list[list[str]]]:
     """Columns and rows of the history table (scalars, and ``r`` per group in group order,
-    each labelled; at most ``limit`` evenly spaced rows). ``compact`` leaves out the columns
+    each labelled: an epoch's the saved, budget-projected model's (``r_saved``), as its FLOPs are;
+    at most ``limit`` evenly spaced rows). ``compact`` leaves out the columns
     whose value is the same in every row (shown elsewhere: kind, budget); ``sep`` joins the
     groups of one cell (a newline in a narrow terminal)."""
     history = report.get("history") or []
@@ -143,6 +144,7 @@ def history_rows(report: dict[str, Any], limit: int = 20, compact: bool = False,
     for h in picked:
         row = [_cell(c, h[c]) if c in h and h[c] is not None else "-" for c in columns]
         if has_r:
-            row.append(format_by_group(h.get("r") or {}, lambda v: pair(v, 3), sep=sep))
+            r = h.get("r_saved") if isinstance(h.get("r_saved"), dict) else h.get("r")
+            row.append(format_by_group(r or {}, lambda v: pair(v, 3), sep=sep))
         rows.append(row)
     return columns + (["r (h, w)"] if has_r else []), rows
