@@ -9,9 +9,10 @@ whole), the model could not be converted at all. ``BranchingTracer`` answers suc
 when it depends on sizes only (shapes, ``ndim``, ``dtype`` and arithmetic on them; never on
 tensor values): it runs the graph traced so far on an example input of the reference size and
 takes the branch that input takes. The converted model then takes that branch at every size:
-exact at the reference, and where another size would need the other branch, the conversion's
-validation sees the forward break (the group is rounded, pinned or reverted, as for any
-model). Each branch taken is a note. The example's size is the plan's, so replays take the
+exact at the reference; where another size needs the other branch to run at all, the
+conversion's validation sees the forward break (the group is rounded, pinned or reverted, as
+for any model), and where the other branch would only compute something else, nothing does:
+each branch taken is a note for the user to read. The example's size is the plan's, so replays take the
 same branches.
 """
 from __future__ import annotations
