@@ -47,4 +47,7 @@ def input_size_hint(message: str, size) -> str:
         want, got = channels.groups()
         return (f"the model takes {want} channels: give --input-size {want},{size[-2]},{size[-1]}, or build it for "
                 f"{got} (timm models: --build-arg in_chans={got})")
+    if re.search(r"missing \d+ required (positional|keyword-only) argument|Expected positional argument for parameter", message):
+        return ("dynopool calls a model with one image batch: give the forward's other arguments defaults, or wrap "
+                "the model in a module whose forward takes the images alone")
     return "try another --input-size"

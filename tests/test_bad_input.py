@@ -485,3 +485,20 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capfd):
         main(["convert", SOURCE, "--input-size", SIZE, "--dry-run"])
     assert exc.value.code == 130
     assert "Traceback" not in capfd.readouterr().err
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x, t):
+        return self.conv(x).mean((2, 3)) + t
+
+
+def test_a_forward_with_a_required_second_argument_is_told_how_to_call_it():
+    from dynopool_convert import convert
+    from dynopool_convert.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"parameter t, but one was not passed in.*; dynopool calls a model with one image batch"):
+        convert(_TwoInputs(), (3, 16, 16))
