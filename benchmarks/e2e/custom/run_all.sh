@@ -4,6 +4,7 @@
 # report -> ONNX export. One line per model: OK, or FAIL <stage>: <its one-line error>.
 #
 #   bash benchmarks/e2e/custom/run_all.sh [/usr/share/datasets/fashion-mnist] [OUT]
+#   ONLY="exotic exotic2 pvt softsplit" bash benchmarks/e2e/custom/run_all.sh   # those files' models only
 #
 # Results (sessions 18 to 21) in docs/BENCHMARKS.md, "Hand-written models".
 set -uo pipefail
@@ -11,6 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 data=${1:-/usr/share/datasets/fashion-mnist}; root=${2:-/tmp/e2e_custom}
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() {  # module:factory input-size budget
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" ${1%%:*} "* ]]; then return; fi
     local d="$root/${1//:/_}"; rm -rf "$d"; mkdir -p "$d"
     dynopool convert "$1" --input-size "$2" --budget "$3" --out "$d/c.pt" > "$d/convert.log" 2>&1 \
         || { echo "$1: FAIL convert: $(tail -1 "$d/convert.log")"; return; }
