@@ -120,13 +120,15 @@ def _innermost_module() -> nn.Module | None:
 
 
 class BranchingTracer(NodePathTracer):
-    """``NodePathTracer`` that takes ``if``s on traced sizes as ``example`` takes them, in the
-    modules ``may_fix`` accepts (the root, modules holding a site); elsewhere fx's refusal
-    stands (such a module is then kept whole, as before)."""
+    """``NodePathTracer`` that takes ``if``s on traced sizes as ``example`` takes them (none
+    without one), in the modules ``may_fix`` accepts (the root, modules holding a site);
+    elsewhere fx's refusal stands (such a module is then kept whole, as before). The modules
+    whose ids are in ``leaf_ids`` are leaves too (one instance, not its class)."""
 
-    def __init__(self, *args: Any, example: torch.Tensor, may_fix: Callable[[nn.Module], bool], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, example: torch.Tensor | None, may_fix: Callable[[nn.Module], bool],
+                 leaf_ids: set[int] = frozenset(), **kwargs: Any) -> None:  # type: ignore[assignment]
         super().__init__(*args, **kwargs)
-        self.example, self.may_fix = example, may_fix
+        self.example, self.may_fix, self.leaf_ids = example, may_fix, leaf_ids
         self.branches: list[str] = []  # one note per branch taken
         self._concrete: dict[str, Any] = {}
 
@@ -134,8 +136,11 @@ class BranchingTracer(NodePathTracer):
         self._concrete = dict(concrete_args or {})
         return super().trace(root, concrete_args)
 
+    def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
+        return id(m) in self.leaf_ids or super().is_leaf_module(m, module_qualname)
+
     def to_bool(self, obj: fx.Proxy) -> bool:
-        module = _innermost_module()
+        module = _innermost_module() if self.example is not None else None
         if module is None or not self.may_fix(module) or not _size_only(obj.node, {}):
             return super().to_bool(obj)  # fx's refusal: a condition on values, or a module kept whole
         try:

@@ -20,9 +20,9 @@ from typing import Iterator
 import torchvision
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
-from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import UserInputError
+from . import size_branches
 from .size_branches import CONTROL_FLOW_REFUSAL, BranchingTracer
 
 __all__ = ["Traced", "trace_model", "leaf_module_types"]
@@ -112,7 +112,7 @@ def _culprit(err: BaseException) -> str:
     for frame in reversed(frames):
         module = frame.f_locals.get("self")
         filename = frame.f_code.co_filename
-        if "torch/fx" in filename or "torchvision/models/feature_extraction" in filename:
+        if "torch/fx" in filename or "torchvision/models/feature_extraction" in filename or filename == size_branches.__file__:
             continue
         where = f"{frame.f_code.co_name}() in {filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
         if isinstance(module, nn.Module):
@@ -180,20 +180,6 @@ def _hides_sites(module: nn.Module) -> bool:
     return any(isinstance(m, types) and getattr(m, "stride", 1) not in (1, (1, 1), None) for m in module.modules())
 
 
-def _hidden_site_notes(model: nn.Module, leaves: list[type]) -> list[str]:
-    """One note per class kept as a leaf whose other instances hold strided ops: those ops stay
-    as they are, and the site table does not list them (the class was leafed for an instance
-    without any: PyramidNet's blocks branch on their channel counts)."""
-    notes = []
-    for cls in leaves:
-        hidden = [name for name, m in model.named_modules() if type(m) is cls and _hides_sites(m)]
-        if hidden:
-            shown = ", ".join(hidden[:4]) + (f" and {len(hidden) - 4} more" if len(hidden) > 4 else "")
-            notes.append(f"the strided ops inside {cls.__name__} ({shown}) stay as they are, not sites: "
-                         f"make its forward traceable (decide branches on sizes in __init__) for them to learn")
-    return notes
-
-
 def _root_class_modules(model: nn.Module) -> list[types.ModuleType]:
     """The Python modules that define the root's classes (torch's excepted).
 
@@ -253,8 +239,8 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
     Python branches on ``self.training`` inside traced-through code are frozen at their eval
     value (e.g. auxiliary heads are dropped); leaf modules (dropout, drop path, batch norm)
     keep following the mode. When tracing fails inside a submodule that holds no resizing op,
-    that module's class is kept as a leaf and tracing is tried again (``Traced.notes`` says
-    which); the same happens on every replay, so plans stay valid.
+    the instances of that module's class that hold none are kept as leaves and tracing is tried
+    again (``Traced.notes`` says which); the same happens on every replay, so plans stay valid.
 
     With ``example`` (an input of the reference size), an ``if`` on traced sizes that fx refused
     in the model's own forward or in a module holding a resizing op is taken as the example
@@ -262,17 +248,18 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
 
     Raises ``UserInputError`` naming the module or function that could not be traced.
     """
-    extra: list[type] = []
+    extra: list[type] = []  # classes whose instances without a resizing op are kept whole
+    leaf_ids: set[int] = set()  # those instances
     notes: list[str] = []
     was_training = model.training
     model.eval()
     try:
         builtins_wrapped = branching = False
         while True:
-            options = dict(leaf_modules=leaf_module_types() + extra, autowrap_functions=_notrace_functions(),
-                           autowrap_modules=(math, torchvision.ops, *[m for m in (_einops(),) if m is not None]))
-            tracer = (BranchingTracer(**options, example=example, may_fix=lambda m: m is model or _hides_sites(m))
-                      if branching else NodePathTracer(**options))
+            tracer = BranchingTracer(
+                leaf_modules=leaf_module_types(), autowrap_functions=_notrace_functions(),
+                autowrap_modules=(math, torchvision.ops, *[m for m in (_einops(),) if m is not None]),
+                leaf_ids=leaf_ids, example=example if branching else None, may_fix=lambda m: m is model or _hides_sites(m))
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
@@ -300,9 +287,11 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
                         f" ({hint})"
                     ) from err
                 extra.append(type(failing))
+                # its instances that hold a resizing op stay traced (PyramidNet's blocks branch on
+                # their channel counts: the downsampling ones' branches are taken as at the reference)
+                leaf_ids.update(id(m) for m in model.modules() if type(m) is type(failing) and not _hides_sites(m))
                 notes.append(f"traced {type(failing).__name__} as a leaf: tracing into it failed at {_culprit(err)} "
                              f"({type(err).__name__}: {msg[:100]})")
-        notes += _hidden_site_notes(model, extra)
         if branching:
             notes += [f"traced with a branch on sizes fixed: {b}" for b in tracer.branches]
     finally:

@@ -295,10 +295,15 @@ class _ChannelBranch(nn.Module):
         return out + short
 
 
-def test_a_class_kept_as_a_leaf_says_which_strided_ops_it_hides():
-    # the first block (no strided op) fails to trace, so its class is kept whole: the strided
-    # conv and pool of the second were silently missing from the site table
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ChannelBranch(4, 6, 1), _ChannelBranch(6, 8, 2))
+def test_a_class_kept_as_a_leaf_keeps_its_instances_with_strided_ops_traced():
+    # the first block (no strided op) fails to trace and is kept whole; the second, of the same
+    # class, holds a strided conv and pool: it stays traced, its branch on channel counts taken
+    # as at the reference (until session 21 the whole class was a leaf and its ops no sites)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ChannelBranch(4, 6, 1), _ChannelBranch(6, 8, 2)).eval()
     r = convert(model, input_size=(3, 16, 16))
     assert any("traced _ChannelBranch as a leaf" in note for note in r.plan.notes)
-    assert "the strided ops inside _ChannelBranch (2) stay as they are, not sites" in " ".join(r.plan.notes)
+    assert any("branch on sizes fixed" in note and "out.size(1) != short.size(1)" in note for note in r.plan.notes)
+    assert r.plan.site("2.conv").status == r.plan.site("2.down").status == "converted"
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(convert(model, (3, 16, 16), placement="exact").model.eval()(x), model(x))
