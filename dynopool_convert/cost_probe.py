@@ -179,6 +179,11 @@ def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx
 GRID_H, GRID_W = object(), object()
 
 
+#: a leaf is probed at most at this many times its reference input's area (sizes beyond are
+#: infeasible to the budget: never chosen)
+MAX_PROBE_GROWTH = 16
+
+
 class ProbeFailed(RuntimeError):
     """A leaf module could not run alone on the input the probe made for it (e.g. its input is
     not N x C x H x W: Swin's channels-last blocks); the probe does not explain that node."""
@@ -212,6 +217,13 @@ class _LeafProbe:
         key = (max(1, h), max(1, w), others)
         if isinstance(self.memo.get(key), ProbeFailed):  # a failure is remembered too: it cost a forward
             raise self.memo[key]
+        if key not in self.memo and key[0] * key[1] > MAX_PROBE_GROWTH * self._reference_area():
+            # never run: a leaf's memory can grow with the square of its input (attention); at a
+            # stride bound under placement exact a map may be 32x as tall (ConViT's gated
+            # attention over 448 x 448 tokens took 17 GB before the kernel killed the process)
+            self.memo[key] = ProbeFailed(f"{type(self.module).__name__} is not run on {key[0]}x{key[1]}, over "
+                                         f"{MAX_PROBE_GROWTH}x its reference input's area")
+            raise self.memo[key]
         if key not in self.memo:
             n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last or self.tokens else 1]
             shape = (n, *key[:2], c) if self.channels_last else (*self.in_info.shape[:-2], *key[:2])
@@ -236,6 +248,13 @@ class _LeafProbe:
                 hw, out = key[:2], (*out, 0)
             self.memo[key] = (hw if len(out) == 4 else (1, 1), flops)
         return self.memo[key]
+
+    def _reference_area(self) -> int:
+        """The probed input's area at the reference (its token count for a token leaf)."""
+        shape = self.in_info.shape
+        if self.tokens:
+            return shape[1]
+        return shape[1] * shape[2] if self.channels_last else shape[-2] * shape[-1]
 
     def _input(self, t: Any, x: Tensor, others: tuple) -> Tensor:
         """One tensor of the replayed call: the probed map, a moving input at its size, or as recorded."""
