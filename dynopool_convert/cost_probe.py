@@ -3,6 +3,7 @@ setting, size-independent parts of module calls, and leaves run alone per input 
 Package-internal."""
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -179,9 +180,11 @@ def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx
 GRID_H, GRID_W = object(), object()
 
 
-#: a leaf is probed at most at this many times its reference input's area (sizes beyond are
-#: infeasible to the budget: never chosen)
+#: a leaf is probed at most at this many times its reference input's area, or at any size
+#: within the limits below (sizes beyond are infeasible to the budget: never chosen)
 MAX_PROBE_GROWTH = 16
+MAX_PROBE_TOKENS = 4096  # a token leaf: its attention maps grow with the square of this
+MAX_PROBE_ELEMENTS = 1 << 24  # a map leaf: channels x height x width of its input
 
 
 class ProbeFailed(RuntimeError):
@@ -217,12 +220,12 @@ class _LeafProbe:
         key = (max(1, h), max(1, w), others)
         if isinstance(self.memo.get(key), ProbeFailed):  # a failure is remembered too: it cost a forward
             raise self.memo[key]
-        if key not in self.memo and key[0] * key[1] > MAX_PROBE_GROWTH * self._reference_area():
+        if key not in self.memo and key[0] * key[1] > self._largest_area():
             # never run: a leaf's memory can grow with the square of its input (attention); at a
             # stride bound under placement exact a map may be 32x as tall (ConViT's gated
             # attention over 448 x 448 tokens took 17 GB before the kernel killed the process)
-            self.memo[key] = ProbeFailed(f"{type(self.module).__name__} is not run on {key[0]}x{key[1]}, over "
-                                         f"{MAX_PROBE_GROWTH}x its reference input's area")
+            self.memo[key] = ProbeFailed(f"{type(self.module).__name__} is not run on {key[0]}x{key[1]}: over "
+                                         f"{MAX_PROBE_GROWTH}x its reference input and over the probes' size limit")
             raise self.memo[key]
         if key not in self.memo:
             n, c = self.in_info.shape[0], self.in_info.shape[-1 if self.channels_last or self.tokens else 1]
@@ -249,12 +252,14 @@ class _LeafProbe:
             self.memo[key] = (hw if len(out) == 4 else (1, 1), flops)
         return self.memo[key]
 
-    def _reference_area(self) -> int:
-        """The probed input's area at the reference (its token count for a token leaf)."""
+    def _largest_area(self) -> int:
+        """The largest input area (token count for a token leaf) this leaf is run at: up to
+        ``MAX_PROBE_GROWTH`` times its reference one, and at any size within the probes' limit."""
         shape = self.in_info.shape
         if self.tokens:
-            return shape[1]
-        return shape[1] * shape[2] if self.channels_last else shape[-2] * shape[-1]
+            return max(MAX_PROBE_GROWTH * shape[1], MAX_PROBE_TOKENS)
+        area, channels = (shape[1] * shape[2], shape[3]) if self.channels_last else (shape[-2] * shape[-1], math.prod(shape[1:-2]))
+        return max(MAX_PROBE_GROWTH * area, MAX_PROBE_ELEMENTS // max(channels, 1))
 
     def _input(self, t: Any, x: Tensor, others: tuple) -> Tensor:
         """One tensor of the replayed call: the probed map, a moving input at its size, or as recorded."""

@@ -17,6 +17,7 @@ from torch import fx, nn
 from ._helpers import int_pair
 from .patch_reshape import unfold_patch
 from .sites import Candidate, _bind, _is_4d, _module
+from .sites_unshuffle import pool_in_front
 
 __all__ = ["UnfoldHandler", "unfold_args"]
 
@@ -66,10 +67,4 @@ class UnfoldHandler:
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
         """The pool goes in front, under every placement (the unfold keeps its stride)."""
-        x = node.args[0] if node.args else node.kwargs["input"]
-        with gm.graph.inserting_before(node):
-            pool = gm.graph.call_module(pool_path, (x,))
-        if node.args:
-            node.args = (pool, *node.args[1:])
-        else:
-            node.kwargs = {**node.kwargs, "input": pool}
+        pool_in_front(gm, node, pool_path)

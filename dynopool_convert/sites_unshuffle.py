@@ -17,7 +17,7 @@ from torch import fx, nn
 from .patch_reshape import PATCHES_OF
 from .sites import Candidate, _bind, _is_4d, _module
 
-__all__ = ["UnshuffleHandler", "UNSHUFFLE_FUNCTIONS", "unshuffle_factor"]
+__all__ = ["UnshuffleHandler", "UNSHUFFLE_FUNCTIONS", "pool_in_front", "unshuffle_factor"]
 
 UNSHUFFLE_FUNCTIONS = (F.pixel_unshuffle, torch.pixel_unshuffle)
 
@@ -59,10 +59,15 @@ class UnshuffleHandler:
 
     def apply(self, gm: fx.GraphModule, node: fx.Node, pool_path: str, placement: str) -> None:
         """The pool goes in front, under every placement (the op has no stride-1 form)."""
-        x = node.args[0] if node.args else node.kwargs["input"]
-        with gm.graph.inserting_before(node):
-            pool = gm.graph.call_module(pool_path, (x,))
-        if node.args:
-            node.args = (pool, *node.args[1:])
-        else:
-            node.kwargs = {**node.kwargs, "input": pool}
+        pool_in_front(gm, node, pool_path)
+
+
+def pool_in_front(gm: fx.GraphModule, node: fx.Node, pool_path: str) -> None:
+    """``node``'s input (first argument or ``input=``) read through the module at ``pool_path``."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    with gm.graph.inserting_before(node):
+        pool = gm.graph.call_module(pool_path, (x,))
+    if node.args:
+        node.args = (pool, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, "input": pool}

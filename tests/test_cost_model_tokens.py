@@ -448,22 +448,22 @@ def test_a_leaf_is_never_run_far_above_its_reference_size():
     # at the lower stride bound a grid may be many times larger; a leaf run there could take all
     # the memory (ConViT at 224 px under placement exact: 448 x 448 tokens, killed at 17 GB)
     from dynopool_convert.cost_model import INFEASIBLE
-    from dynopool_convert.cost_probe import MAX_PROBE_GROWTH
+    from dynopool_convert.cost_probe import MAX_PROBE_TOKENS
 
     torch.manual_seed(0)
-    model = convert(GatedViT(), (3, 32, 32), placement="exact", validate=False).model
-    cost = CostModel(model, (3, 32, 32))
+    model = convert(GatedViT(), (3, 64, 64), placement="exact", validate=False).model
+    cost = CostModel(model, (3, 64, 64))
     seen = []
     attn = next(m for m in model.modules() if isinstance(m, GatedAttention))
     attn.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     lo, _ = cost.bounds[0]
-    assert lo == 0.5  # the patch conv's stride 4 down to 0.5: a 64 x 64 grid of the 8 x 8 one
+    assert lo == 0.5  # the patch conv's stride 4 down to 0.5: a 128 x 128 grid of the 16 x 16 one
     assert cost.flops([(lo, lo)]) == INFEASIBLE
-    assert not seen or max(seen) <= MAX_PROBE_GROWTH * 64
+    assert not seen or max(seen) <= MAX_PROBE_TOKENS
     assert cost.flops([(3.0, 3.0)]) == count_flops_at(model, 3.0)
 
 
 def count_flops_at(model: nn.Module, s: float) -> int:
     with torch.no_grad():
         scale_parameters(model)[0].fill_(s)
-    return count_flops(model, (3, 32, 32))
+    return count_flops(model, (3, 64, 64))
