@@ -161,6 +161,21 @@ def test_imagefolder_ignores_hidden_and_macos_metadata_folders(tmp_path):
     assert build_datasets(parse_data_spec(f"imagefolder:{flat}"), (3, 8, 8)).class_names == ["ant", "bee"]
 
 
+def test_imagefolder_reads_gifs_and_other_modes(tmp_path):
+    # torchvision's extension list leaves GIFs out: they were skipped without a word
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            (tmp_path / split / c).mkdir(parents=True)
+            pixels = rng.integers(0, 255, (11, 13, 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert("P").save(tmp_path / split / c / "a.gif")
+            Image.fromarray(pixels).convert("RGBA").save(tmp_path / split / c / "b.png")
+            Image.fromarray(pixels).convert("CMYK").save(tmp_path / split / c / "c.jpg")
+    ds = build_datasets(parse_data_spec(f"imagefolder:{tmp_path}"), (3, 8, 8))
+    assert len(ds.train) == len(ds.val) == 6
+    assert all(ds.train[i][0].shape == (3, 8, 8) for i in range(6))
+
+
 def test_bad_specs_are_user_errors(tmp_path):
     for spec in ("mnist:/x", f"cifar10", "synthetic:classes=0", "imagefolder:/does/not/exist"):
         with pytest.raises(UserInputError):

@@ -370,8 +370,8 @@ def _has_class_folders(root: Path) -> bool:
 
 
 def _image_folder(root: str) -> Any:
-    """torchvision's ImageFolder over ``root``'s class folders (``_is_class_folder``)."""
-    from torchvision.datasets import ImageFolder
+    """torchvision's ImageFolder over ``root``'s class folders (``_is_class_folder``), GIFs included."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
     class ClassFolders(ImageFolder):
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
@@ -380,7 +380,7 @@ def _image_folder(root: str) -> Any:
                 raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
             return classes, {name: i for i, name in enumerate(classes)}
 
-    return ClassFolders(root)
+    return ClassFolders(root, is_valid_file=lambda path: path.lower().endswith((*IMG_EXTENSIONS, ".gif")))
 
 
 def _set_samples(folder: Any, samples: list[tuple[str, int]]) -> None:
