@@ -17,7 +17,7 @@ from typing import Iterable
 
 from torch import fx
 
-from .joins import joined_operands, origin_source, spatial as _spatial
+from .joins import is_matmul, joined_operands, origin_source, spatial as _spatial
 from .pos_embed import resample_pos_embed
 from .rel_pos import regrid_rel_bias
 from .sites import Candidate
@@ -53,6 +53,7 @@ class TieGraph:
         self._parent = {name: name for name in self._sites}
         self._input_size: dict[str, tuple[int, int] | None] = {}
         self._input_origin: dict[str, str | None] = {}  # site -> the origin of its input's size
+        self._output_size: dict[str, tuple[int, int] | None] = {}  # site -> its output's (h, w)
         self.notes: list[str] = []
         self._names = {c.node: c.name for c in cands}
         self._build(gm)
@@ -94,6 +95,7 @@ class TieGraph:
             if node.name in self._sites:
                 self._input_size[node.name] = _spatial(args[0]) if args else None
                 self._input_origin[node.name] = origin.get(args[0].name) if args else None
+                self._output_size[node.name] = _spatial(node)
                 origin[node.name] = node.name
                 continue
             if node.name in self._unknown:
@@ -107,6 +109,8 @@ class TieGraph:
                 continue
             out = _spatial(node)
             joined = joined_operands(node, [a for a in args if origin.get(a.name) is not None])
+            if is_matmul(node):  # only maps that show their site's grid (not q @ k^T of tokens)
+                joined = [a for a in joined if self._shows_grid(a, origin[a.name])]
             if len(joined) >= 2:
                 tied = self._join(node, [origin[a.name] for a in joined])
                 source = origin_source(node)  # attention joins keys and values; queries size the output
@@ -126,6 +130,12 @@ class TieGraph:
                 origin[node.name] = None  # global pooling: a broadcast operand from here on
             else:
                 origin[node.name] = origin[first.name]
+
+    def _shows_grid(self, a: fx.Node, source: str) -> bool:
+        """Whether ``a``'s last two axes are the output grid of site ``source`` (or not a site's:
+        then they are taken as a map, as before), not tokens and channels that follow it."""
+        grid = self._output_size.get(source)
+        return grid is None or _spatial(a) in (grid, grid[::-1])
 
     def _tie_inputs(self) -> None:
         """The sites of one group give equal outputs only from equal inputs, so the groups that

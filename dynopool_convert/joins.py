@@ -122,7 +122,7 @@ _RULES: list[tuple[Callable[[fx.Node], bool], Callable[[fx.Node, list[fx.Node]],
     (lambda n: n.op in ("call_function", "call_method") and _hashable(n.target) in CONCAT, _concat_join),
     (lambda n: n.op in ("call_function", "call_method") and _hashable(n.target) in ELEMENTWISE, lambda n, ops: _broadcast_join(ops)),
     (lambda n: n.target is torch.einsum, _einsum_join),
-    (lambda n: n.op in ("call_function", "call_method") and _hashable(n.target) in MATMUL, _matmul_join),
+    (lambda n: is_matmul(n), _matmul_join),
     (lambda n: n.target is F.scaled_dot_product_attention, _attention_join),
     (lambda n: n.op == "call_module", _leaf_join),
 ]
@@ -134,6 +134,11 @@ def _hashable(target: Any) -> Any:
     except TypeError:
         return None
     return target
+
+
+def is_matmul(node: fx.Node) -> bool:
+    """``a @ b``, ``torch.matmul``, ``torch.bmm`` or their methods."""
+    return node.op in ("call_function", "call_method") and _hashable(node.target) in MATMUL
 
 
 def joined_operands(node: fx.Node, operands: list[fx.Node]) -> list[fx.Node]:

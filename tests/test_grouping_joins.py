@@ -201,3 +201,26 @@ def test_the_groups_sizing_a_groups_inputs_are_tied_too():
         for p, s in zip(scale_parameters(r.model), ([2.7, 1.5], [1.6, 2.9])):
             p.copy_(torch.tensor(s))
     assert r.model(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+
+
+class TokenAttention(nn.Module):
+    """Queries from one strided conv's grid over keys and values of another's, as 4-D head tensors
+    (``q @ k^T`` of tokens, not of maps): the grids need not keep one size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qconv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.kconv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        q = self.qconv(x).flatten(2).transpose(1, 2).reshape(x.shape[0], -1, 2, 4).transpose(1, 2)
+        k = self.kconv(x).flatten(2).transpose(1, 2).reshape(x.shape[0], -1, 2, 4).transpose(1, 2)
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ k
+        return self.head(out.transpose(1, 2).flatten(2).mean(1))
+
+
+def test_attention_between_two_grids_ties_nothing():
+    r = convert(TokenAttention(), input_size=(3, 16, 16))
+    assert r.plan.site("qconv").group != r.plan.site("kconv").group  # were tied, by q @ k^T read as maps
+    assert not any("joins" in note for note in r.plan.notes)
