@@ -14,6 +14,7 @@ candidates, so ``apply_plan`` replays it exactly.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 from torch import fx
@@ -79,7 +80,8 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
 
 
 def _grid_sizes(site: fx.Node, cand: Candidate) -> list[tuple[fx.Node, int]]:
-    """The ``H // s`` nodes of ``site``'s input size that name its output size, with their axis."""
+    """The ``H // s`` (or ``math.ceil(H / s)``) nodes of ``site``'s input size that name its
+    output size, with their axis."""
     x = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
     hw_in, hw_out = node_hw(x), node_hw(site)
     if x is None or hw_in is None or hw_out is None or cand.stride is None:
@@ -98,9 +100,12 @@ def _grid_sizes(site: fx.Node, cand: Candidate) -> list[tuple[fx.Node, int]]:
             continue
         stride, size_in, size_out = cand.stride[axis - 2], hw_in[axis - 2], hw_out[axis - 2]
         for u in read.users:
-            if u.op == "call_function" and u.target is operator.floordiv and u.args[0] is read \
-                    and isinstance(u.args[1], int) and u.args[1] == stride and size_in // u.args[1] == size_out:
+            if not (u.op == "call_function" and u.args[0] is read and isinstance(u.args[1], int) and u.args[1] == stride):
+                continue
+            if u.target is operator.floordiv and size_in // stride == size_out:
                 found.append((u, axis))
+            elif u.target is operator.truediv and math.ceil(size_in / stride) == size_out:  # math.ceil(H / s) (VOLO)
+                found += [(c, axis) for c in u.users if c.op == "call_function" and c.target is math.ceil]
     return found
 
 
@@ -149,7 +154,7 @@ def follow_site_sizes(gm: fx.GraphModule, candidates: list[Candidate]) -> list[s
     for site in [n for n in gm.graph.nodes if n.name in sites]:
         grids = _grid_sizes(site, sites[site.name])
         if grids and _redirect(gm, site, grids, {n: i for i, n in enumerate(gm.graph.nodes)}):
-            notes.append(f"the grid size computed from site {sites[site.name].name}'s input (size // stride) follows its output")
+            notes.append(f"the grid size computed from site {sites[site.name].name}'s input (size over stride) follows its output")
     if notes:
         gm.graph.lint()
         gm.recompile()

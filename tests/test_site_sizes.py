@@ -6,6 +6,7 @@ attention that takes the sizes as an argument (a leaf over the grid's tokens, pr
 queries of one grid over keys of another (PVT's spatial reduction, attention unfused)."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -93,7 +94,7 @@ def test_sizes_computed_from_a_sites_input_follow_its_output():
     r = convert(original, (3, 32, 32))
     sites = [r.plan.site("embed1.proj"), r.plan.site("embed2.proj")]
     assert [s.status for s in sites] == ["converted", "converted"]
-    assert sum("computed from site embed2.proj's input (size // stride) follows its output" in n for n in r.plan.notes) == 1
+    assert sum("computed from site embed2.proj's input (size over stride) follows its output" in n for n in r.plan.notes) == 1
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(convert(original, (3, 32, 32), placement="exact").model.eval()(x), original(x))
     hooks = {}
@@ -201,10 +202,31 @@ def test_only_what_reads_the_sites_output_follows_it():
     assert r.plan.site("pool").status == r.plan.site("down").status == "converted"
     assert r.plan.site("pool").group != r.plan.site("down").group
     notes = [n for n in r.plan.notes if "follows its output" in n]
-    assert notes == ["the grid size computed from site pool's input (size // stride) follows its output"]
+    assert notes == ["the grid size computed from site pool's input (size over stride) follows its output"]
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         scale_parameters(r.model)[r.plan.site("pool").group].copy_(torch.tensor([2.7, 2.7]))  # 16 / 2.7 -> 6
         scale_parameters(r.model)[r.plan.site("down").group].copy_(torch.tensor([1.4, 1.4]))
     out = r.model.eval()(x)
     torch.testing.assert_close(out[:, :3], x[:, :, :8, :8].mean((2, 3)))  # the crop of the input, as before
+
+
+class CeilGrid(nn.Module):
+    """A ceil-mode pool's grid computed as ``math.ceil(H / 2)`` of its input (VOLO's way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(2, ceil_mode=True)
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.pool(x).flatten(2).transpose(1, 2)
+        grid = tokens.transpose(1, 2).reshape(b, c, math.ceil(h / 2), math.ceil(w / 2))
+        return self.head(grid.mean((2, 3)))
+
+
+def test_a_ceil_of_the_input_size_over_the_stride_follows_the_output():
+    r = convert(CeilGrid().eval(), (3, 15, 15))
+    assert r.plan.site("pool").status == "converted"
+    assert any("site pool's input (size over stride) follows its output" in n for n in r.plan.notes)
