@@ -55,7 +55,7 @@ def _data_shaped(tensor: fx.Node) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        if n.target in _DATA_SHAPED or (n.target is torch.where and len(n.args) + len(n.kwargs) == 1):
+        if any(n.target is t or n.target == t for t in _DATA_SHAPED) or (n.target is torch.where and len(n.args) + len(n.kwargs) == 1):
             return True
         if n.op == "call_function" and n.target is operator.getitem and len(n.args) > 1:
             parts = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)  # (a slice's bounds are ints)
