@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from ._helpers import int_pair, node_hw
 from .pos_embed import ancestors, node_shape
+from .sites import _bind
 
 __all__ = ["expose_patch_grids", "reshape_patch", "einops_patch", "unfold_patch", "PATCHES_OF"]
 
@@ -124,18 +125,25 @@ def _reads_size(node: fx.Node) -> bool:
         or (node.op == "call_method" and node.target == "size")
 
 
+_UNFOLD_PARAMS = ("kernel_size", "dilation", "padding", "stride")
+
+
+def unfold_args(node: fx.Node, gm: fx.GraphModule) -> dict[str, Any] | None:
+    """Kernel, dilation, padding and stride of an ``nn.Unfold`` / ``F.unfold`` node (the
+    module's, or the call's), None for any other node."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return {k: getattr(module, k) for k in _UNFOLD_PARAMS} if isinstance(module, nn.Unfold) else None
+    if node.op == "call_function" and node.target is F.unfold:
+        return {"dilation": 1, "padding": 0, "stride": 1, **_bind(node, _UNFOLD_PARAMS)}
+    return None
+
+
 def unfold_patch(node: fx.Node, gm: fx.GraphModule) -> int | None:
     """The patch of ``F.unfold(x, p, stride=p)`` / ``nn.Unfold(p, stride=p)`` (no padding or
     dilation) on an ``N x C x H x W`` map (im2col patches: ``N x C p^2 x L``), else None."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if not isinstance(module, nn.Unfold):
-            return None
-        geometry = {k: getattr(module, k) for k in ("kernel_size", "dilation", "padding", "stride")}
-    elif node.op == "call_function" and node.target is F.unfold:
-        geometry = {"dilation": 1, "padding": 0, "stride": 1, **dict(zip(("kernel_size", "dilation", "padding", "stride"),
-                                                                         node.args[1:])), **node.kwargs}
-    else:
+    geometry = unfold_args(node, gm)
+    if geometry is None:
         return None
     try:
         k, s = int_pair(geometry["kernel_size"]), int_pair(geometry["stride"])

@@ -11,26 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from ._helpers import int_pair
-from .patch_reshape import unfold_patch
-from .sites import Candidate, _bind, _is_4d, _module
+from .patch_reshape import unfold_args, unfold_patch
+from .sites import Candidate, _is_4d
 from .sites_unshuffle import pool_in_front
 
-__all__ = ["UnfoldHandler", "unfold_args"]
-
-_PARAMS = ("kernel_size", "dilation", "padding", "stride")
-
-
-def unfold_args(node: fx.Node, gm: fx.GraphModule) -> dict[str, Any]:
-    """Kernel, dilation, padding and stride of an unfold node (the module's, or the call's)."""
-    module = _module(gm, node)
-    if module is not None:
-        return {k: getattr(module, k) for k in _PARAMS}
-    return {"dilation": 1, "padding": 0, "stride": 1, **_bind(node, _PARAMS)}
-
+__all__ = ["UnfoldHandler"]
 
 def _static(value: Any) -> bool:
     values = value if isinstance(value, (tuple, list)) else (value,)
@@ -44,13 +32,11 @@ class UnfoldHandler:
     kind = "conv"
 
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
-        if node.op == "call_module":
-            return isinstance(_module(gm, node), nn.Unfold)
-        return node.op == "call_function" and node.target is F.unfold
+        return unfold_args(node, gm) is not None
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
-        args = unfold_args(node, gm)
-        static = all(_static(args.get(k)) for k in _PARAMS)
+        args = unfold_args(node, gm) or {}  # (match: never None here)
+        static = all(_static(args.get(k)) for k in ("kernel_size", "dilation", "padding", "stride"))
         s = int_pair(args["stride"]) if static else None
         label = f"Unfold(k={args.get('kernel_size')}, s={args.get('stride')}, p={args.get('padding')})"
         stride = (float(s[0]), float(s[1])) if static else None
