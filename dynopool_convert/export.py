@@ -13,7 +13,8 @@ the model itself from the model run in float64 (``ExportResult.passes`` reads bo
 - ``safetensors``: the frozen model's state dict; checked by loading it into a frozen copy whose
   tensors were overwritten.
 
-The batch dimension stays dynamic in the three graph formats; the spatial size is fixed.
+The batch dimension stays dynamic in the three graph formats (checked at another batch size
+than the one exported with), unless ``batch`` fixes it; the spatial size is fixed.
 """
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ class ExportResult:
     float32_max_abs_diff: float | None = None
     note: str | None = None  # how the file was written, where not the usual way (ONNX: the TorchScript exporter)
     precision: str = "float32"  # the model's (its parameters' floating dtype)
+    batch: int | None = None  # the fixed batch size, None: dynamic
+    #: with a dynamic batch: the file's difference at the batch size it was exported with (the
+    #: check's is at another); far smaller there, the exporter fixed something that the model
+    #: computes from the batch size
+    example_max_abs_diff: float | None = None
+    example_batch: int = 2
 
     def tolerance(self, atol: float, rtol: float) -> float:
         return atol + rtol * self.output_max
@@ -112,19 +119,20 @@ def output_names(out: object) -> list[str]:
     return [f"output_{i}" for i in range(len(leaves))]
 
 
-def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path) -> str | None:
+def _write_onnx(frozen: nn.Module, example: Tensor, tmp: Path, dynamic: bool = True) -> str | None:
     """The dynamo exporter (torch.export + onnxscript); where it cannot translate an op
     (onnxscript's attention takes 4-d queries only: Twins), the TorchScript-based exporter, said
     in the returned note. Both write standard ops at ``ONNX_OPSET``."""
     names = output_names(frozen(example))
     try:
         torch.onnx.export(frozen, (example,), str(tmp), dynamo=True, opset_version=ONNX_OPSET, external_data=False,
-                          dynamic_shapes=_batch_dynamic(), input_names=["input"], output_names=names, verbose=False)
+                          dynamic_shapes=_batch_dynamic() if dynamic else None, input_names=["input"], output_names=names,
+                          verbose=False)
         return None
     except Exception as err:  # noqa: BLE001 - any exporter failure: try the other exporter, else report this one
         first = err
     try:
-        axes = {name: {0: "batch"} for name in ["input", *names]}
+        axes = {name: {0: "batch"} for name in ["input", *names]} if dynamic else None
         with _native_stdout_silenced(), _traceable_unpool():  # on failure it dumps the whole TorchScript graph there
             torch.onnx.export(frozen, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["input"], output_names=names, dynamic_axes=axes)
@@ -157,26 +165,27 @@ def _root_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {_one_line(err, 150)}"
 
 
-def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+def _write_torchscript(frozen: nn.Module, example: Tensor, tmp: Path, dynamic: bool = True) -> None:
     with _traceable_unpool():  # torch's max-unpool size check fails under jit tracing
         traced = torch.jit.trace(frozen, example, strict=False)  # strict=False: dict and list outputs
     traced.save(str(tmp))
 
 
-def _write_pt2(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+def _write_pt2(frozen: nn.Module, example: Tensor, tmp: Path, dynamic: bool = True) -> None:
     buffer = io.BytesIO()  # through a buffer: torch.export.save warns about a file not named *.pt2
-    torch.export.save(torch.export.export(frozen, (example,), dynamic_shapes=_batch_dynamic()), buffer)
+    shapes = _batch_dynamic() if dynamic else None
+    torch.export.save(torch.export.export(frozen, (example,), dynamic_shapes=shapes), buffer)
     tmp.write_bytes(buffer.getvalue())
 
 
-def _write_safetensors(frozen: nn.Module, example: Tensor, tmp: Path) -> None:
+def _write_safetensors(frozen: nn.Module, example: Tensor, tmp: Path, dynamic: bool = True) -> None:
     from safetensors.torch import save_model
 
     save_model(frozen, str(tmp))
 
 
-#: each writes the file and may return a note on how (None: the usual way)
-_WRITERS: dict[str, Callable[[nn.Module, Tensor, Path], str | None]] = {
+#: each writes the file (its batch dynamic, or the example's) and may return a note on how (None: the usual way)
+_WRITERS: dict[str, Callable[[nn.Module, Tensor, Path, bool], str | None]] = {
     "onnx": _write_onnx, "torchscript": _write_torchscript, "pt2": _write_pt2, "safetensors": _write_safetensors,
 }
 
@@ -232,6 +241,27 @@ def _max_diff(run: Callable[[Tensor], Tensor], reference: Callable[[Tensor], Ten
     return _distance(_outputs(run, inputs), want), max(float(w.abs().max()) for w in want)
 
 
+def _run_loaded(loaded: Callable[[Tensor], Tensor], inputs: list[Tensor], example: Tensor | None, fmt: str,
+                path: Path) -> list[Tensor]:
+    """The written file's outputs on ``inputs``, or UserInputError where it does not run on them
+    (saying whether it runs on ``example``, the input it was exported with at another batch size)."""
+    try:
+        return _outputs(loaded, inputs)
+    except Exception as err:  # noqa: BLE001 - each runtime raises its own types
+        why = _one_line(err, 150)
+    if example is not None:
+        try:
+            _outputs(loaded, [example])
+        except Exception:  # noqa: BLE001 - fails at every batch size: said below
+            pass
+        else:
+            raise UserInputError(
+                f"the written {fmt} file ({path}) runs at the batch size it was exported with ({example.shape[0]}) but "
+                f"not at {inputs[0].shape[0]}: {why}; the exporter fixed a value the model computes from the batch "
+                f"size (an int() of a size, say): export with --batch N for a graph of batch N")
+    raise UserInputError(f"the written {fmt} file ({path}) does not run in its runtime: {why}")
+
+
 def _float64_copy(model: nn.Module, x: Tensor) -> nn.Module | None:
     """``model`` in float64 (a copy), or None where it does not run so or is not in float32,
     float16 or bfloat16."""
@@ -274,34 +304,38 @@ def check_format(fmt: str) -> None:
             raise UserInputError(f"ONNX export needs {', '.join(missing)}: pip install 'dynopool[export]'")
 
 
-def export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> Path:
-    """Write the already frozen model ``frozen`` in format ``fmt`` to ``path`` (atomically)."""
-    return _export_frozen(frozen, fmt, path, example)[0]
+def export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor, dynamic: bool = True) -> Path:
+    """Write the already frozen model ``frozen`` in format ``fmt`` to ``path`` (atomically), its
+    batch dynamic or ``example``'s."""
+    return _export_frozen(frozen, fmt, path, example, dynamic)[0]
 
 
-def _export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor) -> tuple[Path, str | None]:
+def _export_frozen(frozen: nn.Module, fmt: str, path: str | Path, example: Tensor, dynamic: bool = True) -> tuple[Path, str | None]:
     check_format(fmt)
     path = check_output_path(path, f"{fmt} export")
     notes: list[str | None] = []
     with _quiet(), torch.no_grad():
-        atomic_write(path, lambda tmp: notes.append(_WRITERS[fmt](frozen, example, Path(tmp))))
+        atomic_write(path, lambda tmp: notes.append(_WRITERS[fmt](frozen, example, Path(tmp), dynamic)))
     return path, notes[0] if notes else None
 
 
 def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[int] | None = None,
-           trials: int = 2, seed: int = 0) -> ExportResult:
+           trials: int = 2, seed: int = 0, batch: int | None = None) -> ExportResult:
     """Freeze ``model`` at ``input_size`` (default: its reference size), write ``path`` in format
-    ``fmt``, load it back and compare with ``model`` on ``trials`` random batches of 2.
+    ``fmt``, load it back and compare with ``model`` on ``trials`` random batches: exported with
+    a batch of 2 and checked with batches of 3 (the batch is dynamic), or of ``batch`` (fixed).
 
     Raises ``UserInputError`` naming the site (or the exporter's message) when the format cannot
     hold the model; the file is then not written.
     """
     check_format(fmt)
     size = check_input_size(input_size) if input_size is not None else reference_input_size(model)
+    if batch is not None and batch < 1:
+        raise UserInputError(f"the batch size must be at least 1, got {batch}")
     frozen = freeze(model, size)
-    example = _example(size, 2, seed, frozen)
+    example = _example(size, batch or 2, seed, frozen)
     try:
-        path, note = _export_frozen(frozen, fmt, path, example)
+        path, note = _export_frozen(frozen, fmt, path, example, dynamic=batch is None)
     except UserInputError:
         raise
     except Exception as err:  # noqa: BLE001 - the exporters raise many types
@@ -311,14 +345,18 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
         why = site or (_root_cause(err) if fmt == "onnx" else f"{type(err).__name__}: {_one_line(err)}")
         others = ", ".join(f for f in FORMATS if f != fmt)
         raise UserInputError(f"cannot export to {fmt}: {why} (other formats: {others})") from err
-    inputs = [_example(size, 3, seed + 1 + i, frozen) for i in range(trials)]  # another batch size than the example
+    # a dynamic batch is checked at another batch size than the example's
+    inputs = [_example(size, batch or 3, seed + 1 + i, frozen) for i in range(trials)]
     was_training = model.training
     model.eval()
-    diff64 = own64 = None
+    diff64 = own64 = at_example = None
     try:
         with _quiet():
-            got = _outputs(load_exported(fmt, path, frozen), inputs)
+            loaded = load_exported(fmt, path, frozen)
+            got = _run_loaded(loaded, inputs, example if batch is None else None, fmt, path)
             want = _outputs(model, inputs)
+            if batch is None:
+                at_example = _distance(_outputs(loaded, [example]), _outputs(model, [example]))
             diff, scale = _distance(got, want), max(float(w.abs().max()) for w in want)
             frozen_diff = _distance(_outputs(frozen, inputs), want)
             exact = _float64_copy(model, inputs[0])
@@ -328,4 +366,5 @@ def export(model: nn.Module, fmt: str, path: str | Path, input_size: Sequence[in
     finally:
         model.train(was_training)
     return ExportResult(path, fmt, size, diff, frozen_diff, scale, ONNX_OPSET if fmt == "onnx" else None,
-                        diff64, own64, note, str(inputs[0].dtype).removeprefix("torch."))
+                        diff64, own64, note, str(inputs[0].dtype).removeprefix("torch."), batch, at_example,
+                        example.shape[0])

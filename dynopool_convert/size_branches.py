@@ -30,6 +30,8 @@ from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torchvision.models.feature_extraction import NodePathTracer
 
+from .proxy_mutations import SettableProxy, recorded_module_attributes
+
 __all__ = ["BranchingTracer", "CONTROL_FLOW_REFUSAL"]
 
 #: fx's refusal of an ``if`` on a traced value
@@ -134,10 +136,14 @@ class BranchingTracer(NodePathTracer):
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._concrete = dict(concrete_args or {})
-        return super().trace(root, concrete_args)
+        with recorded_module_attributes(self, root):
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
         return id(m) in self.leaf_ids or super().is_leaf_module(m, module_qualname)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return SettableProxy(node, self)  # item assignment recorded (proxy_mutations.py)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         module = _innermost_module() if self.example is not None else None

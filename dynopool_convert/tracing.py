@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import UserInputError
 from . import size_branches
+from .numpy_sizes import NUMPY_REFUSAL, numpy_of_sizes
 from .size_branches import CONTROL_FLOW_REFUSAL, BranchingTracer
 
 __all__ = ["Traced", "trace_model", "leaf_module_types"]
@@ -201,7 +202,13 @@ _LIBRARIES = ("torch", "torchvision", "timm", "einops")
 #: builtins that fx refuses on a traced value, recorded as calls in the model's own code instead
 _SIZE_BUILTINS = ("int", "float", "len")
 #: fx's refusals of them ("int() argument must be ... not 'Proxy'", "'len' is not supported ...")
-_SIZE_BUILTIN_REFUSALS = re.compile(r"(int|float)\(\) argument must be .*not 'Proxy'|'len' is not supported")
+_SIZE_BUILTIN_REFUSALS = re.compile(r"(int|float)\(\) argument must be .*not '\w*Proxy'|'len' is not supported")
+
+
+def _own_module_names(model: nn.Module) -> set[str]:
+    """The Python modules defining the model's classes, libraries' (``_LIBRARIES``) excepted."""
+    names = {type(m).__module__ for m in model.modules()} | {c.__module__ for c in type(model).__mro__}
+    return {n for n in names if n in sys.modules and n.split(".")[0] not in _LIBRARIES}
 
 
 @contextlib.contextmanager
@@ -216,11 +223,8 @@ def _int_of_sizes(model: nn.Module) -> Iterator[None]:
     table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)  # torch.fx.wrap's table
     added = []
     if isinstance(table, dict):
-        names = {type(m).__module__ for m in model.modules()} | {c.__module__ for c in type(model).__mro__}
-        for name in sorted(names):
-            module = sys.modules.get(name)
-            if module is None or name.split(".")[0] in _LIBRARIES:
-                continue
+        for name in sorted(_own_module_names(model)):
+            module = sys.modules[name]
             for builtin in _SIZE_BUILTINS:
                 key = (id(vars(module)), builtin)
                 if builtin not in vars(module) and key not in table:
@@ -254,7 +258,7 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
     was_training = model.training
     model.eval()
     try:
-        builtins_wrapped = branching = False
+        builtins_wrapped = numpy_wrapped = branching = False
         while True:
             tracer = BranchingTracer(
                 leaf_modules=leaf_module_types(), autowrap_functions=_notrace_functions(),
@@ -263,13 +267,17 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
-                with _int_of_sizes(model) if builtins_wrapped else contextlib.nullcontext():
+                with (_int_of_sizes(model) if builtins_wrapped else contextlib.nullcontext(),
+                      numpy_of_sizes(_own_module_names(model)) if numpy_wrapped else contextlib.nullcontext()):
                     graph = _plain_arguments(tracer.trace(model, concrete_args=_default_args(model)), _default_args(model))
                 break
             except Exception as err:  # fx raises many types (TraceError, TypeError, RuntimeError...)
                 msg = " ".join(str(err).split())[:200]
                 if not builtins_wrapped and _SIZE_BUILTIN_REFUSALS.search(msg):
                     builtins_wrapped = True  # only then: wrapped, they are no types (isinstance(k, int))
+                    continue
+                if not numpy_wrapped and NUMPY_REFUSAL in msg:
+                    numpy_wrapped = True  # np.ceil(H / ws) of a traced size: recorded as a call
                     continue
                 failing = _failing_module(err, model)
                 if (not branching and example is not None and CONTROL_FLOW_REFUSAL in msg

@@ -22,6 +22,9 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
     atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute part of the check's tolerance on the max abs difference from the PyTorch model.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative part of the tolerance, times the largest |output| of the PyTorch model.")] = 1e-5,
+    batch: Annotated[
+        int | None, typer.Option("--batch", min=1, help="Fix the batch size of the graph formats at this (default: dynamic, checked at another batch size than the one exported with).")
+    ] = None,
     trust_source: Annotated[
         bool, typer.Option("--trust-source", help="Allow a package.module:factory or file.py:factory model source to be imported (runs its code).")
     ] = False,
@@ -39,10 +42,11 @@ def export(
     check_output_path(out, f"{format.value} export", missing_parents_ok=True)
     with Console(stderr=True).status(f"loading {checkpoint}, freezing and exporting to {format.value}"):  # TTY only
         ckpt = load_checkpoint(checkpoint, trust_source=trust_source)
-        result = run_export(ckpt.model, format.value, out, ckpt.input_size)
+        result = run_export(ckpt.model, format.value, out, ckpt.input_size, batch=batch)
     c, h, w = result.input_size
     opset = f", ONNX opset {result.opset}" if result.opset is not None else ""
-    typer.echo(f"wrote {result.path} ({format.value}{opset}; input N x {c} x {h} x {w}, batch dynamic)"
+    n, batch_dim = ("N", "batch dynamic") if result.batch is None else (result.batch, "batch fixed")
+    typer.echo(f"wrote {result.path} ({format.value}{opset}; input {n} x {c} x {h} x {w}, {batch_dim})"
                if format is not ExportFormat.safetensors else f"wrote {result.path} (safetensors: the frozen model's weights)")
     if result.note:
         typer.echo(f"note: {result.note}")
@@ -56,5 +60,14 @@ def export(
         rounding = (f"; from float64 {result.float64_max_abs_diff:.3g} > {tolerance:.3g} + 2 x PyTorch {result.precision}'s "
                     f"{result.float32_max_abs_diff:.3g}" if result.float64_max_abs_diff is not None else "")
         typer.echo(f"Error: the export differs from the PyTorch model by {result.max_abs_diff:.3g} > {tolerance:.3g} "
-                   f"(--atol {atol:g} + --rtol {rtol:g} x {result.output_max:.3g}){rounding}", err=True)
+                   f"(--atol {atol:g} + --rtol {rtol:g} x {result.output_max:.3g}){rounding}{_batch_hint(result, tolerance)}", err=True)
         sys.exit(1)
+
+
+def _batch_hint(result, tolerance: float) -> str:
+    """Where the file is right at the batch size it was exported with only: say so, and the way out."""
+    if result.example_max_abs_diff is None or result.example_max_abs_diff > tolerance:
+        return ""
+    return (f"; at the batch size it was exported with ({result.example_batch}) it differs by "
+            f"{result.example_max_abs_diff:.3g} only: the exporter fixed a value the model computes from the batch "
+            f"size (an int() of a size, say); export with --batch N for a graph of batch N")
