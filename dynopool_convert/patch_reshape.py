@@ -32,7 +32,7 @@ from ._helpers import int_pair, node_hw
 from .pos_embed import ancestors, node_shape
 from .sites import _bind
 
-__all__ = ["expose_patch_grids", "reshape_patch", "einops_patch", "unfold_patch", "PATCHES_OF"]
+__all__ = ["expose_patch_grids", "reshape_patch", "channels_last_reshape_patch", "window_partition", "einops_patch", "unfold_patch", "PATCHES_OF"]
 
 _RESHAPES = ("reshape", "view")
 #: node meta key of an exposed unshuffle: what cut the patches ("reshape", "rearrange", "unfold")
@@ -41,6 +41,30 @@ PATCHES_OF = "dynopool_patches_of"
 
 def reshape_patch(node: fx.Node) -> int | None:
     """The patch of a reshape of an ``N x C x H x W`` map to ``(N, C, H/p, p, W/p, p)``, else None."""
+    found = _block_split(node)
+    return found[0] if found is not None and not found[1] and _merges_patch_and_channels(node, found[2]) else None
+
+
+def channels_last_reshape_patch(node: fx.Node) -> int | None:
+    """The patch of a reshape of an ``N x H x W x C`` map to ``(N, H/p, p, W/p, p, C)`` whose
+    blocks become ``p * p * C`` features (Swin's patch merging in timm), else None."""
+    found = _block_split(node)
+    # one channel: a window partition of Swin's attention mask (its windows' pixels become
+    # the mask's rows of p * p) looks the same
+    return found[0] if found is not None and found[1] and found[2] > found[0] ** 2 \
+        and _merges_patch_and_channels(node, found[2]) else None
+
+
+def window_partition(node: fx.Node) -> bool:
+    """Whether ``node`` cuts a 4-D map into square blocks that do not become features (Swin's
+    window partition: the windows become the batch and their pixels the tokens)."""
+    found = _block_split(node)
+    return found is not None and not _merges_patch_and_channels(node, found[2])
+
+
+def _block_split(node: fx.Node) -> tuple[int, bool, int] | None:
+    """(block side, channels last, features of a block) of a reshape cutting a 4-D map into
+    square blocks (``(N, C, H/p, p, W/p, p)``, or ``(N, H/p, p, W/p, p, C)`` channels last), else None."""
     is_reshape = (node.op == "call_method" and node.target in _RESHAPES) or (
         node.op == "call_function" and node.target is torch.reshape)
     x = node.args[0] if is_reshape and node.args else None
@@ -48,10 +72,16 @@ def reshape_patch(node: fx.Node) -> int | None:
     if shape_in is None or shape_out is None or len(shape_in) != 4 or len(shape_out) != 6:
         return None
     n, c, h, w = shape_in
-    if shape_out[:2] != (n, c) or shape_out[2] * shape_out[3] != h or shape_out[4] * shape_out[5] != w:
-        return None
-    p = shape_out[3]
-    return p if p == shape_out[5] and p > 1 and _merges_patch_and_channels(node, p * p * c) else None
+    if shape_out[:2] == (n, c) and shape_out[2] * shape_out[3] == h and shape_out[4] * shape_out[5] == w:
+        p, last = shape_out[3], False
+        same = p == shape_out[5]
+    else:
+        n, h, w, c = shape_in
+        if (shape_out[0], shape_out[5]) != (n, c) or shape_out[1] * shape_out[2] != h or shape_out[3] * shape_out[4] != w:
+            return None
+        p, last = shape_out[2], True
+        same = p == shape_out[4]
+    return (p, last, p * p * c) if same and p > 1 else None
 
 
 _MOVES = ("permute", "transpose", "contiguous", "reshape", "view", "flatten")
@@ -190,6 +220,21 @@ def _follow_image_sizes(gm: fx.GraphModule, x: fx.Node, image: fx.Node) -> None:
                 n.replace_input_with(a, copies[a])
 
 
+def _shuffled(gm: fx.GraphModule, x: fx.Node, p: int, channels_last: bool) -> tuple[fx.Node, fx.Node]:
+    """``pixel_shuffle(pixel_unshuffle(x, p), p)`` inserted after ``x`` (channels last: through
+    ``N x C x H x W`` permutes): (the unshuffle, the shuffled ``x``), the same tensor as ``x``."""
+    with gm.graph.inserting_after(x):
+        first = gm.graph.call_method("permute", (x, 0, 3, 1, 2)) if channels_last else x
+    with gm.graph.inserting_after(first):
+        grid = gm.graph.call_function(F.pixel_unshuffle, (first, p))
+    with gm.graph.inserting_after(grid):
+        image = gm.graph.call_function(F.pixel_shuffle, (grid, p))
+    if channels_last:
+        with gm.graph.inserting_after(image):
+            image = gm.graph.call_method("permute", (image, 0, 2, 3, 1))
+    return grid, image
+
+
 def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[str]:
     """Rewrite, in place, every patchify by reshape to read its input through an unshuffle and
     a shuffle by the patch; the unshuffle nodes get qualified names in ``node_names``. Returns
@@ -197,15 +242,13 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
     notes = []
     for node in list(gm.graph.nodes):
         found = [(p, how) for p, how in ((reshape_patch(node), "reshape"), (einops_patch(node, gm), "rearrange"),
-                                          (unfold_patch(node, gm), "unfold")) if p is not None]
+                                          (unfold_patch(node, gm), "unfold"),
+                                          (channels_last_reshape_patch(node), "channels-last reshape")) if p is not None]
         if not found or not node.args:  # (F.unfold(input=x, ...): left as it is)
             continue
         p, how = found[0]
         x = node.args[0]
-        with gm.graph.inserting_after(x):
-            grid = gm.graph.call_function(F.pixel_unshuffle, (x, p))
-        with gm.graph.inserting_after(grid):
-            image = gm.graph.call_function(F.pixel_shuffle, (grid, p))
+        grid, image = _shuffled(gm, x, p, channels_last=how == "channels-last reshape")
         node.replace_input_with(x, image)
         _follow_image_sizes(gm, x, image)
         name = node_names.get(node.name, node.name)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .patch_reshape import window_partition
 from .pos_embed import ADDS, MAX_PREFIX, ancestors, node_shape
 from .sites import Candidate
 
@@ -212,6 +213,8 @@ def follow_rel_biases(gm: fx.GraphModule, candidates: list[Candidate]) -> list[s
             if found is None:
                 continue
             site_node, grid, prefix = found
+            if any(order[a] > order[site_node] and window_partition(a) for a in ancestors(other)):
+                continue  # attention within windows (Swin's, a window as large as the grid at the reference)
             value = _value(gm, node)
             if value is None or not _is_relative(value, grid, prefix):
                 continue
