@@ -21,6 +21,7 @@ A pure function of the annotated graph (``tensor_meta``), so ``apply_plan`` repl
 """
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any
 
@@ -30,13 +31,15 @@ from torch import fx, nn
 
 from ._helpers import int_pair, node_hw
 from .pos_embed import ancestors, node_shape
-from .sites import _bind
+from .sites import QUARTER_OF_PATCHES, _bind
 
 __all__ = ["expose_patch_grids", "reshape_patch", "channels_last_reshape_patch", "window_partition", "einops_patch", "unfold_patch", "PATCHES_OF"]
 
 _RESHAPES = ("reshape", "view")
 #: node meta key of an exposed unshuffle: what cut the patches ("reshape", "rearrange", "unfold")
 PATCHES_OF = "dynopool_patches_of"
+#: the four offsets of a 2x2 space to depth by slicing
+_QUARTERS = {(0, 0), (1, 0), (0, 1), (1, 1)}
 
 
 def reshape_patch(node: fx.Node) -> int | None:
@@ -185,6 +188,48 @@ def unfold_patch(node: fx.Node, gm: fx.GraphModule) -> int | None:
     return k[0] if plain and k == s and k[0] == k[1] > 1 and hw is not None and hw[0] % k[0] == hw[1] % k[0] == 0 else None
 
 
+def _quarter(index: Any, channels_last: bool) -> tuple[int, int] | None:
+    """The offset ``(dy, dx)`` of an index taking every other row and column of a 4-D map from
+    that offset (``x[..., 1::2, 0::2]``; channels last: ``x[:, 1::2, 0::2, :]``), else None."""
+    if not isinstance(index, tuple) or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        if index.count(Ellipsis) > 1:
+            return None
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (4 - len(index) + 1) + index[at + 1:]
+    if len(index) != 4 or any(i.stop is not None for i in index):
+        return None
+    spatial, other = ((1, 2), (0, 3)) if channels_last else ((2, 3), (0, 1))
+    if any(index[a].start not in (None, 0) or index[a].step not in (None, 1) for a in other):
+        return None
+    offsets = tuple(index[a].start or 0 for a in spatial)
+    return offsets if all(index[a].step == 2 for a in spatial) and set(offsets) <= {0, 1} else None
+
+
+def sliced_space_to_depth(node: fx.Node) -> tuple[fx.Node, list[fx.Node], bool] | None:
+    """(map, slices, channels last) of ``torch.cat`` of the four quarters of a 4-D map along its
+    channels (YOLOv5's Focus; Swin's patch merging in its paper code and torchvision's
+    ``_patch_merging_pad``: channels last), else None."""
+    if not (node.op == "call_function" and node.target is torch.cat and node.args and isinstance(node.args[0], (list, tuple))):
+        return None
+    parts = list(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if len(parts) != 4 or not all(isinstance(p, fx.Node) and p.op == "call_function" and p.target is operator.getitem
+                                  and len(p.args) == 2 for p in parts):
+        return None
+    x = parts[0].args[0]
+    shape = node_shape(x) if isinstance(x, fx.Node) else None
+    if shape is None or len(shape) != 4 or any(p.args[0] is not x for p in parts):
+        return None
+    for channels_last, axis in ((False, (1, -3)), (True, (3, -1))):
+        offsets = [_quarter(p.args[1], channels_last) for p in parts]
+        if dim in axis and set(offsets) == _QUARTERS and len(set(offsets)) == 4:
+            h, w = shape[1:3] if channels_last else shape[2:]
+            return (x, parts, channels_last) if h % 2 == w % 2 == 0 else None
+    return None
+
+
 def _is_move(n: fx.Node) -> bool:
     return (n.op == "call_method" and n.target in _MOVES) or (n.op == "call_function" and n.target in _MOVE_FUNCTIONS)
 
@@ -241,6 +286,18 @@ def expose_patch_grids(gm: fx.GraphModule, node_names: dict[str, str]) -> list[s
     one note per rewrite. ``gm`` must carry ``tensor_meta``."""
     notes = []
     for node in list(gm.graph.nodes):
+        quarters = sliced_space_to_depth(node)
+        if quarters is not None:
+            x, parts, channels_last = quarters
+            grid, image = _shuffled(gm, x, 2, channels_last)
+            for part in parts:
+                part.replace_input_with(x, image)
+                part.meta[QUARTER_OF_PATCHES] = True  # not a strided-slice site of its own
+            name = node_names.get(node.name, node.name)
+            node_names[grid.name] = f"{name}_patches"
+            grid.meta[PATCHES_OF] = "slices"
+            notes.append(f"{name}: space to depth by slices (patch 2) exposed as a pixel unshuffle, so that its grid can learn")
+            continue
         found = [(p, how) for p, how in ((reshape_patch(node), "reshape"), (einops_patch(node, gm), "rearrange"),
                                           (unfold_patch(node, gm), "unfold"),
                                           (channels_last_reshape_patch(node), "channels-last reshape")) if p is not None]

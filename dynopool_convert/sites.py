@@ -297,6 +297,10 @@ class PoolFunctionHandler:
         _retarget_to_pool(gm, node, pool_path)
 
 
+#: node meta key of a quarter of a space to depth by slices (``patch_reshape.py``: its unshuffle is the site)
+QUARTER_OF_PATCHES = "dynopool_quarter_of_patches"
+
+
 def slice_steps(index: Any) -> tuple[int, int] | None:
     """``(step_h, step_w)`` of an index that subsamples both last axes of an N x C x H x W tensor
     and keeps everything else (``x[:, :, ::2, ::2]``, ``x[..., ::2, ::3]``: the shortcut of the
@@ -327,7 +331,7 @@ class StridedSliceHandler:
 
     def match(self, node: fx.Node, gm: fx.GraphModule) -> bool:
         return (node.op == "call_function" and len(node.args) == 2 and isinstance(node.args[0], fx.Node)
-                and _is_4d(node.args[0]) and slice_steps(node.args[1]) is not None)
+                and _is_4d(node.args[0]) and slice_steps(node.args[1]) is not None and not node.meta.get(QUARTER_OF_PATCHES))
 
     def inspect(self, node: fx.Node, gm: fx.GraphModule) -> Candidate:
         step = slice_steps(node.args[1])

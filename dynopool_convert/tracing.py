@@ -205,6 +205,30 @@ _SIZE_BUILTINS = ("int", "float", "len")
 _SIZE_BUILTIN_REFUSALS = re.compile(r"(int|float)\(\) argument must be .*not '\w*Proxy'|'len' is not supported")
 
 
+#: library functions registered with ``torch.fx.wrap`` that are traced into all the same: their
+#: strided slices are a site (torchvision's Swin patch merging: pad to even, four quarters, cat)
+_WRAPPED_TRACED_INTO = (("torchvision.models.swin_transformer", "_patch_merging_pad"),)
+
+
+@contextlib.contextmanager
+def _traced_into() -> Iterator[None]:
+    """``_WRAPPED_TRACED_INTO``'s functions unregistered from ``torch.fx.wrap`` until the block ends."""
+    from torch.fx import _symbolic_trace
+
+    table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
+    removed = {}
+    if isinstance(table, dict):
+        for module_name, name in _WRAPPED_TRACED_INTO:
+            module = sys.modules.get(module_name)
+            key = (id(vars(module)), name) if module is not None else None
+            if key in table:
+                removed[key] = table.pop(key)
+    try:
+        yield
+    finally:
+        table.update(removed) if removed else None
+
+
 def _own_module_names(model: nn.Module) -> set[str]:
     """The Python modules defining the model's classes, libraries' (``_LIBRARIES``) excepted."""
     names = {type(m).__module__ for m in model.modules()} | {c.__module__ for c in type(model).__mro__}
@@ -267,7 +291,7 @@ def trace_model(model: nn.Module, example: Tensor | None = None) -> Traced:
             if hasattr(tracer, "_autowrap_search"):  # private in torch.fx: patch, do not autowrap, these
                 tracer._autowrap_search = [*tracer._autowrap_search, *_root_class_modules(model)]
             try:
-                with (_int_of_sizes(model) if builtins_wrapped else contextlib.nullcontext(),
+                with (_traced_into(), _int_of_sizes(model) if builtins_wrapped else contextlib.nullcontext(),
                       numpy_of_sizes(_own_module_names(model)) if numpy_wrapped else contextlib.nullcontext()):
                     graph = _plain_arguments(tracer.trace(model, concrete_args=_default_args(model)), _default_args(model))
                 break

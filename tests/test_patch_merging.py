@@ -10,11 +10,13 @@ import random
 import pytest
 import timm
 import torch
+from torch import nn
 
 from dynopool_convert import convert, scale_parameters
 from dynopool_convert.budget import fit_to_budget
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.flops import count_flops
+from dynopool_convert.report import build_report, to_markdown
 
 SIZE = (3, 32, 32)
 
@@ -26,7 +28,7 @@ def _swin(name: str, window: int):
 
 
 @pytest.mark.parametrize("name,window", [("swin_tiny_patch4_window7_224", 2), ("swinv2_tiny_window8_256", 4)])
-def test_swin_patch_merging_learns_each_stage_exactly_at_init_and_the_cost_model_is_fvcore(name, window):
+def test_swin_patch_merging_learns_each_stage_exactly_at_init_the_cost_model_is_fvcore_and_the_budget_holds(name, window):
     model = _swin(name, window)
     r = convert(model, SIZE, placement="exact")
     merged = [s for s in r.plan.sites if s.name.endswith("downsample.reshape_patches")]
@@ -43,11 +45,70 @@ def test_swin_patch_merging_learns_each_stage_exactly_at_init_and_the_cost_model
                 p.copy_(torch.tensor([rng.uniform(0.55, 1.6), rng.uniform(0.55, 1.6)]))
         assert cost.flops() == count_flops(r.model, SIZE)
         assert torch.isfinite(r.model(x)).all()
-
-
-def test_swin_budget_holds():
-    model = _swin("swin_tiny_patch4_window7_224", 2)
-    r = convert(model, SIZE)
     budget = int(0.6 * count_flops(model, SIZE))
-    fit = fit_to_budget(r.model, budget, SIZE, CostModel(r.model, SIZE))
+    fit = fit_to_budget(r.model, budget, SIZE, cost)
     assert fit.final_flops <= budget and fit.final_flops == count_flops(r.model, SIZE)
+
+
+class Focus(nn.Module):
+    """YOLOv5's Focus: the image's four quarters (every other row and column) as channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+        return self.fc(self.down(self.conv(x)).mean((2, 3)))
+
+
+class QuarterMerge(nn.Module):
+    """The Swin paper code's patch merging: channels last, four quarters, cat, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.reduction = nn.Linear(32, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        x0, x1, x2, x3 = x[:, 0::2, 0::2, :], x[:, 1::2, 0::2, :], x[:, 0::2, 1::2, :], x[:, 1::2, 1::2, :]
+        return self.fc(self.reduction(torch.cat([x0, x1, x2, x3], -1)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("model_class", [Focus, QuarterMerge])
+def test_four_quarters_by_slicing_are_one_site_exact_at_init(model_class):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    r = convert(model, SIZE, placement="exact")
+    assert [s.status for s in r.plan.sites] == ["converted", "converted"]
+    assert [s.op for s in r.plan.sites if s.name == "cat_patches"] == ["patches of 2x2 by slices"]
+    assert len({s.group for s in r.plan.sites}) == 2 and not any(s.name.startswith("getitem") for s in r.plan.sites)
+    x = torch.randn(2, *SIZE)
+    assert torch.allclose(r.model.eval()(x), model(x), atol=1e-6)
+    cost, rng = CostModel(r.model, SIZE), random.Random(1)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in scale_parameters(r.model):
+                p.copy_(torch.tensor([rng.uniform(0.55, 1.6), rng.uniform(0.55, 1.6)]))
+        assert cost.flops() == count_flops(r.model, SIZE)
+
+
+def test_torchvision_swin_merges_patches_through_its_wrapped_function_and_reports_briefly():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[2, 2], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=[2, 2], num_classes=3).eval()
+    r = convert(model, SIZE, placement="exact")
+    merged = [s for s in r.plan.sites if s.name.endswith("cat_patches")]
+    assert len(merged) == 3 and all(s.status == "converted" for s in merged)
+    x = torch.randn(2, *SIZE)
+    assert torch.allclose(r.model.eval()(x), model(x), atol=1e-5)
+    report = build_report(r.model, r.plan.to_dict(), source=None, input_size=SIZE)
+    line = next(line for line in to_markdown(report).splitlines() if line.startswith("Receptive fields through"))
+    assert len(report["approximate_receptive_fields"]) > 8
+    assert line.count(",") == 7 and line.endswith(f"and {len(report['approximate_receptive_fields']) - 8} more (all in the JSON report)")

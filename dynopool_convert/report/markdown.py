@@ -7,6 +7,9 @@ from . import text
 
 __all__ = ["to_markdown"]
 
+#: nodes named in the line on approximate receptive fields (a Swin has hundreds)
+_NAMED = 8
+
 
 def _escape(cell: str) -> str:
     return cell.replace("|", "\\|").replace("\n", " ")
@@ -34,6 +37,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     columns, rows = text.history_rows(report)
     if rows:
         lines += ["## History", ""] + _table(columns, rows) + [""]
-    if report.get("approximate_receptive_fields"):
-        lines += [f"Receptive fields through unknown resizing ops are approximate: {', '.join(report['approximate_receptive_fields'])}", ""]
+    approximate = report.get("approximate_receptive_fields") or []
+    if approximate:
+        more = f" and {len(approximate) - _NAMED} more (all in the JSON report)" if len(approximate) > _NAMED else ""
+        lines += [f"Receptive fields through unknown resizing ops are approximate: {', '.join(approximate[:_NAMED])}{more}", ""]
     return "\n".join(lines)
