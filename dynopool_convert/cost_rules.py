@@ -180,12 +180,12 @@ _TOKEN_KINDS = ("tokens", "pairs", "cross", "pooled")
 _SEQUENCE_WINDOWS = (nn.AvgPool1d, nn.MaxPool1d, nn.Conv1d)
 
 
-def _mod_constants(n: fx.Node, depth: int = 8, ops: tuple = (operator.mod,)) -> set[int]:
+def _mod_constants(n: fx.Node, depth: int = 8, ops: tuple = (operator.mod,), skip_first: bool = True) -> set[int]:
     """Int divisors of the ``x % m`` calls (``ops``) that ``n``'s arguments are computed from (a
     pad to a multiple of ``m``: ``(m - W % m) % m`` or ``W % 2``; a crop: ``W // 2 * 2``)."""
     found: set[int] = set()
     seen: set[fx.Node] = set()
-    frontier = list(n.all_input_nodes)[1:]  # the padded tensor itself does not count
+    frontier = list(n.all_input_nodes)[1 if skip_first else 0:]  # the padded tensor itself does not count
     for _ in range(depth):
         nxt = []
         for a in frontier:
@@ -237,17 +237,24 @@ def _downsample_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
     return rules
 
 
+_CREATIONS = (torch.zeros, torch.ones, torch.empty, torch.full)
+_CREATION_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full")
+
+
 def _pad_multiple_rules(n: fx.Node, info_r: Any, info_p: Any, parent: _Class,
                         sizes_ref: dict[int, tuple[int, int]], sizes_pert: dict[int, tuple[int, int]]) -> list[_Rule]:
     """A ``F.pad`` whose amounts are computed at run time to reach a multiple of ``m`` per axis
     (Swin's windows and patch merging): ``ceil(h / m) * m``, with ``m`` among the divisors its
     amounts are computed with; checked against both passes (and, as a guessed rule, the whole
     model against fvcore at a third setting)."""
-    if n.op != "call_function" or n.target is not F.pad:
+    padded = n.op == "call_function" and n.target is F.pad
+    created = (n.op == "call_function" and n.target in _CREATIONS) or (n.op == "call_method" and n.target in _CREATION_METHODS)
+    if not (padded or created) or not _maps(info_r, info_p):
         return []
-    if not _maps(info_r, info_p):
-        return []
-    constants = sorted(_mod_constants(n), reverse=True)
+    # amounts as ``(m - W % m) % m`` or ``ceil(W / m) * m - W``; a tensor made at a multiple's
+    # size too (the Swin code's mask: ``zeros((1, ceil(H / ws) * ws, ...))``)
+    ops = (operator.mod, operator.truediv, operator.floordiv)
+    constants = sorted(_mod_constants(n, ops=ops, skip_first=padded or n.op == "call_method"), reverse=True)
     (h_r, w_r), (h_p, w_p) = sizes_ref[parent.index], sizes_pert[parent.index]
     rules = []
     for a in (2, 1):  # N x C x H x W, then channels-last

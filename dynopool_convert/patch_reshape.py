@@ -198,6 +198,7 @@ def _quarter(index: Any, channels_last: bool) -> tuple[int, int] | None:
             return None
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (4 - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (4 - len(index))  # trailing axes left out: whole
     if len(index) != 4 or any(i.stop is not None for i in index):
         return None
     spatial, other = ((1, 2), (0, 3)) if channels_last else ((2, 3), (0, 1))

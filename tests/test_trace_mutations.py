@@ -11,6 +11,8 @@ from numpy import ceil as np_ceil
 from torch import nn
 
 from dynopool_convert import convert, scale_parameters
+from dynopool_convert.cost_model import CostModel
+from dynopool_convert.flops import count_flops
 from dynopool_convert.tracing import trace_model
 
 
@@ -97,6 +99,18 @@ def test_numpy_on_sizes_and_item_assignment_trace_and_follow_moved_strides():
     assert torch.isfinite(out).all()
     hp = sizes["mix"]
     assert hp != (16, 16) and hp[0] % 4 == 0 and hp[1] % 4 == 0  # padded to whole windows at the moved size
+
+
+def test_the_cost_model_follows_a_tensor_made_at_a_multiple_of_the_grid():
+    """``torch.zeros((1, 1, ceil(h / ws) * ws, ...))``: a class of its own (a multiple), like a pad."""
+    torch.manual_seed(0)
+    result = convert(WindowPad().eval(), input_size=(3, 30, 26))
+    cost = CostModel(result.model, (3, 30, 26))
+    for factor in (0.6, 0.77, 1.3):
+        with torch.no_grad():
+            for p in scale_parameters(result.model):
+                p.fill_(factor)
+        assert cost.flops() == count_flops(result.model, (3, 30, 26))
 
 
 def test_a_grid_stored_on_a_kept_whole_block_is_set_before_each_call():
