@@ -91,9 +91,11 @@ def convert_source(
             again_args = {**build_args, "dynamic_img_size": True}
             again_net, again_origin = build_with_weights(source, again_args, weights, pretrained)
             again = convert(again_net, size, placement=placement, **policy)
-        if again.plan.summary()["groups"]:
+        before, after = result.plan.summary()["groups"], again.plan.summary()["groups"]
+        if after > before:
+            as_built = "no learned group" if before == 0 else f"{before} learned group{'s' * (before > 1)}"
             again.plan.notes.append(
-                "no learned group as built (its patch grid is fixed): built again with dynamic_img_size=True, "
+                f"{as_built} as built (its grid is fixed: sites reverted), {after} built again with dynamic_img_size=True, "
                 "timm's option to accept any grid (--build-arg dynamic_img_size=false keeps the model as built)")
             net, origin, result, build_args = again_net, again_origin, again, again_args
             original = int(count_flops(net, size))
@@ -123,9 +125,10 @@ def _with_input_site_hint(err: UserInputError, result: ConversionResult, policy:
 
 
 def _fixed_grid(source: str, net: Any, build_args: dict[str, Any], result: ConversionResult) -> bool:
-    """Whether a conversion with no learned group is worth one more try with ``dynamic_img_size``:
+    """Whether a conversion with reverted sites is worth one more try with ``dynamic_img_size``:
     a timm model whose builder takes it (ViT, Eva, Swin: a fixed grid of patches, rotary tables or
-    windows breaks every move of the patch embedding) and that the user did not set."""
+    windows breaks every move of the patch embedding; a Swin's fixed windows, those of its patch
+    merging) and that the user did not set. Kept where it learns more groups."""
     counts = result.plan.summary()
-    return (source.startswith("timm:") and "dynamic_img_size" not in build_args and counts["groups"] == 0
+    return (source.startswith("timm:") and "dynamic_img_size" not in build_args
             and counts["reverted"] > 0 and "dynamic_img_size" in inspect.signature(type(net).__init__).parameters)

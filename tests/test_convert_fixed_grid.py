@@ -30,3 +30,14 @@ def test_a_grid_the_user_fixed_is_kept():
     done = convert_source(SOURCE, {**ARGS, "dynamic_img_size": False}, input_size=SIZE)
     assert done.plan.summary()["groups"] == 0 and done.build_args["dynamic_img_size"] is False
     assert not any("dynamic_img_size" in note for note in done.plan.notes)
+
+
+def test_a_swin_with_fixed_windows_is_built_again_where_that_learns_more_groups():
+    """A Swin built for one size precomputes its shifted windows' masks: only some groups learn
+    as built; with any grid, each stage's patch merging learns too."""
+    args = {"img_size": 64, "embed_dim": 8, "depths": (2, 2, 2, 2), "num_heads": (1, 1, 1, 1), "window_size": 4,
+            "num_classes": 3}
+    done = convert_source("timm:swin_tiny_patch4_window7_224", dict(args), input_size=(3, 64, 64))
+    assert done.plan.summary()["groups"] == 4 and done.build_args["dynamic_img_size"] is True
+    assert any(note.startswith("2 learned groups as built") and "4 built again with dynamic_img_size=True" in note
+               for note in done.plan.notes)

@@ -120,12 +120,12 @@ def run_one(source: str, size: int) -> dict:
     t0 = time.perf_counter()
     try:
         result, row["input"] = _convert(source, size, {})
-        if not result.plan.summary()["groups"] and source.startswith("timm:"):
+        if result.plan.summary()["reverted"] and source.startswith("timm:"):  # as conversion._fixed_grid
             try:
                 retry, input_size = _convert(source, size, _DYNAMIC)
             except dc.UserInputError:
                 retry = None  # the model does not take the option
-            if retry is not None and retry.plan.summary()["groups"]:
+            if retry is not None and retry.plan.summary()["groups"] > result.plan.summary()["groups"]:
                 result, row["input"], row["build_args"] = retry, input_size, "dynamic_img_size=True"
         plan = result.plan
         counts = plan.summary()
@@ -344,10 +344,10 @@ def render(models: list[tuple[str, str, str]], size: int) -> str:
         "backward (`ok`; `broken` makes the status `moves break`, with the failure as the reason); an",
         "empty cell is a row from a sweep before the column existed (its `ok` did not include the",
         "property). One model per timm family (the one with the fewest",
-        "parameters) and every torchvision classification and segmentation model. A timm model that gets",
-        "no learned group is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
-        "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`), and the",
-        "row says so when that is what converted. Groups whose moves break the forward are settled",
+        "parameters) and every torchvision classification and segmentation model. A timm model with",
+        "reverted sites is tried again with `dynamic_img_size=True` (timm's option for ViT-style models",
+        "to accept any patch grid; `dynopool convert MODEL --build-arg dynamic_img_size=true`; before",
+        "session 22 only a model with no learned group), and the row says so when that converted more groups. Groups whose moves break the forward are settled",
         "deepest first: rounded to a multiple where that works (the `rounded` column counts those",
         "groups), else *pinned* (the op kept behind an",
         "adaptive pool to its reference input size, so that the groups before it can learn; the",
