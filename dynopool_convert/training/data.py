@@ -2,6 +2,7 @@
 
 Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test; without a
 validation split, 10% of each class's training images; without either, DIR/<class>/ is the training data),
+``csv:FILE`` (a list of image paths and labels, optionally splits: ``data_csv.py``),
 ``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR``, ``mnist:DIR``,
 ``kmnist:DIR`` (IDX files, gzipped or not), ``synthetic`` (random learnable tensors) and ``bundled`` (the Fashion-MNIST
 subset shipped in the package; the default). Images are resized to the model's reference size and converted to its channel count
@@ -10,7 +11,6 @@ is reproducible whatever the number of loader workers and wherever it resumes.
 """
 from __future__ import annotations
 
-import copy
 import gzip
 import random
 from dataclasses import dataclass, field
@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserInputError
+from .data_csv import csv_splits
+from .image_files import imagefolder_splits
 
 __all__ = [
     "DataSpec",
@@ -47,8 +49,8 @@ IDX_DATASETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mnist": ("MNIST", "MNIST", tuple(str(d) for d in range(10))),
     "kmnist": ("KMNIST", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
-DATA_KINDS = ("imagefolder", "cifar10", "cifar100", *IDX_DATASETS, "synthetic", "bundled")
-DATA_SPECS = "imagefolder:DIR, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, mnist:DIR, kmnist:DIR, synthetic or bundled"
+DATA_KINDS = ("imagefolder", "csv", "cifar10", "cifar100", *IDX_DATASETS, "synthetic", "bundled")
+DATA_SPECS = "imagefolder:DIR, csv:FILE, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, mnist:DIR, kmnist:DIR, synthetic or bundled"
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,13 @@ def parse_data_spec(spec: str | None) -> DataSpec:
             f"unknown data spec {spec!r}: use {DATA_SPECS}"
         )
     if not rest:
-        raise UserInputError(f"data spec {spec!r} needs a directory: {kind}:DIR")
+        raise UserInputError(f"data spec {spec!r} needs a {'file' if kind == 'csv' else 'directory'}: "
+                             f"{kind}:{'FILE' if kind == 'csv' else 'DIR'}")
     path = Path(rest).expanduser()
+    if kind == "csv":
+        if not path.is_file():
+            raise UserInputError(f"csv file not found: {path}")
+        return DataSpec(kind, path)
     if not path.is_dir():
         raise UserInputError(f"data directory not found: {path}")
     return DataSpec(kind, path)
@@ -301,110 +308,6 @@ def _cifar(kind: str, root: Path):
         raise UserInputError(f"{kind} data not found in {root}: expected {root / cls.base_folder} (the python pickle batches)") from err
 
 
-TRAIN_SPLITS = ("train", "training")
-VAL_SPLITS = ("val", "valid", "validation", "test")  # the first found is the validation split
-
-
-def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
-    return next((root / n for n in names if (root / n).is_dir()), None)
-
-
-#: share of each class's training images set aside as validation where a folder has no validation split
-VAL_FROM_TRAIN = 0.1
-
-
-def _imagefolder(root: Path) -> tuple[Any, Any, str | None]:
-    """The train and validation ImageFolders of ``root``, and a note when the validation split was
-    made here; the validation split may lack some of the training classes (a small split), and
-    its labels follow the training split's indices.
-
-    Without a validation folder, ``VAL_FROM_TRAIN`` of each class's training images (at least one
-    of a class with two or more) become the validation split: always the same images (a fixed
-    draw over the sorted file list), so a resumed run scores the same ones. Without a training
-    folder either, ``root``'s own class folders are the training data."""
-    train_dir, val_dir = _split_dir(root, TRAIN_SPLITS), _split_dir(root, VAL_SPLITS)
-    if train_dir is None and val_dir is None and _has_class_folders(root):
-        splits_named = [p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in TRAIN_SPLITS + VAL_SPLITS]
-        if splits_named:  # "Train"/"Val": split folders, not classes
-            raise UserInputError(f"imagefolder:{root}: name its splits {'/'.join(TRAIN_SPLITS)} and {'/'.join(VAL_SPLITS)} "
-                                 f"in lower case (found {', '.join(sorted(splits_named))}; read as classes otherwise)")
-        train_dir = root
-    if train_dir is None:
-        raise UserInputError(f"imagefolder:{root} needs {root}/<class>/<images>, or a training split in "
-                             f"{'/'.join(TRAIN_SPLITS)} (and a validation split in {'/'.join(VAL_SPLITS)}, else "
-                             f"{VAL_FROM_TRAIN:.0%} of the training images are set aside)")
-    splits = []
-    for folder in (train_dir, val_dir):
-        try:
-            splits.append(None if folder is None else _image_folder(str(folder)))
-        except FileNotFoundError as err:
-            raise UserInputError(f"no images in {folder}: {err}") from err
-    train, val = splits
-    if val is None:
-        train, val = _split_off_validation(train)
-        if not val.samples:
-            raise UserInputError(f"imagefolder:{root} has no validation split ({'/'.join(VAL_SPLITS)}), and no class "
-                                 f"of its training images has two images to set one aside")
-        where = "its class folders" if train_dir == root else f"{train_dir.name}/"
-        return train, val, (f"note: imagefolder:{root} has no validation split: {len(val.samples)} of the "
-                            f"{len(train.samples) + len(val.samples)} images of {where} ({VAL_FROM_TRAIN:.0%} of each class) "
-                            f"are set aside to validate, the same ones every run")
-    unknown = sorted(set(val.classes) - set(train.classes))
-    if unknown:
-        raise UserInputError(f"imagefolder:{root}: {val_dir.name} has classes that {train_dir.name} lacks: "
-                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-    if val.class_to_idx != {c: train.class_to_idx[c] for c in val.classes}:
-        _set_samples(val, [(path, train.class_to_idx[val.classes[i]]) for path, i in val.samples])
-        val.classes, val.class_to_idx = list(train.classes), dict(train.class_to_idx)
-    return train, val, None
-
-
-def _is_class_folder(path: Path) -> bool:
-    """A folder that names a class: not hidden (``.ipynb_checkpoints``, ``.git``) nor macOS's
-    archive metadata (``__MACOSX``), which torchvision's ImageFolder would read as classes."""
-    return path.is_dir() and not path.name.startswith(".") and path.name != "__MACOSX"
-
-
-def _has_class_folders(root: Path) -> bool:
-    return any(_is_class_folder(p) for p in root.iterdir())
-
-
-def _image_folder(root: str) -> Any:
-    """torchvision's ImageFolder over ``root``'s class folders (``_is_class_folder``), GIFs included."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
-
-    class ClassFolders(ImageFolder):
-        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            classes = sorted(p.name for p in Path(directory).iterdir() if _is_class_folder(p))
-            if not classes:
-                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-            return classes, {name: i for i, name in enumerate(classes)}
-
-    return ClassFolders(root, is_valid_file=lambda path: path.lower().endswith((*IMG_EXTENSIONS, ".gif")))
-
-
-def _set_samples(folder: Any, samples: list[tuple[str, int]]) -> None:
-    folder.samples = folder.imgs = samples
-    folder.targets = [i for _, i in samples]
-
-
-def _split_off_validation(train: Any) -> tuple[Any, Any]:
-    """``train`` split in two ImageFolders by class (``VAL_FROM_TRAIN`` each, a fixed draw)."""
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for sample in sorted(train.samples):
-        by_class.setdefault(sample[1], []).append(sample)
-    rng = random.Random(0)
-    kept, held = [], []
-    for label in sorted(by_class):
-        samples = by_class[label]
-        k = max(1, round(VAL_FROM_TRAIN * len(samples))) if len(samples) > 1 else 0
-        chosen = set(rng.sample(range(len(samples)), k))
-        kept += [s for i, s in enumerate(samples) if i not in chosen]
-        held += [s for i, s in enumerate(samples) if i in chosen]
-    val = copy.copy(train)
-    _set_samples(train, kept)
-    _set_samples(val, held)
-    return train, val
 
 
 def build_datasets(
@@ -430,8 +333,8 @@ def build_datasets(
     elif spec.kind in ("cifar10", "cifar100"):
         train_base, val_base = _cifar(spec.kind, spec.path)
         classes, small = list(train_base.classes), True
-    elif spec.kind == "imagefolder":
-        train_folder, val_folder, note = _imagefolder(spec.path)
+    elif spec.kind in ("imagefolder", "csv"):
+        train_folder, val_folder, note = (imagefolder_splits if spec.kind == "imagefolder" else csv_splits)(spec.path)
         notes += [note] if note else []
         train_base, val_base = SkipUnreadable(train_folder, "train"), SkipUnreadable(val_folder, "val")
         classes, small = list(train_folder.classes), False
