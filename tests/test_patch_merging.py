@@ -12,13 +12,24 @@ import timm
 import torch
 from torch import nn
 
-from dynopool_convert import convert, scale_parameters
+from budget_models import randomise_strides
+from dynopool_convert import convert
 from dynopool_convert.budget import fit_to_budget
 from dynopool_convert.cost_model import CostModel
 from dynopool_convert.flops import count_flops
 from dynopool_convert.report import build_report, to_markdown
 
 SIZE = (3, 32, 32)
+
+
+def _cost_model_is_fvcore(model: nn.Module, rng: random.Random, x: torch.Tensor) -> CostModel:
+    """The cost model equals fvcore, and the model runs, at three random stride settings."""
+    cost = CostModel(model, SIZE)
+    for _ in range(3):
+        randomise_strides(model, rng, lo=0.55, hi=1.6)
+        assert cost.flops() == count_flops(model, SIZE)
+        assert torch.isfinite(model(x)).all()
+    return cost
 
 
 def _swin(name: str, window: int):
@@ -38,13 +49,7 @@ def test_swin_patch_merging_learns_each_stage_exactly_at_init_the_cost_model_is_
     assert not [n for n in r.plan.notes if "relative-position bias" in n]  # window biases stay per window
     x = torch.randn(2, *SIZE)
     assert torch.allclose(r.model.eval()(x), model(x), atol=1e-5)
-    cost, rng = CostModel(r.model, SIZE), random.Random(0)
-    for _ in range(3):
-        with torch.no_grad():
-            for p in scale_parameters(r.model):
-                p.copy_(torch.tensor([rng.uniform(0.55, 1.6), rng.uniform(0.55, 1.6)]))
-        assert cost.flops() == count_flops(r.model, SIZE)
-        assert torch.isfinite(r.model(x)).all()
+    cost = _cost_model_is_fvcore(r.model, random.Random(0), x)
     budget = int(0.6 * count_flops(model, SIZE))
     fit = fit_to_budget(r.model, budget, SIZE, cost)
     assert fit.final_flops <= budget and fit.final_flops == count_flops(r.model, SIZE)
@@ -98,12 +103,7 @@ def test_four_quarters_by_slicing_are_one_site_exact_at_init(model_class):
     assert len({s.group for s in r.plan.sites}) == 2 and not any(s.name.startswith("getitem") for s in r.plan.sites)
     x = torch.randn(2, *SIZE)
     assert torch.allclose(r.model.eval()(x), model(x), atol=1e-6)
-    cost, rng = CostModel(r.model, SIZE), random.Random(1)
-    for _ in range(3):
-        with torch.no_grad():
-            for p in scale_parameters(r.model):
-                p.copy_(torch.tensor([rng.uniform(0.55, 1.6), rng.uniform(0.55, 1.6)]))
-        assert cost.flops() == count_flops(r.model, SIZE)
+    _cost_model_is_fvcore(r.model, random.Random(1), x)
 
 
 def test_torchvision_swin_merges_patches_through_its_wrapped_function_and_reports_briefly():
