@@ -17,9 +17,11 @@ from __future__ import annotations
 import math
 import operator
 
+import torch
 from torch import fx
 
 from ._helpers import node_hw
+from .pos_embed import ancestors
 from .sites import Candidate
 
 __all__ = ["follow_site_sizes"]
@@ -79,33 +81,63 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return found
 
 
-def _grid_sizes(site: fx.Node, cand: Candidate) -> list[tuple[fx.Node, int]]:
-    """The ``H // s`` (or ``math.ceil(H / s)``) nodes of ``site``'s input size that name its
-    output size, with their axis."""
-    x = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
-    hw_in, hw_out = node_hw(x), node_hw(site)
-    if x is None or hw_in is None or hw_out is None or cand.stride is None:
-        return []
-    reads, frontier = [], list(x.users)  # x.shape, then its items and slices
+def _same_map(site: fx.Node, x: fx.Node, sites: set[fx.Node]) -> list[fx.Node]:
+    """``x`` and the N x C x H x W tensors before it of its size with no site between (a grid
+    passed on as ints: the Swin paper code's ``Wh = x.size(2)`` after the patch embedding, read
+    again by the patch merging's ``x.view(B, H, W, C)``)."""
+    before = ancestors(x)
+    between = [s for s in sites if s is not site and s in before]
+    cut = {a for s in between for a in ancestors(s)}
+    return [x] + [a for a in before if a not in cut and node_hw(a) == node_hw(x) and _nchw(a)]
+
+
+def _nchw(node: fx.Node) -> bool:
+    shape = node.meta.get("tensor_meta")
+    return shape is not None and hasattr(shape, "shape") and len(shape.shape) == 4
+
+
+def _reads(x: fx.Node) -> list[fx.Node]:
+    """``x.shape``, ``x.size()``, then their items and slices."""
+    reads, frontier = [], list(x.users)
     while frontier:
         n = frontier.pop()
         if n.op in ("call_function", "call_method") and n.target in (getattr, operator.getitem, "size") \
                 and n.meta.get("tensor_meta") is None and n not in reads:
             reads.append(n)
             frontier += n.users
+    return reads
+
+
+def _over_stride(read: fx.Node, stride: int, size_in: int, size_out: int) -> list[fx.Node]:
+    """The nodes computing ``read // stride``, ``math.ceil(read / stride)`` or ``(read + stride - 1)
+    // stride`` that equal ``size_out`` for ``size_in``."""
     found = []
-    for read in reads:
-        axis = _size_axis(read, x)
-        if axis is None:
+    by = lambda n, op, k: n.op == "call_function" and n.target is op and len(n.args) == 2 and n.args[1] == k  # noqa: E731
+    for u in read.users:
+        if u.args[0] is not read:
             continue
-        stride, size_in, size_out = cand.stride[axis - 2], hw_in[axis - 2], hw_out[axis - 2]
-        for u in read.users:
-            if not (u.op == "call_function" and u.args[0] is read and isinstance(u.args[1], int) and u.args[1] == stride):
-                continue
-            if u.target is operator.floordiv and size_in // stride == size_out:
-                found.append((u, axis))
-            elif u.target is operator.truediv and math.ceil(size_in / stride) == size_out:  # math.ceil(H / s) (VOLO)
-                found += [(c, axis) for c in u.users if c.op == "call_function" and c.target is math.ceil]
+        if by(u, operator.floordiv, stride) and size_in // stride == size_out:
+            found.append(u)
+        elif by(u, operator.truediv, stride) and math.ceil(size_in / stride) == size_out:  # math.ceil(H / s) (VOLO)
+            found += [c for c in u.users if c.op == "call_function" and c.target is math.ceil]
+        elif by(u, operator.add, stride - 1) and math.ceil(size_in / stride) == size_out:  # (H + 1) // 2 (Swin code)
+            found += [c for c in u.users if by(c, operator.floordiv, stride) and c.args[0] is u]
+    return found
+
+
+def _grid_sizes(site: fx.Node, cand: Candidate, sites: set[fx.Node]) -> list[tuple[fx.Node, int]]:
+    """The ``H // s`` (or ``math.ceil(H / s)``) nodes of ``site``'s input size that name its
+    output size, with their axis."""
+    x = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
+    hw_in, hw_out = node_hw(x), node_hw(site)
+    if x is None or hw_in is None or hw_out is None or cand.stride is None:
+        return []
+    found = []
+    for tensor in _same_map(site, x, sites):
+        for read in _reads(tensor):
+            axis = _size_axis(read, tensor)
+            if axis is not None:
+                found += [(u, axis) for u in _over_stride(read, cand.stride[axis - 2], hw_in[axis - 2], hw_out[axis - 2])]
     return found
 
 
@@ -133,7 +165,11 @@ def _redirect(gm: fx.GraphModule, site: fx.Node, grids: list[tuple[fx.Node, int]
             copies[n] = gm.graph.node_copy(n, lambda a: copies.get(a, a))
         last = copies[n] if before else last
     redirected = False
-    for user in _descendants(site) & set(order):
+    # what reads the site's output, and what runs after it that nothing before the site feeds
+    # (sizes stored on a block: ``blk.H = H``); never an assert on the input
+    x = site.args[0]
+    after = {u for u in order if order[u] > order[site] and u not in _descendants(x) and u.target is not torch._assert}
+    for user in (_descendants(site) | after) & set(order):
         if user not in copies:
             for a in user.all_input_nodes:
                 if a in copies:
@@ -151,8 +187,9 @@ def follow_site_sizes(gm: fx.GraphModule, candidates: list[Candidate]) -> list[s
     ``tensor_meta``."""
     sites = {c.node: c for c in candidates if c.kind in ("conv", "pool") and not c.skip_reason}
     notes = []
-    for site in [n for n in gm.graph.nodes if n.name in sites]:
-        grids = _grid_sizes(site, sites[site.name])
+    site_nodes = {n for n in gm.graph.nodes if n.name in sites}
+    for site in [n for n in gm.graph.nodes if n in site_nodes]:
+        grids = _grid_sizes(site, sites[site.name], site_nodes)
         if grids and _redirect(gm, site, grids, {n: i for i, n in enumerate(gm.graph.nodes)}):
             notes.append(f"the grid size computed from site {sites[site.name].name}'s input (size over stride) follows its output")
     if notes:

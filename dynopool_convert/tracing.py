@@ -9,6 +9,7 @@ shows up as one node. The one tracer of the package: ``annotated_graph`` builds 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import re
@@ -175,10 +176,28 @@ def _failing_module(err: BaseException, root: nn.Module) -> nn.Module | None:
 
 
 def _hides_sites(module: nn.Module) -> bool:
+    """Whether ``module`` holds a resizing op: a strided module, or a forward of its own that
+    slices every other row and column (the Swin paper code's patch merging: ``x[:, 0::2, 1::2]``)."""
     from .sites import site_module_types
 
     types = tuple(site_module_types())
-    return any(isinstance(m, types) and getattr(m, "stride", 1) not in (1, (1, 1), None) for m in module.modules())
+    return any((isinstance(m, types) and getattr(m, "stride", 1) not in (1, (1, 1), None)) or _slices_by_two(type(m))
+               for m in module.modules())
+
+
+#: two axes indexed with steps of 2 (``0::2, 1::2``, ``::2, ::2``)
+_EVERY_OTHER = re.compile(r"[01]?::2\s*,\s*[01]?::2")
+
+
+@functools.lru_cache(maxsize=512)
+def _slices_by_two(cls: type) -> bool:
+    """Whether ``cls``'s own forward (not a library's) indexes two axes with steps of 2."""
+    if cls.__module__.split(".")[0] in _LIBRARIES or cls.forward is nn.Module.forward:
+        return False
+    try:
+        return bool(_EVERY_OTHER.search(inspect.getsource(cls.forward)))
+    except (OSError, TypeError):
+        return False
 
 
 def _root_class_modules(model: nn.Module) -> list[types.ModuleType]:

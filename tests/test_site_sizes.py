@@ -230,3 +230,68 @@ def test_a_ceil_of_the_input_size_over_the_stride_follows_the_output():
     r = convert(CeilGrid().eval(), (3, 15, 15))
     assert r.plan.site("pool").status == "converted"
     assert any("site pool's input (size over stride) follows its output" in n for n in r.plan.notes)
+
+
+class TokenBlock(nn.Module):
+    """Reads the grid its caller stores on it (``blk.H, blk.W = H, W``), as the Swin code's blocks."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.H = self.W = None
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        y = self.mix(x.transpose(1, 2).reshape(b, c, self.H, self.W))
+        return x + y.flatten(2).transpose(1, 2)
+
+
+class QuarterMerging(nn.Module):
+    """The Swin paper code's patch merging: tokens and their grid in, padded on odd sizes."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim)
+
+    def forward(self, x, H, W):
+        b, _, c = x.shape
+        x = x.view(b, H, W, c)
+        if H % 2 == 1 or W % 2 == 1:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(x.view(b, -1, 4 * c))
+
+
+class GridPassedOn(nn.Module):
+    """A patch embedding whose grid is passed on as ints, merged, and handed to the next stage as
+    ``(H + 1) // 2``: the merging's site must read its own output there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.block1, self.merge, self.block2 = TokenBlock(8), QuarterMerging(8), TokenBlock(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        H, W = x.size(2), x.size(3)
+        x = x.flatten(2).transpose(1, 2)
+        self.block1.H, self.block1.W = H, W
+        x = self.merge(self.block1(x), H, W)
+        H, W = (H + 1) // 2, (W + 1) // 2
+        self.block2.H, self.block2.W = H, W
+        return self.head(self.block2(x).mean(1))
+
+
+def test_a_grid_passed_on_as_ints_follows_the_merging_site():
+    torch.manual_seed(0)
+    model = GridPassedOn().eval()
+    r = convert(model, (3, 32, 32), placement="exact")
+    assert [(s.name, s.status) for s in r.plan.sites] == [("embed", "converted"), ("merge.cat_patches", "converted")]
+    assert not any(g.reason for g in r.plan.converted_groups())  # nothing rounded
+    assert any("site merge.cat_patches's input (size over stride) follows its output" in n for n in r.plan.notes)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(r.model.eval()(x), model(x), atol=1e-6)
+    with torch.no_grad():  # the merging alone, from stride 2 to 2.8: its grid is no longer (H + 1) // 2
+        r.model.get_submodule("merge.cat_patches_dynopool").stride.fill_(2.8)
+    assert torch.isfinite(r.model(x)).all() and r.model.get_submodule("block2").H == 6
