@@ -95,3 +95,16 @@ class SpaceToDepth(nn.Module):
         n, c, h, w = x.size()
         x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, c * 4, h // 2, w // 2)
         return self.fc(F.relu(self.c3(x)).mean((2, 3)))
+
+
+class Focus(nn.Module):
+    """YOLOv5's Focus stem (the image's four quarters as channels), then strided convs."""
+    def __init__(self, num_classes=10, in_chans=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(4 * in_chans, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))

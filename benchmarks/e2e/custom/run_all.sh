@@ -30,7 +30,7 @@ for m in Blur Unshuffle Odd FracPool; do run "exotic:$m" 32 0.7x; done
 run exotic:Hourglass 32 0.85x
 run exotic:Gray 1,32,32 0.7x
 for m in TupleOut Unpool; do run "exotic:$m" 32 0.7x; done
-for m in DynSizeInterp SliceSub ShuffleUp PatchViT SpaceToDepth; do run "exotic2:$m" 32 0.9x; done
+for m in DynSizeInterp SliceSub ShuffleUp PatchViT SpaceToDepth Focus; do run "exotic2:$m" 32 0.9x; done
 for m in PVT TwinsSVT PVTv1Code; do run "pvt:$m" 32 0.8x; done
 run softsplit:T2T 32 0.8x
 # its budget is refused (its blocks, kept whole, take a mask made from the grid: not probed);
