@@ -21,7 +21,6 @@ import torch
 from torch import fx
 
 from ._helpers import node_hw
-from .pos_embed import ancestors
 from .sites import Candidate
 
 __all__ = ["follow_site_sizes"]
@@ -81,19 +80,25 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return found
 
 
-def _same_map(site: fx.Node, x: fx.Node, sites: set[fx.Node]) -> list[fx.Node]:
+def _same_map(x: fx.Node, sites: set[fx.Node]) -> list[fx.Node]:
     """``x`` and the N x C x H x W tensors before it of its size with no site between (a grid
     passed on as ints: the Swin paper code's ``Wh = x.size(2)`` after the patch embedding, read
-    again by the patch merging's ``x.view(B, H, W, C)``)."""
-    before = ancestors(x)
-    between = [s for s in sites if s is not site and s in before]
-    cut = {a for s in between for a in ancestors(s)}
-    return [x] + [a for a in before if a not in cut and node_hw(a) == node_hw(x) and _nchw(a)]
+    again by the patch merging's ``x.view(B, H, W, C)``); a site's output counts, not its input."""
+    found, seen, frontier = [x], {x}, [x] if x not in sites else []
+    while frontier:
+        for a in frontier.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                if node_hw(a) == node_hw(x) and _is_map(a):
+                    found.append(a)
+                if a not in sites:
+                    frontier.append(a)
+    return found
 
 
-def _nchw(node: fx.Node) -> bool:
-    shape = node.meta.get("tensor_meta")
-    return shape is not None and hasattr(shape, "shape") and len(shape.shape) == 4
+def _is_map(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4
 
 
 def _reads(x: fx.Node) -> list[fx.Node]:
@@ -133,7 +138,7 @@ def _grid_sizes(site: fx.Node, cand: Candidate, sites: set[fx.Node]) -> list[tup
     if x is None or hw_in is None or hw_out is None or cand.stride is None:
         return []
     found = []
-    for tensor in _same_map(site, x, sites):
+    for tensor in _same_map(x, sites - {site}):
         for read in _reads(tensor):
             axis = _size_axis(read, tensor)
             if axis is not None:

@@ -245,7 +245,8 @@ def _traced_into() -> Iterator[None]:
     try:
         yield
     finally:
-        table.update(removed) if removed else None
+        if removed:
+            table.update(removed)
 
 
 def _own_module_names(model: nn.Module) -> set[str]:
