@@ -13,6 +13,10 @@ grid moves with it, and a position embedding added to the tokens follows the uns
 that feed the patches are rewired to the image behind the shuffle, others, such as an output
 upsampled back to the input's size, keep reading the input) for a moved grid to pass; one with
 numbers written in breaks at moved strides and validation reverts it.
+Swin's patch merging is the same cut channels last (timm's ``reshape(B, H/2, 2, W/2, 2, C)``, then
+permuted and flattened into ``4C`` features) or by four strided quarters concatenated along the
+channels (torchvision's ``_patch_merging_pad``, the Swin paper code, YOLOv5's Focus: the quarters
+read the shuffled map and are no strided-slice sites of their own).
 Only blocks whose patch pixels and channels become one token's features are patches: a window
 partition (the same 6-D reshape, its windows then the batch and their pixels the tokens) is left
 alone.
@@ -33,10 +37,12 @@ from ._helpers import int_pair, node_hw
 from .pos_embed import ancestors, node_shape
 from .sites import QUARTER_OF_PATCHES, _bind
 
-__all__ = ["expose_patch_grids", "reshape_patch", "channels_last_reshape_patch", "window_partition", "einops_patch", "unfold_patch", "PATCHES_OF"]
+__all__ = ["expose_patch_grids", "reshape_patch", "channels_last_reshape_patch", "sliced_space_to_depth",
+           "window_partition", "einops_patch", "unfold_patch", "PATCHES_OF"]
 
 _RESHAPES = ("reshape", "view")
-#: node meta key of an exposed unshuffle: what cut the patches ("reshape", "rearrange", "unfold")
+#: node meta key of an exposed unshuffle: what cut the patches ("reshape", "rearrange", "unfold",
+#: "channels-last reshape", "slices")
 PATCHES_OF = "dynopool_patches_of"
 #: the four offsets of a 2x2 space to depth by slicing
 _QUARTERS = {(0, 0), (1, 0), (0, 1), (1, 1)}
