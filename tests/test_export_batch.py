@@ -64,3 +64,20 @@ def test_the_cli_says_when_the_file_is_right_at_the_example_batch_only():
 
     assert "--batch N" in _batch_hint(result(1e-7), 1e-4) and "(2)" in _batch_hint(result(1e-7), 1e-4)
     assert _batch_hint(result(0.04), 1e-4) == "" and _batch_hint(result(None), 1e-4) == ""
+
+
+def test_the_cli_fixes_the_batch_with_batch(tmp_path, capsys):
+    import dynopool_convert as dc
+    from dynopool_cli.app import main
+
+    source = "_export_models:export_net"
+    result = convert(dc.build_model(source, {}), input_size=(3, 32, 32))
+    ckpt = dc.save(tmp_path / "net.pt", result.model, result.plan, source, {}, (3, 32, 32))
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(ckpt), "--format", "pt2", "--out", str(tmp_path / "net.pt2"), "--trust-source", "--batch", "3"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 0, err
+    assert "input 3 x 3 x 32 x 32, batch fixed" in out
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(ckpt), "--format", "pt2", "--out", str(tmp_path / "n.pt2"), "--trust-source", "--batch", "0"])
+    assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
