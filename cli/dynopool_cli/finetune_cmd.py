@@ -17,7 +17,7 @@ class BudgetMode(str, Enum):
 def finetune(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Converted model (from 'dynopool convert'); optional when the recipe names a model.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder: last.pt, best.pt, metrics.jsonl.")] = Path("run"),
-    data: Annotated[Optional[str], typer.Option(help="imagefolder:DIR (DIR/train, DIR/val|valid|validation|test; no validation split: 10% of each class set aside; DIR/<class>/ alone: all training) | csv:FILE (rows of image path, label[, split]; paths relative to FILE's folder) | cifar10:DIR | cifar100:DIR | fashion-mnist:DIR | mnist:DIR | kmnist:DIR (IDX files) | synthetic | bundled (default).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="imagefolder:DIR (DIR/train, DIR/val|valid|validation|test; no validation split: 10% of each class set aside; DIR/<class>/ alone: all training) | csv:FILE (rows of image path, label[, split]; paths relative to FILE's folder) | npz:FILE (arrays x_train, y_train[, x_test, y_test]) | cifar10:DIR | cifar100:DIR | fashion-mnist:DIR | mnist:DIR | kmnist:DIR (IDX files) | synthetic | bundled (default).")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs to train (default 1).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps to train (instead of --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size per process.")] = None,

@@ -2,7 +2,8 @@
 
 Specs: ``imagefolder:DIR`` (DIR/train, DIR/val; also training, valid, validation, test; without a
 validation split, 10% of each class's training images; without either, DIR/<class>/ is the training data),
-``csv:FILE`` (a list of image paths and labels, optionally splits: ``data_csv.py``),
+``csv:FILE`` (a list of image paths and labels, optionally splits: ``data_csv.py``), ``npz:FILE``
+(NumPy arrays ``x_train``/``y_train``, ``x_test``/``y_test``: ``data_arrays.py``),
 ``cifar10:DIR``, ``cifar100:DIR`` (the python pickle layout), ``fashion-mnist:DIR``, ``mnist:DIR``,
 ``kmnist:DIR`` (IDX files, gzipped or not), ``synthetic`` (random learnable tensors) and ``bundled`` (the Fashion-MNIST
 subset shipped in the package; the default). Images are resized to the model's reference size and converted to its channel count
@@ -23,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserInputError
+from .data_arrays import npz_arrays
 from .data_csv import csv_splits
 from .image_files import imagefolder_splits
 
@@ -49,8 +51,8 @@ IDX_DATASETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "mnist": ("MNIST", "MNIST", tuple(str(d) for d in range(10))),
     "kmnist": ("KMNIST", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
 }
-DATA_KINDS = ("imagefolder", "csv", "cifar10", "cifar100", *IDX_DATASETS, "synthetic", "bundled")
-DATA_SPECS = "imagefolder:DIR, csv:FILE, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, mnist:DIR, kmnist:DIR, synthetic or bundled"
+DATA_KINDS = ("imagefolder", "csv", "npz", "cifar10", "cifar100", *IDX_DATASETS, "synthetic", "bundled")
+DATA_SPECS = "imagefolder:DIR, csv:FILE, npz:FILE, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, mnist:DIR, kmnist:DIR, synthetic or bundled"
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,14 @@ def parse_data_spec(spec: str | None) -> DataSpec:
         raise UserInputError(
             f"unknown data spec {spec!r}: use {DATA_SPECS}"
         )
+    a_file = kind in ("csv", "npz")
     if not rest:
-        raise UserInputError(f"data spec {spec!r} needs a {'file' if kind == 'csv' else 'directory'}: "
-                             f"{kind}:{'FILE' if kind == 'csv' else 'DIR'}")
+        raise UserInputError(f"data spec {spec!r} needs a {'file' if a_file else 'directory'}: "
+                             f"{kind}:{'FILE' if a_file else 'DIR'}")
     path = Path(rest).expanduser()
-    if kind == "csv":
+    if a_file:
         if not path.is_file():
-            raise UserInputError(f"csv file not found: {path}")
+            raise UserInputError(f"{kind} file not found: {path}")
         return DataSpec(kind, path)
     if not path.is_dir():
         raise UserInputError(f"data directory not found: {path}")
@@ -330,6 +333,10 @@ def build_datasets(
         (xt, yt), (xv, yv) = load_bundled() if spec.kind == "bundled" else load_idx_dataset(spec.path, spec.kind)
         train_base, val_base = ArrayImageDataset(xt, yt), ArrayImageDataset(xv, yv)
         classes, small = list(IDX_DATASETS.get(spec.kind, IDX_DATASETS["fashion-mnist"])[2]), True
+    elif spec.kind == "npz":
+        (xt, yt), (xv, yv), classes, note = npz_arrays(spec.path)
+        notes += [note] if note else []
+        train_base, val_base, small = ArrayImageDataset(xt, yt), ArrayImageDataset(xv, yv), max(xt.shape[1:3]) <= 64
     elif spec.kind in ("cifar10", "cifar100"):
         train_base, val_base = _cifar(spec.kind, spec.path)
         classes, small = list(train_base.classes), True
