@@ -6,7 +6,7 @@
 #   bash benchmarks/e2e/custom/run_all.sh [/usr/share/datasets/fashion-mnist] [OUT]
 #   ONLY="exotic exotic2 pvt softsplit swin_det" bash benchmarks/e2e/custom/run_all.sh   # those files' models only
 #
-# Results (sessions 18 to 21) in docs/BENCHMARKS.md, "Hand-written models".
+# Results (sessions 18 to 22) in docs/BENCHMARKS.md, "Hand-written models".
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 data=${1:-/usr/share/datasets/fashion-mnist}; root=${2:-/tmp/e2e_custom}
