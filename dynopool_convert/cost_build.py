@@ -192,6 +192,9 @@ class _ClassBuilder:
             rules += _sequence_window_rules(n, self.gm, self.ref, self.pert, parent, self.sizes_ref, self.sizes_pert)
             for guess in (_pad_multiple_rules, _crop_multiple_rules, _downsample_rules):
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
+            # a tensor made from sizes (no tensor input): any class its sizes were read from
+            for other in [c for c in uniq[1:] if c.kind != "const"] if not self._tensor_inputs(n) else []:
+                rules += _pad_multiple_rules(n, self.ref.get(n), self.pert.get(n), other, self.sizes_ref, self.sizes_pert)
         # an input class the output shows as a map first, then those it follows by element count
         # (tokens reshaped back into a map: Twins)
         shows = lambda c: _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])  # noqa: E731
@@ -241,14 +244,17 @@ class _ClassBuilder:
             main = n.all_input_nodes[0] if n.all_input_nodes else None
         else:
             main = next((a for a in n.all_input_nodes if self.node_class.get(a) is parent), None)
+        tokens = self._token_input(n, uniq) if len(uniq) > 1 else None
+        if tokens is not None:  # tokens and tensors made from their grid (the Swin code's blocks and mask)
+            main, parent = tokens
         in_info = self.ref.get(main) if main is not None else None
-        if isinstance(in_info, TensorInfo) and len(in_info.shape) == 3 and len(uniq) == 1:
+        if isinstance(in_info, TensorInfo) and len(in_info.shape) == 3 and (len(uniq) == 1 or tokens is not None):
             found = token_call(n, main, self.ref, self.pert, self.sizes_ref[parent.index], self.sizes_pert[parent.index], self.gm)
             if found is None:
                 return None
-            call, ambiguous = found
-            probe = _LeafProbe(module, in_info, self.gm, call=call, tokens=True)
-            return _Rule("new", _Class("opaque", parent, probe=probe, guessed=ambiguous), "opaque")
+            call, ambiguous, stored = found
+            probe = _LeafProbe(module, in_info, self.gm, call=call, tokens=True, stored=stored)
+            return _Rule("new", _Class("opaque", parent, probe=probe, guessed=ambiguous or len(uniq) > 1), "opaque")
         if not (isinstance(in_info, TensorInfo) and len(in_info.shape) == 4):
             return None
         others = [c for c in uniq[1:] if c.kind != "const"]
@@ -256,6 +262,20 @@ class _ClassBuilder:
         call = None if len(uniq) == 1 else function_call(n, main, self.ref, self.gm, moving)
         probe = _LeafProbe(module, in_info, self.gm, self._channels_last(main, parent), call)
         return _Rule("new", _Class("opaque", parent, probe=probe, guessed=len(uniq) > 1, others=tuple(others)), "opaque")
+
+    def _tensor_inputs(self, n: fx.Node) -> bool:
+        return any(isinstance(self.ref.get(a), TensorInfo) for a in n.all_input_nodes)
+
+    def _token_input(self, n: fx.Node, uniq: list[_Class]) -> tuple[fx.Node, _Class] | None:
+        """The ``N x (h * w) x C`` input of ``n`` holding the tokens of one of its input classes
+        at both passes, and that class; None where there is no such input."""
+        for a in n.all_input_nodes:
+            c, r, p = self.node_class.get(a), self.ref.get(a), self.pert.get(a)
+            if c in uniq and c.kind != "const" and isinstance(r, TensorInfo) and isinstance(p, TensorInfo) \
+                    and len(r.shape) == len(p.shape) == 3 and (r.shape[1], p.shape[1]) == (
+                        math.prod(self.sizes_ref[c.index]), math.prod(self.sizes_pert[c.index])):
+                return a, c
+        return None
 
     def _channels_last(self, a: fx.Node, c: _Class) -> bool:
         """Whether ``a`` holds class ``c`` as N x H x W x C (Swin's layout), by both passes: at

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .annotated_graph import TensorInfo
+from .cost_grid_inputs import HEIGHT, grid_tensor, stored_grid
 from .errors import UnsupportedModelError
 from .flops import _quiet, flop_analysis
 
@@ -140,11 +141,14 @@ def function_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], gm: fx.Gra
 
 
 def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx.Node, Any], size_r: tuple[int, int],
-               size_p: tuple[int, int], gm: fx.GraphModule) -> tuple[tuple[tuple, dict, list[Any]], bool] | None:
+               size_p: tuple[int, int], gm: fx.GraphModule
+               ) -> tuple[tuple[tuple, dict, list[Any]], bool, list[tuple[str, str]]] | None:
     """``n``'s call as a token ``_LeafProbe`` replays it (``main``: ``N x (h * w) x C`` of a
     grid of sizes ``size_r``/``size_p`` at the two passes; ints moving as its height or width
-    become ``GRID_H``/``GRID_W``; other tensors as recorded), and whether the height and width
-    moved alike (which is which is then a guess), or None where something else moves."""
+    become ``GRID_H``/``GRID_W``; tensors made from the grid's sizes, remade per size
+    (``cost_grid_inputs.py``); other tensors as recorded), whether the height and width moved
+    alike (which is which is then a guess), and the grid sizes stored on the module before the
+    call; or None where something else moves."""
     (h_r, w_r), (h_p, w_p) = size_r, size_p
     r, p = ref.get(main), pert.get(main)
     if not (isinstance(p, TensorInfo) and len(p.shape) == 3 and (r.shape[1], p.shape[1]) == (h_r * w_r, h_p * w_p)):
@@ -158,9 +162,11 @@ def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx
             tensors.append(None)
             return _SLOT
         if isinstance(info_r, TensorInfo):
-            if not isinstance(info_p, TensorInfo) or info_p.shape != info_r.shape:
+            moves = not isinstance(info_p, TensorInfo) or info_p.shape != info_r.shape
+            remade = grid_tensor(a, gm, ref, pert, size_r, size_p) if moves else None
+            if moves and remade is None:
                 unknown.append(a)
-            tensors.append(torch.zeros(info_r.shape, dtype=info_r.dtype, device=_device(gm)))
+            tensors.append(remade or torch.zeros(info_r.shape, dtype=info_r.dtype, device=_device(gm)))
             return _SLOT
         if isinstance(info_r, int) and info_r != info_p:
             sides = [g for g, pair in ((GRID_H, (h_r, h_p)), (GRID_W, (w_r, w_p))) if (info_r, info_p) == pair]
@@ -173,7 +179,10 @@ def token_call(n: fx.Node, main: fx.Node, ref: dict[fx.Node, Any], pert: dict[fx
         return info_r
 
     call = fx.node.map_arg(n.args, slot), fx.node.map_arg(n.kwargs, slot), tensors
-    return None if unknown else (call, bool(grid) and (h_r, h_p) == (w_r, w_p))
+    stored = stored_grid(n, ref, pert, size_r, size_p)
+    if unknown or stored is None:
+        return None
+    return call, bool(grid or stored or len(tensors) > 1) and (h_r, h_p) == (w_r, w_p), stored
 
 
 #: the height and width of a token leaf's grid among its call's arguments (``_LeafProbe``'s ``tokens``)
@@ -204,12 +213,13 @@ class _LeafProbe:
 
     def __init__(self, module: Callable, in_info: TensorInfo, gm: fx.GraphModule, channels_last: bool = False,
                  call: tuple[tuple, dict, list[Tensor | None]] | None = None, memo: dict | None = None,
-                 tokens: bool = False) -> None:
+                 tokens: bool = False, stored: Sequence[tuple[str, str]] = ()) -> None:
         self.module, self.in_info, self.gm = module, in_info, gm
         self.channels_last = channels_last  # N x H x W x C in and out (Swin's blocks)
         # N x (h * w) x C in, the grid's h and w as GRID_H / GRID_W among the call's arguments
         # (Twins' window attention: ``attn(x, (H, W))``); an output of h * w tokens is the grid's
         self.tokens = tokens
+        self.stored = list(stored)  # (attribute, HEIGHT or WIDTH): the grid set on the module before each run
         # a function's call: args and kwargs with _SLOT for each tensor, and those tensors
         # (None: the probed input); a module is called with the probed input alone
         self.call = call or ((_SLOT,), {}, [None])
@@ -239,12 +249,18 @@ class _LeafProbe:
             wrapper = _OneCall(self.module, args, kwargs, [])
             if isinstance(self.module, nn.Module):
                 wrapper.inner = self.module
+            saved = {name: getattr(self.module, name, None) for name, _ in self.stored}
             try:
-                flops = _count_one(wrapper, tuple(self._input(t, x, others) for t in tensors), self.gm)
+                for name, side in self.stored:
+                    setattr(self.module, name, key[0] if side == HEIGHT else key[1])
+                flops = _count_one(wrapper, tuple(self._input(t, x, others, key) for t in tensors), self.gm)
             except Exception as err:  # the module's own code refused the made-up input
                 failed = ProbeFailed(f"{type(self.module).__name__} cannot run alone on {shape}: {err}")
                 self.memo[key] = failed
                 raise failed from err
+            finally:
+                for name, value in saved.items():
+                    setattr(self.module, name, value)
             out = wrapper.last_shape
             hw = (out[1], out[2]) if self.channels_last else (out[-2], out[-1])
             if self.tokens and len(out) == 3 and out[1] == key[0] * key[1]:
@@ -261,10 +277,13 @@ class _LeafProbe:
         area, channels = (shape[1] * shape[2], shape[3]) if self.channels_last else (shape[-2] * shape[-1], math.prod(shape[1:-2]))
         return max(MAX_PROBE_GROWTH * area, MAX_PROBE_ELEMENTS // max(channels, 1))
 
-    def _input(self, t: Any, x: Tensor, others: tuple) -> Tensor:
-        """One tensor of the replayed call: the probed map, a moving input at its size, or as recorded."""
+    def _input(self, t: Any, x: Tensor, others: tuple, key: tuple) -> Tensor:
+        """One tensor of the replayed call: the probed map, a moving input at its size, one made
+        from the grid's sizes, or as recorded."""
         if t is None:
             return x
+        if callable(t) and not isinstance(t, Tensor):
+            return t(key[0], key[1])
         if isinstance(t, tuple):  # (index among the other sizes, its recorded TensorInfo), N x C x H x W
             index, info = t
             h, w = others[index] if index < len(others) else info.shape[-2:]

@@ -33,9 +33,8 @@ for m in TupleOut Unpool; do run "exotic:$m" 32 0.7x; done
 for m in DynSizeInterp SliceSub ShuffleUp PatchViT SpaceToDepth Focus; do run "exotic2:$m" 32 0.9x; done
 for m in PVT TwinsSVT PVTv1Code; do run "pvt:$m" 32 0.8x; done
 run softsplit:T2T 32 0.8x
-# its budget is refused (its blocks, kept whole, take a mask made from the grid: not probed);
 # its window reverse computes the batch as int(windows / (H * W / ws^2)), which the exporters fix
-run swin_det:SwinDet 32 - "--batch 1"
+run swin_det:SwinDet 32 0.8x "--batch 1"
 run cifar_resnet:resnet20 32 0.7x
 run tutorials:STN 1,28,28 0.8x
 for m in ResNet18 ShuffleNetV2 DenseNet; do run "kuangliu:$m" 32 0.8x; done
