@@ -192,9 +192,9 @@ class _ClassBuilder:
             rules += _sequence_window_rules(n, self.gm, self.ref, self.pert, parent, self.sizes_ref, self.sizes_pert)
             for guess in (_pad_multiple_rules, _crop_multiple_rules, _downsample_rules):
                 rules += guess(n, self.ref.get(n), self.pert.get(n), parent, self.sizes_ref, self.sizes_pert)
-            # a tensor made from sizes (no tensor input): any class its sizes were read from
-            for other in [c for c in uniq[1:] if c.kind != "const"] if not self._tensor_inputs(n) else []:
-                rules += _pad_multiple_rules(n, self.ref.get(n), self.pert.get(n), other, self.sizes_ref, self.sizes_pert)
+            if not self._tensor_inputs(n):  # a tensor made from sizes: any class they were read from
+                for other in (c for c in uniq[1:] if c.kind != "const"):
+                    rules += _pad_multiple_rules(n, self.ref.get(n), self.pert.get(n), other, self.sizes_ref, self.sizes_pert)
         # an input class the output shows as a map first, then those it follows by element count
         # (tokens reshaped back into a map: Twins)
         shows = lambda c: _shows_both(self.ref.get(n), self.pert.get(n), self.sizes_ref[c.index], self.sizes_pert[c.index])  # noqa: E731

@@ -172,8 +172,8 @@ def _redirect(gm: fx.GraphModule, site: fx.Node, grids: list[tuple[fx.Node, int]
     redirected = False
     # what reads the site's output, and what runs after it that nothing before the site feeds
     # (sizes stored on a block: ``blk.H = H``); never an assert on the input
-    x = site.args[0]
-    after = {u for u in order if order[u] > order[site] and u not in _descendants(x) and u.target is not torch._assert}
+    of_input = _descendants(site.args[0])
+    after = {u for u in order if order[u] > order[site] and u not in of_input and u.target is not torch._assert}
     for user in (_descendants(site) | after) & set(order):
         if user not in copies:
             for a in user.all_input_nodes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -90,6 +89,12 @@ def _split_of(value: str, file: Path, line: int) -> str:
     raise UserInputError(f"csv:{file} line {line}: unknown split {value!r} (use {'/'.join(TRAIN_SPLITS)} or {'/'.join(VAL_SPLITS)})")
 
 
+def _label_order(label: str) -> tuple[bool, int, str]:
+    """Integer labels first, in numeric order; then the others, alphabetically."""
+    number = label.lstrip("-").isdigit()
+    return not number, int(label) if number else 0, label
+
+
 def csv_splits(file: Path) -> tuple[ListedImages, ListedImages, str | None]:
     """The train and validation datasets listed in ``file``, and a note when the validation split
     was made here (``VAL_FROM_TRAIN`` of each class, the same images every run)."""
@@ -108,7 +113,7 @@ def csv_splits(file: Path) -> tuple[ListedImages, ListedImages, str | None]:
     if missing:
         raise UserInputError(f"csv:{file}: {len(missing)} of the {len(listed)} listed images are missing, e.g. "
                              f"{missing[0]!r} (paths are read relative to {file.parent})")
-    labels = sorted({lab for _, lab, _ in listed}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    labels = sorted({lab for _, lab, _ in listed}, key=_label_order)
     index = {lab: i for i, lab in enumerate(labels)}
     by_split = {s: [(p, index[lab]) for p, lab, sp in listed if sp == s] for s in ("train", "val")}
     if not by_split["train"]:
